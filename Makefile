@@ -1,0 +1,45 @@
+# Two commands a newcomer needs: `make run` and `make test`. Both create the
+# virtualenv and build the Cython extension when they are missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8080
+WORKERS ?=
+ARGS ?=
+
+.PHONY: run test check lint typecheck bench dev clean
+
+$(STAMP): pyproject.toml setup.py _native/_ledger.pyx
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -c "import _native._ledger"  # fail here, not at start-up, if the build broke
+	touch $(STAMP)
+
+dev: $(STAMP)
+
+# Starts the proxy. Without ZAI_API_KEY it runs against the built-in mock upstream.
+run: $(STAMP)
+	@if [ -z "$$ZAI_API_KEY" ]; then \
+	  exec $(BIN)/zaiproxy serve --demo --host $(HOST) --port $(PORT) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS); \
+	else \
+	  exec $(BIN)/zaiproxy serve --host $(HOST) --port $(PORT) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS); \
+	fi
+
+# The whole suite: lint, types, tests. CI runs exactly this (.ci/run).
+test: $(STAMP)
+	$(BIN)/ruff check zaiproxy _native tests bench
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q
+
+check: $(STAMP)
+	$(BIN)/ruff check zaiproxy _native tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.wrk_compare
+
+clean:
+	rm -rf $(VENV) build *.egg-info _native/*.so _native/*.c

@@ -1,0 +1,3 @@
+IMPLEMENTATION: str
+
+def stable_hash(data: bytes) -> int: ...

@@ -1,0 +1,24 @@
+"""Builds the Cython extension in _native/.
+
+Everything else about the package lives in pyproject.toml; setup.py exists
+only because the extension needs a build step (see DESIGN.md, "Layout").
+"""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extensions = [
+    Extension(
+        "_native._ledger",
+        ["_native/_ledger.pyx"],
+        extra_compile_args=["-O2"],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level="3",
+        compiler_directives={"boundscheck": False, "wraparound": False},
+    )
+)

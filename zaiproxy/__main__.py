@@ -1,0 +1,3 @@
+from zaiproxy.cli import main
+
+raise SystemExit(main())

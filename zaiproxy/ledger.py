@@ -1,0 +1,45 @@
+"""Chooses the ledger implementation in exactly one place.
+
+``ZAIPROXY_LEDGER=native`` (the default) requires the compiled module and
+fails start-up if it did not build or load: a silent fallback to the pure
+twin would hide a broken build in production (STYLE.md, "Avoid").
+``ZAIPROXY_LEDGER=python`` selects the twin explicitly (tests, debugging).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+
+class LedgerUnavailable(RuntimeError):
+    """The requested ledger implementation could not be loaded."""
+
+
+def load(choice: str | None = None) -> ModuleType:
+    choice = (choice or os.environ.get("ZAIPROXY_LEDGER") or "native").lower()
+    if choice == "native":
+        try:
+            from _native import _ledger
+        except ImportError as exc:  # pragma: no cover - exercised by the twin test
+            raise LedgerUnavailable(
+                "the native ledger (_native._ledger) did not load: "
+                f"{exc}; build it with `make dev` or set ZAIPROXY_LEDGER=python"
+            ) from exc
+        return _ledger
+    if choice == "python":
+        from _native import _ledger_py
+
+        return _ledger_py
+    raise LedgerUnavailable(f"ZAIPROXY_LEDGER={choice!r}: expected 'native' or 'python'")
+
+
+_impl: ModuleType | None = None
+
+
+def impl() -> ModuleType:
+    """The process-wide ledger module (loaded on first use)."""
+    global _impl
+    if _impl is None:
+        _impl = load()
+    return _impl

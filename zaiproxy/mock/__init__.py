@@ -1,0 +1,1 @@
+"""The built-in mock upstream (OpenAI- and Anthropic-compatible, with fault injection)."""

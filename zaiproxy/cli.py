@@ -1,0 +1,105 @@
+"""The ``zaiproxy`` command: serve, mock-upstream, config check, version."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from zaiproxy import __version__
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 8080)")
+    p.add_argument("--workers", type=int, help="worker processes (default: CPU count)")
+    p.add_argument("--demo", action="store_true", default=None,
+                   help="proxy to the built-in mock upstream instead of Z.AI")
+    p.add_argument("--config", help="TOML config file (also ZAIPROXY_CONFIG)")
+    p.add_argument("--drain-timeout", type=float, dest="drain_timeout",
+                   help="seconds in-flight requests get on SIGTERM (default 30)")
+    p.add_argument("--log-level", dest="level", help="debug, info, warning or error")
+
+
+def _cli_overrides(ns: argparse.Namespace) -> dict[str, object]:
+    keys = ("host", "port", "workers", "demo", "drain_timeout", "level")
+    return {k: getattr(ns, k, None) for k in keys if getattr(ns, k, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zaiproxy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy (supervisor + workers)")
+    _serve_args(serve)
+
+    mock = sub.add_parser("mock-upstream", help="run the OpenAI/Anthropic-compatible mock upstream")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8090, help="0 picks a free one")
+    mock.add_argument("--workers", type=int, default=1)
+    mock.add_argument("--certfile", help="serve TLS with this certificate (PEM)")
+    mock.add_argument("--keyfile", help="private key for --certfile")
+    mock.add_argument("--api-key", help="require this upstream key (Bearer / x-api-key like Z.AI)")
+    mock.add_argument("--chunks", type=int, default=10, help="stream events per response")
+    mock.add_argument("--chunk-size", type=int, default=16, help="text bytes per stream event")
+    mock.add_argument("--first-byte-delay", type=float, default=0.0, help="seconds before headers")
+    mock.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between events")
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate and print the effective config")
+    _serve_args(check)
+
+    sub.add_parser("version", help="print the version and the ledger implementation")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if ns.command == "version":
+        return _version()
+    if ns.command == "mock-upstream":
+        return _mock(ns)
+    from zaiproxy.config import ConfigError, load_config, render_check
+
+    try:
+        config, sources = load_config(_cli_overrides(ns), path=ns.config)
+    except ConfigError as exc:
+        sys.stderr.write(f"zaiproxy: invalid configuration:\n{exc}\n")
+        return 2
+    if ns.command == "config":
+        sys.stdout.write(render_check(config, sources))
+        if not render_check(config, sources).endswith("\n"):
+            sys.stdout.write("\n")
+        return 0
+    from zaiproxy import logs
+    from zaiproxy.supervisor import Supervisor
+
+    logs.configure(config.level, proc="supervisor")
+    return Supervisor(config).run()
+
+
+def _version() -> int:
+    from zaiproxy.ledger import LedgerUnavailable, load
+
+    try:
+        impl = load().IMPLEMENTATION
+    except LedgerUnavailable as exc:
+        impl = f"unavailable ({exc})"
+    print(f"zaiproxy {__version__} (ledger: {impl}, Python {sys.version.split()[0]})")
+    return 0
+
+
+def _mock(ns: argparse.Namespace) -> int:
+    from zaiproxy.mock.behaviour import MockOptions
+    from zaiproxy.mock.run import run
+
+    options = MockOptions(chunks=ns.chunks, chunk_size=ns.chunk_size,
+                          first_byte_delay=ns.first_byte_delay, chunk_delay=ns.chunk_delay,
+                          api_key=ns.api_key)
+    return run(options, ns.host, ns.port, workers=ns.workers, certfile=ns.certfile,
+               keyfile=ns.keyfile)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

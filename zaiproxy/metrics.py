@@ -1,0 +1,74 @@
+"""Minimal Prometheus metrics for one worker process.
+
+Scope of this module (issue 2): build/ledger info and this worker's request
+and upstream-error counters, with ``variant`` on every series and bounded
+label values (route templates, never raw paths). Totals across all workers,
+read from shared memory, replace the per-worker registry with the
+observability issue; the family and label names here are already the
+original system's (``zai_proxy_*``), so dashboards need no change then.
+Label children are bound once and cached: the hot path does a dict lookup
+and an ``inc()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from zaiproxy import __version__
+
+# ``*_created`` series double the exposition and no alert rule uses them.
+disable_created_metrics()
+
+
+class WorkerMetrics:
+    def __init__(self, *, variant: str, ledger: str, workers: int, commit: str = "unknown",
+                 pool_stats: Callable[[], tuple[int, int]] | None = None) -> None:
+        self.variant = variant
+        self.registry = CollectorRegistry(auto_describe=True)
+        Gauge("zai_proxy_build_info", "Build information.", ["version", "variant", "commit"],
+              registry=self.registry).labels(__version__, variant, commit).set(1)
+        Gauge("zai_proxy_ledger_info", "Which ledger implementation is loaded (native or python).",
+              ["implementation", "variant"], registry=self.registry).labels(ledger, variant).set(1)
+        Gauge("zai_proxy_max_workers", "Configured worker processes.", ["variant"],
+              registry=self.registry).labels(variant).set(workers)
+        self._requests = Counter(
+            "zai_proxy_requests", "Requests answered by this worker process.",
+            ["method", "path", "status", "variant"], registry=self.registry)
+        self._upstream_errors = Counter(
+            "zai_proxy_upstream_errors", "Upstream failures seen by this worker process.",
+            ["error_type", "variant"], registry=self.registry)
+        if pool_stats is not None:
+            pool = Gauge("zai_proxy_upstream_pool_connections",
+                         "Upstream connections of this worker by state.", ["state", "variant"],
+                         registry=self.registry)
+            pool.labels("active", variant).set_function(lambda: pool_stats()[0])
+            pool.labels("idle", variant).set_function(lambda: pool_stats()[1])
+        self._request_children: dict[tuple[str, str, int], Counter] = {}
+
+    def request(self, method: str, template: str, status: int) -> None:
+        if method not in _METHODS:
+            method = "other"  # client-chosen tokens must not create series
+        key = (method, template, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._requests.labels(method, template, str(status), self.variant)
+            self._request_children[key] = child
+        child.inc()
+
+    def upstream_error(self, error_type: str) -> None:
+        self._upstream_errors.labels(error_type, self.variant).inc()
+
+    def render(self) -> tuple[bytes, bytes]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST.encode()
+
+
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "-"})

@@ -1,0 +1,231 @@
+"""One proxied exchange: forward the request, relay the response as it arrives.
+
+Relay rules (DESIGN.md "One request", steps 5-6):
+- status and headers go to the client as soon as upstream sends them;
+- each network read from upstream becomes one client write: chunks that
+  arrive apart stay apart, nothing is buffered whole, and a slow client
+  slows the upstream reads down (TCP backpressure; one read in flight);
+- the SSE parser watches the bytes (usage) without changing them;
+- upstream lost mid-stream: SSE bodies end with an error event in the
+  caller's API shape, then the client connection is closed without the final
+  chunk, so a cut stream never looks like a short answer;
+- the client gone or the request cancelled: the upstream connection is closed,
+  never returned to the pool (it still carries the rest of the response).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import h11
+import orjson
+import trio
+
+from zaiproxy.errors import Api, UpstreamError, UpstreamTimeout, sse_error_event
+from zaiproxy.forward import client_response_headers, header_value, upstream_request_headers
+from zaiproxy.routing import Route
+from zaiproxy.sse import Usage, UsageTracker, usage_from_body
+from zaiproxy.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from zaiproxy.context import WorkerContext
+    from zaiproxy.server import ClientConnection
+
+# Non-streaming bodies are kept up to this size to read their usage; larger
+# ones are relayed without it (LLM JSON responses are a few KB).
+USAGE_BODY_LIMIT = 1 << 20
+
+_UPSTREAM_FAILURES = (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
+                      OSError)
+
+
+class ClientGone(Exception):
+    """The client connection broke while we were writing to it."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened upstream, for the request log (and the recorder, later)."""
+
+    upstream_status: int | None = None
+    streamed: bool = False
+    usage: Usage | None = None
+    bytes_out: int = 0
+    ttfb: float | None = None  # seconds from request start to response head from upstream
+    result: str = "ok"  # ok | client_disconnected | upstream_cut | upstream_idle_timeout | cancelled
+    retried: bool = False
+
+
+async def proxy(
+    ctx: WorkerContext,
+    client: ClientConnection,
+    route: Route,
+    request: h11.Request,
+    body: bytes,
+    outcome: Outcome,
+) -> None:
+    """Forward ``request`` and relay the response to ``client``; raises ProxyError before any byte is sent."""
+    assert route.upstream is not None
+    cfg = ctx.config
+    origin = ctx.origins[route.upstream]
+    headers = upstream_request_headers(
+        request.headers,
+        host=origin.host_header,
+        client_ip=client.client_ip,
+        api_key=ctx.api_key,
+        anthropic_style=route.api is Api.ANTHROPIC,
+        body_length=len(body) if body or request.method == b"POST" else None,
+    )
+    upstream_request = h11.Request(
+        method=request.method, target=(origin.base_path + route.upstream_path).encode(),
+        headers=headers,
+    )
+    pool = ctx.pool
+    start = trio.current_time()
+
+    # Send and wait for the response head; one retry on a fresh connection
+    # when a pooled connection fails before any response byte (the upstream
+    # closed it while idle and we raced its FIN).
+    conn: UpstreamConnection | None = None
+    response: h11.Response
+    for attempt in (0, 1):
+        conn, reused = await pool.acquire(origin, fresh=attempt > 0)
+        try:
+            await conn.send_request(upstream_request, body)
+            with trio.fail_after(cfg.response_header_timeout):
+                event = await conn.next_event()
+                while type(event) is h11.InformationalResponse:
+                    event = await conn.next_event()
+        except trio.TooSlowError:
+            await pool.discard(conn)
+            raise UpstreamTimeout(
+                f"upstream sent no response headers within {cfg.response_header_timeout:g} s"
+            ) from None
+        except _UPSTREAM_FAILURES as exc:
+            await pool.discard(conn)
+            if reused and conn.received_bytes == 0 and attempt == 0:
+                outcome.retried = True
+                continue
+            raise UpstreamError(f"upstream connection failed before the response: {_why(exc)}") from None
+        except BaseException:
+            await pool.discard(conn)
+            raise
+        if type(event) is not h11.Response:
+            await pool.discard(conn)
+            raise UpstreamError("upstream closed the connection without a response")
+        response = event
+        break
+    assert conn is not None
+
+    outcome.upstream_status = response.status_code
+    outcome.ttfb = trio.current_time() - start
+    content_type = header_value(response.headers, b"content-type") or b""
+    is_sse = content_type.startswith(b"text/event-stream")
+    outcome.streamed = is_sse
+    tracker = UsageTracker(route.api.value) if is_sse else None  # type: ignore[arg-type]
+    keep_body = (not is_sse and response.status_code == 200 and route.reads_json
+                 and request.method != b"HEAD")
+    kept: list[bytes] = []
+    kept_len = 0
+
+    try:
+        await client.send_response(
+            response.status_code, client_response_headers(response.headers, client.request_id),
+            response.reason,
+        )
+        idle = cfg.body_idle_timeout
+        while True:
+            try:
+                with trio.fail_after(idle):
+                    data, ended = await conn.read_body()
+            except trio.TooSlowError:
+                outcome.result = "upstream_idle_timeout"
+                await _cut(ctx, client, conn, route, is_sse,
+                           f"upstream sent nothing for {idle:g} s; stream aborted")
+                return
+            except _UPSTREAM_FAILURES as exc:
+                outcome.result = "upstream_cut"
+                await _cut(ctx, client, conn, route, is_sse,
+                           f"upstream connection lost mid-response: {_why(exc)}")
+                return
+            if data:
+                if tracker is not None:
+                    tracker.feed(data)
+                elif keep_body and kept_len < USAGE_BODY_LIMIT:
+                    kept.append(data)
+                    kept_len += len(data)
+                outcome.bytes_out += len(data)
+                await client.send_data(data)
+            if ended:
+                break
+    except ClientGone:
+        outcome.result = "client_disconnected"
+        await pool.discard(conn)
+        return
+    except trio.Cancelled:
+        outcome.result = "cancelled" if not client.gone else "client_disconnected"
+        await _on_cancel(client, conn, route, is_sse, pool)
+        raise
+    except BaseException:
+        await pool.discard(conn)
+        raise
+
+    if tracker is not None:
+        tracker.close()
+        outcome.usage = tracker.usage
+    elif kept and kept_len <= USAGE_BODY_LIMIT:
+        outcome.usage = usage_from_body(route.api.value, b"".join(kept))  # type: ignore[arg-type]
+    await pool.release(conn)
+    await client.send_end()
+
+
+async def _cut(ctx: WorkerContext, client: ClientConnection, conn: UpstreamConnection,
+               route: Route, is_sse: bool, message: str) -> None:
+    """Upstream failed after the response started: tell SSE clients, then close without a clean end."""
+    ctx.metrics.upstream_error("stream_cut")
+    await ctx.pool.discard(conn)
+    if is_sse:
+        event = sse_error_event(route.api, "api_error" if route.api is Api.ANTHROPIC else "upstream_error",
+                                message, "upstream_stream_cut")
+        with trio.move_on_after(1):
+            try:
+                await client.send_data(event)
+            except ClientGone:
+                pass
+    await client.abort()
+
+
+async def _on_cancel(client: ClientConnection, conn: UpstreamConnection, route: Route,
+                     is_sse: bool, pool: object) -> None:
+    """Cancelled mid-relay (drain deadline or client gone): close upstream, tell a live SSE client."""
+    with trio.CancelScope(shield=True):
+        from zaiproxy.upstream import UpstreamPool
+
+        assert isinstance(pool, UpstreamPool)
+        await pool.discard(conn)
+        if is_sse and not client.gone:
+            event = sse_error_event(route.api, "api_error" if route.api is Api.ANTHROPIC else "server_error",
+                                    "the proxy is shutting down; stream aborted", "proxy_shutdown")
+            with trio.move_on_after(1):
+                try:
+                    await client.send_data(event)
+                except ClientGone:
+                    pass
+        await client.abort()
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def parse_json_body(body: bytes) -> dict[str, object]:
+    """The request JSON object (for model/stream and, later, token estimates)."""
+    value = orjson.loads(body)
+    if not isinstance(value, dict):
+        raise ValueError("the request body must be a JSON object")
+    return value

@@ -1,0 +1,163 @@
+"""Request routing: a pure function from (method, target) to a Route.
+
+Paths are normalised before matching and no path may escape its upstream
+base: ``..`` segments (raw or percent-encoded), encoded slashes and
+backslashes, NUL/control bytes, and any target that is not origin-form
+(``http://host/...``, ``host:port``, ``*``) are rejected with 400. Duplicate
+slashes and ``.`` segments are removed (nginx's ``merge_slashes`` does the
+same), and the *normalised* path is what goes upstream, so the upstream can
+never see a path the proxy did not match. The query string is kept as sent
+(Claude Code sends ``/v1/messages?beta=true``).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from zaiproxy.errors import Api, BadRequest, MethodNotAllowed, NotFound
+
+
+class Upstream(enum.Enum):
+    OPENAI = "openai"        # base default https://api.z.ai/api/paas/v4
+    ANTHROPIC = "anthropic"  # base default https://api.z.ai/api/anthropic
+    NATIVE = "native"        # origin default https://api.z.ai (Z.AI's own paths)
+
+
+class Control(enum.Enum):
+    HEALTH = "health"
+    READY = "ready"
+    METRICS = "metrics"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a request goes. ``template`` is the bounded name used in logs and metrics."""
+
+    template: str
+    api: Api
+    upstream: Upstream | None = None
+    upstream_path: str = ""  # appended to the upstream base, query string included
+    reads_json: bool = False  # the proxy parses the body (and rejects invalid JSON)
+    control: Control | None = None
+
+
+# (method, path) -> (template, api, upstream, path-on-upstream-base, reads_json)
+_EXACT: dict[tuple[str, str], Route] = {}
+
+
+def _add(method: str, path: str, api: Api, upstream: Upstream, up_path: str, reads_json: bool) -> None:
+    _EXACT[(method, path)] = Route(path, api, upstream, up_path, reads_json)
+
+
+_add("POST", "/v1/chat/completions", Api.OPENAI, Upstream.OPENAI, "/chat/completions", True)
+_add("POST", "/v1/completions", Api.OPENAI, Upstream.OPENAI, "/completions", True)
+_add("POST", "/v1/embeddings", Api.OPENAI, Upstream.OPENAI, "/embeddings", True)
+_add("GET", "/v1/models", Api.OPENAI, Upstream.OPENAI, "/models", False)
+_add("POST", "/v1/messages", Api.ANTHROPIC, Upstream.ANTHROPIC, "/v1/messages", True)
+_add("POST", "/v1/messages/count_tokens", Api.ANTHROPIC, Upstream.ANTHROPIC,
+     "/v1/messages/count_tokens", True)
+
+_CONTROL = {
+    "/health": Route("/health", Api.OPENAI, control=Control.HEALTH),
+    "/ready": Route("/ready", Api.OPENAI, control=Control.READY),
+    "/metrics": Route("/metrics", Api.OPENAI, control=Control.METRICS),
+}
+
+_ALLOWED: dict[str, list[str]] = {}
+for _method, _path in _EXACT:
+    _ALLOWED.setdefault(_path, []).append(_method)
+for _path in _CONTROL:
+    _ALLOWED[_path] = ["GET", "HEAD"]
+
+# Z.AI's own prefixes pass through unchanged to the native origin.
+_NATIVE_PREFIXES: tuple[tuple[str, Api], ...] = (
+    ("/api/paas/v4/", Api.OPENAI),
+    ("/api/coding/paas/v4/", Api.OPENAI),
+    ("/api/anthropic/", Api.ANTHROPIC),
+)
+# Endpoints under the native prefixes whose JSON bodies the proxy reads
+# (the same ones it reads on the /v1 routes).
+_JSON_SUFFIXES = ("/chat/completions", "/completions", "/embeddings", "/messages",
+                  "/messages/count_tokens")
+
+_HEX = "0123456789abcdefABCDEF"
+
+
+_FORBIDDEN = re.compile(r'[\x00-\x20\x7f\\"<>`{|}^#]')
+_ESCAPE = re.compile(r"%(..)?", re.S)
+
+
+def normalise_path(raw: str) -> str:
+    """Normalise an origin-form path or raise BadRequest if it could escape its base."""
+    if not raw.startswith("/"):
+        raise BadRequest("request target must be an absolute path (origin-form)")
+    if _FORBIDDEN.search(raw):
+        raise BadRequest("request path contains a forbidden character")
+    if "%" in raw:
+        for match in _ESCAPE.finditer(raw):
+            pair = match.group(1)
+            if pair is None or pair[0] not in _HEX or pair[1] not in _HEX:
+                raise BadRequest("request path has a malformed percent-escape")
+            byte = int(pair, 16)
+            # Encoded separators or dots let a path change shape after the
+            # proxy matched it (CVE-2021-41773 style); nothing legitimate needs them.
+            if byte in (0x2F, 0x5C, 0x2E) or byte < 0x20 or byte == 0x7F:
+                raise BadRequest("request path contains an encoded separator, dot or control byte")
+    if "//" not in raw and "/." not in raw:
+        return raw  # already canonical: the common case costs two scans
+    segments: list[str] = []
+    for seg in raw.split("/")[1:]:
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            raise BadRequest("request path may not contain '..' segments")
+        segments.append(seg)
+    return "/" + "/".join(segments)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """(path, query-with-leading-?) of an origin-form target."""
+    if target.startswith("/"):
+        path, sep, query = target.partition("?")
+        query, _, _ = query.partition("#")
+        return path, (sep + query) if query or sep else ""
+    if target == "*":
+        raise BadRequest("asterisk-form request targets are not supported")
+    raise BadRequest("absolute-form and authority-form request targets are not accepted by this proxy")
+
+
+def api_for_path(path: str) -> Api:
+    """The error shape to use when the route is unknown (best guess from the path)."""
+    if path.startswith(("/v1/messages", "/api/anthropic")):
+        return Api.ANTHROPIC
+    return Api.OPENAI
+
+
+def resolve(method: str, target: str) -> Route:
+    """Route a request or raise BadRequest / NotFound / MethodNotAllowed."""
+    raw_path, query = split_target(target)
+    path = normalise_path(raw_path)
+    route = _EXACT.get((method, path))
+    if route is not None:
+        if query:
+            return Route(route.template, route.api, route.upstream, route.upstream_path + query,
+                         route.reads_json)
+        return route
+    control = _CONTROL.get(path)
+    if control is not None and method in ("GET", "HEAD"):
+        return control
+    if path.startswith("/v1/models/") and method == "GET" and path.count("/") == 3:
+        return Route("/v1/models/{model}", Api.OPENAI, Upstream.OPENAI, path[3:] + query)
+    for prefix, api in _NATIVE_PREFIXES:
+        if path.startswith(prefix) or path + "/" == prefix:
+            reads = method == "POST" and path.endswith(_JSON_SUFFIXES)
+            return Route(prefix + "*", api, Upstream.NATIVE, path + query, reads)
+    allowed = _ALLOWED.get(path)
+    if allowed:
+        raise MethodNotAllowed(
+            f"method {method} is not allowed on {path}",
+            headers=((b"allow", ", ".join(allowed).encode()),),
+        )
+    raise NotFound(f"no route for {method} {path}")

@@ -1,0 +1,383 @@
+"""The server side: one ``ClientConnection`` per accepted client connection.
+
+h11 does the parsing; this module owns the stream and the timers
+(hypercorn's split). Per connection:
+- slow-header guard: a request head must arrive within ``header_timeout``
+  of its first byte (and of the connection opening);
+- keep-alive: an idle connection is closed after ``keepalive_timeout``;
+- limits: head > ``max_header_bytes`` -> 431, body > ``max_body_bytes`` -> 413
+  (refused from Content-Length before reading it), malformed HTTP -> 400,
+  each then closes the connection (the rest of the bytes cannot be trusted);
+- while a request is proxied a watcher task reads from the client, so a client
+  that goes away cancels the upstream exchange at once, not at the next write.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import h11
+import orjson
+import trio
+
+from zaiproxy import __version__
+from zaiproxy.errors import (
+    Api,
+    BadRequest,
+    HeadersTooLarge,
+    InvalidJSON,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    ServiceUnavailable,
+)
+from zaiproxy.logs import get_logger
+from zaiproxy.proxy import ClientGone, Outcome, parse_json_body, proxy
+from zaiproxy.routing import Control, Route, api_for_path, resolve
+
+from zaiproxy.context import STATE_DRAINING
+
+if TYPE_CHECKING:
+    from zaiproxy.context import WorkerContext
+
+# How much a client may send ahead (pipelining) while its request is being
+# proxied before the watcher stops reading: bounded, like everything else.
+_MAX_READAHEAD = 65536
+_READ_SIZE = 65536
+_JSON = (b"content-type", b"application/json")
+
+
+class ClientConnection:
+    """Serves the requests of one client connection, one at a time (HTTP/1.1)."""
+
+    def __init__(self, stream: trio.abc.Stream, ctx: WorkerContext, client_ip: str) -> None:
+        self.stream = stream
+        self.ctx = ctx
+        self.client_ip = client_ip
+        cfg = ctx.config
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.max_header_bytes)
+        self.request_id = b""
+        self.gone = False  # the client went away (EOF or broken pipe)
+        self.idle_scope: trio.CancelScope | None = None  # set while waiting for a request
+        self.response_status: int | None = None
+        self.close_after = False
+
+    def __repr__(self) -> str:
+        return (f"<ClientConnection {self.client_ip} {self.conn.our_state}/{self.conn.their_state}"
+                f"{' gone' if self.gone else ''}>")
+
+    # ---- writing to the client ------------------------------------------------
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.gone = True
+            raise ClientGone() from exc
+
+    async def send_response(self, status: int, headers: list[tuple[bytes, bytes]],
+                            reason: bytes = b"") -> None:
+        if self.ctx.draining or self.close_after:
+            headers = [*headers, (b"connection", b"close")]
+        self.response_status = status
+        data = self.conn.send(h11.Response(status_code=status, headers=headers,
+                                           reason=reason or _REASONS.get(status, b"")))
+        if data:
+            await self._write(data)
+
+    async def send_data(self, data: bytes) -> None:
+        out = self.conn.send(h11.Data(data=data))
+        if out:
+            await self._write(out)
+
+    async def send_end(self) -> None:
+        out = self.conn.send(h11.EndOfMessage())
+        if out:
+            await self._write(out)
+
+    async def abort(self) -> None:
+        """Close without finishing the response (the client sees a truncated body)."""
+        self.gone = True
+        await trio.aclose_forcefully(self.stream)
+
+    async def send_simple(self, status: int, body: bytes,
+                          headers: tuple[tuple[bytes, bytes], ...] = (),
+                          content_type: bytes = b"application/json", head: bool = False) -> None:
+        hdrs = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+                (b"x-zaiproxy-request-id", self.request_id), *headers]
+        await self.send_response(status, hdrs)
+        if body and not head:
+            await self.send_data(body)
+        await self.send_end()
+
+    async def send_error(self, exc: ProxyError, api: Api) -> None:
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # a response is already under way; the caller aborts instead
+        await self.send_simple(exc.status, exc.body(api), exc.headers)
+
+    # ---- reading from the client ---------------------------------------------
+
+    async def _receive(self) -> None:
+        data = await self.stream.receive_some(_READ_SIZE)
+        if not data:
+            self.gone = True
+        self.conn.receive_data(data)
+
+    async def _read_head(self, first: bool) -> h11.Request | None:
+        """The next request head, or None when the connection should just close."""
+        cfg = self.ctx.config
+        conn = self.conn
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            # Wait for the first byte: keep-alive idle time (or the header
+            # timeout on a brand-new connection, which could be a slowloris).
+            with trio.CancelScope() as scope:
+                self.idle_scope = scope
+                scope.deadline = trio.current_time() + (
+                    cfg.header_timeout if first else cfg.keepalive_timeout)
+                if self.ctx.draining:
+                    scope.cancel()
+                await self._receive()
+            self.idle_scope = None
+            if scope.cancelled_caught:
+                return None
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                with trio.move_on_after(cfg.header_timeout) as hscope:
+                    while event is h11.NEED_DATA:
+                        await self._receive()
+                        event = conn.next_event()
+                if hscope.cancelled_caught:
+                    await self.send_error(RequestTimeout("request headers were not received in time"),
+                                          Api.OPENAI)
+                    return None
+        if type(event) is h11.Request:
+            return event
+        return None  # ConnectionClosed or PAUSED
+
+    async def _read_body(self, request: h11.Request, api: Api) -> bytes:
+        cfg = self.ctx.config
+        limit = cfg.max_body_bytes
+        for name, value in request.headers:
+            if name == b"content-length":
+                if int(value) > limit:
+                    raise PayloadTooLarge(
+                        f"request body of {int(value)} bytes exceeds the limit of {limit} bytes")
+                break
+        if self.conn.they_are_waiting_for_100_continue:
+            await self._write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+                              or b"")
+        parts: list[bytes] = []
+        size = 0
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if type(event) is h11.Data:
+                size += len(event.data)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                parts.append(event.data)
+            elif type(event) is h11.EndOfMessage:
+                return b"".join(parts) if len(parts) != 1 else parts[0]
+            elif event is h11.NEED_DATA:
+                with trio.move_on_after(cfg.header_timeout) as scope:
+                    await self._receive()
+                if scope.cancelled_caught:
+                    raise RequestTimeout("the request body was not received in time")
+            else:
+                raise BadRequest("the client closed the connection before the request body ended")
+
+    async def _watch_client(self, cancel: trio.CancelScope) -> None:
+        """Cancel the exchange when the client goes away (EOF or reset) while we wait on upstream."""
+        conn = self.conn
+        try:
+            while len(conn.trailing_data[0]) < _MAX_READAHEAD:
+                data = await self.stream.receive_some(_READ_SIZE)
+                if not data:
+                    break
+                conn.receive_data(data)
+            else:
+                await trio.sleep_forever()  # read-ahead full: stop reading, keep waiting
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        self.gone = True
+        cancel.cancel()
+
+    # ---- the request loop ------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._serve()
+        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception as exc:
+            # A bug must cost one connection, never the worker and its other clients.
+            get_logger().error("connection_crashed", request_id=self.request_id.decode(),
+                               error=repr(exc))
+        finally:
+            await trio.aclose_forcefully(self.stream)
+
+    async def _serve(self) -> None:
+        first = True
+        conn = self.conn
+        while True:
+            try:
+                request = await self._read_head(first)
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                err: ProxyError = (HeadersTooLarge("request headers are too large")
+                                   if status == 431 else BadRequest(f"malformed HTTP request: {exc}"))
+                self.request_id = self.ctx.next_request_id()
+                await self.send_error(err, Api.OPENAI)
+                self.ctx.metrics.request("-", "other", err.status)
+                return
+            if request is None:
+                return
+            first = False
+            await self._handle(request)
+            if (self.gone or self.ctx.draining or conn.our_state is not h11.DONE
+                    or conn.their_state is not h11.DONE):
+                return
+            conn.start_next_cycle()
+
+    async def _handle(self, request: h11.Request) -> None:
+        ctx = self.ctx
+        self.request_id = ctx.next_request_id()
+        self.response_status = None
+        started = trio.current_time()
+        method = request.method.decode("ascii", "replace")
+        target = request.target.decode("ascii", "replace")
+        route: Route | None = None
+        api = Api.OPENAI
+        outcome: Outcome | None = None
+        model: str | None = None
+        stream_flag: bool | None = None
+        error: str | None = None
+        body = b""
+        try:
+            try:
+                for name, value in request.headers:
+                    if name == b"host" and (b"@" in value or b"/" in value):
+                        raise BadRequest("invalid Host header")
+                route = resolve(method, target)
+            except ProxyError:
+                api = api_for_path(target)
+                raise
+            api = route.api
+            body = await self._read_body(request, api)
+            if route.control is not None:
+                await self._control(route.control, request.method == b"HEAD")
+                return
+            if route.reads_json:
+                try:
+                    payload = parse_json_body(body)
+                except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+                    raise InvalidJSON(f"the request body is not valid JSON: {exc}") from None
+                raw_model = payload.get("model")
+                model = raw_model if isinstance(raw_model, str) else None
+                stream_flag = payload.get("stream") is True
+            if ctx.draining:
+                raise ServiceUnavailable("the proxy is shutting down")
+            outcome = Outcome()
+            failure: ProxyError | None = None
+            # Errors are carried out of the nursery by hand: trio wraps anything
+            # raised inside one in an ExceptionGroup.
+            finished = False
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_client, nursery.cancel_scope)
+                try:
+                    await proxy(ctx, self, route, request, body, outcome)
+                    finished = True
+                except ProxyError as exc:
+                    failure = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
+            if not finished:
+                # The watcher cancelled the exchange: the client went away first.
+                outcome.result = "client_disconnected"
+        except ProxyError as exc:
+            error = exc.message
+            if isinstance(exc, PayloadTooLarge | RequestTimeout | BadRequest):
+                self.close_after = True  # unread body bytes may follow
+            if exc.status >= 500:
+                ctx.metrics.upstream_error(exc.code)
+            if not self.gone:
+                await self.send_error(exc, api)
+        finally:
+            self._log(method, target, route, started, len(body), model, stream_flag, outcome, error)
+
+    async def _control(self, control: Control, head: bool) -> None:
+        ctx = self.ctx
+        if control is Control.HEALTH:
+            body = orjson.dumps({
+                "status": "ok", "version": __version__, "variant": ctx.config.deployment_variant,
+                "ledger": ctx.ledger_impl, "worker": ctx.worker_index,
+            })
+            await self.send_simple(200, body, head=head)
+        elif control is Control.READY:
+            ready = ctx.ready
+            body = orjson.dumps({
+                "ready": ready, "draining": ctx.draining or ctx.shared_state.get() == STATE_DRAINING,
+                "worker": ctx.worker_index,
+            })
+            await self.send_simple(200 if ready else 503, body, head=head)
+        else:
+            payload, content_type = ctx.metrics.render()
+            await self.send_simple(200, payload, content_type=content_type, head=head)
+
+    def _log(self, method: str, target: str, route: Route | None, started: float, bytes_in: int,
+             model: str | None, stream_flag: bool | None, outcome: Outcome | None,
+             error: str | None) -> None:
+        ctx = self.ctx
+        # 499: the client closed the connection before a response (nginx's convention).
+        status = self.response_status or (499 if self.gone else 0)
+        template = route.template if route is not None else "other"
+        ctx.metrics.request(method, template, status)
+        if not ctx.config.access_log:
+            return
+        log = get_logger()
+        if not log.enabled("info"):
+            return
+        fields: dict[str, object] = {
+            "request_id": self.request_id.decode(),
+            "method": method,
+            # The template, never the raw path: raw paths may carry anything.
+            "route": template,
+            "status": status,
+            "duration_ms": round((trio.current_time() - started) * 1000, 3),
+            "bytes_in": bytes_in,
+            "client": self.client_ip,
+        }
+        if model is not None:
+            fields["model"] = model[:128]
+        if stream_flag is not None:
+            fields["stream"] = stream_flag
+        if outcome is not None:
+            fields["upstream_status"] = outcome.upstream_status
+            fields["bytes_out"] = outcome.bytes_out
+            fields["result"] = outcome.result
+            if outcome.ttfb is not None:
+                fields["upstream_ttfb_ms"] = round(outcome.ttfb * 1000, 3)
+            if outcome.retried:
+                fields["retried_stale_connection"] = True
+            if outcome.usage is not None:
+                u = outcome.usage
+                fields["usage"] = {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+                                   "cache_read_tokens": u.cache_read_tokens,
+                                   "cache_write_tokens": u.cache_write_tokens}
+        if error is not None:
+            fields["error"] = error
+        log.info("request", **fields)
+
+
+_REASONS = {
+    100: b"Continue", 200: b"OK", 201: b"Created", 204: b"No Content", 304: b"Not Modified",
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
+    429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+

@@ -1,0 +1,304 @@
+"""The supervisor: binds, spawns workers, restarts the dead, drains on signal.
+
+- Workers are started with the *spawn* method (never forked from a process
+  that may run threads or a trio loop) and each gets its own SO_REUSEPORT
+  socket, bound here. The supervisor keeps its copies open while running, so a
+  dead worker's queued connections wait for its replacement instead of being
+  refused.
+- A worker that dies is restarted with exponential backoff (0.25 s doubling
+  to 30 s; reset after a minute of good health), and logged.
+- SIGTERM/SIGINT: readiness turns false in every worker at once (shared state
+  cell), the listening sockets close, workers drain with ``drain_timeout``,
+  exit code 0. A second signal kills the workers and exits at once.
+- ``--demo``: the built-in mock upstream runs as a child process on loopback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any, TextIO
+
+from zaiproxy import __version__, logs
+from zaiproxy.config import Config
+from zaiproxy.context import STATE_DRAINING, STATE_RUNNING, STATE_STARTING
+from zaiproxy.ledger import LedgerUnavailable
+from zaiproxy.ledger import load as load_ledger
+from zaiproxy.sockets import bind_reuseport
+from zaiproxy.worker import worker_main
+
+BACKOFF_INITIAL = 0.25
+BACKOFF_MAX = 30.0
+HEALTHY_AFTER = 60.0  # a worker alive this long resets its backoff
+DEMO_UPSTREAM_KEY = "demo-upstream-key"  # what the demo mock requires, so key injection is exercised
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    index: int
+    process: BaseProcess | None = None
+    ready_pipe: Connection | None = None
+    started_at: float = 0.0
+    backoff: float = BACKOFF_INITIAL
+    restart_at: float | None = None
+    ready_once: bool = False
+
+
+class Supervisor:
+    def __init__(self, config: Config, *, out: TextIO | None = None) -> None:
+        self.config = config
+        self.out = out or sys.stdout
+        self.mp = multiprocessing.get_context("spawn")
+        self.state = self.mp.RawValue("i", STATE_STARTING)
+        self.slots: list[_Slot] = []
+        self.socks: list[Any] = []
+        self.mock: subprocess.Popen[str] | None = None
+        self.signals: list[int] = []
+        self.log = logs.get_logger()
+
+    # ---- start-up -------------------------------------------------------------
+
+    def _start_demo_upstream(self) -> Config:
+        cmd = [sys.executable, "-m", "zaiproxy", "mock-upstream", "--host", "127.0.0.1",
+               "--port", "0", "--api-key", DEMO_UPSTREAM_KEY, "--chunks", "24",
+               "--chunk-delay", "0.03"]
+        # Its own session: the terminal's Ctrl-C must not stop it before the
+        # proxy has drained the streams that depend on it.
+        self.mock = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert self.mock.stdout is not None
+        ready, _, _ = select.select([self.mock.stdout], [], [], 15)
+        line = self.mock.stdout.readline() if ready else ""
+        if "listening on" not in line:
+            self.mock.kill()
+            raise RuntimeError(f"the demo mock upstream did not start (got {line!r})")
+        url = line.split("listening on ", 1)[1].split()[0]
+        banner = (
+            "\n" + "=" * 72 + "\n"
+            "  DEMO MODE: no ZAI_API_KEY in use. Requests go to the built-in MOCK\n"
+            f"  upstream at {url} (not Z.AI). Set ZAI_API_KEY to proxy to Z.AI.\n"
+            + "=" * 72 + "\n"
+        )
+        sys.stderr.write(banner)
+        sys.stderr.flush()
+        self.log.warning("demo_mode", mock_upstream=url)
+        return dataclasses.replace(
+            self.config,
+            openai_base_url=f"{url}/api/paas/v4",
+            anthropic_base_url=f"{url}/api/anthropic",
+            native_base_url=url,
+            api_key=DEMO_UPSTREAM_KEY,
+        )
+
+    def _spawn(self, slot: _Slot) -> None:
+        parent_end, child_end = self.mp.Pipe(duplex=False)
+        process = self.mp.Process(
+            target=worker_main,
+            args=(slot.index, self.socks[slot.index], self.config, self.state, child_end,
+                  os.getpid()),
+            name=f"zaiproxy-worker-{slot.index}",
+        )
+        process.start()
+        child_end.close()
+        slot.process = process
+        slot.ready_pipe = parent_end
+        slot.started_at = time.monotonic()
+        slot.restart_at = None
+        self.log.info("worker_started", worker=slot.index, worker_pid=process.pid)
+
+    # ---- the loop ---------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg = self.config
+        try:
+            ledger = load_ledger(cfg.ledger)
+        except LedgerUnavailable as exc:
+            self.log.error("ledger_unavailable", error=str(exc))
+            sys.stderr.write(f"zaiproxy: {exc}\n")
+            return 1
+        if cfg.demo:
+            self.config = cfg = self._start_demo_upstream()
+        try:
+            self.socks = bind_reuseport(cfg.host, cfg.port, cfg.workers)
+        except OSError as exc:
+            self.log.error("bind_failed", host=cfg.host, port=cfg.port, error=exc.strerror)
+            sys.stderr.write(f"zaiproxy: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}\n")
+            self._stop_mock()
+            return 1
+        host, port = self.socks[0].getsockname()[:2]
+
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.slots = [_Slot(i) for i in range(cfg.workers)]
+            for slot in self.slots:
+                self._spawn(slot)
+            return self._loop(wake_r, host, port, ledger.IMPLEMENTATION)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            os.close(wake_r)
+            os.close(wake_w)
+            for sock in self.socks:
+                sock.close()
+            self._stop_mock()
+            self.log.flush()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+
+    def _loop(self, wake_r: int, host: str, port: int, ledger: str) -> int:
+        announced = False
+        while True:
+            if self.signals:
+                return self._drain()
+            now = time.monotonic()
+            for slot in self.slots:
+                if slot.restart_at is not None and now >= slot.restart_at:
+                    self._spawn(slot)
+            if not announced and all(s.ready_once for s in self.slots):
+                announced = True
+                self.state.value = STATE_RUNNING
+                scheme_host = f"[{host}]" if ":" in host else host
+                self.out.write(
+                    f"zaiproxy listening on http://{scheme_host}:{port} "
+                    f"({len(self.slots)} workers, variant {self.config.deployment_variant}, "
+                    f"ledger {ledger})\n")
+                self.out.flush()
+                self.log.info("started", host=host, port=port, workers=len(self.slots),
+                              version=__version__, ledger=ledger,
+                              openai_upstream=self.config.openai_base_url,
+                              anthropic_upstream=self.config.anthropic_base_url)
+
+            waitables: list[Any] = [wake_r]
+            for slot in self.slots:
+                if slot.process is not None:
+                    waitables.append(slot.process.sentinel)
+                if slot.ready_pipe is not None:
+                    waitables.append(slot.ready_pipe)
+            pending = [s.restart_at for s in self.slots if s.restart_at is not None]
+            timeout = max(0.0, min(pending) - time.monotonic()) if pending else 1.0
+            for obj in wait(waitables, timeout=timeout):
+                if obj == wake_r:
+                    try:
+                        os.read(wake_r, 512)
+                    except BlockingIOError:
+                        pass
+            for slot in self.slots:
+                self._poll_ready(slot)
+                if slot.process is not None and not slot.process.is_alive():
+                    if not self._on_worker_exit(slot, announced):
+                        self.signals.append(signal.SIGTERM)
+                        self._exit_code = 1
+
+    _exit_code = 0
+
+    def _poll_ready(self, slot: _Slot) -> None:
+        pipe = slot.ready_pipe
+        if pipe is None:
+            return
+        try:
+            if not pipe.poll():
+                return
+            pipe.recv()
+            slot.ready_once = True
+            self.log.info("worker_ready", worker=slot.index,
+                          worker_pid=slot.process.pid if slot.process else None)
+        except (EOFError, OSError):
+            pass
+        pipe.close()
+        slot.ready_pipe = None
+
+    def _on_worker_exit(self, slot: _Slot, announced: bool) -> bool:
+        """Schedule a restart; False when start-up itself failed (no point in looping)."""
+        assert slot.process is not None
+        code = slot.process.exitcode
+        lived = time.monotonic() - slot.started_at
+        slot.process.close()
+        slot.process = None
+        if slot.ready_pipe is not None:
+            slot.ready_pipe.close()
+            slot.ready_pipe = None
+        if not announced and not slot.ready_once:
+            self.log.error("worker_failed_to_start", worker=slot.index, exit_code=code)
+            return False
+        if lived > HEALTHY_AFTER:
+            slot.backoff = BACKOFF_INITIAL
+        slot.restart_at = time.monotonic() + slot.backoff
+        self.log.error("worker_died", worker=slot.index, exit_code=code,
+                       signal=-code if code is not None and code < 0 else None,
+                       restart_in_s=slot.backoff, lived_s=round(lived, 3))
+        slot.backoff = min(slot.backoff * 2, BACKOFF_MAX)
+        return True
+
+    # ---- shutdown ---------------------------------------------------------------
+
+    def _drain(self) -> int:
+        first = self.signals.pop(0)
+        self.state.value = STATE_DRAINING
+        deadline = time.monotonic() + self.config.drain_timeout + 5.0
+        self.log.info("drain_started", signal=first, drain_timeout_s=self.config.drain_timeout)
+        for sock in self.socks:
+            sock.close()  # the workers' copies close as they drain
+        alive = [s for s in self.slots if s.process is not None]
+        for slot in self.slots:
+            slot.restart_at = None
+        for slot in alive:
+            assert slot.process is not None
+            if slot.process.pid is not None:
+                try:
+                    os.kill(slot.process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        clean = True
+        while alive:
+            if self.signals:
+                second = self.signals.pop(0)
+                self.log.warning("second_signal_exit", signal=second)
+                self._kill_all(alive)
+                return 128 + second
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.log.error("drain_timeout_kill", workers=len(alive))
+                self._kill_all(alive)
+                clean = False
+                break
+            wait([s.process.sentinel for s in alive if s.process is not None],
+                 timeout=min(remaining, 0.5))
+            still: list[_Slot] = []
+            for slot in alive:
+                assert slot.process is not None
+                if slot.process.is_alive():
+                    still.append(slot)
+                elif slot.process.exitcode not in (0, None):
+                    clean = False
+                    self.log.warning("worker_exit_nonzero", worker=slot.index,
+                                     exit_code=slot.process.exitcode)
+            alive = still
+        self.log.info("drained", clean=clean)
+        return self._exit_code if clean else 1
+
+    def _kill_all(self, slots: list[_Slot]) -> None:
+        for slot in slots:
+            if slot.process is not None and slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join(2)
+
+    def _stop_mock(self) -> None:
+        if self.mock is not None and self.mock.poll() is None:
+            self.mock.terminate()
+            try:
+                self.mock.wait(5)
+            except subprocess.TimeoutExpired:
+                self.mock.kill()
+        self.mock = None

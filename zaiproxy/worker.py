@@ -1,0 +1,172 @@
+"""A worker process: one ``trio.run`` serving its own SO_REUSEPORT socket.
+
+Drain (SIGTERM/SIGINT, or the supervisor going away) follows hypercorn:
+readiness goes false, the listener closes, idle keep-alive connections are
+closed, and in-flight requests and streams get ``drain_timeout`` seconds
+(a deadline on the connections' nursery, not a cancel). A second signal
+exits at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+from multiprocessing.connection import Connection
+from typing import Any
+
+import trio
+
+from zaiproxy import logs
+from zaiproxy.config import Config
+from zaiproxy.context import SharedState, WorkerContext
+from zaiproxy.ledger import load as load_ledger
+from zaiproxy.metrics import WorkerMetrics
+from zaiproxy.routing import Upstream
+from zaiproxy.server import ClientConnection
+from zaiproxy.sockets import trio_listener
+from zaiproxy.upstream import Origin, UpstreamPool, make_ssl_context
+
+# Accept errors that mean "out of resources, try again soon" (trio.serve_listeners' list).
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = None) -> WorkerContext:
+    ledger = load_ledger(config.ledger)
+    origins = {
+        Upstream.OPENAI: Origin.parse(config.openai_base_url),
+        Upstream.ANTHROPIC: Origin.parse(config.anthropic_base_url),
+        Upstream.NATIVE: Origin.parse(config.native_base_url),
+    }
+    needs_tls = any(o.tls for o in origins.values())
+    pool = UpstreamPool(
+        max_connections=config.pool_max_connections,
+        idle_timeout=config.pool_idle_timeout,
+        connect_timeout=config.connect_timeout,
+        ssl_context=make_ssl_context(config.ca_file) if needs_tls else None,
+    )
+    metrics = WorkerMetrics(
+        variant=config.deployment_variant, ledger=ledger.IMPLEMENTATION, workers=config.workers,
+        commit=os.environ.get("ZAIPROXY_COMMIT", "unknown"),
+        pool_stats=lambda: (pool.active, pool.idle_count),
+    )
+    return WorkerContext(
+        config=config, pool=pool, origins=origins, metrics=metrics,
+        ledger_impl=ledger.IMPLEMENTATION, worker_index=worker_index,
+        shared_state=SharedState(state_cell),
+        api_key=config.api_key.encode() if config.api_key else None,
+    )
+
+
+class Worker:
+    def __init__(self, ctx: WorkerContext, listeners: list[trio.SocketListener]) -> None:
+        self.ctx = ctx
+        self.listeners = listeners
+        self.connections: set[ClientConnection] = set()
+        self.drain_requested = trio.Event()
+        self.finished = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        ctx = self.ctx
+        log = logs.get_logger()
+        async with trio.open_nursery() as root:
+            root.start_soon(ctx.pool.reap)
+            async with trio.open_nursery() as conns:
+                accept_scope = trio.CancelScope()
+
+                async def accept_all() -> None:
+                    with accept_scope:
+                        async with trio.open_nursery() as acceptors:
+                            for listener in self.listeners:
+                                acceptors.start_soon(self._accept_loop, listener, conns)
+
+                conns.start_soon(accept_all)
+                task_status.started()
+                await self.drain_requested.wait()
+                log.info("drain_started", connections=len(self.connections),
+                         deadline_s=ctx.config.drain_timeout)
+                ctx.draining = True
+                accept_scope.cancel()
+                for listener in self.listeners:
+                    await listener.aclose()
+                for c in list(self.connections):
+                    if c.idle_scope is not None:
+                        c.idle_scope.cancel()
+                conns.cancel_scope.deadline = trio.current_time() + ctx.config.drain_timeout
+            if conns.cancel_scope.cancelled_caught:
+                log.warning("drain_deadline_reached", aborted=len(self.connections))
+            root.cancel_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await ctx.pool.aclose()
+        log.info("drained")
+        self.finished.set()
+
+    async def _accept_loop(self, listener: trio.SocketListener, conns: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                    logs.get_logger().error("accept_failed", error=exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            conns.start_soon(self._serve_connection, stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()
+            client_ip = peer[0] if isinstance(peer, tuple) else "unix"
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        handler = ClientConnection(stream, self.ctx, client_ip)
+        self.connections.add(handler)
+        try:
+            await handler.run()
+        finally:
+            self.connections.discard(handler)
+
+    async def watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self.drain_requested.is_set():
+                    logs.get_logger().warning("second_signal_exit", signal=signum)
+                    logs.get_logger().flush(timeout=0.5)
+                    os._exit(1)
+                self.drain_requested.set()
+
+    async def watch_parent(self, parent_pid: int) -> None:
+        """Drain if the supervisor disappears (no orphaned workers holding the port)."""
+        while os.getppid() == parent_pid:
+            await trio.sleep(1)
+        logs.get_logger().warning("supervisor_gone")
+        self.drain_requested.set()
+
+
+def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any,
+                ready: Connection | None, parent_pid: int) -> None:
+    """Entry point of a spawned worker process."""
+    # The terminal's Ctrl-C reaches the whole process group; only the
+    # supervisor acts on it (and forwards SIGTERM), otherwise its SIGTERM would
+    # be each worker's *second* signal and skip the drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logs.configure(config.level, proc=f"worker-{index}")
+    ctx = build_context(config, worker_index=index, state_cell=state_cell)
+    worker = Worker(ctx, [trio_listener(sock)])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.watch_signals)
+            nursery.start_soon(worker.watch_parent, parent_pid)
+            await nursery.start(worker.run)
+            if ready is not None:
+                ready.send(("ready", os.getpid()))
+                ready.close()
+            await worker.finished.wait()  # run() has drained
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    logs.get_logger().flush()
+

@@ -100,6 +100,13 @@ class HeadersTooLarge(ProxyError):
     code = "request_headers_too_large"
 
 
+class VersionNotSupported(ProxyError):
+    status = 505
+    openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
+    code = "http_version_not_supported"
+
+
 class RequestTimeout(ProxyError):
     status = 408
     openai_type = "invalid_request_error"

@@ -30,6 +30,7 @@ from zaiproxy.errors import (
     ProxyError,
     RequestTimeout,
     ServiceUnavailable,
+    VersionNotSupported,
 )
 from zaiproxy.logs import get_logger
 from zaiproxy.proxy import ClientGone, Outcome, parse_json_body, proxy
@@ -152,6 +153,14 @@ class ClientConnection:
                                           Api.OPENAI)
                     return None
         if type(event) is h11.Request:
+            # h11 only bounds a head that is still incomplete; one that arrived
+            # in a single read is checked here, so the limit does not depend
+            # on how the client's bytes were segmented.
+            if event.http_version not in (b"1.1", b"1.0"):
+                raise h11.RemoteProtocolError("unsupported HTTP version", error_status_hint=505)
+            size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+            if size > cfg.max_header_bytes:
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
             return event
         return None  # ConnectionClosed or PAUSED
 
@@ -198,7 +207,9 @@ class ClientConnection:
                 conn.receive_data(data)
             else:
                 await trio.sleep_forever()  # read-ahead full: stop reading, keep waiting
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except trio.ClosedResourceError:
+            return  # we closed it ourselves (abort): nothing to cancel
+        except trio.BrokenResourceError:
             pass
         self.gone = True
         cancel.cancel()
@@ -225,9 +236,15 @@ class ClientConnection:
                 request = await self._read_head(first)
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
-                err: ProxyError = (HeadersTooLarge("request headers are too large")
-                                   if status == 431 else BadRequest(f"malformed HTTP request: {exc}"))
+                err: ProxyError
+                if status == 431:
+                    err = HeadersTooLarge("request headers are too large")
+                elif status == 505:
+                    err = VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
+                else:
+                    err = BadRequest(f"malformed HTTP request: {exc}")
                 self.request_id = self.ctx.next_request_id()
+                self.close_after = True
                 await self.send_error(err, Api.OPENAI)
                 self.ctx.metrics.request("-", "other", err.status)
                 return
@@ -294,7 +311,7 @@ class ClientConnection:
                     nursery.cancel_scope.cancel()
             if failure is not None:
                 raise failure
-            if not finished:
+            if not finished and outcome.result == "ok":
                 # The watcher cancelled the exchange: the client went away first.
                 outcome.result = "client_disconnected"
         except ProxyError as exc:
@@ -378,6 +395,6 @@ _REASONS = {
     405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
     429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
-    504: b"Gateway Timeout",
+    504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }
 

@@ -93,7 +93,8 @@ def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
 class UpstreamConnection:
     """One HTTP/1.1 connection to an upstream origin."""
 
-    __slots__ = ("_stream", "conn", "origin", "last_used", "requests", "received_bytes", "closed")
+    __slots__ = ("_stream", "checked_out", "closed", "conn", "last_used", "origin",
+                 "received_bytes", "requests")
 
     def __init__(self, stream: trio.abc.Stream, origin: Origin) -> None:
         self._stream = stream
@@ -103,6 +104,7 @@ class UpstreamConnection:
         self.requests = 0
         self.received_bytes = 0  # for the current exchange: did any response byte arrive?
         self.closed = False
+        self.checked_out = False  # handed to a request; release/discard are idempotent
 
     def __repr__(self) -> str:
         return (f"<UpstreamConnection {self.origin.host}:{self.origin.port} "
@@ -231,6 +233,7 @@ class UpstreamPool:
                     await conn.aclose()
                     continue
                 self.active += 1
+                conn.checked_out = True
                 return conn, True
         with trio.move_on_after(self.connect_timeout) as scope:
             await slot.acquire()
@@ -245,6 +248,7 @@ class UpstreamPool:
             raise
         self.opened += 1
         self.active += 1
+        conn.checked_out = True
         return conn, False
 
     async def _connect(self, origin: Origin) -> UpstreamConnection:
@@ -278,6 +282,9 @@ class UpstreamPool:
 
     async def release(self, conn: UpstreamConnection) -> None:
         """Return a connection after its exchange; reusable ones go back to the idle list."""
+        if not conn.checked_out:
+            return
+        conn.checked_out = False
         self.active -= 1
         if conn.reusable():
             conn.conn.start_next_cycle()
@@ -289,6 +296,9 @@ class UpstreamPool:
 
     async def discard(self, conn: UpstreamConnection) -> None:
         """Close a connection that must not be reused (error, cancel, client gone)."""
+        if not conn.checked_out:
+            return  # already settled (e.g. cut, then cancelled by the client watcher)
+        conn.checked_out = False
         self.active -= 1
         # Release the slot first: aclose may raise Cancelled when the caller is cancelled.
         self._slot(conn.origin).release()

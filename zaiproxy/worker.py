@@ -129,12 +129,16 @@ class Worker:
             self.connections.discard(handler)
 
     async def watch_signals(self) -> None:
+        """SIGTERM starts the drain; more SIGTERMs change nothing.
+
+        Process managers often signal the whole group (systemd's control-group
+        kill mode, ``timeout``), so a worker can get SIGTERM from them *and*
+        from the supervisor: that must not count as the operator's second
+        signal. The immediate exit on a second signal is the supervisor's job
+        (it SIGKILLs the workers).
+        """
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
-            async for signum in signals:
-                if self.drain_requested.is_set():
-                    logs.get_logger().warning("second_signal_exit", signal=signum)
-                    logs.get_logger().flush(timeout=0.5)
-                    os._exit(1)
+            async for _ in signals:
                 self.drain_requested.set()
 
     async def watch_parent(self, parent_pid: int) -> None:
@@ -152,6 +156,10 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
     # supervisor acts on it (and forwards SIGTERM), otherwise its SIGTERM would
     # be each worker's *second* signal and skip the drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A SIGTERM before trio's receiver is installed (start-up) or after it is
+    # gone (drained) is remembered, never fatal: trio restores this handler.
+    early_sigterm: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: early_sigterm.append(signum))
     logs.configure(config.level, proc=f"worker-{index}")
     ctx = build_context(config, worker_index=index, state_cell=state_cell)
     worker = Worker(ctx, [trio_listener(sock)])
@@ -161,6 +169,8 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
             nursery.start_soon(worker.watch_signals)
             nursery.start_soon(worker.watch_parent, parent_pid)
             await nursery.start(worker.run)
+            if early_sigterm:
+                worker.drain_requested.set()
             if ready is not None:
                 ready.send(("ready", os.getpid()))
                 ready.close()

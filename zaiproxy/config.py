@@ -1,0 +1,564 @@
+"""Start-up configuration: defaults < TOML file < environment < command line.
+
+Design
+------
+* One table in one place. Every setting is a field of the frozen :class:`Config` dataclass; the
+  field's metadata names its TOML section, the environment variables that set it (in order of
+  preference) and the parser that turns a raw value into the stored one. The loader, the
+  unknown-key checks, :meth:`Config.masked` and :func:`render_check` all read that table, so a new
+  setting is one line here and cannot be forgotten by one of them.
+* Strict. The system this replaces fell back to defaults when a value did not parse, so a typo ran
+  a production proxy with settings nobody chose. Here every value from every layer is checked
+  (also one that a higher layer overrides: a broken file is broken even while an env var hides
+  it), every problem is collected, and start-up stops with one :class:`ConfigError` that lists
+  each as ``<key> (<source>): <value!r>: <reason>``.
+* Parsers are pure functions of the raw value and of whether it arrived as text (an env var, a CLI
+  string) or typed (TOML, a CLI int/bool). Text is parsed; typed values must already have the right
+  type, so ``port = "8080"`` in TOML is an error rather than a guess.
+* Secrets (``upstream.api_key``) never leave this module in clear text except as the field value
+  itself: ``repr=False``, ``<redacted>`` in errors, ``********`` in :meth:`Config.masked` and
+  :func:`render_check`.
+* :class:`Config` is picklable (plain values only): the supervisor spawns workers and sends it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import ssl
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+MASK: Final = "********"
+REDACTED: Final = "<redacted>"
+SECTIONS: Final = ("server", "upstream", "log")
+CONFIG_ENV: Final = "ZAIPROXY_CONFIG"
+_ENV_PREFIX: Final = "ZAIPROXY_"
+_MISSING_KEY: Final = (
+    "upstream.api_key: missing: set ZAI_API_KEY, or run with --demo to use the built-in mock upstream"
+)
+
+
+class ConfigError(Exception):
+    """One or more problems; str() lists each as ``<key> (<source>): <value!r>: <reason>``."""
+
+    problems: list[str]
+
+    def __init__(self, problems: list[str]) -> None:
+        # args=(problems,) keeps the exception picklable (it may cross a process boundary).
+        super().__init__(list(problems))
+        self.problems = list(problems)
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+class _Invalid(Exception):
+    """A raw value was rejected. The reason never contains the value (the caller shows it)."""
+
+    def __init__(self, reason: str, *, redact: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.redact = redact  # the value itself may hold a secret (URL user info)
+
+
+# (raw value, arrived as text?) -> stored value, or raise _Invalid.
+_Parser = Callable[[object, bool], object]
+
+
+def _type_name(raw: object) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string"}.get(
+        type(raw), "table" if isinstance(raw, dict) else type(raw).__name__
+    )
+
+
+def _string(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise _Invalid(f"not a string (got {_type_name(raw)})")
+    return raw
+
+
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+
+
+def _integer(lo: int, hi: int) -> _Parser:
+    def parse(raw: object, text: bool) -> int:
+        if text:
+            s = str(raw).strip()
+            if not _INT_RE.fullmatch(s):
+                raise _Invalid("not an integer")
+            value = int(s)
+        elif isinstance(raw, int) and not isinstance(raw, bool):  # bool is an int subclass
+            value = raw
+        else:
+            raise _Invalid(f"not an integer (got {_type_name(raw)})")
+        if not lo <= value <= hi:
+            raise _Invalid(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _seconds(raw: object, text: bool) -> float:
+    """A positive, finite number of seconds."""
+    if text:
+        try:
+            value = float(str(raw).strip())
+        except ValueError:
+            raise _Invalid("not a number of seconds (write e.g. 30 or 2.5, without a unit)") from None
+    elif isinstance(raw, int | float) and not isinstance(raw, bool):
+        value = float(raw)
+    else:
+        raise _Invalid(f"not a number (got {_type_name(raw)})")
+    if not math.isfinite(value):
+        raise _Invalid("must be a finite number")
+    if value <= 0:
+        raise _Invalid("must be greater than 0")
+    return value
+
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _boolean(raw: object, text: bool) -> bool:
+    if text:
+        s = str(raw).strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+        raise _Invalid("not a boolean (use 1/0, true/false, yes/no or on/off)")
+    if isinstance(raw, bool):
+        return raw
+    raise _Invalid(f"not a boolean (got {_type_name(raw)}; write true or false without quotes)")
+
+
+# K/M/G are binary, as in nginx's client_max_body_size; KB/MB/GB are SI; KiB/MiB/GiB are binary.
+_SIZE_RE = re.compile(r"([0-9]+)\s*([kmg](?:i?b)?)?", re.IGNORECASE)
+_SIZE_UNITS: Final = {
+    "": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+}  # fmt: skip
+
+
+def _human_size(n: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} bytes"
+
+
+def _size(lo: int, hi: int | None) -> _Parser:
+    def parse(raw: object, text: bool) -> int:
+        # Strings are sizes in both env and TOML (`max_body_bytes = "32MiB"`), so `text` is moot.
+        if isinstance(raw, str):
+            m = _SIZE_RE.fullmatch(raw.strip())
+            if m is None:
+                raise _Invalid(
+                    "not a size (an integer with an optional K, KB, KiB, M, MB, MiB, G, GB "
+                    "or GiB suffix)"
+                )
+            value = int(m[1]) * _SIZE_UNITS[(m[2] or "").lower()]
+        elif isinstance(raw, int) and not isinstance(raw, bool):
+            value = raw
+        else:
+            raise _Invalid(f"not a size (got {_type_name(raw)})")
+        if hi is None and value < lo:
+            raise _Invalid(f"must be at least {_human_size(lo)}")
+        if hi is not None and not lo <= value <= hi:
+            raise _Invalid(f"must be between {_human_size(lo)} and {_human_size(hi)}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> _Parser:
+    def parse(raw: object, text: bool) -> str:
+        value = _string(raw).strip().lower()
+        if value not in options:
+            raise _Invalid(f"must be one of: {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _host(raw: object, text: bool) -> str:
+    s = _string(raw)
+    if s.startswith("[") and s.endswith("]"):  # "[::1]" as written in URLs; getaddrinfo wants ::1
+        s = s[1:-1]
+    if not s or any(c.isspace() or not c.isprintable() for c in s):
+        raise _Invalid("must be a host name or IP address (non-empty, no whitespace)")
+    return s
+
+
+# The variant is a label value on every metric series: bounded and Prometheus-friendly.
+_VARIANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def _variant(raw: object, text: bool) -> str:
+    s = _string(raw)
+    if not _VARIANT_RE.fullmatch(s):
+        raise _Invalid(
+            "must match ^[a-z0-9][a-z0-9_-]{0,31}$ (it is a metric label value: lower case, "
+            "digits, '_' or '-', at most 32 characters)"
+        )
+    return s
+
+
+def _url(raw: object, text: bool) -> str:
+    s = _string(raw)
+    if not s or any(c.isspace() or not c.isprintable() for c in s):
+        raise _Invalid("must be a URL without whitespace or control characters")
+    try:
+        parts = urlsplit(s)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise _Invalid(f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise _Invalid("scheme must be http or https")
+    if not parts.hostname:
+        raise _Invalid("has no host")
+    if "@" in parts.netloc:
+        # user:password@ could hold a credential, so the value is not echoed back.
+        raise _Invalid("must not contain user info (user:password@)", redact=True)
+    if "#" in s:
+        raise _Invalid("must not contain a fragment ('#...')")
+    if "?" in s:
+        raise _Invalid("must not contain a query string ('?...')")
+    return s.rstrip("/")
+
+
+def _ca_file(raw: object, text: bool) -> str:
+    path = os.path.expanduser(_string(raw))
+    if not path:
+        raise _Invalid("empty path")
+    if not os.path.isfile(path):
+        raise _Invalid("not an existing file")
+    if not os.access(path, os.R_OK):
+        raise _Invalid("file is not readable")
+    # Load it the way the upstream client will, so a non-PEM file fails here, not on the first
+    # request to the private upstream.
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError) as exc:
+        raise _Invalid(f"not a PEM CA bundle ({exc})") from None
+    return path
+
+
+def _secret(raw: object, text: bool) -> str:
+    s = _string(raw)
+    if not s:
+        raise _Invalid("empty")
+    if any(c.isspace() or not c.isprintable() for c in s):
+        # Most often a trailing newline from a mounted secret file.
+        raise _Invalid("contains whitespace or control characters")
+    return s
+
+
+def _default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 256))
+
+
+def _setting(
+    default: object,
+    section: str,
+    env: tuple[str, ...],
+    parse: _Parser,
+    *,
+    secret: bool = False,
+    factory: Callable[[], object] | None = None,
+) -> Any:
+    """A Config field plus its row of the settings table (section, env names, parser)."""
+    meta = {"section": section, "env": env, "parse": parse, "secret": secret}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, repr=not secret, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Effective settings. Build with :func:`load_config`; ``Config()`` is all defaults."""
+
+    # [server]
+    host: str = _setting("127.0.0.1", "server", ("ZAIPROXY_HOST", "HOST"), _host)
+    port: int = _setting(8080, "server", ("ZAIPROXY_PORT", "PORT"), _integer(0, 65535))
+    # os.cpu_count() clamped to the 1..256 the validator accepts, so the default is always valid.
+    workers: int = _setting(
+        None, "server", ("ZAIPROXY_WORKERS",), _integer(1, 256), factory=_default_workers
+    )
+    demo: bool = _setting(False, "server", ("ZAIPROXY_DEMO",), _boolean)
+    drain_timeout: float = _setting(30.0, "server", ("ZAIPROXY_DRAIN_TIMEOUT",), _seconds)
+    # nginx's keepalive_timeout default.
+    keepalive_timeout: float = _setting(75.0, "server", ("ZAIPROXY_KEEPALIVE_TIMEOUT",), _seconds)
+    # Slowloris guard: the whole request head must arrive within this time.
+    header_timeout: float = _setting(30.0, "server", ("ZAIPROXY_HEADER_TIMEOUT",), _seconds)
+    max_body_bytes: int = _setting(
+        32 << 20, "server", ("ZAIPROXY_MAX_BODY_BYTES",), _size(1, None)
+    )
+    max_header_bytes: int = _setting(
+        64 << 10, "server", ("ZAIPROXY_MAX_HEADER_BYTES",), _size(1 << 10, 1 << 20)
+    )
+    deployment_variant: str = _setting("production", "server", ("DEPLOYMENT_VARIANT",), _variant)
+    ledger: str = _setting("native", "server", ("ZAIPROXY_LEDGER",), _choice("native", "python"))
+    # [upstream]
+    api_key: str | None = _setting(None, "upstream", ("ZAI_API_KEY",), _secret, secret=True)
+    openai_base_url: str = _setting(
+        "https://api.z.ai/api/paas/v4", "upstream", ("ZAIPROXY_OPENAI_BASE_URL",), _url
+    )
+    anthropic_base_url: str = _setting(
+        "https://api.z.ai/api/anthropic", "upstream", ("ZAIPROXY_ANTHROPIC_BASE_URL",), _url
+    )
+    # Origin for the Z.AI native pass-through prefixes.
+    native_base_url: str = _setting(
+        "https://api.z.ai", "upstream", ("ZAIPROXY_NATIVE_BASE_URL",), _url
+    )
+    ca_file: str | None = _setting(None, "upstream", ("ZAIPROXY_UPSTREAM_CA_FILE",), _ca_file)
+    connect_timeout: float = _setting(10.0, "upstream", ("ZAIPROXY_CONNECT_TIMEOUT",), _seconds)
+    response_header_timeout: float = _setting(
+        300.0, "upstream", ("ZAIPROXY_RESPONSE_HEADER_TIMEOUT",), _seconds
+    )
+    # Idle time between body bytes, NOT a total: the old 5-minute total cut long generations.
+    body_idle_timeout: float = _setting(
+        300.0, "upstream", ("ZAIPROXY_BODY_IDLE_TIMEOUT",), _seconds
+    )
+    # Per worker, per upstream origin.
+    pool_max_connections: int = _setting(
+        256, "upstream", ("ZAIPROXY_POOL_MAX_CONNECTIONS",), _integer(1, 100_000)
+    )
+    pool_idle_timeout: float = _setting(30.0, "upstream", ("ZAIPROXY_POOL_IDLE_TIMEOUT",), _seconds)
+    max_retries: int = _setting(3, "upstream", ("MAX_RETRIES",), _integer(0, 10))
+    # [log]  LOG_LEVEL is the original's name; ZAIPROXY_LOG_LEVEL wins when both are set.
+    level: str = _setting(
+        "info",
+        "log",
+        ("ZAIPROXY_LOG_LEVEL", "LOG_LEVEL"),
+        _choice("debug", "info", "warning", "error"),
+    )
+    access_log: bool = _setting(True, "log", ("ZAIPROXY_ACCESS_LOG",), _boolean)
+
+    def masked(self) -> dict[str, dict[str, object]]:
+        """Every value grouped by section; a set secret is ``"********"``, an unset one None."""
+        out: dict[str, dict[str, object]] = {s: {} for s in SECTIONS}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and value is not None:
+                value = MASK
+            out[f.metadata["section"]][f.name] = value
+        return out
+
+
+_FIELDS: Final[tuple[Field[Any], ...]] = fields(Config)
+_BY_NAME: Final = {f.name: f for f in _FIELDS}
+_KNOWN_ENV: Final = frozenset(name for f in _FIELDS for name in f.metadata["env"])
+
+
+def _key(f: Field[Any]) -> str:
+    return f"{f.metadata['section']}.{f.name}"
+
+
+def _looks_secret(name: str) -> bool:
+    n = name.lower()
+    return any(word in n for word in ("key", "token", "secret", "password", "auth"))
+
+
+def _show(value: object, *, redact: bool = False) -> str:
+    if redact:
+        return REDACTED
+    if isinstance(value, dict):
+        return "<table>"  # may be large, may hold anything
+    shown = repr(value)
+    return shown if len(shown) <= 120 else shown[:117] + "..."
+
+
+def _problem(key: str, source: str, value: object, reason: str, *, redact: bool = False) -> str:
+    return f"{key} ({source}): {_show(value, redact=redact)}: {reason}"
+
+
+class _Layers:
+    """Accumulates parsed values (later layers override earlier ones) and problems."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+        self.problems: list[str] = []
+        self.failed: set[str] = set()  # fields with a rejected value in some layer
+
+    def offer(self, f: Field[Any], raw: object, text: bool, source: str, label: str) -> None:
+        """Parse one raw value for field ``f``; ``source`` goes to sources, ``label`` to errors."""
+        secret: bool = f.metadata["secret"]
+        try:
+            if text and raw == "":
+                # Empty is a value, not "unset": treating it as unset is exactly the silent
+                # fallback to defaults this module exists to prevent.
+                raise _Invalid("empty (unset the variable to use the default)")
+            value = f.metadata["parse"](raw, text)
+        except _Invalid as exc:
+            self.problems.append(
+                _problem(_key(f), label, raw, exc.reason, redact=secret or exc.redact)
+            )
+            self.failed.add(f.name)
+            return
+        self.values[f.name] = value
+        self.sources[_key(f)] = source
+
+
+def _read_file(path: str, layers: _Layers) -> None:
+    label = f"file {path}"
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        layers.problems.append(f"{path} (config file): cannot read: {exc.strerror or exc}")
+        return
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message carries the line and column.
+        layers.problems.append(f"{path} (config file): invalid TOML: {exc}")
+        return
+    for section, table in doc.items():
+        if section not in SECTIONS:
+            if section in _BY_NAME:
+                home = _BY_NAME[section].metadata["section"]
+                reason = f"settings go in a section: put it under [{home}]"
+            else:
+                reason = f"unknown section (known: {', '.join(SECTIONS)})"
+            layers.problems.append(
+                _problem(section, label, table, reason, redact=_looks_secret(section))
+            )
+            continue
+        if not isinstance(table, dict):
+            layers.problems.append(_problem(section, label, table, "must be a table ([section])"))
+            continue
+        for name, raw in table.items():
+            f = _BY_NAME.get(name)
+            if f is None or f.metadata["section"] != section:
+                layers.problems.append(
+                    _problem(
+                        f"{section}.{name}",
+                        label,
+                        raw,
+                        _unknown_key_reason(section, name),
+                        redact=_looks_secret(name),
+                    )
+                )
+                continue
+            layers.offer(f, raw, False, "file", label)
+
+
+def _unknown_key_reason(section: str, name: str) -> str:
+    if name in _BY_NAME:
+        return f"unknown key in [{section}]; it belongs in [{_BY_NAME[name].metadata['section']}]"
+    known = [f.name for f in _FIELDS if f.metadata["section"] == section]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else f" (known: {', '.join(known)})"
+    return f"unknown key in [{section}]{hint}"
+
+
+def _env_stem(name: str) -> str:
+    return name.removeprefix(_ENV_PREFIX).removeprefix("ZAI_")
+
+
+def _read_env(env: Mapping[str, str], layers: _Layers) -> None:
+    for f in _FIELDS:
+        for name in f.metadata["env"]:
+            if name in env:  # the first set name wins; shadowed aliases are not looked at
+                layers.offer(f, env[name], True, f"env:{name}", f"env:{name}")
+                break
+    # A misspelt ZAIPROXY_ variable would otherwise be silently ignored. Suggestions compare
+    # names without their ZAIPROXY_/ZAI_ prefix, or every typo would look close to every name.
+    by_stem = {_env_stem(n): n for n in sorted(_KNOWN_ENV | {CONFIG_ENV})}
+    for name in sorted(env):
+        if name.startswith(_ENV_PREFIX) and name not in _KNOWN_ENV and name != CONFIG_ENV:
+            close = difflib.get_close_matches(_env_stem(name), list(by_stem), n=1)
+            hint = f"; did you mean {by_stem[close[0]]}?" if close else ""
+            layers.problems.append(
+                _problem(
+                    name, "env", env[name], f"unknown variable{hint}", redact=_looks_secret(name)
+                )
+            )
+
+
+def _read_cli(cli: Mapping[str, object], layers: _Layers) -> None:
+    for name, raw in cli.items():
+        if raw is None:  # argparse default: the option was not given
+            continue
+        f = _BY_NAME.get(name)
+        if f is None:
+            layers.problems.append(_problem(name, "cli", raw, "unknown setting"))
+            continue
+        # Strings are parsed like env values; typed values (int, float, bool) are checked.
+        layers.offer(f, raw, isinstance(raw, str), "cli", "cli")
+
+
+def load_config(
+    cli: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    path: str | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """Build the effective config: CLI > env > file > defaults.
+
+    Returns the config and the source of each field ("cli" | "env:NAME" | "file" | "default"),
+    keyed by "section.field". ``env`` defaults to ``os.environ``; the file path defaults to
+    ``$ZAIPROXY_CONFIG``. Raises :class:`ConfigError` listing every problem found.
+    """
+    env = os.environ if env is None else env
+    layers = _Layers()
+    if path is None and CONFIG_ENV in env:
+        path = env[CONFIG_ENV]
+        if not path:
+            layers.problems.append(_problem(CONFIG_ENV, "env", path, "empty path"))
+            path = None
+    if path is not None:
+        _read_file(path, layers)
+    _read_env(env, layers)
+    _read_cli(cli or {}, layers)
+
+    defaults = Config()
+    values = {f.name: layers.values.get(f.name, getattr(defaults, f.name)) for f in _FIELDS}
+    sources = {_key(f): layers.sources.get(_key(f), "default") for f in _FIELDS}
+    # Only when neither value was rejected: a bad key or a bad demo flag is already reported.
+    if (
+        values["api_key"] is None
+        and not values["demo"]
+        and not {"api_key", "demo"} & layers.failed
+    ):
+        layers.problems.append(_MISSING_KEY)
+    if layers.problems:
+        raise ConfigError(layers.problems)
+    return Config(**values), sources
+
+
+def _render_value(value: object, secret: bool) -> str:
+    if value is None:
+        return "(unset)"
+    if secret:
+        return f'"{MASK}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def render_check(config: Config, sources: dict[str, str]) -> str:
+    """Text for ``zaiproxy config check``: each effective value by section with its source."""
+    rows: dict[str, list[tuple[str, str]]] = {s: [] for s in SECTIONS}
+    for f in _FIELDS:
+        shown = _render_value(getattr(config, f.name), f.metadata["secret"])
+        rows[f.metadata["section"]].append(
+            (f"{_key(f)} = {shown}", sources.get(_key(f), "default"))
+        )
+    width = max(len(left) for section in rows.values() for left, _ in section)
+    blocks = []
+    for section, section_rows in rows.items():
+        lines = [f"[{section}]"]
+        lines.extend(f"{left.ljust(width)}    # {source}" for left, source in section_rows)
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"

@@ -1,0 +1,709 @@
+"""Tests for zaiproxy.sse: the event-stream parser and the streamed usage tracker.
+
+Parser cases are a table of bytes -> events. Each row is fed whole, one byte at
+a time and split in two at every point, because the relay feeds whatever chunks
+the upstream's TCP segments happen to make.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zaiproxy.sse import SSEEvent, SSEParser, Usage, UsageTracker, usage_from_body
+
+E = SSEEvent
+
+
+def parse(chunks: list[bytes], **kwargs: Any) -> list[SSEEvent]:
+    parser = SSEParser(**kwargs)
+    events: list[SSEEvent] = []
+    for chunk in chunks:
+        events += parser.feed(chunk)
+    events += parser.close()
+    return events
+
+
+def bytewise(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+def splits(data: bytes) -> Iterator[list[bytes]]:
+    for i in range(len(data) + 1):
+        yield [data[:i], data[i:]]
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted(cuts), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+# --------------------------------------------------------------------------------------
+# The table: every rule of WHATWG HTML 9.2.6 "Interpreting an event stream".
+
+TABLE: list[tuple[str, bytes, list[SSEEvent]]] = [
+    ("empty stream", b"", []),
+    ("LF", b"data: a\n\n", [E(None, "a")]),
+    ("CRLF", b"data: a\r\n\r\n", [E(None, "a")]),
+    ("CR", b"data: a\r\r", [E(None, "a")]),
+    ("mixed endings", b"data: a\r\ndata: b\rdata: c\n\r\n", [E(None, "a\nb\nc")]),
+    # A CRLF counts once: if the LF were a second line end it would dispatch "a" alone.
+    ("CRLF is one line end", b"data: a\r\ndata: b\r\n\r\n", [E(None, "a\nb")]),
+    ("CR then CRLF is two line ends", b"data: a\r\r\n", [E(None, "a")]),
+    ("LF then CR is two line ends", b"data: a\n\rdata: b\n\n", [E(None, "a"), E(None, "b")]),
+    ("CR at end of stream ends a line", b"data: a\n\r", [E(None, "a")]),
+    ("two events", b"data: a\n\ndata: b\n\n", [E(None, "a"), E(None, "b")]),
+    ("BOM skipped", b"\xef\xbb\xbfdata: a\n\n", [E(None, "a")]),
+    # Only one BOM is skipped; the second makes the field name "\ufeffdata", ignored.
+    ("second BOM kept", b"\xef\xbb\xbf\xef\xbb\xbfdata: a\n\ndata: b\n\n", [E(None, "b")]),
+    ("BOM after start is data", b"data: \xef\xbb\xbfa\n\n", [E(None, "\ufeffa")]),
+    ("BOM prefix is not a BOM", b"\xef\xbb\n\ndata: a\n\n", [E(None, "a")]),
+    ("comments", b": hello\ndata: a\n:\n\n", [E(None, "a")]),
+    ("comment-only block", b": keep-alive\n\n", []),
+    ("no colon: empty value", b"data\n\n", [E(None, "")]),
+    ("no colon twice", b"data\ndata\n\n", [E(None, "\n")]),
+    ("empty value", b"data:\n\n", [E(None, "")]),
+    ("one leading space stripped", b"data:  a \n\n", [E(None, " a ")]),
+    ("no leading space", b"data:a\n\n", [E(None, "a")]),
+    ("colon in value", b'data: {"a": 1}\n\n', [E(None, '{"a": 1}')]),
+    ("multi-line data", b"data: a\ndata:\ndata: b\n\n", [E(None, "a\n\nb")]),
+    ("NUL in data kept", b"data: a\x00b\n\n", [E(None, "a\x00b")]),
+    ("event type", b"event: add\ndata: 1\n\n", [E("add", "1")]),
+    ("last event field wins", b"event: a\nevent: b\ndata: 1\n\n", [E("b", "1")]),
+    ("empty event type is none", b"event: a\nevent\ndata: 1\n\n", [E(None, "1")]),
+    ("event type reset", b"event: a\ndata: 1\n\ndata: 2\n\n", [E("a", "1"), E(None, "2")]),
+    ("no data: not dispatched, type reset", b"event: a\n\ndata: 1\n\n", [E(None, "1")]),
+    ("id", b"id: 7\ndata: a\n\n", [E(None, "a", "7")]),
+    ("id persists", b"id: 7\ndata: a\n\ndata: b\n\n", [E(None, "a", "7"), E(None, "b", "7")]),
+    ("id without data persists", b"id: 7\n\ndata: a\n\n", [E(None, "a", "7")]),
+    ("empty id resets", b"id: 7\ndata: a\n\nid\ndata: b\n\n", [E(None, "a", "7"), E(None, "b")]),
+    (
+        "id with NUL ignored",
+        b"id: 7\ndata: a\n\nid: 8\x009\ndata: b\n\n",
+        [E(None, "a", "7"), E(None, "b", "7")],
+    ),
+    ("retry", b"retry: 1000\ndata: a\n\n", [E(None, "a", retry=1000)]),
+    (
+        "retry not all digits ignored",
+        b"retry: 1000\nretry: 10a\nretry: -5\nretry:\nretry: 1.5\nretry:  5\nretry\ndata: a\n\n",
+        [E(None, "a", retry=1000)],
+    ),
+    ("retry non-ASCII digits ignored", "retry: \u0661\u0662\ndata: a\n\n".encode(), [E(None, "a")]),
+    (
+        "retry max uint64",
+        b"retry: 18446744073709551615\ndata: a\n\n",
+        [E(None, "a", retry=2**64 - 1)],
+    ),
+    ("retry over uint64 ignored", b"retry: 18446744073709551616\ndata: a\n\n", [E(None, "a")]),
+    (
+        "retry is per event",
+        b"retry: 5\ndata: a\n\ndata: b\n\n",
+        [E(None, "a", retry=5), E(None, "b")],
+    ),
+    ("retry without data dropped", b"retry: 5\n\ndata: a\n\n", [E(None, "a")]),
+    ("unknown field ignored", b"foo: bar\ndata: a\n\n", [E(None, "a")]),
+    ("field names case-sensitive", b"Data: a\nDATA: b\n\n", []),
+    ("space before colon", b"data : a\n\n", []),
+    ("whitespace line is not blank", b"data: a\n \ndata: b\n\n", [E(None, "a\nb")]),
+    ("unterminated event discarded", b"data: a\n\ndata: b\n", [E(None, "a")]),
+    ("unterminated line discarded", b"data: a\n\ndata: b", [E(None, "a")]),
+    (
+        "multi-byte UTF-8",
+        "data: h\u00e9llo \u20ac\U0001d11e\n\n".encode(),
+        [E(None, "h\u00e9llo \u20ac\U0001d11e")],
+    ),
+    ("UTF-8 event type", "event: \u00fcn\u00ef\ndata: x\n\n".encode(), [E("\u00fcn\u00ef", "x")]),
+    ("invalid UTF-8 replaced", b"data: \xff a \xe2\x82\n\n", [E(None, "\ufffd a \ufffd")]),
+    (
+        "truncated UTF-8 before LF",
+        b"data: \xe2\x82\ndata: \x82\xac\n\n",
+        [E(None, "\ufffd\n\ufffd\ufffd")],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("stream", "expected"), [row[1:] for row in TABLE], ids=[row[0] for row in TABLE]
+)
+def test_table(stream: bytes, expected: list[SSEEvent]) -> None:
+    assert parse([stream]) == expected
+    assert parse(bytewise(stream)) == expected
+    for chunks in splits(stream):
+        assert parse(chunks) == expected, chunks
+
+
+def test_crlf_split_across_feeds_is_one_line_end() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: a\r") == []
+    # Were this LF a line end of its own it would be a blank line and dispatch "a".
+    assert parser.feed(b"\n") == []
+    assert parser.feed(b"data: b\r") == []
+    assert parser.feed(b"\n\r") == [E(None, "a\nb")]  # the CR ends a blank line
+    assert parser.feed(b"\n") == []  # and this LF is that CR's
+    assert parser.feed(b"data: c\n\n") == [E(None, "c")]
+
+
+def test_lone_lf_after_cr_in_a_later_chunk_still_swallowed_only_once() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: a\r") == []
+    assert parser.feed(b"\n\n") == [E(None, "a")]
+
+
+def test_close_discards_and_stops() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: a\n") == []
+    assert parser.close() == []
+    assert parser.feed(b"\n") == []
+
+
+def test_feed_accepts_bytearray_and_memoryview_and_copies() -> None:
+    # h11 hands the relay bytearray chunks; a buffered partial line must not
+    # change if the caller reuses that buffer afterwards.
+    parser = SSEParser()
+    chunk = bytearray(b"data: ab")
+    assert parser.feed(chunk) == []
+    chunk[:] = b"XXXXXXXX"
+    assert parser.feed(memoryview(b"c\n\n")) == [E(None, "abc")]
+
+
+# --------------------------------------------------------------------------------------
+# at_event_boundary and overflow
+
+
+def test_at_event_boundary() -> None:
+    parser = SSEParser()
+    assert parser.at_event_boundary
+    steps = [
+        (b"\xef\xbb", False),  # maybe a BOM, held as a partial line
+        (b"\xbf", True),
+        (b"data: a", False),  # partial line
+        (b"\n", False),  # a field of an undispatched event
+        (b"\n", True),
+        (b": ping\n", True),  # comments are not fields
+        (b"event: x\n", False),
+        (b"\n", True),  # not dispatched (no data) but reset all the same
+        (b"id: 1\r", False),
+        (b"\r", True),
+        (b"\n", True),  # the LF of a CRLF split across feeds
+    ]
+    for chunk, expected in steps:
+        parser.feed(chunk)
+        assert parser.at_event_boundary is expected, chunk
+
+
+def test_at_event_boundary_survives_close() -> None:
+    parser = SSEParser()
+    parser.feed(b"data: a\n")
+    parser.close()
+    assert not parser.at_event_boundary
+
+
+def test_overflow_on_partial_line_stays_bounded() -> None:
+    parser = SSEParser(max_line_bytes=16)
+    assert parser.feed(b"data: 0123456789") == []  # 16 bytes: at the limit, fine
+    assert not parser.overflowed
+    assert parser.buffered_bytes == 16
+    assert parser.feed(b"x") == []
+    assert parser.overflowed
+    assert not parser.at_event_boundary
+    assert parser.buffered_bytes == 0
+    for _ in range(1000):
+        assert parser.feed(b"data: more\n\n" * 10) == []
+    assert parser.buffered_bytes == 0
+
+
+def test_overflow_does_not_depend_on_chunking() -> None:
+    # A long line arriving in one chunk overflows just as it does byte by byte,
+    # and the events before it are still returned.
+    stream = b"data: a\n\ndata: " + b"x" * 40 + b"\n\ndata: b\n\n"
+    for chunks in [[stream], bytewise(stream), *splits(stream)]:
+        parser = SSEParser(max_line_bytes=32)
+        events = [event for chunk in chunks for event in parser.feed(chunk)]
+        assert events == [E(None, "a")]
+        assert parser.overflowed
+
+
+def test_overflow_on_unterminated_tail_of_a_chunk() -> None:
+    parser = SSEParser(max_line_bytes=16)
+    assert parser.feed(b"data: a\n\ndata: " + b"x" * 40) == [E(None, "a")]
+    assert parser.overflowed
+    assert parser.buffered_bytes == 0
+
+
+def test_line_exactly_at_limit_is_fine() -> None:
+    assert parse([b"data: 0123456789\n\n"], max_line_bytes=16) == [E(None, "0123456789")]
+
+
+def test_event_data_is_bounded_too() -> None:
+    # Short lines but no blank line: the data buffer must not grow without bound.
+    parser = SSEParser(max_line_bytes=64, max_event_bytes=1000)
+    for _ in range(200):
+        parser.feed(b"data: 0123456789\n")
+    assert parser.overflowed
+    assert parser.buffered_bytes == 0
+
+
+# --------------------------------------------------------------------------------------
+# Property tests
+
+_value = st.text(st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]), max_size=12)
+_block = st.fixed_dictionaries(
+    {
+        "comment": st.none() | _value,
+        "event": st.none() | _value,
+        "data": st.lists(_value, max_size=3),
+        "id": st.none() | _value.filter(lambda v: "\x00" not in v),
+        "retry": st.none() | st.integers(0, 10**12),
+        "space": st.booleans(),
+    }
+)
+
+
+def serialize(blocks: list[dict[str, Any]], endings: list[str], bom: bool) -> bytes:
+    lines: list[str] = []
+    for block in blocks:
+        sep = ": " if block["space"] else ":"
+        if block["comment"] is not None:
+            lines.append(":" + block["comment"])
+        if block["event"] is not None:
+            lines.append("event: " + block["event"])
+        if block["id"] is not None:
+            lines.append("id: " + block["id"])
+        if block["retry"] is not None:
+            lines.append(f"retry{sep}{block['retry']}")
+        # Without the separator's space, a value's own leading space would be the
+        # one stripped; such values always get the space.
+        lines += ["data" + (": " if v.startswith(" ") else sep) + v for v in block["data"]]
+        lines.append("")
+    out: list[str] = []
+    previous = ""
+    for i, line in enumerate(lines):
+        ending = endings[i % len(endings)]
+        if previous == "\r" and line == "" and ending == "\n":
+            ending = "\r\n"  # CR + a blank line ended by LF would read as one CRLF
+        out.append(line + ending)
+        previous = ending
+    return ("\ufeff" if bom else "").encode() + "".join(out).encode()
+
+
+def expected_events(blocks: list[dict[str, Any]]) -> list[SSEEvent]:
+    events = []
+    last_id = None
+    for block in blocks:
+        if block["id"] is not None:
+            last_id = block["id"] or None
+        if block["data"]:
+            events.append(
+                E(block["event"] or None, "\n".join(block["data"]), last_id, block["retry"])
+            )
+    return events
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    blocks=st.lists(_block, max_size=6),
+    endings=st.lists(st.sampled_from(["\n", "\r", "\r\n"]), min_size=1, max_size=5),
+    bom=st.booleans(),
+    data=st.data(),
+)
+def test_random_streams_any_split(
+    blocks: list[dict[str, Any]], endings: list[str], bom: bool, data: st.DataObject
+) -> None:
+    stream = serialize(blocks, endings, bom)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12))
+    expected = expected_events(blocks)
+    assert parse([stream]) == expected
+    assert parse(chunked(stream, cuts)) == expected
+
+
+_tokens = st.sampled_from(
+    [
+        *[b"data", b"event", b"id", b"retry", b":", b" ", b"\r", b"\n", b"\r\n", b"\xef\xbb\xbf"],
+        *[b"\x00", b"1", b"x", b"\xe2\x82\xac", b"\xe2", b"\xff", b"[DONE]", b'{"usage":{'],
+    ]
+)
+_garbage = st.binary(max_size=200) | st.lists(_tokens, max_size=60).map(b"".join)
+
+
+@settings(max_examples=500)
+@given(stream=_garbage, limit=st.integers(0, 40), data=st.data())
+def test_garbage_never_raises_and_chunking_never_matters(
+    stream: bytes, limit: int, data: st.DataObject
+) -> None:
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
+    whole = SSEParser(max_line_bytes=limit)
+    events = whole.feed(stream)
+    for chunks in (chunked(stream, cuts), bytewise(stream)):
+        split = SSEParser(max_line_bytes=limit)
+        assert [e for chunk in chunks for e in split.feed(chunk)] == events
+        assert split.overflowed == whole.overflowed
+        assert split.at_event_boundary == whole.at_event_boundary
+        assert split.close() == []
+    assert whole.close() == []
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 2**63 - 1) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                ["usage", "message", "error", "input_tokens", "prompt_tokens", "output_tokens"]
+            )
+            | st.text(max_size=6),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
+_event_names = st.sampled_from(
+    ["message_start", "message_delta", "message_stop", "error", "ping", ""]
+)
+
+
+@settings(max_examples=300)
+@given(
+    api=st.sampled_from(["openai", "anthropic"]),
+    items=st.lists(st.tuples(_event_names, _json | st.binary(max_size=20)), max_size=8),
+)
+def test_tracker_never_raises(
+    api: Literal["openai", "anthropic"], items: list[tuple[str, Any]]
+) -> None:
+    stream = b""
+    for name, payload in items:
+        body = (
+            payload
+            if isinstance(payload, bytes)
+            else orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS)
+        )
+        stream += b"event: " + name.encode() + b"\ndata: " + body.replace(b"\n", b"") + b"\n\n"
+    tracker = UsageTracker(api)
+    tracker.feed(stream)
+    tracker.close()
+    usage_from_body(api, stream)
+    for _, payload in items:
+        if not isinstance(payload, bytes):
+            usage_from_body(api, orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS))
+
+
+@given(api=st.sampled_from(["openai", "anthropic"]), stream=_garbage)
+def test_tracker_garbage_never_raises(api: Literal["openai", "anthropic"], stream: bytes) -> None:
+    tracker = UsageTracker(api)
+    for chunk in bytewise(stream):
+        tracker.feed(chunk)
+    tracker.close()
+    # Token soup is never a JSON object with usage in it.
+    assert usage_from_body(api, stream) is None
+
+
+# --------------------------------------------------------------------------------------
+# UsageTracker on realistic streams
+
+OPENAI_STREAM = b"".join(
+    b"data: " + line + b"\n\n"
+    for line in [
+        b'{"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741569952,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_f9f4fb6dbf","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}],"usage":null}',
+        b'{"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741569952,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_f9f4fb6dbf","choices":[{"index":0,"delta":{"content":"Hello"},"logprobs":null,"finish_reason":null}],"usage":null}',
+        # Text that mentions the keys is escaped inside a JSON string: not usage, not an error.
+        b'{"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741569952,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_f9f4fb6dbf","choices":[{"index":0,"delta":{"content":"! See \\"usage\\": {} and \\"error\\" \xe2\x82\xac"},"logprobs":null,"finish_reason":null}],"usage":null}',
+        b'{"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741569952,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_f9f4fb6dbf","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null}',
+        b'{"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741569952,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_f9f4fb6dbf","choices":[],"usage":{"prompt_tokens":1117,"completion_tokens":46,"total_tokens":1163,"prompt_tokens_details":{"cached_tokens":1024,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}',
+        b"[DONE]",
+    ]
+)
+
+# Z.AI (GLM) sends reasoning_content deltas, no usage key until the last chunk,
+# and puts usage on the chunk with finish_reason; CRLF line ends.
+ZAI_STREAM = b"".join(
+    b"data: " + line + b"\r\n\r\n"
+    for line in [
+        b'{"id":"20250915113012a1b2c3d4e5f64789","created":1757907012,"object":"chat.completion.chunk","model":"glm-4.6","choices":[{"index":0,"delta":{"role":"assistant","reasoning_content":"\\nThe user"}}]}',
+        b'{"id":"20250915113012a1b2c3d4e5f64789","created":1757907012,"object":"chat.completion.chunk","model":"glm-4.6","choices":[{"index":0,"delta":{"role":"assistant","reasoning_content":" says hi."}}]}',
+        b'{"id":"20250915113012a1b2c3d4e5f64789","created":1757907012,"object":"chat.completion.chunk","model":"glm-4.6","choices":[{"index":0,"delta":{"role":"assistant","content":"\xe4\xbd\xa0\xe5\xa5\xbd"}}]}',
+        b'{"id":"20250915113012a1b2c3d4e5f64789","created":1757907012,"object":"chat.completion.chunk","model":"glm-4.6","choices":[{"index":0,"finish_reason":"stop","delta":{"role":"assistant","content":""}}],"usage":{"prompt_tokens":18,"completion_tokens":96,"total_tokens":114,"prompt_tokens_details":{"cached_tokens":4}}}',
+        b"[DONE]",
+    ]
+)
+
+ANTHROPIC_STREAM = b"""\
+event: message_start
+data: {"type":"message_start","message":{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant","content":[],"model":"claude-sonnet-4-5-20250929","stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":472,"cache_creation_input_tokens":128,"cache_read_input_tokens":2048,"output_tokens":2}}}
+
+event: content_block_start
+data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}
+
+event: ping
+data: {"type": "ping"}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"! The \\"usage\\" field \xe2\x80\x94 here."}}
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":0}
+
+event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":15}}
+
+event: message_stop
+data: {"type":"message_stop"}
+
+"""
+
+# Z.AI's Anthropic endpoint reports zeros in message_start and the real counts,
+# input included, in message_delta; nulls there must not wipe anything out.
+ZAI_ANTHROPIC_STREAM = b"""\
+event: message_start
+data: {"type":"message_start","message":{"id":"msg_20250915113012a1b2","type":"message","role":"assistant","model":"glm-4.6","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":0,"output_tokens":0}}}
+
+event: content_block_start
+data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":0}
+
+event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"input_tokens":1234,"output_tokens":56,"cache_read_input_tokens":1024,"cache_creation_input_tokens":null,"server_tool_use":{"web_search_requests":0}}}
+
+event: message_stop
+data: {"type":"message_stop"}
+
+"""
+
+FEEDS: dict[str, Callable[[bytes], list[bytes]]] = {
+    "whole": lambda s: [s],
+    "bytewise": bytewise,
+    "by 7": lambda s: [s[i : i + 7] for i in range(0, len(s), 7)],
+}
+
+
+@pytest.mark.parametrize("feed", FEEDS.values(), ids=FEEDS.keys())
+@pytest.mark.parametrize(
+    ("api", "stream", "usage", "events"),
+    [
+        ("openai", OPENAI_STREAM, Usage(1117, 46, 1024, 0), 6),
+        ("openai", ZAI_STREAM, Usage(18, 96, 4, 0), 5),
+        ("anthropic", ANTHROPIC_STREAM, Usage(472, 15, 2048, 128), 8),
+        ("anthropic", ZAI_ANTHROPIC_STREAM, Usage(1234, 56, 1024, 0), 6),
+    ],
+    ids=["openai", "zai-glm", "anthropic", "zai-anthropic"],
+)
+def test_tracker_streams(
+    feed: Callable[[bytes], list[bytes]],
+    api: Literal["openai", "anthropic"],
+    stream: bytes,
+    usage: Usage,
+    events: int,
+) -> None:
+    tracker = UsageTracker(api)
+    for chunk in feed(stream):
+        tracker.feed(chunk)
+    tracker.close()
+    assert tracker.usage == usage
+    assert tracker.events == events
+    assert tracker.done
+    assert not tracker.error
+    assert tracker.at_event_boundary
+
+
+def test_tracker_before_usage_and_mid_event() -> None:
+    tracker = UsageTracker("anthropic")
+    assert tracker.usage is None
+    cut = ANTHROPIC_STREAM.index(b"event: content_block_start") + 5
+    tracker.feed(ANTHROPIC_STREAM[:cut])
+    assert tracker.usage == Usage(472, 2, 2048, 128)  # message_start's counts so far
+    assert not tracker.at_event_boundary
+    assert not tracker.done
+
+
+def openai_stream(deltas: int) -> list[bytes]:
+    """A stream with include_usage: `"usage":null` on every chunk, one event per chunk."""
+    head = b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1741569952,"model":"gpt-4o-mini","system_fingerprint":"fp_1","choices":'
+    chunks = [
+        b"data: "
+        + head
+        + b'[{"index":0,"delta":{"content":"token %d "},"logprobs":null,"finish_reason":null}],"usage":null}\n\n'
+        % i
+        for i in range(deltas)
+    ]
+    chunks.append(
+        b"data: "
+        + head
+        + b'[],"usage":{"prompt_tokens":12,"completion_tokens":%d,"total_tokens":%d}}\n\n'
+        % (deltas, deltas + 12)
+    )
+    chunks.append(b"data: [DONE]\n\n")
+    return chunks
+
+
+def test_ordinary_deltas_cost_no_json_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[object] = []
+    real_loads = orjson.loads
+
+    def counting_loads(data: Any) -> Any:
+        parsed.append(data)
+        return real_loads(data)
+
+    monkeypatch.setattr(orjson, "loads", counting_loads)
+    tracker = UsageTracker("openai")
+    for chunk in openai_stream(48):
+        tracker.feed(chunk)
+    assert tracker.usage == Usage(12, 48)
+    assert tracker.events == 50
+    assert len(parsed) == 1
+
+    parsed.clear()
+    tracker = UsageTracker("anthropic")
+    tracker.feed(ANTHROPIC_STREAM)
+    assert len(parsed) == 2  # message_start and message_delta only
+
+
+def test_openai_latest_usage_wins() -> None:
+    # vLLM's continuous_usage_stats puts running totals on every chunk.
+    tracker = UsageTracker("openai")
+    tracker.feed(b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1}}\n\n')
+    tracker.feed(b'data: {"choices":[],"usage" : {"prompt_tokens":5,"completion_tokens":9}}\n\n')
+    tracker.feed(b'data: {"choices":[],"usage":null}\n\n')
+    assert tracker.usage == Usage(5, 9)
+    assert not tracker.done
+
+
+def test_openai_usage_bad_values_ignored() -> None:
+    tracker = UsageTracker("openai")
+    tracker.feed(b'data: {"usage":{"prompt_tokens":true,"completion_tokens":"5"}}\n\n')
+    assert tracker.usage is None
+    tracker.feed(
+        b'data: {"usage":{"prompt_tokens":7,"completion_tokens":-1,"prompt_tokens_details":null}}\n\n'
+    )
+    assert tracker.usage == Usage(7, 0)
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b'data: {"error":{"message":"Rate limit reached for gpt-4o","type":"rate_limit_error","code":"rate_limit_exceeded"}}\n\n',
+        b'data: {"error":{"code":"1302","message":"High concurrency usage of this API, please reduce concurrency"}}\n\n',
+        b'event: error\ndata: {"message":"upstream failed"}\n\n',
+    ],
+    ids=["openai", "zai", "event-type"],
+)
+def test_openai_error(stream: bytes) -> None:
+    tracker = UsageTracker("openai")
+    for chunk in bytewise(stream):
+        tracker.feed(chunk)
+    assert tracker.error
+    assert not tracker.done
+    assert tracker.usage is None
+
+
+def test_anthropic_error_mid_stream() -> None:
+    start = ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"event: content_block_start")]
+    tracker = UsageTracker("anthropic")
+    tracker.feed(start)
+    tracker.feed(
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+    )
+    assert tracker.error
+    assert not tracker.done
+    assert tracker.usage == Usage(472, 2, 2048, 128)
+    assert tracker.events == 2
+
+
+def test_anthropic_merge_ignores_nulls_and_bad_values() -> None:
+    tracker = UsageTracker("anthropic")
+    tracker.feed(
+        b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":10,"output_tokens":1,"cache_read_input_tokens":null}}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"input_tokens":null,"output_tokens":"40","cache_read_input_tokens":3}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":41,"input_tokens":false}}\n\n'
+    )
+    assert tracker.usage == Usage(10, 41, 3, 0)
+
+
+def test_tracker_reports_overflow() -> None:
+    tracker = UsageTracker("openai")
+    tracker.feed(b"data: " + b"x" * (1 << 20))
+    assert tracker.overflowed
+    tracker.feed(OPENAI_STREAM)
+    assert tracker.usage is None
+    assert tracker.events == 0
+
+
+def test_tracker_rejects_unknown_api() -> None:
+    with pytest.raises(ValueError):
+        UsageTracker("gemini")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------
+# usage_from_body
+
+
+@pytest.mark.parametrize(
+    ("api", "body", "expected"),
+    [
+        (
+            "openai",
+            b'{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":0}}}',
+            Usage(19, 10),
+        ),
+        (
+            "openai",
+            b'{"usage":{"prompt_tokens":19,"completion_tokens":10,"prompt_tokens_details":{"cached_tokens":8}}}',
+            Usage(19, 10, 8),
+        ),
+        ("openai", b'{"usage":{"prompt_tokens":5,"completion_tokens":-1}}', Usage(5, 0)),
+        ("openai", b'{"choices":[]}', None),
+        ("openai", b'{"usage":null}', None),
+        ("openai", b'{"usage":{"total_tokens":29}}', None),
+        ("openai", b'{"usage":{"input_tokens":5,"output_tokens":3}}', None),  # Anthropic keys
+        (
+            "anthropic",
+            b'{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"text","text":"Hi"}],"stop_reason":"end_turn","usage":{"input_tokens":2095,"output_tokens":503,"cache_creation_input_tokens":2051,"cache_read_input_tokens":0}}',
+            Usage(2095, 503, 0, 2051),
+        ),
+        ("anthropic", b'{"input_tokens":2095}', Usage(2095, 0)),  # count_tokens
+        (
+            "anthropic",
+            b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
+            None,
+        ),
+        ("anthropic", b'{"usage":{"input_tokens":1.5,"output_tokens":true}}', None),
+        ("anthropic", b'{"usage":{"input_tokens":123456789012345678901234567890}}', None),
+    ],
+)
+def test_usage_from_body(
+    api: Literal["openai", "anthropic"], body: bytes, expected: Usage | None
+) -> None:
+    assert usage_from_body(api, body) == expected
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b"null",
+        b'"usage"',
+        b'{"usage": "lots"}',
+        b'{"usage": [1]}',
+        b"[" * 100_000,
+        b"1e400",
+        b"data: [DONE]\n\n",
+    ],
+)
+def test_usage_from_body_garbage(api: Literal["openai", "anthropic"], body: bytes) -> None:
+    assert usage_from_body(api, body) is None

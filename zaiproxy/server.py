@@ -14,6 +14,7 @@ h11 does the parsing; this module owns the stream and the timers
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import h11
@@ -330,7 +331,7 @@ class ClientConnection:
         if control is Control.HEALTH:
             body = orjson.dumps({
                 "status": "ok", "version": __version__, "variant": ctx.config.deployment_variant,
-                "ledger": ctx.ledger_impl, "worker": ctx.worker_index,
+                "ledger": ctx.ledger_impl, "worker": ctx.worker_index, "pid": os.getpid(),
             })
             await self.send_simple(200, body, head=head)
         elif control is Control.READY:

@@ -15,7 +15,7 @@ MESSAGES = "/v1/messages"
 JSON = [("content-type", "application/json")]
 
 
-def openai_error(resp):  # noqa: ANN001, ANN201
+def openai_error(resp):
     body = resp.json()
     assert set(body) == {"error"}
     assert set(body["error"]) == {"message", "type", "code"}
@@ -23,7 +23,7 @@ def openai_error(resp):  # noqa: ANN001, ANN201
     return body["error"]
 
 
-def anthropic_error(resp):  # noqa: ANN001, ANN201
+def anthropic_error(resp):
     body = resp.json()
     assert body["type"] == "error"
     assert set(body["error"]) == {"type", "message"}
@@ -32,14 +32,14 @@ def anthropic_error(resp):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-async def proxy(nursery):  # noqa: ANN001, ANN201
+async def proxy(nursery):
     upstream = await start_mock(nursery)
     return await start_proxy(nursery, make_config(upstream, max_body_bytes=4096,
                                                   max_header_bytes=8192, header_timeout=0.5,
                                                   keepalive_timeout=0.5))
 
 
-async def test_unknown_route_404_in_both_shapes(proxy):  # noqa: ANN001
+async def test_unknown_route_404_in_both_shapes(proxy):
     resp = await request(proxy.port, "GET", "/v2/whatever")
     assert resp.status == 404
     assert openai_error(resp)["code"] == "not_found"
@@ -48,7 +48,7 @@ async def test_unknown_route_404_in_both_shapes(proxy):  # noqa: ANN001
     assert anthropic_error(resp)["type"] == "not_found_error"
 
 
-async def test_wrong_method_405_with_allow(proxy):  # noqa: ANN001
+async def test_wrong_method_405_with_allow(proxy):
     resp = await request(proxy.port, "GET", CHAT)
     assert resp.status == 405
     assert resp.header(b"allow") == b"POST"
@@ -57,14 +57,14 @@ async def test_wrong_method_405_with_allow(proxy):  # noqa: ANN001
 
 @pytest.mark.parametrize("target, api", [(CHAT, "openai"), (MESSAGES, "anthropic")])
 @pytest.mark.parametrize("body", [b"{not json", b"", b"[1,2]", b'{"model": "x"', b"\xff\xfe"])
-async def test_invalid_json_400(proxy, target, api, body):  # noqa: ANN001
+async def test_invalid_json_400(proxy, target, api, body):
     resp = await request(proxy.port, "POST", target, JSON, body)
     assert resp.status == 400
     err = openai_error(resp) if api == "openai" else anthropic_error(resp)
     assert err["type"] == "invalid_request_error"
 
 
-async def test_body_over_limit_413_from_content_length(proxy):  # noqa: ANN001
+async def test_body_over_limit_413_from_content_length(proxy):
     # Refused from the declared length, before the body is read.
     head = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             b"content-length: 100000\r\n\r\n")
@@ -76,7 +76,7 @@ async def test_body_over_limit_413_from_content_length(proxy):  # noqa: ANN001
                                               "message": body["error"]["message"]}}
 
 
-async def test_chunked_body_over_limit_413(proxy):  # noqa: ANN001
+async def test_chunked_body_over_limit_413(proxy):
     chunk = b"x" * 3000
     data = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
             + b"%x\r\n" % len(chunk) + chunk + b"\r\n" + b"%x\r\n" % len(chunk) + chunk + b"\r\n"
@@ -87,7 +87,7 @@ async def test_chunked_body_over_limit_413(proxy):  # noqa: ANN001
     assert body["error"]["code"] == "request_too_large"
 
 
-async def test_headers_too_large_431(proxy):  # noqa: ANN001
+async def test_headers_too_large_431(proxy):
     data = b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 10000 + b"\r\n\r\n"
     raw = await send_raw(proxy.port, data, read_timeout=2)
     assert raw.startswith(b"HTTP/1.1 431 ")
@@ -101,7 +101,7 @@ async def test_headers_too_large_431(proxy):  # noqa: ANN001
     b"GET /health HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
     b"GET /health HTTP/1.1\r\n\r\n",  # HTTP/1.1 without Host
 ])
-async def test_malformed_http_400_and_close(proxy, data):  # noqa: ANN001
+async def test_malformed_http_400_and_close(proxy, data):
     raw = await send_raw(proxy.port, data, read_timeout=2)
     assert raw.startswith(b"HTTP/1.1 400 ")
     head, body = raw.split(b"\r\n\r\n", 1)
@@ -109,7 +109,7 @@ async def test_malformed_http_400_and_close(proxy, data):  # noqa: ANN001
     assert orjson.loads(body)["error"]["type"] == "invalid_request_error"
 
 
-async def test_unsupported_http_version_505(proxy):  # noqa: ANN001
+async def test_unsupported_http_version_505(proxy):
     raw = await send_raw(proxy.port, b"GET /health HTTP/9.9\r\nhost: x\r\n\r\n", read_timeout=2)
     assert raw.startswith(b"HTTP/1.1 505 ")
     assert orjson.loads(raw.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "http_version_not_supported"
@@ -125,19 +125,19 @@ async def test_unsupported_http_version_505(proxy):  # noqa: ANN001
     "http://evil.example/v1/chat/completions",
     "evil.example:443",
 ])
-async def test_path_escape_rejected(proxy, target):  # noqa: ANN001
+async def test_path_escape_rejected(proxy, target):
     raw = await send_raw(proxy.port, f"GET {target} HTTP/1.1\r\nhost: x\r\n\r\n".encode(),
                          read_timeout=2)
     assert raw.startswith(b"HTTP/1.1 400 "), raw[:80]
 
 
-async def test_at_sign_in_authority_rejected(proxy):  # noqa: ANN001
+async def test_at_sign_in_authority_rejected(proxy):
     raw = await send_raw(proxy.port, b"GET /v1/models HTTP/1.1\r\nhost: user@evil.example\r\n\r\n",
                          read_timeout=2)
     assert raw.startswith(b"HTTP/1.1 400 ")
 
 
-async def test_slow_headers_get_408_and_close(proxy):  # noqa: ANN001
+async def test_slow_headers_get_408_and_close(proxy):
     # header_timeout is 0.5 s: a client that dribbles a head never finishes it.
     stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
     await stream.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\n")
@@ -151,13 +151,13 @@ async def test_slow_headers_get_408_and_close(proxy):  # noqa: ANN001
     assert out.startswith(b"HTTP/1.1 408 ")
 
 
-async def test_idle_connection_closed_without_response(proxy):  # noqa: ANN001
+async def test_idle_connection_closed_without_response(proxy):
     stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
     with trio.fail_after(5):
         assert await stream.receive_some(4096) == b""
 
 
-async def test_keep_alive_idle_timeout_closes(proxy):  # noqa: ANN001
+async def test_keep_alive_idle_timeout_closes(proxy):
     client = await RawClient.connect("127.0.0.1", proxy.port)
     resp = await client.request("GET", "/health")
     assert resp.status == 200
@@ -165,7 +165,7 @@ async def test_keep_alive_idle_timeout_closes(proxy):  # noqa: ANN001
         assert await client.stream.receive_some(4096) == b""
 
 
-async def test_keep_alive_serves_many_requests(proxy):  # noqa: ANN001
+async def test_keep_alive_serves_many_requests(proxy):
     client = await RawClient.connect("127.0.0.1", proxy.port)
     body = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
     for _ in range(5):
@@ -175,7 +175,7 @@ async def test_keep_alive_serves_many_requests(proxy):  # noqa: ANN001
     await client.aclose()
 
 
-async def test_expect_100_continue(proxy):  # noqa: ANN001
+async def test_expect_100_continue(proxy):
     body = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
     stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
     await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
@@ -193,7 +193,7 @@ async def test_expect_100_continue(proxy):  # noqa: ANN001
     await stream.aclose()
 
 
-async def test_config_limits_are_the_ones_used(nursery):  # noqa: ANN001
+async def test_config_limits_are_the_ones_used(nursery):
     upstream = await start_mock(nursery)
     cfg = make_config(upstream)
     assert cfg.max_body_bytes == 32 * 1024 * 1024  # the documented default

@@ -14,12 +14,12 @@ BODY = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content"
 
 
 @pytest.fixture
-async def proxy(nursery):  # noqa: ANN001, ANN201
+async def proxy(nursery):
     upstream = await start_mock(nursery)
     return await start_proxy(nursery, make_config(upstream))
 
 
-async def echo(proxy, method, target, headers=(), body=b""):  # noqa: ANN001, ANN201
+async def echo(proxy, method, target, headers=(), body=b""):
     resp = await request(proxy.port, method, target, [("x-mock-echo", "1"), *headers], body)
     assert resp.status == 200, resp.body
     seen = resp.json()
@@ -42,7 +42,7 @@ async def echo(proxy, method, target, headers=(), body=b""):  # noqa: ANN001, AN
 ])
 @pytest.mark.parametrize("client_cred", [("authorization", "Bearer client-secret-AAA"),
                                          ("x-api-key", "client-secret-AAA")])
-async def test_key_injection_per_route(proxy, target, upstream_target, style, client_cred):  # noqa: ANN001
+async def test_key_injection_per_route(proxy, target, upstream_target, style, client_cred):
     seen = await echo(proxy, "POST", target, [client_cred, ("content-type", "application/json")],
                       BODY)
     hdrs = seen["headers_dict"]
@@ -60,14 +60,14 @@ async def test_key_injection_per_route(proxy, target, upstream_target, style, cl
     assert seen["body_sha256"] == hashlib.sha256(BODY).hexdigest()
 
 
-async def test_get_models_goes_to_openai_base(proxy):  # noqa: ANN001
+async def test_get_models_goes_to_openai_base(proxy):
     seen = await echo(proxy, "GET", "/v1/models")
     assert seen["method"] == "GET"
     assert seen["target"] == "/api/paas/v4/models"
     assert "content-length" not in seen["headers_dict"]
 
 
-async def test_headers_rewritten(proxy):  # noqa: ANN001
+async def test_headers_rewritten(proxy):
     beta = ",".join(f"feature-{i}-2025-01-01" for i in range(30))
     seen = await echo(proxy, "POST", "/v1/messages", [
         ("content-type", "application/json"),
@@ -98,14 +98,14 @@ async def test_headers_rewritten(proxy):  # noqa: ANN001
         assert hop not in hdrs, hop
 
 
-async def test_chunked_request_body_forwarded_with_length(proxy):  # noqa: ANN001
+async def test_chunked_request_body_forwarded_with_length(proxy):
     from tests.harness import send_raw
 
     raw = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-mock-echo: 1\r\n"
            b"transfer-encoding: chunked\r\n\r\n"
            + b"%x\r\n" % len(BODY) + BODY + b"\r\n0\r\n\r\n")
     out = await send_raw(proxy.port, raw + b"", read_timeout=1)
-    head, body = out.split(b"\r\n\r\n", 1)
+    _, body = out.split(b"\r\n\r\n", 1)
     seen = orjson.loads(body)
     names = [n for n, _ in seen["headers"]]
     assert "transfer-encoding" not in names
@@ -113,7 +113,7 @@ async def test_chunked_request_body_forwarded_with_length(proxy):  # noqa: ANN00
     assert seen["body_sha256"] == hashlib.sha256(BODY).hexdigest()
 
 
-async def test_response_headers_pass_through(proxy):  # noqa: ANN001
+async def test_response_headers_pass_through(proxy):
     resp = await request(proxy.port, "POST", "/v1/chat/completions",
                          [("content-type", "application/json")], BODY)
     assert resp.status == 200
@@ -122,7 +122,7 @@ async def test_response_headers_pass_through(proxy):  # noqa: ANN001
     assert resp.header(b"content-length") == str(len(resp.body)).encode()
 
 
-async def test_upstream_error_status_passed_through_verbatim(proxy):  # noqa: ANN001
+async def test_upstream_error_status_passed_through_verbatim(proxy):
     resp = await request(proxy.port, "POST", "/v1/chat/completions",
                          [("content-type", "application/json"), ("x-mock-zai-code", "1308")], BODY)
     assert resp.status == 429
@@ -133,7 +133,7 @@ async def test_upstream_error_status_passed_through_verbatim(proxy):  # noqa: AN
     assert resp2.json()["type"] == "error"
 
 
-async def test_retry_after_passed_through(proxy):  # noqa: ANN001
+async def test_retry_after_passed_through(proxy):
     resp = await request(proxy.port, "POST", "/v1/chat/completions",
                          [("content-type", "application/json"), ("x-mock-zai-code", "1303"),
                           ("x-mock-retry-after", "7")], BODY)

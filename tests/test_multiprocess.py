@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -35,6 +36,13 @@ def start_proxy(mock: ProcessServer, tmp: Path, *args: str) -> ProcessServer:
     }, stderr_path=tmp / "proxy.log")
 
 
+@contextlib.contextmanager
+def open_stream(url: str, body: bytes, headers: dict[str, str]) -> Iterator[httpx.Response]:
+    with httpx.Client(timeout=30) as client, client.stream(
+            "POST", f"{url}/v1/chat/completions", content=body, headers=headers) as resp:
+        yield resp
+
+
 def health(url: str) -> dict[str, object]:
     # A new connection each time: SO_REUSEPORT hashes each to some worker.
     with httpx.Client(timeout=10) as client:
@@ -50,7 +58,7 @@ def chat(url: str, **extra: object) -> httpx.Response:
         return client.post(f"{url}/v1/chat/completions", json=body)
 
 
-def wait_for(predicate, timeout: float = 15.0) -> None:  # noqa: ANN001
+def wait_for(predicate, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -111,18 +119,16 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(mock: ProcessServer,
                          "messages": [{"role": "user", "content": "hi"}]})
     headers = {"content-type": "application/json", "x-mock-chunks": "30",
                "x-mock-chunk-delay": "0.05"}
-    with httpx.Client(timeout=30) as client:
-        with client.stream("POST", f"{proxy.url}/v1/chat/completions", content=body,
-                           headers=headers) as resp:
-            assert resp.status_code == 200
-            chunks = resp.iter_bytes()
-            received = next(chunks)
-            proxy.proc.send_signal(signal.SIGTERM)
-            # New connections are refused once the listeners close...
-            wait_for(lambda: _refused(proxy.url))
-            # ...while the stream in flight runs to its end.
-            for chunk in chunks:
-                received += chunk
+    with open_stream(proxy.url, body, headers) as resp:
+        assert resp.status_code == 200
+        chunks = resp.iter_bytes()
+        received = next(chunks)
+        proxy.proc.send_signal(signal.SIGTERM)
+        # New connections are refused once the listeners close...
+        wait_for(lambda: _refused(proxy.url))
+        # ...while the stream in flight runs to its end.
+        for chunk in chunks:
+            received += chunk
     assert received.endswith(b"data: [DONE]\n\n")
     assert received.count(b"data: ") == 30 + 1 + 1  # deltas, final usage chunk, [DONE]
     assert proxy.proc.wait(30) == 0
@@ -145,15 +151,13 @@ def test_drain_deadline_cuts_streams_with_an_error_event(mock: ProcessServer,
     headers = {"content-type": "application/json", "x-mock-chunks": "200",
                "x-mock-chunk-delay": "0.05"}
     received = b""
-    with httpx.Client(timeout=30) as client:
-        with client.stream("POST", f"{proxy.url}/v1/chat/completions", content=body,
-                           headers=headers) as resp:
-            chunks = resp.iter_bytes()
-            received = next(chunks)
-            proxy.proc.send_signal(signal.SIGTERM)
-            with pytest.raises(httpx.RemoteProtocolError):
-                for chunk in chunks:
-                    received += chunk
+    with open_stream(proxy.url, body, headers) as resp:
+        chunks = resp.iter_bytes()
+        received = next(chunks)
+        proxy.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(httpx.RemoteProtocolError):
+            for chunk in chunks:
+                received += chunk
     assert b"proxy_shutdown" in received
     assert b"[DONE]" not in received
     assert proxy.proc.wait(30) == 0
@@ -165,15 +169,13 @@ def test_second_signal_exits_at_once(mock: ProcessServer, tmp_path: Path) -> Non
                          "messages": [{"role": "user", "content": "hi"}]})
     headers = {"content-type": "application/json", "x-mock-chunks": "2000",
                "x-mock-chunk-delay": "0.05"}
-    with httpx.Client(timeout=30) as client:
-        with client.stream("POST", f"{proxy.url}/v1/chat/completions", content=body,
-                           headers=headers) as resp:
-            next(resp.iter_bytes())
-            proxy.proc.send_signal(signal.SIGTERM)
-            wait_for(lambda: '"event":"drain_started","proc":"supervisor"' in proxy.logs())
-            started = time.monotonic()
-            proxy.proc.send_signal(signal.SIGINT)
-            code = proxy.proc.wait(10)
+    with open_stream(proxy.url, body, headers) as resp:
+        next(resp.iter_bytes())
+        proxy.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: '"event":"drain_started","proc":"supervisor"' in proxy.logs())
+        started = time.monotonic()
+        proxy.proc.send_signal(signal.SIGINT)
+        code = proxy.proc.wait(10)
     assert time.monotonic() - started < 5
     assert code == 128 + signal.SIGINT
 

@@ -131,10 +131,10 @@ def test_anthropic_beta_query_and_count_tokens(stack: ProcessServer) -> None:
 
 def test_anthropic_cut_stream_raises(stack: ProcessServer) -> None:
     client = anthropic_client(stack)
-    with pytest.raises(anthropic.APIStatusError) as info:  # noqa: PT012
-        with client.messages.stream(model="mock-reset", max_tokens=64, messages=MESSAGES) as s:
-            for _ in s:
-                pass
+    with pytest.raises(anthropic.APIStatusError) as info, client.messages.stream(
+            model="mock-reset", max_tokens=64, messages=MESSAGES) as s:
+        for _ in s:
+            pass
     assert "upstream" in str(info.value)
 
 

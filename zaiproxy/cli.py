@@ -94,9 +94,13 @@ def _mock(ns: argparse.Namespace) -> int:
     from zaiproxy.mock.behaviour import MockOptions
     from zaiproxy.mock.run import run
 
-    options = MockOptions(chunks=ns.chunks, chunk_size=ns.chunk_size,
-                          first_byte_delay=ns.first_byte_delay, chunk_delay=ns.chunk_delay,
-                          api_key=ns.api_key)
+    try:
+        options = MockOptions(chunks=ns.chunks, chunk_size=ns.chunk_size,
+                              first_byte_delay=ns.first_byte_delay, chunk_delay=ns.chunk_delay,
+                              api_key=ns.api_key)
+    except ValueError as exc:
+        sys.stderr.write(f"zaiproxy mock-upstream: {exc}\n")
+        return 2
     return run(options, ns.host, ns.port, workers=ns.workers, certfile=ns.certfile,
                keyfile=ns.keyfile)
 

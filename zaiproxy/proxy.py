@@ -123,7 +123,7 @@ async def proxy(
     content_type = header_value(response.headers, b"content-type") or b""
     is_sse = content_type.startswith(b"text/event-stream")
     outcome.streamed = is_sse
-    tracker = UsageTracker(route.api.value) if is_sse else None  # type: ignore[arg-type]
+    tracker = UsageTracker(route.api.value) if is_sse else None
     keep_body = (not is_sse and response.status_code == 200 and route.reads_json
                  and request.method != b"HEAD")
     kept: list[bytes] = []
@@ -149,6 +149,11 @@ async def proxy(
                 await _cut(ctx, client, conn, route, is_sse,
                            f"upstream connection lost mid-response: {_why(exc)}")
                 return
+            if ended:
+                # Back to the pool before the last write: the upstream exchange
+                # is complete whatever the client does next, and a client that
+                # sends its next request at once finds the connection idle.
+                await pool.release(conn)
             if data:
                 if tracker is not None:
                     tracker.feed(data)
@@ -175,8 +180,7 @@ async def proxy(
         tracker.close()
         outcome.usage = tracker.usage
     elif kept and kept_len <= USAGE_BODY_LIMIT:
-        outcome.usage = usage_from_body(route.api.value, b"".join(kept))  # type: ignore[arg-type]
-    await pool.release(conn)
+        outcome.usage = usage_from_body(route.api.value, b"".join(kept))
     await client.send_end()
 
 

@@ -22,6 +22,7 @@ import orjson
 import trio
 
 from zaiproxy import __version__
+from zaiproxy.context import STATE_DRAINING
 from zaiproxy.errors import (
     Api,
     BadRequest,
@@ -36,8 +37,6 @@ from zaiproxy.errors import (
 from zaiproxy.logs import get_logger
 from zaiproxy.proxy import ClientGone, Outcome, parse_json_body, proxy
 from zaiproxy.routing import Control, Route, api_for_path, resolve
-
-from zaiproxy.context import STATE_DRAINING
 
 if TYPE_CHECKING:
     from zaiproxy.context import WorkerContext
@@ -123,7 +122,8 @@ class ClientConnection:
         data = await self.stream.receive_some(_READ_SIZE)
         if not data:
             self.gone = True
-        self.conn.receive_data(data)
+        # h11 buffers into a bytearray: any bytes-like works (trio may hand us one).
+        self.conn.receive_data(data)  # type: ignore[arg-type]
 
     async def _read_head(self, first: bool) -> h11.Request | None:
         """The next request head, or None when the connection should just close."""
@@ -134,11 +134,15 @@ class ClientConnection:
             # Wait for the first byte: keep-alive idle time (or the header
             # timeout on a brand-new connection, which could be a slowloris).
             with trio.CancelScope() as scope:
-                self.idle_scope = scope
+                # A drain closes connections idle *between* requests. A new
+                # connection's first request raced the listener closing and is
+                # answered (503 + close) rather than dropped unanswered.
+                if not first:
+                    self.idle_scope = scope
+                    if self.ctx.draining:
+                        scope.cancel()
                 scope.deadline = trio.current_time() + (
                     cfg.header_timeout if first else cfg.keepalive_timeout)
-                if self.ctx.draining:
-                    scope.cancel()
                 await self._receive()
             self.idle_scope = None
             if scope.cancelled_caught:
@@ -205,7 +209,8 @@ class ClientConnection:
                 data = await self.stream.receive_some(_READ_SIZE)
                 if not data:
                     break
-                conn.receive_data(data)
+                # h11 buffers into a bytearray: any bytes-like works (trio may hand us one).
+                conn.receive_data(data)  # type: ignore[arg-type]
             else:
                 await trio.sleep_forever()  # read-ahead full: stop reading, keep waiting
         except trio.ClosedResourceError:

@@ -196,10 +196,10 @@ class Supervisor:
                         pass
             for slot in self.slots:
                 self._poll_ready(slot)
-                if slot.process is not None and not slot.process.is_alive():
-                    if not self._on_worker_exit(slot, announced):
-                        self.signals.append(signal.SIGTERM)
-                        self._exit_code = 1
+                if (slot.process is not None and not slot.process.is_alive()
+                        and not self._on_worker_exit(slot, announced)):
+                    self.signals.append(signal.SIGTERM)
+                    self._exit_code = 1
 
     _exit_code = 0
 

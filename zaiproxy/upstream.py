@@ -145,7 +145,8 @@ class UpstreamConnection:
                 return event
             data = await self._stream.receive_some(READ_SIZE)
             self.received_bytes += len(data)
-            self.conn.receive_data(data)
+            # h11 buffers into a bytearray: any bytes-like works (trio may hand us one).
+            self.conn.receive_data(data)  # type: ignore[arg-type]
 
     async def read_body(self) -> tuple[bytes, bool]:
         """Body bytes from ONE network read (all Data events it produced), and whether the body ended.
@@ -168,7 +169,8 @@ class UpstreamConnection:
                     return b"".join(parts), False
                 data = await self._stream.receive_some(READ_SIZE)
                 self.received_bytes += len(data)
-                conn.receive_data(data)
+                # h11 buffers into a bytearray: any bytes-like works (trio may hand us one).
+                conn.receive_data(data)  # type: ignore[arg-type]
                 continue
             if type(event) is h11.ConnectionClosed:
                 raise h11.RemoteProtocolError("upstream closed the connection mid-body")

@@ -143,7 +143,8 @@ class Worker:
 
     async def watch_parent(self, parent_pid: int) -> None:
         """Drain if the supervisor disappears (no orphaned workers holding the port)."""
-        while os.getppid() == parent_pid:
+        # No event exists for "parent died" without prctl(PR_SET_PDEATHSIG); poll.
+        while os.getppid() == parent_pid:  # noqa: ASYNC110
             await trio.sleep(1)
         logs.get_logger().warning("supervisor_gone")
         self.drain_requested.set()

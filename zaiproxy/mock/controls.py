@@ -1,0 +1,185 @@
+"""Per-request controls of the mock: ``x-mock-*`` headers and ``mock-*`` model names.
+
+Headers serve tests and benchmarks that build requests by hand; model names serve
+people driving the mock through an SDK or an agent, which can set a model but
+rarely a header. Both parse into the same :class:`Controls`, where ``None``
+means "not given", so :meth:`Controls.overlay` can let a header win over the
+model name and the :class:`~zaiproxy.mock.behaviour.MockOptions` defaults
+fill what neither gave.
+
+A malformed control is a :class:`ControlError` (the mock answers 400) rather
+than being ignored: a benchmark that silently ran without its fault would
+measure the wrong thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+class Fault(enum.Enum):
+    RESET_BEFORE_HEADERS = "reset-before-headers"
+    RESET_MID_STREAM = "reset-mid-stream"
+    CLOSE_MID_BODY = "close-mid-body"
+    STALL_HEADERS = "stall-headers"
+    STALL = "stall"
+
+
+class WriteSplit(enum.Enum):
+    ONE = "one"  # head, then the body in one write
+    BYTES = "bytes"  # head, then every body byte as its own write
+    RANDOM = "random"  # head, then body writes of random sizes (x-mock-seed)
+    LARGE = "large"  # head and the whole body in a single write, chunk delays ignored
+
+
+class ControlError(ValueError):
+    """A control header or model name that cannot be honoured (answered with 400)."""
+
+
+# Upper bounds keep one request from asking the mock for gigabytes or hours.
+MAX_CHUNKS = 1_000_000
+MAX_CHUNK_SIZE = 1 << 20
+MAX_TEXT_BYTES = 64 << 20
+MAX_DELAY = 3600.0
+
+
+@dataclass(frozen=True)
+class Controls:
+    chunks: int | None = None
+    chunk_size: int | None = None
+    first_byte_delay: float | None = None
+    chunk_delay: float | None = None
+    status: int | None = None
+    zai_code: int | None = None
+    retry_after: str | None = None  # raw header value; "none" = send no Retry-After
+    fault: Fault | None = None
+    write_split: WriteSplit | None = None
+    seed: int | None = None
+    echo: bool = False
+
+    def overlay(self, under: Controls) -> Controls:
+        """Fields given here win; the rest come from ``under``."""
+        if under is NO_CONTROLS:  # the common case: a model name without controls
+            return self
+        merged = {
+            f.name: getattr(self, f.name)
+            if getattr(self, f.name) is not None
+            else getattr(under, f.name)
+            for f in dataclasses.fields(self)
+        }
+        merged["echo"] = self.echo or under.echo
+        return Controls(**merged)
+
+
+NO_CONTROLS = Controls()
+
+
+def _int(name: str, raw: bytes, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ControlError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ControlError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _seconds(name: str, raw: bytes) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ControlError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value <= MAX_DELAY):
+        raise ControlError(f"{name} must be in [0, {MAX_DELAY:g}] seconds, got {raw!r}")
+    return value
+
+
+def _enum(kind: type[E], name: str, raw: bytes) -> E:
+    try:
+        return kind(raw.decode("ascii", "replace").strip().lower())
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in kind)
+        raise ControlError(f"{name} must be one of {allowed}, got {raw!r}") from None
+
+
+def _status(name: str, raw: bytes) -> int:
+    status = _int(name, raw, 200, 599)
+    if status in (204, 304):  # these must not carry the error body we send
+        raise ControlError(f"{name} cannot be {status}")
+    return status
+
+
+def parse_headers(headers: Mapping[bytes, bytes]) -> Controls:
+    """Controls from ``x-mock-*`` headers (names lowercased, as h11 gives them)."""
+    fields: dict[str, object] = {}
+    for name, raw in headers.items():
+        if not name.startswith(b"x-mock-"):
+            continue
+        key = name.decode("ascii")
+        if name == b"x-mock-chunks":
+            fields["chunks"] = _int(key, raw, 0, MAX_CHUNKS)
+        elif name == b"x-mock-chunk-size":
+            fields["chunk_size"] = _int(key, raw, 1, MAX_CHUNK_SIZE)
+        elif name == b"x-mock-first-byte-delay":
+            fields["first_byte_delay"] = _seconds(key, raw)
+        elif name == b"x-mock-chunk-delay":
+            fields["chunk_delay"] = _seconds(key, raw)
+        elif name == b"x-mock-status":
+            fields["status"] = _status(key, raw)
+        elif name == b"x-mock-zai-code":
+            fields["zai_code"] = _int(key, raw, 1000, 9999)
+        elif name == b"x-mock-retry-after":
+            fields["retry_after"] = raw.decode("latin-1").strip()
+        elif name == b"x-mock-fault":
+            fields["fault"] = _enum(Fault, key, raw)
+        elif name == b"x-mock-write-split":
+            fields["write_split"] = _enum(WriteSplit, key, raw)
+        elif name == b"x-mock-seed":
+            fields["seed"] = _int(key, raw, 0, 2**63 - 1)
+        elif name == b"x-mock-echo":
+            fields["echo"] = raw.strip().lower() in (b"1", b"true", b"yes")
+        else:
+            raise ControlError(f"unknown control header {key}")
+    return Controls(**fields) if fields else NO_CONTROLS  # type: ignore[arg-type]
+
+
+_MODEL = re.compile(
+    r"mock-(?:status-(?P<status>\d{3})|zai-(?P<zai>\d{4})|slow-(?P<slow>\d+)"
+    r"|(?P<reset>reset)|(?P<stall>stall))"
+)
+
+
+def parse_model(model: str) -> Controls:
+    """Controls encoded in a model name: ``mock-status-503``, ``mock-zai-1303``,
+    ``mock-reset`` (reset-mid-stream), ``mock-stall`` (stall), ``mock-slow-250`` (ms)."""
+    if not model.startswith("mock-"):
+        return NO_CONTROLS
+    match = _MODEL.fullmatch(model)
+    if match is None:
+        return NO_CONTROLS  # any other "mock-..." name is just a model name
+    if match["status"]:
+        return Controls(status=_status("model mock-status", match["status"].encode()))
+    if match["zai"]:
+        return Controls(zai_code=int(match["zai"]))
+    if match["slow"]:
+        millis = _int("model mock-slow", match["slow"].encode(), 0, int(MAX_DELAY * 1000))
+        return Controls(first_byte_delay=millis / 1000)
+    if match["reset"]:
+        return Controls(fault=Fault.RESET_MID_STREAM)
+    return Controls(fault=Fault.STALL)
+
+
+def check_text_size(chunks: int, chunk_size: int) -> None:
+    if chunks * chunk_size > MAX_TEXT_BYTES:
+        raise ControlError(
+            f"x-mock-chunks * x-mock-chunk-size must be <= {MAX_TEXT_BYTES}, "
+            f"got {chunks} * {chunk_size}"
+        )

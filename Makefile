@@ -39,7 +39,8 @@ check: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.wrk_compare
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/python -m bench.wrk_compare $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info _native/*.so _native/*.c

@@ -34,12 +34,13 @@ def test_config_check_masks_the_key_and_names_sources(tmp_path: Path) -> None:
     text = out.stdout
     assert "sk-very-secret-value" not in text and "sk-very-secret-value" not in out.stderr
     assert "********" in text
-    lines = {line.split("=")[0].strip(): line for line in text.splitlines() if "=" in line}
-    assert "9999" in lines["server.port"] and "file" in lines["server.port"]
-    assert "5" in lines["server.workers"] and "cli" in lines["server.workers"]
-    assert "canary" in lines["server.deployment_variant"]
-    assert "env:DEPLOYMENT_VARIANT" in lines["server.deployment_variant"]
-    assert "2.5" in lines["upstream.connect_timeout"]
+    from tests.test_config import row_of
+
+    assert row_of(text, "server.port") == ("port = 9999", "file")
+    assert row_of(text, "server.workers") == ("workers = 5", "cli")
+    assert row_of(text, "server.deployment_variant") == ('deployment_variant = "canary"',
+                                                         "env:DEPLOYMENT_VARIANT")
+    assert row_of(text, "upstream.connect_timeout") == ("connect_timeout = 2.5", "file")
 
 
 def test_config_check_rejects_bad_values_naming_the_key(tmp_path: Path) -> None:

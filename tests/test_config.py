@@ -506,30 +506,42 @@ def test_render_check() -> None:
     # One line per field, each with its source.
     assert len([line for line in lines if " = " in line]) == 24
 
-    def row(key: str) -> tuple[str, str]:
-        [line] = [line for line in lines if line.startswith(key + " ")]
-        left, source = line.split("#")
-        return re.sub(r"\s+", " ", left).strip(), source.strip()
-
-    assert row("upstream.connect_timeout") == ("upstream.connect_timeout = 10.0", "default")
-    assert row("upstream.api_key") == ('upstream.api_key = "********"', "env:ZAI_API_KEY")
-    assert row("upstream.ca_file") == ("upstream.ca_file = (unset)", "default")
-    assert row("server.port") == ("server.port = 0", "cli")
-    assert row("server.host") == ('server.host = "127.0.0.1"', "default")
-    assert row("log.level") == ('log.level = "debug"', "env:LOG_LEVEL")
-    assert row("log.access_log") == ("log.access_log = true", "default")
-    # Sections appear in order, each field under its own section.
-    assert lines.index("[upstream]") < lines.index(next(x for x in lines if "connect_timeout" in x))
+    assert row_of(text, "upstream.connect_timeout") == ("connect_timeout = 10.0", "default")
+    assert row_of(text, "upstream.api_key") == ('# api_key = "********"', "env:ZAI_API_KEY")
+    assert row_of(text, "upstream.ca_file") == ("# ca_file = (unset)", "default")
+    assert row_of(text, "server.port") == ("port = 0", "cli")
+    assert row_of(text, "server.host") == ('host = "127.0.0.1"', "default")
+    assert row_of(text, "log.level") == ('level = "debug"', "env:LOG_LEVEL")
+    assert row_of(text, "log.access_log") == ("access_log = true", "default")
 
     demo, demo_sources = load_config(env=DEMO)
     assert row_of(render_check(demo, demo_sources), "upstream.api_key") == (
-        "upstream.api_key = (unset)    # default"
-    )
+        "# api_key = (unset)", "default")
 
 
-def row_of(text: str, key: str) -> str:
-    [line] = [line for line in text.splitlines() if line.startswith(key + " ")]
-    return re.sub(r"\s{2,}", "    ", line)
+def test_render_check_is_a_valid_config_file(tmp_path: Path) -> None:
+    config, sources = load_config(env={"ZAI_API_KEY": SECRET, "DEPLOYMENT_VARIANT": "canary"})
+    path = tmp_path / "out.toml"
+    path.write_text(render_check(config, sources))
+    assert SECRET not in path.read_text()
+    again, again_sources = load_config(env={"ZAI_API_KEY": SECRET}, path=str(path))
+    assert again == config
+    assert again_sources["server.deployment_variant"] == "file"
+
+
+def row_of(text: str, key: str) -> tuple[str, str]:
+    """(assignment, source) of ``section.field`` in render_check's output."""
+    section, name = key.split(".")
+    current = None
+    for line in text.splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+            continue
+        left, _, source = line.rpartition("    # ")
+        left = left.strip()
+        if current == section and left.lstrip("# ").startswith(name + " = "):
+            return re.sub(r"\s+", " ", left), source.strip()
+    raise AssertionError(f"{key} not found")
 
 
 def test_config_pickles() -> None:

@@ -548,12 +548,19 @@ def _render_value(value: object, secret: bool) -> str:
 
 
 def render_check(config: Config, sources: dict[str, str]) -> str:
-    """Text for ``zaiproxy config check``: each effective value by section with its source."""
+    """Text for ``zaiproxy config check``: each effective value by section with its source.
+
+    The output is itself a valid TOML config file: unset values and secrets
+    are written as comments, so ``config check > zaiproxy.toml`` never puts a
+    key into a file.
+    """
     rows: dict[str, list[tuple[str, str]]] = {s: [] for s in SECTIONS}
     for f in _FIELDS:
-        shown = _render_value(getattr(config, f.name), f.metadata["secret"])
+        value = getattr(config, f.name)
+        shown = _render_value(value, f.metadata["secret"])
+        comment = "# " if value is None or f.metadata["secret"] else ""
         rows[f.metadata["section"]].append(
-            (f"{_key(f)} = {shown}", sources.get(_key(f), "default"))
+            (f"{comment}{f.name} = {shown}", sources.get(_key(f), "default"))
         )
     width = max(len(left) for section in rows.values() for left, _ in section)
     blocks = []

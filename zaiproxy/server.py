@@ -313,6 +313,8 @@ class ClientConnection:
                     finished = True
                 except ProxyError as exc:
                     failure = exc
+                except ClientGone:
+                    outcome.result = "client_disconnected"
                 finally:
                     nursery.cancel_scope.cancel()
             if failure is not None:

@@ -116,11 +116,13 @@ class UpstreamConnection:
         sock = _socket_of(self._stream)
         if sock is None:
             return False
+        # poll, not select: select() fails on fds >= 1024, which a busy worker reaches.
+        poller = select.poll()
         try:
-            readable = select.select([sock.fileno()], [], [], 0)[0]
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     async def send(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
         data = self.conn.send(event)

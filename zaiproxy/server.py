@@ -8,13 +8,18 @@ h11 does the parsing; this module owns the stream and the timers
 - limits: head > ``max_header_bytes`` -> 431, body > ``max_body_bytes`` -> 413
   (refused from Content-Length before reading it), malformed HTTP -> 400,
   each then closes the connection (the rest of the bytes cannot be trusted);
-- while a request is proxied a watcher task reads from the client, so a client
-  that goes away cancels the upstream exchange at once, not at the next write.
+- one reader task per connection owns every read from the client socket and
+  queues what it reads (bounded). Because it is always waiting on the socket,
+  a client that goes away while its request is proxied is seen at once and
+  cancels the upstream exchange, not at the next write; and it costs no extra
+  task, nursery or syscall per request (a per-request watcher task cost 15-30%
+  of throughput when measured).
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from typing import TYPE_CHECKING
 
 import h11
@@ -41,8 +46,8 @@ from zaiproxy.routing import Control, Route, api_for_path, resolve
 if TYPE_CHECKING:
     from zaiproxy.context import WorkerContext
 
-# How much a client may send ahead (pipelining) while its request is being
-# proxied before the watcher stops reading: bounded, like everything else.
+# How much the reader may queue ahead of the handler (pipelined requests, a
+# body being read) before it stops reading: bounded, like everything else.
 _MAX_READAHEAD = 65536
 _READ_SIZE = 65536
 _JSON = (b"content-type", b"application/json")
@@ -62,6 +67,14 @@ class ClientConnection:
         self.idle_scope: trio.CancelScope | None = None  # set while waiting for a request
         self.response_status: int | None = None
         self.close_after = False
+        # Reader -> handler queue of raw reads (b"" = EOF), bounded by _MAX_READAHEAD.
+        self._chunks: deque[bytes | bytearray] = deque()
+        self._queued = 0
+        self._eof_fed = False
+        self._data_ready = trio.Event()
+        self._space = trio.Event()
+        # The exchange in progress: the reader cancels it when the client leaves.
+        self._exchange: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
         return (f"<ClientConnection {self.client_ip} {self.conn.our_state}/{self.conn.their_state}"
@@ -118,10 +131,42 @@ class ClientConnection:
 
     # ---- reading from the client ---------------------------------------------
 
+    async def _reader(self) -> None:
+        """Owns all reads from the client: queue data, notice EOF/reset at once."""
+        stream = self.stream
+        try:
+            while True:
+                while self._queued >= _MAX_READAHEAD:
+                    self._space = trio.Event()
+                    await self._space.wait()
+                try:
+                    data = await stream.receive_some(_READ_SIZE)
+                except trio.BrokenResourceError:
+                    data = b""
+                self._chunks.append(data)
+                self._queued += len(data)
+                self._data_ready.set()
+                if not data:
+                    self.gone = True
+                    if self._exchange is not None:
+                        self._exchange.cancel()
+                    return
+        except trio.ClosedResourceError:
+            return  # we closed it (abort / end of connection)
+
     async def _receive(self) -> None:
-        data = await self.stream.receive_some(_READ_SIZE)
+        """Feed h11 the next chunk the reader queued (waits for one)."""
+        while not self._chunks:
+            if self._eof_fed:
+                return  # h11 has seen EOF; it will not ask for more
+            self._data_ready = trio.Event()
+            await self._data_ready.wait()
+        data = self._chunks.popleft()
         if not data:
-            self.gone = True
+            self._eof_fed = True
+        self._queued -= len(data)
+        if self._queued < _MAX_READAHEAD:
+            self._space.set()
         # h11 buffers into a bytearray: any bytes-like works (trio may hand us one).
         self.conn.receive_data(data)  # type: ignore[arg-type]
 
@@ -185,7 +230,11 @@ class ClientConnection:
         size = 0
         conn = self.conn
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.close_after = True
+                raise BadRequest(f"malformed request body: {exc}") from None
             if type(event) is h11.Data:
                 size += len(event.data)
                 if size > limit:
@@ -201,30 +250,16 @@ class ClientConnection:
             else:
                 raise BadRequest("the client closed the connection before the request body ended")
 
-    async def _watch_client(self, cancel: trio.CancelScope) -> None:
-        """Cancel the exchange when the client goes away (EOF or reset) while we wait on upstream."""
-        conn = self.conn
-        try:
-            while len(conn.trailing_data[0]) < _MAX_READAHEAD:
-                data = await self.stream.receive_some(_READ_SIZE)
-                if not data:
-                    break
-                # h11 buffers into a bytearray: any bytes-like works (trio may hand us one).
-                conn.receive_data(data)  # type: ignore[arg-type]
-            else:
-                await trio.sleep_forever()  # read-ahead full: stop reading, keep waiting
-        except trio.ClosedResourceError:
-            return  # we closed it ourselves (abort): nothing to cancel
-        except trio.BrokenResourceError:
-            pass
-        self.gone = True
-        cancel.cancel()
-
     # ---- the request loop ------------------------------------------------------
 
     async def run(self) -> None:
         try:
-            await self._serve()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                try:
+                    await self._serve()
+                finally:
+                    nursery.cancel_scope.cancel()
         except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception as exc:
@@ -302,25 +337,20 @@ class ClientConnection:
             if ctx.draining:
                 raise ServiceUnavailable("the proxy is shutting down")
             outcome = Outcome()
-            failure: ProxyError | None = None
             # Errors are carried out of the nursery by hand: trio wraps anything
             # raised inside one in an ExceptionGroup.
-            finished = False
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_client, nursery.cancel_scope)
+            with trio.CancelScope() as exchange:
+                self._exchange = exchange
+                if self.gone:
+                    exchange.cancel()  # the client left while we read its body
                 try:
                     await proxy(ctx, self, route, request, body, outcome)
-                    finished = True
-                except ProxyError as exc:
-                    failure = exc
                 except ClientGone:
                     outcome.result = "client_disconnected"
                 finally:
-                    nursery.cancel_scope.cancel()
-            if failure is not None:
-                raise failure
-            if not finished and outcome.result == "ok":
-                # The watcher cancelled the exchange: the client went away first.
+                    self._exchange = None
+            if exchange.cancelled_caught and outcome.result == "ok":
+                # The reader cancelled the exchange: the client went away first.
                 outcome.result = "client_disconnected"
         except ProxyError as exc:
             error = exc.message

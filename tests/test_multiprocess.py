@@ -170,9 +170,11 @@ def test_second_signal_exits_at_once(mock: ProcessServer, tmp_path: Path) -> Non
     headers = {"content-type": "application/json", "x-mock-chunks": "2000",
                "x-mock-chunk-delay": "0.05"}
     with open_stream(proxy.url, body, headers) as resp:
-        next(resp.iter_bytes())
+        chunks = resp.iter_bytes()  # keep a reference: a dropped generator closes the stream
+        next(chunks)
         proxy.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: '"event":"drain_started","proc":"supervisor"' in proxy.logs())
+        assert proxy.proc.poll() is None  # still draining: the stream holds it open
         started = time.monotonic()
         proxy.proc.send_signal(signal.SIGINT)
         code = proxy.proc.wait(10)

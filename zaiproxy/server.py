@@ -68,6 +68,7 @@ class ClientConnection:
         self.response_status: int | None = None
         self.close_after = False
         # Reader -> handler queue of raw reads (b"" = EOF), bounded by _MAX_READAHEAD.
+        self._pending = b""  # framed response bytes not yet written
         self._chunks: deque[bytes | bytearray] = deque()
         self._queued = 0
         self._eof_fed = False
@@ -89,25 +90,39 @@ class ClientConnection:
             self.gone = True
             raise ClientGone() from exc
 
-    async def send_response(self, status: int, headers: list[tuple[bytes, bytes]],
-                            reason: bytes = b"") -> None:
+    def queue_response(self, status: int, headers: list[tuple[bytes, bytes]],
+                       reason: bytes = b"") -> None:
+        """Frame the response head; it is written with the next flush."""
         if self.ctx.draining or self.close_after:
             headers = [*headers, (b"connection", b"close")]
         self.response_status = status
-        data = self.conn.send(h11.Response(status_code=status, headers=headers,
-                                           reason=reason or _REASONS.get(status, b"")))
-        if data:
-            await self._write(data)
+        self._pending += self.conn.send(h11.Response(
+            status_code=status, headers=headers, reason=reason or _REASONS.get(status, b""))) or b""
+
+    def queue_data(self, data: bytes) -> None:
+        self._pending += self.conn.send(h11.Data(data=data)) or b""
+
+    def queue_end(self) -> None:
+        self._pending += self.conn.send(h11.EndOfMessage()) or b""
+
+    async def flush(self) -> None:
+        """Write everything queued in one send_all."""
+        if self._pending:
+            out, self._pending = self._pending, b""
+            await self._write(out)
+
+    async def send_response(self, status: int, headers: list[tuple[bytes, bytes]],
+                            reason: bytes = b"") -> None:
+        self.queue_response(status, headers, reason)
+        await self.flush()
 
     async def send_data(self, data: bytes) -> None:
-        out = self.conn.send(h11.Data(data=data))
-        if out:
-            await self._write(out)
+        self.queue_data(data)
+        await self.flush()
 
     async def send_end(self) -> None:
-        out = self.conn.send(h11.EndOfMessage())
-        if out:
-            await self._write(out)
+        self.queue_end()
+        await self.flush()
 
     async def abort(self) -> None:
         """Close without finishing the response (the client sees a truncated body)."""
@@ -119,10 +134,11 @@ class ClientConnection:
                           content_type: bytes = b"application/json", head: bool = False) -> None:
         hdrs = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                 (b"x-zaiproxy-request-id", self.request_id), *headers]
-        await self.send_response(status, hdrs)
+        self.queue_response(status, hdrs)
         if body and not head:
-            await self.send_data(body)
-        await self.send_end()
+            self.queue_data(body)
+        self.queue_end()
+        await self.flush()
 
     async def send_error(self, exc: ProxyError, api: Api) -> None:
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):

@@ -178,6 +178,23 @@ class UpstreamConnection:
                 raise h11.RemoteProtocolError("upstream closed the connection mid-body")
             raise h11.RemoteProtocolError(f"unexpected event from upstream: {event!r}")
 
+    def read_available(self) -> tuple[bytes, bool]:
+        """Body bytes h11 already holds (no I/O), and whether the body ended."""
+        parts: list[bytes] = []
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if type(event) is h11.Data:
+                parts.append(event.data)
+            elif type(event) is h11.EndOfMessage:
+                return b"".join(parts), True
+            elif event is h11.NEED_DATA:
+                return b"".join(parts), False
+            elif type(event) is h11.ConnectionClosed:
+                raise h11.RemoteProtocolError("upstream closed the connection mid-body")
+            else:
+                raise h11.RemoteProtocolError(f"unexpected event from upstream: {event!r}")
+
     def reusable(self) -> bool:
         return (not self.closed and self.conn.our_state is h11.DONE
                 and self.conn.their_state is h11.DONE)

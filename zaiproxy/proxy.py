@@ -26,7 +26,7 @@ from zaiproxy.errors import Api, UpstreamError, UpstreamTimeout, sse_error_event
 from zaiproxy.forward import client_response_headers, header_value, upstream_request_headers
 from zaiproxy.routing import Route
 from zaiproxy.sse import Usage, UsageTracker, usage_from_body
-from zaiproxy.upstream import UpstreamConnection
+from zaiproxy.upstream import UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
     from zaiproxy.context import WorkerContext
@@ -199,33 +199,30 @@ async def _cut(ctx: WorkerContext, client: ClientConnection, conn: UpstreamConne
     ctx.metrics.upstream_error("stream_cut")
     await ctx.pool.discard(conn)
     if is_sse:
-        event = sse_error_event(route.api, "api_error" if route.api is Api.ANTHROPIC else "upstream_error",
-                                message, "upstream_stream_cut")
-        with trio.move_on_after(1):
-            try:
-                await client.send_data(event)
-            except ClientGone:
-                pass
+        await _send_sse_error(client, route, "upstream_error", message, "upstream_stream_cut")
     await client.abort()
 
 
 async def _on_cancel(client: ClientConnection, conn: UpstreamConnection, route: Route,
-                     is_sse: bool, pool: object) -> None:
+                     is_sse: bool, pool: UpstreamPool) -> None:
     """Cancelled mid-relay (drain deadline or client gone): close upstream, tell a live SSE client."""
     with trio.CancelScope(shield=True):
-        from zaiproxy.upstream import UpstreamPool
-
-        assert isinstance(pool, UpstreamPool)
         await pool.discard(conn)
         if is_sse and not client.gone:
-            event = sse_error_event(route.api, "api_error" if route.api is Api.ANTHROPIC else "server_error",
-                                    "the proxy is shutting down; stream aborted", "proxy_shutdown")
-            with trio.move_on_after(1):
-                try:
-                    await client.send_data(event)
-                except ClientGone:
-                    pass
+            await _send_sse_error(client, route, "server_error",
+                                  "the proxy is shutting down; stream aborted", "proxy_shutdown")
         await client.abort()
+
+
+async def _send_sse_error(client: ClientConnection, route: Route, openai_type: str,
+                          message: str, code: str) -> None:
+    """Best effort, one second at most: the client may be gone or stalled."""
+    type_ = "api_error" if route.api is Api.ANTHROPIC else openai_type
+    with trio.move_on_after(1):
+        try:
+            await client.send_data(sse_error_event(route.api, type_, message, code))
+        except ClientGone:
+            pass
 
 
 def _why(exc: BaseException) -> str:

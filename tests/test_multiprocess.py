@@ -203,3 +203,26 @@ def test_serve_without_key_refuses_to_start(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "upstream.api_key" in out.stderr and "--demo" in out.stderr
+
+
+def test_workers_exit_when_the_supervisor_is_killed(mock: ProcessServer, tmp_path: Path) -> None:
+    proxy = start_proxy(mock, tmp_path, "--workers", "2")
+    pids: set[int] = set()
+    for _ in range(300):
+        pids.add(int(health(proxy.url)["pid"]))  # type: ignore[arg-type]
+        if len(pids) == 2:
+            break
+    proxy.proc.kill()
+    proxy.proc.wait()
+
+    def gone(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split()[2] == "Z"  # exited, awaiting reaping by init
+        except FileNotFoundError:
+            return True
+
+    # Orphaned workers notice within a second or so, drain and exit: no
+    # process keeps serving (or holding the port) without its supervisor.
+    wait_for(lambda: all(gone(pid) for pid in pids), timeout=10)
+    wait_for(lambda: _refused(proxy.url), timeout=10)

@@ -93,3 +93,28 @@ async def test_head_request_and_query_kept(stack):
     resp = await request(proxy.port, "GET", "/api/paas/v4/models?limit=2")
     assert resp.status == 200
     assert resp.json()["object"] == "list"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("route", [OPENAI, ANTHROPIC], ids=["openai", "anthropic"])
+async def test_usage_recorded_in_the_request_log(stack, log_buffer, stream, route):  # noqa: ANN001
+    from zaiproxy import logs
+
+    _, proxy = stack
+    body = body_for(stream, route is ANTHROPIC)
+    resp = await request(proxy.port, "POST", route[0],
+                         [("content-type", "application/json"), ("x-mock-chunks", "7"),
+                          ("authorization", "Bearer client-secret-XYZ")], body)
+    assert resp.status == 200
+    logs.get_logger().flush()
+    lines = [orjson.loads(line) for line in log_buffer.getvalue().splitlines()]
+    [entry] = [e for e in lines if e["event"] == "request"]
+    assert entry["request_id"] == resp.header(b"x-zaiproxy-request-id").decode()
+    assert entry["route"] == route[0]
+    assert entry["stream"] is stream
+    assert entry["result"] == "ok"
+    # The mock's contract: output tokens = deltas, input tokens = len(body) // 4.
+    assert entry["usage"]["output_tokens"] == 7
+    assert entry["usage"]["input_tokens"] == len(body) // 4
+    raw = log_buffer.getvalue()
+    assert b"client-secret-XYZ" not in raw and UPSTREAM_KEY.encode() not in raw

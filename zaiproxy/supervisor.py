@@ -62,6 +62,7 @@ class Supervisor:
         self.socks: list[Any] = []
         self.mock: subprocess.Popen[str] | None = None
         self.signals: list[int] = []
+        self.exit_code = 0  # 1 when start-up failed; the drain keeps it
         self.log = logs.get_logger()
 
     # ---- start-up -------------------------------------------------------------
@@ -199,9 +200,7 @@ class Supervisor:
                 if (slot.process is not None and not slot.process.is_alive()
                         and not self._on_worker_exit(slot, announced)):
                     self.signals.append(signal.SIGTERM)
-                    self._exit_code = 1
-
-    _exit_code = 0
+                    self.exit_code = 1
 
     def _poll_ready(self, slot: _Slot) -> None:
         pipe = slot.ready_pipe
@@ -286,7 +285,7 @@ class Supervisor:
                                      exit_code=slot.process.exitcode)
             alive = still
         self.log.info("drained", clean=clean)
-        return self._exit_code if clean else 1
+        return self.exit_code if clean else 1
 
     def _kill_all(self, slots: list[_Slot]) -> None:
         for slot in slots:

@@ -377,3 +377,45 @@ async def test_mock_without_key_rejects_proxy_without_key(nursery):
     upstream = await start_mock(nursery, MockOptions(api_key="other-key"))
     proxy = await start_proxy(nursery, make_config(upstream))
     assert (await request(proxy.port, "POST", "/v1/chat/completions", JSON, CHAT)).status == 401
+
+
+async def test_full_pool_answers_503_after_connect_timeout(nursery):
+    upstream = await start_mock(nursery)
+    proxy = await start_proxy(nursery, make_config(upstream, pool_max_connections=1,
+                                                   connect_timeout=0.3))
+    # One stream holds the only connection (the mock stalls it after the first event).
+    holder = await RawClient.connect("127.0.0.1", proxy.port)
+    await holder.stream.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"x-mock-fault: stall\r\ncontent-length: %d\r\n\r\n" % len(CHAT_STREAM) + CHAT_STREAM)
+    got = b""
+    with trio.fail_after(5):
+        while b"data: " not in got:
+            data = await holder.stream.receive_some(65536)
+            assert data
+            got += data
+    assert proxy.pool.active == 1
+    resp = await request(proxy.port, "POST", "/v1/chat/completions", JSON, CHAT)
+    assert resp.status == 503
+    assert resp.json()["error"]["code"] == "upstream_pool_exhausted"
+    # The slot comes back when the holder leaves, and the next request is served.
+    await holder.aclose()
+    with trio.fail_after(2):
+        while proxy.pool.active:  # noqa: ASYNC110 - settles as the proxy sees the client's EOF
+            await trio.sleep(0.01)
+    assert (await request(proxy.port, "POST", "/v1/chat/completions", JSON, CHAT)).status == 200
+
+
+async def test_http10_client_gets_a_close_delimited_stream(nursery):
+    upstream = await start_mock(nursery)
+    proxy = await start_proxy(nursery, make_config(upstream))
+    from tests.harness import send_raw
+
+    raw = await send_raw(proxy.port,
+                         b"POST /v1/chat/completions HTTP/1.0\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n" % len(CHAT_STREAM) + CHAT_STREAM)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower()
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert body.startswith(b"data: {")

@@ -419,3 +419,15 @@ async def test_http10_client_gets_a_close_delimited_stream(nursery):
     assert b"transfer-encoding" not in head.lower()
     assert body.endswith(b"data: [DONE]\n\n")
     assert body.startswith(b"data: {")
+
+
+async def test_upstream_errors_are_counted_by_type(nursery):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proxy = await start_proxy(nursery, make_config(f"http://127.0.0.1:{closed_port()}"))
+    for _ in range(2):
+        assert (await request(proxy.port, "GET", "/v1/models")).status == 502
+    text = (await request(proxy.port, "GET", "/metrics")).body.decode()
+    counts = {s.labels["error_type"]: s.value for f in text_string_to_metric_families(text)
+              for s in f.samples if s.name == "zai_proxy_upstream_errors_total"}
+    assert counts == {"upstream_unavailable": 2}

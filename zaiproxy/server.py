@@ -34,9 +34,11 @@ from zaiproxy.errors import (
     HeadersTooLarge,
     InvalidJSON,
     PayloadTooLarge,
+    PoolExhausted,
     ProxyError,
     RequestTimeout,
     ServiceUnavailable,
+    UpstreamError,
     VersionNotSupported,
 )
 from zaiproxy.logs import get_logger
@@ -372,7 +374,7 @@ class ClientConnection:
             error = exc.message
             if isinstance(exc, PayloadTooLarge | RequestTimeout | BadRequest):
                 self.close_after = True  # unread body bytes may follow
-            if exc.status >= 500:
+            if isinstance(exc, UpstreamError | PoolExhausted):
                 ctx.metrics.upstream_error(exc.code)
             if not self.gone:
                 await self.send_error(exc, api)

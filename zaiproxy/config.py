@@ -24,15 +24,13 @@ Design
 from __future__ import annotations
 
 import difflib
-import math
 import os
-import re
-import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, Final
-from urllib.parse import urlsplit
+
+from zaiproxy import config_values as values
 
 MASK: Final = "********"
 REDACTED: Final = "<redacted>"
@@ -58,211 +56,6 @@ class ConfigError(Exception):
         return "\n".join(self.problems)
 
 
-class _Invalid(Exception):
-    """A raw value was rejected. The reason never contains the value (the caller shows it)."""
-
-    def __init__(self, reason: str, *, redact: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.redact = redact  # the value itself may hold a secret (URL user info)
-
-
-# (raw value, arrived as text?) -> stored value, or raise _Invalid.
-_Parser = Callable[[object, bool], object]
-
-
-def _type_name(raw: object) -> str:
-    return {bool: "boolean", int: "integer", float: "float", str: "string"}.get(
-        type(raw), "table" if isinstance(raw, dict) else type(raw).__name__
-    )
-
-
-def _string(raw: object) -> str:
-    if not isinstance(raw, str):
-        raise _Invalid(f"not a string (got {_type_name(raw)})")
-    return raw
-
-
-_INT_RE = re.compile(r"[+-]?[0-9]+")
-
-
-def _integer(lo: int, hi: int) -> _Parser:
-    def parse(raw: object, text: bool) -> int:
-        if text:
-            s = str(raw).strip()
-            if not _INT_RE.fullmatch(s):
-                raise _Invalid("not an integer")
-            value = int(s)
-        elif isinstance(raw, int) and not isinstance(raw, bool):  # bool is an int subclass
-            value = raw
-        else:
-            raise _Invalid(f"not an integer (got {_type_name(raw)})")
-        if not lo <= value <= hi:
-            raise _Invalid(f"must be between {lo} and {hi}")
-        return value
-
-    return parse
-
-
-def _seconds(raw: object, text: bool) -> float:
-    """A positive, finite number of seconds."""
-    if text:
-        try:
-            value = float(str(raw).strip())
-        except ValueError:
-            raise _Invalid("not a number of seconds (write e.g. 30 or 2.5, without a unit)") from None
-    elif isinstance(raw, int | float) and not isinstance(raw, bool):
-        value = float(raw)
-    else:
-        raise _Invalid(f"not a number (got {_type_name(raw)})")
-    if not math.isfinite(value):
-        raise _Invalid("must be a finite number")
-    if value <= 0:
-        raise _Invalid("must be greater than 0")
-    return value
-
-
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off"})
-
-
-def _boolean(raw: object, text: bool) -> bool:
-    if text:
-        s = str(raw).strip().lower()
-        if s in _TRUE:
-            return True
-        if s in _FALSE:
-            return False
-        raise _Invalid("not a boolean (use 1/0, true/false, yes/no or on/off)")
-    if isinstance(raw, bool):
-        return raw
-    raise _Invalid(f"not a boolean (got {_type_name(raw)}; write true or false without quotes)")
-
-
-# K/M/G are binary, as in nginx's client_max_body_size; KB/MB/GB are SI; KiB/MiB/GiB are binary.
-_SIZE_RE = re.compile(r"([0-9]+)\s*([kmg](?:i?b)?)?", re.IGNORECASE)
-_SIZE_UNITS: Final = {
-    "": 1,
-    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
-    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
-}  # fmt: skip
-
-
-def _human_size(n: int) -> str:
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= factor and n % factor == 0:
-            return f"{n // factor} {unit}"
-    return f"{n} bytes"
-
-
-def _size(lo: int, hi: int | None) -> _Parser:
-    def parse(raw: object, text: bool) -> int:
-        # Strings are sizes in both env and TOML (`max_body_bytes = "32MiB"`), so `text` is moot.
-        if isinstance(raw, str):
-            m = _SIZE_RE.fullmatch(raw.strip())
-            if m is None:
-                raise _Invalid(
-                    "not a size (an integer with an optional K, KB, KiB, M, MB, MiB, G, GB "
-                    "or GiB suffix)"
-                )
-            value = int(m[1]) * _SIZE_UNITS[(m[2] or "").lower()]
-        elif isinstance(raw, int) and not isinstance(raw, bool):
-            value = raw
-        else:
-            raise _Invalid(f"not a size (got {_type_name(raw)})")
-        if hi is None and value < lo:
-            raise _Invalid(f"must be at least {_human_size(lo)}")
-        if hi is not None and not lo <= value <= hi:
-            raise _Invalid(f"must be between {_human_size(lo)} and {_human_size(hi)}")
-        return value
-
-    return parse
-
-
-def _choice(*options: str) -> _Parser:
-    def parse(raw: object, text: bool) -> str:
-        value = _string(raw).strip().lower()
-        if value not in options:
-            raise _Invalid(f"must be one of: {', '.join(options)}")
-        return value
-
-    return parse
-
-
-def _host(raw: object, text: bool) -> str:
-    s = _string(raw)
-    if s.startswith("[") and s.endswith("]"):  # "[::1]" as written in URLs; getaddrinfo wants ::1
-        s = s[1:-1]
-    if not s or any(c.isspace() or not c.isprintable() for c in s):
-        raise _Invalid("must be a host name or IP address (non-empty, no whitespace)")
-    return s
-
-
-# The variant is a label value on every metric series: bounded and Prometheus-friendly.
-_VARIANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-
-
-def _variant(raw: object, text: bool) -> str:
-    s = _string(raw)
-    if not _VARIANT_RE.fullmatch(s):
-        raise _Invalid(
-            "must match ^[a-z0-9][a-z0-9_-]{0,31}$ (it is a metric label value: lower case, "
-            "digits, '_' or '-', at most 32 characters)"
-        )
-    return s
-
-
-def _url(raw: object, text: bool) -> str:
-    s = _string(raw)
-    if not s or any(c.isspace() or not c.isprintable() for c in s):
-        raise _Invalid("must be a URL without whitespace or control characters")
-    try:
-        parts = urlsplit(s)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as exc:
-        raise _Invalid(f"not a valid URL ({exc})") from None
-    if parts.scheme not in ("http", "https"):
-        raise _Invalid("scheme must be http or https")
-    if not parts.hostname:
-        raise _Invalid("has no host")
-    if "@" in parts.netloc:
-        # user:password@ could hold a credential, so the value is not echoed back.
-        raise _Invalid("must not contain user info (user:password@)", redact=True)
-    if "#" in s:
-        raise _Invalid("must not contain a fragment ('#...')")
-    if "?" in s:
-        raise _Invalid("must not contain a query string ('?...')")
-    return s.rstrip("/")
-
-
-def _ca_file(raw: object, text: bool) -> str:
-    path = os.path.expanduser(_string(raw))
-    if not path:
-        raise _Invalid("empty path")
-    if not os.path.isfile(path):
-        raise _Invalid("not an existing file")
-    if not os.access(path, os.R_OK):
-        raise _Invalid("file is not readable")
-    # Load it the way the upstream client will, so a non-PEM file fails here, not on the first
-    # request to the private upstream.
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
-    except (ssl.SSLError, OSError) as exc:
-        raise _Invalid(f"not a PEM CA bundle ({exc})") from None
-    return path
-
-
-def _secret(raw: object, text: bool) -> str:
-    s = _string(raw)
-    if not s:
-        raise _Invalid("empty")
-    if any(c.isspace() or not c.isprintable() for c in s):
-        # Most often a trailing newline from a mounted secret file.
-        raise _Invalid("contains whitespace or control characters")
-    return s
-
-
 def _default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 256))
 
@@ -271,7 +64,7 @@ def _setting(
     default: object,
     section: str,
     env: tuple[str, ...],
-    parse: _Parser,
+    parse: values.Parser,
     *,
     secret: bool = False,
     factory: Callable[[], object] | None = None,
@@ -288,61 +81,61 @@ class Config:
     """Effective settings. Build with :func:`load_config`; ``Config()`` is all defaults."""
 
     # [server]
-    host: str = _setting("127.0.0.1", "server", ("ZAIPROXY_HOST", "HOST"), _host)
-    port: int = _setting(8080, "server", ("ZAIPROXY_PORT", "PORT"), _integer(0, 65535))
+    host: str = _setting("127.0.0.1", "server", ("ZAIPROXY_HOST", "HOST"), values.host)
+    port: int = _setting(8080, "server", ("ZAIPROXY_PORT", "PORT"), values.integer(0, 65535))
     # os.cpu_count() clamped to the 1..256 the validator accepts, so the default is always valid.
     workers: int = _setting(
-        None, "server", ("ZAIPROXY_WORKERS",), _integer(1, 256), factory=_default_workers
+        None, "server", ("ZAIPROXY_WORKERS",), values.integer(1, 256), factory=_default_workers
     )
-    demo: bool = _setting(False, "server", ("ZAIPROXY_DEMO",), _boolean)
-    drain_timeout: float = _setting(30.0, "server", ("ZAIPROXY_DRAIN_TIMEOUT",), _seconds)
+    demo: bool = _setting(False, "server", ("ZAIPROXY_DEMO",), values.boolean)
+    drain_timeout: float = _setting(30.0, "server", ("ZAIPROXY_DRAIN_TIMEOUT",), values.seconds)
     # nginx's keepalive_timeout default.
-    keepalive_timeout: float = _setting(75.0, "server", ("ZAIPROXY_KEEPALIVE_TIMEOUT",), _seconds)
+    keepalive_timeout: float = _setting(75.0, "server", ("ZAIPROXY_KEEPALIVE_TIMEOUT",), values.seconds)
     # Slowloris guard: the whole request head must arrive within this time.
-    header_timeout: float = _setting(30.0, "server", ("ZAIPROXY_HEADER_TIMEOUT",), _seconds)
+    header_timeout: float = _setting(30.0, "server", ("ZAIPROXY_HEADER_TIMEOUT",), values.seconds)
     max_body_bytes: int = _setting(
-        32 << 20, "server", ("ZAIPROXY_MAX_BODY_BYTES",), _size(1, None)
+        32 << 20, "server", ("ZAIPROXY_MAX_BODY_BYTES",), values.size(1, None)
     )
     max_header_bytes: int = _setting(
-        64 << 10, "server", ("ZAIPROXY_MAX_HEADER_BYTES",), _size(1 << 10, 1 << 20)
+        64 << 10, "server", ("ZAIPROXY_MAX_HEADER_BYTES",), values.size(1 << 10, 1 << 20)
     )
-    deployment_variant: str = _setting("production", "server", ("DEPLOYMENT_VARIANT",), _variant)
-    ledger: str = _setting("native", "server", ("ZAIPROXY_LEDGER",), _choice("native", "python"))
+    deployment_variant: str = _setting("production", "server", ("DEPLOYMENT_VARIANT",), values.variant)
+    ledger: str = _setting("native", "server", ("ZAIPROXY_LEDGER",), values.choice("native", "python"))
     # [upstream]
-    api_key: str | None = _setting(None, "upstream", ("ZAI_API_KEY",), _secret, secret=True)
+    api_key: str | None = _setting(None, "upstream", ("ZAI_API_KEY",), values.secret, secret=True)
     openai_base_url: str = _setting(
-        "https://api.z.ai/api/paas/v4", "upstream", ("ZAIPROXY_OPENAI_BASE_URL",), _url
+        "https://api.z.ai/api/paas/v4", "upstream", ("ZAIPROXY_OPENAI_BASE_URL",), values.url
     )
     anthropic_base_url: str = _setting(
-        "https://api.z.ai/api/anthropic", "upstream", ("ZAIPROXY_ANTHROPIC_BASE_URL",), _url
+        "https://api.z.ai/api/anthropic", "upstream", ("ZAIPROXY_ANTHROPIC_BASE_URL",), values.url
     )
     # Origin for the Z.AI native pass-through prefixes.
     native_base_url: str = _setting(
-        "https://api.z.ai", "upstream", ("ZAIPROXY_NATIVE_BASE_URL",), _url
+        "https://api.z.ai", "upstream", ("ZAIPROXY_NATIVE_BASE_URL",), values.url
     )
-    ca_file: str | None = _setting(None, "upstream", ("ZAIPROXY_UPSTREAM_CA_FILE",), _ca_file)
-    connect_timeout: float = _setting(10.0, "upstream", ("ZAIPROXY_CONNECT_TIMEOUT",), _seconds)
+    ca_file: str | None = _setting(None, "upstream", ("ZAIPROXY_UPSTREAM_CA_FILE",), values.ca_file)
+    connect_timeout: float = _setting(10.0, "upstream", ("ZAIPROXY_CONNECT_TIMEOUT",), values.seconds)
     response_header_timeout: float = _setting(
-        300.0, "upstream", ("ZAIPROXY_RESPONSE_HEADER_TIMEOUT",), _seconds
+        300.0, "upstream", ("ZAIPROXY_RESPONSE_HEADER_TIMEOUT",), values.seconds
     )
     # Idle time between body bytes, NOT a total: the old 5-minute total cut long generations.
     body_idle_timeout: float = _setting(
-        300.0, "upstream", ("ZAIPROXY_BODY_IDLE_TIMEOUT",), _seconds
+        300.0, "upstream", ("ZAIPROXY_BODY_IDLE_TIMEOUT",), values.seconds
     )
     # Per worker, per upstream origin.
     pool_max_connections: int = _setting(
-        256, "upstream", ("ZAIPROXY_POOL_MAX_CONNECTIONS",), _integer(1, 100_000)
+        256, "upstream", ("ZAIPROXY_POOL_MAX_CONNECTIONS",), values.integer(1, 100_000)
     )
-    pool_idle_timeout: float = _setting(30.0, "upstream", ("ZAIPROXY_POOL_IDLE_TIMEOUT",), _seconds)
-    max_retries: int = _setting(3, "upstream", ("MAX_RETRIES",), _integer(0, 10))
+    pool_idle_timeout: float = _setting(30.0, "upstream", ("ZAIPROXY_POOL_IDLE_TIMEOUT",), values.seconds)
+    max_retries: int = _setting(3, "upstream", ("MAX_RETRIES",), values.integer(0, 10))
     # [log]  LOG_LEVEL is the original's name; ZAIPROXY_LOG_LEVEL wins when both are set.
     level: str = _setting(
         "info",
         "log",
         ("ZAIPROXY_LOG_LEVEL", "LOG_LEVEL"),
-        _choice("debug", "info", "warning", "error"),
+        values.choice("debug", "info", "warning", "error"),
     )
-    access_log: bool = _setting(True, "log", ("ZAIPROXY_ACCESS_LOG",), _boolean)
+    access_log: bool = _setting(True, "log", ("ZAIPROXY_ACCESS_LOG",), values.boolean)
 
     def masked(self) -> dict[str, dict[str, object]]:
         """Every value grouped by section; a set secret is ``"********"``, an unset one None."""
@@ -398,9 +191,9 @@ class _Layers:
             if text and raw == "":
                 # Empty is a value, not "unset": treating it as unset is exactly the silent
                 # fallback to defaults this module exists to prevent.
-                raise _Invalid("empty (unset the variable to use the default)")
+                raise values.Invalid("empty (unset the variable to use the default)")
             value = f.metadata["parse"](raw, text)
-        except _Invalid as exc:
+        except values.Invalid as exc:
             self.problems.append(
                 _problem(_key(f), label, raw, exc.reason, redact=secret or exc.redact)
             )
@@ -521,18 +314,18 @@ def load_config(
     _read_cli(cli or {}, layers)
 
     defaults = Config()
-    values = {f.name: layers.values.get(f.name, getattr(defaults, f.name)) for f in _FIELDS}
+    merged = {f.name: layers.values.get(f.name, getattr(defaults, f.name)) for f in _FIELDS}
     sources = {_key(f): layers.sources.get(_key(f), "default") for f in _FIELDS}
     # Only when neither value was rejected: a bad key or a bad demo flag is already reported.
     if (
-        values["api_key"] is None
-        and not values["demo"]
+        merged["api_key"] is None
+        and not merged["demo"]
         and not {"api_key", "demo"} & layers.failed
     ):
         layers.problems.append(_MISSING_KEY)
     if layers.problems:
         raise ConfigError(layers.problems)
-    return Config(**values), sources
+    return Config(**merged), sources
 
 
 def _render_value(value: object, secret: bool) -> str:

@@ -28,11 +28,13 @@ run: $(STAMP)
 	  exec $(BIN)/zaiproxy serve --host $(HOST) --port $(PORT) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS); \
 	fi
 
-# The whole suite: lint, types, tests. CI runs exactly this (.ci/run).
+# The whole suite: lint, types, tests (against both HTTP implementations,
+# see zaiproxy/http11.py). CI runs exactly this (.ci/run).
 test: $(STAMP)
 	$(BIN)/ruff check zaiproxy _native tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+	ZAIPROXY_HTTP_IMPL=h11-mypyc $(BIN)/python -m pytest -q
 
 check: $(STAMP)
 	$(BIN)/ruff check zaiproxy _native tests bench

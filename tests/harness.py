@@ -42,6 +42,7 @@ def make_config(upstream: str, **overrides: Any) -> Config:
         workers=1,
         access_log=True,
         ledger=os.environ.get("ZAIPROXY_LEDGER", "native"),
+        http_impl=os.environ.get("ZAIPROXY_HTTP_IMPL", "h11"),
     )
     return dataclasses.replace(base, **overrides)
 
@@ -225,8 +226,11 @@ class ProcessServer:
 def start_process(args: list[str], *, env: dict[str, str] | None, stderr_path: Path,
                   timeout: float = 30) -> ProcessServer:
     """Run ``python -m zaiproxy ARGS`` and wait for its 'listening on URL' line."""
+    # The implementation switches under test are inherited; nothing else is.
+    keep = ("ZAIPROXY_HTTP_IMPL", "ZAIPROXY_LEDGER")
     full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith("ZAIPROXY_") and k not in ("ZAI_API_KEY", "PORT", "HOST")}
+                if (not k.startswith("ZAIPROXY_") or k in keep)
+                and k not in ("ZAI_API_KEY", "PORT", "HOST")}
     full_env.update(env or {})
     stderr = stderr_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "zaiproxy", *args], stdout=subprocess.PIPE,

@@ -59,3 +59,9 @@ def test_mock_upstream_rejects_bad_flags() -> None:
     assert out.returncode == 2
     assert out.stderr.startswith("zaiproxy mock-upstream: chunks must be")
     assert "Traceback" not in out.stderr
+
+
+def test_unknown_http_implementation_is_a_config_error() -> None:
+    out = run("config", "check", env={"ZAI_API_KEY": "k", "ZAIPROXY_HTTP_IMPL": "picohttp"})
+    assert out.returncode == 2
+    assert "server.http_impl (env:ZAIPROXY_HTTP_IMPL): 'picohttp'" in out.stderr

@@ -46,7 +46,7 @@ def test_defaults() -> None:
     assert config.api_key is None
     assert sources["server.demo"] == "env:ZAIPROXY_DEMO"
     assert {k for k, v in sources.items() if v != "default"} == {"server.demo"}
-    assert len(sources) == 24
+    assert len(sources) == 25
 
 
 # (section, field, TOML literal, env name, env value, cli value, file/env/cli expected values)
@@ -351,7 +351,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         f"server.port (file {path}): 99999: must be between 0 and 65535",
         f"server.bogus (file {path}): 1: unknown key in [server] (known: host, port, workers, "
         "demo, drain_timeout, keepalive_timeout, header_timeout, max_body_bytes, max_header_bytes, "
-        "deployment_variant, ledger)",
+        "deployment_variant, ledger, http_impl)",
         "upstream.max_retries (env:MAX_RETRIES): 'x': not an integer",
         "ZAIPROXY_TYPO (env): '1': unknown variable",
         "server.workers (cli): 0: must be between 1 and 256",
@@ -504,7 +504,7 @@ def test_render_check() -> None:
     lines = text.splitlines()
     assert [line for line in lines if line.startswith("[")] == ["[server]", "[upstream]", "[log]"]
     # One line per field, each with its source.
-    assert len([line for line in lines if " = " in line]) == 24
+    assert len([line for line in lines if " = " in line]) == 25
 
     assert row_of(text, "upstream.connect_timeout") == ("connect_timeout = 10.0", "default")
     assert row_of(text, "upstream.api_key") == ('# api_key = "********"', "env:ZAI_API_KEY")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,6 +35,8 @@ async def test_health(proxy):
     assert body["version"] == __version__
     assert body["variant"] == "canary"
     assert body["ledger"] in ("native", "python")
+    # The suite runs once per HTTP implementation; the worker must be using the chosen one.
+    assert body["http"] == os.environ.get("ZAIPROXY_HTTP_IMPL", "h11")
     head = await request(proxy.port, "HEAD", "/health")
     assert head.status == 200 and head.body == b""
 

@@ -66,7 +66,7 @@ def well_formed_or_empty(raw: bytes) -> bool:
             event = conn.next_event()
     except h11.RemoteProtocolError:
         return False
-    return type(event) is h11.Response or event is h11.NEED_DATA and raw.startswith(b"HTTP/1.1 ")
+    return type(event) is h11.Response or (event is h11.NEED_DATA and raw.startswith(b"HTTP/1.1 "))
 
 
 @pytest.mark.parametrize("seed", range(3))

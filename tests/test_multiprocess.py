@@ -70,11 +70,16 @@ def test_all_workers_serve(mock: ProcessServer, tmp_path: Path) -> None:
     proxy = start_proxy(mock, tmp_path, "--workers", "3")
     try:
         seen: set[object] = set()
+        impls: set[object] = set()
         for _ in range(300):
-            seen.add(health(proxy.url)["pid"])
+            body = health(proxy.url)
+            seen.add(body["pid"])
+            impls.add(body["http"])
             if len(seen) == 3:
                 break
         assert len(seen) == 3, seen
+        # Spawned workers inherit the HTTP implementation chosen for the run.
+        assert impls == {os.environ.get("ZAIPROXY_HTTP_IMPL", "h11")}
         ready = httpx.get(f"{proxy.url}/ready")
         assert ready.status_code == 200
     finally:

@@ -101,6 +101,9 @@ class Config:
     )
     deployment_variant: str = _setting("production", "server", ("DEPLOYMENT_VARIANT",), values.variant)
     ledger: str = _setting("native", "server", ("ZAIPROXY_LEDGER",), values.choice("native", "python"))
+    http_impl: str = _setting(
+        "h11", "server", ("ZAIPROXY_HTTP_IMPL",), values.choice("h11", "h11-mypyc")
+    )
     # [upstream]
     api_key: str | None = _setting(None, "upstream", ("ZAI_API_KEY",), values.secret, secret=True)
     openai_base_url: str = _setting(

@@ -40,6 +40,7 @@ class WorkerContext:
     origins: dict[Upstream, Origin]
     metrics: WorkerMetrics
     ledger_impl: str
+    http_impl: str = "h11"
     worker_index: int = 0
     shared_state: SharedState = field(default_factory=lambda: SharedState(None))
     draining: bool = False

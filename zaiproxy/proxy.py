@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import h11
 import orjson
 import trio
 
 from zaiproxy.errors import Api, UpstreamError, UpstreamTimeout, sse_error_event
 from zaiproxy.forward import client_response_headers, header_value, upstream_request_headers
+from zaiproxy.http11 import h11
 from zaiproxy.routing import Route
 from zaiproxy.sse import Usage, UsageTracker, usage_from_body
 from zaiproxy.upstream import UpstreamConnection, UpstreamPool

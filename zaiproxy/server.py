@@ -22,7 +22,6 @@ import os
 from collections import deque
 from typing import TYPE_CHECKING
 
-import h11
 import orjson
 import trio
 
@@ -41,6 +40,7 @@ from zaiproxy.errors import (
     UpstreamError,
     VersionNotSupported,
 )
+from zaiproxy.http11 import h11
 from zaiproxy.logs import get_logger
 from zaiproxy.proxy import ClientGone, Outcome, parse_json_body, proxy
 from zaiproxy.routing import Control, Route, api_for_path, resolve
@@ -386,7 +386,8 @@ class ClientConnection:
         if control is Control.HEALTH:
             body = orjson.dumps({
                 "status": "ok", "version": __version__, "variant": ctx.config.deployment_variant,
-                "ledger": ctx.ledger_impl, "worker": ctx.worker_index, "pid": os.getpid(),
+                "ledger": ctx.ledger_impl, "http": ctx.http_impl, "worker": ctx.worker_index,
+                "pid": os.getpid(),
             })
             await self.send_simple(200, body, head=head)
         elif control is Control.READY:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import multiprocessing
 import os
 import select
@@ -30,6 +31,7 @@ from typing import Any, TextIO
 from zaiproxy import __version__, logs
 from zaiproxy.config import Config
 from zaiproxy.context import STATE_DRAINING, STATE_RUNNING, STATE_STARTING
+from zaiproxy.http11 import ENV as HTTP_IMPL_ENV
 from zaiproxy.ledger import LedgerUnavailable
 from zaiproxy.ledger import load as load_ledger
 from zaiproxy.sockets import bind_reuseport
@@ -123,6 +125,14 @@ class Supervisor:
         except LedgerUnavailable as exc:
             self.log.error("ledger_unavailable", error=str(exc))
             sys.stderr.write(f"zaiproxy: {exc}\n")
+            return 1
+        # Workers pick their HTTP implementation at import time, from the
+        # environment they inherit (zaiproxy/http11.py); check it imports here
+        # so a missing package fails start-up once, clearly.
+        os.environ[HTTP_IMPL_ENV] = cfg.http_impl
+        if cfg.http_impl == "h11-mypyc" and importlib.util.find_spec("h11_mypyc") is None:
+            sys.stderr.write("zaiproxy: http_impl h11-mypyc needs the h11-mypyc package "
+                             "(pip install 'zaiproxy[fast]')\n")
             return 1
         if cfg.demo:
             self.config = cfg = self._start_demo_upstream()

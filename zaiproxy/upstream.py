@@ -21,10 +21,10 @@ import urllib.parse
 from collections import deque
 from dataclasses import dataclass
 
-import h11
 import trio
 
 from zaiproxy.errors import PoolExhausted, UpstreamError, UpstreamTimeout
+from zaiproxy.http11 import h11
 
 # One read per network event; also the largest chunk relayed in one write.
 READ_SIZE = 65536

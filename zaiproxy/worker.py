@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from zaiproxy import logs
+from zaiproxy import http11, logs
 from zaiproxy.config import Config
 from zaiproxy.context import SharedState, WorkerContext
 from zaiproxy.ledger import load as load_ledger
@@ -33,6 +33,11 @@ _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBU
 
 
 def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = None) -> WorkerContext:
+    if config.http_impl != http11.IMPLEMENTATION:
+        # The choice is made at import time from the environment, which the
+        # supervisor sets before spawning: a mismatch is a wiring bug.
+        raise RuntimeError(f"HTTP implementation {http11.IMPLEMENTATION!r} loaded, "
+                           f"{config.http_impl!r} configured")
     ledger = load_ledger(config.ledger)
     origins = {
         Upstream.OPENAI: Origin.parse(config.openai_base_url),
@@ -53,7 +58,8 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
     )
     return WorkerContext(
         config=config, pool=pool, origins=origins, metrics=metrics,
-        ledger_impl=ledger.IMPLEMENTATION, worker_index=worker_index,
+        ledger_impl=ledger.IMPLEMENTATION, http_impl=http11.IMPLEMENTATION,
+        worker_index=worker_index,
         shared_state=SharedState(state_cell),
         api_key=config.api_key.encode() if config.api_key else None,
     )

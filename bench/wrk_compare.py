@@ -695,6 +695,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run only this scenario (repeatable; default: all)")
     parser.add_argument("--render", type=Path, metavar="RESULTS_DIR",
                         help="run nothing: rewrite RESULTS_DIR/results.md from its results.json")
+    parser.add_argument("--no-access-log", dest="access_log", action="store_false",
+                        help="turn the proxy's per-request log line off (on by default, "
+                             "as in production)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
                         help="results directory; each run writes <out>/<UTC timestamp>/ "
                              "(default bench/results)")
@@ -726,9 +729,12 @@ def start_children(args: argparse.Namespace, out_dir: Path) -> tuple[Child, Chil
         "ZAIPROXY_OPENAI_BASE_URL": f"{mock_url}/api/paas/v4",
         "ZAIPROXY_ANTHROPIC_BASE_URL": f"{mock_url}/api/anthropic",
         "ZAIPROXY_NATIVE_BASE_URL": mock_url,
-        "ZAIPROXY_ACCESS_LOG": "false",
+        # The product's defaults: one JSON access-log line per request (to a file here).
+        "ZAIPROXY_ACCESS_LOG": "true" if args.access_log else "false",
         "ZAIPROXY_DRAIN_TIMEOUT": "5",
-        "LOG_LEVEL": "warning",
+        "LOG_LEVEL": "info" if args.access_log else "warning",
+        # `ZAIPROXY_HTTP_IMPL=h11-mypyc make bench` measures the compiled h11.
+        "ZAIPROXY_HTTP_IMPL": os.environ.get("ZAIPROXY_HTTP_IMPL", "h11"),
     }), out_dir)
     return mock, proxy
 
@@ -843,7 +849,7 @@ def render_md(meta: dict[str, Any], table: str) -> str:
     notes = [
         "",
         *(f"- {note}" for note in meta["notes"]),
-        "- proxy log lines during the whole run (proxy.stderr.log, LOG_LEVEL=warning): "
+        "- proxy log lines during the whole run (proxy.stderr.log): "
         + (", ".join(f"{key}: {count}" for key, count in sorted(logged.items())) or "none"),
         "",
     ]

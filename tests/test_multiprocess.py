@@ -195,6 +195,7 @@ def test_demo_mode_serves_through_the_mock(tmp_path: Path) -> None:
         assert resp.status_code == 200
         assert resp.json()["object"] == "chat.completion"
         assert "DEMO MODE" in proxy.logs()
+        assert f"curl -N {proxy.url}/v1/chat/completions" in proxy.logs()  # the "try it" hint
     finally:
         assert proxy.stop() == 0
 

@@ -181,11 +181,20 @@ class Supervisor:
                 announced = True
                 self.state.value = STATE_RUNNING
                 scheme_host = f"[{host}]" if ":" in host else host
+                workers = f"{len(self.slots)} worker" + ("s" if len(self.slots) != 1 else "")
                 self.out.write(
                     f"zaiproxy listening on http://{scheme_host}:{port} "
-                    f"({len(self.slots)} workers, variant {self.config.deployment_variant}, "
-                    f"ledger {ledger})\n")
+                    f"({workers}, variant {self.config.deployment_variant}, ledger {ledger})\n")
                 self.out.flush()
+                if self.mock is not None:
+                    base = f"http://{scheme_host}:{port}"
+                    sys.stderr.write(
+                        "Try it (demo mode, mock upstream):\n"
+                        f"  curl -N {base}/v1/chat/completions -H 'content-type: application/json' "
+                        "-d '{\"model\":\"glm-4.6\",\"stream\":true,"
+                        "\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'\n"
+                        f"  ANTHROPIC_BASE_URL={base} ANTHROPIC_AUTH_TOKEN=any claude\n")
+                    sys.stderr.flush()
                 self.log.info("started", host=host, port=port, workers=len(self.slots),
                               version=__version__, ledger=ledger,
                               openai_upstream=self.config.openai_base_url,

@@ -28,6 +28,19 @@ def bind_reuseport(host: str, port: int, count: int) -> list[socket.socket]:
         raise ValueError("count must be >= 1")
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
+    if port != 0:
+        # SO_REUSEPORT's footgun: a second proxy (same user) started on the
+        # same port would silently *join* the first one's group and take half
+        # its connections. Probe with a socket without SO_REUSEPORT first, so
+        # a port that is already listening fails like it would for any server.
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(addr)
+        finally:
+            probe.close()
     socks: list[socket.socket] = []
     try:
         for _ in range(count):

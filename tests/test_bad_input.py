@@ -201,3 +201,14 @@ async def test_config_limits_are_the_ones_used(nursery):
     proxy = await start_proxy(nursery, small)
     resp = await request(proxy.port, "POST", CHAT, JSON, b'{"model": "glm-4.6"}')
     assert resp.status == 413
+
+
+async def test_malformed_request_is_logged_with_its_status(proxy, log_buffer):
+    from zaiproxy import logs
+
+    await send_raw(proxy.port, b"GARBAGE\r\n\r\n", read_timeout=2)
+    logs.get_logger().flush()
+    entries = [orjson.loads(line) for line in log_buffer.getvalue().splitlines()]
+    [entry] = [e for e in entries if e["event"] == "request"]
+    assert (entry["status"], entry["route"], entry["method"]) == (400, "other", "-")
+    assert entry["error"].startswith("malformed HTTP request")

@@ -24,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from zaiproxy import __version__
+from zaiproxy.record import RequestRecord
 
 # ``*_created`` series double the exposition and no alert rule uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -53,6 +54,10 @@ class WorkerMetrics:
             pool.labels("active", variant).set_function(lambda: pool_stats()[0])
             pool.labels("idle", variant).set_function(lambda: pool_stats()[1])
         self._request_children: dict[tuple[str, str, int], Counter] = {}
+
+    def observe(self, record: RequestRecord) -> None:
+        """Count one finished request (the record's route is a bounded template)."""
+        self.request(record.method, record.route, record.status)
 
     def request(self, method: str, template: str, status: int) -> None:
         if method not in _METHODS:

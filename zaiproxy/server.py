@@ -43,6 +43,7 @@ from zaiproxy.errors import (
 from zaiproxy.http11 import h11
 from zaiproxy.logs import get_logger
 from zaiproxy.proxy import ClientGone, Outcome, parse_json_body, proxy
+from zaiproxy.record import RequestRecord
 from zaiproxy.routing import Control, Route, api_for_path, resolve
 
 if TYPE_CHECKING:
@@ -305,7 +306,10 @@ class ClientConnection:
                 self.request_id = self.ctx.next_request_id()
                 self.close_after = True
                 await self.send_error(err, Api.OPENAI)
-                self.ctx.metrics.request("-", "other", err.status)
+                self._emit(RequestRecord(
+                    request_id=self.request_id.decode(), method="-", route="other",
+                    status=err.status, duration_s=0.0, bytes_in=0, client=self.client_ip,
+                    error=err.message))
                 return
             if request is None:
                 return
@@ -404,46 +408,35 @@ class ClientConnection:
     def _log(self, method: str, target: str, route: Route | None, started: float, bytes_in: int,
              model: str | None, stream_flag: bool | None, outcome: Outcome | None,
              error: str | None) -> None:
-        ctx = self.ctx
-        # 499: the client closed the connection before a response (nginx's convention).
-        status = self.response_status or (499 if self.gone else 0)
-        template = route.template if route is not None else "other"
-        ctx.metrics.request(method, template, status)
-        if not ctx.config.access_log:
-            return
-        log = get_logger()
-        if not log.enabled("info"):
-            return
-        fields: dict[str, object] = {
-            "request_id": self.request_id.decode(),
-            "method": method,
+        record = RequestRecord(
+            request_id=self.request_id.decode(),
+            method=method,
             # The template, never the raw path: raw paths may carry anything.
-            "route": template,
-            "status": status,
-            "duration_ms": round((trio.current_time() - started) * 1000, 3),
-            "bytes_in": bytes_in,
-            "client": self.client_ip,
-        }
-        if model is not None:
-            fields["model"] = model[:128]
-        if stream_flag is not None:
-            fields["stream"] = stream_flag
-        if outcome is not None:
-            fields["upstream_status"] = outcome.upstream_status
-            fields["bytes_out"] = outcome.bytes_out
-            fields["result"] = outcome.result
-            if outcome.ttfb is not None:
-                fields["upstream_ttfb_ms"] = round(outcome.ttfb * 1000, 3)
-            if outcome.retried:
-                fields["retried_stale_connection"] = True
-            if outcome.usage is not None:
-                u = outcome.usage
-                fields["usage"] = {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
-                                   "cache_read_tokens": u.cache_read_tokens,
-                                   "cache_write_tokens": u.cache_write_tokens}
-        if error is not None:
-            fields["error"] = error
-        log.info("request", **fields)
+            route=route.template if route is not None else "other",
+            # 499: the client closed the connection before a response (nginx's convention).
+            status=self.response_status or (499 if self.gone else 0),
+            duration_s=trio.current_time() - started,
+            bytes_in=bytes_in,
+            client=self.client_ip,
+            model=model[:128] if model is not None else None,
+            stream=stream_flag,
+            upstream_status=outcome.upstream_status if outcome else None,
+            upstream_ttfb_s=outcome.ttfb if outcome else None,
+            bytes_out=outcome.bytes_out if outcome else None,
+            result=outcome.result if outcome else None,
+            retried=outcome.retried if outcome else False,
+            usage=outcome.usage if outcome else None,
+            error=error,
+        )
+        self._emit(record)
+
+    def _emit(self, record: RequestRecord) -> None:
+        """Hand the finished request's record to its sinks (metrics, access log)."""
+        self.ctx.metrics.observe(record)
+        if self.ctx.config.access_log:
+            log = get_logger()
+            if log.enabled("info"):
+                log.info("request", **record.log_fields())
 
 
 _REASONS = {

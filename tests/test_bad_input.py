@@ -183,7 +183,7 @@ async def test_expect_100_continue(proxy):
                           b"content-length: %d\r\n\r\n" % len(body))
     with trio.fail_after(5):
         first = await stream.receive_some(4096)
-    assert first.startswith(b"HTTP/1.1 100 ")
+    assert first.startswith(b"HTTP/1.1 100 Continue\r\n")
     await stream.send_all(body)
     out = b""
     with trio.fail_after(5):

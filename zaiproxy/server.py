@@ -243,8 +243,8 @@ class ClientConnection:
                         f"request body of {int(value)} bytes exceeds the limit of {limit} bytes")
                 break
         if self.conn.they_are_waiting_for_100_continue:
-            await self._write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-                              or b"")
+            interim = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            await self._write(self.conn.send(interim) or b"")
         parts: list[bytes] = []
         size = 0
         conn = self.conn

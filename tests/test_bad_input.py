@@ -212,3 +212,40 @@ async def test_malformed_request_is_logged_with_its_status(proxy, log_buffer):
     [entry] = [e for e in entries if e["event"] == "request"]
     assert (entry["status"], entry["route"], entry["method"]) == (400, "other", "-")
     assert entry["error"].startswith("malformed HTTP request")
+
+
+async def test_413_reaches_a_client_that_keeps_sending(proxy):
+    # The client sends its whole oversized body without waiting. Closing with
+    # unread bytes in the socket would make the kernel send RST, and the
+    # client could lose the 413 before reading it: the proxy must linger
+    # (shut down its side, drain for a while), as nginx and Apache do.
+    body = b"x" * 400_000
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % len(body))
+    got = b""
+
+    async def send() -> None:
+        try:
+            await stream.send_all(head + body)
+        except trio.BrokenResourceError:
+            pass
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(send)
+        await trio.sleep(0.2)  # let the body pile up unread on the proxy's side
+        with trio.fail_after(5):
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not data:
+                    break
+                got += data
+        # Half-closed, not gone: the proxy still drains what we send.
+        assert len(proxy.worker.connections) == 1
+        inner.cancel_scope.cancel()
+    await stream.aclose()
+    assert got.startswith(b"HTTP/1.1 413 "), got[:60]
+    assert b"request_too_large" in got

@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 # body being read) before it stops reading: bounded, like everything else.
 _MAX_READAHEAD = 65536
 _READ_SIZE = 65536
+# Lingering close after an early error response (nginx: lingering_time 30 s;
+# a shorter bound here, since agents send bodies of a few MB at most).
+_LINGER_SECONDS = 5.0
+_LINGER_MAX_BYTES = 64 << 20
 _JSON = (b"content-type", b"application/json")
 
 
@@ -286,7 +290,30 @@ class ClientConnection:
             get_logger().error("connection_crashed", request_id=self.request_id.decode(),
                                error=repr(exc))
         finally:
+            if self.close_after and not self.gone and self.conn.their_state is not h11.DONE:
+                await self._lingering_close()
             await trio.aclose_forcefully(self.stream)
+
+    async def _lingering_close(self) -> None:
+        """Half-close, then drain what the client still sends, for a bounded while.
+
+        We answered (413, 400, ...) without reading the whole request. Closing
+        a socket with unread bytes makes the kernel send RST, and a client still
+        sending can then lose our response before reading it. RFC 9112 9.6's
+        staged close, nginx's ``lingering_close``: bounded in time and bytes.
+        """
+        drained = 0
+        with trio.move_on_after(_LINGER_SECONDS):
+            try:
+                if isinstance(self.stream, trio.SocketStream):
+                    await self.stream.send_eof()
+                while drained < _LINGER_MAX_BYTES:
+                    data = await self.stream.receive_some(_READ_SIZE)
+                    if not data:
+                        break
+                    drained += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def _serve(self) -> None:
         first = True

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from tests.harness import RawClient, make_config, request, start_mock, start_proxy
@@ -431,3 +432,37 @@ async def test_upstream_errors_are_counted_by_type(nursery):
     counts = {s.labels["error_type"]: s.value for f in text_string_to_metric_families(text)
               for s in f.samples if s.name == "zai_proxy_upstream_errors_total"}
     assert counts == {"upstream_unavailable": 2}
+
+
+async def test_slow_client_backpressures_the_upstream(nursery):
+    # The upstream offers 256 MiB as fast as it can; the client reads the head
+    # and then nothing. With bounded buffers the upstream must stall once the
+    # socket buffers are full, long before it has sent it all.
+    total = 256 << 20
+    sent = 0
+
+    async def handler(stream: trio.SocketStream, index: int) -> None:
+        nonlocal sent
+        buf = bytearray()
+        assert await read_request(stream, buf)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                              b"content-length: %d\r\n\r\n" % total)
+        block = b"z" * (1 << 20)
+        while sent < total:
+            await stream.send_all(block)
+            sent += len(block)
+
+    upstream = await scripted_upstream(nursery, handler)
+    proxy = await start_proxy(nursery, make_config(upstream))
+    client = await RawClient.connect("127.0.0.1", proxy.port)
+    await client.stream.send_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+    with trio.fail_after(5):
+        first = await client.stream.receive_some(1024)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    # Every task (upstream writer, proxy relay) is now blocked on a full socket.
+    await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+    stalled_at = sent
+    assert stalled_at < 48 << 20, stalled_at  # kernel buffers, not a proxy-side pile-up
+    await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+    assert sent == stalled_at  # and it stays stalled while the client does not read
+    await client.aclose()

@@ -447,7 +447,7 @@ async def test_slow_client_backpressures_the_upstream(nursery):
         assert await read_request(stream, buf)
         await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
                               b"content-length: %d\r\n\r\n" % total)
-        block = b"z" * (1 << 20)
+        block = b"z" * (16 << 10)
         while sent < total:
             await stream.send_all(block)
             sent += len(block)
@@ -462,7 +462,7 @@ async def test_slow_client_backpressures_the_upstream(nursery):
     # Every task (upstream writer, proxy relay) is now blocked on a full socket.
     await trio.testing.wait_all_tasks_blocked(cushion=0.2)
     stalled_at = sent
-    assert stalled_at < 48 << 20, stalled_at  # kernel buffers, not a proxy-side pile-up
+    assert 0 < stalled_at < 48 << 20, stalled_at  # it flowed, then stopped at kernel buffers
     await trio.testing.wait_all_tasks_blocked(cushion=0.2)
     assert sent == stalled_at  # and it stays stalled while the client does not read
     await client.aclose()

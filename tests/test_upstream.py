@@ -253,7 +253,15 @@ async def test_sequential_requests_reuse_one_connection(nursery):
     assert proxy.pool.idle_count == 1
 
 
-async def test_stale_idle_connection_detected(nursery):
+def request_log(log_buffer) -> list[dict]:
+    from zaiproxy import logs
+
+    logs.get_logger().flush()
+    return [e for e in map(orjson.loads, log_buffer.getvalue().splitlines())
+            if e["event"] == "request"]
+
+
+async def test_stale_idle_connection_detected(nursery, log_buffer):
     async def handler(stream: trio.SocketStream, index: int) -> None:
         buf = bytearray()
         assert await read_request(stream, buf)
@@ -272,6 +280,9 @@ async def test_stale_idle_connection_detected(nursery):
     resp = await request(proxy.port, "GET", "/v1/models")
     assert resp.status == 200
     assert proxy.pool.opened == 2
+    # Detected before use, so no request was sent on it and nothing was retried.
+    assert [e.get("retried_stale_connection", False) for e in request_log(log_buffer)] == [
+        False, False]
 
 
 async def test_request_failing_on_reused_connection_is_retried_once(nursery, log_buffer):
@@ -295,6 +306,8 @@ async def test_request_failing_on_reused_connection_is_retried_once(nursery, log
     assert resp.status == 200
     assert resp.body == b'{"ok":true}'
     assert proxy.pool.opened == 2
+    assert [e.get("retried_stale_connection", False) for e in request_log(log_buffer)] == [
+        False, True]
 
 
 async def test_failure_on_fresh_connection_is_not_retried(nursery):

@@ -36,10 +36,17 @@ def start_proxy(mock: ProcessServer, tmp: Path, *args: str) -> ProcessServer:
     }, stderr_path=tmp / "proxy.log")
 
 
+STREAM_BODY = orjson.dumps({"model": "glm-4.6", "stream": True,
+                            "messages": [{"role": "user", "content": "hi"}]})
+
+
 @contextlib.contextmanager
-def open_stream(url: str, body: bytes, headers: dict[str, str]) -> Iterator[httpx.Response]:
+def open_stream(url: str, chunks: int, delay: float = 0.05) -> Iterator[httpx.Response]:
+    """A streaming chat completion of ``chunks`` events paced ``delay`` apart by the mock."""
+    headers = {"content-type": "application/json", "x-mock-chunks": str(chunks),
+               "x-mock-chunk-delay": str(delay)}
     with httpx.Client(timeout=30) as client, client.stream(
-            "POST", f"{url}/v1/chat/completions", content=body, headers=headers) as resp:
+            "POST", f"{url}/v1/chat/completions", content=STREAM_BODY, headers=headers) as resp:
         yield resp
 
 
@@ -120,11 +127,7 @@ def test_killed_worker_is_replaced_and_requests_keep_succeeding(mock: ProcessSer
 def test_sigterm_lets_a_running_stream_finish_then_exits_0(mock: ProcessServer,
                                                            tmp_path: Path) -> None:
     proxy = start_proxy(mock, tmp_path, "--workers", "2", "--drain-timeout", "20")
-    body = orjson.dumps({"model": "glm-4.6", "stream": True,
-                         "messages": [{"role": "user", "content": "hi"}]})
-    headers = {"content-type": "application/json", "x-mock-chunks": "30",
-               "x-mock-chunk-delay": "0.05"}
-    with open_stream(proxy.url, body, headers) as resp:
+    with open_stream(proxy.url, chunks=30) as resp:
         assert resp.status_code == 200
         chunks = resp.iter_bytes()
         received = next(chunks)
@@ -151,12 +154,8 @@ def _refused(url: str) -> bool:
 def test_drain_deadline_cuts_streams_with_an_error_event(mock: ProcessServer,
                                                          tmp_path: Path) -> None:
     proxy = start_proxy(mock, tmp_path, "--workers", "1", "--drain-timeout", "0.5")
-    body = orjson.dumps({"model": "glm-4.6", "stream": True,
-                         "messages": [{"role": "user", "content": "hi"}]})
-    headers = {"content-type": "application/json", "x-mock-chunks": "200",
-               "x-mock-chunk-delay": "0.05"}
     received = b""
-    with open_stream(proxy.url, body, headers) as resp:
+    with open_stream(proxy.url, chunks=200) as resp:
         chunks = resp.iter_bytes()
         received = next(chunks)
         proxy.proc.send_signal(signal.SIGTERM)
@@ -170,11 +169,7 @@ def test_drain_deadline_cuts_streams_with_an_error_event(mock: ProcessServer,
 
 def test_second_signal_exits_at_once(mock: ProcessServer, tmp_path: Path) -> None:
     proxy = start_proxy(mock, tmp_path, "--workers", "2", "--drain-timeout", "60")
-    body = orjson.dumps({"model": "glm-4.6", "stream": True,
-                         "messages": [{"role": "user", "content": "hi"}]})
-    headers = {"content-type": "application/json", "x-mock-chunks": "2000",
-               "x-mock-chunk-delay": "0.05"}
-    with open_stream(proxy.url, body, headers) as resp:
+    with open_stream(proxy.url, chunks=2000) as resp:
         chunks = resp.iter_bytes()  # keep a reference: a dropped generator closes the stream
         next(chunks)
         proxy.proc.send_signal(signal.SIGTERM)

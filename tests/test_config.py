@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import pickle
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import certifi
 import pytest
 
 from zaiproxy.config import Config, ConfigError, load_config, render_check
+from zaiproxy.limits import Limits
 
 SECRET = "sk-live-0123456789abcdef"
 DEMO = {"ZAIPROXY_DEMO": "1"}
@@ -46,7 +48,7 @@ def test_defaults() -> None:
     assert config.api_key is None
     assert sources["server.demo"] == "env:ZAIPROXY_DEMO"
     assert {k for k, v in sources.items() if v != "default"} == {"server.demo"}
-    assert len(sources) == 25
+    assert len(sources) == len(fields(Config))
 
 
 # (section, field, TOML literal, env name, env value, cli value, file/env/cli expected values)
@@ -426,7 +428,7 @@ apikey = "sk-top-secret"
     )
     assert problems_of(env=DEMO, path=path) == [
         f"port (file {path}): 1: settings go in a section: put it under [server]",
-        f"serverr (file {path}): <table>: unknown section (known: server, upstream, log)",
+        f"serverr (file {path}): <table>: unknown section (known: server, upstream, limits, auth, tokens, log)",
         f"server.prot (file {path}): 1: unknown key in [server]; did you mean port?",
         f"server.level (file {path}): 'debug': unknown key in [server]; it belongs in [log]",
         f"upstream.apikey (file {path}): <redacted>: unknown key in [upstream]; did you mean "
@@ -490,7 +492,7 @@ def test_secret_never_shown() -> None:
 
 def test_masked_shape() -> None:
     masked = Config(demo=True).masked()
-    assert list(masked) == ["server", "upstream", "log"]
+    assert list(masked) == ["server", "upstream", "limits", "auth", "tokens", "log"]
     assert masked["upstream"]["api_key"] is None
     assert masked["server"]["port"] == 8080
     assert masked["log"] == {"level": "info", "access_log": True}
@@ -502,7 +504,7 @@ def test_render_check() -> None:
     )
     text = render_check(config, sources)
     lines = text.splitlines()
-    assert [line for line in lines if line.startswith("[")] == ["[server]", "[upstream]", "[log]"]
+    assert [line for line in lines if line.startswith("[")] == ["[server]", "[upstream]", "[limits]", "[auth]", "[tokens]", "[log]"]
     # One line per field, each with its source.
     assert len([line for line in lines if " = " in line]) == 25
 
@@ -562,3 +564,50 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(AttributeError):
         config.port = 1  # type: ignore[misc]
+
+
+# --- limits, auth and tokens ----------------------------------------------------------------
+
+
+def test_limits_from_env_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[limits]\nrequests_per_minute = 100\nupstream_tokens_per_5h = 500000\n'
+                    'queue_timeout = 0\n[tokens]\nknown_models = ["glm-4.6", "glm-x"]\n')
+    config, _ = load_config(env={**DEMO, "ZAIPROXY_CONCURRENCY": "8",
+                                 "TOKEN_COUNTING_ENABLED": "true"}, path=str(path))
+    assert config.global_limits() == Limits(requests_per_minute=100, concurrency=8)
+    assert config.upstream_limits() == Limits(tokens_per_5h=500000)
+    assert config.queue_timeout == 0.0
+    assert config.known_models == ("glm-4.6", "glm-x")
+    config, _ = load_config(env={**DEMO, "ZAIPROXY_KNOWN_MODELS": "a, b,a"})
+    assert config.known_models == ("a", "b")
+
+
+def test_token_limits_need_token_counting() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env={**DEMO, "ENABLE_TOKEN_COUNTING": "false",
+                         "ZAIPROXY_UPSTREAM_TOKENS_PER_MINUTE": "1000"})
+    assert "limits.upstream_tokens_per_minute: token limits need token counting" in str(info.value)
+    config, _ = load_config(env={**DEMO, "ENABLE_TOKEN_COUNTING": "false"})
+    assert config.token_counting is False
+
+
+@pytest.mark.parametrize(("env", "reason"), [
+    ({"ZAIPROXY_REQUESTS_PER_MINUTE": "0"}, "must be between 1 and"),
+    ({"ZAIPROXY_QUEUE_TIMEOUT": "-1"}, "must be greater than 0"),
+    ({"ZAIPROXY_ADAPTIVE_MIN_RPS": "50", "ZAIPROXY_ADAPTIVE_MAX_RPS": "10"},
+     "must not be greater than limits.adaptive_max_rps"),
+    ({"ZAIPROXY_KNOWN_MODELS": "ok, bad model"}, "names must match"),
+    ({"ZAIPROXY_KEYS_FILE": "/nonexistent/keys.toml"}, "not an existing file"),
+])
+def test_limit_settings_rejected(env: dict[str, str], reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env={**DEMO, **env})
+    assert reason in str(info.value)
+
+
+def test_admin_token_is_secret() -> None:
+    config, sources = load_config(env={**DEMO, "ZAIPROXY_ADMIN_TOKEN": "adm-s3cret"})
+    assert config.admin_token == "adm-s3cret"
+    assert "adm-s3cret" not in render_check(config, sources)
+    assert "adm-s3cret" not in repr(config)

@@ -31,10 +31,11 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any, Final
 
 from zaiproxy import config_values as values
+from zaiproxy.limits import LIMIT_MAX, LIMIT_NAMES, Limits
 
 MASK: Final = "********"
 REDACTED: Final = "<redacted>"
-SECTIONS: Final = ("server", "upstream", "log")
+SECTIONS: Final = ("server", "upstream", "limits", "auth", "tokens", "log")
 CONFIG_ENV: Final = "ZAIPROXY_CONFIG"
 _ENV_PREFIX: Final = "ZAIPROXY_"
 _MISSING_KEY: Final = (
@@ -74,6 +75,13 @@ def _setting(
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, repr=not secret, metadata=meta)
+
+
+_LIMIT = values.integer(1, LIMIT_MAX)
+_KNOWN_MODELS = (
+    "glm-4.6", "glm-4.5", "glm-4.5-air", "glm-4.5-x", "glm-4.5-airx", "glm-4.5-flash", "glm-4.5v",
+    "glm-4.6v", "glm-4-32b-0414-128k", "glm-4-plus", "glm-z1-air", "embedding-3",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +139,74 @@ class Config:
     )
     pool_idle_timeout: float = _setting(30.0, "upstream", ("ZAIPROXY_POOL_IDLE_TIMEOUT",), values.seconds)
     max_retries: int = _setting(3, "upstream", ("MAX_RETRIES",), values.integer(0, 10))
+    # [limits]  Global limits (all traffic of this host), then per upstream key. Unset = no limit.
+    requests_per_minute: int | None = _setting(None, "limits", ("ZAIPROXY_REQUESTS_PER_MINUTE",), _LIMIT)
+    tokens_per_minute: int | None = _setting(None, "limits", ("ZAIPROXY_TOKENS_PER_MINUTE",), _LIMIT)
+    concurrency: int | None = _setting(None, "limits", ("ZAIPROXY_CONCURRENCY",), _LIMIT)
+    requests_per_5h: int | None = _setting(None, "limits", ("ZAIPROXY_REQUESTS_PER_5H",), _LIMIT)
+    tokens_per_5h: int | None = _setting(None, "limits", ("ZAIPROXY_TOKENS_PER_5H",), _LIMIT)
+    requests_per_week: int | None = _setting(None, "limits", ("ZAIPROXY_REQUESTS_PER_WEEK",), _LIMIT)
+    tokens_per_week: int | None = _setting(None, "limits", ("ZAIPROXY_TOKENS_PER_WEEK",), _LIMIT)
+    upstream_requests_per_minute: int | None = _setting(None, "limits", ("ZAIPROXY_UPSTREAM_REQUESTS_PER_MINUTE",), _LIMIT)
+    upstream_tokens_per_minute: int | None = _setting(None, "limits", ("ZAIPROXY_UPSTREAM_TOKENS_PER_MINUTE",), _LIMIT)
+    upstream_concurrency: int | None = _setting(None, "limits", ("ZAIPROXY_UPSTREAM_CONCURRENCY",), _LIMIT)
+    upstream_requests_per_5h: int | None = _setting(None, "limits", ("ZAIPROXY_UPSTREAM_REQUESTS_PER_5H",), _LIMIT)
+    upstream_tokens_per_5h: int | None = _setting(None, "limits", ("ZAIPROXY_UPSTREAM_TOKENS_PER_5H",), _LIMIT)
+    upstream_requests_per_week: int | None = _setting(None, "limits", ("ZAIPROXY_UPSTREAM_REQUESTS_PER_WEEK",), _LIMIT)
+    upstream_tokens_per_week: int | None = _setting(None, "limits", ("ZAIPROXY_UPSTREAM_TOKENS_PER_WEEK",), _LIMIT)
+    # Wait up to this long for a limit instead of answering 429 at once (0 = never wait).
+    queue_timeout: float = _setting(0.0, "limits", ("ZAIPROXY_QUEUE_TIMEOUT",), values.seconds_or_zero)
+    # Waiting requests per worker beyond which a request is refused at once.
+    queue_max: int = _setting(1024, "limits", ("ZAIPROXY_QUEUE_MAX",), values.integer(1, 1_000_000))
+    # The adaptive upstream rate: backs off on Z.AI frequency/unknown 429s, probes up when clean.
+    adaptive_rate: bool = _setting(True, "limits", ("ZAIPROXY_ADAPTIVE_RATE",), values.boolean)
+    adaptive_max_rps: float = _setting(
+        1000.0, "limits", ("ZAIPROXY_ADAPTIVE_MAX_RPS",), values.number(0.01, 1e6)
+    )
+    adaptive_min_rps: float = _setting(
+        0.5, "limits", ("ZAIPROXY_ADAPTIVE_MIN_RPS",), values.number(0.01, 1e6)
+    )
+    # Where the learned rate survives restarts (default: <tmpdir>/zaiproxy-adaptive-<port>.json).
+    state_file: str | None = _setting(
+        None, "limits", ("ZAIPROXY_STATE_FILE",), values.file_path(must_exist=False)
+    )
+    state_max_age: float = _setting(21600.0, "limits", ("ZAIPROXY_STATE_MAX_AGE",), values.seconds)
+    # The shared-memory segment (default: /dev/shm/zaiproxy-<port>).
+    ledger_path: str | None = _setting(
+        None, "limits", ("ZAIPROXY_LEDGER_PATH",), values.file_path(must_exist=False)
+    )
+    ledger_rows: int = _setting(4096, "limits", ("ZAIPROXY_LEDGER_ROWS",), values.integer(64, 1 << 20))
+    # [auth]
+    keys_file: str | None = _setting(
+        None, "auth", ("ZAIPROXY_KEYS_FILE",), values.file_path(must_exist=True)
+    )
+    admin_token: str | None = _setting(
+        None, "auth", ("ZAIPROXY_ADMIN_TOKEN",), values.secret, secret=True
+    )
+    # Key aliases as a metric label (opt-in: one series per alias).
+    alias_metrics: bool = _setting(False, "auth", ("ZAIPROXY_ALIAS_METRICS",), values.boolean)
+    # [tokens]  TOKEN_COUNTING_ENABLED / ENABLE_TOKEN_COUNTING are the original's switches.
+    token_counting: bool = _setting(
+        True, "tokens", ("ZAIPROXY_TOKEN_COUNTING", "TOKEN_COUNTING_ENABLED", "ENABLE_TOKEN_COUNTING"),
+        values.boolean,
+    )
+    # Output reservation when a request gives no max_tokens.
+    default_max_output_tokens: int = _setting(
+        4096, "tokens", ("ZAIPROXY_DEFAULT_MAX_OUTPUT_TOKENS",), values.integer(1, 10_000_000)
+    )
+    # Answer POST /v1/messages/count_tokens from the local estimate instead of forwarding it.
+    count_tokens_locally: bool = _setting(
+        False, "tokens", ("ZAIPROXY_COUNT_TOKENS_LOCALLY",), values.boolean
+    )
+    # Ask the OpenAI-style upstream for usage on streams (stream_options.include_usage) and strip
+    # the extra chunk from clients that did not ask for it.
+    openai_include_usage: bool = _setting(
+        False, "tokens", ("ZAIPROXY_OPENAI_INCLUDE_USAGE",), values.boolean
+    )
+    # Model names kept as metric/ledger labels; any other model counts as "other".
+    known_models: tuple[str, ...] = _setting(
+        _KNOWN_MODELS, "tokens", ("ZAIPROXY_KNOWN_MODELS",), values.name_list
+    )
     # [log]  LOG_LEVEL is the original's name; ZAIPROXY_LOG_LEVEL wins when both are set.
     level: str = _setting(
         "info",
@@ -139,6 +215,12 @@ class Config:
         values.choice("debug", "info", "warning", "error"),
     )
     access_log: bool = _setting(True, "log", ("ZAIPROXY_ACCESS_LOG",), values.boolean)
+
+    def global_limits(self) -> Limits:
+        return Limits(**{name: getattr(self, name) for name in LIMIT_NAMES})
+
+    def upstream_limits(self) -> Limits:
+        return Limits(**{name: getattr(self, "upstream_" + name) for name in LIMIT_NAMES})
 
     def masked(self) -> dict[str, dict[str, object]]:
         """Every value grouped by section; a set secret is ``"********"``, an unset one None."""
@@ -326,12 +408,30 @@ def load_config(
         and not {"api_key", "demo"} & layers.failed
     ):
         layers.problems.append(_MISSING_KEY)
+    if not merged["token_counting"] and not layers.failed & {"token_counting"}:
+        for name in _TOKEN_LIMITS:
+            if merged[name] is not None:
+                layers.problems.append(
+                    f"limits.{name}: token limits need token counting; "
+                    "unset it or enable tokens.token_counting"
+                )
+    if merged["adaptive_min_rps"] > merged["adaptive_max_rps"]:
+        layers.problems.append(
+            "limits.adaptive_min_rps: must not be greater than limits.adaptive_max_rps"
+        )
     if layers.problems:
         raise ConfigError(layers.problems)
     return Config(**merged), sources
 
 
+_TOKEN_LIMITS: Final = tuple(
+    prefix + name for prefix in ("", "upstream_") for name in LIMIT_NAMES if name.startswith("tokens_")
+)
+
+
 def _render_value(value: object, secret: bool) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_render_value(v, False) for v in value) + "]"
     if value is None:
         return "(unset)"
     if secret:

@@ -220,3 +220,59 @@ def secret(raw: object, text: bool) -> str:
         # Most often a trailing newline from a mounted secret file.
         raise Invalid("contains whitespace or control characters")
     return s
+
+
+def seconds_or_zero(raw: object, text: bool) -> float:
+    """A finite number of seconds >= 0 (0 switches the feature off)."""
+    if (text and str(raw).strip() in ("0", "0.0")) or (not text and raw == 0 and type(raw) is not bool):
+        return 0.0
+    return seconds(raw, text)
+
+
+def number(lo: float, hi: float) -> Parser:
+    """A finite number in [lo, hi] (ints accepted)."""
+
+    def parse(raw: object, text: bool) -> float:
+        if text:
+            try:
+                value = float(str(raw).strip())
+            except ValueError:
+                raise Invalid("not a number") from None
+        elif isinstance(raw, int | float) and not isinstance(raw, bool):
+            value = float(raw)
+        else:
+            raise Invalid(f"not a number (got {type_name(raw)})")
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise Invalid(f"must be between {lo:g} and {hi:g}")
+        return value
+
+    return parse
+
+
+def file_path(must_exist: bool) -> Parser:
+    def parse(raw: object, text: bool) -> str:
+        path = os.path.expanduser(string(raw))
+        if not path or any(c in path for c in "\0\n"):
+            raise Invalid("not a usable path")
+        if must_exist and not os.path.isfile(path):
+            raise Invalid("not an existing file")
+        return path
+
+    return parse
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+
+
+def name_list(raw: object, text: bool) -> tuple[str, ...]:
+    """A list of names: comma-separated text, or a TOML array of strings."""
+    if isinstance(raw, str):
+        items = [s.strip() for s in raw.split(",") if s.strip()]
+    elif isinstance(raw, list) and all(isinstance(s, str) for s in raw):
+        items = [s.strip() for s in raw]
+    else:
+        raise Invalid(f"not a list of names (got {type_name(raw)})")
+    for item in items:
+        if not _NAME_RE.fullmatch(item):
+            raise Invalid("names must match ^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    return tuple(dict.fromkeys(items))

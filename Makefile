@@ -11,7 +11,7 @@ ARGS ?=
 
 .PHONY: run test check lint typecheck bench dev clean
 
-$(STAMP): pyproject.toml setup.py _native/_ledger.pyx
+$(STAMP): pyproject.toml setup.py _native/_ledger.pyx _native/_atomic.h
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -e '.[test]'

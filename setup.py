@@ -11,6 +11,9 @@ extensions = [
     Extension(
         "_native._ledger",
         ["_native/_ledger.pyx"],
+        # _atomic.h: the __atomic builtins the ledger uses (cdef extern from "_atomic.h").
+        include_dirs=["_native"],
+        depends=["_native/_atomic.h"],
         extra_compile_args=["-O2"],
     )
 ]

@@ -16,7 +16,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zaiproxy.sse import SSEEvent, SSEParser, Usage, UsageTracker, usage_from_body
+from zaiproxy import tokens
+from zaiproxy.mock import payloads
+from zaiproxy.sse import (
+    SSEEvent,
+    SSEParser,
+    StreamUsage,
+    Usage,
+    UsageChunkStripper,
+    UsageTracker,
+    add_include_usage,
+    usage_from_body,
+)
+from zaiproxy.tokens import count_text
 
 E = SSEEvent
 
@@ -707,3 +719,545 @@ def test_usage_from_body(
 )
 def test_usage_from_body_garbage(api: Literal["openai", "anthropic"], body: bytes) -> None:
     assert usage_from_body(api, body) is None
+
+
+# --------------------------------------------------------------------------------------
+# Output counted from the deltas, for streams without (final) upstream usage
+
+
+def feed_all(tracker: UsageTracker, chunks: list[bytes]) -> UsageTracker:
+    for chunk in chunks:
+        tracker.feed(chunk)
+    tracker.close()
+    return tracker
+
+
+def all_feeds(stream: bytes) -> Iterator[list[bytes]]:
+    """Whole, byte by byte, and split in two at every byte boundary."""
+    yield [stream]
+    yield bytewise(stream)
+    yield from splits(stream)
+
+
+def without_usage(events: list[bytes]) -> list[bytes]:
+    """The mock's OpenAI events with the usage object taken off the final chunk."""
+    last = events[-2]
+    cut = last.index(b',"usage":')
+    return [*events[:-2], last[:cut] + b"}\n\n", events[-1]]
+
+
+MOCK_DELTAS = (7, 5)  # 7 deltas of 5 characters: words split across deltas
+
+
+def mock_text() -> str:
+    return payloads.expected_text(*MOCK_DELTAS)
+
+
+def test_mock_text_is_split_mid_word() -> None:
+    # Counting the joined text, not each delta, is what makes these equal.
+    deltas = payloads.text_deltas(*MOCK_DELTAS)
+    assert sum(count_text(d) for d in deltas) > count_text(mock_text())
+
+
+@pytest.mark.parametrize(
+    "builder", [payloads.chat_events, payloads.text_completion_events], ids=["chat", "completions"]
+)
+def test_openai_stream_without_usage_counts_deltas(builder: Any) -> None:
+    stream = b"".join(without_usage(builder("r1", "glm-4.6", *MOCK_DELTAS, 10)))
+    expected = StreamUsage(Usage(0, count_text(mock_text())), estimated=True, input_reported=False)
+    for chunks in all_feeds(stream):
+        tracker = feed_all(UsageTracker("openai"), chunks)
+        assert tracker.usage is None  # `usage` stays upstream-only
+        assert tracker.usage_estimated() == expected
+        assert tracker.done
+    assert expected.with_input(42) == Usage(42, count_text(mock_text()))
+
+
+@pytest.mark.parametrize(
+    "builder", [payloads.chat_events, payloads.text_completion_events], ids=["chat", "completions"]
+)
+def test_openai_stream_with_usage_reports_upstream(builder: Any) -> None:
+    stream = b"".join(builder("r1", "glm-4.6", *MOCK_DELTAS, 10))
+    for chunks in all_feeds(stream):
+        tracker = feed_all(UsageTracker("openai"), chunks)
+        result = tracker.usage_estimated()
+        assert result == StreamUsage(Usage(10, 7), estimated=False, input_reported=True)
+        assert result.with_input(999) == Usage(10, 7)
+        assert tracker.pending_bytes == 0
+
+
+def anthropic_without_final(events: list[bytes]) -> bytes:
+    return b"".join(e for e in events if not e.startswith(b"event: message_delta"))
+
+
+def test_anthropic_stream_without_final_usage() -> None:
+    # message_start reports input (kept) and output_tokens 1 (replaced by the count).
+    stream = anthropic_without_final(payloads.anthropic_events("r1", "glm-4.6", *MOCK_DELTAS, 33))
+    expected = StreamUsage(Usage(33, count_text(mock_text())), estimated=True, input_reported=True)
+    for chunks in all_feeds(stream):
+        tracker = feed_all(UsageTracker("anthropic"), chunks)
+        assert tracker.usage == Usage(33, 1)
+        assert tracker.usage_estimated() == expected
+    assert expected.with_input(5) == expected.usage
+
+
+def test_anthropic_stream_with_usage_reports_upstream() -> None:
+    stream = b"".join(payloads.anthropic_events("r1", "glm-4.6", *MOCK_DELTAS, 33))
+    for chunks in all_feeds(stream):
+        tracker = feed_all(UsageTracker("anthropic"), chunks)
+        assert tracker.usage_estimated() == StreamUsage(Usage(33, 7), False, True)
+
+
+def test_realistic_streams_report_upstream_usage() -> None:
+    for api, stream, usage in [
+        ("openai", OPENAI_STREAM, Usage(1117, 46, 1024, 0)),
+        ("openai", ZAI_STREAM, Usage(18, 96, 4, 0)),
+        ("anthropic", ANTHROPIC_STREAM, Usage(472, 15, 2048, 128)),
+        ("anthropic", ZAI_ANTHROPIC_STREAM, Usage(1234, 56, 1024, 0)),
+    ]:
+        tracker = feed_all(UsageTracker(api), [stream])  # type: ignore[arg-type]
+        assert tracker.usage_estimated() == StreamUsage(usage, False, True)
+
+
+def test_zai_stream_cut_before_usage_counts_reasoning_and_content() -> None:
+    cut = ZAI_STREAM.index(b'data: {"id":"20250915113012a1b2c3d4e5f64789","created":1757907012,"object":"chat.completion.chunk","model":"glm-4.6","choices":[{"index":0,"finish_reason"')
+    for chunks in all_feeds(ZAI_STREAM[:cut]):
+        tracker = feed_all(UsageTracker("openai"), chunks)
+        text = "\nThe user says hi.\u4f60\u597d"
+        assert tracker.usage_estimated() == StreamUsage(Usage(0, count_text(text)), True, False)
+
+
+def test_zai_anthropic_zero_input_is_not_reported_input() -> None:
+    cut = ZAI_ANTHROPIC_STREAM.index(b"event: message_delta")
+    tracker = feed_all(UsageTracker("anthropic"), [ZAI_ANTHROPIC_STREAM[:cut]])
+    assert tracker.usage == Usage(0, 0)
+    assert tracker.usage_estimated() == StreamUsage(Usage(0, count_text("Hi")), True, False)
+
+
+ANTHROPIC_MIXED = b"".join(
+    b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps(data))
+    for name, data in [
+        ("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 50, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me think"}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": " about it."}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "EqQBCgIYAhIM1gbcDa9GJwZA2b3h"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": " I'll check."}}),
+        ("content_block_start", {"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": '{"city": "Pa'}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": 'ris"}'}}),
+        ("ping", {"type": "ping"}),
+    ]
+)
+
+
+def test_anthropic_thinking_text_and_tool_json_all_count() -> None:
+    text = "Let me think about it. I'll checkget_weather" + '{"city": "Paris"}'
+    for chunks in all_feeds(ANTHROPIC_MIXED):
+        tracker = feed_all(UsageTracker("anthropic"), chunks)
+        assert tracker.usage_estimated() == StreamUsage(Usage(50, count_text(text)), True, True)
+
+
+def test_openai_tool_call_deltas_count() -> None:
+    def chunk(delta: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": delta}]}) + b"\n\n"
+
+    stream = (
+        chunk({"role": "assistant", "content": None, "tool_calls": [{"index": 0, "id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]})
+        + chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]})
+        + chunk({"tool_calls": [{"index": 0, "function": {"arguments": ' "Paris"}'}}]})
+        + chunk({"refusal": None, "content": None})
+        + b"data: [DONE]\n\n"
+    )
+    tracker = feed_all(UsageTracker("openai"), [stream])
+    assert tracker.output_estimate() == count_text('get_weather{"city": "Paris"}')
+
+
+def test_cumulative_usage_latest_wins_and_stops_counting() -> None:
+    # vLLM's continuous_usage_stats: running totals on every chunk. They are
+    # final counts as far as they go: nothing to count, never summed.
+    def chunk(text: str, completion: int) -> bytes:
+        body = {"choices": [{"index": 0, "delta": {"content": text}}], "usage": {"prompt_tokens": 9, "completion_tokens": completion}}
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    stream = chunk("Hello", 1) + chunk(" there", 2) + chunk(" friend", 3)
+    for chunks in all_feeds(stream):
+        tracker = feed_all(UsageTracker("openai"), chunks)
+        assert tracker.usage_estimated() == StreamUsage(Usage(9, 3), False, True)
+        assert tracker.pending_bytes == 0
+    # Cut after the second chunk: the latest total so far.
+    cut = len(chunk("Hello", 1) + chunk(" there", 2))
+    tracker = feed_all(UsageTracker("openai"), [stream[:cut]])
+    assert tracker.usage_estimated() == StreamUsage(Usage(9, 2), False, True)
+
+
+def test_usage_without_completion_count_is_not_final() -> None:
+    tracker = UsageTracker("openai")
+    tracker.feed(b'data: {"choices":[{"delta":{"content":"Hello world"}}],"usage":{"prompt_tokens":4}}\n\n')
+    assert tracker.usage == Usage(4, 0)
+    assert tracker.usage_estimated() == StreamUsage(Usage(4, 2), True, True)
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_cancelled_stream_counts_what_came(api: Literal["openai", "anthropic"]) -> None:
+    # Closed mid-way: the complete delta events so far count; a partial one doesn't.
+    if api == "openai":
+        events = without_usage(payloads.chat_events("r1", "m", *MOCK_DELTAS, 10))
+        first = 0
+    else:
+        events = payloads.anthropic_events("r1", "m", *MOCK_DELTAS, 10)
+        first = 3  # message_start, content_block_start, ping
+    deltas = payloads.text_deltas(*MOCK_DELTAS)
+    for n in range(len(deltas) + 1):
+        complete = b"".join(events[: first + n])
+        partial = events[first + n][:-3] if first + n < len(events) else b""
+        tracker = feed_all(UsageTracker(api), [complete + partial])
+        result = tracker.usage_estimated()
+        if complete == b"":
+            assert result is None  # no event at all: nothing to go on
+            continue
+        assert result is not None
+        assert result.estimated
+        assert result.usage.output_tokens == count_text("".join(deltas[:n]))
+
+
+def test_nothing_to_go_on() -> None:
+    tracker = feed_all(UsageTracker("openai"), [b'data: {"choices":[{"delta":{"content":"x"'])
+    assert tracker.usage_estimated() is None
+    tracker = feed_all(UsageTracker("anthropic"), [b": keep-alive\n\n"])
+    assert tracker.usage_estimated() is None
+
+
+def test_delta_counting_can_be_turned_off() -> None:
+    stream = b"".join(without_usage(payloads.chat_events("r1", "m", *MOCK_DELTAS, 10)))
+    tracker = feed_all(UsageTracker("openai", count_deltas=False), [stream])
+    assert tracker.output_estimate() == 0
+    assert tracker.pending_bytes == 0
+    assert tracker.usage_estimated() == StreamUsage(Usage(0, 0), True, False)
+
+
+def test_deltas_are_parsed_only_at_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[object] = []
+    real_loads = orjson.loads
+
+    def counting_loads(data: Any) -> Any:
+        parsed.append(data)
+        return real_loads(data)
+
+    monkeypatch.setattr(orjson, "loads", counting_loads)
+    stream = without_usage(payloads.chat_events("r1", "m", 48, 4, 10))
+    tracker = UsageTracker("openai")
+    for chunk in stream:
+        tracker.feed(chunk)
+    assert parsed == []  # the hot path only holds the raw data
+    assert tracker.pending_bytes == sum(len(e) - len(b"data: \n\n") for e in stream[:-1])
+    assert tracker.output_estimate() == count_text(payloads.expected_text(48, 4))
+    assert len(parsed) == 49  # 48 deltas + the finish chunk, once each
+    assert tracker.pending_bytes < 16  # only the last word's tail, parsed but not counted
+    assert tracker.output_estimate() == count_text(payloads.expected_text(48, 4))
+    assert len(parsed) == 49
+
+
+def test_bounded_buffer_gives_the_same_count() -> None:
+    chunks, size = 2000, 7
+    stream = b"".join(without_usage(payloads.chat_events("r1", "m", chunks, size, 10)))
+    expected = count_text(payloads.expected_text(chunks, size))
+    unbounded = feed_all(UsageTracker("openai", max_pending_bytes=1 << 30), [stream])
+    assert unbounded.pending_bytes > 400_000
+    assert unbounded.output_estimate() == expected
+    small = UsageTracker("openai", max_pending_bytes=4096)
+    peak = 0
+    for i in range(0, len(stream), 1000):
+        small.feed(stream[i : i + 1000])
+        peak = max(peak, small.pending_bytes)
+    assert peak < 4096 + 1000  # one chunk's events over the cap, at most
+    assert small.output_estimate() == expected
+    # The default cap (256 KB) is passed too.
+    assert feed_all(UsageTracker("openai"), [stream]).output_estimate() == expected
+
+
+_piece = st.sampled_from(
+    ["Hello", " world", ",", " ", "  ", "\n", "\n\n", "123", "4", " 56", "'s", "'ll", "don", "'t",
+     "\u4f60\u597d", "\u3002", "caf\u00e9", "e\u0301", "\U0001f642", "<|endoftext|>", "\t", "-",
+     "x" * 50, "\u4e16\u754c" * 30]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(deltas=st.lists(st.lists(_piece, max_size=4).map("".join), max_size=60), cap=st.integers(1, 400))
+def test_random_deltas_any_cap_same_count(deltas: list[str], cap: int) -> None:
+    head = b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
+    stream = b"".join(
+        b"event: content_block_delta\ndata: " + head + orjson.dumps(d) + b"}}\n\n" for d in deltas
+    )
+    tracker = feed_all(UsageTracker("anthropic", max_pending_bytes=cap), [stream])
+    assert tracker.output_estimate() == count_text("".join(deltas))
+
+
+_delta_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(
+        st.sampled_from(
+            ["choices", "delta", "content", "text", "thinking", "partial_json", "tool_calls",
+             "function", "name", "arguments", "content_block", "reasoning_content", "usage"]
+        ),
+        inner,
+        max_size=4,
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300)
+@given(
+    api=st.sampled_from(["openai", "anthropic"]),
+    items=st.lists(
+        st.tuples(st.sampled_from(["content_block_delta", "content_block_start", ""]), _delta_json),
+        max_size=8,
+    ),
+    cap=st.integers(0, 300),
+)
+def test_delta_fallback_never_raises(
+    api: Literal["openai", "anthropic"], items: list[tuple[str, Any]], cap: int
+) -> None:
+    stream = b"".join(
+        (b"event: " + name.encode() + b"\n" if name else b"")
+        + b"data: " + orjson.dumps(payload) + b"\n\n"
+        for name, payload in items
+    )
+    tracker = feed_all(UsageTracker(api, max_pending_bytes=cap), [stream])
+    result = tracker.usage_estimated()
+    assert result is None or result.usage.output_tokens >= 0
+
+
+def test_cjk_without_cut_points_stays_bounded() -> None:
+    # No safe cut in a run of CJK letters: the carry is counted once it grows
+    # past its own bound (off by at most a token at that seam), not kept forever.
+    head = b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
+    delta = "\u4f60\u597d\u4e16\u754c" * 16
+    event = b"event: content_block_delta\ndata: " + head + orjson.dumps(delta) + b"}}\n\n"
+    tracker = UsageTracker("anthropic", max_pending_bytes=2048)
+    for _ in range(2000):
+        tracker.feed(event)
+        assert tracker.pending_bytes < 2048 + 8192
+    assert abs(tracker.output_estimate() - count_text(delta * 2000)) <= 2000 * 64 // 4096 + 1
+
+
+async def test_stream_usage_in_a_thread_equals_inline() -> None:
+    stream = b"".join(without_usage(payloads.chat_events("r1", "m", 400, 9, 10)))
+    big = feed_all(UsageTracker("openai"), [stream])
+    assert big.pending_bytes >= tokens.THRESHOLD
+    threaded = await tokens.stream_usage(big)
+    assert threaded == feed_all(UsageTracker("openai"), [stream]).usage_estimated()
+    assert threaded is not None
+    assert threaded.usage.output_tokens == count_text(payloads.expected_text(400, 9))
+    small = feed_all(UsageTracker("openai"), [b"".join(without_usage(payloads.chat_events("r", "m", 3, 4, 1)))])
+    assert small.pending_bytes < tokens.THRESHOLD
+    assert await tokens.stream_usage(small) == StreamUsage(Usage(0, count_text(payloads.expected_text(3, 4))), True, False)
+
+
+# --------------------------------------------------------------------------------------
+# stream_options.include_usage: the request rewrite
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b'{"model":"glm-4.6","stream":true,"messages":[{"role":"user","content":"hi"}]}',
+            b'{"model":"glm-4.6","stream":true,"messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}}',
+        ),
+        (
+            b'{"stream": true, "prompt": "x", "max_tokens": 5}',
+            b'{"stream":true,"prompt":"x","max_tokens":5,"stream_options":{"include_usage":true}}',
+        ),
+        (
+            b'{"stream_options":{"continuous_usage_stats":true},"stream":true,"messages":[]}',
+            b'{"stream_options":{"continuous_usage_stats":true,"include_usage":true},"stream":true,"messages":[]}',
+        ),
+        (
+            b'{"stream":true,"stream_options":{"include_usage":false},"messages":[],"z":1}',
+            b'{"stream":true,"stream_options":{"include_usage":true},"messages":[],"z":1}',
+        ),
+        (
+            b'{"stream":true,"stream_options":null,"messages":[]}',
+            b'{"stream":true,"stream_options":{"include_usage":true},"messages":[]}',
+        ),
+        # Values survive the round trip, non-ASCII and escapes included.
+        (
+            '{"messages":[{"content":"caf\\u00e9 \u2713 \\"q\\""}],"temperature":0.7,"stream":true,"seed":-3}'.encode(),
+            '{"messages":[{"content":"caf\u00e9 \u2713 \\"q\\""}],"temperature":0.7,"stream":true,"seed":-3,"stream_options":{"include_usage":true}}'.encode(),
+        ),
+        (b'{"stream":true,"stream_options":{"include_usage":true},"messages":[]}', None),
+        (b'{"stream":false,"messages":[]}', None),
+        (b'{"messages":[]}', None),
+        (b'{"stream":"true","messages":[]}', None),
+        (b'{"stream":true,"input":"x"}', None),  # the Responses API rejects stream_options
+        (b'{"stream":true,"stream_options":"x","messages":[]}', None),
+        (b"not json", None),
+        (b"[1,2]", None),
+        (b"", None),
+        # orjson would turn these into floats: left alone rather than changed.
+        (b'{"stream":true,"messages":[],"n":123456789012345678901234567890}', None),
+        (b'{"stream":true,"messages":[{"x":[-99999999999999999999]}]}', None),
+        # 64-bit integers survive, and so do long digit strings and float literals.
+        (
+            b'{"stream":true,"messages":[],"seed":18446744073709551615,"id":"12345678901234567890"}',
+            b'{"stream":true,"messages":[],"seed":18446744073709551615,"id":"12345678901234567890","stream_options":{"include_usage":true}}',
+        ),
+        (  # the same values, orjson's spelling
+            b'{"stream":true,"messages":[],"t":1e300,"p":0.1,"q":1E2}',
+            b'{"stream":true,"messages":[],"t":1e+300,"p":0.1,"q":100.0,"stream_options":{"include_usage":true}}',
+        ),
+        # ... but a huge float next to 19 digits can't be told from a big integer.
+        (b'{"stream":true,"messages":[],"t":1e300,"id":"12345678901234567890"}', None),
+    ],
+)
+def test_add_include_usage(body: bytes, expected: bytes | None) -> None:
+    result = add_include_usage(body)
+    assert result == expected
+    if result is not None:
+        original, rewritten = orjson.loads(body), orjson.loads(result)
+        options = rewritten.pop("stream_options")
+        assert options["include_usage"] is True
+        original.pop("stream_options", None)
+        assert rewritten == original
+
+
+# --------------------------------------------------------------------------------------
+# UsageChunkStripper: the usage chunk goes, every other byte stays
+
+
+def with_usage_chunk(ending: bytes) -> tuple[bytes, bytes]:
+    """A stream with include_usage and the same stream without its usage chunk."""
+    events = [e.replace(b"\n", ending) for e in openai_stream(4)]
+    return b"".join(events), b"".join(events[:-2] + events[-1:])
+
+
+def strip(chunks: list[bytes], **kwargs: Any) -> tuple[bytes, UsageChunkStripper]:
+    stripper = UsageChunkStripper(**kwargs)
+    out = b"".join(stripper.feed(chunk) for chunk in chunks) + stripper.close()
+    return out, stripper
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
+def test_stripper_removes_exactly_the_usage_event(ending: bytes) -> None:
+    stream, expected = with_usage_chunk(ending)
+    for chunks in all_feeds(stream):
+        out, stripper = strip(chunks)
+        assert out == expected
+        assert stripper.stripped == 1
+
+
+def test_stripper_realistic_openai_stream() -> None:
+    usage_start = OPENAI_STREAM.index(b'data: {"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741569952,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_f9f4fb6dbf","choices":[],')
+    usage_end = OPENAI_STREAM.index(b"data: [DONE]")
+    expected = OPENAI_STREAM[:usage_start] + OPENAI_STREAM[usage_end:]
+    for chunks in all_feeds(OPENAI_STREAM):
+        assert strip(chunks)[0] == expected
+
+
+def test_stripper_sends_everything_but_a_possible_usage_event_at_once() -> None:
+    stream, expected = with_usage_chunk(b"\n")
+    usage_end = stream.index(b"data: [DONE]")
+    usage_start = stream.rindex(b"\n\n", 0, usage_end - 2) + 2
+    assert stream[usage_start:usage_end].startswith(b'data: {"id"')
+    assert b'"choices":[],"usage":{' in stream[usage_start:usage_end]
+    for i in range(len(stream) + 1):
+        stripper = UsageChunkStripper()
+        first = stripper.feed(stream[:i])
+        if i <= usage_start:
+            kept = stream[:i]
+        elif i < usage_end:
+            kept = stream[:usage_start]
+            assert first == kept  # the usage event so far is held, all before it is out
+        else:
+            kept = stream[:usage_start] + stream[usage_end:i]
+        # Held back: at most the start of the event in progress, and only while
+        # it may still be the usage chunk (no non-empty "choices" in it yet).
+        assert kept.startswith(first)
+        held = kept[len(first) :]
+        assert held == b"" or first == b"" or first.endswith(b"\n\n")
+        assert b'"choices":[{' not in held
+        assert b"\n\n" not in held
+        second = stripper.feed(stream[i:]) + stripper.close()
+        assert first + second == expected
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        ZAI_STREAM,  # usage rides on a chunk with choices: that chunk stays
+        ANTHROPIC_STREAM,
+        b'data: {"choices":[],"usage":null}\n\n',
+        b'data: {"choices":[]}\n\n',
+        b'data: {"usage":{"prompt_tokens":1}}\n\n',
+        b'event: usage\ndata: {"choices":[],"usage":{"prompt_tokens":1}}\n\n',
+        b'data: {"choices":[],\ndata: "usage":{"prompt_tokens":1}}\n\n',  # two data lines
+        b': comment\ndata: {"choices":[],"usage":{"prompt_tokens":1}}\n\n',
+        b'data:  {"choices":[],"usage":{"prompt_tokens":1}}\n\n',  # not OpenAI's bytes
+        b'data: {"choices":[],"usage":{"prompt_tokens":1}}',  # unterminated: not an event
+        b'data: {"choices":[],"usage":{"prompt_tokens":1}}\n',
+        b"\xef\xbb\xbf: bom\n\n\n\r\n\rdata: [DONE]\n\n",
+        b"data: " + b"{" * 20_000 + b"\n\n",
+        b"",
+    ],
+)
+def test_stripper_keeps_everything_else(stream: bytes) -> None:
+    for chunks in all_feeds(stream) if len(stream) < 5000 else [[stream], bytewise(stream)]:
+        out, stripper = strip(chunks)
+        assert out == stream
+        assert stripper.stripped == 0
+
+
+def test_stripper_bounds_what_it_holds() -> None:
+    stripper = UsageChunkStripper(max_event_bytes=100)
+    head = b'data: {"id":"' + b"x" * 80
+    assert stripper.feed(head) == b""
+    assert stripper.feed(b"y" * 20) == head + b"y" * 20  # over the bound: not the usage chunk
+    assert stripper.feed(b'","choices":[],"usage":{}}\n\n') == b'","choices":[],"usage":{}}\n\n'
+
+
+_EVENTS = [
+    b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}',
+    b'data: {"id":"1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}',  # stripped
+    b'data: {"id":"1","choices": [ ],"usage" :{"prompt_tokens":3}}',  # stripped
+    b'data: {"id":"1","choices":[],"usage":null}',
+    b"data: [DONE]",
+    b": ping",
+    b"event: x\ndata: 1",
+    b'data: {"choices":[],"usage":{"a":1}}\ndata: more',
+    b"data:{\"choices\":[],\"usage\":{\"x\":0}}",  # stripped (no space after the colon)
+]
+
+
+@settings(max_examples=300)
+@given(
+    picks=st.lists(st.tuples(st.integers(0, len(_EVENTS) - 1), st.sampled_from([b"\n", b"\r\n", b"\r"]), st.integers(0, 2)), max_size=8),
+    data=st.data(),
+)
+def test_stripper_random_streams_any_split(picks: list[tuple[int, bytes, int]], data: st.DataObject) -> None:
+    stream = b""
+    expected = b""
+    stripped = 0
+    previous_cr = False
+    for index, ending, extra_blank in picks:
+        if previous_cr and ending == b"\n":
+            ending = b"\r\n"  # a lone LF right after a CR would join it
+        event = _EVENTS[index].replace(b"\n", ending) + ending + ending
+        blanks = ending * extra_blank
+        stream += event + blanks
+        if index in (1, 2, 8):
+            stripped += 1
+            expected += blanks
+        else:
+            expected += event + blanks
+        previous_cr = ending == b"\r"
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
+    for chunks in ([stream], chunked(stream, cuts), bytewise(stream)):
+        out, stripper = strip(chunks)
+        assert out == expected
+        assert stripper.stripped == stripped

@@ -30,6 +30,7 @@ import h11
 import openai
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from zaiproxy.mock.behaviour import (
@@ -41,8 +42,9 @@ from zaiproxy.mock.behaviour import (
     expected_text,
     plan_response,
 )
-from zaiproxy.mock.payloads import GLM_MODELS, embedding_vector, prompt_tokens
+from zaiproxy.mock.payloads import GLM_MODELS, ZAI_MESSAGES, embedding_vector, prompt_tokens
 from zaiproxy.mock.server import ScheduleCache, serve_mock_tcp
+from zaiproxy.mock.stats import BoundedCounter, MockStats
 from zaiproxy.mock.wire import Ending, build_schedule, render_response
 
 Address = tuple[str, int]
@@ -253,6 +255,8 @@ def test_model_names_and_headers_set_controls() -> None:
     assert plan("mock-slow-250").first_byte_delay == 0.25
     assert plan("mock-status-503").status == 503
     assert plan("mock-zai-1312").status == 429
+    assert json.loads(plan("mock-zai-1302-native").body)["code"] == 1302
+    assert plan("mock-zai-1302-bogus").status == 200  # not a control: just a model name
     # A header wins over the model name.
     header = ((b"x-mock-first-byte-delay", b"0"),)
     assert plan("mock-slow-250", header).first_byte_delay == 0
@@ -880,3 +884,224 @@ def test_schedule_cache_is_bounded_and_transparent() -> None:
     big = make_request(b"POST", CHAT, CHAT_BODY, ((b"x-mock-chunks", b"10000"),))[1]
     cache.schedule(big)
     assert big not in cache._entries
+
+
+# --- Z.AI body shapes, fail-times, statistics ------------------------------------------------
+
+
+def zai_plan(headers: dict[str, str], *, seen: int = 1, body: bytes = CHAT_BODY) -> ResponsePlan:
+    encoded = tuple((k.encode(), v.encode()) for k, v in headers.items())
+    _, request = make_request(b"POST", CHAT, body, encoded)
+    return plan_response(request, MockOptions(), seen=seen)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, {"error": {"code": "1303", "message": ZAI_MESSAGES[1303]}}),
+        (
+            {"x-mock-zai-shape": "openai"},
+            {"error": {"code": "1303", "message": ZAI_MESSAGES[1303]}},
+        ),
+        (
+            {"x-mock-zai-shape": "native"},
+            {"code": 1303, "msg": ZAI_MESSAGES[1303], "success": False},
+        ),
+        (
+            {"x-mock-zai-shape": "ANTHROPIC"},
+            {
+                "type": "error",
+                "error": {"type": "rate_limit_error", "message": "[1303] " + ZAI_MESSAGES[1303]},
+            },
+        ),
+        (
+            {"x-mock-zai-retry-after-body": "5"},
+            {"error": {"code": "1303", "message": ZAI_MESSAGES[1303], "retry_after": 5}},
+        ),
+        (
+            {"x-mock-zai-shape": "native", "x-mock-zai-retry-after-body": "2.5"},
+            {"code": 1303, "msg": ZAI_MESSAGES[1303], "success": False, "retry_after": 2.5},
+        ),
+        (
+            {"x-mock-zai-shape": "anthropic", "x-mock-zai-retry-after-body": "0"},
+            {
+                "type": "error",
+                "error": {
+                    "type": "rate_limit_error",
+                    "message": "[1303] " + ZAI_MESSAGES[1303],
+                    "retry_after": 0,
+                },
+            },
+        ),
+    ],
+)
+def test_zai_shape_and_body_retry_after(headers: dict[str, str], expected: Any) -> None:
+    plan = zai_plan({"x-mock-zai-code": "1303", **headers})
+    assert plan.status == 429
+    assert json.loads(plan.body) == expected
+    assert (b"retry-after", b"1") in plan.headers  # the header default is unchanged
+
+
+def test_zai_controls_are_validated() -> None:
+    for headers in (
+        {"x-mock-zai-shape": "xml"},
+        {"x-mock-zai-retry-after-body": "-1"},
+        {"x-mock-zai-retry-after-body": "soon"},
+        {"x-mock-fail-times": "2"},  # no key to count against
+        {"x-mock-fail-key": "k", "x-mock-fail-times": "-1"},
+        {"x-mock-fail-times": "1", "x-mock-fail-key": "k" * 201},
+    ):
+        plan = zai_plan(headers)
+        assert plan.status == 400, headers
+        assert list(headers)[-1] in json.loads(plan.body)["error"]["message"]  # the bad one
+
+
+async def test_zai_shapes_on_the_wire(mock: Address) -> None:
+    headers = {
+        "x-mock-zai-code": "1308",
+        "x-mock-zai-shape": "native",
+        "x-mock-zai-retry-after-body": "30",
+        "x-mock-retry-after": "none",
+    }
+    reply = await one_request(mock, "POST", "/api/paas/v4/chat/completions", CHAT_BODY, headers)
+    assert reply.status == 429
+    assert b"retry-after" not in reply.headers
+    assert reply.json() == {
+        "code": 1308, "msg": ZAI_MESSAGES[1308], "success": False, "retry_after": 30,
+    }  # fmt: skip
+    body = b'{"model":"mock-zai-1312-anthropic","max_tokens":5,"messages":[]}'
+    reply = await one_request(mock, "POST", "/api/anthropic/v1/messages", body)
+    assert reply.status == 429
+    assert reply.headers[b"retry-after"] == b"1"
+    assert reply.json()["error"]["message"] == "[1312] " + ZAI_MESSAGES[1312]
+
+
+def test_fail_times_is_a_function_of_seen() -> None:
+    headers = {"x-mock-fail-key": "k", "x-mock-fail-times": "2"}
+    assert [zai_plan(headers, seen=n).status for n in (1, 2, 3, 4)] == [429, 429, 200, 200]
+    assert json.loads(zai_plan(headers).body) == {
+        "error": {"code": "1302", "message": ZAI_MESSAGES[1302]}  # the default failure
+    }
+    named = {**headers, "x-mock-zai-code": "1303", "x-mock-zai-shape": "native"}
+    assert json.loads(zai_plan(named, seen=2).body)["code"] == 1303
+    assert zai_plan(named, seen=3).status == 200  # the status controls are spent too
+    status = {**headers, "x-mock-status": "503"}
+    assert [zai_plan(status, seen=n).status for n in (2, 3)] == [503, 200]
+    model = b'{"model":"mock-zai-1310","messages":[]}'
+    assert json.loads(zai_plan(headers, body=model).body)["error"]["code"] == "1310"
+    assert zai_plan(headers, body=model, seen=3).status == 200
+    assert zai_plan({"x-mock-fail-key": "k", "x-mock-fail-times": "0"}).status == 200
+    assert zai_plan({"x-mock-fail-key": "k"}).status == 200  # a key alone only counts
+
+
+async def test_fail_times_then_success(mock: Address) -> None:
+    headers = {"x-mock-fail-key": "retry-1", "x-mock-fail-times": "2", "x-mock-retry-after": "0"}
+    stream = await trio.open_tcp_stream(*mock)
+    async with stream:
+        client = Client(stream)
+        replies = [
+            await client.request("POST", CHAT.decode(), CHAT_BODY, headers) for _ in range(3)
+        ]
+    assert [r.status for r in replies] == [429, 429, 200]
+    assert replies[0].headers[b"retry-after"] == b"0"
+    assert replies[0].json()["error"]["code"] == "1302"
+    assert replies[2].json()["choices"][0]["message"]["content"] == expected_text(10, 16)
+    # Another key has its own count, on new connections too; GET routes fail as well.
+    other = {"x-mock-fail-key": "retry-2", "x-mock-fail-times": "1"}
+    assert (await one_request(mock, "GET", "/v1/models", b"", other)).status == 429
+    assert (await one_request(mock, "GET", "/v1/models", b"", other)).status == 200
+    reply = await one_request(mock, "POST", CHAT.decode(), CHAT_BODY, headers)
+    assert reply.status == 200
+    # Resetting the statistics does not re-arm the failures.
+    await one_request(mock, "POST", "/mock/stats/reset")
+    reply = await one_request(mock, "POST", CHAT.decode(), CHAT_BODY, headers)
+    assert reply.status == 200
+
+
+async def stats(address: Address) -> Any:
+    reply = await one_request(address, "GET", "/mock/stats")
+    assert reply.status == 200
+    return reply.json()
+
+
+async def test_stats_count_requests_paths_and_keys(mock: Address) -> None:
+    empty = {"requests": 0, "in_flight": 0, "peak_in_flight": 0, "by_key": {}, "by_path": {}}
+    assert await stats(mock) == empty
+    assert await stats(mock) == empty  # reading the statistics is not counted
+    await one_request(mock, "POST", "/v1/chat/completions?x=1", CHAT_BODY, {"x-mock-fail-key": "a"})
+    await one_request(mock, "POST", "/v1/chat/completions", CHAT_BODY, {"x-mock-fail-key": "a"})
+    await one_request(mock, "GET", "/v1/models", b"", {"x-mock-fail-key": "b"})
+    await one_request(mock, "GET", "/nowhere")
+    await one_request(mock, "POST", "/v1/chat/completions", b"{bad", {"x-mock-chunks": "x"})
+    assert await stats(mock) == {
+        "requests": 5,
+        "in_flight": 0,
+        "peak_in_flight": 1,
+        "by_key": {"a": 2, "b": 1},
+        "by_path": {"/v1/chat/completions": 3, "/v1/models": 1, "/nowhere": 1},
+    }
+    reply = await one_request(mock, "POST", "/mock/stats/reset")
+    assert (reply.status, reply.json()) == (200, empty)
+    assert await stats(mock) == empty
+    for method, target in (("POST", "/mock/stats"), ("GET", "/mock/stats/reset")):
+        reply = await one_request(mock, method, target)
+        assert reply.status == 405
+        assert reply.headers[b"allow"] == (b"POST" if target.endswith("reset") else b"GET, HEAD")
+    assert (await stats(mock))["requests"] == 0
+
+
+async def test_stats_track_in_flight_and_peak(mock: Address) -> None:
+    """Stalled streams stay in flight until their client leaves (the finally)."""
+    raw, _ = make_request(b"POST", CHAT, STREAM_BODY, ((b"x-mock-fault", b"stall"),))
+    streams = []
+    for _ in range(3):
+        stream = await trio.open_tcp_stream(*mock)
+        await stream.send_all(raw)
+        received = b""
+        with trio.fail_after(10):
+            while b"\r\ndata: " not in received:  # the head and the first event
+                received += await stream.receive_some(65536)
+        streams.append(stream)
+    assert await stats(mock) == {
+        "requests": 3, "in_flight": 3, "peak_in_flight": 3, "by_key": {},
+        "by_path": {"/v1/chat/completions": 3},
+    }  # fmt: skip
+    await streams.pop().aclose()
+    await trio.testing.wait_all_tasks_blocked()  # the mock has seen the FIN
+    current = await stats(mock)
+    assert (current["in_flight"], current["peak_in_flight"]) == (2, 3)
+    await one_request(mock, "POST", "/mock/stats/reset")
+    current = await stats(mock)
+    assert (current["requests"], current["in_flight"], current["peak_in_flight"]) == (0, 2, 2)
+    for stream in streams:
+        await stream.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert (await stats(mock))["in_flight"] == 0
+
+
+async def test_stats_count_a_request_whose_client_leaves_before_the_answer(mock: Address) -> None:
+    stream = await trio.open_tcp_stream(*mock)
+    raw, _ = make_request(b"POST", CHAT, CHAT_BODY, ((b"x-mock-fault", b"stall-headers"),))
+    await stream.send_all(raw)
+    await trio.testing.wait_all_tasks_blocked()  # the mock has read the request
+    assert (await stats(mock))["in_flight"] == 1
+    await stream.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert (await stats(mock))["in_flight"] == 0
+    assert (await stats(mock))["requests"] == 1
+
+
+def test_bounded_counters() -> None:
+    counter = BoundedCounter(2)
+    assert [counter.hit(k) for k in ("a", "b", "a", "c", "a")] == [1, 1, 2, 1, 3]
+    assert counter.as_dict() == {"c": 1, "a": 3}  # "b" was the least recently used
+    assert repr(counter) == "BoundedCounter(2/2 keys)"
+    stats = MockStats(max_keys=2, max_paths=1)
+    for key in ("x", "y", "z", None):
+        stats.started(b"/p/" + str(key).encode(), key)
+    stats.finished()
+    assert stats.snapshot() == {
+        "requests": 4, "in_flight": 3, "peak_in_flight": 4,
+        "by_key": {"y": 1, "z": 1}, "by_path": {"/p/None": 1},
+    }  # fmt: skip
+    assert repr(stats) == "MockStats(requests=4, in_flight=3, peak_in_flight=4)"

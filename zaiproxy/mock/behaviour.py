@@ -20,6 +20,14 @@ Order of decisions for one request:
    headers, status / Z.AI-code controls from the model name;
 7. the route's normal answer.
 
+``x-mock-fail-times: N`` with ``x-mock-fail-key: K`` makes steps 5-6 apply only
+to the first N requests carrying K (Z.AI code 1302 when no status or code
+control says which failure); later ones get the normal answer, so a proxy's
+retry can be seen to succeed. Counting is state, so the server does it and
+passes the count in (``seen``); the decision stays a function of its inputs.
+The mock's own ``/mock/stats`` routes are answered by the server
+(:mod:`~zaiproxy.mock.stats`) before any of this.
+
 Delays, faults and the write split from the controls then apply to whatever
 answer was chosen (so ``mock-slow-200`` also delays a 401).
 """
@@ -44,6 +52,7 @@ from zaiproxy.mock.controls import (
     Controls,
     Fault,
     WriteSplit,
+    ZaiShape,
     check_text_size,
     parse_headers,
     parse_model,
@@ -58,10 +67,15 @@ __all__ = [
     "WriteSplit",
     "error_plan",
     "expected_text",
+    "json_plan",
     "plan_response",
 ]
 
 MAX_BODY_BYTES = 64 << 20
+# The failure of an x-mock-fail-times request that names none: 1302 (concurrency)
+# is retried by the proxy and does not feed its adaptive rate limiter, so a retry
+# test is not slowed down by the faults it injects.
+DEFAULT_FAIL_CODE = 1302
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,19 @@ def _api_error(status: int, anthropic: bool, message: str, code: str | None = No
     if anthropic:
         return _json(status, payloads.anthropic_error(status, message))
     return _json(status, payloads.openai_error(status, message, code))
+
+
+def json_plan(
+    request: MockRequest, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> ResponsePlan:
+    """A JSON answer outside the API routes (the server's ``/mock/stats``)."""
+    return ResponsePlan(
+        status,
+        _JSON + headers,
+        body,
+        close=_wants_close(request, dict(request.headers)),
+        head_only=request.method == b"HEAD",
+    )
 
 
 def error_plan(status: int, message: str, *, close: bool = True) -> ResponsePlan:
@@ -251,11 +278,22 @@ def _authenticate(route: _Route, headers: dict[bytes, bytes], key: str) -> Respo
 # --- status controls ----------------------------------------------------------------------
 
 
-def _status_reply(c: Controls, anthropic: bool) -> ResponsePlan | None:
+def _status_reply(c: Controls, anthropic: bool, seen: int, *, final: bool) -> ResponsePlan | None:
+    """The status / Z.AI-code answer the controls ask for, if any. ``final``: the
+    model name is merged in, so a fail-times request without a named failure
+    gets the default one now."""
+    if c.fail_times is not None:
+        if seen > c.fail_times:
+            return None  # the failures are used up: answer normally
+        if c.zai_code is None and c.status is None:
+            if not final:
+                return None
+            c = dataclasses.replace(c, zai_code=DEFAULT_FAIL_CODE)
     retry = c.retry_after
     if c.zai_code is not None:
         retry = "1" if retry is None else retry  # default: Z.AI-like "try again in 1 s"
-        plan = _json(429, payloads.zai_error(c.zai_code))
+        shape = (c.zai_shape or ZaiShape.OPENAI).value
+        plan = _json(429, payloads.zai_error(c.zai_code, shape, c.zai_retry_after_body))
     elif c.status is not None:
         plan = _api_error(c.status, anthropic, f"mock status {c.status}")
     else:
@@ -295,7 +333,7 @@ def _wants_close(request: MockRequest, headers: dict[bytes, bytes]) -> bool:
 
 
 def _answer(
-    request: MockRequest, headers: dict[bytes, bytes], options: MockOptions, rid: str
+    request: MockRequest, headers: dict[bytes, bytes], options: MockOptions, rid: str, seen: int
 ) -> tuple[ResponsePlan, Controls]:
     path = request.target.split(b"?", 1)[0]
     route = _match(request.method, path)
@@ -317,7 +355,7 @@ def _answer(
         denied = _authenticate(route, headers, options.api_key)
         if denied is not None:
             return denied, controls
-    reply = _status_reply(controls, route.anthropic)
+    reply = _status_reply(controls, route.anthropic, seen, final=route.handler is None)
     if reply is not None:
         return reply, controls
     if route.handler is None:
@@ -337,7 +375,7 @@ def _answer(
         check_text_size(chunks, size)
     except ControlError as exc:
         return _api_error(400, route.anthropic, str(exc)), controls
-    reply = _status_reply(controls, route.anthropic)
+    reply = _status_reply(controls, route.anthropic, seen, final=True)
     if reply is not None:
         return reply, controls
     call = _Call(
@@ -352,11 +390,15 @@ def _answer(
     return route.handler(call), controls
 
 
-def plan_response(request: MockRequest, options: MockOptions) -> ResponsePlan:
-    """The complete, deterministic answer to ``request``."""
+def plan_response(request: MockRequest, options: MockOptions, *, seen: int = 1) -> ResponsePlan:
+    """The complete, deterministic answer to ``request``.
+
+    ``seen``: how many requests carrying this request's ``x-mock-fail-key`` the
+    server has received, this one included (it decides ``x-mock-fail-times``).
+    """
     headers = dict(request.headers)
     rid = payloads.request_id(request.method, request.target, request.body)
-    plan, c = _answer(request, headers, options, rid)
+    plan, c = _answer(request, headers, options, rid, seen)
     # Built directly rather than with dataclasses.replace: this runs per request.
     return ResponsePlan(
         status=plan.status,

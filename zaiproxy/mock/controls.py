@@ -40,6 +40,14 @@ class WriteSplit(enum.Enum):
     LARGE = "large"  # head and the whole body in a single write, chunk delays ignored
 
 
+class ZaiShape(enum.Enum):
+    """The envelope of a Z.AI 429 body (``x-mock-zai-shape``); see ``payloads.zai_error``."""
+
+    OPENAI = "openai"  # {"error": {"code": "1302", "message": ...}} (the default)
+    NATIVE = "native"  # {"code": 1302, "msg": ..., "success": false}
+    ANTHROPIC = "anthropic"  # {"type": "error", "error": {..., "message": "[1302] ..."}}
+
+
 class ControlError(ValueError):
     """A control header or model name that cannot be honoured (answered with 400)."""
 
@@ -49,6 +57,8 @@ MAX_CHUNKS = 1_000_000
 MAX_CHUNK_SIZE = 1 << 20
 MAX_TEXT_BYTES = 64 << 20
 MAX_DELAY = 3600.0
+MAX_FAIL_TIMES = 1_000_000
+MAX_FAIL_KEY = 200  # characters; a key is a test's token, not a document
 
 
 @dataclass(frozen=True)
@@ -59,11 +69,17 @@ class Controls:
     chunk_delay: float | None = None
     status: int | None = None
     zai_code: int | None = None
+    zai_shape: ZaiShape | None = None  # envelope of the Z.AI body; None = openai
+    zai_retry_after_body: float | None = None  # "retry_after" inside the Z.AI body
     retry_after: str | None = None  # raw header value; "none" = send no Retry-After
     fault: Fault | None = None
     write_split: WriteSplit | None = None
     seed: int | None = None
     echo: bool = False
+    # Fail the first fail_times requests carrying fail_key, then answer normally.
+    # fail_key alone only counts requests (GET /mock/stats "by_key").
+    fail_key: str | None = None
+    fail_times: int | None = None
 
     def overlay(self, under: Controls) -> Controls:
         """Fields given here win; the rest come from ``under``."""
@@ -136,6 +152,14 @@ def parse_headers(headers: Mapping[bytes, bytes]) -> Controls:
             fields["status"] = _status(key, raw)
         elif name == b"x-mock-zai-code":
             fields["zai_code"] = _int(key, raw, 1000, 9999)
+        elif name == b"x-mock-zai-shape":
+            fields["zai_shape"] = _enum(ZaiShape, key, raw)
+        elif name == b"x-mock-zai-retry-after-body":
+            fields["zai_retry_after_body"] = _seconds(key, raw)
+        elif name == b"x-mock-fail-key":
+            fields["fail_key"] = fail_key(raw)
+        elif name == b"x-mock-fail-times":
+            fields["fail_times"] = _int(key, raw, 0, MAX_FAIL_TIMES)
         elif name == b"x-mock-retry-after":
             fields["retry_after"] = raw.decode("latin-1").strip()
         elif name == b"x-mock-fault":
@@ -148,18 +172,30 @@ def parse_headers(headers: Mapping[bytes, bytes]) -> Controls:
             fields["echo"] = raw.strip().lower() in (b"1", b"true", b"yes")
         else:
             raise ControlError(f"unknown control header {key}")
+    if "fail_times" in fields and "fail_key" not in fields:
+        # Without a key there is nothing to count the failures against.
+        raise ControlError("x-mock-fail-times needs x-mock-fail-key")
     return Controls(**fields) if fields else NO_CONTROLS  # type: ignore[arg-type]
 
 
+def fail_key(raw: bytes) -> str:
+    """The ``x-mock-fail-key`` token (the server also reads it, to count per key)."""
+    key = raw.decode("latin-1").strip()
+    if not 1 <= len(key) <= MAX_FAIL_KEY:
+        raise ControlError(f"x-mock-fail-key must be 1 to {MAX_FAIL_KEY} characters")
+    return key
+
+
 _MODEL = re.compile(
-    r"mock-(?:status-(?P<status>\d{3})|zai-(?P<zai>\d{4})|slow-(?P<slow>\d+)"
+    r"mock-(?:status-(?P<status>\d{3})|zai-(?P<zai>\d{4})(?:-(?P<shape>openai|native|anthropic))?"
+    r"|slow-(?P<slow>\d+)"
     r"|(?P<reset>reset)|(?P<stall>stall))"
 )
 
 
 def parse_model(model: str) -> Controls:
     """Controls encoded in a model name: ``mock-status-503``, ``mock-zai-1303``,
-    ``mock-reset`` (reset-mid-stream), ``mock-stall`` (stall), ``mock-slow-250`` (ms)."""
+    ``mock-zai-1302-anthropic`` (code and body shape), ``mock-reset`` (reset-mid-stream), ``mock-stall`` (stall), ``mock-slow-250`` (ms)."""
     if not model.startswith("mock-"):
         return NO_CONTROLS
     match = _MODEL.fullmatch(model)
@@ -168,7 +204,8 @@ def parse_model(model: str) -> Controls:
     if match["status"]:
         return Controls(status=_status("model mock-status", match["status"].encode()))
     if match["zai"]:
-        return Controls(zai_code=int(match["zai"]))
+        shape = ZaiShape(match["shape"]) if match["shape"] else None
+        return Controls(zai_code=int(match["zai"]), zai_shape=shape)
     if match["slow"]:
         millis = _int("model mock-slow", match["slow"].encode(), 0, int(MAX_DELAY * 1000))
         return Controls(first_byte_delay=millis / 1000)

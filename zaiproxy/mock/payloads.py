@@ -343,6 +343,26 @@ ZAI_MESSAGES = {
 }
 
 
-def zai_error(code: int) -> bytes:
+def zai_error(code: int, shape: str = "openai", retry_after: float | None = None) -> bytes:
+    """A Z.AI 429 body in one of the envelopes seen in front of Z.AI.
+
+    - ``openai`` (the default): ``{"error": {"code": "1302", "message": ...}}``;
+    - ``native``: ``{"code": 1302, "msg": ..., "success": false}`` (code as a number);
+    - ``anthropic``: ``{"type": "error", "error": {"type": "rate_limit_error",
+      "message": "[1302] ..."}}``, the code only inside the message text.
+
+    ``retry_after`` (seconds) goes next to the code: inside ``error``, or at the
+    top level of the native shape; whole numbers are written as integers.
+    """
     message = ZAI_MESSAGES.get(code, f"Z.AI business error {code}")
-    return _dumps({"error": {"code": str(code), "message": message}})
+    extra: dict[str, Any] = {}
+    if retry_after is not None:
+        extra["retry_after"] = int(retry_after) if float(retry_after).is_integer() else retry_after
+    if shape == "native":
+        return _dumps({"code": code, "msg": message, "success": False, **extra})
+    if shape == "anthropic":
+        error = {"type": "rate_limit_error", "message": f"[{code}] {message}", **extra}
+        return _dumps({"type": "error", "error": error})
+    if shape != "openai":
+        raise ValueError(f"unknown Z.AI body shape {shape!r}")
+    return _dumps({"error": {"code": str(code), "message": message, **extra}})

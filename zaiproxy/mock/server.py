@@ -13,6 +13,11 @@ and start a fresh ``h11.Connection`` for the next request on the connection,
 seeded with the bytes the previous one had buffered (pipelining keeps working).
 A new connection object costs ~2 us; sending the response through h11 just to
 advance its state would cost more than the rest of a small response.
+
+The only state (:mod:`~zaiproxy.mock.stats`) is one :class:`MockState` per
+``serve_mock``: request statistics (``GET /mock/stats``, ``POST
+/mock/stats/reset``, answered here and never counted) and the per-key counts
+behind ``x-mock-fail-times``.
 """
 
 from __future__ import annotations
@@ -23,17 +28,22 @@ import ssl
 import struct
 import sys
 import traceback
+from collections.abc import Callable
 
 import h11
 import trio
 
+from zaiproxy.mock import payloads
 from zaiproxy.mock.behaviour import (
     MockOptions,
     MockRequest,
     ResponsePlan,
     error_plan,
+    json_plan,
     plan_response,
 )
+from zaiproxy.mock.controls import ControlError, fail_key
+from zaiproxy.mock.stats import STATS_PATH, STATS_RESET_PATH, MockState, MockStats, is_stats_path
 from zaiproxy.mock.wire import CONTINUE, Ending, Schedule, build_schedule
 from zaiproxy.sockets import bind_reuseport, format_addr, trio_listener
 
@@ -65,7 +75,11 @@ class ScheduleCache:
         self.options = options
         self._entries: dict[MockRequest, Schedule] = {}
 
-    def schedule(self, request: MockRequest) -> Schedule:
+    def schedule(self, request: MockRequest, seen: int | None = None) -> Schedule:
+        """The schedule for ``request``; ``seen`` (its x-mock-fail-key count, see
+        ``plan_response``) makes the answer depend on more than the request: no memo."""
+        if seen is not None:
+            return build_schedule(plan_response(request, self.options, seen=seen))
         schedule = self._entries.get(request)
         if schedule is None:
             schedule = build_schedule(plan_response(request, self.options))
@@ -89,7 +103,9 @@ async def serve_mock(
 ) -> None:
     """Serve the mock on ``listeners`` until cancelled; reports the listeners when ready."""
     cache = ScheduleCache(options)
-    handler = functools.partial(_handle_connection, cache=cache, ssl_context=ssl_context)
+    handler = functools.partial(
+        _handle_connection, cache=cache, state=MockState(), ssl_context=ssl_context
+    )
     await trio.serve_listeners(handler, listeners, task_status=task_status)
 
 
@@ -111,7 +127,11 @@ async def serve_mock_tcp(
 
 
 async def _handle_connection(
-    stream: trio.SocketStream, *, cache: ScheduleCache, ssl_context: ssl.SSLContext | None
+    stream: trio.SocketStream,
+    *,
+    cache: ScheduleCache,
+    state: MockState,
+    ssl_context: ssl.SSLContext | None,
 ) -> None:
     conn: trio.abc.Stream = stream
     if ssl_context is not None:
@@ -119,7 +139,7 @@ async def _handle_connection(
         conn = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
     ending: Ending | None = None  # stays None when the peer left, on a bug or on shutdown
     try:
-        ending = await _serve_requests(conn, cache)
+        ending = await _serve_requests(conn, cache, state)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer went away; nothing to tell it
     except Exception:
@@ -154,7 +174,43 @@ async def _finish(transport: trio.SocketStream, conn: trio.abc.Stream, ending: E
         await conn.aclose()  # if cancelled, aclose still closes (forcefully)
 
 
-async def _serve_requests(stream: trio.abc.Stream, cache: ScheduleCache) -> Ending:
+class _InFlight:
+    """One request's entry in the statistics: counted when its head arrives, out of
+    flight in the ``finally`` that follows its response, whatever ended it (written,
+    peer gone, a bug, cancellation at shutdown)."""
+
+    __slots__ = ("counted", "stats")
+
+    def __init__(self, stats: MockStats) -> None:
+        self.stats = stats
+        self.counted = False
+
+    def head(self, target: bytes, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        path = target.split(b"?", 1)[0]
+        if is_stats_path(path):
+            return  # reading the statistics must not change them
+        self.stats.started(path, _fail_key(headers))
+        self.counted = True
+
+    def done(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.stats.finished()
+
+
+def _fail_key(headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
+    for name, value in headers:
+        if name == b"x-mock-fail-key":
+            try:
+                return fail_key(value)
+            except ControlError:
+                return None  # plan_response answers 400 for it
+    return None
+
+
+async def _serve_requests(
+    stream: trio.abc.Stream, cache: ScheduleCache, state: MockState
+) -> Ending:
     buffered, peer_closed = b"", False
     while True:
         parser = h11.Connection(h11.SERVER)
@@ -162,23 +218,52 @@ async def _serve_requests(stream: trio.abc.Stream, cache: ScheduleCache) -> Endi
             parser.receive_data(buffered)
         if peer_closed:
             parser.receive_data(b"")
-        request = await _read_request(stream, parser, cache.options.max_body_bytes)
-        if request is None:
-            return Ending.CLOSE
-        if isinstance(request, ResponsePlan):
-            schedule = build_schedule(request)
-        else:
-            schedule = cache.schedule(request)
-        ending = await _execute(stream, schedule)
+        flight = _InFlight(state.stats)
+        try:
+            request = await _read_request(stream, parser, cache.options.max_body_bytes, flight.head)
+            if request is None:
+                return Ending.CLOSE
+            if isinstance(request, ResponsePlan):
+                schedule = build_schedule(request)
+            else:
+                schedule = _schedule(request, cache, state)
+            ending = await _execute(stream, schedule)
+        finally:
+            flight.done()
         if ending is not Ending.KEEP_ALIVE:
             return ending
         buffered, peer_closed = parser.trailing_data
 
 
+def _schedule(request: MockRequest, cache: ScheduleCache, state: MockState) -> Schedule:
+    path = request.target.split(b"?", 1)[0]
+    if is_stats_path(path):
+        return build_schedule(_stats_reply(request, path.rstrip(b"/"), state.stats))
+    key = _fail_key(request.headers)
+    if key is None:
+        return cache.schedule(request)
+    return cache.schedule(request, state.failures.hit(key))
+
+
+def _stats_reply(request: MockRequest, path: bytes, stats: MockStats) -> ResponsePlan:
+    if path == STATS_PATH and request.method in (b"GET", b"HEAD"):
+        return json_plan(request, 200, stats.to_json())
+    if path == STATS_RESET_PATH and request.method == b"POST":
+        stats.reset()
+        return json_plan(request, 200, stats.to_json())
+    allow = b"GET, HEAD" if path == STATS_PATH else b"POST"
+    message = f"{request.method.decode('latin-1')} not allowed on {path.decode('latin-1')}"
+    return json_plan(request, 405, payloads.openai_error(405, message), ((b"allow", allow),))
+
+
 async def _read_request(
-    stream: trio.abc.Stream, parser: h11.Connection, max_body: int
+    stream: trio.abc.Stream,
+    parser: h11.Connection,
+    max_body: int,
+    on_head: Callable[[bytes, tuple[tuple[bytes, bytes], ...]], None],
 ) -> MockRequest | ResponsePlan | None:
-    """The next request; a ResponsePlan to send instead (bad HTTP, too large); None at EOF."""
+    """The next request; a ResponsePlan to send instead (bad HTTP, too large); None at EOF.
+    ``on_head`` is told the target and headers as soon as the head is parsed."""
     request: h11.Request | None = None
     headers: tuple[tuple[bytes, bytes], ...] = ()
     body: list[bytes] = []
@@ -205,6 +290,7 @@ async def _read_request(
             request = event
             # Copied once: iterating h11's Headers goes through Sequence.__getitem__.
             headers = tuple(event.headers)
+            on_head(event.target, headers)
             length = _content_length(headers)
             if length is not None and length > max_body:
                 return _too_large(max_body)

@@ -52,6 +52,8 @@ class InProcessProxy:
     host: str
     port: int
     worker: Worker
+    # Z.AI retry waits asked for, in order (the virtual clock: no real sleeping).
+    waits: list[float] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -70,13 +72,24 @@ async def start_mock(nursery: trio.Nursery, options: MockOptions | None = None,
     return f"{scheme}://{host}:{port}"
 
 
-async def start_proxy(nursery: trio.Nursery, config: Config) -> InProcessProxy:
+async def start_proxy(nursery: trio.Nursery, config: Config, *,
+                      real_sleep: bool = False) -> InProcessProxy:
+    """An in-process worker. Z.AI retry waits are recorded in ``.waits`` and skipped
+    (no jitter) unless ``real_sleep``."""
     ctx = build_context(config)
     sock = bind_reuseport("127.0.0.1", 0, 1)[0]
     host, port = sock.getsockname()[:2]
     worker = Worker(ctx, [trio_listener(sock)])
+    proxy = InProcessProxy(host, port, worker)
+    if not real_sleep:
+        async def virtual_sleep(seconds: float) -> None:
+            proxy.waits.append(seconds)
+            await trio.lowlevel.checkpoint()
+
+        ctx.retry_sleep = virtual_sleep
+        ctx.jitter = lambda: 1.0
     await nursery.start(worker.run)
-    return InProcessProxy(host, port, worker)
+    return proxy
 
 
 @dataclass

@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import os
+import random
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import count
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import trio
+
+from zaiproxy.admission import Admitter, WaitQueue
 from zaiproxy.routing import Upstream
 from zaiproxy.upstream import Origin, UpstreamPool
+from zaiproxy.zai import RetryPolicy
 
 if TYPE_CHECKING:
     from zaiproxy.config import Config
+    from zaiproxy.keys import KeyTable
     from zaiproxy.metrics import WorkerMetrics
+    from zaiproxy.sse import Usage
 
 
 # Values of the supervisor's shared state cell (read by /ready in every worker).
 STATE_STARTING = 0
 STATE_RUNNING = 1
 STATE_DRAINING = 2
+
+# Words of a token-counter row: b"tokens\0<alias|->\0<model>\0<variant>\0<estimated 0|1>".
+TOK_REQUESTS = 1
+TOK_INPUT = 2
+TOK_OUTPUT = 3
+TOK_CACHE_READ = 4
+TOK_CACHE_WRITE = 5
 
 
 class SharedState:
@@ -45,12 +61,43 @@ class WorkerContext:
     shared_state: SharedState = field(default_factory=lambda: SharedState(None))
     draining: bool = False
     api_key: bytes | None = None
+    ledger: Any = None  # the attached shared-memory Ledger
+    admitter: Admitter = None  # type: ignore[assignment]  # set by build_context
+    keys: KeyTable | None = None  # None = open mode (no keys file)
+    wait_queue: WaitQueue = field(default_factory=lambda: WaitQueue(1024))
+    # Set (and replaced) whenever this worker settles a request: wakes queued requests.
+    released: trio.Event = field(default_factory=trio.Event)
+    known_models: frozenset[str] = frozenset()
+    retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    # Seams for tests (a virtual clock): the Z.AI retry wait, wall time, the jitter factor.
+    retry_sleep: Callable[[float], Awaitable[None]] = trio.sleep
+    wall: Callable[[], float] = time.time
+    jitter: Callable[[], float] = field(default=lambda: 0.5 + random.random() / 2)
+    _token_rows: dict[tuple[str | None, str, bool], int] = field(default_factory=dict)
     _ids: count[int] = field(default_factory=count)
     _prefix: str = field(default_factory=lambda: os.urandom(4).hex())
 
     def next_request_id(self) -> bytes:
         # Unique across workers and restarts without uuid4's cost per request.
         return f"{self._prefix}{next(self._ids):08x}".encode("ascii")
+
+    def count_tokens(self, alias: str | None, model: str, usage: Usage, estimated: bool) -> None:
+        """Add one request's tokens to the ledger counters of (key, model, variant, estimated)."""
+        key = (alias, model, estimated)
+        row = self._token_rows.get(key)
+        if row is None:
+            name = b"\0".join((b"tokens", (alias or "-").encode(), model.encode(),
+                               self.config.deployment_variant.encode(), b"%d" % estimated))
+            row = self.ledger.row(name)
+            self._token_rows[key] = row
+        add = self.ledger.counter_add
+        add(row, TOK_REQUESTS, 1)
+        add(row, TOK_INPUT, usage.input_tokens)
+        add(row, TOK_OUTPUT, usage.output_tokens)
+        if usage.cache_read_tokens:
+            add(row, TOK_CACHE_READ, usage.cache_read_tokens)
+        if usage.cache_write_tokens:
+            add(row, TOK_CACHE_WRITE, usage.cache_write_tokens)
 
     @property
     def ready(self) -> bool:

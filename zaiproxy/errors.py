@@ -138,3 +138,32 @@ class UpstreamTimeout(UpstreamError):
 
 class PoolExhausted(ServiceUnavailable):
     code = "upstream_pool_exhausted"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    openai_type = "invalid_request_error"
+    anthropic_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    openai_type = "invalid_request_error"
+    anthropic_type = "permission_error"
+    code = "model_not_allowed"
+
+
+class RateLimited(ProxyError):
+    """The proxy's own limit (never upstream's): says which limit and when it resets."""
+
+    status = 429
+    openai_type = "rate_limit_exceeded"
+    anthropic_type = "rate_limit_error"
+    code = "proxy_rate_limit"
+
+
+class RequestTooLargeForLimit(BadRequest):
+    """The request's token reservation exceeds a limit it can never fit under."""
+
+    code = "reservation_exceeds_limit"

@@ -32,7 +32,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 class WorkerMetrics:
     def __init__(self, *, variant: str, ledger: str, workers: int, commit: str = "unknown",
-                 pool_stats: Callable[[], tuple[int, int]] | None = None) -> None:
+                 pool_stats: Callable[[], tuple[int, int]] | None = None,
+                 adaptive_rate: Callable[[], float] | None = None) -> None:
         self.variant = variant
         self.registry = CollectorRegistry(auto_describe=True)
         Gauge("zai_proxy_build_info", "Build information.", ["version", "variant", "commit"],
@@ -54,6 +55,19 @@ class WorkerMetrics:
             pool.labels("active", variant).set_function(lambda: pool_stats()[0])
             pool.labels("idle", variant).set_function(lambda: pool_stats()[1])
         self._request_children: dict[tuple[str, str, int], Counter] = {}
+        self._rejections = Counter(
+            "zai_proxy_rate_limit_rejections", "Requests refused by the proxy's own limits.",
+            ["limit", "scope", "variant"], registry=self.registry)
+        self._zai_errors = Counter(
+            "zai_proxy_zai_errors", "Z.AI 429 answers by class and business code.",
+            ["class", "code", "variant"], registry=self.registry)
+        self._retries = Counter(
+            "zai_proxy_retry_attempts", "Upstream retries by reason (the Z.AI 429 class).",
+            ["reason", "variant"], registry=self.registry)
+        if adaptive_rate is not None:
+            Gauge("zai_proxy_rate_limit_requests_per_second",
+                  "The adaptive upstream rate shared by all workers (0 = not limiting).",
+                  ["variant"], registry=self.registry).labels(variant).set_function(adaptive_rate)
 
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request (the record's route is a bounded template)."""
@@ -71,6 +85,17 @@ class WorkerMetrics:
 
     def upstream_error(self, error_type: str) -> None:
         self._upstream_errors.labels(error_type, self.variant).inc()
+
+    def rejection(self, limit: str, scope: str) -> None:
+        self._rejections.labels(limit, scope, self.variant).inc()
+
+    def zai_error(self, cls: str, code: str | None) -> None:
+        # Codes come from upstream bodies: only Z.AI's 13xx business codes become labels.
+        label = code if code is not None and len(code) == 4 and code.startswith("13") else "other"
+        self._zai_errors.labels(cls, label, self.variant).inc()
+
+    def retry(self, reason: str) -> None:
+        self._retries.labels(reason, self.variant).inc()
 
     def render(self) -> tuple[bytes, bytes]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST.encode()

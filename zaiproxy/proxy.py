@@ -21,15 +21,24 @@ from typing import TYPE_CHECKING
 import orjson
 import trio
 
+from zaiproxy import gate, tokens, zai
 from zaiproxy.errors import Api, UpstreamError, UpstreamTimeout, sse_error_event
 from zaiproxy.forward import client_response_headers, header_value, upstream_request_headers
 from zaiproxy.http11 import h11
 from zaiproxy.routing import Route
-from zaiproxy.sse import Usage, UsageTracker, usage_from_body
-from zaiproxy.upstream import UpstreamConnection, UpstreamPool
+from zaiproxy.sse import (
+    StreamUsage,
+    Usage,
+    UsageChunkStripper,
+    UsageTracker,
+    add_include_usage,
+    usage_from_body,
+)
+from zaiproxy.upstream import Origin, UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
     from zaiproxy.context import WorkerContext
+    from zaiproxy.gate import Ticket
     from zaiproxy.server import ClientConnection
 
 # Non-streaming bodies are kept up to this size to read their usage; larger
@@ -55,6 +64,11 @@ class Outcome:
     ttfb: float | None = None  # seconds from request start to response head from upstream
     result: str = "ok"  # ok | client_disconnected | upstream_cut | upstream_idle_timeout | cancelled
     retried: bool = False
+    usage_estimated: bool = False  # usage counted from the deltas (upstream sent none)
+    output_estimate: int = 0  # output tokens counted from the deltas so far
+    zai_retries: int = 0  # Z.AI 429s retried
+    zai_class: str | None = None  # class of the last Z.AI 429 (the final one if relayed)
+    zai_code: str | None = None
 
 
 async def proxy(
@@ -64,11 +78,18 @@ async def proxy(
     request: h11.Request,
     body: bytes,
     outcome: Outcome,
+    ticket: Ticket | None = None,
 ) -> None:
     """Forward ``request`` and relay the response to ``client``; raises ProxyError before any byte is sent."""
     assert route.upstream is not None
     cfg = ctx.config
     origin = ctx.origins[route.upstream]
+    added_usage = False
+    if cfg.openai_include_usage and route.api is Api.OPENAI and route.reads_json:
+        # Ask for usage on streams; the extra chunk is stripped for this client.
+        rewritten = add_include_usage(body)
+        if rewritten is not None:
+            body, added_usage = rewritten, True
     headers = upstream_request_headers(
         request.headers,
         host=origin.host_header,
@@ -83,12 +104,152 @@ async def proxy(
     )
     pool = ctx.pool
     start = trio.current_time()
+    prefix = b""  # body bytes already read (a Z.AI 429 body, read to classify it)
+    prefix_ended = False
+    extra_headers: list[tuple[bytes, bytes]] = []
+    while True:
+        conn, response = await _exchange(ctx, origin, upstream_request, body, outcome)
+        if response.status_code != 429:
+            ctx.admitter.note_upstream(False)
+            break
+        # Z.AI 429: read a bounded prefix of the body, classify, maybe retry.
+        try:
+            prefix, prefix_ended = await _read_prefix(conn, zai.MAX_BODY, cfg.body_idle_timeout)
+        except (trio.TooSlowError, *_UPSTREAM_FAILURES):
+            await pool.discard(conn)
+            raise UpstreamError("upstream connection failed while sending a 429 body") from None
+        except BaseException:
+            await pool.discard(conn)
+            raise
+        wall = ctx.wall()
+        err = zai.classify(prefix, now=wall)
+        outcome.zai_class, outcome.zai_code = err.cls.value, err.code
+        ctx.metrics.zai_error(err.cls.value, err.code)
+        ctx.admitter.note_upstream(zai.feeds_adaptive(err.cls))
+        header_wait = zai.parse_retry_after(header_value(response.headers, b"retry-after"), now=wall)
+        wait = ctx.retry_policy.next_wait(err, outcome.zai_retries, header_wait, now=wall,
+                                          rand=ctx.jitter())
+        if wait is None or client.gone:
+            extra_headers = zai.final_headers(err, list(response.headers), now=wall)
+            break
+        if prefix_ended:
+            await pool.release(conn)
+        else:
+            await pool.discard(conn)
+        outcome.zai_retries += 1
+        ctx.metrics.retry(err.cls.value)
+        # Inside the exchange's cancel scope: a client that leaves ends the wait.
+        await ctx.retry_sleep(wait)
+        if ticket is not None:
+            await gate.readmit(ctx, ticket)  # each retry is admitted again (may raise a 429)
+        prefix, prefix_ended = b"", False
 
-    # Send and wait for the response head; one retry on a fresh connection
-    # when a pooled connection fails before any response byte (the upstream
-    # closed it while idle and we raced its FIN).
-    conn: UpstreamConnection | None = None
-    response: h11.Response
+    outcome.upstream_status = response.status_code
+    outcome.ttfb = trio.current_time() - start
+    content_type = header_value(response.headers, b"content-type") or b""
+    is_sse = content_type.startswith(b"text/event-stream")
+    outcome.streamed = is_sse
+    tracker = (UsageTracker(route.api.value, count_deltas=cfg.token_counting)
+               if is_sse else None)
+    stripper = UsageChunkStripper() if is_sse and added_usage else None
+    keep_body = (not is_sse and response.status_code == 200 and route.reads_json
+                 and request.method != b"HEAD")
+    kept: list[bytes] = []
+    kept_len = 0
+
+    try:
+        # The head is queued, not written: if the body (or all of it) came in
+        # the same upstream read, head, body and end go out in one write
+        # (each send_all costs 15-20 us; FIELD-NOTES). Nothing waits for it:
+        # before any wait on upstream, whatever is queued is flushed.
+        headers = client_response_headers(response.headers, client.request_id)
+        if extra_headers:
+            headers.extend(extra_headers)
+        client.queue_response(response.status_code, headers, response.reason)
+        idle = cfg.body_idle_timeout
+        while True:
+            try:
+                if prefix or prefix_ended:
+                    data, ended, prefix, prefix_ended = prefix, prefix_ended, b"", False
+                else:
+                    data, ended = conn.read_available()
+                if not data and not ended:
+                    await client.flush()
+                    with trio.fail_after(idle):
+                        data, ended = await conn.read_body()
+            except trio.TooSlowError:
+                outcome.result = "upstream_idle_timeout"
+                if tracker is not None:
+                    _apply_stream_usage(outcome, tracker.usage_estimated())
+                await _cut(ctx, client, conn, route, is_sse,
+                           f"upstream sent nothing for {idle:g} s; stream aborted")
+                return
+            except _UPSTREAM_FAILURES as exc:
+                outcome.result = "upstream_cut"
+                if tracker is not None:
+                    _apply_stream_usage(outcome, tracker.usage_estimated())
+                await _cut(ctx, client, conn, route, is_sse,
+                           f"upstream connection lost mid-response: {_why(exc)}")
+                return
+            if ended:
+                # Back to the pool before the last write: the upstream exchange
+                # is complete whatever the client does next, and a client that
+                # sends its next request at once finds the connection idle.
+                await pool.release(conn)
+            if data:
+                if tracker is not None:
+                    tracker.feed(data)
+                    if stripper is not None:
+                        data = stripper.feed(data)
+                elif keep_body and kept_len < USAGE_BODY_LIMIT:
+                    kept.append(data)
+                    kept_len += len(data)
+                if data:
+                    outcome.bytes_out += len(data)
+                    client.queue_data(data)
+            if ended:
+                if stripper is not None:
+                    tail = stripper.close()
+                    if tail:
+                        outcome.bytes_out += len(tail)
+                        client.queue_data(tail)
+                client.queue_end()
+                break
+            await client.flush()
+    except ClientGone:
+        outcome.result = "client_disconnected"
+        if tracker is not None:
+            _apply_stream_usage(outcome, tracker.usage_estimated())
+        await pool.discard(conn)
+        return
+    except trio.Cancelled:
+        outcome.result = "cancelled" if not client.gone else "client_disconnected"
+        if tracker is not None:
+            # What was generated before the cut is billed by upstream: count it.
+            _apply_stream_usage(outcome, tracker.usage_estimated())
+        await _on_cancel(client, conn, route, is_sse, pool)
+        raise
+    except BaseException:
+        await pool.discard(conn)
+        raise
+
+    if tracker is not None:
+        tracker.close()
+        _apply_stream_usage(outcome, await tokens.stream_usage(tracker))
+    elif kept and kept_len <= USAGE_BODY_LIMIT:
+        outcome.usage = usage_from_body(route.api.value, b"".join(kept))
+    await client.flush()
+
+
+async def _exchange(ctx: WorkerContext, origin: Origin, upstream_request: h11.Request, body: bytes,
+                    outcome: Outcome) -> tuple[UpstreamConnection, h11.Response]:
+    """Send the request and wait for the response head.
+
+    One retry on a fresh connection when a pooled connection fails before any
+    response byte (the upstream closed it while idle and we raced its FIN).
+    """
+    cfg = ctx.config
+    pool = ctx.pool
     for attempt in (0, 1):
         conn, reused = await pool.acquire(origin, fresh=attempt > 0)
         try:
@@ -114,83 +275,35 @@ async def proxy(
         if type(event) is not h11.Response:
             await pool.discard(conn)
             raise UpstreamError("upstream closed the connection without a response")
-        response = event
-        break
-    assert conn is not None
+        return conn, event
+    raise AssertionError("unreachable")
 
-    outcome.upstream_status = response.status_code
-    outcome.ttfb = trio.current_time() - start
-    content_type = header_value(response.headers, b"content-type") or b""
-    is_sse = content_type.startswith(b"text/event-stream")
-    outcome.streamed = is_sse
-    tracker = UsageTracker(route.api.value) if is_sse else None
-    keep_body = (not is_sse and response.status_code == 200 and route.reads_json
-                 and request.method != b"HEAD")
-    kept: list[bytes] = []
-    kept_len = 0
 
-    try:
-        # The head is queued, not written: if the body (or all of it) came in
-        # the same upstream read, head, body and end go out in one write
-        # (each send_all costs 15-20 us; FIELD-NOTES). Nothing waits for it:
-        # before any wait on upstream, whatever is queued is flushed.
-        client.queue_response(
-            response.status_code, client_response_headers(response.headers, client.request_id),
-            response.reason,
-        )
-        idle = cfg.body_idle_timeout
-        while True:
-            try:
-                data, ended = conn.read_available()
-                if not data and not ended:
-                    await client.flush()
-                    with trio.fail_after(idle):
-                        data, ended = await conn.read_body()
-            except trio.TooSlowError:
-                outcome.result = "upstream_idle_timeout"
-                await _cut(ctx, client, conn, route, is_sse,
-                           f"upstream sent nothing for {idle:g} s; stream aborted")
-                return
-            except _UPSTREAM_FAILURES as exc:
-                outcome.result = "upstream_cut"
-                await _cut(ctx, client, conn, route, is_sse,
-                           f"upstream connection lost mid-response: {_why(exc)}")
-                return
-            if ended:
-                # Back to the pool before the last write: the upstream exchange
-                # is complete whatever the client does next, and a client that
-                # sends its next request at once finds the connection idle.
-                await pool.release(conn)
-            if data:
-                if tracker is not None:
-                    tracker.feed(data)
-                elif keep_body and kept_len < USAGE_BODY_LIMIT:
-                    kept.append(data)
-                    kept_len += len(data)
-                outcome.bytes_out += len(data)
-                client.queue_data(data)
-            if ended:
-                client.queue_end()
-                break
-            await client.flush()
-    except ClientGone:
-        outcome.result = "client_disconnected"
-        await pool.discard(conn)
+async def _read_prefix(conn: UpstreamConnection, limit: int, idle: float) -> tuple[bytes, bool]:
+    """Up to ``limit`` body bytes (more if one read brings more); True if the body ended."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        data, ended = conn.read_available()
+        if not data and not ended:
+            with trio.fail_after(idle):
+                data, ended = await conn.read_body()
+        if data:
+            parts.append(data)
+            size += len(data)
+        if ended:
+            return b"".join(parts), True
+    return b"".join(parts), False
+
+
+def _apply_stream_usage(outcome: Outcome, result: StreamUsage | None) -> None:
+    """Upstream's final usage, else output counted from the deltas (input filled in by the gate)."""
+    if result is None:
         return
-    except trio.Cancelled:
-        outcome.result = "cancelled" if not client.gone else "client_disconnected"
-        await _on_cancel(client, conn, route, is_sse, pool)
-        raise
-    except BaseException:
-        await pool.discard(conn)
-        raise
-
-    if tracker is not None:
-        tracker.close()
-        outcome.usage = tracker.usage
-    elif kept and kept_len <= USAGE_BODY_LIMIT:
-        outcome.usage = usage_from_body(route.api.value, b"".join(kept))
-    await client.flush()
+    outcome.usage = result.usage
+    outcome.usage_estimated = result.estimated
+    if result.estimated:
+        outcome.output_estimate = result.usage.output_tokens
 
 
 async def _cut(ctx: WorkerContext, client: ClientConnection, conn: UpstreamConnection,

@@ -32,6 +32,12 @@ class RequestRecord:
     retried: bool = False  # a stale pooled connection was replaced once
     usage: Usage | None = None
     error: str | None = None  # the proxy's own error message, if it answered with one
+    key_alias: str | None = None  # the client key's alias (never the key); None in open mode
+    tokens_estimated: bool = False  # usage counted by the proxy (upstream sent none)
+    prompt_estimate: int | None = None  # the proxy's tiktoken estimate of the prompt
+    zai_retries: int = 0  # Z.AI 429s retried by the proxy
+    zai_class: str | None = None  # class of the last Z.AI 429 seen
+    zai_code: str | None = None
 
     def log_fields(self) -> dict[str, object]:
         """The access-log line's fields (absent values left out)."""
@@ -61,6 +67,16 @@ class RequestRecord:
             fields["usage"] = {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
                                "cache_read_tokens": u.cache_read_tokens,
                                "cache_write_tokens": u.cache_write_tokens}
+            if self.tokens_estimated:
+                fields["usage"]["estimated"] = True  # type: ignore[index]
+        if self.prompt_estimate is not None:
+            fields["prompt_estimate"] = self.prompt_estimate
+        if self.key_alias is not None:
+            fields["key"] = self.key_alias
+        if self.zai_class is not None:
+            fields["zai_class"] = self.zai_class
+            fields["zai_code"] = self.zai_code
+            fields["zai_retries"] = self.zai_retries
         if self.error is not None:
             fields["error"] = self.error
         return fields

@@ -29,6 +29,7 @@ class Control(enum.Enum):
     HEALTH = "health"
     READY = "ready"
     METRICS = "metrics"
+    RESET_RATE_LIMIT = "reset-rate-limit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +66,19 @@ _CONTROL = {
     "/metrics": Route("/metrics", Api.OPENAI, control=Control.METRICS),
 }
 
+# Admin actions (POST; token-protected when an admin token is configured).
+_ADMIN = {
+    "/admin/reset-rate-limit": Route("/admin/reset-rate-limit", Api.OPENAI,
+                                     control=Control.RESET_RATE_LIMIT),
+}
+
 _ALLOWED: dict[str, list[str]] = {}
 for _method, _path in _EXACT:
     _ALLOWED.setdefault(_path, []).append(_method)
 for _path in _CONTROL:
     _ALLOWED[_path] = ["GET", "HEAD"]
+for _path in _ADMIN:
+    _ALLOWED[_path] = ["POST"]
 
 # Z.AI's own prefixes pass through unchanged to the native origin.
 _NATIVE_PREFIXES: tuple[tuple[str, Api], ...] = (
@@ -148,6 +157,9 @@ def resolve(method: str, target: str) -> Route:
     control = _CONTROL.get(path)
     if control is not None and method in ("GET", "HEAD"):
         return control
+    admin = _ADMIN.get(path)
+    if admin is not None and method == "POST":
+        return admin
     if path.startswith("/v1/models/") and method == "GET" and path.count("/") == 3:
         return Route("/v1/models/{model}", Api.OPENAI, Upstream.OPENAI, path[3:] + query)
     for prefix, api in _NATIVE_PREFIXES:

@@ -18,6 +18,7 @@ h11 does the parsing; this module owns the stream and the timers
 
 from __future__ import annotations
 
+import hmac
 import os
 from collections import deque
 from typing import TYPE_CHECKING
@@ -25,7 +26,8 @@ from typing import TYPE_CHECKING
 import orjson
 import trio
 
-from zaiproxy import __version__
+from zaiproxy import __version__, gate, tokens
+from zaiproxy.admission import SC_ADAPTIVE_MRPS, SC_ADAPTIVE_RESET
 from zaiproxy.context import STATE_DRAINING
 from zaiproxy.errors import (
     Api,
@@ -37,10 +39,12 @@ from zaiproxy.errors import (
     ProxyError,
     RequestTimeout,
     ServiceUnavailable,
+    Unauthorized,
     UpstreamError,
     VersionNotSupported,
 )
 from zaiproxy.http11 import h11
+from zaiproxy.keys import client_credential
 from zaiproxy.logs import get_logger
 from zaiproxy.proxy import ClientGone, Outcome, parse_json_body, proxy
 from zaiproxy.record import RequestRecord
@@ -48,6 +52,17 @@ from zaiproxy.routing import Control, Route, api_for_path, resolve
 
 if TYPE_CHECKING:
     from zaiproxy.context import WorkerContext
+
+
+def check_admin(ctx: WorkerContext, request: h11.Request) -> None:
+    """Admin routes need the admin token when one is configured (constant-time compare)."""
+    token = ctx.config.admin_token
+    if token is None:
+        return
+    presented = client_credential(request.headers)
+    if presented is None or not hmac.compare_digest(presented, token.encode()):
+        raise Unauthorized("admin endpoint: missing or wrong admin token "
+                           "(send it as `Authorization: Bearer <token>`)")
 
 # How much the reader may queue ahead of the handler (pipelined requests, a
 # body being read) before it stops reading: bounded, like everything else.
@@ -58,6 +73,8 @@ _READ_SIZE = 65536
 _LINGER_SECONDS = 5.0
 _LINGER_MAX_BYTES = 64 << 20
 _JSON = (b"content-type", b"application/json")
+_NO_HEADERS: list[tuple[bytes, bytes]] = []  # shared, never mutated
+_COUNT_TOKENS = "/messages/count_tokens"
 
 
 class ClientConnection:
@@ -83,6 +100,8 @@ class ClientConnection:
         self._space = trio.Event()
         # The exchange in progress: the reader cancels it when the client leaves.
         self._exchange: trio.CancelScope | None = None
+        # Headers added to this request's response (the proxy's x-ratelimit-*).
+        self.extra_headers: list[tuple[bytes, bytes]] = _NO_HEADERS
 
     def __repr__(self) -> str:
         return (f"<ClientConnection {self.client_ip} {self.conn.our_state}/{self.conn.their_state}"
@@ -100,6 +119,12 @@ class ClientConnection:
     def queue_response(self, status: int, headers: list[tuple[bytes, bytes]],
                        reason: bytes = b"") -> None:
         """Frame the response head; it is written with the next flush."""
+        extra = self.extra_headers
+        if extra:
+            # The proxy's x-ratelimit-* replace upstream's headers of the same names.
+            names = {name for name, _ in extra}
+            headers = [h for h in headers if h[0] not in names]
+            headers.extend(extra)
         if self.ctx.draining or self.close_after:
             headers = [*headers, (b"connection", b"close")]
         self.response_status = status
@@ -361,6 +386,9 @@ class ClientConnection:
         stream_flag: bool | None = None
         error: str | None = None
         body = b""
+        alias: str | None = None
+        ticket: gate.Ticket | None = None
+        self.extra_headers = _NO_HEADERS
         try:
             try:
                 for name, value in request.headers:
@@ -373,8 +401,9 @@ class ClientConnection:
             api = route.api
             body = await self._read_body(request, api)
             if route.control is not None:
-                await self._control(route.control, request.method == b"HEAD")
+                await self._control(route.control, request, body)
                 return
+            payload: dict[str, object] | None = None
             if route.reads_json:
                 try:
                     payload = parse_json_body(body)
@@ -385,6 +414,13 @@ class ClientConnection:
                 stream_flag = payload.get("stream") is True
             if ctx.draining:
                 raise ServiceUnavailable("the proxy is shutting down")
+            key = gate.authenticate(ctx, request, model)
+            if key is not None:
+                alias = key.alias
+            if (payload is not None and ctx.config.count_tokens_locally
+                    and route.upstream_path.partition("?")[0].endswith(_COUNT_TOKENS)):
+                await self._count_tokens_locally(route, payload, len(body))
+                return
             outcome = Outcome()
             # Errors are carried out of the nursery by hand: trio wraps anything
             # raised inside one in an ExceptionGroup.
@@ -393,11 +429,15 @@ class ClientConnection:
                 if self.gone:
                     exchange.cancel()  # the client left while we read its body
                 try:
-                    await proxy(ctx, self, route, request, body, outcome)
+                    ticket = await gate.admit(ctx, route, key, payload, len(body), model)
+                    self.extra_headers = gate.response_headers(ctx, ticket)
+                    await proxy(ctx, self, route, request, body, outcome, ticket)
                 except ClientGone:
                     outcome.result = "client_disconnected"
                 finally:
                     self._exchange = None
+                    if ticket is not None:
+                        gate.settle(ctx, ticket, api.value, outcome)
             if exchange.cancelled_caught and outcome.result == "ok":
                 # The reader cancelled the exchange: the client went away first.
                 outcome.result = "client_disconnected"
@@ -410,15 +450,19 @@ class ClientConnection:
             if not self.gone:
                 await self.send_error(exc, api)
         finally:
-            self._log(method, target, route, started, len(body), model, stream_flag, outcome, error)
+            self._log(method, target, route, started, len(body), model, stream_flag, outcome, error,
+                      alias, ticket)
 
-    async def _control(self, control: Control, head: bool) -> None:
+    async def _control(self, control: Control, request: h11.Request, body: bytes) -> None:
         ctx = self.ctx
+        head = request.method == b"HEAD"
         if control is Control.HEALTH:
+            mrps = ctx.ledger.scalar_get(SC_ADAPTIVE_MRPS)
             body = orjson.dumps({
                 "status": "ok", "version": __version__, "variant": ctx.config.deployment_variant,
                 "ledger": ctx.ledger_impl, "http": ctx.http_impl, "worker": ctx.worker_index,
-                "pid": os.getpid(),
+                "pid": os.getpid(), "keys": len(ctx.keys) if ctx.keys is not None else None,
+                "adaptive_rate_rps": mrps / 1000 if mrps > 0 else None,
             })
             await self.send_simple(200, body, head=head)
         elif control is Control.READY:
@@ -428,13 +472,28 @@ class ClientConnection:
                 "worker": ctx.worker_index,
             })
             await self.send_simple(200 if ready else 503, body, head=head)
-        else:
+        elif control is Control.METRICS:
             payload, content_type = ctx.metrics.render()
             await self.send_simple(200, payload, content_type=content_type, head=head)
+        else:
+            check_admin(ctx, request)
+            ctx.ledger.scalar_set(SC_ADAPTIVE_MRPS, 0)  # effective at once, in every worker
+            generation = ctx.ledger.scalar_add(SC_ADAPTIVE_RESET, 1)  # the supervisor forgets
+            get_logger().warning("adaptive_rate_reset_requested", client=self.client_ip,
+                                 generation=generation)
+            await self.send_simple(200, orjson.dumps({"reset": True, "generation": generation}))
+
+    async def _count_tokens_locally(self, route: Route, payload: dict[str, object],
+                                    body_len: int) -> None:
+        """Answer /v1/messages/count_tokens from the tiktoken estimate (``count_tokens_locally``)."""
+        est = await tokens.estimate(route.api.value, payload, body_len)
+        await self.send_simple(200, orjson.dumps({"input_tokens": est.prompt_tokens}),
+                               headers=((b"x-zaiproxy-estimate", b"cl100k_base"),))
 
     def _log(self, method: str, target: str, route: Route | None, started: float, bytes_in: int,
              model: str | None, stream_flag: bool | None, outcome: Outcome | None,
-             error: str | None) -> None:
+             error: str | None, alias: str | None = None,
+             ticket: gate.Ticket | None = None) -> None:
         record = RequestRecord(
             request_id=self.request_id.decode(),
             method=method,
@@ -454,6 +513,12 @@ class ClientConnection:
             retried=outcome.retried if outcome else False,
             usage=outcome.usage if outcome else None,
             error=error,
+            key_alias=alias,
+            tokens_estimated=outcome.usage_estimated if outcome else False,
+            prompt_estimate=ticket.prompt_tokens if ticket is not None and ticket.counted else None,
+            zai_retries=outcome.zai_retries if outcome else 0,
+            zai_class=outcome.zai_class if outcome else None,
+            zai_code=outcome.zai_code if outcome else None,
         )
         self._emit(record)
 

@@ -11,6 +11,14 @@
   cell), the listening sockets close, workers drain with ``drain_timeout``,
   exit code 0. A second signal kills the workers and exits at once.
 - ``--demo``: the built-in mock upstream runs as a child process on loopback.
+- The shared-memory ledger segment is created here after binding (a stale one
+  from a crash is recreated: the port probe proved no other supervisor owns
+  it), handed to every worker by path, and unlinked on exit. When a worker
+  dies, its concurrency leases are reclaimed before it is replaced.
+- The adaptive upstream rate is decided here, once for all workers
+  (``zaiproxy.ratecontrol``), from the workers' shared counters.
+- SIGHUP: the keys file is validated here; if good, every worker reloads it;
+  if bad, the error is logged and the old keys stay in force.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -32,8 +41,10 @@ from zaiproxy import __version__, logs
 from zaiproxy.config import Config
 from zaiproxy.context import STATE_DRAINING, STATE_RUNNING, STATE_STARTING
 from zaiproxy.http11 import ENV as HTTP_IMPL_ENV
+from zaiproxy.keys import KeysFileError, load_keys
 from zaiproxy.ledger import LedgerUnavailable
 from zaiproxy.ledger import load as load_ledger
+from zaiproxy.ratecontrol import RateController
 from zaiproxy.sockets import bind_reuseport
 from zaiproxy.worker import worker_main
 
@@ -64,6 +75,9 @@ class Supervisor:
         self.socks: list[Any] = []
         self.mock: subprocess.Popen[str] | None = None
         self.signals: list[int] = []
+        self.reloads = 0  # SIGHUPs not yet handled
+        self.segment: Any = None  # the shared-memory Ledger
+        self.rates: RateController | None = None
         self.exit_code = 0  # 1 when start-up failed; the drain keeps it
         self.log = logs.get_logger()
 
@@ -105,7 +119,7 @@ class Supervisor:
         process = self.mp.Process(
             target=worker_main,
             args=(slot.index, self.socks[slot.index], self.config, self.state, child_end,
-                  os.getpid()),
+                  os.getpid(), self.segment.path),
             name=f"zaiproxy-worker-{slot.index}",
         )
         process.start()
@@ -144,11 +158,29 @@ class Supervisor:
             self._stop_mock()
             return 1
         host, port = self.socks[0].getsockname()[:2]
+        path = cfg.ledger_path or f"/dev/shm/zaiproxy-{port}"
+        try:
+            self.segment = ledger.Ledger(path, create=True, rows=cfg.ledger_rows,
+                                         workers=cfg.workers)
+        except (OSError, ledger.LedgerError) as exc:
+            self.log.error("ledger_create_failed", path=path, error=str(exc))
+            sys.stderr.write(f"zaiproxy: cannot create the ledger segment {path}: {exc}\n")
+            for sock in self.socks:
+                sock.close()
+            self._stop_mock()
+            return 1
+        self.log.info("ledger_created", path=path, implementation=ledger.IMPLEMENTATION,
+                      rows=cfg.ledger_rows, workers=cfg.workers)
+        if cfg.adaptive_rate:
+            state_file = cfg.state_file or os.path.join(
+                tempfile.gettempdir(), f"zaiproxy-adaptive-{port}.json")
+            self.rates = RateController(self.segment, cfg, state_file)
 
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         old_wakeup = signal.set_wakeup_fd(wake_w)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_sighup)
         try:
             self.slots = [_Slot(i) for i in range(cfg.workers)]
             for slot in self.slots:
@@ -163,17 +195,48 @@ class Supervisor:
             for sock in self.socks:
                 sock.close()
             self._stop_mock()
+            if self.rates is not None:
+                self.rates.save()
+            self.segment.close()
+            self.segment.unlink()
             self.log.flush()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signals.append(signum)
+
+    def _on_sighup(self, signum: int, frame: object) -> None:
+        self.reloads += 1
+
+    def _reload_keys(self) -> None:
+        """Validate the keys file here, then have every worker load it (they keep the old on error)."""
+        self.reloads = 0
+        path = self.config.keys_file
+        if path is None:
+            self.log.warning("keys_reload_ignored", reason="no keys file configured")
+            return
+        try:
+            table = load_keys(path)
+        except KeysFileError as exc:
+            self.log.error("keys_reload_rejected", path=path, problems=exc.problems)
+            return
+        self.log.info("keys_reload", path=path, keys=len(table))
+        for slot in self.slots:
+            if slot.process is not None and slot.process.pid is not None:
+                try:
+                    os.kill(slot.process.pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
 
     def _loop(self, wake_r: int, host: str, port: int, ledger: str) -> int:
         announced = False
         while True:
             if self.signals:
                 return self._drain()
+            if self.reloads:
+                self._reload_keys()
             now = time.monotonic()
+            if self.rates is not None:
+                self.rates.tick(now)
             for slot in self.slots:
                 if slot.restart_at is not None and now >= slot.restart_at:
                     self._spawn(slot)
@@ -244,6 +307,10 @@ class Supervisor:
         lived = time.monotonic() - slot.started_at
         slot.process.close()
         slot.process = None
+        # Its leases would hold concurrency slots forever; the index is reused by the replacement.
+        reclaimed = self.segment.reclaim(slot.index)
+        if reclaimed:
+            self.log.warning("leases_reclaimed", worker=slot.index, leases=reclaimed)
         if slot.ready_pipe is not None:
             slot.ready_pipe.close()
             slot.ready_pipe = None

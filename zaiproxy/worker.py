@@ -10,6 +10,7 @@ exits at once.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import signal
 import socket
@@ -18,21 +19,46 @@ from typing import Any
 
 import trio
 
-from zaiproxy import http11, logs
+from zaiproxy import http11, logs, tokens
+from zaiproxy.admission import SC_ADAPTIVE_MRPS, Admitter, WaitQueue
 from zaiproxy.config import Config
 from zaiproxy.context import SharedState, WorkerContext
+from zaiproxy.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.ledger import load as load_ledger
 from zaiproxy.metrics import WorkerMetrics
 from zaiproxy.routing import Upstream
 from zaiproxy.server import ClientConnection
 from zaiproxy.sockets import trio_listener
 from zaiproxy.upstream import Origin, UpstreamPool, make_ssl_context
+from zaiproxy.zai import RetryPolicy
+
+_private_ids = itertools.count()
 
 # Accept errors that mean "out of resources, try again soon" (trio.serve_listeners' list).
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
-def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = None) -> WorkerContext:
+def open_ledger(impl: Any, config: Config, path: str | None) -> Any:
+    """Attach to the supervisor's segment, or (no supervisor: tests, embedding) make a private one.
+
+    A private segment is unlinked at once: it stays mapped for this process and
+    leaves nothing behind in /dev/shm.
+    """
+    if path is not None:
+        return impl.Ledger(path, create=False)
+    private = f"/dev/shm/zaiproxy-private-{os.getpid()}-{next(_private_ids)}"
+    ledger = impl.Ledger(private, create=True, rows=config.ledger_rows,
+                         workers=max(1, config.workers))
+    ledger.unlink()
+    return ledger
+
+
+def load_key_table(path: str | None) -> KeyTable | None:
+    return load_keys(path) if path is not None else None
+
+
+def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = None,
+                  ledger_path: str | None = None) -> WorkerContext:
     if config.http_impl != http11.IMPLEMENTATION:
         # The choice is made at import time from the environment, which the
         # supervisor sets before spawning: a mismatch is a wiring bug.
@@ -51,17 +77,30 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         connect_timeout=config.connect_timeout,
         ssl_context=make_ssl_context(config.ca_file) if needs_tls else None,
     )
+    segment = open_ledger(ledger, config, ledger_path)
     metrics = WorkerMetrics(
         variant=config.deployment_variant, ledger=ledger.IMPLEMENTATION, workers=config.workers,
         commit=os.environ.get("ZAIPROXY_COMMIT", "unknown"),
         pool_stats=lambda: (pool.active, pool.idle_count),
+        adaptive_rate=lambda: segment.scalar_get(SC_ADAPTIVE_MRPS) / 1000,
+    )
+    api_key = config.api_key.encode() if config.api_key else None
+    admitter = Admitter(
+        segment, ledger, worker=worker_index, global_limits=config.global_limits(),
+        upstream_limits=config.upstream_limits(),
+        # The upstream key's scope is named by a hash of the key, never the key itself.
+        upstream_id=b"upstream\0%x" % ledger.stable_hash(api_key or b""),
+        adaptive=config.adaptive_rate,
     )
     return WorkerContext(
         config=config, pool=pool, origins=origins, metrics=metrics,
         ledger_impl=ledger.IMPLEMENTATION, http_impl=http11.IMPLEMENTATION,
         worker_index=worker_index,
         shared_state=SharedState(state_cell),
-        api_key=config.api_key.encode() if config.api_key else None,
+        api_key=api_key,
+        ledger=segment, admitter=admitter, keys=load_key_table(config.keys_file),
+        wait_queue=WaitQueue(config.queue_max), known_models=frozenset(config.known_models),
+        retry_policy=RetryPolicy(max_retries=config.max_retries),
     )
 
 
@@ -76,6 +115,9 @@ class Worker:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         ctx = self.ctx
         log = logs.get_logger()
+        if ctx.config.token_counting:
+            # ~0.15 s in a thread, before "ready": the first request must not pay for it.
+            await tokens.load_encoding()
         async with trio.open_nursery() as root:
             root.start_soon(ctx.pool.reap)
             async with trio.open_nursery() as conns:
@@ -147,6 +189,34 @@ class Worker:
             async for _ in signals:
                 self.drain_requested.set()
 
+    async def watch_reload(self) -> None:
+        """SIGHUP reloads the client keys file; a bad file is rejected and the old one stays.
+
+        Connections are untouched: requests in flight keep the plan they were
+        admitted with; new requests use the new keys and limits.
+        """
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                await self.reload_keys()
+
+    async def reload_keys(self) -> bool:
+        ctx = self.ctx
+        log = logs.get_logger()
+        path = ctx.config.keys_file
+        if path is None:
+            log.warning("keys_reload_ignored", reason="no keys file configured")
+            return False
+        try:
+            table = await trio.to_thread.run_sync(load_keys, path)
+        except KeysFileError as exc:
+            log.error("keys_reload_rejected", path=path, problems=exc.problems,
+                      kept=len(ctx.keys) if ctx.keys is not None else 0)
+            return False
+        ctx.keys = table
+        ctx.admitter.forget_plans()
+        log.info("keys_reloaded", path=path, keys=len(table))
+        return True
+
     async def watch_parent(self, parent_pid: int) -> None:
         """Drain if the supervisor disappears (no orphaned workers holding the port)."""
         # No event exists for "parent died" without prctl(PR_SET_PDEATHSIG); poll.
@@ -157,7 +227,7 @@ class Worker:
 
 
 def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any,
-                ready: Connection | None, parent_pid: int) -> None:
+                ready: Connection | None, parent_pid: int, ledger_path: str | None = None) -> None:
     """Entry point of a spawned worker process."""
     # The terminal's Ctrl-C reaches the whole process group; only the
     # supervisor acts on it (and forwards SIGTERM), otherwise its SIGTERM would
@@ -167,14 +237,17 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
     # gone (drained) is remembered, never fatal: trio restores this handler.
     early_sigterm: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: early_sigterm.append(signum))
+    # SIGHUP's default action kills the process: until trio's receiver is up, ignore it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logs.configure(config.level, proc=f"worker-{index}")
-    ctx = build_context(config, worker_index=index, state_cell=state_cell)
+    ctx = build_context(config, worker_index=index, state_cell=state_cell, ledger_path=ledger_path)
     worker = Worker(ctx, [trio_listener(sock)])
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker.watch_signals)
             nursery.start_soon(worker.watch_parent, parent_pid)
+            nursery.start_soon(worker.watch_reload)
             await nursery.start(worker.run)
             if early_sigterm:
                 worker.drain_requested.set()

@@ -265,3 +265,11 @@ def start_process(args: list[str], *, env: dict[str, str] | None, stderr_path: P
         raise RuntimeError(f"{args[0]} did not start: {line!r}\n{stderr_path.read_text()}")
     url = line.decode().split("listening on ", 1)[1].split()[0]
     return ProcessServer(proc, url, stderr_path)
+
+
+async def wait_until(predicate: Any, limit: float = 5.0, step: float = 0.005) -> None:
+    """Bounded polling of state that offers no event to wait on (another process, the
+    ledger, a queue in the server); fails the test after ``limit`` seconds."""
+    with trio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(step)

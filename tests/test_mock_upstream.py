@@ -46,6 +46,7 @@ from zaiproxy.mock.payloads import GLM_MODELS, ZAI_MESSAGES, embedding_vector, p
 from zaiproxy.mock.server import ScheduleCache, serve_mock_tcp
 from zaiproxy.mock.stats import BoundedCounter, MockStats
 from zaiproxy.mock.wire import Ending, build_schedule, render_response
+from zaiproxy.sse import SSEEvent, SSEParser
 
 Address = tuple[str, int]
 CHAT = b"/v1/chat/completions"
@@ -1105,3 +1106,184 @@ def test_bounded_counters() -> None:
         "by_key": {"y": 1, "z": 1}, "by_path": {"/p/None": 1},
     }  # fmt: skip
     assert repr(stats) == "MockStats(requests=4, in_flight=3, peak_in_flight=4)"
+
+
+# --- x-mock-usage --------------------------------------------------------------------------
+
+COMPLETIONS = b"/v1/completions"
+COMPLETION_STREAM = b'{"model":"glm-4.6","stream":true,"prompt":"Once"}'
+COMPLETION_BODY = b'{"model":"glm-4.6","prompt":"Once"}'
+USAGE_HEAD = {"x-mock-chunks": "3", "x-mock-chunk-size": "4"}
+
+
+def usage_plan(target: bytes, body: bytes, usage: str | None) -> ResponsePlan:
+    headers = {**USAGE_HEAD, **({} if usage is None else {"x-mock-usage": usage})}
+    encoded = tuple((k.encode(), v.encode()) for k, v in headers.items())
+    return plan_response(make_request(b"POST", target, body, encoded)[1], MockOptions())
+
+
+def parsed_events(plan: ResponsePlan) -> list[SSEEvent]:
+    assert plan.events is not None
+    parser = SSEParser()
+    events = [e for chunk in plan.events for e in parser.feed(chunk)]
+    return events + parser.close()
+
+
+def openai_usage(body: bytes) -> dict[str, Any]:
+    prompt = prompt_tokens(body)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": 3,
+        "total_tokens": prompt + 3,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+@pytest.mark.parametrize(
+    ("target", "body", "obj", "finish"),
+    [
+        (
+            CHAT,
+            STREAM_BODY,
+            "chat.completion.chunk",
+            {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"},
+        ),
+        (
+            COMPLETIONS,
+            COMPLETION_STREAM,
+            "text_completion",
+            {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"},
+        ),
+    ],
+    ids=["chat", "completions"],
+)
+def test_usage_modes_of_openai_streams(
+    target: bytes, body: bytes, obj: str, finish: dict[str, Any]
+) -> None:
+    default = usage_plan(target, body, None)
+    assert usage_plan(target, body, "final").events == default.events  # byte-identical
+    assert usage_plan(target, body, "FINAL").events == default.events
+
+    final = parsed_events(default)
+    assert final[-1].data == "[DONE]"
+    *text, last = [json.loads(e.data) for e in final[:-1]]
+    assert len(text) == 3 and all("usage" not in c for c in text)
+    assert last["object"] == obj
+    assert last["choices"] == [finish]
+    assert last["usage"] == openai_usage(body)
+
+    separate = parsed_events(usage_plan(target, body, "separate"))
+    assert [e.data for e in separate[:3]] == [e.data for e in final[:3]]  # same text chunks
+    assert separate[-1].data == "[DONE]"
+    assert len(separate) == len(final) + 1
+    finish_chunk, usage_chunk = (json.loads(e.data) for e in separate[3:5])
+    assert finish_chunk == {k: v for k, v in last.items() if k != "usage"}
+    assert "usage" not in finish_chunk
+    # The extra chunk: the same envelope (id, object, created, model, ...), no choices.
+    assert usage_chunk == {**finish_chunk, "choices": [], "usage": openai_usage(body)}
+    assert list(usage_chunk)[-2:] == ["choices", "usage"]
+
+    none = parsed_events(usage_plan(target, body, "none"))
+    assert len(none) == len(final)
+    assert [e.data for e in none[:-2]] == [e.data for e in final[:-2]]
+    assert json.loads(none[-2].data) == finish_chunk
+    assert none[-1].data == "[DONE]"
+    assert b"usage" not in b"".join(usage_plan(target, body, "none").events or ())
+
+
+def test_usage_modes_of_anthropic_streams() -> None:
+    default = usage_plan(MESSAGES, ANTHROPIC_STREAM, None)
+    assert usage_plan(MESSAGES, ANTHROPIC_STREAM, "final").events == default.events
+    assert usage_plan(MESSAGES, ANTHROPIC_STREAM, "separate").events == default.events
+    final = parsed_events(default)
+    none = parsed_events(usage_plan(MESSAGES, ANTHROPIC_STREAM, "none"))
+    assert [e.event for e in none] == [e.event for e in final] == [
+        "message_start", "content_block_start", "ping",
+        "content_block_delta", "content_block_delta", "content_block_delta",
+        "content_block_stop", "message_delta", "message_stop",
+    ]  # fmt: skip
+    start = json.loads(final[0].data)
+    assert start["message"]["usage"] == {
+        "input_tokens": prompt_tokens(ANTHROPIC_STREAM), "output_tokens": 1,
+    }  # fmt: skip
+    assert json.loads(none[0].data) == {
+        **start, "message": {**start["message"], "usage": {"input_tokens": 0, "output_tokens": 0}},
+    }  # fmt: skip
+    assert [e.data for e in none[1:7]] == [e.data for e in final[1:7]]
+    assert json.loads(final[7].data)["usage"] == {"output_tokens": 3}
+    assert json.loads(none[7].data) == {
+        "type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+    }  # fmt: skip
+    assert none[8] == final[8]
+
+
+@pytest.mark.parametrize(
+    ("target", "body"),
+    [(CHAT, CHAT_BODY), (COMPLETIONS, COMPLETION_BODY), (MESSAGES, ANTHROPIC_BODY)],
+    ids=["chat", "completions", "messages"],
+)
+def test_usage_modes_of_whole_bodies(target: bytes, body: bytes) -> None:
+    default = usage_plan(target, body, None)
+    assert default.events is None and default.status == 200
+    assert usage_plan(target, body, "final").body == default.body
+    assert usage_plan(target, body, "separate").body == default.body
+    expected = json.loads(default.body)
+    assert "usage" in expected
+    del expected["usage"]
+    none = usage_plan(target, body, "none").body
+    assert json.loads(none) == expected
+    assert list(json.loads(none)) == list(expected)  # key order kept
+
+
+def test_usage_model_names_and_validation() -> None:
+    def events(model: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> tuple[bytes, ...]:
+        body = b'{"model":"%s","stream":true,"messages":[]}' % model.encode()
+        plan = plan_response(make_request(b"POST", CHAT, body, headers)[1], MockOptions())
+        assert plan.events is not None
+        return plan.events
+
+    assert b'"choices":[],"usage"' in events("mock-usage-separate")[-2]
+    assert not any(b'"usage"' in e for e in events("mock-usage-none"))  # the name has "usage-"
+    assert b'"usage"' in events("mock-usage-final")[-2]
+    assert b'"usage"' in events("mock-usage-bogus")[-2]  # not a control: just a model name
+    # A header wins over the model name.
+    assert b'"usage"' in events("mock-usage-none", ((b"x-mock-usage", b"final"),))[-2]
+    assert not any(b'"usage"' in e for e in events("glm-4.6", ((b"x-mock-usage", b"none"),)))
+    bad = usage_plan(CHAT, STREAM_BODY, "sometimes")
+    assert bad.status == 400
+    assert "x-mock-usage" in json.loads(bad.body)["error"]["message"]
+
+
+def test_schedule_cache_keys_on_the_usage_control() -> None:
+    cache = ScheduleCache(MockOptions())
+    schedules = {}
+    for usage in (None, "final", "separate", "none"):
+        headers = () if usage is None else ((b"x-mock-usage", usage.encode()),)
+        request = make_request(b"POST", CHAT, STREAM_BODY, headers)[1]
+        schedules[usage] = cache.schedule(request).data
+        assert cache.schedule(request) is cache.schedule(request)  # memoised
+    # The header is echoed in nothing, so final and the default give the same bytes.
+    assert schedules[None] == schedules["final"]
+    assert len({schedules["final"], schedules["separate"], schedules["none"]}) == 3
+
+
+def test_openai_sdk_reads_the_separate_usage_chunk(oai: openai.OpenAI) -> None:
+    stream = oai.chat.completions.create(
+        model="glm-4.6", messages=MESSAGES_IN, stream=True,
+        extra_headers={"x-mock-usage": "separate", "x-mock-chunks": "4"},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-2].usage is None
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+async def test_usage_none_on_the_wire(mock: Address) -> None:
+    reply = await one_request(
+        mock, "POST", "/v1/messages", ANTHROPIC_STREAM, {"x-mock-usage": "none"}
+    )
+    assert reply.status == 200
+    data = sse_data(reply.body)
+    assert data[0]["message"]["usage"] == {"input_tokens": 0, "output_tokens": 0}
+    assert [d["type"] for d in data if "usage" in d] == []

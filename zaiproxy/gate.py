@@ -203,10 +203,12 @@ def settle(ctx: WorkerContext, ticket: Ticket, api: str, outcome: Outcome | None
         estimated = outcome.usage_estimated
         if estimated and usage.input_tokens == 0:
             usage = Usage(ticket.prompt_tokens, usage.output_tokens)
+            outcome.usage = usage  # the record shows what was counted
     elif (outcome is not None and outcome.upstream_status is not None
           and outcome.upstream_status < 400 and ticket.counted):
         usage = Usage(ticket.prompt_tokens, outcome.output_estimate)
         estimated = True
+        outcome.usage, outcome.usage_estimated = usage, True
     used = billed_tokens(api, usage) if usage is not None else 0
     if admission is not None:
         ctx.admitter.settle(admission, used if ticket.counted else None)

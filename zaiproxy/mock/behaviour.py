@@ -51,6 +51,7 @@ from zaiproxy.mock.controls import (
     ControlError,
     Controls,
     Fault,
+    Usage,
     WriteSplit,
     ZaiShape,
     check_text_size,
@@ -179,17 +180,18 @@ class _Call:
     chunk_size: int
     prompt: int
     stream: bool
+    usage: str  # a payloads.USAGE_MODES value
 
 
 Handler = Callable[[_Call], ResponsePlan]
 
 
 def _generation(
-    whole: Callable[[str, str, int, int, int], bytes],
-    events: Callable[[str, str, int, int, int], list[bytes]],
+    whole: Callable[[str, str, int, int, int, str], bytes],
+    events: Callable[[str, str, int, int, int, str], list[bytes]],
 ) -> Handler:
     def handle(c: _Call) -> ResponsePlan:
-        args = (c.rid, c.model, c.chunks, c.chunk_size, c.prompt)
+        args = (c.rid, c.model, c.chunks, c.chunk_size, c.prompt, c.usage)
         if c.stream:
             return ResponsePlan(200, _SSE, events=tuple(events(*args)))
         return _json(200, whole(*args))
@@ -386,6 +388,7 @@ def _answer(
         size,
         payloads.prompt_tokens(request.body),
         payload.get("stream") is True,
+        (controls.usage or Usage.FINAL).value,
     )
     return route.handler(call), controls
 

@@ -48,6 +48,14 @@ class ZaiShape(enum.Enum):
     ANTHROPIC = "anthropic"  # {"type": "error", "error": {..., "message": "[1302] ..."}}
 
 
+class Usage(enum.Enum):
+    """Where a stream reports token usage (``x-mock-usage``); see ``payloads``."""
+
+    FINAL = "final"  # on the last event (finish_reason chunk / message_delta); the default
+    SEPARATE = "separate"  # OpenAI streams: an extra ``"choices":[]`` chunk before [DONE]
+    NONE = "none"  # no usage (Anthropic: zeros in message_start); whole bodies drop it
+
+
 class ControlError(ValueError):
     """A control header or model name that cannot be honoured (answered with 400)."""
 
@@ -74,6 +82,7 @@ class Controls:
     retry_after: str | None = None  # raw header value; "none" = send no Retry-After
     fault: Fault | None = None
     write_split: WriteSplit | None = None
+    usage: Usage | None = None  # None = final
     seed: int | None = None
     echo: bool = False
     # Fail the first fail_times requests carrying fail_key, then answer normally.
@@ -166,6 +175,8 @@ def parse_headers(headers: Mapping[bytes, bytes]) -> Controls:
             fields["fault"] = _enum(Fault, key, raw)
         elif name == b"x-mock-write-split":
             fields["write_split"] = _enum(WriteSplit, key, raw)
+        elif name == b"x-mock-usage":
+            fields["usage"] = _enum(Usage, key, raw)
         elif name == b"x-mock-seed":
             fields["seed"] = _int(key, raw, 0, 2**63 - 1)
         elif name == b"x-mock-echo":
@@ -188,14 +199,15 @@ def fail_key(raw: bytes) -> str:
 
 _MODEL = re.compile(
     r"mock-(?:status-(?P<status>\d{3})|zai-(?P<zai>\d{4})(?:-(?P<shape>openai|native|anthropic))?"
-    r"|slow-(?P<slow>\d+)"
+    r"|slow-(?P<slow>\d+)|usage-(?P<usage>final|separate|none)"
     r"|(?P<reset>reset)|(?P<stall>stall))"
 )
 
 
 def parse_model(model: str) -> Controls:
     """Controls encoded in a model name: ``mock-status-503``, ``mock-zai-1303``,
-    ``mock-zai-1302-anthropic`` (code and body shape), ``mock-reset`` (reset-mid-stream), ``mock-stall`` (stall), ``mock-slow-250`` (ms)."""
+    ``mock-zai-1302-anthropic`` (code and body shape), ``mock-reset`` (reset-mid-stream), ``mock-stall`` (stall), ``mock-slow-250`` (ms),
+    ``mock-usage-separate`` (``x-mock-usage``: final, separate or none)."""
     if not model.startswith("mock-"):
         return NO_CONTROLS
     match = _MODEL.fullmatch(model)
@@ -209,6 +221,8 @@ def parse_model(model: str) -> Controls:
     if match["slow"]:
         millis = _int("model mock-slow", match["slow"].encode(), 0, int(MAX_DELAY * 1000))
         return Controls(first_byte_delay=millis / 1000)
+    if match["usage"]:
+        return Controls(usage=Usage(match["usage"]))
     if match["reset"]:
         return Controls(fault=Fault.RESET_MID_STREAM)
     return Controls(fault=Fault.STALL)

@@ -13,6 +13,13 @@ Token accounting (documented contract, asserted by tests):
 - completion/output tokens = the number of text deltas (``chunks``), i.e. one
   token per streamed delta, the same number a proxy gets by counting deltas.
 
+Where the usage goes is the ``usage`` argument (``x-mock-usage``), one of
+:data:`USAGE_MODES`: ``final`` (the default) puts it on the last event, as
+Z.AI does; ``separate`` moves it, for OpenAI streams, to an extra chunk with
+``"choices":[]`` before ``[DONE]`` (how OpenAI answers
+``stream_options.include_usage``); ``none`` sends none. Whole (non-stream)
+bodies drop their ``usage`` key for ``none`` only.
+
 Stream events are built from byte templates around ``orjson.dumps(piece)``
 instead of dumping one dict per delta: the bytes are identical to dumping the
 dict (orjson keeps insertion order and writes no spaces) and it keeps large
@@ -79,6 +86,33 @@ def _event(name: bytes, data: bytes) -> bytes:
 
 SSE_DONE = b"data: [DONE]\n\n"
 
+USAGE_MODES = ("final", "separate", "none")
+
+
+def _check_usage(usage: str) -> None:
+    if usage not in USAGE_MODES:
+        raise ValueError(f"unknown usage mode {usage!r}")
+
+
+def _without_usage(body: dict[str, Any], usage: str) -> dict[str, Any]:
+    _check_usage(usage)
+    if usage == "none":
+        del body["usage"]
+    return body
+
+
+def _openai_stream_end(head: bytes, finish: bytes, usage_json: bytes, usage: str) -> list[bytes]:
+    """The last events of an OpenAI stream. ``head`` is the chunk's JSON up to its
+    ``"choices":[`` (inclusive), ``finish`` the rest of the finish_reason choice."""
+    _check_usage(usage)
+    if usage == "final":
+        return [_sse(head + finish + b'],"usage":' + usage_json + b"}"), SSE_DONE]
+    events = [_sse(head + finish + b"]}")]
+    if usage == "separate":
+        events.append(_sse(head + b'],"usage":' + usage_json + b"}"))
+    events.append(SSE_DONE)
+    return events
+
 
 def _openai_usage(prompt: int, completion: int) -> dict[str, Any]:
     # The details objects are what OpenAI and Z.AI send; they also bring the
@@ -95,103 +129,112 @@ def _openai_usage(prompt: int, completion: int) -> dict[str, Any]:
 # --- OpenAI chat ---------------------------------------------------------------------------
 
 
-def chat_completion(rid: str, model: str, chunks: int, chunk_size: int, prompt: int) -> bytes:
+def chat_completion(
+    rid: str, model: str, chunks: int, chunk_size: int, prompt: int, usage: str = "final"
+) -> bytes:
     return _dumps(
-        {
-            "id": f"chatcmpl-{rid}",
-            "object": "chat.completion",
-            "created": CREATED,
-            "model": model,
-            "system_fingerprint": "fp_zaiproxy_mock",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": expected_text(chunks, chunk_size),
-                        "refusal": None,
-                        "annotations": [],
-                    },
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": _openai_usage(prompt, chunks),
-            "request_id": rid,
-        }
+        _without_usage(
+            {
+                "id": f"chatcmpl-{rid}",
+                "object": "chat.completion",
+                "created": CREATED,
+                "model": model,
+                "system_fingerprint": "fp_zaiproxy_mock",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": expected_text(chunks, chunk_size),
+                            "refusal": None,
+                            "annotations": [],
+                        },
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": _openai_usage(prompt, chunks),
+                "request_id": rid,
+            },
+            usage,
+        )
     )
 
 
-def chat_events(rid: str, model: str, chunks: int, chunk_size: int, prompt: int) -> list[bytes]:
+def chat_events(
+    rid: str, model: str, chunks: int, chunk_size: int, prompt: int, usage: str = "final"
+) -> list[bytes]:
     """``chat.completion.chunk`` events: one per delta (the first carries the role), a final
-    chunk with ``finish_reason`` and ``usage`` (Z.AI always sends it), then ``[DONE]``."""
-    head = (
+    chunk with ``finish_reason`` and ``usage`` (Z.AI always sends it), then ``[DONE]``.
+    ``usage`` moves or drops the usage (see the module docstring)."""
+    choices = (
         b'{"id":"chatcmpl-'
         + rid.encode()
         + b'","object":"chat.completion.chunk","created":'
         + str(CREATED).encode()
         + b',"model":'
         + _dumps(model)
-        + b',"system_fingerprint":"fp_zaiproxy_mock","choices":[{"index":0,"delta":'
+        + b',"system_fingerprint":"fp_zaiproxy_mock","choices":['
     )
+    head = choices + b'{"index":0,"delta":'
     tail = b',"logprobs":null,"finish_reason":null}]}'
     pieces = text_deltas(chunks, chunk_size) or ("",)
     events = [_sse(head + b'{"role":"assistant","content":' + _dumps(pieces[0]) + b"}" + tail)]
     events.extend(_sse(head + b'{"content":' + _dumps(p) + b"}" + tail) for p in pieces[1:])
-    usage = _dumps(_openai_usage(prompt, chunks))
-    events.append(
-        _sse(head + b'{},"logprobs":null,"finish_reason":"stop"}],"usage":' + usage + b"}")
-    )
-    events.append(SSE_DONE)
+    finish = b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}'
+    usage_json = _dumps(_openai_usage(prompt, chunks))
+    events.extend(_openai_stream_end(choices, finish, usage_json, usage))
     return events
 
 
 # --- OpenAI legacy completions -------------------------------------------------------------
 
 
-def text_completion(rid: str, model: str, chunks: int, chunk_size: int, prompt: int) -> bytes:
+def text_completion(
+    rid: str, model: str, chunks: int, chunk_size: int, prompt: int, usage: str = "final"
+) -> bytes:
     return _dumps(
-        {
-            "id": f"cmpl-{rid}",
-            "object": "text_completion",
-            "created": CREATED,
-            "model": model,
-            "choices": [
-                {
-                    "text": expected_text(chunks, chunk_size),
-                    "index": 0,
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": _openai_usage(prompt, chunks),
-        }
+        _without_usage(
+            {
+                "id": f"cmpl-{rid}",
+                "object": "text_completion",
+                "created": CREATED,
+                "model": model,
+                "choices": [
+                    {
+                        "text": expected_text(chunks, chunk_size),
+                        "index": 0,
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": _openai_usage(prompt, chunks),
+            },
+            usage,
+        )
     )
 
 
 def text_completion_events(
-    rid: str, model: str, chunks: int, chunk_size: int, prompt: int
+    rid: str, model: str, chunks: int, chunk_size: int, prompt: int, usage: str = "final"
 ) -> list[bytes]:
-    head = (
+    choices = (
         b'{"id":"cmpl-'
         + rid.encode()
         + b'","object":"text_completion","created":'
         + str(CREATED).encode()
         + b',"model":'
         + _dumps(model)
-        + b',"choices":[{"text":'
+        + b',"choices":['
     )
+    head = choices + b'{"text":'
     events = [
         _sse(head + _dumps(p) + b',"index":0,"logprobs":null,"finish_reason":null}]}')
         for p in text_deltas(chunks, chunk_size)
     ]
-    usage = _dumps(_openai_usage(prompt, chunks))
-    events.append(
-        _sse(
-            head + b'"","index":0,"logprobs":null,"finish_reason":"stop"}],"usage":' + usage + b"}"
-        )
-    )
-    events.append(SSE_DONE)
+    finish = b'{"text":"","index":0,"logprobs":null,"finish_reason":"stop"}'
+    usage_json = _dumps(_openai_usage(prompt, chunks))
+    events.extend(_openai_stream_end(choices, finish, usage_json, usage))
     return events
 
 
@@ -236,25 +279,34 @@ MODELS_BODY = _dumps(
 # --- Anthropic messages --------------------------------------------------------------------
 
 
-def anthropic_message(rid: str, model: str, chunks: int, chunk_size: int, prompt: int) -> bytes:
+def anthropic_message(
+    rid: str, model: str, chunks: int, chunk_size: int, prompt: int, usage: str = "final"
+) -> bytes:
     return _dumps(
-        {
-            "id": f"msg_{rid}",
-            "type": "message",
-            "role": "assistant",
-            "model": model,
-            "content": [{"type": "text", "text": expected_text(chunks, chunk_size)}],
-            "stop_reason": "end_turn",
-            "stop_sequence": None,
-            "usage": {"input_tokens": prompt, "output_tokens": chunks},
-        }
+        _without_usage(
+            {
+                "id": f"msg_{rid}",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "text", "text": expected_text(chunks, chunk_size)}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": prompt, "output_tokens": chunks},
+            },
+            usage,
+        )
     )
 
 
 def anthropic_events(
-    rid: str, model: str, chunks: int, chunk_size: int, prompt: int
+    rid: str, model: str, chunks: int, chunk_size: int, prompt: int, usage: str = "final"
 ) -> list[bytes]:
-    """The event sequence of Anthropic's streaming Messages API, in its order."""
+    """The event sequence of Anthropic's streaming Messages API, in its order. ``usage``
+    ``none``: zeros in ``message_start`` (as Z.AI sometimes sends) and no ``usage`` in
+    ``message_delta``; ``separate`` is the same as ``final`` (Anthropic has no such form)."""
+    _check_usage(usage)
+    none = usage == "none"
     start = {
         "type": "message_start",
         "message": {
@@ -266,7 +318,9 @@ def anthropic_events(
             "stop_reason": None,
             "stop_sequence": None,
             # Anthropic reports output_tokens 1 at the start and the total at message_delta.
-            "usage": {"input_tokens": prompt, "output_tokens": 1},
+            "usage": {"input_tokens": 0, "output_tokens": 0}
+            if none
+            else {"input_tokens": prompt, "output_tokens": 1},
         },
     }
     events = [
@@ -283,13 +337,10 @@ def anthropic_events(
         for p in text_deltas(chunks, chunk_size)
     )
     events.append(_event(b"content_block_stop", b'{"type":"content_block_stop","index":0}'))
-    events.append(
-        _event(
-            b"message_delta",
-            b'{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
-            b'"usage":{"output_tokens":' + str(chunks).encode() + b"}}",
-        )
-    )
+    delta = b'{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null}'
+    if not none:
+        delta += b',"usage":{"output_tokens":' + str(chunks).encode() + b"}"
+    events.append(_event(b"message_delta", delta + b"}"))
     events.append(_event(b"message_stop", b'{"type":"message_stop"}'))
     return events
 

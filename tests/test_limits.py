@@ -277,3 +277,18 @@ async def test_health_says_which_ledger(nursery, upstream):
     assert health["ledger"] == proxy.worker.ctx.ledger.implementation
     metrics = (await request(proxy.port, "GET", "/metrics")).body.decode()
     assert f'zai_proxy_ledger_info{{implementation="{health["ledger"]}"' in metrics
+
+
+@pytest.mark.parametrize("opt_in", [True, False])
+async def test_key_alias_metrics_are_opt_in(nursery, upstream, tmp_path, opt_in):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nalias = "alice"\nkey = "zp-alice-secret-1"\n')
+    proxy = await start_proxy(nursery, make_config(upstream, keys_file=str(keys),
+                                                   alias_metrics=opt_in))
+    assert (await chat(proxy, headers=[("x-api-key", "zp-alice-secret-1")])).status == 200
+    assert (await chat(proxy, headers=[("x-api-key", "zp-wrong")])).status == 401
+    text = (await request(proxy.port, "GET", "/metrics")).body.decode()
+    assert "zp-alice-secret-1" not in text
+    line = 'zai_proxy_key_requests_total{key="alice",status="200",variant="production"} 1.0'
+    assert (line in text) is opt_in
+    assert "zp-wrong" not in text

@@ -33,7 +33,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 class WorkerMetrics:
     def __init__(self, *, variant: str, ledger: str, workers: int, commit: str = "unknown",
                  pool_stats: Callable[[], tuple[int, int]] | None = None,
-                 adaptive_rate: Callable[[], float] | None = None) -> None:
+                 adaptive_rate: Callable[[], float] | None = None,
+                 alias_metrics: bool = False) -> None:
         self.variant = variant
         self.registry = CollectorRegistry(auto_describe=True)
         Gauge("zai_proxy_build_info", "Build information.", ["version", "variant", "commit"],
@@ -64,6 +65,10 @@ class WorkerMetrics:
         self._retries = Counter(
             "zai_proxy_retry_attempts", "Upstream retries by reason (the Z.AI 429 class).",
             ["reason", "variant"], registry=self.registry)
+        # Opt-in: one series per client key alias (aliases come from the keys file only).
+        self._key_requests = Counter(
+            "zai_proxy_key_requests", "Requests by client key alias and status.",
+            ["key", "status", "variant"], registry=self.registry) if alias_metrics else None
         if adaptive_rate is not None:
             Gauge("zai_proxy_rate_limit_requests_per_second",
                   "The adaptive upstream rate shared by all workers (0 = not limiting).",
@@ -72,6 +77,8 @@ class WorkerMetrics:
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request (the record's route is a bounded template)."""
         self.request(record.method, record.route, record.status)
+        if self._key_requests is not None and record.key_alias is not None:
+            self._key_requests.labels(record.key_alias, str(record.status), self.variant).inc()
 
     def request(self, method: str, template: str, status: int) -> None:
         if method not in _METHODS:

@@ -58,7 +58,8 @@ def load_key_table(path: str | None) -> KeyTable | None:
 
 
 def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = None,
-                  ledger_path: str | None = None) -> WorkerContext:
+                  ledger_path: str | None = None, keys: KeyTable | None = None) -> WorkerContext:
+    """Everything a worker serves with; ``keys``: the table in force (else read from the file)."""
     if config.http_impl != http11.IMPLEMENTATION:
         # The choice is made at import time from the environment, which the
         # supervisor sets before spawning: a mismatch is a wiring bug.
@@ -83,6 +84,7 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         commit=os.environ.get("ZAIPROXY_COMMIT", "unknown"),
         pool_stats=lambda: (pool.active, pool.idle_count),
         adaptive_rate=lambda: segment.scalar_get(SC_ADAPTIVE_MRPS) / 1000,
+        alias_metrics=config.alias_metrics,
     )
     api_key = config.api_key.encode() if config.api_key else None
     admitter = Admitter(
@@ -98,7 +100,7 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         worker_index=worker_index,
         shared_state=SharedState(state_cell),
         api_key=api_key,
-        ledger=segment, admitter=admitter, keys=load_key_table(config.keys_file),
+        ledger=segment, admitter=admitter, keys=keys if keys is not None else load_key_table(config.keys_file),
         wait_queue=WaitQueue(config.queue_max), known_models=frozenset(config.known_models),
         retry_policy=RetryPolicy(max_retries=config.max_retries),
     )
@@ -227,7 +229,8 @@ class Worker:
 
 
 def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any,
-                ready: Connection | None, parent_pid: int, ledger_path: str | None = None) -> None:
+                ready: Connection | None, parent_pid: int, ledger_path: str | None = None,
+                keys: KeyTable | None = None) -> None:
     """Entry point of a spawned worker process."""
     # The terminal's Ctrl-C reaches the whole process group; only the
     # supervisor acts on it (and forwards SIGTERM), otherwise its SIGTERM would
@@ -237,10 +240,14 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
     # gone (drained) is remembered, never fatal: trio restores this handler.
     early_sigterm: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: early_sigterm.append(signum))
-    # SIGHUP's default action kills the process: until trio's receiver is up, ignore it.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGHUP's default action kills the process. Until trio's receiver is up it is
+    # remembered, like SIGTERM: a reload signalled while this worker starts (with the
+    # table from before the reload) is done once it runs, not lost.
+    early_sighup: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: early_sighup.append(signum))
     logs.configure(config.level, proc=f"worker-{index}")
-    ctx = build_context(config, worker_index=index, state_cell=state_cell, ledger_path=ledger_path)
+    ctx = build_context(config, worker_index=index, state_cell=state_cell, ledger_path=ledger_path,
+                        keys=keys)
     worker = Worker(ctx, [trio_listener(sock)])
 
     async def main() -> None:
@@ -251,6 +258,8 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
             await nursery.start(worker.run)
             if early_sigterm:
                 worker.drain_requested.set()
+            if early_sighup:
+                nursery.start_soon(worker.reload_keys)
             if ready is not None:
                 ready.send(("ready", os.getpid()))
                 ready.close()

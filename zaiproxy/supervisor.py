@@ -18,7 +18,11 @@
 - The adaptive upstream rate is decided here, once for all workers
   (``zaiproxy.ratecontrol``), from the workers' shared counters.
 - SIGHUP: the keys file is validated here; if good, every worker reloads it;
-  if bad, the error is logged and the old keys stay in force.
+  if bad, the error is logged and the old keys stay in force. "In force"
+  includes workers started later (a restart after a crash): the supervisor
+  keeps the last good table and hands it to every worker it spawns, which
+  therefore never reads a file nobody validated (it used to, and a rejected
+  file on disk turned any worker restart into a crash loop).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from zaiproxy import __version__, logs
 from zaiproxy.config import Config
 from zaiproxy.context import STATE_DRAINING, STATE_RUNNING, STATE_STARTING
 from zaiproxy.http11 import ENV as HTTP_IMPL_ENV
-from zaiproxy.keys import KeysFileError, load_keys
+from zaiproxy.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.ledger import LedgerUnavailable
 from zaiproxy.ledger import load as load_ledger
 from zaiproxy.ratecontrol import RateController
@@ -76,6 +80,7 @@ class Supervisor:
         self.mock: subprocess.Popen[str] | None = None
         self.signals: list[int] = []
         self.reloads = 0  # SIGHUPs not yet handled
+        self.keys: KeyTable | None = None  # the client keys in force (None = open mode)
         self.segment: Any = None  # the shared-memory Ledger
         self.rates: RateController | None = None
         self.exit_code = 0  # 1 when start-up failed; the drain keeps it
@@ -119,7 +124,7 @@ class Supervisor:
         process = self.mp.Process(
             target=worker_main,
             args=(slot.index, self.socks[slot.index], self.config, self.state, child_end,
-                  os.getpid(), self.segment.path),
+                  os.getpid(), self.segment.path, self.keys),
             name=f"zaiproxy-worker-{slot.index}",
         )
         process.start()
@@ -148,6 +153,13 @@ class Supervisor:
             sys.stderr.write("zaiproxy: http_impl h11-mypyc needs the h11-mypyc package "
                              "(pip install 'zaiproxy[fast]')\n")
             return 1
+        if cfg.keys_file is not None:
+            try:
+                self.keys = load_keys(cfg.keys_file)
+            except KeysFileError as exc:
+                self.log.error("keys_file_invalid", path=cfg.keys_file, problems=exc.problems)
+                sys.stderr.write(f"zaiproxy: invalid keys file:\n{exc}\n")
+                return 1
         if cfg.demo:
             self.config = cfg = self._start_demo_upstream()
         try:
@@ -219,6 +231,7 @@ class Supervisor:
         except KeysFileError as exc:
             self.log.error("keys_reload_rejected", path=path, problems=exc.problems)
             return
+        self.keys = table  # what workers started from now on get
         self.log.info("keys_reload", path=path, keys=len(table))
         for slot in self.slots:
             if slot.process is not None and slot.process.pid is not None:

@@ -100,7 +100,8 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         worker_index=worker_index,
         shared_state=SharedState(state_cell),
         api_key=api_key,
-        ledger=segment, admitter=admitter, keys=keys if keys is not None else load_key_table(config.keys_file),
+        ledger=segment, admitter=admitter,
+        keys=keys if keys is not None else load_key_table(config.keys_file),
         wait_queue=WaitQueue(config.queue_max), known_models=frozenset(config.known_models),
         retry_policy=RetryPolicy(max_retries=config.max_retries),
     )

@@ -111,11 +111,18 @@ async def admit(ctx: WorkerContext, route: Route, key: ClientKey | None,
 
 
 async def readmit(ctx: WorkerContext, ticket: Ticket) -> None:
-    """Admit a Z.AI retry again: give back the last reservation (upstream refused it), take anew."""
+    """Admit a Z.AI retry again.
+
+    The refused attempt is settled like a finished request, not cancelled: it
+    did reach upstream, so its request-rate, quota and adaptive-rate slots stay
+    taken (cancelling would let every retry go out outside those limits); its
+    lease goes back and its token reservation is refunded (a 429 generated
+    nothing). Then the retry takes every limit anew.
+    """
     old = ticket.admission
     if old is None:
         return
-    ctx.admitter.cancel(old)
+    ctx.admitter.settle(old, 0 if ticket.counted else None)
     ticket.admission = None
     result = ctx.admitter.admit(old.plan, old.tokens)
     if isinstance(result, Refusal):

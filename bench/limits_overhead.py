@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, dict[str, list[dict[str, float]]]] = {}
         for scenario in scenarios:
             results[scenario.name] = {"off": [], "on": []}
-            for name, child in proxies.items():
+            for child in proxies.values():
                 check_sample(child.url + PROXY_PATH, scenario)
                 run_wrk(child.url + PROXY_PATH, scenario, 2, None)  # warm-up
             for repeat in range(args.repeat):

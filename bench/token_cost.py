@@ -31,7 +31,8 @@ import trio
 
 from zaiproxy import tokens
 from zaiproxy.mock import payloads
-from zaiproxy.sse import UsageChunkStripper, UsageTracker, add_include_usage
+from zaiproxy.usage import UsageTracker
+from zaiproxy.usage_rewrite import UsageChunkStripper, add_include_usage
 
 PARAGRAPH = (
     "The proxy counts tokens before it forwards a request, so that a client's budget is "

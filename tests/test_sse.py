@@ -18,17 +18,10 @@ from hypothesis import strategies as st
 
 from zaiproxy import tokens
 from zaiproxy.mock import payloads
-from zaiproxy.sse import (
-    SSEEvent,
-    SSEParser,
-    StreamUsage,
-    Usage,
-    UsageChunkStripper,
-    UsageTracker,
-    add_include_usage,
-    usage_from_body,
-)
+from zaiproxy.sse import SSEEvent, SSEParser
 from zaiproxy.tokens import count_text
+from zaiproxy.usage import StreamUsage, Usage, UsageTracker, usage_from_body
+from zaiproxy.usage_rewrite import UsageChunkStripper, add_include_usage
 
 E = SSEEvent
 

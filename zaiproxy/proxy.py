@@ -26,15 +26,9 @@ from zaiproxy.errors import Api, UpstreamError, UpstreamTimeout, sse_error_event
 from zaiproxy.forward import client_response_headers, header_value, upstream_request_headers
 from zaiproxy.http11 import h11
 from zaiproxy.routing import Route
-from zaiproxy.sse import (
-    StreamUsage,
-    Usage,
-    UsageChunkStripper,
-    UsageTracker,
-    add_include_usage,
-    usage_from_body,
-)
 from zaiproxy.upstream import Origin, UpstreamConnection, UpstreamPool
+from zaiproxy.usage import StreamUsage, Usage, UsageTracker, usage_from_body
+from zaiproxy.usage_rewrite import UsageChunkStripper, add_include_usage
 
 if TYPE_CHECKING:
     from zaiproxy.context import WorkerContext

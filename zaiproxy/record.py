@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zaiproxy.sse import Usage
+from zaiproxy.usage import Usage
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ import tiktoken
 import trio
 
 if TYPE_CHECKING:
-    from zaiproxy.sse import StreamUsage, UsageTracker
+    from zaiproxy.usage import StreamUsage, UsageTracker
 
 __all__ = [
     "THRESHOLD",

@@ -1254,3 +1254,12 @@ def test_stripper_random_streams_any_split(picks: list[tuple[int, bytes, int]], 
         out, stripper = strip(chunks)
         assert out == expected
         assert stripper.stripped == stripped
+
+
+def test_stripper_empty_feed_between_cr_and_lf() -> None:
+    # Regression (found by hypothesis): an empty chunk between the CR and the LF of the
+    # blank line ending a stripped event let the LF through.
+    event = b'data:{"choices":[],"usage":{"x":0}}\r\n\r\n'
+    out, stripper = strip([event[:-1], b"", event[-1:]])
+    assert out == b""
+    assert stripper.stripped == 1

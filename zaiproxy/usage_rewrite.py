@@ -111,6 +111,8 @@ class UsageChunkStripper:
 
     def feed(self, data: Bytes) -> bytes:
         """Bytes to send on for this chunk of the upstream stream."""
+        if not data:
+            return b""  # nothing to see, and the CR/LF state must carry over unchanged
         data = bytes(data)
         out = bytearray()
         i, n = 0, len(data)

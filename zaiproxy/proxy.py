@@ -229,7 +229,10 @@ async def proxy(
 
     if tracker is not None:
         tracker.close()
-        _apply_stream_usage(outcome, await tokens.stream_usage(tracker))
+        if cfg.token_counting:
+            _apply_stream_usage(outcome, await tokens.stream_usage(tracker))
+        else:
+            outcome.usage = tracker.usage  # upstream's report only; nothing to count
     elif kept and kept_len <= USAGE_BODY_LIMIT:
         outcome.usage = usage_from_body(route.api.value, b"".join(kept))
     await client.flush()

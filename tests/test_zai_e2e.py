@@ -28,6 +28,7 @@ from tests.harness import (
     request,
     start_mock,
     start_proxy,
+    wait_until,
 )
 from zaiproxy.admission import W_UPSTREAM_REQUESTS, W_UPSTREAM_THROTTLED, LimitKind
 
@@ -320,11 +321,8 @@ async def test_client_leaving_during_a_wait_ends_the_retry_and_frees_the_lease(
     assert busy.header(b"x-zaiproxy-limit") == b"global:concurrency"
 
     await stream.aclose()
-    # The reader sees EOF and cancels the exchange; the gate's settle frees the lease and
-    # sets ctx.released (replacing it), so this wakes exactly when a request settles.
-    with trio.fail_after(5):
-        while ctx.ledger.in_use(lease_row):
-            await ctx.released.wait()
+    # The reader sees EOF and cancels the exchange; the gate's settle frees the lease.
+    await wait_until(lambda: ctx.ledger.in_use(lease_row) == 0)
     await trio.testing.wait_all_tasks_blocked()
     assert await upstream_calls(mock, "gone") == 1  # no retry after the client left
     assert proxy.waits == [1.0]

@@ -88,7 +88,9 @@ async def estimate(ctx: WorkerContext, route: Route, payload: dict[str, object] 
     """(prompt tokens, reservation, counted) for a request."""
     if not ctx.config.token_counting or payload is None:
         return 0, 0, False
-    est = await tokens.estimate(route.api.value, payload, body_len)
+    est = tokens.estimate_now(route.api.value, payload, body_len)
+    if est is None:
+        est = await tokens.estimate(route.api.value, payload, body_len)
     path = route.upstream_path.partition("?")[0]
     if path.endswith(_GENERATING):
         return est.prompt_tokens, tokens.reservation(est, ctx.config.default_max_output_tokens), True
@@ -219,7 +221,8 @@ def settle(ctx: WorkerContext, ticket: Ticket, api: str, outcome: Outcome | None
     used = billed_tokens(api, usage) if usage is not None else 0
     if admission is not None:
         ctx.admitter.settle(admission, used if ticket.counted else None)
-        ctx.released.set()
-        ctx.released = trio.Event()
+        if ctx.wait_queue.waiting:
+            ctx.released.set()  # wake the queued: a slot may be free
+            ctx.released = trio.Event()
     if usage is not None and ticket.counted:
         ctx.count_tokens(ticket.alias, ticket.model_label, usage, estimated)

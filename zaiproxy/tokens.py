@@ -142,6 +142,17 @@ def reservation(estimate: PromptEstimate, default_output: int) -> int:
     return estimate.prompt_tokens + (cap if cap is not None else default_output)
 
 
+def estimate_now(
+    api: Literal["openai", "anthropic"], payload: dict[str, Any], body_len: int
+) -> PromptEstimate | None:
+    """The estimate computed inline when it is cheap (small body, encoding loaded), else None:
+    then use :func:`estimate`, which counts in a worker thread. Saves the hot path a
+    checkpoint for the common small request."""
+    if body_len >= THRESHOLD or _encoding is None:
+        return None
+    return estimate_openai(payload) if api == "openai" else estimate_anthropic(payload)
+
+
 async def estimate(
     api: Literal["openai", "anthropic"], payload: dict[str, Any], body_len: int
 ) -> PromptEstimate:
@@ -213,7 +224,7 @@ def _openai_message(message: object) -> int:
     if not isinstance(message, dict):
         return 0
     get = message.get
-    tokens = _PER_MESSAGE + _text(get("role")) + _openai_content(get("content"))
+    tokens = _PER_MESSAGE + _role(get("role")) + _openai_content(get("content"))
     name = get("name")
     if isinstance(name, str):
         tokens += count_text(name) + _PER_NAME
@@ -300,7 +311,7 @@ def estimate_anthropic(payload: dict[str, Any]) -> PromptEstimate:
         total += _PRIMING
         for message in messages:
             if isinstance(message, dict):
-                total += _PER_MESSAGE + _text(message.get("role"))
+                total += _PER_MESSAGE + _role(message.get("role"))
                 total += _anthropic_content(message.get("content"), 0)
     tools = payload.get("tools")
     if isinstance(tools, list):
@@ -352,6 +363,21 @@ def _anthropic_block(block: object, depth: int) -> int:
 
 def _text(value: object) -> int:
     return count_text(value) if isinstance(value, str) else 0
+
+
+# Roles repeat in every message of every request; a tiktoken call costs ~2 us.
+_ROLE_TOKENS: dict[str, int] = {}
+
+
+def _role(value: object) -> int:
+    if not isinstance(value, str):
+        return 0
+    tokens = _ROLE_TOKENS.get(value)
+    if tokens is None:
+        tokens = count_text(value)
+        if len(_ROLE_TOKENS) < 64 and len(value) <= 32:  # bounded: roles are a handful of words
+            _ROLE_TOKENS[value] = tokens
+    return tokens
 
 
 def _json(value: object) -> int:

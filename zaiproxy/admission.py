@@ -73,6 +73,8 @@ class Plan:
     has_concurrency: bool
     adaptive: int | None  # position of the adaptive-rate op
     alias: str | None = None
+    # The per-minute GCRA ops reported in x-ratelimit-* headers: (index, limit, period, weighted).
+    reported: tuple[tuple[int, int, int, bool], ...] = ()
 
     def __repr__(self) -> str:
         names = ", ".join(f"{op.scope}.{op.name}={op.limit}" for op in self.ops)
@@ -209,6 +211,8 @@ class Admitter:
             weighted=tuple(i for i, op in enumerate(ops) if op.weighted),
             has_concurrency=any(op.kind == impl.KIND_CONCURRENCY for op in ops),
             adaptive=adaptive, alias=alias,
+            reported=tuple((op.index, op.limit, op.period_ns, op.weighted) for op in ops
+                           if op.kind == impl.KIND_GCRA and not op.adaptive),
         )
 
     # --- admit / settle ------------------------------------------------------
@@ -291,19 +295,17 @@ class Admitter:
         """(requests, tokens): the tightest per-minute limit of each kind, for headers."""
         requests: RateState | None = None
         tokens: RateState | None = None
+        if not plan.reported:
+            return None, None
         now = self.clock()
-        ledger = self.ledger
-        gcra = self.impl.KIND_GCRA
-        for op in plan.ops:
-            if op.kind != gcra or op.adaptive:
-                continue
-            remaining, reset_ns = ledger.gcra_state(op.index, op.limit, op.period_ns, now)
-            state = RateState(op.limit, remaining, reset_ns)
-            if op.weighted:
+        state_of = self.ledger.gcra_state
+        for index, limit, period_ns, weighted in plan.reported:
+            remaining, reset_ns = state_of(index, limit, period_ns, now)
+            if weighted:
                 if tokens is None or remaining < tokens.remaining:
-                    tokens = state
+                    tokens = RateState(limit, remaining, reset_ns)
             elif requests is None or remaining < requests.remaining:
-                requests = state
+                requests = RateState(limit, remaining, reset_ns)
         return requests, tokens
 
     def note_upstream(self, throttled: bool) -> None:

@@ -121,9 +121,11 @@ class ClientConnection:
         """Frame the response head; it is written with the next flush."""
         extra = self.extra_headers
         if extra:
-            # The proxy's x-ratelimit-* replace upstream's headers of the same names.
-            names = {name for name, _ in extra}
-            headers = [h for h in headers if h[0] not in names]
+            # The proxy's x-ratelimit-* replace upstream's headers of the same names (rare:
+            # look for them first instead of rebuilding every response's header list).
+            if any(name.startswith(b"x-ratelimit-") for name, _ in headers):
+                names = {name for name, _ in extra}
+                headers = [h for h in headers if h[0] not in names]
             headers.extend(extra)
         if self.ctx.draining or self.close_after:
             headers = [*headers, (b"connection", b"close")]

@@ -227,3 +227,5 @@ def test_workers_exit_when_the_supervisor_is_killed(mock: ProcessServer, tmp_pat
     # process keeps serving (or holding the port) without its supervisor.
     wait_for(lambda: all(gone(pid) for pid in pids), timeout=10)
     wait_for(lambda: _refused(proxy.url), timeout=10)
+    # ...and the orphans removed the shared-memory segment the supervisor could not.
+    assert not os.path.exists(f"/dev/shm/zaiproxy-{proxy.port}")

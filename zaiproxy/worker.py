@@ -9,6 +9,7 @@ exits at once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -249,6 +250,7 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
     logs.configure(config.level, proc=f"worker-{index}")
     ctx = build_context(config, worker_index=index, state_cell=state_cell, ledger_path=ledger_path,
                         keys=keys)
+    segment_inode = os.stat(ledger_path).st_ino if ledger_path is not None else -1
     worker = Worker(ctx, [trio_listener(sock)])
 
     async def main() -> None:
@@ -268,5 +270,12 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+    if ledger_path is not None and os.getppid() != parent_pid:
+        # Orphaned (the supervisor was SIGKILLed): nobody else will unlink the segment, and
+        # without a supervisor it is useless. The other workers keep their mappings. Only
+        # if it is still *our* file: a new supervisor may already own that path.
+        with contextlib.suppress(OSError):
+            if os.stat(ledger_path).st_ino == segment_inode:
+                os.unlink(ledger_path)
     logs.get_logger().flush()
 

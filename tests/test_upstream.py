@@ -477,5 +477,8 @@ async def test_slow_client_backpressures_the_upstream(nursery):
     stalled_at = sent
     assert 0 < stalled_at < 48 << 20, stalled_at  # it flowed, then stopped at kernel buffers
     await trio.testing.wait_all_tasks_blocked(cushion=0.2)
-    assert sent == stalled_at  # and it stays stalled while the client does not read
+    # ...and it stays stalled while the client does not read. (Not byte-exact: under load the
+    # kernel may still be growing loopback socket buffers, TCP autotuning, after the first
+    # stall; a relay that buffered would instead take the whole 256 MiB.)
+    assert sent - stalled_at < 8 << 20, (stalled_at, sent)
     await client.aclose()

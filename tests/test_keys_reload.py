@@ -73,8 +73,8 @@ def start_proxy(mock: ProcessServer, tmp_path: Path) -> Iterator[StartProxy]:
     """Start ``zaiproxy serve`` with a keys file; stopped (and checked to exit 0) after the test."""
     started: list[ProcessServer] = []
 
-    def start(keys_file: Path, workers: int) -> ProcessServer:
-        server = start_process(["serve", "--port", "0"], env={
+    def start(keys_file: Path, workers: int, **extra: str) -> ProcessServer:
+        server = start_process(["serve", "--port", "0"], env={**extra,
             "ZAI_API_KEY": UPSTREAM_KEY,
             "ZAIPROXY_OPENAI_BASE_URL": f"{mock.url}/api/paas/v4",
             "ZAIPROXY_ANTHROPIC_BASE_URL": f"{mock.url}/api/anthropic",
@@ -350,3 +350,25 @@ def test_a_broken_keys_file_stops_start_up_with_the_problems_and_no_key(tmp_path
     assert "keys[0].alias: must be 1-64 characters" in out.stderr
     assert "listening on" not in out.stdout
     assert secret not in out.stderr + out.stdout
+
+
+async def test_key_token_limits_without_token_counting_are_reported(
+        start_proxy: StartProxy, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    write_keys(keys, f"""
+[[keys]]
+alias = "tok"
+key = "{new_key('tok')}"
+[keys.limits]
+tokens_per_minute = 1000
+
+[[keys]]
+alias = "req"
+key = "{new_key('req')}"
+[keys.limits]
+requests_per_minute = 5
+""")
+    proxy = await trio.to_thread.run_sync(
+        functools.partial(start_proxy, keys, 1, TOKEN_COUNTING_ENABLED="false"))
+    [warning] = await wait_for_log(proxy, "key_token_limits_not_enforced", 1)
+    assert warning["keys"] == ["tok"]

@@ -160,6 +160,7 @@ class Supervisor:
                 self.log.error("keys_file_invalid", path=cfg.keys_file, problems=exc.problems)
                 sys.stderr.write(f"zaiproxy: invalid keys file:\n{exc}\n")
                 return 1
+            self._warn_token_limits(self.keys)
         if cfg.demo:
             self.config = cfg = self._start_demo_upstream()
         try:
@@ -213,6 +214,17 @@ class Supervisor:
             self.segment.unlink()
             self.log.flush()
 
+    def _warn_token_limits(self, table: KeyTable) -> None:
+        """Per-key token limits need token counting; say so instead of ignoring them quietly."""
+        if self.config.token_counting:
+            return
+        aliases = [key.alias for key in table
+                   if any(getattr(key.limits, name) is not None
+                          for name in ("tokens_per_minute", "tokens_per_5h", "tokens_per_week"))]
+        if aliases:
+            self.log.warning("key_token_limits_not_enforced", keys=aliases,
+                             reason="token counting is off (TOKEN_COUNTING_ENABLED=false)")
+
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signals.append(signum)
 
@@ -233,6 +245,7 @@ class Supervisor:
             return
         self.keys = table  # what workers started from now on get
         self.log.info("keys_reload", path=path, keys=len(table))
+        self._warn_token_limits(table)
         for slot in self.slots:
             if slot.process is not None and slot.process.pid is not None:
                 try:

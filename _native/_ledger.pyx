@@ -178,6 +178,29 @@ cdef inline int64_t _claim(int64_t *base, Py_ssize_t stride, Py_ssize_t count,
     return -1
 
 
+cdef inline int64_t _find(int64_t *base, Py_ssize_t stride, Py_ssize_t count,
+                          uint64_t h) noexcept nogil:
+    """Index of the row whose word 0 is ``h``; -1 if none (claims nothing).
+
+    Rows are never freed, so the probe sequence of a claimed key never crosses a free
+    row: the first free row ends the search.
+    """
+    cdef int64_t key = <int64_t>h
+    cdef int64_t w
+    cdef Py_ssize_t probe, i
+    cdef Py_ssize_t start = <Py_ssize_t>(h % <uint64_t>count)
+    for probe in range(count):
+        i = start + probe
+        if i >= count:
+            i -= count
+        w = zl_load(base + i * stride)
+        if w == key:
+            return i
+        if w == 0:
+            return -1
+    return -1
+
+
 cdef inline int64_t _gcra_take(int64_t *tat_p, int64_t cost, int64_t limit, int64_t period,
                                int64_t now) noexcept nogil:
     if cost > limit:
@@ -626,6 +649,21 @@ cdef class Ledger:
             raise LedgerFull(f"ledger row table is full ({self.rows} rows); raise its size")
         return i
 
+    def row_find(self, bytes key):
+        """The row of ``key`` if some process claimed it, else -1 (never claims a row)."""
+        self._open()
+        cdef uint64_t h = _fnv1a(<const unsigned char *>PyBytes_AS_STRING(key),
+                                 PyBytes_GET_SIZE(key))
+        return _find(self.s.rows, ROW_WORDS, self.rows, h if h else 1)
+
+    def row_hash(self, Py_ssize_t row):
+        """Word 0 of ``row`` as an unsigned 64-bit int: its key's hash (0 = a free row).
+
+        A key whose ``stable_hash`` is 0 is stored as 1. With a side table of the keys a
+        reader can enumerate the claimed rows and check each key against its row.
+        """
+        return <uint64_t>zl_load(self._row(row))
+
     def window(self, bytes key):
         """The window row of ``key``, claimed on first use."""
         self._open()
@@ -661,6 +699,16 @@ cdef class Ledger:
 
     def counter_get(self, Py_ssize_t row, Py_ssize_t word):
         return zl_load(self._counter(row, word))
+
+    def counter_set(self, Py_ssize_t row, Py_ssize_t word, int64_t v):
+        """Store ``v`` (for a cell with a single writer, e.g. a worker's own gauge)."""
+        zl_store(self._counter(row, word), v)
+
+    def row_counters(self, Py_ssize_t row):
+        """Words 1..7 of ``row`` (seven atomic loads, not one snapshot)."""
+        cdef int64_t *r = self._row(row)
+        return (zl_load(r + 1), zl_load(r + 2), zl_load(r + 3), zl_load(r + 4),
+                zl_load(r + 5), zl_load(r + 6), zl_load(r + 7))
 
     # --- GCRA -------------------------------------------------------------------------
     def gcra_take(self, Py_ssize_t row, int64_t cost, int64_t limit, int64_t period_ns,

@@ -306,6 +306,30 @@ class Ledger:
         return self._claim(key, self._rows_w, ROW_WORDS, self.rows, "row")
 
     @_locked
+    def row_find(self, key: bytes) -> int:
+        """The row of ``key`` if some process claimed it, else -1 (never claims a row)."""
+        h = stable_hash(key) or 1
+        hs = _signed(h)
+        q = self._q
+        assert q is not None
+        base, count = self._rows_w, self.rows
+        start = h % count
+        for probe in range(count):
+            i = (start + probe) % count
+            w = q[base + i * ROW_WORDS]
+            if w == hs:
+                return i
+            if w == 0:
+                return -1  # rows are never freed: a claimed key's probe never crosses a free row
+        return -1
+
+    @_locked
+    def row_hash(self, row: int) -> int:
+        """Word 0 of ``row`` as an unsigned 64-bit int: its key's hash (0 = a free row)."""
+        assert self._q is not None
+        return int(self._q[self._row_w(row)]) & _MASK
+
+    @_locked
     def window(self, key: bytes) -> int:
         """The window row of ``key``, claimed on first use."""
         return self._claim(key, self._wins_w, WINDOW_WORDS, self.windows, "window")
@@ -363,6 +387,20 @@ class Ledger:
     def counter_get(self, row: int, word: int) -> int:
         assert self._q is not None
         return int(self._q[self._counter_w(row, word)])
+
+    @_locked
+    def counter_set(self, row: int, word: int, v: int) -> None:
+        """Store ``v`` (for a cell with a single writer, e.g. a worker's own gauge)."""
+        _check_i64("value", v)
+        assert self._q is not None
+        self._q[self._counter_w(row, word)] = v
+
+    @_locked
+    def row_counters(self, row: int) -> tuple[int, ...]:
+        """Words 1..7 of ``row``."""
+        w = self._row_w(row)
+        assert self._q is not None
+        return tuple(self._q[w + 1:w + ROW_WORDS])
 
     # --- GCRA ----------------------------------------------------------------------------
     def _gcra_args(self, cost: int, limit: int, period_ns: int) -> None:

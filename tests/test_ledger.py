@@ -217,6 +217,49 @@ def test_rows_claim_probe_and_fill(mod: ModuleType, shm_dir: Path) -> None:
             led.window(b"one too many")
 
 
+def test_row_find_and_row_hash_enumerate_claimed_rows(mod: ModuleType, shm_dir: Path) -> None:
+    with mod.Ledger(str(shm_dir / "seg"), create=True, rows=4, windows=4, workers=1) as led:
+        a, b, c = keys_hashing_to(4, 3, 3)
+        assert led.row_find(a) == -1
+        assert [led.row_hash(i) for i in range(4)] == [0, 0, 0, 0]
+        assert led.row(a) == 3
+        assert led.row_find(a) == 3
+        assert led.row_find(b) == -1  # probes past a's row to the free row 0: absent
+        assert led.row(b) == 0
+        assert (led.row_find(a), led.row_find(b)) == (3, 0)
+        assert led.row_hash(3) == mod.stable_hash(a) and led.row_hash(0) == mod.stable_hash(b)
+        assert (led.row_hash(1), led.row_hash(2)) == (0, 0)
+        assert led.row_find(c) == -1  # finding claims nothing
+        assert (led.row_hash(1), led.row_hash(2)) == (0, 0)
+        # Word 0 comes back as an unsigned hash, also with the top bit set.
+        high = next(k for k in (b"top-bit-%d" % i for i in range(1000)) if mod.stable_hash(k) >> 63)
+        assert led.row_hash(led.row(high)) == mod.stable_hash(high)
+        led.row(c)
+        assert sorted(led.row_hash(i) for i in range(4)) == sorted(
+            mod.stable_hash(k) for k in (a, b, c, high))
+        assert led.row_find(b"absent from a full table") == -1
+        with pytest.raises(ValueError):
+            led.row_hash(4)
+        led.close()
+        with pytest.raises(mod.LedgerError, match="closed"):
+            led.row_find(a)
+
+
+def test_counter_set_and_row_counters(ledger: Any) -> None:
+    r = ledger.row(b"gauges")
+    ledger.counter_set(r, 2, -7)
+    ledger.counter_add(r, 7, 3)
+    assert ledger.row_counters(r) == (0, -7, 0, 0, 0, 0, 3)
+    ledger.counter_set(r, 2, 0)
+    assert ledger.counter_add(r, 2, 5) == 5
+    for call in (lambda: ledger.counter_set(r, 0, 1), lambda: ledger.counter_set(r, 8, 1),
+                 lambda: ledger.row_counters(64), lambda: ledger.counter_set(64, 1, 1)):
+        with pytest.raises(ValueError):
+            call()
+    with pytest.raises(OverflowError):
+        ledger.counter_set(r, 1, 1 << 63)
+
+
 def test_scalars_and_counters(ledger: Any) -> None:
     assert ledger.scalar_add(5, 10) == 10
     assert ledger.scalar_add(5, -25) == -15

@@ -1,0 +1,133 @@
+"""The worker's end of the recorder channel: hand off records, never wait.
+
+:meth:`RecordSink.submit` appends one flat row (:func:`~zaiproxy.recorder.wire.row_of`)
+to a list; :meth:`RecordSink.run` (a task in the worker's nursery) sends the list
+as one datagram every ``interval``, and ``submit`` itself sends at once when
+``max_batch`` rows are waiting. So the list never holds more than ``max_batch``
+rows, and the hot path pays a tuple build and, once per batch, one orjson call and
+one ``send`` (bench/recorder_cost.py has the numbers).
+
+The channel is one AF_UNIX SOCK_DGRAM socketpair made by the supervisor: every
+worker has a copy of the same sending socket, so the kernel buffer of that socket
+(SO_SNDBUF, charged until the recorder reads a datagram) is the channel's bound.
+Sends use ``MSG_DONTWAIT``; a full buffer (EAGAIN / ENOBUFS) drops the batch and
+counts its rows in ``dropped`` (DESIGN.md: drop + count, never block). Datagrams
+rather than a stream: a batch arrives whole or not at all, so a dropped batch
+never leaves half a record in the stream, and many writers need no framing or lock.
+
+The socket's blocking mode is never changed: its file description is shared with
+the supervisor and the other workers, so O_NONBLOCK set here would change it for
+them; ``MSG_DONTWAIT`` makes each send non-blocking on its own.
+
+For metrics: :meth:`RecordSink.stats` returns ``(queue_depth, dropped)`` for this
+worker (rows waiting for the next send, rows dropped since the worker started).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import trio
+
+from zaiproxy import logs
+from zaiproxy.record import RequestRecord
+from zaiproxy.recorder.wire import WireRow, encode_batch, row_of
+
+MAX_BATCH = 256
+INTERVAL = 0.1  # seconds between sends: how stale the history may be, not a throughput knob
+_FULL_ERRNOS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
+_LOG_EVERY = 10.0  # at most one "dropping" warning per this many seconds
+
+
+class SinkStats(NamedTuple):
+    queue_depth: int  # rows held by this worker, waiting for the next send
+    dropped: int  # rows dropped by this worker since it started (channel full or broken)
+
+
+class RecordSink:
+    def __init__(self, sock: socket.socket, *, worker: int, variant: str,
+                 max_batch: int = MAX_BATCH, interval: float = INTERVAL,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.sock = sock
+        self.worker = worker
+        self.variant = variant
+        self.max_batch = max_batch
+        self.interval = interval
+        self.clock = clock
+        self.pid = os.getpid()
+        self.dropped = 0
+        self.sent = 0  # rows handed to the kernel
+        self._rows: list[WireRow] = []
+        self._logged_at = -_LOG_EVERY
+        self._unlogged = 0
+
+    def __repr__(self) -> str:
+        return (f"<RecordSink worker={self.worker} queued={len(self._rows)} "
+                f"sent={self.sent} dropped={self.dropped}>")
+
+    def stats(self) -> SinkStats:
+        return SinkStats(len(self._rows), self.dropped)
+
+    def submit(self, record: RequestRecord) -> None:
+        """Queue one finished request; sends at once if a batch is full. Never blocks."""
+        rows = self._rows
+        rows.append(row_of(record, self.clock()))
+        if len(rows) >= self.max_batch:
+            self.flush()
+
+    async def run(self) -> None:
+        """Send whatever is queued every ``interval`` (a task in the worker's nursery)."""
+        while True:
+            await trio.sleep(self.interval)
+            if self._rows:
+                self.flush()
+
+    def flush(self, wait: float = 0.0) -> None:
+        """Send the queued rows as one datagram; ``wait`` > 0 only when the worker is exiting."""
+        rows, self._rows = self._rows, []
+        if rows:
+            self._send(rows, time.monotonic() + wait if wait > 0 else None)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """The worker is exiting: send the rest, waiting up to ``timeout`` for room."""
+        self.flush(wait=timeout)
+
+    def _send(self, rows: list[WireRow], deadline: float | None) -> None:
+        data = encode_batch(self.worker, self.pid, self.variant, self.dropped, rows)
+        while True:
+            try:
+                self.sock.send(data, socket.MSG_DONTWAIT)
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE and len(rows) > 1:
+                    # Long error messages and model names: split rather than lose the batch.
+                    half = len(rows) // 2
+                    self._send(rows[:half], deadline)
+                    self._send(rows[half:], deadline)
+                    return
+                if exc.errno in _FULL_ERRNOS and deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining > 0:
+                        select.select([], [self.sock], [], min(remaining, 0.05))
+                        continue
+                self._drop(len(rows), exc)
+                return
+            self.sent += len(rows)
+            return
+
+    def _drop(self, count: int, exc: OSError) -> None:
+        self.dropped += count
+        self._unlogged += count
+        now = time.monotonic()
+        if now - self._logged_at >= _LOG_EVERY:
+            # Rate-limited: when the channel is full, a log line per batch would make it worse.
+            logs.get_logger().warning(
+                "recorder_records_dropped", records=self._unlogged, dropped_total=self.dropped,
+                reason="channel full" if exc.errno in _FULL_ERRNOS else (exc.strerror or str(exc)))
+            self._logged_at = now
+            self._unlogged = 0

@@ -1,0 +1,628 @@
+"""The fleet collector: scraping, stale targets, storage, the admin API, SSE, and the CLI."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import h11
+import httpx
+import orjson
+import pytest
+import trio
+import trio.testing
+
+from tests.harness import REPO, UPSTREAM_KEY, ProcessServer, RawClient, start_process, wait_until
+from zaiproxy import snapshot
+from zaiproxy.collector import (
+    Collector,
+    CollectorOptions,
+    EventHub,
+    Store,
+    Target,
+    parse_duration,
+    row_of,
+)
+from zaiproxy.snapshot import Counts, Histogram, Rates
+
+TOKEN = "collector-admin-token"
+AUTH = [("authorization", f"Bearer {TOKEN}")]
+CHAT = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
+JSON = ("content-type", "application/json")
+
+
+async def eventually(fetch: Any, ok: Any, limit: float = 5.0) -> Any:
+    """Bounded polling of an async source (a table another task writes) until ``ok``."""
+    with trio.fail_after(limit):
+        while not ok(value := await fetch()):  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    return value
+
+
+# ---- pure parts -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("http://127.0.0.1:8080", ("http://127.0.0.1:8080", "127.0.0.1", 8080, "/metrics")),
+    ("http://proxy.internal:9000/", ("http://proxy.internal:9000", "proxy.internal", 9000,
+                                     "/metrics")),
+    ("10.0.0.5:8080", ("http://10.0.0.5:8080", "10.0.0.5", 8080, "/metrics")),
+    ("http://h:1/custom/metrics?x=1", ("http://h:1/custom/metrics", "h", 1,
+                                       "/custom/metrics?x=1")),
+    ("http://h", ("http://h", "h", 80, "/metrics")),
+    ("http://[::1]:9090", ("http://[::1]:9090", "::1", 9090, "/metrics")),
+])
+def test_target_parse(url: str, expected: tuple[str, str, int, str]) -> None:
+    t = Target.parse(url)
+    assert (t.url, t.host, t.port, t.path) == expected
+    assert t.authority == t.url.split("/")[2]  # the Host header, IPv6 brackets kept
+
+
+@pytest.mark.parametrize("url", ["https://h:1", "http://:80", "http://h:99999"])
+def test_target_parse_rejects(url: str) -> None:
+    with pytest.raises(ValueError, match="target"):
+        Target.parse(url)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("5", 5), ("0.5s", 0.5), ("15m", 900),
+                                               ("6h", 21600), ("7d", 604800)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "-1s", "soon", "inf", "5w"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="--interval"):
+        parse_duration(text, "--interval")
+
+
+def rates(variant: str, seconds: float, requests: float, errors: float,
+          lat: dict[float, float], in_flight: float = 0, reset: bool = False) -> Rates:
+    return Rates(variant, seconds, Counts(requests=requests, responses_5xx=errors),
+                 latency=Histogram.from_buckets(lat), in_flight=in_flight, reset=reset)
+
+
+def test_store_history_sums_targets_and_prunes(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "h.duckdb"))
+    base = 1_000_000.0 - 1_000_000.0 % 60
+    rows = [
+        # Two production targets in the same minute, one canary target; one old row.
+        row_of(base + 10, "http://a:1", rates("production", 5, 50, 5, {0.1: 50, math.inf: 50},
+                                              in_flight=2)),
+        row_of(base + 15, "http://a:1", rates("production", 5, 50, 0, {0.1: 50, math.inf: 50},
+                                              in_flight=4)),
+        row_of(base + 12, "http://b:1", rates("production", 10, 100, 0,
+                                              {0.1: 0, math.inf: 100}, reset=True)),
+        row_of(base + 20, "http://c:1", rates("canary", 5, 10, 10, {0.1: 0, 1.0: 10,
+                                                                    math.inf: 10})),
+        row_of(base - 3600, "http://a:1", rates("production", 5, 5, 0, {0.1: 5, math.inf: 5})),
+    ]
+    store.insert(rows)
+    out = store.history(base - 60, 60, "all")
+    assert sorted(out) == ["canary", "production"]
+    (prod,) = out["production"]
+    assert prod["t"] == base and prod["targets"] == 2 and prod["reset"] is True
+    assert prod["requests_per_s"] == pytest.approx(100 / 10 + 100 / 10)  # a: 100 in 10 s; b
+    assert prod["error_rate"] == pytest.approx(5 / 200)
+    assert prod["in_flight"] == pytest.approx(3 + 0)  # a's average + b's
+    # Half of the (rate-weighted) observations <= 0.1, half above 0.1: p50 = 0.1 exactly.
+    assert prod["latency_p50_s"] == pytest.approx(0.1)
+    assert prod["latency_p99_s"] == 0.1  # in +Inf: the highest finite bound
+    (canary,) = out["canary"]
+    assert canary["error_rate"] == 1.0
+    assert canary["latency_p50_s"] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert list(store.history(base - 60, 60, "canary")) == ["canary"]
+    assert store.history(base - 60, 60, "nightly") == {}
+    store.prune(base - 60)
+    assert store.history(0, 60, "production")["production"][0]["t"] == base
+    store.close()
+
+
+# ---- SSE fan-out ---------------------------------------------------------------------
+
+
+async def test_hub_drops_a_consumer_whose_queue_is_full() -> None:
+    hub = EventHub(max_queued=2, send_timeout=60, heartbeat=60)
+    got: list[bytes] = []
+    blocked = trio.Event()
+
+    async def stuck(data: bytes) -> None:
+        blocked.set()
+        await trio.sleep_forever()
+
+    async def fast(data: bytes) -> None:
+        got.append(data)
+
+    async with trio.open_nursery() as nursery:
+        results: list[str] = []
+
+        async def run(write: Any) -> None:
+            results.append(await hub.serve(write, b"first"))
+
+        nursery.start_soon(run, stuck)
+        nursery.start_soon(run, fast)
+        await blocked.wait()
+        await wait_until(lambda: hub.subscribers == 2)
+        for i in range(4):  # the stuck one holds 2 queued; the 3rd publish drops it
+            hub.publish(b"event %d" % i)
+            await trio.testing.wait_all_tasks_blocked()
+        assert hub.subscribers == 1 and hub.dropped == 1
+        assert got == [b"first", b"event 0", b"event 1", b"event 2", b"event 3"]
+        nursery.cancel_scope.cancel()
+    assert results == ["queue_full"]
+
+
+async def test_hub_heartbeats_when_idle(autojump_clock: trio.testing.MockClock) -> None:
+    hub = EventHub(max_queued=4, send_timeout=1, heartbeat=15)
+    got: list[tuple[float, bytes]] = []
+
+    async def write(data: bytes) -> None:
+        got.append((trio.current_time(), data))
+
+    with trio.move_on_after(50):
+        await hub.serve(write, b"first")
+    assert got == [(0, b"first"), (15, b": heartbeat\n\n"), (30, b": heartbeat\n\n"),
+                   (45, b": heartbeat\n\n")]
+
+
+# ---- a scripted target -------------------------------------------------------------
+
+
+def exposition(variant: str, requests: int, errors: int = 0, fast: int | None = None) -> str:
+    fast = requests if fast is None else fast
+    v = f'variant="{variant}"'
+    return (
+        f'zai_proxy_build_info{{commit="c1",{v},version="9.9"}} 1\n'
+        f'zai_proxy_requests_total{{method="POST",path="/v1/chat/completions",status="200",{v}}} '
+        f"{requests - errors}\n"
+        f'zai_proxy_requests_total{{method="POST",path="/v1/chat/completions",status="502",{v}}} '
+        f"{errors}\n"
+        f'zai_proxy_request_duration_seconds_bucket{{le="0.1",{v}}} {fast}\n'
+        f'zai_proxy_request_duration_seconds_bucket{{le="+Inf",{v}}} {requests}\n'
+        f'zai_proxy_concurrent_requests{{{v}}} 1\n')
+
+
+class ScriptedTarget:
+    """A /metrics endpoint answering whatever the test sets (or hanging, or failing)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.status = 200
+        self.hang = False
+        self.url = ""
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started(self.url)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while type(event := conn.next_event()) is not h11.EndOfMessage:
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+        if self.hang:
+            await trio.sleep_forever()
+        body = self.text.encode()
+        await stream.send_all(conn.send(h11.Response(status_code=self.status, headers=[
+            ("content-length", str(len(body)))])) + conn.send(h11.Data(data=body))
+            + conn.send(h11.EndOfMessage()))
+        await stream.aclose()
+
+
+def options(tmp_path: Path, *urls: str, **kw: Any) -> CollectorOptions:
+    kw.setdefault("interval", 3600.0)  # rounds driven by the test unless it says otherwise
+    return CollectorOptions(targets=tuple(Target.parse(u) for u in urls),
+                            db=str(tmp_path / "collector.duckdb"), **kw)
+
+
+async def test_rates_resets_and_stale_targets(nursery: trio.Nursery, tmp_path: Path) -> None:
+    prod = ScriptedTarget(exposition("production", 100, 0))
+    canary = ScriptedTarget(exposition("canary", 10, 0))
+    await nursery.start(prod.run)
+    await nursery.start(canary.run)
+    collector = Collector(options(tmp_path, prod.url, canary.url, scrape_timeout=0.5))
+    await nursery.start(collector.run)
+    await wait_until(lambda: all(s.scrapes for s in collector.states))  # the first round
+    status = collector.status()
+    assert status["variants"]["production"]["rates"] is None  # one scrape: no rate yet
+    assert status["variants"]["production"]["requests"] == 100
+
+    prod.text, canary.text = exposition("production", 150, 5, fast=140), \
+        exposition("canary", 30, 10, fast=10)
+    await collector.scrape_all()
+    status = collector.status()
+    p, c = status["variants"]["production"], status["variants"]["canary"]
+    assert p["rates"]["requests"] == 50 and p["rates"]["requests_per_s"] > 0
+    assert p["rates"]["error_rate"] == pytest.approx(0.1)
+    assert c["rates"]["error_rate"] == pytest.approx(0.5)
+    assert p["rates"]["latency_p50_s"] == pytest.approx(0.1 * 25 / 40)
+    assert c["rates"]["latency_p50_s"] == 0.1  # all 20 new ones above 0.1: +Inf bucket
+    assert (p["versions"], p["stale"], p["targets"]) == (["9.9"], False, 1)
+
+    prod.text = exposition("production", 20, 0)  # restarted: the counter went down
+    canary.status = 500
+    await collector.scrape_all()
+    status = collector.status()
+    p = status["variants"]["production"]["rates"]
+    assert p["reset"] is True and p["requests"] == 20 and p["requests_per_s"] > 0
+    c = status["variants"]["canary"]
+    assert c["stale"] is True and c["rates"] is None and c["stale_targets"] == 1
+    target = status["targets"][1]
+    assert target["stale"] is True and target["last_error"] == "ScrapeError: HTTP 500 from /metrics"
+    assert target["last_success"] is not None and target["consecutive_failures"] == 1
+
+    canary.status, canary.hang = 200, True
+    await collector.scrape_all()
+    assert collector.status()["targets"][1]["last_error"] == "timed out after 0.5s"
+    canary.hang = False
+    canary.text = "this is not an exposition {"
+    await collector.scrape_all()
+    assert collector.status()["targets"][1]["last_error"].startswith("ParseError")
+    canary.text = exposition("canary", 31, 10)
+    await collector.scrape_all()
+    status = collector.status()
+    assert status["variants"]["canary"]["stale"] is False
+    assert status["variants"]["canary"]["rates"]["requests"] == 1  # against the last good one
+
+    # Everything stored is an increase >= 0; history groups it per variant.
+    hist = await eventually(lambda: collector.history("5m", "all"),
+                            lambda h: len(h["series"]) == 2)
+    for points in hist["series"].values():
+        for point in points:
+            assert all(v >= 0 for v in point.values() if isinstance(v, float | int))
+    assert hist["step_s"] == 3600  # never finer than the interval
+
+
+async def test_unwritable_database_degrades(nursery: trio.Nursery, tmp_path: Path) -> None:
+    target = ScriptedTarget(exposition("production", 1))
+    await nursery.start(target.run)
+    # A directory where the file should be: every DuckDB call fails, nothing else does.
+    collector = Collector(replace(options(tmp_path, target.url), db=str(tmp_path)))
+    _, port = await nursery.start(collector.run)
+    await wait_until(lambda: collector.states[0].scrapes >= 1 and collector.storage.errors >= 1)
+    target.text = exposition("production", 5)
+    await collector.scrape_all()
+    status = (await get(port, "/admin/status")).json()
+    assert status["storage"]["ok"] is False and "Is a directory" in status["storage"]["last_error"]
+    assert status["variants"]["production"]["rates"]["requests"] == 4
+    history = await get(port, "/admin/history?range=5m")
+    assert history.status == 503
+    assert "history is unavailable" in history.json()["error"]["message"]
+
+
+# ---- the admin API ------------------------------------------------------------------
+
+
+async def get(port: int, path: str, headers: list[tuple[str, str]] | None = None,
+              method: str = "GET") -> Any:
+    client = await RawClient.connect("127.0.0.1", port)
+    try:
+        return await client.request(method, path, headers)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def admin(nursery: trio.Nursery, tmp_path: Path) -> tuple[Collector, int]:
+    target = ScriptedTarget(exposition("production", 3))
+    await nursery.start(target.run)
+    collector = Collector(options(tmp_path, target.url, "http://127.0.0.1:1", admin_token=TOKEN,
+                                  interval=0.1, heartbeat_s=0.15, send_timeout_s=0.3))
+    _, port = await nursery.start(collector.run)
+    return collector, port
+
+
+async def test_admin_auth_params_and_routes(admin: tuple[Collector, int]) -> None:
+    collector, port = admin
+    health = await get(port, "/health")
+    assert health.status == 200 and health.json()["source"] == "collector"
+    for path in ("/admin/status", "/admin/history", "/admin/events"):
+        for headers in (None, [("authorization", "Bearer wrong")], [("x-api-key", TOKEN)],
+                        [("authorization", TOKEN)]):
+            resp = await get(port, path, headers)
+            assert resp.status == 401, (path, headers)
+            assert resp.json()["error"]["code"] == "invalid_api_key"
+    for query, message in (("range=2h", "range must be one of 5m, 15m, 1h, 6h, 24h, 7d"),
+                           ("variant=Prod!", "variant must be a variant name"),
+                           ("range=5m&range=1h", "range given more than once"),
+                           ("since=1", "unknown parameter(s) since")):
+        resp = await get(port, f"/admin/history?{query}", AUTH)
+        assert resp.status == 400 and message in resp.json()["error"]["message"], query
+    assert (await get(port, "/nope", AUTH)).status == 404
+    post = await get(port, "/admin/status", AUTH, method="POST")
+    assert post.status == 405 and post.header(b"allow") == b"GET, HEAD"
+    head_events = await get(port, "/admin/events", AUTH, method="HEAD")
+    assert head_events.status == 405 and head_events.header(b"allow") == b"GET"
+    # Keep-alive: several requests on one connection; HEAD has no body.
+    client = await RawClient.connect("127.0.0.1", port)
+    try:
+        await wait_until(lambda: collector.states[0].scrapes >= 1
+                         and collector.states[1].failures >= 1)
+        status = (await client.request("GET", "/admin/status", AUTH)).json()
+        head = await client.request("HEAD", "/admin/status", AUTH)
+        history = (await client.request("GET", "/admin/history?range=5m&variant=production",
+                                        AUTH)).json()
+    finally:
+        await client.aclose()
+    assert (head.status, head.body) == (200, b"")
+    assert [t["stale"] for t in status["targets"]] == [False, True]
+    assert "connect" in status["targets"][1]["last_error"]
+    assert status["targets"][1]["last_success"] is None
+    assert history["range"] == "5m" and history["variant"] == "production"
+
+
+class SSEReader:
+    """Events from an ``/admin/events`` response, de-chunked by h11: (event, data) pairs and
+    ("heartbeat", None); partial frames are kept between calls."""
+
+    def __init__(self, client: RawClient) -> None:
+        self.client = client
+        self.buf = b""
+
+    async def start(self) -> None:
+        conn = self.client.conn
+        await self.client.stream.send_all(conn.send(h11.Request(
+            method="GET", target="/admin/events", headers=[("host", "x"), *AUTH]))
+            + conn.send(h11.EndOfMessage()))
+
+    async def read(self, until: Any, limit: float = 5) -> list[tuple[str, Any]]:
+        events: list[tuple[str, Any]] = []
+        conn = self.client.conn
+        with trio.fail_after(limit):
+            while not until(events):
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await self.client.stream.receive_some(65536))
+                elif type(event) is h11.Response:
+                    assert event.status_code == 200
+                    assert (b"content-type", b"text/event-stream") in event.headers
+                    assert (b"transfer-encoding", b"chunked") in event.headers
+                elif type(event) is h11.Data:
+                    self.buf += event.data
+                    while b"\n\n" in self.buf:
+                        frame, self.buf = self.buf.split(b"\n\n", 1)
+                        if frame == b": heartbeat":
+                            events.append(("heartbeat", None))
+                            continue
+                        name, data = frame.split(b"\n")
+                        assert name.startswith(b"event: ") and data.startswith(b"data: ")
+                        events.append((name[7:].decode(), orjson.loads(data[6:])))
+                else:
+                    raise AssertionError(f"stream ended: {event!r}")
+        return events
+
+
+async def test_events_framing_and_heartbeat(admin: tuple[Collector, int]) -> None:
+    collector, port = admin
+    client = await RawClient.connect("127.0.0.1", port)
+    try:
+        reader = SSEReader(client)
+        await reader.start()
+        events = await reader.read(lambda ev: sum(k == "heartbeat" for k, _ in ev) >= 2
+                                   and sum(k == "metrics" for k, _ in ev) >= 3)
+    finally:
+        await client.aclose()
+    kinds = [k for k, _ in events]
+    assert kinds[:2] == ["connected", "metrics"]
+    assert set(kinds) == {"connected", "metrics", "heartbeat"}
+    connected = events[0][1]
+    assert connected["source"] == "collector" and connected["heartbeat_s"] == 0.15
+    assert len(connected["targets"]) == 2
+    last = [d for k, d in events if k == "metrics"][-1]
+    assert last["variants"]["production"]["requests"] == 3
+    assert [t["stale"] for t in last["targets"]] == [False, True]
+    await wait_until(lambda: collector.hub.subscribers == 0)
+
+
+async def test_a_consumer_that_stops_reading_is_dropped(admin: tuple[Collector, int]) -> None:
+    collector, port = admin
+    # lockstep: a write completes only when the peer reads it, so "stops reading" is exact.
+    slow_client, slow_server = trio.testing.lockstep_stream_pair()
+    fast = await RawClient.connect("127.0.0.1", port)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collector._serve_connection, slow_server)
+            await slow_client.send_all(b"GET /admin/events HTTP/1.1\r\nhost: x\r\n"
+                                       b"authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+            reader = SSEReader(fast)
+            await reader.start()
+            await reader.read(lambda ev: len(ev) >= 2)
+            await wait_until(lambda: collector.hub.dropped >= 1)
+            # The fast consumer keeps getting every interval's snapshot.
+            more = await reader.read(lambda ev: sum(k == "metrics" for k, _ in ev) >= 3)
+            assert [k for k, _ in more if k != "heartbeat"] == ["metrics"] * 3
+            assert collector.hub.subscribers == 1
+            # The dropped consumer's connection was closed after its send timed out.
+            # Its connection was closed: what it gets is at most the first write, then EOF.
+            got = b""
+            with trio.fail_after(2):
+                while chunk := await slow_client.receive_some(65536):
+                    got += chunk
+            assert got.startswith(b"HTTP/1.1 200") and got.count(b"event: metrics") <= 1
+            assert collector.status()["events"]["dropped"] == 1
+    finally:
+        await fast.aclose()
+
+
+# ---- live proxies (real processes) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mock_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
+    tmp = tmp_path_factory.mktemp("collector-mock")
+    server = start_process(["mock-upstream", "--port", "0", "--api-key", UPSTREAM_KEY],
+                           env=None, stderr_path=tmp / "mock.log")
+    yield server
+    server.stop()
+
+
+def serve(mock: ProcessServer, tmp: Path, variant: str, port: int = 0) -> ProcessServer:
+    return start_process(["serve", "--port", str(port), "--workers", "1"], env={
+        "ZAI_API_KEY": UPSTREAM_KEY, "DEPLOYMENT_VARIANT": variant,
+        "ZAIPROXY_OPENAI_BASE_URL": f"{mock.url}/api/paas/v4",
+        "ZAIPROXY_ANTHROPIC_BASE_URL": f"{mock.url}/api/anthropic",
+        "ZAIPROXY_NATIVE_BASE_URL": mock.url,
+    }, stderr_path=tmp / f"{variant}-{port}.log")
+
+
+async def traffic(url: str, ok: int, missing: int) -> None:
+    for _ in range(ok):
+        assert (await _request(url, "POST", "/v1/chat/completions", CHAT)).status == 200
+    for _ in range(missing):
+        assert (await _request(url, "GET", "/v1/nothing", b"")).status == 404
+
+
+async def _request(url: str, method: str, path: str, body: bytes) -> Any:
+    from tests.harness import request
+
+    return await request(url, method, path, [JSON] if body else None, body)
+
+
+@pytest.mark.slow
+async def test_two_live_variants_with_a_restart(nursery: trio.Nursery, tmp_path: Path,
+                                                mock_upstream: ProcessServer) -> None:
+    start = trio.to_thread.run_sync
+    prod = await start(serve, mock_upstream, tmp_path, "production")
+    canary = await start(serve, mock_upstream, tmp_path, "canary")
+    try:
+        collector = Collector(options(tmp_path, prod.url, canary.url, interval=0.4))
+        await nursery.start(collector.run)
+        await traffic(prod.url, 5, 1)
+        await traffic(canary.url, 2, 2)
+
+        def settled() -> bool:
+            v = collector.status()["variants"]
+            return (v.keys() == {"production", "canary"} and v["canary"]["rates"] is not None
+                    and v["production"]["responses_2xx"] >= 5
+                    and v["canary"]["responses_4xx"] == 2)
+
+        await wait_until(settled, limit=10)
+        status = collector.status()
+        p, c = status["variants"]["production"], status["variants"]["canary"]
+        assert (p["responses_4xx"], c["responses_4xx"]) == (1, 2)
+        assert p["tokens_in"] > 0 and p["cost_usd"] > 0 and p["latency_seconds"]["counts"]
+        assert [list(t["variants"]) for t in status["targets"]] == [["production"], ["canary"]]
+        assert not p["stale"] and not c["stale"] and p["versions"] == c["versions"]
+
+        # SIGKILL production's worker: the supervisor replaces it and the shared-memory
+        # totals survive, so its series go on without a reset (a scrape or two may time out
+        # while the replacement starts: connections queue on the socket the supervisor keeps).
+        victim = (await _request(prod.url, "GET", "/health", b"")).json()["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        # Restart the canary on the same address: a stale window, then counters from zero.
+        port = canary.port
+        await start(canary.stop)
+        await wait_until(lambda: collector.states[1].stale, limit=10)
+        assert collector.status()["variants"]["canary"]["stale"] is True
+        canary = await start(serve, mock_upstream, tmp_path, "canary", port)
+        await traffic(canary.url, 3, 0)
+        await wait_until(lambda: not collector.states[1].stale
+                         and "canary" in collector.states[1].rates, limit=10)
+
+        # Stop it for good: stale, with its last error and last success, production unaffected.
+        await start(canary.stop)
+        await wait_until(lambda: collector.states[1].stale and not collector.states[0].stale,
+                         limit=10)
+        status = collector.status()
+        dead = status["targets"][1]
+        assert dead["stale"] and dead["last_error"] and dead["last_success"] is not None
+        assert status["variants"]["canary"]["stale"] is True
+        assert status["variants"]["production"]["stale"] is False
+        assert status["variants"]["production"]["rates"]["requests_per_s"] >= 0
+
+        # What was stored: never a negative increase; the restart seen as a reset (the
+        # canary's 404 count went from 2 to 0).
+        await eventually(lambda: collector._db(_resets, collector.store, "canary"),
+                         lambda n: bool(n and n > 0))
+        negatives = await collector._db(_negatives, collector.store)
+        assert negatives == 0
+        assert (await _request(prod.url, "GET", "/health", b"")).json()["pid"] != victim
+        assert await collector._db(_resets, collector.store, "production") == 0
+        history = await collector.history("5m", "all")
+        assert set(history["series"]) == {"production", "canary"}
+    finally:
+        await start(prod.stop)
+        await start(canary.stop)
+
+
+def _resets(store: Store, variant: str) -> int:
+    row = store._run(lambda con: con.execute(
+        "SELECT count(*) FROM snapshots WHERE variant = ? AND reset", [variant]).fetchone())
+    return int(row[0]) if row else -1
+
+
+def _negatives(store: Store) -> int:
+    cols = " OR ".join(f"{c} < 0" for c in (*snapshot.COUNT_NAMES, "seconds", "latency_p50",
+                                               "latency_p99"))
+    row = store._run(lambda con: con.execute(
+        f"SELECT count(*) FROM snapshots WHERE {cols} "
+        "OR list_min(latency_counts) < 0").fetchone())
+    return int(row[0]) if row else -1
+
+
+# ---- the command ----------------------------------------------------------------------
+
+
+def test_collect_command_prints_its_address_first_and_stops_on_sigterm(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZAIPROXY_")}
+    env["ZAIPROXY_ADMIN_TOKEN"] = TOKEN
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zaiproxy", "collect", "--target", "http://127.0.0.1:1",
+         "--interval", "0.2s", "--db", str(tmp_path / "c.duckdb"), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=(tmp_path / "collect.log").open("wb"), env=env, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline().decode()
+        assert first.startswith("zaiproxy collect listening on http://127.0.0.1:"), first
+        url = first.split("listening on ", 1)[1].split()[0]
+        assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
+        assert httpx.get(f"{url}/admin/status", timeout=5).status_code == 401
+        status = httpx.get(f"{url}/admin/status", timeout=5,
+                           headers={"authorization": f"Bearer {TOKEN}"}).json()
+        assert status["source"] == "collector"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (tmp_path / "c.duckdb").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target", "https://x:1"], "only http:// targets"),
+    (["--target", "http://x:1", "--interval", "0"], "--interval: must be positive"),
+    (["--target", "http://x:1", "--retention", "a week"], "--retention: not a duration"),
+    (["--target", "http://x:1", "--target", "x:1/"], "a target is given twice: http://x:1"),
+])
+def test_collect_command_rejects_bad_arguments(args: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "zaiproxy", "collect", *args],
+                          capture_output=True, cwd=REPO, timeout=30)
+    assert done.returncode == 2
+    assert message in done.stderr.decode()
+
+
+def test_collect_command_reports_a_busy_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "zaiproxy", "collect", "--target", "http://127.0.0.1:1",
+             "--port", str(port), "--db", str(tmp_path / "c.duckdb")],
+            capture_output=True, cwd=REPO, timeout=30)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr.decode()

@@ -1,0 +1,254 @@
+"""snapshot.py: exposition -> per-variant snapshots, deltas with counter resets, quantiles."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+
+from tests.harness import make_config, request, start_mock, start_proxy
+from zaiproxy import snapshot
+from zaiproxy.snapshot import Counts, Histogram, Rates, VariantSnapshot
+
+EXPOSITION = """\
+# HELP zai_proxy_build_info Build information.
+# TYPE zai_proxy_build_info gauge
+zai_proxy_build_info{commit="abc123",variant="production",version="0.1.0"} 1.0
+zai_proxy_build_info{commit="def456",variant="canary",version="0.2.0"} 1.0
+# TYPE zai_proxy_requests_total counter
+zai_proxy_requests_total{method="POST",path="/v1/chat/completions",status="200",variant="production"} 90.0
+zai_proxy_requests_total{method="POST",path="/v1/messages",status="200",variant="production"} 5.0
+zai_proxy_requests_total{method="POST",path="/v1/chat/completions",status="429",variant="production"} 3.0
+zai_proxy_requests_total{method="POST",path="/v1/chat/completions",status="499",variant="production"} 1.0
+zai_proxy_requests_total{method="POST",path="/v1/chat/completions",status="502",variant="production"} 2.0
+zai_proxy_requests_total{method="GET",path="/health",status="200",variant="canary"} 7.0
+zai_proxy_requests_total{method="GET",path="/nope",status="302",variant="canary"} 1.0
+# TYPE zai_proxy_upstream_errors_total counter
+zai_proxy_upstream_errors_total{error_type="connect",variant="production"} 2.0
+# TYPE zai_proxy_rate_limit_rejections_total counter
+zai_proxy_rate_limit_rejections_total{limit="requests_per_minute",scope="key",variant="production"} 3.0
+# TYPE zai_proxy_zai_errors_total counter
+zai_proxy_zai_errors_total{class="frequency",code="1303",variant="production"} 4.0
+# TYPE zai_proxy_tokens_total counter
+zai_proxy_tokens_total{direction="input",model="glm-4.6",pricing_tier="standard",variant="production"} 1000.0
+zai_proxy_tokens_total{direction="output",model="glm-4.6",pricing_tier="standard",variant="production"} 250.0
+zai_proxy_tokens_total{direction="cache_read",model="glm-4.6",pricing_tier="standard",variant="production"} 40.0
+zai_proxy_tokens_total{direction="cache_write",model="glm-4.6",pricing_tier="standard",variant="production"} 2.0
+zai_proxy_tokens_total{direction="input",model="other",pricing_tier="long",variant="canary"} 11.0
+# TYPE zai_proxy_estimated_cost_usd_total counter
+zai_proxy_estimated_cost_usd_total{model="glm-4.6",variant="production"} 0.5
+zai_proxy_estimated_cost_usd_total{model="other",variant="production"} 0.25
+# TYPE zai_proxy_concurrent_requests gauge
+zai_proxy_concurrent_requests{variant="production"} 3.0
+# TYPE zai_proxy_streams_in_flight gauge
+zai_proxy_streams_in_flight 2.0
+# TYPE zai_proxy_rate_limit_requests_per_second gauge
+zai_proxy_rate_limit_requests_per_second{variant="production"} 12.5
+zai_proxy_rate_limit_requests_per_second{variant="canary"} 0.0
+# TYPE zai_proxy_request_duration_seconds histogram
+zai_proxy_request_duration_seconds_bucket{le="0.1",method="POST",path="/v1/chat/completions",variant="production"} 10.0
+zai_proxy_request_duration_seconds_bucket{le="0.5",method="POST",path="/v1/chat/completions",variant="production"} 50.0
+zai_proxy_request_duration_seconds_bucket{le="1.0",method="POST",path="/v1/chat/completions",variant="production"} 80.0
+zai_proxy_request_duration_seconds_bucket{le="+Inf",method="POST",path="/v1/chat/completions",variant="production"} 90.0
+zai_proxy_request_duration_seconds_sum{method="POST",path="/v1/chat/completions",variant="production"} 40.0
+zai_proxy_request_duration_seconds_count{method="POST",path="/v1/chat/completions",variant="production"} 90.0
+zai_proxy_request_duration_seconds_bucket{le="0.1",method="POST",path="/v1/messages",variant="production"} 0.0
+zai_proxy_request_duration_seconds_bucket{le="0.5",method="POST",path="/v1/messages",variant="production"} 0.0
+zai_proxy_request_duration_seconds_bucket{le="1.0",method="POST",path="/v1/messages",variant="production"} 0.0
+zai_proxy_request_duration_seconds_bucket{le="+Inf",method="POST",path="/v1/messages",variant="production"} 10.0
+zai_proxy_request_duration_seconds_sum{method="POST",path="/v1/messages",variant="production"} 30.0
+zai_proxy_request_duration_seconds_count{method="POST",path="/v1/messages",variant="production"} 10.0
+# TYPE zai_proxy_time_to_first_token_seconds histogram
+zai_proxy_time_to_first_token_seconds_bucket{le="0.25",model="glm-4.6",variant="production"} 4.0
+zai_proxy_time_to_first_token_seconds_bucket{le="+Inf",model="glm-4.6",variant="production"} 4.0
+zai_proxy_time_to_first_token_seconds_sum{model="glm-4.6",variant="production"} 0.4
+zai_proxy_time_to_first_token_seconds_count{model="glm-4.6",variant="production"} 4.0
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total 99.0
+"""
+
+
+def test_parse_hand_written_exposition() -> None:
+    snaps = snapshot.parse(EXPOSITION)
+    # The unlabelled streams gauge, with two variants present, belongs to neither.
+    assert list(snaps) == ["canary", "production", "unknown"]
+    assert snaps["unknown"].streams_in_flight == 2
+    prod, canary = snaps["production"], snaps["canary"]
+    assert prod.counts == Counts(
+        requests=101, responses_2xx=95, responses_4xx=4, responses_5xx=2, responses_429=3,
+        upstream_errors=2, rejections=3, zai_errors=4, tokens_in=1000, tokens_out=250,
+        tokens_cache=42, cost_usd=0.75)
+    assert (prod.in_flight, prod.adaptive_rate) == (3, 12.5)
+    # Merged over paths: the two series' cumulative buckets add up.
+    assert prod.latency == Histogram((0.1, 0.5, 1.0, math.inf), (10, 50, 80, 100), 70.0)
+    assert prod.ttft == Histogram((0.25, math.inf), (4, 4), 0.4)
+    assert (prod.versions, prod.commits) == (("0.1.0",), ("abc123",))
+    assert canary.counts == Counts(requests=8, responses_2xx=7, tokens_in=11)
+    assert (canary.versions, canary.latency, canary.adaptive_rate) == (("0.2.0",), Histogram(), 0)
+    assert prod.streams_in_flight == canary.streams_in_flight == 0
+    one = snapshot.parse(EXPOSITION.replace('variant="canary"', 'variant="production"'))
+    assert list(one) == ["production"]
+    assert one["production"].streams_in_flight == 2
+
+
+def test_unlabelled_series_join_the_only_variant() -> None:
+    text = ('zai_proxy_requests_total{status="200",variant="canary"} 2\n'
+            "zai_proxy_streams_in_flight 5\n")
+    assert snapshot.parse(text)["canary"].streams_in_flight == 5
+    assert snapshot.parse("zai_proxy_streams_in_flight 5\n")["unknown"].streams_in_flight == 5
+
+
+def test_missing_families_read_as_zeros() -> None:
+    assert snapshot.parse("") == {}
+    only = snapshot.parse('zai_proxy_build_info{variant="production",version="1",commit="x"} 1\n')
+    snap = only["production"]
+    assert snap.counts == Counts()
+    assert snap.latency.quantile(0.5) is None
+    rates = snapshot.delta(snap, snap, 5.0)
+    body = rates.to_json()
+    assert body["requests_per_s"] == 0 and body["error_rate"] == 0
+    assert body["latency_p95_s"] is None
+    orjson.dumps(snap.to_json())  # no inf/nan anywhere
+
+
+@pytest.mark.parametrize("text", ["zai_proxy_requests_total{status=\"200\" 1\n",
+                                  "zai_proxy_requests_total not-a-number\n",
+                                  "<html>502 Bad Gateway</html>\n"])
+def test_garbage_is_a_parse_error(text: str) -> None:
+    with pytest.raises(snapshot.ParseError):
+        snapshot.parse(text)
+
+
+# ---- quantiles ------------------------------------------------------------------
+
+
+BUCKETS = Histogram.from_buckets({0.1: 10, 0.5: 60, 1.0: 90, math.inf: 100})
+
+
+@pytest.mark.parametrize(("q", "expected"), [
+    (0.05, 0.05),       # first bucket: lower bound 0, 5 of 10 -> halfway
+    (0.1, 0.1),         # exactly the first bucket's count
+    (0.5, 0.42),        # (0.1, 0.5]: rank 50 is the 40th of 50 -> 0.1 + 0.4 * 40/50
+    (0.9, 1.0),         # rank 90 = count at le=1.0 -> its upper bound
+    (0.95, 1.0),        # in +Inf: the highest finite bound
+    (0.99, 1.0),
+])
+def test_quantiles_like_histogram_quantile(q: float, expected: float) -> None:
+    assert BUCKETS.quantile(q) == pytest.approx(expected, abs=1e-12)
+
+
+def test_quantile_edges() -> None:
+    assert Histogram().quantile(0.5) is None
+    assert Histogram.from_buckets({0.1: 0, math.inf: 0}).quantile(0.5) is None
+    assert Histogram.from_buckets({math.inf: 5}).quantile(0.5) is None  # one bucket: NaN
+    assert Histogram.from_buckets({-1.0: 4, math.inf: 4}).quantile(0.5) == -1.0
+    # Non-monotonic input (series scraped mid-update) is forced monotonic.
+    assert Histogram.from_buckets({0.1: 5, 0.5: 3, math.inf: 5}).counts == (5, 5, 5)
+    # A missing +Inf bucket is added from the other counts.
+    assert Histogram.from_buckets({0.1: 2, 0.5: 4}, count=6).bounds[-1] == math.inf
+
+
+def test_histograms_with_different_layouts_merge_as_step_functions() -> None:
+    a = Histogram.from_buckets({0.1: 1, 1.0: 3, math.inf: 4})
+    b = Histogram.from_buckets({0.5: 2, math.inf: 2})
+    merged = a.plus(b)
+    assert merged.bounds == (0.1, 0.5, 1.0, math.inf)
+    assert merged.counts == (1, 1 + 2, 3 + 2, 6)
+    assert a.plus(Histogram()) == a and Histogram().plus(a) == a
+
+
+# ---- deltas ---------------------------------------------------------------------
+
+
+def snap(requests: float, errors: float = 0, lat: dict[float, float] | None = None,
+         tokens_out: float = 0, in_flight: float = 0) -> VariantSnapshot:
+    latency = Histogram.from_buckets(lat) if lat else Histogram()
+    return VariantSnapshot("production", Counts(requests=requests, responses_5xx=errors,
+                                                responses_2xx=requests - errors,
+                                                tokens_out=tokens_out),
+                           in_flight=in_flight, latency=latency)
+
+
+def test_delta_rates_and_interval_quantiles() -> None:
+    prev = snap(100, 2, {0.1: 50, 1.0: 90, math.inf: 100}, tokens_out=1000)
+    cur = snap(150, 7, {0.1: 60, 1.0: 140, math.inf: 150}, tokens_out=3000, in_flight=4)
+    r = snapshot.delta(prev, cur, 10.0)
+    assert not r.reset
+    assert r.increase.requests == 50
+    body = r.to_json()
+    assert body["requests_per_s"] == 5.0
+    assert body["errors_per_s"] == 0.5
+    assert body["error_rate"] == 0.1
+    assert body["tokens_out_per_s"] == 200.0
+    assert body["in_flight"] == 4
+    # Interval buckets: 10 <= 0.1, 40 in (0.1, 1], 0 above: p50 = 0.1 + 0.9 * 15/40.
+    assert r.latency.counts == (10, 50, 50)
+    assert body["latency_p50_s"] == pytest.approx(0.1 + 0.9 * 15 / 40)
+    assert body["latency_p99_s"] == pytest.approx(0.1 + 0.9 * 39.5 / 40)
+
+
+def test_counter_reset_takes_the_new_value_as_the_increase() -> None:
+    prev = snap(1000, 10, {0.1: 900, math.inf: 1000}, tokens_out=5000)
+    cur = snap(30, 1, {0.1: 20, math.inf: 30}, tokens_out=6000)  # tokens grew past, still reset
+    r = snapshot.delta(prev, cur, 5.0)
+    assert r.reset
+    assert r.increase == cur.counts
+    assert r.increase.tokens_out == 6000
+    assert r.latency == cur.latency
+    assert all(v >= 0 for v in r.to_json().values() if isinstance(v, float))
+
+
+def test_histogram_reset_alone_is_a_reset() -> None:
+    prev = snap(10, 0, {0.1: 10, math.inf: 10})
+    cur = snap(10, 0, {0.1: 2, math.inf: 2})
+    assert snapshot.delta(prev, cur, 1.0).reset
+
+
+def test_zero_interval_gives_zero_rates() -> None:
+    r = snapshot.delta(snap(1), snap(5), 0.0)
+    assert r.to_json()["requests_per_s"] == 0.0
+
+
+def test_combine_sums_rates_across_targets() -> None:
+    a = Rates("canary", 5.0, Counts(requests=50, responses_5xx=5),
+              latency=Histogram.from_buckets({0.1: 50, math.inf: 50}), in_flight=2)
+    b = Rates("canary", 10.0, Counts(requests=20),
+              latency=Histogram.from_buckets({0.1: 0, math.inf: 20}), in_flight=1)
+    c = snapshot.combine("canary", [a, b])
+    body = c.to_json()
+    assert body["requests_per_s"] == pytest.approx(10 + 2)
+    assert body["error_rate"] == pytest.approx(1 / 12)
+    assert body["in_flight"] == 3
+    # b's 20 slow observations over 10 s weigh as 10 in a's 5 s... scaled to 10 s: 100 vs 20.
+    assert c.latency.counts == (100, 120)
+    assert snapshot.combine("canary", []).to_json()["requests_per_s"] == 0
+
+
+# ---- a real exposition ------------------------------------------------------------
+
+
+async def test_parse_a_real_proxy_exposition(nursery) -> None:
+    upstream = await start_mock(nursery)
+    proxy = await start_proxy(nursery, make_config(upstream, deployment_variant="canary"))
+    body = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
+    for _ in range(3):
+        resp = await request(proxy.port, "POST", "/v1/chat/completions",
+                             [("content-type", "application/json")], body)
+        assert resp.status == 200
+    assert (await request(proxy.port, "GET", "/v1/nothing-here")).status == 404
+    resp = await request(proxy.port, "GET", "/metrics")
+    assert resp.status == 200
+    text = resp.body.decode()
+    snaps = snapshot.parse(text)
+    assert list(snaps) == ["canary"]
+    canary = snaps["canary"]
+    # The /metrics request itself is counted after it is answered.
+    assert canary.counts.requests == 4
+    assert (canary.counts.responses_2xx, canary.counts.responses_4xx) == (3, 1)
+    assert canary.versions
+    assert canary.latency.count == 4  # every answered request is timed, merged over paths
+    assert 0 < canary.latency.quantile(0.99) < 1  # type: ignore[operator]
+    counts = canary.counts
+    assert counts.tokens_in > 0 and counts.tokens_out > 0 and counts.cost_usd > 0
+    orjson.dumps(canary.to_json())

@@ -244,6 +244,8 @@ def start_process(args: list[str], *, env: dict[str, str] | None, stderr_path: P
     full_env = {k: v for k, v in os.environ.items()
                 if (not k.startswith("ZAIPROXY_") or k in keep)
                 and k not in ("ZAI_API_KEY", "PORT", "HOST")}
+    # The history file next to the log, never in the repository (the default is ./).
+    full_env["ZAIPROXY_HISTORY_PATH"] = str(stderr_path.with_suffix(".history.duckdb"))
     full_env.update(env or {})
     stderr = stderr_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "zaiproxy", *args], stdout=subprocess.PIPE,

@@ -65,6 +65,12 @@ PRECEDENCE = [
     ("log", "level", '"warning"', "LOG_LEVEL", "ERROR", "debug", ("warning", "error", "debug")),
     ("log", "access_log", "false", "ZAIPROXY_ACCESS_LOG", "on", False, (False, True, False)),
     ("upstream", "max_retries", "0", "MAX_RETRIES", "5", 10, (0, 5, 10)),
+    ("history", "history", "false", "ZAIPROXY_HISTORY", "yes", False, (False, True, False)),
+    ("history", "history_path", '"/tmp/a.duckdb"', "ZAIPROXY_HISTORY_PATH", "/tmp/b.duckdb",
+     "/tmp/c.duckdb", ("/tmp/a.duckdb", "/tmp/b.duckdb", "/tmp/c.duckdb")),
+    ("history", "history_raw_days", "3", "ZAIPROXY_HISTORY_RAW_DAYS", "0.5", 2.5, (3.0, 0.5, 2.5)),
+    ("history", "history_rollup_days", "30", "ZAIPROXY_HISTORY_ROLLUP_DAYS", "365", 90,
+     (30.0, 365.0, 90.0)),
     ("upstream", "openai_base_url", '"http://a.test/v1/"', "ZAIPROXY_OPENAI_BASE_URL",
      "http://b.test:8443/v4", "https://c.test",
      ("http://a.test/v1", "http://b.test:8443/v4", "https://c.test")),
@@ -428,7 +434,7 @@ apikey = "sk-top-secret"
     )
     assert problems_of(env=DEMO, path=path) == [
         f"port (file {path}): 1: settings go in a section: put it under [server]",
-        f"serverr (file {path}): <table>: unknown section (known: server, upstream, limits, auth, tokens, log)",
+        f"serverr (file {path}): <table>: unknown section (known: server, upstream, limits, auth, tokens, log, history)",
         f"server.prot (file {path}): 1: unknown key in [server]; did you mean port?",
         f"server.level (file {path}): 'debug': unknown key in [server]; it belongs in [log]",
         f"upstream.apikey (file {path}): <redacted>: unknown key in [upstream]; did you mean "
@@ -492,7 +498,7 @@ def test_secret_never_shown() -> None:
 
 def test_masked_shape() -> None:
     masked = Config(demo=True).masked()
-    assert list(masked) == ["server", "upstream", "limits", "auth", "tokens", "log"]
+    assert list(masked) == ["server", "upstream", "limits", "auth", "tokens", "log", "history"]
     assert masked["upstream"]["api_key"] is None
     assert masked["server"]["port"] == 8080
     assert masked["log"] == {"level": "info", "access_log": True}
@@ -504,7 +510,7 @@ def test_render_check() -> None:
     )
     text = render_check(config, sources)
     lines = text.splitlines()
-    assert [line for line in lines if line.startswith("[")] == ["[server]", "[upstream]", "[limits]", "[auth]", "[tokens]", "[log]"]
+    assert [line for line in lines if line.startswith("[")] == ["[server]", "[upstream]", "[limits]", "[auth]", "[tokens]", "[log]", "[history]"]
     # One line per field, each with its source.
     assert len([line for line in lines if " = " in line]) == len(fields(Config))
 
@@ -611,3 +617,55 @@ def test_admin_token_is_secret() -> None:
     assert config.admin_token == "adm-s3cret"
     assert "adm-s3cret" not in render_check(config, sources)
     assert "adm-s3cret" not in repr(config)
+
+
+# --- history (the recorder) ------------------------------------------------------------------
+
+
+def test_history_defaults() -> None:
+    config, _ = load_config(env=DEMO)
+    assert config.history is True
+    assert config.history_path == "./zaiproxy-history.duckdb"
+    assert (config.history_raw_days, config.history_rollup_days) == (7.0, 90.0)
+
+
+def test_history_values_are_checked() -> None:
+    problems = problems_of(env={**DEMO, "ZAIPROXY_HISTORY_RAW_DAYS": "0",
+                                "ZAIPROXY_HISTORY": "maybe"})
+    assert any(p.startswith("history.history_raw_days (env:ZAIPROXY_HISTORY_RAW_DAYS): '0': "
+                            "must be between") for p in problems)
+    assert any(p.startswith("history.history (env:ZAIPROXY_HISTORY): 'maybe'") for p in problems)
+
+
+def test_history_rollups_must_outlive_raw_rows() -> None:
+    assert problems_of(env={**DEMO, "ZAIPROXY_HISTORY_RAW_DAYS": "30",
+                            "ZAIPROXY_HISTORY_ROLLUP_DAYS": "7"}) == [
+        "history.history_rollup_days: must not be less than history.history_raw_days "
+        "(the rollups are made from the raw rows)"]
+
+
+def test_history_command_needs_no_upstream_key() -> None:
+    with pytest.raises(ConfigError):
+        load_config(env={})
+    config, _ = load_config(env={}, require_api_key=False)
+    assert config.api_key is None
+
+
+def test_price_file_is_checked_when_the_config_loads(tmp_path: Path) -> None:
+    good = tmp_path / "prices.toml"
+    good.write_text('[models."glm-4.6"]\ninput = 0.0006\noutput = 0.0022\n'
+                    'cache_read = 0.00011\ncache_write = 0\n')
+    config, sources = load_config(env={**DEMO, "ZAIPROXY_PRICE_FILE": str(good)})
+    assert config.price_file == str(good)
+    assert sources["tokens.price_file"] == "env:ZAIPROXY_PRICE_FILE"
+    assert Config().price_file is None  # the built-in list prices
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[models."glm-4.6"]\ninput = "cheap"\noutput = 1\n')
+    problems = problems_of(env=DEMO, path=write_toml(tmp_path, f'[tokens]\nprice_file = "{bad}"\n'))
+    assert len(problems) == 1
+    assert problems[0].startswith(f"tokens.price_file (file {tmp_path / 'zaiproxy.toml'}): ")
+    assert "models.glm-4.6.input: must be a number" in problems[0]
+    assert "missing cache_read, cache_write" in problems[0]
+    assert problems_of(env={**DEMO, "ZAIPROXY_PRICE_FILE": str(tmp_path / "none.toml")}) == [
+        f"tokens.price_file (env:ZAIPROXY_PRICE_FILE): '{tmp_path / 'none.toml'}': "
+        "not an existing file"]

@@ -14,6 +14,7 @@ import time
 import orjson
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import RawClient, make_config, request, start_mock, start_proxy, wait_until
 from zaiproxy.admission import SC_ADAPTIVE_MRPS, SC_ADAPTIVE_RESET
@@ -186,6 +187,15 @@ async def test_queue_waits_for_a_slot(nursery, upstream):
     stats = (await request(upstream, "GET", "/mock/stats")).json()
     assert stats["peak_in_flight"] == 1
     assert proxy.worker.ctx.wait_queue.waiting == 0
+    # Every request's queue wait, time to first byte, overhead and token count are observed.
+    text = (await request(proxy.port, "GET", "/metrics")).body.decode()
+    samples = {(s.name, s.labels.get("le")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    for name in ("zai_proxy_rate_limit_wait_seconds", "zai_proxy_time_to_first_token_seconds",
+                 "zai_proxy_overhead_seconds", "zai_proxy_token_count_duration_seconds"):
+        assert samples[(name + "_count", None)] == 3, name
+    # Two of the three waited at least one 0.2 s upstream delay; one was admitted at once.
+    assert samples[("zai_proxy_rate_limit_wait_seconds_bucket", "0.1")] == 1
 
 
 async def test_queue_timeout_then_429(nursery, upstream):

@@ -1,4 +1,4 @@
-"""The ``zaiproxy`` command: serve, mock-upstream, config check, version."""
+"""The ``zaiproxy`` command: serve, mock-upstream, collect, config check, version."""
 
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_args(check)
 
     sub.add_parser("version", help="print the version and the ledger implementation")
+    from zaiproxy.recorder.cli import add_parser as add_history_parser
+
+    add_history_parser(sub)
+    _collect_parser(sub)
     return parser
 
 
@@ -60,6 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _version()
     if ns.command == "mock-upstream":
         return _mock(ns)
+    if ns.command == "history":
+        from zaiproxy.recorder.cli import run as history
+
+        return history(ns)
+    if ns.command == "collect":
+        from zaiproxy.collector import main as collect
+
+        return collect(ns)
     from zaiproxy.config import ConfigError, load_config, render_check
 
     try:
@@ -104,6 +116,24 @@ def _mock(ns: argparse.Namespace) -> int:
     return run(options, ns.host, ns.port, workers=ns.workers, certfile=ns.certfile,
                keyfile=ns.keyfile)
 
+
+
+def _collect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``zaiproxy collect``: values stay strings here; zaiproxy/collector.py validates them
+    (so the CLI does not import DuckDB for the other commands)."""
+    p = sub.add_parser("collect", help="scrape many proxies into a DuckDB file; serve the admin API")
+    p.add_argument("--target", action="append", required=True, metavar="URL",
+                   help="a proxy to scrape (http://host:port); repeat for each")
+    p.add_argument("--interval", default="5s", help="time between scrapes (default 5s)")
+    p.add_argument("--db", default="zaiproxy-collector.duckdb", help="the collector's DuckDB file")
+    p.add_argument("--host", default="127.0.0.1", help="admin API address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="admin API port; 0 picks a free one")
+    p.add_argument("--admin-token", help="require `Authorization: Bearer TOKEN` "
+                   "(also ZAIPROXY_ADMIN_TOKEN)")
+    p.add_argument("--retention", default="7d", help="how long rows are kept (default 7d)")
+    p.add_argument("--scrape-timeout", default="5s", help="per scrape (default 5s, <= interval)")
+    p.add_argument("--heartbeat", default="15s", help="between SSE heartbeat comments")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
 
 if __name__ == "__main__":
     raise SystemExit(main())

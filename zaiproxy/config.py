@@ -31,11 +31,12 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any, Final
 
 from zaiproxy import config_values as values
+from zaiproxy import pricing
 from zaiproxy.limits import LIMIT_MAX, LIMIT_NAMES, Limits
 
 MASK: Final = "********"
 REDACTED: Final = "<redacted>"
-SECTIONS: Final = ("server", "upstream", "limits", "auth", "tokens", "log")
+SECTIONS: Final = ("server", "upstream", "limits", "auth", "tokens", "log", "history")
 CONFIG_ENV: Final = "ZAIPROXY_CONFIG"
 _ENV_PREFIX: Final = "ZAIPROXY_"
 _MISSING_KEY: Final = (
@@ -207,6 +208,9 @@ class Config:
     known_models: tuple[str, ...] = _setting(
         _KNOWN_MODELS, "tokens", ("ZAIPROXY_KNOWN_MODELS",), values.name_list
     )
+    # Prices for zai_proxy_estimated_cost_usd (TOML/JSON, see zaiproxy/pricing.py); unset = the
+    # built-in Z.AI list prices.
+    price_file: str | None = _setting(None, "tokens", ("ZAIPROXY_PRICE_FILE",), pricing.price_file)
     # [log]  LOG_LEVEL is the original's name; ZAIPROXY_LOG_LEVEL wins when both are set.
     level: str = _setting(
         "info",
@@ -215,6 +219,20 @@ class Config:
         values.choice("debug", "info", "warning", "error"),
     )
     access_log: bool = _setting(True, "log", ("ZAIPROXY_ACCESS_LOG",), values.boolean)
+    # [history]  The DuckDB request history (zaiproxy/recorder): one recorder process writes
+    # it; workers hand it one record per request and drop (and count) when it falls behind.
+    history: bool = _setting(True, "history", ("ZAIPROXY_HISTORY",), values.boolean)
+    history_path: str = _setting(
+        "./zaiproxy-history.duckdb", "history", ("ZAIPROXY_HISTORY_PATH",),
+        values.file_path(must_exist=False),
+    )
+    # Raw rows (one per request) and snapshots are kept this many days, 1-minute rollups longer.
+    history_raw_days: float = _setting(
+        7.0, "history", ("ZAIPROXY_HISTORY_RAW_DAYS",), values.number(0.01, 36500)
+    )
+    history_rollup_days: float = _setting(
+        90.0, "history", ("ZAIPROXY_HISTORY_ROLLUP_DAYS",), values.number(0.01, 36500)
+    )
 
     def global_limits(self) -> Limits:
         return Limits(**{name: getattr(self, name) for name in LIMIT_NAMES})
@@ -379,12 +397,15 @@ def load_config(
     cli: Mapping[str, object] | None = None,
     env: Mapping[str, str] | None = None,
     path: str | None = None,
+    *,
+    require_api_key: bool = True,
 ) -> tuple[Config, dict[str, str]]:
     """Build the effective config: CLI > env > file > defaults.
 
     Returns the config and the source of each field ("cli" | "env:NAME" | "file" | "default"),
     keyed by "section.field". ``env`` defaults to ``os.environ``; the file path defaults to
     ``$ZAIPROXY_CONFIG``. Raises :class:`ConfigError` listing every problem found.
+    ``require_api_key=False``: for commands that never call upstream (``zaiproxy history``).
     """
     env = os.environ if env is None else env
     layers = _Layers()
@@ -403,7 +424,8 @@ def load_config(
     sources = {_key(f): layers.sources.get(_key(f), "default") for f in _FIELDS}
     # Only when neither value was rejected: a bad key or a bad demo flag is already reported.
     if (
-        merged["api_key"] is None
+        require_api_key
+        and merged["api_key"] is None
         and not merged["demo"]
         and not {"api_key", "demo"} & layers.failed
     ):
@@ -415,6 +437,11 @@ def load_config(
                     f"limits.{name}: token limits need token counting; "
                     "unset it or enable tokens.token_counting"
                 )
+    if merged["history_rollup_days"] < merged["history_raw_days"]:
+        layers.problems.append(
+            "history.history_rollup_days: must not be less than history.history_raw_days "
+            "(the rollups are made from the raw rows)"
+        )
     if merged["adaptive_min_rps"] > merged["adaptive_max_rps"]:
         layers.problems.append(
             "limits.adaptive_min_rps: must not be greater than limits.adaptive_max_rps"

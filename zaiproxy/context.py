@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from zaiproxy.config import Config
     from zaiproxy.keys import KeyTable
     from zaiproxy.metrics import WorkerMetrics
+    from zaiproxy.recorder.sink import RecordSink
     from zaiproxy.usage import Usage
 
 
@@ -69,11 +70,15 @@ class WorkerContext:
     released: trio.Event = field(default_factory=trio.Event)
     known_models: frozenset[str] = frozenset()
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    record_sink: RecordSink | None = None  # the history recorder's channel; None: history off
+    # GET /admin/history asks the recorder through this (zaiproxy/recorder/client.py).
+    history_query: Callable[[str, str], Awaitable[dict[str, Any]]] | None = None
     # Seams for tests (a virtual clock): the Z.AI retry wait, wall time, the jitter factor.
     retry_sleep: Callable[[float], Awaitable[None]] = trio.sleep
     wall: Callable[[], float] = time.time
     jitter: Callable[[], float] = field(default=lambda: 0.5 + random.random() / 2)
     _token_rows: dict[tuple[str | None, str, bool], int] = field(default_factory=dict)
+    _key_rows: dict[str, int] = field(default_factory=dict)
     _ids: count[int] = field(default_factory=count)
     _prefix: str = field(default_factory=lambda: os.urandom(4).hex())
 
@@ -91,6 +96,8 @@ class WorkerContext:
             row = self.ledger.row(name)
             self._token_rows[key] = row
         add = self.ledger.counter_add
+        if alias is not None:
+            self._add_key_usage(alias, usage)
         add(row, TOK_REQUESTS, 1)
         add(row, TOK_INPUT, usage.input_tokens)
         add(row, TOK_OUTPUT, usage.output_tokens)
@@ -98,6 +105,33 @@ class WorkerContext:
             add(row, TOK_CACHE_READ, usage.cache_read_tokens)
         if usage.cache_write_tokens:
             add(row, TOK_CACHE_WRITE, usage.cache_write_tokens)
+
+    def _key_row(self, alias: str) -> int:
+        row = self._key_rows.get(alias)
+        if row is None:
+            row = self.ledger.row(b"keyusage\0" + alias.encode())
+            self._key_rows[alias] = row
+        return row
+
+    def _add_key_usage(self, alias: str, usage: Usage) -> None:
+        row = self._key_row(alias)
+        add = self.ledger.counter_add
+        add(row, TOK_REQUESTS, 1)
+        add(row, TOK_INPUT, usage.input_tokens)
+        add(row, TOK_OUTPUT, usage.output_tokens)
+        if usage.cache_read_tokens:
+            add(row, TOK_CACHE_READ, usage.cache_read_tokens)
+        if usage.cache_write_tokens:
+            add(row, TOK_CACHE_WRITE, usage.cache_write_tokens)
+
+    def key_usage(self, alias: str) -> dict[str, int]:
+        """Token totals of one client key across all workers (since the segment was made)."""
+        row = self._key_row(alias)
+        get = self.ledger.counter_get
+        return {"requests": get(row, TOK_REQUESTS), "input_tokens": get(row, TOK_INPUT),
+                "output_tokens": get(row, TOK_OUTPUT),
+                "cache_read_tokens": get(row, TOK_CACHE_READ),
+                "cache_write_tokens": get(row, TOK_CACHE_WRITE)}
 
     @property
     def ready(self) -> bool:

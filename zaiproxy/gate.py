@@ -14,6 +14,7 @@ DESIGN.md "One request", steps 3, 4 and 7:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,8 @@ class Ticket:
     reserved: int
     model_label: str
     counted: bool  # token counting applied to this request
+    token_count_s: float | None = None  # time spent estimating the prompt
+    queue_wait_s: float = 0.0  # time waited in the admission queue
 
 
 def authenticate(ctx: WorkerContext, request: h11.Request, model: str | None) -> ClientKey | None:
@@ -100,14 +103,19 @@ async def estimate(ctx: WorkerContext, route: Route, payload: dict[str, object] 
 async def admit(ctx: WorkerContext, route: Route, key: ClientKey | None,
                 payload: dict[str, object] | None, body_len: int, model: str | None) -> Ticket:
     """Estimate and admit one request; raises RateLimited (429) when a limit refuses."""
+    began = time.perf_counter()
     prompt, reserved, counted = await estimate(ctx, route, payload, body_len)
+    counted_at = time.perf_counter()
     admitter = ctx.admitter
     alias = key.alias if key is not None else None
     plan = admitter.plan(alias, key.limits if key is not None else None)
-    ticket = Ticket(None, alias, prompt, reserved, model_label(ctx, model), counted)
+    ticket = Ticket(None, alias, prompt, reserved, model_label(ctx, model), counted,
+                    counted_at - began if counted else None)
     result = admitter.admit(plan, reserved)
     if isinstance(result, Refusal):
+        waiting = trio.current_time()
         result = await _wait(ctx, plan, reserved, result)
+        ticket.queue_wait_s = trio.current_time() - waiting
     ticket.admission = result
     return ticket
 

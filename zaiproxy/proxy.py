@@ -63,6 +63,9 @@ class Outcome:
     zai_retries: int = 0  # Z.AI 429s retried
     zai_class: str | None = None  # class of the last Z.AI 429 (the final one if relayed)
     zai_code: str | None = None
+    started: float = 0.0  # trio.current_time() when the request was handed to proxy()
+    first_byte: float | None = None  # when the first response body byte was queued for the client
+    upstream_s: float | None = None  # request sent upstream -> its response ended
 
 
 async def proxy(
@@ -98,6 +101,7 @@ async def proxy(
     )
     pool = ctx.pool
     start = trio.current_time()
+    outcome.started = start
     prefix = b""  # body bytes already read (a Z.AI 429 body, read to classify it)
     prefix_ended = False
     extra_headers: list[tuple[bytes, bytes]] = []
@@ -186,6 +190,7 @@ async def proxy(
                            f"upstream connection lost mid-response: {_why(exc)}")
                 return
             if ended:
+                outcome.upstream_s = trio.current_time() - start
                 # Back to the pool before the last write: the upstream exchange
                 # is complete whatever the client does next, and a client that
                 # sends its next request at once finds the connection idle.
@@ -199,6 +204,8 @@ async def proxy(
                     kept.append(data)
                     kept_len += len(data)
                 if data:
+                    if outcome.first_byte is None:
+                        outcome.first_byte = trio.current_time()
                     outcome.bytes_out += len(data)
                     client.queue_data(data)
             if ended:

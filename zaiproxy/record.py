@@ -38,6 +38,11 @@ class RequestRecord:
     zai_retries: int = 0  # Z.AI 429s retried by the proxy
     zai_class: str | None = None  # class of the last Z.AI 429 seen
     zai_code: str | None = None
+    # Timings for /metrics; None = not measured for this request (not in the access log yet).
+    ttft_s: float | None = None  # request start -> first response body byte relayed
+    upstream_s: float | None = None  # request sent upstream -> its response ended
+    queue_wait_s: float | None = None  # waited in the admission queue (0.0: admitted at once)
+    token_count_s: float | None = None  # spent estimating the prompt's tokens (tiktoken)
 
     def log_fields(self) -> dict[str, object]:
         """The access-log line's fields (absent values left out)."""

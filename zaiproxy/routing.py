@@ -30,6 +30,10 @@ class Control(enum.Enum):
     READY = "ready"
     METRICS = "metrics"
     RESET_RATE_LIMIT = "reset-rate-limit"
+    STATUS = "status"
+    HISTORY = "history"
+    KEYS = "keys"
+    EVENTS = "events"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,10 @@ _CONTROL = {
     "/health": Route("/health", Api.OPENAI, control=Control.HEALTH),
     "/ready": Route("/ready", Api.OPENAI, control=Control.READY),
     "/metrics": Route("/metrics", Api.OPENAI, control=Control.METRICS),
+    "/admin/status": Route("/admin/status", Api.OPENAI, control=Control.STATUS),
+    "/admin/history": Route("/admin/history", Api.OPENAI, control=Control.HISTORY),
+    "/admin/keys": Route("/admin/keys", Api.OPENAI, control=Control.KEYS),
+    "/admin/events": Route("/admin/events", Api.OPENAI, control=Control.EVENTS),
 }
 
 # Admin actions (POST; token-protected when an admin token is configured).

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import orjson
 import trio
 
-from zaiproxy import __version__, gate, tokens
+from zaiproxy import __version__, admin, gate, tokens
 from zaiproxy.admission import SC_ADAPTIVE_MRPS, SC_ADAPTIVE_RESET
 from zaiproxy.context import STATE_DRAINING
 from zaiproxy.errors import (
@@ -391,6 +391,7 @@ class ClientConnection:
         alias: str | None = None
         ticket: gate.Ticket | None = None
         self.extra_headers = _NO_HEADERS
+        in_flight = False  # counted in zai_proxy_concurrent_requests
         try:
             try:
                 for name, value in request.headers:
@@ -401,6 +402,9 @@ class ClientConnection:
                 api = api_for_path(target)
                 raise
             api = route.api
+            if route.control is None:
+                ctx.metrics.request_started()
+                in_flight = True
             body = await self._read_body(request, api)
             if route.control is not None:
                 await self._control(route.control, request, body)
@@ -414,6 +418,8 @@ class ClientConnection:
                 raw_model = payload.get("model")
                 model = raw_model if isinstance(raw_model, str) else None
                 stream_flag = payload.get("stream") is True
+                if stream_flag:
+                    ctx.metrics.stream_started()
             if ctx.draining:
                 raise ServiceUnavailable("the proxy is shutting down")
             key = gate.authenticate(ctx, request, model)
@@ -452,6 +458,8 @@ class ClientConnection:
             if not self.gone:
                 await self.send_error(exc, api)
         finally:
+            if in_flight:
+                ctx.metrics.request_ended(stream_flag is True)
             self._log(method, target, route, started, len(body), model, stream_flag, outcome, error,
                       alias, ticket)
 
@@ -477,13 +485,31 @@ class ClientConnection:
         elif control is Control.METRICS:
             payload, content_type = ctx.metrics.render()
             await self.send_simple(200, payload, content_type=content_type, head=head)
-        else:
+        elif control is Control.RESET_RATE_LIMIT:
             check_admin(ctx, request)
             ctx.ledger.scalar_set(SC_ADAPTIVE_MRPS, 0)  # effective at once, in every worker
             generation = ctx.ledger.scalar_add(SC_ADAPTIVE_RESET, 1)  # the supervisor forgets
             get_logger().warning("adaptive_rate_reset_requested", client=self.client_ip,
                                  generation=generation)
             await self.send_simple(200, orjson.dumps({"reset": True, "generation": generation}))
+        else:
+            await self._admin(control, request)
+
+    async def _admin(self, control: Control, request: h11.Request) -> None:
+        """The read side of the admin API (zaiproxy/admin.py); token-checked first."""
+        ctx = self.ctx
+        check_admin(ctx, request)
+        if control is Control.STATUS:
+            await self.send_simple(200, orjson.dumps(admin.status_report(ctx)))
+        elif control is Control.KEYS:
+            await self.send_simple(200, orjson.dumps(admin.keys_report(ctx)))
+        elif control is Control.HISTORY:
+            query = request.target.partition(b"?")[2].decode("ascii", "replace")
+            range_, variant = admin.parse_history_params(query)
+            await self.send_simple(200, orjson.dumps(await admin.history_report(ctx, range_,
+                                                                                variant)))
+        else:
+            await admin.stream_events(ctx, self)
 
     async def _count_tokens_locally(self, route: Route, payload: dict[str, object],
                                     body_len: int) -> None:
@@ -521,12 +547,19 @@ class ClientConnection:
             zai_retries=outcome.zai_retries if outcome else 0,
             zai_class=outcome.zai_class if outcome else None,
             zai_code=outcome.zai_code if outcome else None,
+            ttft_s=(outcome.first_byte - started
+                    if outcome is not None and outcome.first_byte is not None else None),
+            upstream_s=outcome.upstream_s if outcome else None,
+            queue_wait_s=ticket.queue_wait_s if ticket is not None else None,
+            token_count_s=ticket.token_count_s if ticket is not None else None,
         )
         self._emit(record)
 
     def _emit(self, record: RequestRecord) -> None:
-        """Hand the finished request's record to its sinks (metrics, access log)."""
+        """Hand the finished request's record to its sinks (metrics, access log, history)."""
         self.ctx.metrics.observe(record)
+        if self.ctx.record_sink is not None:
+            self.ctx.record_sink.submit(record)  # never blocks: drops and counts when full
         if self.ctx.config.access_log:
             log = get_logger()
             if log.enabled("info"):

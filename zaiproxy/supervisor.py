@@ -17,6 +17,10 @@
   dies, its concurrency leases are reclaimed before it is replaced.
 - The adaptive upstream rate is decided here, once for all workers
   (``zaiproxy.ratecontrol``), from the workers' shared counters.
+- The history recorder (``zaiproxy.recorder``, when ``history`` is on) is one more
+  child: spawned before the workers (they get its channel), restarted with the
+  same backoff, never fatal, and stopped after the workers in the drain so that
+  it writes every record they sent (``recorder/supervise.py``).
 - SIGHUP: the keys file is validated here; if good, every worker reloads it;
   if bad, the error is logged and the old keys stay in force. "In force"
   includes workers started later (a restart after a crash): the supervisor
@@ -49,6 +53,7 @@ from zaiproxy.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.ledger import LedgerUnavailable
 from zaiproxy.ledger import load as load_ledger
 from zaiproxy.ratecontrol import RateController
+from zaiproxy.recorder.supervise import RecorderHandle
 from zaiproxy.sockets import bind_reuseport
 from zaiproxy.worker import worker_main
 
@@ -84,6 +89,7 @@ class Supervisor:
         self.segment: Any = None  # the shared-memory Ledger
         self.rates: RateController | None = None
         self.exit_code = 0  # 1 when start-up failed; the drain keeps it
+        self.recorder: RecorderHandle | None = None  # the history recorder (None: history off)
         self.log = logs.get_logger()
 
     # ---- start-up -------------------------------------------------------------
@@ -124,7 +130,8 @@ class Supervisor:
         process = self.mp.Process(
             target=worker_main,
             args=(slot.index, self.socks[slot.index], self.config, self.state, child_end,
-                  os.getpid(), self.segment.path, self.keys),
+                  os.getpid(), self.segment.path, self.keys,
+                  self.recorder.channel if self.recorder is not None else None),
             name=f"zaiproxy-worker-{slot.index}",
         )
         process.start()
@@ -195,6 +202,11 @@ class Supervisor:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_sighup)
         try:
+            if cfg.history:
+                # Before the workers: they get its channel. Never fatal (recorder/supervise.py).
+                self.recorder = RecorderHandle(self.mp, dataclasses.replace(
+                    cfg, history_path=os.path.abspath(cfg.history_path)), self.segment.path)
+                self.recorder.spawn()
             self.slots = [_Slot(i) for i in range(cfg.workers)]
             for slot in self.slots:
                 self._spawn(slot)
@@ -205,6 +217,8 @@ class Supervisor:
                 signal.signal(s, h)
             os.close(wake_r)
             os.close(wake_w)
+            if self.recorder is not None:
+                self.recorder.close()
             for sock in self.socks:
                 sock.close()
             self._stop_mock()
@@ -266,6 +280,8 @@ class Supervisor:
             for slot in self.slots:
                 if slot.restart_at is not None and now >= slot.restart_at:
                     self._spawn(slot)
+            if self.recorder is not None:
+                self.recorder.poll(now)
             if not announced and all(s.ready_once for s in self.slots):
                 announced = True
                 self.state.value = STATE_RUNNING
@@ -296,6 +312,10 @@ class Supervisor:
                 if slot.ready_pipe is not None:
                     waitables.append(slot.ready_pipe)
             pending = [s.restart_at for s in self.slots if s.restart_at is not None]
+            if self.recorder is not None:
+                waitables.extend(self.recorder.waitables())
+                if self.recorder.restart_at is not None:
+                    pending.append(self.recorder.restart_at)
             timeout = max(0.0, min(pending) - time.monotonic()) if pending else 1.0
             for obj in wait(waitables, timeout=timeout):
                 if obj == wake_r:
@@ -377,6 +397,8 @@ class Supervisor:
                 second = self.signals.pop(0)
                 self.log.warning("second_signal_exit", signal=second)
                 self._kill_all(alive)
+                if self.recorder is not None:
+                    self.recorder.kill()
                 return 128 + second
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -396,6 +418,9 @@ class Supervisor:
                     self.log.warning("worker_exit_nonzero", worker=slot.index,
                                      exit_code=slot.process.exitcode)
             alive = still
+        if self.recorder is not None:
+            # After the workers: the STOP marker follows everything they sent.
+            self.recorder.stop()
         self.log.info("drained", clean=clean)
         return self.exit_code if clean else 1
 

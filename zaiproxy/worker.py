@@ -21,12 +21,15 @@ from typing import Any
 import trio
 
 from zaiproxy import http11, logs, tokens
-from zaiproxy.admission import SC_ADAPTIVE_MRPS, Admitter, WaitQueue
+from zaiproxy.admission import Admitter, WaitQueue
 from zaiproxy.config import Config
 from zaiproxy.context import SharedState, WorkerContext
 from zaiproxy.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.ledger import load as load_ledger
 from zaiproxy.metrics import WorkerMetrics
+from zaiproxy.pricing import DEFAULT_PRICES, load_prices
+from zaiproxy.recorder.client import HistoryClient
+from zaiproxy.recorder.sink import RecordSink
 from zaiproxy.routing import Upstream
 from zaiproxy.server import ClientConnection
 from zaiproxy.sockets import trio_listener
@@ -82,10 +85,12 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
     segment = open_ledger(ledger, config, ledger_path)
     metrics = WorkerMetrics(
         variant=config.deployment_variant, ledger=ledger.IMPLEMENTATION, workers=config.workers,
+        segment=segment, worker_index=worker_index,
+        shared=ledger_path is not None,
         commit=os.environ.get("ZAIPROXY_COMMIT", "unknown"),
         pool_stats=lambda: (pool.active, pool.idle_count),
-        adaptive_rate=lambda: segment.scalar_get(SC_ADAPTIVE_MRPS) / 1000,
-        alias_metrics=config.alias_metrics,
+        alias_metrics=config.alias_metrics, known_models=frozenset(config.known_models),
+        prices=load_prices(config.price_file) if config.price_file else DEFAULT_PRICES,
     )
     api_key = config.api_key.encode() if config.api_key else None
     admitter = Admitter(
@@ -232,7 +237,7 @@ class Worker:
 
 def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any,
                 ready: Connection | None, parent_pid: int, ledger_path: str | None = None,
-                keys: KeyTable | None = None) -> None:
+                keys: KeyTable | None = None, record_channel: socket.socket | None = None) -> None:
     """Entry point of a spawned worker process."""
     # The terminal's Ctrl-C reaches the whole process group; only the
     # supervisor acts on it (and forwards SIGTERM), otherwise its SIGTERM would
@@ -251,6 +256,11 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
     ctx = build_context(config, worker_index=index, state_cell=state_cell, ledger_path=ledger_path,
                         keys=keys)
     segment_inode = os.stat(ledger_path).st_ino if ledger_path is not None else -1
+    if record_channel is not None:  # the history recorder's channel (zaiproxy/recorder/sink.py)
+        ctx.record_sink = RecordSink(record_channel, worker=index,
+                                     variant=config.deployment_variant)
+        ctx.metrics.set_recorder_stats(ctx.record_sink.stats)
+        ctx.history_query = HistoryClient(config.history_path, config.admin_token)
     worker = Worker(ctx, [trio_listener(sock)])
 
     async def main() -> None:
@@ -258,6 +268,8 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
             nursery.start_soon(worker.watch_signals)
             nursery.start_soon(worker.watch_parent, parent_pid)
             nursery.start_soon(worker.watch_reload)
+            if ctx.record_sink is not None:
+                nursery.start_soon(ctx.record_sink.run)
             await nursery.start(worker.run)
             if early_sigterm:
                 worker.drain_requested.set()
@@ -270,6 +282,8 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+    if ctx.record_sink is not None:
+        ctx.record_sink.close()  # the records of the drained requests
     if ledger_path is not None and os.getppid() != parent_pid:
         # Orphaned (the supervisor was SIGKILLed): nobody else will unlink the segment, and
         # without a supervisor it is useless. The other workers keep their mappings. Only

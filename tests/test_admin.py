@@ -153,3 +153,24 @@ async def test_events_stream_connected_metrics_heartbeat(nursery, upstream, monk
     metrics = next(orjson.loads(data) for kind, data in events if kind == "metrics")
     assert "variants" in metrics
     await client.aclose()
+
+
+async def test_events_drops_a_consumer_that_does_not_read(nursery, upstream):
+    # A lockstep stream: every write waits until the peer reads it. The consumer reads
+    # nothing, so the first event's flush blocks and the stream must be dropped, not waited on.
+    from trio.testing import lockstep_stream_pair
+
+    from zaiproxy.http11 import h11 as proxy_h11
+    from zaiproxy.server import ClientConnection
+
+    proxy = await start_proxy(nursery, make_config(upstream))
+    ctx = proxy.worker.ctx
+    ours, theirs = lockstep_stream_pair()
+    conn = ClientConnection(ours, ctx, "127.0.0.1")
+    conn.conn.receive_data(b"GET /admin/events HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert type(conn.conn.next_event()) is proxy_h11.Request
+    conn.request_id = b"test"
+    with trio.fail_after(5):
+        await admin.stream_events(ctx, conn, interval=0.01, heartbeat=0.02, send_timeout=0.2)
+    assert conn.gone  # aborted: the connection is closed instead of held open
+    await theirs.aclose()

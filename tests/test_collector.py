@@ -21,15 +21,8 @@ import trio.testing
 
 from tests.harness import REPO, UPSTREAM_KEY, ProcessServer, RawClient, start_process, wait_until
 from zaiproxy import snapshot
-from zaiproxy.collector import (
-    Collector,
-    CollectorOptions,
-    EventHub,
-    Store,
-    Target,
-    parse_duration,
-    row_of,
-)
+from zaiproxy.collector import Collector, CollectorOptions, EventHub, Target, parse_duration
+from zaiproxy.collector_store import Store, row_of
 from zaiproxy.snapshot import Counts, Histogram, Rates
 
 TOKEN = "collector-admin-token"

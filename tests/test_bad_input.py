@@ -249,3 +249,18 @@ async def test_413_reaches_a_client_that_keeps_sending(proxy):
     await stream.aclose()
     assert got.startswith(b"HTTP/1.1 413 "), got[:60]
     assert b"request_too_large" in got
+
+
+async def test_unknown_route_keeps_the_connection_alive(proxy):
+    client = await RawClient.connect("127.0.0.1", proxy.port)
+    try:
+        missing = await client.request("POST", "/v1/nope", [("content-type", "application/json")],
+                                       b'{"model":"x"}')
+        assert missing.status == 404
+        assert missing.header(b"connection") != b"close"
+        wrong = await client.request("DELETE", "/v1/chat/completions")
+        assert wrong.status == 405
+        health = await client.request("GET", "/health")  # the same connection, still usable
+        assert health.status == 200
+    finally:
+        await client.aclose()

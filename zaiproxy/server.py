@@ -398,8 +398,12 @@ class ClientConnection:
                     if name == b"host" and (b"@" in value or b"/" in value):
                         raise BadRequest("invalid Host header")
                 route = resolve(method, target)
-            except ProxyError:
+            except ProxyError as exc:
                 api = api_for_path(target)
+                if not isinstance(exc, BadRequest):
+                    # 404/405: read (bounded) what the client sent, so the connection can
+                    # serve its next request instead of being closed for an unread body.
+                    body = await self._read_body(request, api)
                 raise
             api = route.api
             if route.control is None:

@@ -208,6 +208,8 @@ async def test_sigterm_under_load_loses_no_completed_request(
                     completed.append(resp.header(b"x-zaiproxy-request-id").decode())  # type: ignore[union-attr]
                     if len(completed) >= 40:
                         started.set()
+                    if c.conn.our_state is not h11.IDLE:
+                        break  # "connection: close" (the drain began): open a new one
             except (OSError, trio.BrokenResourceError, h11.RemoteProtocolError):
                 pass  # the drain closed the connection
             finally:

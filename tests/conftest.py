@@ -1,7 +1,9 @@
 import io
+from collections.abc import Iterator
 
 import pytest
 
+from tests.harness import UPSTREAM_KEY, ProcessServer, start_process
 from zaiproxy import logs
 
 
@@ -17,3 +19,13 @@ def _quiet_logs():
 @pytest.fixture
 def log_buffer(_quiet_logs):
     return _quiet_logs
+
+
+@pytest.fixture(scope="module")
+def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
+    """The mock upstream as a real child process, ONE process (its /mock/stats counts every
+    request it got), shared by the tests of one module. Modules may define their own."""
+    server = start_process(["mock-upstream", "--port", "0", "--api-key", UPSTREAM_KEY],
+                           env=None, stderr_path=tmp_path_factory.mktemp("mock") / "mock.log")
+    yield server
+    assert server.stop() == 0

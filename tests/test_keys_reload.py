@@ -60,14 +60,6 @@ def write_keys(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@pytest.fixture(scope="module")
-def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
-    server = start_process(["mock-upstream", "--port", "0", "--api-key", UPSTREAM_KEY],
-                           env=None, stderr_path=tmp_path_factory.mktemp("mock") / "mock.log")
-    yield server
-    assert server.stop() == 0
-
-
 @pytest.fixture
 def start_proxy(mock: ProcessServer, tmp_path: Path) -> Iterator[StartProxy]:
     """Start ``zaiproxy serve`` with a keys file; stopped (and checked to exit 0) after the test."""

@@ -53,15 +53,6 @@ async def wait_until(condition: Callable[[], Awaitable[bool]]) -> None:
             await trio.sleep(POLL_S)
 
 
-@pytest.fixture(scope="module")
-def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
-    # One process: /mock/stats is per mock process, and the tests read it as the upstream's view.
-    server = start_process(["mock-upstream", "--port", "0", "--api-key", UPSTREAM_KEY],
-                           env=None, stderr_path=tmp_path_factory.mktemp("mock") / "mock.log")
-    yield server
-    assert server.stop() == 0
-
-
 @pytest.fixture
 def start_proxy(mock: ProcessServer, tmp_path: Path) -> Iterator[StartProxy]:
     """Start ``zaiproxy serve`` with settings as environment variables; stopped after the test."""

@@ -529,14 +529,6 @@ def chat_body(size: int, model: str = "glm-4.6", stream: bool = False) -> bytes:
     return out
 
 
-@pytest.fixture(scope="module")
-def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
-    server = start_process(["mock-upstream", "--port", "0", "--api-key", UPSTREAM_KEY],
-                           env=None, stderr_path=tmp_path_factory.mktemp("mock") / "mock.log")
-    yield server
-    assert server.stop() == 0
-
-
 @pytest.fixture
 def proxy(mock: ProcessServer, tmp_path: Path) -> Iterator[ProcessServer]:
     server = start_process(["serve", "--port", "0"], env={

@@ -10,14 +10,12 @@ from __future__ import annotations
 import functools
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import h11
 import orjson
-import pytest
 import trio
 
 from tests.harness import (
@@ -34,14 +32,6 @@ from zaiproxy.recorder.process import endpoint_file
 BODY = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
 STREAM_BODY = orjson.dumps({"model": "glm-4.6", "stream": True,
                             "messages": [{"role": "user", "content": "hi"}]})
-
-
-@pytest.fixture(scope="module")
-def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
-    server = start_process(["mock-upstream", "--port", "0", "--api-key", UPSTREAM_KEY],
-                           env=None, stderr_path=tmp_path_factory.mktemp("mock") / "mock.log")
-    yield server
-    assert server.stop() == 0
 
 
 def proxy_env(mock: ProcessServer, history: Path, **extra: str) -> dict[str, str]:

@@ -95,16 +95,9 @@ class WorkerContext:
                                self.config.deployment_variant.encode(), b"%d" % estimated))
             row = self.ledger.row(name)
             self._token_rows[key] = row
-        add = self.ledger.counter_add
+        self._add_usage(row, usage)
         if alias is not None:
-            self._add_key_usage(alias, usage)
-        add(row, TOK_REQUESTS, 1)
-        add(row, TOK_INPUT, usage.input_tokens)
-        add(row, TOK_OUTPUT, usage.output_tokens)
-        if usage.cache_read_tokens:
-            add(row, TOK_CACHE_READ, usage.cache_read_tokens)
-        if usage.cache_write_tokens:
-            add(row, TOK_CACHE_WRITE, usage.cache_write_tokens)
+            self._add_usage(self._key_row(alias), usage)  # the key's totals, all models
 
     def _key_row(self, alias: str) -> int:
         row = self._key_rows.get(alias)
@@ -113,8 +106,7 @@ class WorkerContext:
             self._key_rows[alias] = row
         return row
 
-    def _add_key_usage(self, alias: str, usage: Usage) -> None:
-        row = self._key_row(alias)
+    def _add_usage(self, row: int, usage: Usage) -> None:
         add = self.ledger.counter_add
         add(row, TOK_REQUESTS, 1)
         add(row, TOK_INPUT, usage.input_tokens)

@@ -332,7 +332,7 @@ class ClientConnection:
         drained = 0
         with trio.move_on_after(_LINGER_SECONDS):
             try:
-                if isinstance(self.stream, trio.SocketStream):
+                if isinstance(self.stream, trio.abc.HalfCloseableStream):
                     await self.stream.send_eof()
                 while drained < _LINGER_MAX_BYTES:
                     data = await self.stream.receive_some(_READ_SIZE)

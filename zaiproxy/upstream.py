@@ -16,6 +16,7 @@ which belongs to the pool.
 from __future__ import annotations
 
 import select
+import socket
 import ssl
 import urllib.parse
 from collections import deque
@@ -25,6 +26,7 @@ import trio
 
 from zaiproxy.errors import PoolExhausted, UpstreamError, UpstreamTimeout
 from zaiproxy.http11 import h11
+from zaiproxy.netstream import FastSocketStream
 
 # One read per network event; also the largest chunk relayed in one write.
 READ_SIZE = 65536
@@ -82,10 +84,10 @@ def make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
     return ctx
 
 
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | socket.socket | None:
     while isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
-    if isinstance(stream, trio.SocketStream):
+    if isinstance(stream, trio.SocketStream | FastSocketStream):
         return stream.socket
     return None
 
@@ -262,7 +264,8 @@ class UpstreamPool:
     async def _connect(self, origin: Origin) -> UpstreamConnection:
         try:
             with trio.fail_after(self.connect_timeout):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(origin.host, origin.port)
+                stream: trio.abc.Stream = FastSocketStream.from_trio(
+                    await trio.open_tcp_stream(origin.host, origin.port))
                 if origin.tls:
                     assert self.ssl_context is not None
                     tls = trio.SSLStream(stream, self.ssl_context, server_hostname=origin.host,

@@ -27,6 +27,7 @@ from zaiproxy.context import SharedState, WorkerContext
 from zaiproxy.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.ledger import load as load_ledger
 from zaiproxy.metrics import WorkerMetrics
+from zaiproxy.netstream import FastSocketStream
 from zaiproxy.pricing import DEFAULT_PRICES, load_prices
 from zaiproxy.recorder.client import HistoryClient
 from zaiproxy.recorder.sink import RecordSink
@@ -171,13 +172,14 @@ class Worker:
                 raise
             conns.start_soon(self._serve_connection, stream)
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+    async def _serve_connection(self, accepted: trio.SocketStream) -> None:
         try:
-            peer = stream.socket.getpeername()
+            peer = accepted.socket.getpeername()
             client_ip = peer[0] if isinstance(peer, tuple) else "unix"
         except OSError:
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(accepted)
             return
+        stream = FastSocketStream.from_trio(accepted)
         handler = ClientConnection(stream, self.ctx, client_ip)
         self.connections.add(handler)
         try:

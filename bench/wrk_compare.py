@@ -16,11 +16,11 @@ What it does:
    ``bench/wrk/chat.lua`` builds the POST and prints the totals and percentiles from ``done()``;
 3. during every run samples the proxy's and the mock's whole process trees (the process plus
    its descendants, found through ``/proc/PID/task/TID/children``, or by scanning every
-   ``/proc/PID/stat`` for parent pids where the kernel lacks that file): CPU time from
-   ``/proc/PID/stat`` (utime + stime, difference over the run) and VmRSS every 200 ms; wrk's
-   own CPU comes from ``getrusage(RUSAGE_CHILDREN)`` and the machine's from ``/proc/stat``, so
-   the report shows where the cores went (this matters on a small machine, where wrk, the mock
-   and the proxy share the same cores);
+   ``/proc/PID/stat`` for parent pids where the kernel lacks that file; bench/procs.py): CPU
+   time from ``/proc/PID/stat`` (utime + stime, difference over the run) and VmRSS every
+   200 ms; wrk's own CPU comes from ``getrusage(RUSAGE_CHILDREN)`` and the machine's from
+   ``/proc/stat``, so the report shows where the cores went (this matters on a small machine,
+   where wrk, the mock and the proxy share the same cores);
 4. writes ``results.json`` and ``results.md`` under ``<out>/<UTC timestamp>/`` (next to the raw
    wrk output and the children's logs), prints the Markdown tables and stops the children
    (SIGTERM, wait, SIGKILL only if they hang).
@@ -37,35 +37,35 @@ import http.client
 import json
 import os
 import platform
-import queue
 import re
 import resource
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.procs import (
+    BenchError,
+    Child,
+    TreeSampler,
+    all_cpu_seconds,
+    busiest_others,
+    child_env,
+    log,
+    machine_cpu_seconds,
+)
+
 BENCH_DIR = Path(__file__).resolve().parent
 LUA_SCRIPT = BENCH_DIR / "wrk" / "chat.lua"
 API_KEY = "bench-upstream-key"
 DIRECT_PATH = "/api/paas/v4/chat/completions"
 PROXY_PATH = "/v1/chat/completions"
-STARTUP_TIMEOUT = 60.0  # seconds a child gets to print its "listening on" line
-STOP_TIMEOUT = 15.0  # seconds a child gets after SIGTERM before SIGKILL
-SAMPLE_INTERVAL = 0.2  # seconds between RSS samples
 WRK_TIMEOUT = "10s"  # wrk's per-request timeout (its default of 2 s would hide slow tails)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(RuntimeError):
-    """A precondition failed (a child did not start, a sample request was wrong, ...)."""
 
 
 @dataclass(frozen=True)
@@ -106,294 +106,6 @@ SCENARIOS = (
     Scenario("sse50-c64", "streaming, 50 events, wrk -t2 -c64", threads=2, connections=64,
              stream=True, chunks=50),
 )
-
-
-# ---- /proc ----------------------------------------------------------------------------------
-
-
-# /proc/PID/task/TID/children needs CONFIG_PROC_CHILDREN; without it, scan /proc for parents.
-HAVE_CHILDREN_FILES = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (empty if it is gone)."""
-    if HAVE_CHILDREN_FILES:
-        out: list[int] = []
-        try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    out.extend(int(child) for child in f.read().split())
-        except FileNotFoundError:
-            pass
-        return out
-    return parents().get(pid, [])
-
-
-def parents() -> dict[int, list[int]]:
-    """Parent pid -> child pids, from the 4th field of every /proc/PID/stat."""
-    out: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            continue
-        out.setdefault(ppid, []).append(int(name))
-    return out
-
-
-def tree_pids(root: int) -> list[int]:
-    """``root`` and all its descendants that are alive right now."""
-    by_parent = None if HAVE_CHILDREN_FILES else parents()  # one /proc scan per call
-    pids: list[int] = []
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        if not os.path.exists(f"/proc/{pid}"):
-            continue
-        pids.append(pid)
-        todo.extend(child_pids(pid) if by_parent is None else by_parent.get(pid, []))
-    return pids
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of one process (all its threads), or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # the command name may contain spaces
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
-
-
-def process_rss_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return 0  # a zombie has no VmRSS line
-
-
-def process_role(pid: int, root: int) -> str:
-    if pid == root:
-        return "supervisor"
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except FileNotFoundError:
-        return "gone"
-    return "resource-tracker" if b"resource_tracker" in cmdline else "worker"
-
-
-def machine_cpu_seconds() -> dict[str, float]:
-    """Core-seconds since boot from the first line of /proc/stat: busy (without steal), steal."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
-    return {"busy": (user + nice + system + irq + softirq) / CLK_TCK, "steal": steal / CLK_TCK}
-
-
-def all_cpu_seconds() -> dict[int, tuple[str, float]]:
-    """pid -> (comm, utime + stime) for every process on the machine."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        out[int(name)] = (comm, (int(fields[11]) + int(fields[12])) / CLK_TCK)
-    return out
-
-
-def busiest_others(
-    before: dict[int, tuple[str, float]],
-    after: dict[int, tuple[str, float]],
-    ours: set[int],
-    limit: int = 3,
-) -> list[dict[str, Any]]:
-    """The processes outside the benchmark that used the most CPU between two snapshots."""
-    used = [
-        (after[pid][1] - before[pid][1], pid, after[pid][0])
-        for pid in after.keys() & before.keys()
-        if pid not in ours and after[pid][1] > before[pid][1]
-    ]
-    used.sort(reverse=True)
-    return [{"pid": pid, "comm": comm, "cpu_seconds": round(seconds, 2), "cmdline": cmdline(pid)}
-            for seconds, pid, comm in used[:limit]]
-
-
-def cmdline(pid: int, limit: int = 160) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:limit]
-    except FileNotFoundError:
-        return ""
-
-
-class TreeSampler:
-    """CPU time over a window and RSS every ``interval`` seconds for one process tree."""
-
-    def __init__(self, root: int, interval: float = SAMPLE_INTERVAL) -> None:
-        self.root = root
-        self.interval = interval
-        self.cpu_start: dict[int, float] = {}
-        self.cpu_end: dict[int, float] = {}
-        self.peak_rss = 0
-        self.max_rss: dict[int, int] = {}
-        self.roles: dict[int, str] = {}
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _cpu(self) -> dict[int, float]:
-        out = {}
-        for pid in tree_pids(self.root):
-            seconds = process_cpu_seconds(pid)
-            if seconds is not None:
-                out[pid] = seconds
-        return out
-
-    def _sample_rss(self) -> None:
-        total = 0
-        for pid in tree_pids(self.root):
-            rss = process_rss_bytes(pid)
-            if rss is None:
-                continue
-            total += rss
-            self.max_rss[pid] = max(self.max_rss.get(pid, 0), rss)
-            if pid not in self.roles:
-                self.roles[pid] = process_role(pid, self.root)
-        self.peak_rss = max(self.peak_rss, total)
-        self.samples += 1
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample_rss()
-
-    def __enter__(self) -> TreeSampler:
-        self.cpu_start = self._cpu()
-        self._sample_rss()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample_rss()
-        self.cpu_end = self._cpu()
-
-    def cpu_by_pid(self) -> dict[int, float]:
-        # A process that started inside the window counts from zero; one that ended inside it
-        # is lost (none should: a restarted worker would show up in the supervisor's log).
-        return {pid: end - self.cpu_start.get(pid, 0.0) for pid, end in self.cpu_end.items()}
-
-    def cpu_seconds(self) -> float:
-        return sum(self.cpu_by_pid().values())
-
-    def report(self) -> dict[str, Any]:
-        cpu = self.cpu_by_pid()
-        processes = [
-            {
-                "pid": pid,
-                "role": self.roles.get(pid, process_role(pid, self.root)),
-                "cpu_seconds": round(cpu.get(pid, 0.0), 3),
-                "max_rss_mb": round(self.max_rss.get(pid, 0) / 2**20, 1),
-            }
-            for pid in sorted(set(cpu) | set(self.max_rss))
-        ]
-        return {
-            "cpu_seconds": round(sum(cpu.values()), 3),
-            "peak_rss_mb": round(self.peak_rss / 2**20, 1),
-            "rss_samples": self.samples,
-            "processes": processes,
-        }
-
-
-# ---- children -------------------------------------------------------------------------------
-
-
-class Child:
-    """A server started as a child process; its URL comes from its first stdout line."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.cmd = cmd
-        self.stdout_path = log_dir / f"{name}.stdout.log"
-        self.stderr_path = log_dir / f"{name}.stderr.log"
-        self._stderr = self.stderr_path.open("w")
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self._stderr, env=env, text=True, bufsize=1
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        # Keep draining stdout after the first line: a full pipe would block the child.
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-        self.line = ""
-        self.url = ""
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        with self.stdout_path.open("w") as log:
-            for line in self.proc.stdout:
-                log.write(line)
-                log.flush()
-                self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_listening(self, timeout: float = STARTUP_TIMEOUT) -> str:
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            line = None
-        match = re.search(r"listening on (https?://\S+)", line or "")
-        if match is None:
-            raise BenchError(
-                f"{self.name} did not start (first line {line!r}, exit code "
-                f"{self.proc.poll()}); see {self.stderr_path}"
-            )
-        self.line = line.strip() if line else ""
-        self.url = match.group(1)
-        return self.url
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> int | None:
-        """SIGTERM, wait, SIGKILL if it hangs; return the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print(f"{self.name} ignored SIGTERM for {STOP_TIMEOUT:g} s: killing it",
-                      file=sys.stderr)
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        self._stderr.close()
-        return self.proc.returncode
-
-
-def child_env(extra: dict[str, str]) -> dict[str, str]:
-    """This environment without proxy settings it might carry, plus ``extra``."""
-    env = {
-        k: v for k, v in os.environ.items()
-        if not k.startswith(("ZAIPROXY_", "ZAI_")) and k not in ("LOG_LEVEL", "HOST", "PORT")
-    }
-    env.update(extra)
-    return env
 
 
 # ---- requests -------------------------------------------------------------------------------
@@ -535,10 +247,6 @@ class Bench:
 
 
 # ---- report ---------------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def fmt_ms(us: float) -> str:

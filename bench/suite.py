@@ -70,7 +70,9 @@ UPSTREAM_KEY = "bench-upstream-key"  # the mock's key: zaiproxy and nginx inject
 CLIENT_KEY = "bench-client-key"  # the one key of zaiproxy's keys file
 DIRECT_PATH = "/api/paas/v4/chat/completions"
 PUBLIC_PATH = "/v1/chat/completions"  # zaiproxy's, which nginx maps to DIRECT_PATH
-TARGETS = ("direct", "proxy", "nginx")
+TARGETS = ("direct", "proxy", "proxy-mypyc", "nginx")
+DEFAULT_TARGETS = ("direct", "proxy", "nginx")  # proxy-mypyc: zaiproxy on h11-mypyc, opt-in
+PROXY_IMPLS = {"proxy": None, "proxy-mypyc": "h11-mypyc"}  # None: $ZAIPROXY_HTTP_IMPL or h11
 READY_TIMEOUT = 60.0  # seconds from spawn to the first 200
 POLL_INTERVAL = 0.01  # seconds between start-up probes
 # A start-up probe waits this long for its answer (a connection waits in the accept queue until
@@ -244,7 +246,7 @@ class Suite:
     @staticmethod
     def checks_body(scenario: Scenario, target: Target) -> bool:
         """Whether the load generator compares bodies (NOTES["unchecked_bodies"]: why not)."""
-        return not (scenario.zai_code is not None and target.name == "proxy")
+        return not (scenario.zai_code is not None and target.name in PROXY_IMPLS)
 
     def load(self, scenario: Scenario, target: Target, expected: bytes,
              connections: int | None = None) -> dict[str, Any]:
@@ -425,7 +427,8 @@ tokens_per_5h = {HIGH_TOKENS}
 """
 
 
-def proxy_env(out_dir: Path, port: int, mock_port: int, workers: int) -> dict[str, str]:
+def proxy_env(out_dir: Path, port: int, mock_port: int, workers: int,
+              impl: str | None = None) -> dict[str, str]:
     """zaiproxy with every feature on; the queue and adaptive-rate settings keep their
     defaults. Paths are absolute: the run folder holds the keys file, history and state."""
     keys = out_dir / "keys.toml"
@@ -456,8 +459,9 @@ def proxy_env(out_dir: Path, port: int, mock_port: int, workers: int) -> dict[st
         "ZAIPROXY_ACCESS_LOG": "true",
         "LOG_LEVEL": "info",
         "ZAIPROXY_DRAIN_TIMEOUT": "5",
-        # `ZAIPROXY_HTTP_IMPL=h11-mypyc make bench` measures the compiled h11.
-        "ZAIPROXY_HTTP_IMPL": os.environ.get("ZAIPROXY_HTTP_IMPL", "h11"),
+        # `ZAIPROXY_HTTP_IMPL=h11-mypyc make bench` measures the compiled h11 (or the
+        # proxy-mypyc target, next to the default one).
+        "ZAIPROXY_HTTP_IMPL": impl or os.environ.get("ZAIPROXY_HTTP_IMPL", "h11"),
     })
 
 
@@ -507,16 +511,21 @@ def start_targets(args: argparse.Namespace, out_dir: Path,
     targets = []
     if "direct" in args.targets:
         targets.append(Target("direct", mock_port, DIRECT_PATH, UPSTREAM_KEY, mock, mock_startup))
-    if "proxy" in args.targets:
+    for name, impl in PROXY_IMPLS.items():
+        if name not in args.targets:
+            continue
         port = free_port()
-        env = proxy_env(out_dir, port, mock_port, args.proxy_workers)
-        check_proxy_config(env, out_dir)
-        proxy = children.add(Child("proxy", [python, "-m", "zaiproxy", "serve"], env, out_dir))
-        startup = first_200(proxy, port, PUBLIC_PATH, CLIENT_KEY, lambda: tail(proxy.stderr_path))
+        home = out_dir if name == "proxy" else out_dir / name  # its own history and state
+        home.mkdir(exist_ok=True)
+        env = proxy_env(home, port, mock_port, args.proxy_workers, impl)
+        check_proxy_config(env, home)
+        proxy = children.add(Child(name, [python, "-m", "zaiproxy", "serve"], env, out_dir))
+        startup = first_200(proxy, port, PUBLIC_PATH, CLIENT_KEY,
+                            lambda proxy=proxy: tail(proxy.stderr_path))
         proxy.wait_listening()
-        lines["proxy"] = proxy.line
+        lines[name] = proxy.line
         log(f"{proxy.line}: first 200 after {startup:.3f} s")
-        targets.append(Target("proxy", port, PUBLIC_PATH, CLIENT_KEY, proxy, startup))
+        targets.append(Target(name, port, PUBLIC_PATH, CLIENT_KEY, proxy, startup))
     if "nginx" in args.targets:
         port = free_port()
         root = out_dir / "nginx"
@@ -886,7 +895,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--duration must be > 0, --warmup >= 0, --repeat >= 1")
     if min(args.proxy_workers, args.mock_workers, args.nginx_workers) < 1:
         parser.error("worker counts must be >= 1")
-    args.targets = [t for t in TARGETS if t in (args.targets or TARGETS)]
+    args.targets = [t for t in TARGETS if t in (args.targets or DEFAULT_TARGETS)]
     return args
 
 

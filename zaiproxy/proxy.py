@@ -173,8 +173,12 @@ async def proxy(
                     data, ended = conn.read_available()
                 if not data and not ended:
                     await client.flush()
-                    with trio.fail_after(idle):
+                    # A bare CancelScope, not trio.fail_after (two generator-based
+                    # context managers around it): this runs once per relayed event.
+                    with trio.CancelScope(deadline=trio.current_time() + idle) as waiting:
                         data, ended = await conn.read_body()
+                    if waiting.cancelled_caught:
+                        raise trio.TooSlowError
             except trio.TooSlowError:
                 outcome.result = "upstream_idle_timeout"
                 if tracker is not None:

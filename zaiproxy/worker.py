@@ -264,6 +264,11 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
         ctx.metrics.set_recorder_stats(ctx.record_sink.stats)
         ctx.history_query = HistoryClient(config.history_path, config.admin_token)
     worker = Worker(ctx, [trio_listener(sock)])
+    if config.token_counting:
+        # Before the loop exists, so in this thread: nothing waits on it, and tiktoken's
+        # tables land in the main heap (loaded in a helper thread they cost ~2.5 MB more
+        # RSS: that thread's malloc arena). Worker.run then finds the encoding loaded.
+        tokens.encoding()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

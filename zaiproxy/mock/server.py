@@ -43,8 +43,10 @@ from zaiproxy.mock.behaviour import (
     plan_response,
 )
 from zaiproxy.mock.controls import ControlError, fail_key
+from zaiproxy.mock.pacer import Pacer, next_due
 from zaiproxy.mock.stats import STATS_PATH, STATS_RESET_PATH, MockState, MockStats, is_stats_path
 from zaiproxy.mock.wire import CONTINUE, Ending, Schedule, build_schedule
+from zaiproxy.netstream import FastSocketStream
 from zaiproxy.sockets import bind_reuseport, format_addr, trio_listener
 
 RECEIVE_SIZE = 65536
@@ -103,10 +105,13 @@ async def serve_mock(
 ) -> None:
     """Serve the mock on ``listeners`` until cancelled; reports the listeners when ready."""
     cache = ScheduleCache(options)
+    pacer = Pacer()
     handler = functools.partial(
-        _handle_connection, cache=cache, state=MockState(), ssl_context=ssl_context
+        _handle_connection, cache=cache, state=MockState(), pacer=pacer, ssl_context=ssl_context
     )
-    await trio.serve_listeners(handler, listeners, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pacer.run)
+        await trio.serve_listeners(handler, listeners, task_status=task_status)
 
 
 async def serve_mock_tcp(
@@ -127,19 +132,21 @@ async def serve_mock_tcp(
 
 
 async def _handle_connection(
-    stream: trio.SocketStream,
+    accepted: trio.SocketStream,
     *,
     cache: ScheduleCache,
     state: MockState,
+    pacer: Pacer,
     ssl_context: ssl.SSLContext | None,
 ) -> None:
+    stream = FastSocketStream.from_trio(accepted)
     conn: trio.abc.Stream = stream
     if ssl_context is not None:
         # https_compatible: HTTPS clients usually close without close_notify.
         conn = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
     ending: Ending | None = None  # stays None when the peer left, on a bug or on shutdown
     try:
-        ending = await _serve_requests(conn, cache, state)
+        ending = await _serve_requests(conn, cache, state, pacer)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer went away; nothing to tell it
     except Exception:
@@ -152,7 +159,7 @@ async def _handle_connection(
             await _finish(stream, conn, ending)
 
 
-async def _finish(transport: trio.SocketStream, conn: trio.abc.Stream, ending: Ending) -> None:
+async def _finish(transport: FastSocketStream, conn: trio.abc.Stream, ending: Ending) -> None:
     if ending is Ending.RESET:
         # SO_LINGER {on, 0 s}: close() discards unsent data and sends RST instead of FIN.
         transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -209,7 +216,7 @@ def _fail_key(headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
 
 
 async def _serve_requests(
-    stream: trio.abc.Stream, cache: ScheduleCache, state: MockState
+    stream: trio.abc.Stream, cache: ScheduleCache, state: MockState, pacer: Pacer
 ) -> Ending:
     buffered, peer_closed = b"", False
     while True:
@@ -227,7 +234,7 @@ async def _serve_requests(
                 schedule = build_schedule(request)
             else:
                 schedule = _schedule(request, cache, state)
-            ending = await _execute(stream, schedule)
+            ending = await _execute(stream, schedule, pacer)
         finally:
             flight.done()
         if ending is not Ending.KEEP_ALIVE:
@@ -323,12 +330,22 @@ def _too_large(max_body: int) -> ResponsePlan:
     return error_plan(413, f"request body exceeds {max_body} bytes")
 
 
-async def _execute(stream: trio.abc.Stream, schedule: Schedule) -> Ending:
-    for write in schedule.writes:
+async def _execute(stream: trio.abc.Stream, schedule: Schedule, pacer: Pacer) -> Ending:
+    writes = schedule.writes
+    # When the write before the next one was due: delays count from there (see pacer).
+    due = trio.current_time()
+    index = 0
+    while index < len(writes):
+        write = writes[index]
         if write.delay > 0:
-            await trio.sleep(write.delay)
+            if isinstance(stream, FastSocketStream):
+                index, due = await pacer.write(stream, writes, index, due)
+                continue
+            due = next_due(due, write.delay, trio.current_time())
+            await trio.sleep_until(due)
         if write.data:
             await stream.send_all(write.data)
+        index += 1
     if schedule.ending is Ending.STALL:
         # Hold the connection open, discarding input, until the peer closes it.
         while await stream.receive_some(RECEIVE_SIZE):

@@ -176,7 +176,7 @@ async def proxy(
                     # A bare CancelScope, not trio.fail_after (two generator-based
                     # context managers around it): this runs once per relayed event.
                     with trio.CancelScope(deadline=trio.current_time() + idle) as waiting:
-                        data, ended = await conn.read_body()
+                        data, ended = await conn.read_more()
                     if waiting.cancelled_caught:
                         raise trio.TooSlowError
             except trio.TooSlowError:

@@ -12,9 +12,11 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import queue
 import signal
+import socket
 import ssl
 import struct
 import subprocess
@@ -42,10 +44,12 @@ from zaiproxy.mock.behaviour import (
     expected_text,
     plan_response,
 )
+from zaiproxy.mock.pacer import QUANTUM, Pacer, next_due
 from zaiproxy.mock.payloads import GLM_MODELS, ZAI_MESSAGES, embedding_vector, prompt_tokens
 from zaiproxy.mock.server import ScheduleCache, serve_mock_tcp
 from zaiproxy.mock.stats import BoundedCounter, MockStats
-from zaiproxy.mock.wire import Ending, build_schedule, render_response
+from zaiproxy.mock.wire import Ending, Write, build_schedule, render_response
+from zaiproxy.netstream import FastSocketStream
 from zaiproxy.sse import SSEEvent, SSEParser
 
 Address = tuple[str, int]
@@ -405,6 +409,151 @@ async def test_chunk_delay_spaces_the_events(mock: Address) -> None:
         "content_block_stop", "message_delta", "message_stop",
     ]  # fmt: skip
     assert elapsed >= 0.03 * (len(events) - 1)
+
+
+@pytest.mark.parametrize("split", [None, WriteSplit.ONE, WriteSplit.RANDOM])
+@pytest.mark.parametrize("fault", [None, b"reset-mid-stream", b"close-mid-body"])
+async def test_paced_bytes_on_the_wire_equal_the_pure_rendering(
+    mock: Address, split: WriteSplit | None, fault: bytes | None
+) -> None:
+    """Paced writes go through the pacer: still exactly the scheduled bytes and ending."""
+    headers: tuple[tuple[bytes, bytes], ...] = (
+        (b"x-mock-chunk-delay", b"0.003"), (b"x-mock-chunks", b"4"), (b"x-mock-seed", b"5"),
+    )  # fmt: skip
+    if split is not None:
+        headers += ((b"x-mock-write-split", split.value.encode()),)
+    if fault is not None:
+        headers += ((b"x-mock-fault", fault),)
+    raw, request = make_request(b"POST", CHAT, STREAM_BODY, headers)
+    schedule = build_schedule(plan_response(request, MockOptions()))
+    assert sum(w.delay > 0 for w in schedule.writes) >= 2
+    assert await exchange(mock, raw) == (schedule.data, schedule.ending is Ending.RESET)
+
+
+def test_next_due_counts_from_the_previous_due_time() -> None:
+    assert next_due(10.0, 0.02, now=10.005) == 10.02  # a late wake-up does not add up
+    assert next_due(10.0, 0.02, now=10.02) == 10.02
+    # More than a whole delay behind (a slow reader): the next delay counts from now.
+    assert next_due(10.0, 0.02, now=10.5) == 10.52
+
+
+class RecordingSocket:
+    """Enough of a socket for FastSocketStream and the pacer: records (time, data) per send."""
+
+    family = socket.AF_UNIX
+
+    def __init__(self) -> None:
+        self.sends: list[tuple[float, bytes]] = []
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def send(self, data: bytes) -> int:
+        self.sends.append((trio.current_time(), bytes(data)))
+        return len(data)
+
+
+def paced(n: int, delay: float, first: float = 0.0) -> tuple[Write, ...]:
+    return (Write(first, b"head+0"), *(Write(delay, b"event %d" % i) for i in range(1, n)))
+
+
+async def run_paced(pacer: Pacer, stream: FastSocketStream, writes: tuple[Write, ...]) -> None:
+    """What the server's _execute does with a schedule of delayed writes."""
+    due, index = trio.current_time(), 0
+    while index < len(writes):
+        if writes[index].delay > 0:
+            index, due = await pacer.write(stream, writes, index, due)
+        else:
+            await stream.send_all(writes[index].data)
+            index += 1
+
+
+async def test_pacer_sends_each_write_on_the_grid_without_drift(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pacer = Pacer()
+    sockets = [RecordingSocket() for _ in range(3)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pacer.run)
+        start = trio.current_time()
+        async with trio.open_nursery() as streams:
+            for i, sock in enumerate(sockets):
+                writes = paced(20, 0.0201 + i * 0.0007, first=0.0003 * i)
+                stream = FastSocketStream(sock)  # type: ignore[arg-type]
+                streams.start_soon(run_paced, pacer, stream, writes)
+        nursery.cancel_scope.cancel()
+    for i, sock in enumerate(sockets):
+        delay, first = 0.0201 + i * 0.0007, 0.0003 * i
+        assert [data for _, data in sock.sends] == [w.data for w in paced(20, delay)]
+        for n, (sent_at, _) in enumerate(sock.sends):
+            due = start + first + n * delay
+            # Never early; on the next QUANTUM boundary; the lateness never accumulates.
+            assert due - 1e-9 <= sent_at <= due + QUANTUM + 1e-9
+            assert math.isclose(sent_at / QUANTUM, round(sent_at / QUANTUM), abs_tol=1e-6)
+
+
+async def test_pacer_cancelled_stream_sends_nothing_more(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pacer = Pacer()
+    cancelled, other = RecordingSocket(), RecordingSocket()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pacer.run)
+        with trio.move_on_after(0.055):
+            await run_paced(pacer, FastSocketStream(cancelled), paced(10, 0.02))  # type: ignore[arg-type]
+        await run_paced(pacer, FastSocketStream(other), paced(5, 0.02))  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+    assert [d for _, d in cancelled.sends] == [b"head+0", b"event 1", b"event 2"]
+    assert len(other.sends) == 5
+
+
+async def test_pacer_without_its_task_sleeps_in_the_caller() -> None:
+    sock = RecordingSocket()
+    await run_paced(Pacer(), FastSocketStream(sock), paced(3, 0.01))  # type: ignore[arg-type]
+    assert [d for _, d in sock.sends] == [w.data for w in paced(3, 0.01)]
+    assert sock.sends[-1][0] - sock.sends[0][0] >= 0.02
+
+
+async def test_pacer_hands_a_blocked_write_back_to_the_stream() -> None:
+    """A peer that does not read: the send cannot complete at once, the connection's
+    task finishes it with send_all (which waits) and the delays go on from there."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = bytes(range(256)) * 2048  # 512 KiB: far more than the socket buffers
+    writes = (Write(0.0, b"head"), Write(0.005, big), Write(0.005, b"tail"))
+    pacer = Pacer()
+    stream, peer = FastSocketStream(a), FastSocketStream(b)
+    received = bytearray()
+
+    async def read_late() -> None:
+        await trio.sleep(0.1)
+        while data := await peer.receive_some(65536):
+            received.extend(data)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pacer.run)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as peers:
+                peers.start_soon(read_late)  # until EOF
+                await run_paced(pacer, stream, writes)
+                await stream.send_eof()
+        nursery.cancel_scope.cancel()
+    await stream.aclose()
+    await peer.aclose()
+    assert bytes(received) == b"head" + big + b"tail"
+
+
+async def test_pacer_raises_like_send_all_on_a_broken_connection() -> None:
+    a, b = socket.socketpair()
+    b.close()
+    pacer = Pacer()
+    stream = FastSocketStream(a)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pacer.run)
+        with pytest.raises(trio.BrokenResourceError):  # the pacer's own send fails
+            await run_paced(pacer, stream, (Write(0.002, b"head"), Write(0.002, b"x")))
+        nursery.cancel_scope.cancel()
+    await stream.aclose()
 
 
 async def test_echo_shows_what_arrived(mock: Address) -> None:

@@ -1,31 +1,39 @@
 """The timer of a mock worker's delayed writes: one task sends every paced event.
 
 A paced stream (``x-mock-chunk-delay``) writes one event per delay. Done by
-the connection's own task, each event is a ``trio.sleep`` (a cancel scope
+the connection's own task, each event cost a ``trio.sleep`` (a cancel scope
 whose wake-up is a ``Cancelled`` exception raised through the coroutine and
-caught again, ~30 us of CPU), a trip through the scheduler to resume the task
-and a ``send_all``: ~65 us of CPU per event in all, measured with 128 streams
-of 50 events 20 ms apart, where the ``send`` system call itself is ~15 us.
+caught again), a trip through the scheduler to resume the task, a
+``send_all`` with its own trip, and usually a wake-up of the whole worker
+from idle, since the sleeps of many streams end at scattered times. On the
+2-core VM of the bench suite a wake-up from idle alone costs ~100-200 us of
+CPU (``epoll_wait`` plus trio's run loop on cold caches), the ``send`` system
+call ~10-15 us: 256 streams of 50 events 20 ms apart cost ~70 us of mock CPU
+per event.
 
 Here the connection task hands its delayed writes to :class:`Pacer` and
 parks. One ticker task keeps every parked stream in a heap ordered by when
 its next write is due, sleeps until the earliest one, and on waking sends
 each due write itself with one non-blocking ``socket.send``: the same bytes
-in the same writes at the same times, without resuming the connection task
-in between. The task gets control back (:meth:`Pacer.write` returns) when
-its next write is not a delayed one (a write split's follow-up pieces, the
-end of the response) or when a send did not complete at once (the peer is
-slow: the task finishes that write with ``send_all``, which waits; or the
-connection broke: the task raises what ``send_all`` would have raised).
+in the same writes, without resuming the connection task in between (~2 us
+of Python per event besides the system call). The task gets control back
+(:meth:`Pacer.write` returns) when its next write is not a delayed one (a
+write split's follow-up pieces, the end of the response) or when a send did
+not complete at once: the peer is slow (the task finishes that write with
+``send_all``, which waits) or the connection broke (the task raises what
+``send_all`` would have raised).
 
 Timing: a write is never sent before it is due. Each delay counts from when
-the previous write was due, not from when the ticker got to it, so the
-wake-up latency of the timer does not add up over a stream; a stream that
-fell a whole delay behind (a slow reader) restarts the count from now rather
-than sending its remaining events back to back. Due times are rounded up to
-:data:`QUANTUM` for the ticker's own sleep, so that writes due within the same
-millisecond leave in one wake-up of the worker (the operating system's timer
-in trio's run loop has millisecond resolution anyway: an epoll timeout).
+the previous write was due, not from when it was sent, so the wake-up
+latency does not add up over a stream (with ``trio.sleep`` after each write,
+50 events 20 ms apart took ~1.2 s under load instead of ~1.0 s); a stream that
+fell more than a whole delay behind (a slow reader) counts its next delay
+from now instead of sending its remaining events back to back. The ticker
+sleeps until the next multiple of :data:`QUANTUM` at or after the earliest
+due write, so that writes due within the same millisecond leave in one
+wake-up of the worker: a write leaves at most ~1 ms after it is due, plus the
+millisecond trio's own timer may add (an ``epoll`` timeout is whole
+milliseconds, rounded up), plus the time to send the writes before it.
 """
 
 from __future__ import annotations
@@ -42,12 +50,13 @@ from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule
 from zaiproxy.mock.wire import Write
 from zaiproxy.netstream import FastSocketStream
 
-import os
-QUANTUM = float(os.environ.get("PACER_Q", "0.001"))  # seconds: the ticker wakes on this grid (never before a write is due)
+QUANTUM = 0.001  # seconds: the ticker wakes on this grid (never before a write is due)
 
 
-WAKES = 0
-SENDT = 0.0
+def _wake_time(due: float) -> float:
+    """The ticker's wake-up for a write due at ``due``: the next QUANTUM boundary, never
+    before ``due`` (the product may round below it)."""
+    return max(due, math.ceil(due / QUANTUM) * QUANTUM)
 
 
 def next_due(due: float, delay: float, now: float) -> float:
@@ -73,11 +82,11 @@ class _Job:
 
 
 class Pacer:
-    """Paced writes and sleeps for every connection of one ``serve_mock``.
+    """The delayed writes of every plain-TCP connection of one ``serve_mock``.
 
     :meth:`run` is the ticker task. Before it has started (or after it
-    ended), :meth:`write` and :meth:`sleep_until` do the work in the calling
-    task with ``trio.sleep_until``.
+    ended), :meth:`write` does the work in the calling task, with
+    ``trio.sleep_until`` and ``send_all``.
     """
 
     def __init__(self) -> None:
@@ -93,18 +102,12 @@ class Pacer:
         task_status.started()
         try:
             while True:
-                global WAKES
-                WAKES += 1
                 now = trio.current_time()
-                import time as _t
-                _a = _t.thread_time()
                 while heap and heap[0][0] <= now:
                     job = heapq.heappop(heap)[2]
                     if job.task is not None and self._send(job, now):
                         heapq.heappush(heap, (job.due, next(self._seq), job))
-                global SENDT
-                SENDT += _t.thread_time() - _a
-                wake = math.ceil(heap[0][0] / QUANTUM) * QUANTUM if heap else math.inf
+                wake = _wake_time(heap[0][0]) if heap else math.inf
                 with trio.CancelScope(deadline=wake) as scope:
                     self._scope = scope
                     await trio.sleep_forever()
@@ -173,7 +176,7 @@ class Pacer:
         heapq.heappush(self._heap, (due, next(self._seq), job))
         scope = self._scope
         if scope is not None:
-            wake = math.ceil(due / QUANTUM) * QUANTUM
+            wake = _wake_time(due)
             if wake < scope.deadline:
                 scope.deadline = wake
 

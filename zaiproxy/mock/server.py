@@ -5,7 +5,9 @@ Everything about *what* to send is decided by pure code
 :func:`~zaiproxy.mock.wire.build_schedule`); this module only owns sockets and
 timers (the hypercorn split). Per connection it loops: read one request with
 h11, plan, sleep/write as scheduled, then keep the connection alive, close it
-(FIN), reset it (RST) or stall until the peer leaves.
+(FIN), reset it (RST) or stall until the peer leaves. The delayed writes of
+plain-TCP connections (paced streams) are sent by one :class:`~zaiproxy.mock.pacer.Pacer`
+task per ``serve_mock``, not by the connection's task.
 
 h11 is used for parsing only. Its writer and state machine would want to see
 the response; we write prebuilt bytes instead (see :mod:`~zaiproxy.mock.wire`)
@@ -139,7 +141,13 @@ async def _handle_connection(
     pacer: Pacer,
     ssl_context: ssl.SSLContext | None,
 ) -> None:
-    stream = FastSocketStream.from_trio(accepted)
+    # FastSocketStream: no scheduler round trip after a send that completes at once, and
+    # a plain socket the pacer can send on (see zaiproxy.mock.pacer).
+    try:
+        stream = FastSocketStream.from_trio(accepted)
+    except OSError:  # the peer is already gone
+        await trio.aclose_forcefully(accepted)
+        return
     conn: trio.abc.Stream = stream
     if ssl_context is not None:
         # https_compatible: HTTPS clients usually close without close_notify.

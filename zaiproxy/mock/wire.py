@@ -2,7 +2,8 @@
 
 Pure, like :mod:`~zaiproxy.mock.behaviour`: :func:`build_schedule` returns
 the list of writes (each with the delay before it) and an :class:`Ending`;
-the server only sleeps, calls ``send_all`` and ends the connection as told.
+the server only waits, sends each write with its own ``send`` and ends the
+connection as told.
 So ``build_schedule(plan_response(request, options)).data`` is exactly what a
 client receives, faults and write splits included.
 
@@ -56,7 +57,7 @@ class Ending(enum.Enum):
 
 @dataclass(frozen=True)
 class Write:
-    delay: float  # seconds to sleep before this write
+    delay: float  # seconds after the previous write was due (see mock.pacer)
     data: bytes
 
 

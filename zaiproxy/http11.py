@@ -38,4 +38,13 @@ elif IMPLEMENTATION == "h11":
 else:
     raise ImportError(f"{ENV}={IMPLEMENTATION!r}: expected one of {', '.join(CHOICES)}")
 
-__all__ = ["CHOICES", "ENV", "IMPLEMENTATION", "h11"]
+
+
+def as_bytes(data: bytes | bytearray | memoryview) -> bytes:
+    """What ``receive_data`` is fed: h11-mypyc takes ``bytes`` only (h11 takes any
+    bytes-like; tests/test_http11_differential.py), and trio's streams are typed
+    ``bytes | bytearray``. A no-op for the bytes they actually return."""
+    return data if type(data) is bytes else bytes(data)
+
+
+__all__ = ["CHOICES", "ENV", "IMPLEMENTATION", "as_bytes", "h11"]

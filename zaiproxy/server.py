@@ -43,7 +43,7 @@ from zaiproxy.errors import (
     UpstreamError,
     VersionNotSupported,
 )
-from zaiproxy.http11 import h11
+from zaiproxy.http11 import as_bytes, h11
 from zaiproxy.keys import client_credential
 from zaiproxy.logs import get_logger
 from zaiproxy.proxy import ClientGone, Outcome, parse_json_body, proxy
@@ -217,8 +217,7 @@ class ClientConnection:
         self._queued -= len(data)
         if self._queued < _MAX_READAHEAD:
             self._space.set()
-        # h11 buffers into a bytearray: any bytes-like works (trio may hand us one).
-        self.conn.receive_data(data)  # type: ignore[arg-type]
+        self.conn.receive_data(as_bytes(data))
 
     async def _read_head(self, first: bool) -> h11.Request | None:
         """The next request head, or None when the connection should just close."""

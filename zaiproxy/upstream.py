@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import trio
 
 from zaiproxy.errors import PoolExhausted, UpstreamError, UpstreamTimeout
-from zaiproxy.http11 import h11
+from zaiproxy.http11 import as_bytes, h11
 from zaiproxy.netstream import FastSocketStream
 
 # One read per network event; also the largest chunk relayed in one write.
@@ -149,8 +149,7 @@ class UpstreamConnection:
                 return event
             data = await self._stream.receive_some(READ_SIZE)
             self.received_bytes += len(data)
-            # h11 buffers into a bytearray: any bytes-like works (trio may hand us one).
-            self.conn.receive_data(data)  # type: ignore[arg-type]
+            self.conn.receive_data(as_bytes(data))
 
     async def read_body(self) -> tuple[bytes, bool]:
         """Body bytes from ONE network read (all Data events it produced), and whether the body ended.
@@ -170,7 +169,7 @@ class UpstreamConnection:
         while not data and not ended:
             chunk = await self._stream.receive_some(READ_SIZE)
             self.received_bytes += len(chunk)
-            self.conn.receive_data(chunk)  # type: ignore[arg-type]
+            self.conn.receive_data(as_bytes(chunk))
             data, ended = self.read_available()
         return data, ended
 

@@ -3,7 +3,8 @@
 Run it from the repository root (``make bench`` does)::
 
     python -m bench.suite [--duration 5] [--repeat 3] [--warmup 1] [--scenario NAME]...
-                          [--target direct|proxy|nginx]... [--proxy-workers 2] [--mock-workers 2]
+                          [--target direct|proxy|proxy-mypyc|nginx]... [--proxy-workers 2]
+                          [--mock-workers 2]
     python -m bench.suite --render bench/results/<stamp>     # rewrite results.md only
 
 What it does:

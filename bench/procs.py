@@ -16,9 +16,13 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
+import json
 import os
+import platform
 import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -458,3 +462,67 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+# ---- report helpers (bench.suite and bench.wrk_compare) ------------------------------------
+
+
+def fmt_ms(us: float | None) -> str:
+    """Microseconds as milliseconds, 3 significant-ish digits; "—" for no value."""
+    if us is None:
+        return "—"
+    ms = us / 1000
+    return f"{ms:.2f} ms" if abs(ms) < 10 else f"{ms:,.1f} ms"
+
+
+def fmt_delta_ms(us: float | None) -> str:
+    return "—" if us is None else ("+" if us >= 0 else "-") + fmt_ms(abs(us))
+
+
+def fmt_errors(errors: dict[str, int]) -> str:
+    parts = [f"{kind} {count:,}" for kind, count in sorted(errors.items()) if count]
+    return ", ".join(parts) if parts else "0"
+
+
+def command_line(module: str) -> str:
+    """How this run was started, for the report (the interpreter relative to the cwd)."""
+    python = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        python = python.relative_to(Path.cwd())
+    return shlex.join([str(python), "-m", module, *sys.argv[1:]])
+
+
+def machine_info(**tools: str) -> dict[str, Any]:
+    """This machine for the report, plus the versions of the ``tools`` the caller used."""
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        **tools,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def log_counts(path: Path) -> dict[str, int]:
+    """"level event" -> count over zaiproxy's JSON log lines, access-log lines by status and
+    upstream status (none: the proxy answered itself); other lines count as "text"."""
+    counts: dict[str, int] = {}
+    if not path.exists():
+        return counts
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            key = f"{record.get('level', '?')} {record.get('event', '?')}"
+            if "status" in record:  # an access-log line: relayed or the proxy's own answer
+                key += f" {record['status']} (upstream {record.get('upstream_status') or 'none'})"
+        except (json.JSONDecodeError, AttributeError):
+            key = "text"
+        counts[key] = counts.get(key, 0) + 1
+    return counts

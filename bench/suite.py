@@ -36,15 +36,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import http.client
 import json
 import os
-import platform
-import shlex
 import socket
 import statistics
 import subprocess
@@ -64,7 +61,13 @@ from bench.procs import (
     all_cpu_seconds,
     busiest_others,
     child_env,
+    command_line,
+    fmt_delta_ms,
+    fmt_errors,
+    fmt_ms,
     log,
+    log_counts,
+    machine_info,
 )
 
 UPSTREAM_KEY = "bench-upstream-key"  # the mock's key: zaiproxy and nginx inject it
@@ -647,24 +650,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def fmt_ms(us: float | None) -> str:
-    if us is None:
-        return "—"
-    ms = us / 1000
-    return f"{ms:.2f} ms" if abs(ms) < 10 else f"{ms:,.1f} ms"
-
-
-def fmt_delta_ms(us: float | None) -> str:
-    return "—" if us is None else ("+" if us >= 0 else "-") + fmt_ms(abs(us))
-
-
 def fmt_num(value: float | None, digits: int = 0) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
-
-
-def fmt_errors(errors: dict[str, int]) -> str:
-    parts = [f"{kind} {count:,}" for kind, count in sorted(errors.items()) if count]
-    return ", ".join(parts) if parts else "0"
 
 
 def markdown_tables(results: dict[str, Any]) -> str:
@@ -815,52 +802,6 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log_counts(path: Path) -> dict[str, int]:
-    """"level event" -> count over zaiproxy's JSON log lines, access-log lines by status and
-    upstream status (none: the proxy answered itself); other lines count as "text"."""
-    counts: dict[str, int] = {}
-    if not path.exists():
-        return counts
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-            key = f"{record.get('level', '?')} {record.get('event', '?')}"
-            if "status" in record:  # an access-log line: relayed or the proxy's own answer
-                key += f" {record['status']} (upstream {record.get('upstream_status') or 'none'})"
-        except (json.JSONDecodeError, AttributeError):
-            key = "text"
-        counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-def machine_info(use_nginx: bool) -> dict[str, Any]:
-    model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    version = "nginx not used"
-    if use_nginx:
-        probe = subprocess.run([nginx.binary(), "-v"], capture_output=True, text=True, timeout=30)
-        version = (probe.stdout + probe.stderr).strip().removeprefix("nginx version: ")
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "nginx": version,
-        "loadavg_at_start": os.getloadavg(),
-    }
-
-
-def command_line() -> str:
-    python = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        python = python.relative_to(Path.cwd())
-    return shlex.join([str(python), "-m", "bench.suite", *sys.argv[1:]])
-
-
 # ---- main -----------------------------------------------------------------------------------
 
 
@@ -916,6 +857,13 @@ NOTES = {
 }
 
 
+def nginx_version(used: bool) -> str:
+    if not used:
+        return "nginx not used"
+    probe = subprocess.run([nginx.binary(), "-v"], capture_output=True, text=True, timeout=30)
+    return (probe.stdout + probe.stderr).strip().removeprefix("nginx version: ")
+
+
 def write_report(out_dir: Path, results: dict[str, Any]) -> None:
     text = render(results)
     (out_dir / "results.md").write_text(text)
@@ -936,8 +884,8 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
     results: dict[str, Any] = {
         "timestamp_utc": stamp,
-        "command": command_line(),
-        "machine": machine_info("nginx" in args.targets),
+        "command": command_line("bench.suite"),
+        "machine": machine_info(nginx=nginx_version("nginx" in args.targets)),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "scenarios": [{**dataclasses.asdict(s), "expect_status": s.expect_status}
                       for s in scenarios],

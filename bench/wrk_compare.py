@@ -36,7 +36,6 @@ import datetime as dt
 import http.client
 import json
 import os
-import platform
 import re
 import resource
 import shlex
@@ -56,8 +55,14 @@ from bench.procs import (
     all_cpu_seconds,
     busiest_others,
     child_env,
+    command_line,
+    fmt_delta_ms,
+    fmt_errors,
+    fmt_ms,
     log,
+    log_counts,
     machine_cpu_seconds,
+    machine_info,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -249,20 +254,6 @@ class Bench:
 # ---- report ---------------------------------------------------------------------------------
 
 
-def fmt_ms(us: float) -> str:
-    ms = us / 1000
-    return f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms"
-
-
-def fmt_delta_ms(us: float) -> str:
-    return ("+" if us >= 0 else "-") + fmt_ms(abs(us))
-
-
-def fmt_errors(run: dict[str, Any]) -> str:
-    parts = [f"{kind} {count}" for kind, count in run["errors"].items() if count]
-    return ", ".join(parts) if parts else "0"
-
-
 def pair_runs(runs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     direct = {(r["scenario"], r["repeat"]): r for r in runs if r["target"] == "direct"}
     return [
@@ -301,7 +292,7 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     for run in runs:
         name = run["scenario"] + (f" #{run['repeat']}" if several else "")
         cells = [name, run["target"], f"{run['rps']:,.0f}", fmt_ms(run["latency_us"]["p50"]),
-                 fmt_ms(run["latency_us"]["p99"]), fmt_errors(run)]
+                 fmt_ms(run["latency_us"]["p99"]), fmt_errors(run["errors"])]
         comparison = by_key.get((run["scenario"], run["repeat"]))
         if run["target"] == "proxy" and comparison is not None:
             ratio = comparison["rps_ratio_proxy_direct"]
@@ -351,33 +342,6 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             f"| {run.get('mock_cpu_us_per_request', 0):,.0f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "wrk": " ".join((wrk.stdout + wrk.stderr).split()[:2]),  # "wrk debian/4.1.0-3+b2"
-        "loadavg_at_start": os.getloadavg(),
-    }
-
-
-def command_line() -> str:
-    python = Path(sys.executable)
-    try:
-        python = python.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    return shlex.join([str(python), "-m", "bench.wrk_compare", *sys.argv[1:]])
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -459,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
     meta: dict[str, Any] = {
         "timestamp_utc": stamp,
-        "command": command_line(),
-        "machine": machine_info(),
+        "command": command_line("bench.wrk_compare"),
+        "machine": machine_info(wrk=wrk_version()),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "scenarios": [dataclasses.asdict(s) for s in scenarios],
         "notes": NOTES,
@@ -491,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def wrk_version() -> str:
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
+    return " ".join((wrk.stdout + wrk.stderr).split()[:2])  # "wrk debian/4.1.0-3+b2"
+
+
 def render_again(out_dir: Path) -> int:
     """Rewrite results.md (and print it) from an earlier run's results.json."""
     results = json.loads((out_dir / "results.json").read_text())
@@ -516,21 +485,6 @@ NOTES = [
     "the run / requests completed; peak RSS = the largest sum of VmRSS over the proxy's "
     "processes, sampled every 200 ms",
 ]
-
-
-def log_counts(path: Path) -> dict[str, int]:
-    """"level event" -> count over the proxy's JSON log lines (other lines count as "text")."""
-    counts: dict[str, int] = {}
-    if not path.exists():
-        return counts
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-            key = f"{record.get('level', '?')} {record.get('event', '?')}"
-        except (json.JSONDecodeError, AttributeError):
-            key = "text"
-        counts[key] = counts.get(key, 0) + 1
-    return counts
 
 
 def render_md(meta: dict[str, Any], table: str) -> str:

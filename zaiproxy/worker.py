@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import itertools
 import os
 import signal
@@ -269,6 +270,12 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
         # tables land in the main heap (loaded in a helper thread they cost ~2.5 MB more
         # RSS: that thread's malloc arena). Worker.run then finds the encoding loaded.
         tokens.encoding()
+    # Everything allocated so far (modules, config, tables) lives as long as the process:
+    # move it out of the collector's reach, so a full collection under load scans only what
+    # requests allocate (~7 ms per full collection before, a latency spike every few hundred
+    # requests; ~0 after). Instagram's gc.freeze() recipe for long-lived servers.
+    gc.collect()
+    gc.freeze()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -168,11 +168,17 @@ async def test_reset_mid_stream_sends_anthropic_sse_error(nursery):
 async def test_idle_stream_timeout_cuts_with_error_event(nursery):
     upstream = await start_mock(nursery)
     proxy = await start_proxy(nursery, make_config(upstream, body_idle_timeout=0.3))
-    resp = await request(proxy.port, "POST", "/v1/chat/completions",
-                         [*JSON, ("x-mock-fault", "stall")], CHAT_STREAM)
+    started = trio.current_time()
+    with trio.fail_after(10):  # the pool's watchdog cuts it (UpstreamPool.watch_idle)
+        resp = await request(proxy.port, "POST", "/v1/chat/completions",
+                             [*JSON, ("x-mock-fault", "stall")], CHAT_STREAM)
+    elapsed = trio.current_time() - started
     assert resp.status == 200
     assert not resp.complete
     assert b"sent nothing for 0.3 s" in resp.body
+    # Not before the idle time; at most one watchdog tick (0.3 / 4) after it, plus slack.
+    assert 0.3 <= elapsed < 1.5
+    assert proxy.pool.active == 0
 
 
 async def test_slow_but_steady_stream_is_not_cut(nursery):
@@ -364,6 +370,21 @@ async def test_tls_upstream_with_private_ca(nursery, ca, tmp_path):
         assert resp.status == 200
         assert resp.body.endswith(b"data: [DONE]\n\n")
     assert proxy.pool.opened == 1
+
+
+async def test_tls_idle_stream_is_cut_too(nursery, ca, tmp_path):
+    """The watchdog closes the socket under trio's SSLStream: the relay sees it as well."""
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    upstream = await start_mock(nursery, ssl_context=server_context(ca))
+    proxy = await start_proxy(nursery, make_config(upstream, ca_file=str(ca_path),
+                                                   body_idle_timeout=0.3))
+    with trio.fail_after(10):
+        resp = await request(proxy.port, "POST", "/v1/chat/completions",
+                             [*JSON, ("x-mock-fault", "stall")], CHAT_STREAM)
+    assert resp.status == 200 and not resp.complete
+    assert b"sent nothing for 0.3 s" in resp.body
+    assert proxy.pool.active == 0
 
 
 async def test_tls_untrusted_certificate_502(nursery, ca):

@@ -173,11 +173,16 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
-    async def aclose(self) -> None:
+    def close_now(self) -> None:
+        """Close without waiting (from another task): a task blocked on this stream gets
+        ``ClosedResourceError``, as with :meth:`aclose`."""
         if not self._closed:
             self._closed = True
             trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
+
+    async def aclose(self) -> None:
+        self.close_now()
         await trio.lowlevel.checkpoint()
 
 

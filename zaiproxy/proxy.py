@@ -15,6 +15,7 @@ Relay rules (DESIGN.md "One request", steps 5-6):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -165,6 +166,9 @@ async def proxy(
             headers.extend(extra_headers)
         client.queue_response(response.status_code, headers, response.reason)
         idle = cfg.body_idle_timeout
+        # The idle timeout: the pool's watchdog closes the connection when the deadline
+        # set before each wait passes (UpstreamPool.watch_idle; no cancel scope per event).
+        pool.watch(conn)
         while True:
             try:
                 if prefix or prefix_ended:
@@ -172,25 +176,20 @@ async def proxy(
                 else:
                     data, ended = conn.read_available()
                 if not data and not ended:
-                    await client.flush()
-                    # A bare CancelScope, as in _exchange: once per relayed event.
-                    with trio.CancelScope(deadline=trio.current_time() + idle) as waiting:
-                        data, ended = await conn.read_more()
-                    if waiting.cancelled_caught:
-                        raise trio.TooSlowError
-            except trio.TooSlowError:
-                outcome.result = "upstream_idle_timeout"
-                if tracker is not None:
-                    _apply_stream_usage(outcome, tracker.usage_estimated())
-                await _cut(ctx, client, conn, route, is_sse,
-                           f"upstream sent nothing for {idle:g} s; stream aborted")
-                return
+                    await client.flush()  # a slow client is not an idle upstream: no deadline
+                    conn.idle_deadline = trio.current_time() + idle
+                    data, ended = await conn.read_more()
+                    conn.idle_deadline = math.inf
             except _UPSTREAM_FAILURES as exc:
-                outcome.result = "upstream_cut"
                 if tracker is not None:
                     _apply_stream_usage(outcome, tracker.usage_estimated())
-                await _cut(ctx, client, conn, route, is_sse,
-                           f"upstream connection lost mid-response: {_why(exc)}")
+                if conn.idle_expired:
+                    outcome.result = "upstream_idle_timeout"
+                    why = f"upstream sent nothing for {idle:g} s; stream aborted"
+                else:
+                    outcome.result = "upstream_cut"
+                    why = f"upstream connection lost mid-response: {_why(exc)}"
+                await _cut(ctx, client, conn, route, is_sse, why)
                 return
             if ended:
                 outcome.upstream_s = trio.current_time() - start

@@ -131,6 +131,7 @@ class Worker:
             await tokens.load_encoding()
         async with trio.open_nursery() as root:
             root.start_soon(ctx.pool.reap)
+            root.start_soon(ctx.pool.watch_idle, ctx.config.body_idle_timeout)
             async with trio.open_nursery() as conns:
                 accept_scope = trio.CancelScope()
 

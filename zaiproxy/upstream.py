@@ -85,12 +85,16 @@ def make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
     return ctx
 
 
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | socket.socket | None:
+def _tcp_stream(stream: trio.abc.Stream) -> FastSocketStream | None:
+    """The TCP stream under any TLS layers (every connection the pool opens has one)."""
     while isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
-    if isinstance(stream, trio.SocketStream | FastSocketStream):
-        return stream.socket
-    return None
+    return stream if isinstance(stream, FastSocketStream) else None
+
+
+def _socket_of(stream: trio.abc.Stream) -> socket.socket | None:
+    tcp = _tcp_stream(stream)
+    return tcp.socket if tcp is not None else None
 
 
 class UpstreamConnection:
@@ -202,11 +206,9 @@ class UpstreamConnection:
     def abort_now(self) -> None:
         """Close the socket from another task: a relay blocked reading it gets
         ``ClosedResourceError`` (``BrokenResourceError`` through TLS)."""
-        stream = self._stream
-        while isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        if isinstance(stream, FastSocketStream):
-            stream.close_now()
+        tcp = _tcp_stream(self._stream)
+        if tcp is not None:
+            tcp.close_now()
 
     async def aclose(self) -> None:
         """Close without ceremony: no close_notify wait on a peer that may be gone."""

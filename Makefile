@@ -28,17 +28,19 @@ run: $(STAMP)
 	  exec $(BIN)/zaiproxy serve --host $(HOST) --port $(PORT) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS); \
 	fi
 
-# The whole suite: lint, types, tests (against both HTTP implementations,
+# The whole suite: lint, types, import contracts, tests (against both HTTP implementations,
 # see zaiproxy/http11.py). CI runs exactly this (.ci/run).
 test: $(STAMP)
-	$(BIN)/ruff check zaiproxy _native tests bench
+	$(BIN)/ruff check zaiproxy _native tui tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 	ZAIPROXY_HTTP_IMPL=h11-mypyc $(BIN)/python -m pytest -q
 
 check: $(STAMP)
-	$(BIN)/ruff check zaiproxy _native tests bench
+	$(BIN)/ruff check zaiproxy _native tui tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # The bench suite (bench/README.md): the mock directly, zaiproxy and nginx; ~6 minutes.
 # Debian keeps nginx in /usr/sbin, often not on a user's PATH; gcc builds bench/loadgen.

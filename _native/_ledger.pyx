@@ -379,6 +379,29 @@ cdef inline void _window_give(int64_t *win, int64_t cost, int64_t epoch, int64_t
     _sub_floor0(win + 1, <int64_t>dec)  # after the bucket: a kill over-counts
 
 
+cdef inline int64_t _window_next_release(const int64_t *win, int64_t bucket_ns, int64_t now,
+                                         int64_t *amount_out) noexcept nogil:
+    """ns until the oldest live non-empty bucket leaves the window (its count in amount_out).
+
+    Loads only: a reader (the admin API) must not sweep, and an expired bucket that was not
+    swept yet is simply not live here. 0 and amount 0 when no live bucket holds anything
+    (a total that holds only units leaked by a crash has no bucket to release them).
+    """
+    cdef int64_t now_epoch = now // bucket_ns
+    cdef int64_t d, e, w
+    for d in range(BUCKETS - 1, -1, -1):
+        e = now_epoch - d
+        if e < 0:
+            continue
+        w = zl_load(win + FIRST_BUCKET + e % BUCKETS)
+        if ((<uint64_t>w) >> COUNT_BITS == ((<uint64_t>e) & EPOCH_MASK)
+                and (<uint64_t>w) & COUNT_MASK):
+            amount_out[0] = <int64_t>((<uint64_t>w) & COUNT_MASK)
+            return (e + BUCKETS) * bucket_ns - now
+    amount_out[0] = 0
+    return 0
+
+
 cdef inline void _window_charge(int64_t *win, int64_t cost, int64_t bucket_ns,
                                 int64_t now) noexcept nogil:
     cdef int64_t now_epoch = now // bucket_ns
@@ -806,6 +829,17 @@ cdef class Ledger:
         cdef int64_t bucket_ns = _window_args(0, window_ns, now)
         _expire(w, now // bucket_ns)
         return zl_load(w + 1)
+
+    def window_next_release(self, Py_ssize_t win, int64_t window_ns, int64_t now):
+        """(ns until ``window_used`` next drops, by how much); (0, 0) if nothing is live.
+
+        Read-only: the oldest live non-empty bucket and when it leaves the window.
+        """
+        cdef int64_t *w = self._win(win)
+        cdef int64_t bucket_ns = _window_args(0, window_ns, now)
+        cdef int64_t amount = 0
+        cdef int64_t ns = _window_next_release(w, bucket_ns, now, &amount)
+        return ns, amount
 
     # --- all-or-nothing admission -----------------------------------------------------
     # ``ops`` arrives through the buffer protocol into a Py_buffer on the C stack rather

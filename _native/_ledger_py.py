@@ -654,6 +654,26 @@ class Ledger:
         assert self._q is not None
         return int(self._q[w + 1])
 
+    @_locked
+    def window_next_release(self, win: int, window_ns: int, now: int) -> tuple[int, int]:
+        """(ns until ``window_used`` next drops, by how much); (0, 0) if nothing is live.
+
+        Read-only (no sweep): the oldest live non-empty bucket and when it leaves the window.
+        """
+        bucket_ns = self._window_args(0, window_ns, now)
+        w = self._win_w(win)
+        q = self._q
+        assert q is not None
+        now_epoch = now // bucket_ns
+        for d in range(WINDOW_BUCKETS - 1, -1, -1):
+            e = now_epoch - d
+            if e < 0:
+                continue
+            u = q[w + WINDOW_FIRST_BUCKET + e % WINDOW_BUCKETS] & _MASK
+            if u >> _COUNT_BITS == e & _EPOCH_MASK and u & _COUNT_MASK:
+                return (e + WINDOW_BUCKETS) * bucket_ns - now, u & _COUNT_MASK
+        return 0, 0
+
     # --- all-or-nothing admission ------------------------------------------------------
     def _check_ops(self, ops: Any, n: int, worker: int, now: int) -> memoryview:
         _check_nonneg("now", now)

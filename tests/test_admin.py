@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import h11
 import orjson
 import pytest
 import trio
@@ -9,6 +12,7 @@ import trio
 from tests.harness import RawClient, make_config, request, start_mock, start_proxy
 from zaiproxy import admin
 from zaiproxy.errors import BadRequest
+from zaiproxy.ratecontrol import RateController
 from zaiproxy.sse import SSEParser
 
 TOKEN = "adm-secret-xyz"
@@ -77,17 +81,160 @@ async def test_keys_report_shows_aliases_limits_and_usage(nursery, upstream, tmp
                                "requests_per_5h": 100}
     assert alice["now"]["requests_per_minute"]["remaining"] == 7
     assert alice["now"]["concurrency"] == {"limit": 2, "in_use": 0, "remaining": 2}
-    assert alice["now"]["requests_per_5h"] == {"limit": 100, "used": 3, "remaining": 97}
+    assert {k: alice["now"]["requests_per_5h"][k] for k in ("limit", "used", "remaining")} \
+        == {"limit": 100, "used": 3, "remaining": 97}
     assert alice["usage"]["requests"] == 3
     assert alice["usage"]["input_tokens"] > 0
     text = orjson.dumps(report).decode()
     assert "zp-alice-1" not in text and "zp-bob-1" not in text
 
 
-async def test_keys_report_in_open_mode(nursery, upstream):
-    proxy = await start_proxy(nursery, make_config(upstream))
-    assert (await request(proxy.port, "GET", "/admin/keys")).json() == {"mode": "open",
-                                                                        "keys": []}
+class VirtualClock:
+    """The admitter's clock, moved by the test: windows and rates counted exactly."""
+
+    def __init__(self, ns: int) -> None:
+        self.ns = ns
+
+    def __call__(self) -> int:
+        return self.ns
+
+    def advance(self, seconds: float) -> None:
+        self.ns += int(seconds * 1e9)
+
+
+BUCKET_5H_S = 5 * 3600 // 60  # a 5 h window moves in 60 buckets of 5 minutes
+BUCKET_WEEK_S = 7 * 24 * 3600 // 60  # and a week in buckets of 2.8 h
+T0_S = 1000 * BUCKET_5H_S + 120  # 2 minutes into a 5 h bucket; 29.77 week buckets
+
+
+async def chat(port: int, key: str | None = None) -> int:
+    headers = [JSON] if key is None else [JSON, ("x-api-key", key)]
+    return (await request(port, "POST", "/v1/chat/completions", headers, CHAT)).status
+
+
+async def keys_report(port: int) -> dict:
+    resp = await request(port, "GET", "/admin/keys")
+    assert resp.status == 200
+    return resp.json()
+
+
+async def test_keys_report_windows_say_when_they_next_release(nursery, upstream, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nalias = "alice"\nkey = "zp-alice-1"\n'
+                    '[keys.limits]\nrequests_per_5h = 100\nrequests_per_week = 50\n\n'
+                    '[[keys]]\nalias = "bob"\nkey = "zp-bob-1"\n'
+                    '[keys.limits]\nrequests_per_5h = 10\n')
+    proxy = await start_proxy(nursery, make_config(upstream, keys_file=str(keys)))
+    clock = proxy.worker.ctx.admitter.clock = VirtualClock(T0_S * 10**9)
+    for _ in range(3):
+        assert await chat(proxy.port, "zp-alice-1") == 200
+    alice, bob = (await keys_report(proxy.port))["keys"]
+    # Bucket 1000 of the 5 h window leaves it at the end of bucket 1059.
+    assert alice["now"]["requests_per_5h"] == {"limit": 100, "used": 3, "remaining": 97,
+                                               "reset_s": 5 * 3600 - 120.0, "releases": 3}
+    week_end_s = (T0_S // BUCKET_WEEK_S + 60) * BUCKET_WEEK_S
+    assert alice["now"]["requests_per_week"] == {"limit": 50, "used": 3, "remaining": 47,
+                                                 "reset_s": float(week_end_s - T0_S),
+                                                 "releases": 3}
+    assert bob["now"]["requests_per_5h"] == {"limit": 10, "used": 0, "remaining": 10,
+                                             "reset_s": 0.0, "releases": 0}
+    clock.advance(600.25)  # two buckets later: the oldest release is still the first bucket
+    for _ in range(2):
+        assert await chat(proxy.port, "zp-alice-1") == 200
+    window = (await keys_report(proxy.port))["keys"][0]["now"]["requests_per_5h"]
+    assert (window["used"], window["reset_s"], window["releases"]) == (5, 17_279.75, 3)
+    clock.advance(17_279.75)  # the first bucket left: the next release is the later one
+    window = (await keys_report(proxy.port))["keys"][0]["now"]["requests_per_5h"]
+    assert (window["used"], window["reset_s"], window["releases"]) == (2, 600.0, 2)
+    clock.advance(600)
+    window = (await keys_report(proxy.port))["keys"][0]["now"]["requests_per_5h"]
+    assert (window["used"], window["reset_s"], window["releases"]) == (0, 0.0, 0)
+
+
+GLOBAL_LIMITS = {"requests_per_minute": 100, "concurrency": 8, "requests_per_5h": 1000,
+                 "upstream_requests_per_minute": 50, "upstream_requests_per_week": 500}
+
+
+async def test_keys_report_global_has_proxy_and_upstream_limits(nursery, upstream, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nalias = "alice"\nkey = "zp-alice-1"\n'
+                    '[keys.limits]\nrequests_per_minute = 10\n')
+    proxy = await start_proxy(nursery, make_config(upstream, keys_file=str(keys),
+                                                   **GLOBAL_LIMITS))
+    proxy.worker.ctx.admitter.clock = VirtualClock(T0_S * 10**9)
+    for _ in range(2):
+        assert await chat(proxy.port, "zp-alice-1") == 200
+    report = await keys_report(proxy.port)
+    shared = report["global"]
+    assert sorted(shared) == sorted(GLOBAL_LIMITS)  # no adaptive op, no key limits
+    assert shared["requests_per_minute"] == {"limit": 100, "remaining": 98, "reset_s": 1.2}
+    assert shared["concurrency"] == {"limit": 8, "in_use": 0, "remaining": 8}
+    assert shared["requests_per_5h"] == {"limit": 1000, "used": 2, "remaining": 998,
+                                         "reset_s": 5 * 3600 - 120.0, "releases": 2}
+    assert shared["upstream_requests_per_minute"] == {"limit": 50, "remaining": 48,
+                                                      "reset_s": 2.4}
+    assert {k: shared["upstream_requests_per_week"][k] for k in ("used", "remaining",
+                                                                 "releases")} \
+        == {"used": 2, "remaining": 498, "releases": 2}
+    # The key's own limits stay in its entry, the shared ones only in "global".
+    assert list(report["keys"][0]["now"]) == ["requests_per_minute"]
+
+
+async def test_keys_report_in_open_mode_still_has_global_and_adaptive(nursery, upstream):
+    proxy = await start_proxy(nursery, make_config(upstream, requests_per_5h=10,
+                                                   upstream_concurrency=4))
+    assert await chat(proxy.port) == 200
+    report = await keys_report(proxy.port)
+    assert (report["mode"], report["keys"]) == ("open", [])
+    assert {k: report["global"]["requests_per_5h"][k] for k in ("used", "remaining",
+                                                                "releases")} \
+        == {"used": 1, "remaining": 9, "releases": 1}
+    assert 0 < report["global"]["requests_per_5h"]["reset_s"] <= 5 * 3600
+    assert report["global"]["upstream_concurrency"] == {"limit": 4, "in_use": 0, "remaining": 4}
+    assert report["adaptive"]["enabled"] is True
+
+
+async def test_keys_report_adaptive_rate_as_the_supervisor_publishes_it(nursery, upstream,
+                                                                       tmp_path):
+    config = make_config(upstream, adaptive_min_rps=0.5, adaptive_max_rps=20.0)
+    proxy = await start_proxy(nursery, config)
+    assert (await keys_report(proxy.port))["adaptive"] == {
+        "enabled": True, "rate_rps": None, "min_rps": 0.5, "max_rps": 20.0,
+        "ceiling_rps": None, "adjustments": {"up": 0, "down": 0}}
+    # The supervisor's decider on this worker's segment: one Z.AI throttle backs the rate off.
+    ctx = proxy.worker.ctx
+    controller = RateController(ctx.ledger, config, str(tmp_path / "adaptive.json"))
+    ctx.admitter.note_upstream(throttled=True)
+    controller.tick(100.0)
+    assert (await keys_report(proxy.port))["adaptive"] == {
+        "enabled": True, "rate_rps": 14.0, "min_rps": 0.5, "max_rps": 20.0,
+        "ceiling_rps": 20.0, "adjustments": {"up": 0, "down": 1}}
+
+
+async def test_keys_report_adaptive_disabled(nursery, upstream):
+    proxy = await start_proxy(nursery, make_config(upstream, adaptive_rate=False))
+    adaptive = (await keys_report(proxy.port))["adaptive"]
+    assert (adaptive["enabled"], adaptive["rate_rps"]) == (False, None)
+
+
+async def test_keys_report_state_limited_when_a_limit_is_exhausted(nursery, upstream, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nalias = "alice"\nkey = "zp-alice-1"\n'
+                    '[keys.limits]\nrequests_per_minute = 2\nrequests_per_5h = 100\n\n'
+                    '[[keys]]\nalias = "bob"\nkey = "zp-bob-1"\nenabled = false\n')
+    proxy = await start_proxy(nursery, make_config(upstream, keys_file=str(keys)))
+    clock = proxy.worker.ctx.admitter.clock = VirtualClock(T0_S * 10**9)
+    alice, bob = (await keys_report(proxy.port))["keys"]
+    assert (alice["state"], alice["limited_by"]) == ("ok", [])
+    assert (bob["state"], bob["limited_by"]) == ("disabled", [])
+    for _ in range(2):
+        assert await chat(proxy.port, "zp-alice-1") == 200
+    alice = (await keys_report(proxy.port))["keys"][0]
+    assert (alice["state"], alice["limited_by"]) == ("limited", ["requests_per_minute"])
+    assert await chat(proxy.port, "zp-alice-1") == 429  # the report agrees with admission
+    clock.advance(30)  # one request's worth of the rate came back
+    alice = (await keys_report(proxy.port))["keys"][0]
+    assert (alice["state"], alice["limited_by"]) == ("ok", [])
 
 
 async def test_history_without_a_recorder_is_a_clear_503(nursery, upstream):
@@ -153,6 +300,81 @@ async def test_events_stream_connected_metrics_heartbeat(nursery, upstream, monk
     metrics = next(orjson.loads(data) for kind, data in events if kind == "metrics")
     assert "variants" in metrics
     await client.aclose()
+
+
+class MetricsEvents:
+    """The ``metrics`` events of one ``/admin/events`` response, de-chunked by h11 and
+    parsed by the proxy's incremental SSE parser (frames may span reads)."""
+
+    def __init__(self, client: RawClient) -> None:
+        self.client = client
+        self.parser = SSEParser()
+        self.pending: list[dict[str, Any]] = []
+
+    async def start(self) -> None:
+        conn = self.client.conn
+        await self.client.stream.send_all(
+            conn.send(h11.Request(method="GET", target="/admin/events", headers=[("host", "x")]))
+            + conn.send(h11.EndOfMessage()))
+
+    async def next(self) -> dict[str, Any]:
+        conn = self.client.conn
+        while not self.pending:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await self.client.stream.receive_some(65536))
+            elif type(event) is h11.Response:
+                assert event.status_code == 200
+            elif type(event) is h11.Data:
+                self.pending += [orjson.loads(e.data) for e in self.parser.feed(event.data)
+                                 if e.event == "metrics"]
+            else:
+                raise AssertionError(f"stream ended: {event!r}")
+        return self.pending.pop(0)
+
+
+async def test_events_carry_rates_since_the_previous_event(nursery, upstream, monkeypatch):
+    orig = admin.stream_events
+
+    async def fast(ctx, client, **kw):
+        await orig(ctx, client, interval=0.05, heartbeat=60, send_timeout=1.0)
+
+    monkeypatch.setattr(admin, "stream_events", fast)
+    proxy = await start_proxy(nursery, make_config(upstream, deployment_variant="canary",
+                                                   concurrency=5))
+    client = await RawClient.connect("127.0.0.1", proxy.port)
+    events = MetricsEvents(client)
+    with trio.fail_after(10):
+        await events.start()
+        got = [(await events.next())["variants"]["canary"]]
+        for _ in range(3):
+            assert (await request(proxy.port, "POST", "/v1/chat/completions", [JSON], CHAT)
+                    ).status == 200
+        assert (await request(proxy.port, "GET", "/health")).status == 200  # not API traffic
+        while got[-1]["requests"] < 3:
+            got.append((await events.next())["variants"]["canary"])
+        got.append((await events.next())["variants"]["canary"])  # one more: nothing new
+    await client.aclose()
+    first, *rest = got
+    assert first["rates"] is None  # nothing to compare with yet
+    assert first["requests"] == 0
+    assert all(v["rates"] is not None and v["rates"]["seconds"] > 0 for v in rest)
+    # The first event whose totals grew: its rates are the growth over its interval.
+    grew = next(i for i in range(1, len(got)) if got[i]["requests"] > got[i - 1]["requests"])
+    rates = got[grew]["rates"]
+    increase = got[grew]["requests"] - got[grew - 1]["requests"]
+    assert rates["requests"] == increase
+    assert rates["requests_per_s"] == pytest.approx(increase / rates["seconds"])
+    assert rates["requests_per_s"] > 0
+    assert rates["breakdown_per_s"]["status"]["200"] == rates["requests_per_s"]
+    assert (rates["workers"], rates["concurrency_limit"]) == (1, 5)
+    last = got[-1]
+    assert last["requests"] == 3 and last["rates"]["requests_per_s"] == 0
+    assert last["rates"]["breakdown_per_s"]["status"] == {"200": 0}  # increases, not totals
+    assert last["breakdown"]["status"] == {"200": 3}
+    assert set(last["breakdown"]) == {"status", "zai_errors", "zai_error_classes",
+                                      "upstream_errors", "rejections", "retries", "adjustments"}
+    assert (last["workers"], last["concurrency_limit"]) == (1, 5)
 
 
 async def test_events_drops_a_consumer_that_does_not_read(nursery, upstream):

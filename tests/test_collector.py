@@ -276,6 +276,59 @@ async def test_rates_resets_and_stale_targets(nursery: trio.Nursery, tmp_path: P
     assert hist["step_s"] == 3600  # never finer than the interval
 
 
+def breakdown_exposition(variant: str, ok: int, limited: int, retries: int,
+                         limit: int | None) -> str:
+    v = f'variant="{variant}"'
+    text = (
+        f'zai_proxy_requests_total{{method="POST",path="/v1/messages",status="200",{v}}} {ok}\n'
+        f'zai_proxy_requests_total{{method="POST",path="/v1/messages",status="429",{v}}} '
+        f"{limited}\n"
+        f'zai_proxy_requests_total{{method="GET",path="/metrics",status="200",{v}}} 1000\n'
+        f'zai_proxy_zai_errors_total{{class="frequency",code="1302",{v}}} {limited}\n'
+        f'zai_proxy_retry_attempts_total{{reason="frequency",{v}}} {retries}\n'
+        f'zai_proxy_max_workers{{{v}}} 2\n')
+    if limit is not None:
+        text += f'zai_proxy_concurrency_limit{{scope="proxy",{v}}} {limit}\n'
+    return text
+
+
+async def test_status_carries_breakdowns_workers_and_limits(nursery: trio.Nursery,
+                                                            tmp_path: Path) -> None:
+    a = ScriptedTarget(breakdown_exposition("production", 10, 2, 1, 8))
+    b = ScriptedTarget(breakdown_exposition("production", 5, 0, 0, 4))
+    await nursery.start(a.run)
+    await nursery.start(b.run)
+    collector = Collector(options(tmp_path, a.url, b.url))
+    _, port = await nursery.start(collector.run)
+    await wait_until(lambda: all(s.scrapes for s in collector.states))
+    a.text = breakdown_exposition("production", 30, 6, 5, 8)
+    b.text = breakdown_exposition("production", 5, 0, 0, None)
+    await collector.scrape_all()
+    status = (await get(port, "/admin/status")).json()
+    p = status["variants"]["production"]
+    # Totals of both targets, the /metrics scrapes left out.
+    assert p["requests"] == 41 and p["breakdown"]["status"] == {"200": 35, "429": 6}
+    assert p["breakdown"]["zai_errors"] == {"1302": 6}
+    assert p["breakdown"]["zai_error_classes"] == {"frequency": 6}
+    assert p["breakdown"]["retries"] == {"frequency": 5}
+    assert p["breakdown"]["rejections"] == {} and p["breakdown"]["adjustments"] == {}
+    assert p["workers"] == 4
+    assert p["concurrency_limit"] == 0  # b has no limit any more: neither has the fleet
+    ra, rb = (t["variants"]["production"] for t in status["targets"])
+    assert ra["breakdown_per_s"]["status"] == pytest.approx(
+        {"200": 20 / ra["seconds"], "429": 4 / ra["seconds"]})
+    assert ra["breakdown_per_s"]["retries"] == pytest.approx({"frequency": 4 / ra["seconds"]})
+    assert rb["breakdown_per_s"]["status"] == {"200": 0, "429": 0}
+    assert (ra["concurrency_limit"], rb["concurrency_limit"]) == (8, 0)
+    assert (ra["workers"], rb["workers"]) == (2, 2)
+    # The variant's rates: the targets' rates summed (sum(rate(...))).
+    rates = p["rates"]
+    assert rates["workers"] == 4 and rates["concurrency_limit"] == 0
+    assert rates["breakdown_per_s"]["status"] == pytest.approx(ra["breakdown_per_s"]["status"])
+    assert rates["breakdown_per_s"]["zai_errors"] == pytest.approx(
+        {"1302": 4 / ra["seconds"]})
+
+
 async def test_unwritable_database_degrades(nursery: trio.Nursery, tmp_path: Path) -> None:
     target = ScriptedTarget(exposition("production", 1))
     await nursery.start(target.run)

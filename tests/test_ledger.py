@@ -369,6 +369,79 @@ def test_window_refund_and_charge(ledger: Any) -> None:
     assert ledger.window_used(w, W + 59, 62_000) == 0  # window_ns // 60 is the bucket width
 
 
+def test_window_next_release_of_an_empty_window(ledger: Any) -> None:
+    w = ledger.window(b"empty")
+    assert ledger.window_next_release(w, W, 0) == (0, 0)
+    assert ledger.window_next_release(w, W, 5 * W + 123) == (0, 0)
+    ledger.window_charge(w, 0, W, 1_000)  # a zero-cost charge leaves nothing to release
+    assert ledger.window_next_release(w, W, 1_000) == (0, 0)
+
+
+def test_window_next_release_of_one_charge(ledger: Any) -> None:
+    w = ledger.window(b"one")
+    assert ledger.window_take(w, 4, 10, W, 2_500) == (0, 2)
+    # Bucket 2 leaves the window at (2 + 60) µs, whatever the position inside bucket 2.
+    assert ledger.window_next_release(w, W, 2_500) == (59_500, 4)
+    assert ledger.window_next_release(w, W, 61_999) == (1, 4)
+    assert ledger.window_used(w, W, 61_999) == 4
+
+
+def test_window_next_release_oldest_bucket_first_and_expiry(ledger: Any) -> None:
+    w = ledger.window(b"several")
+    ledger.window_charge(w, 3, W, 0)
+    ledger.window_charge(w, 5, W, 10_000)
+    ledger.window_charge(w, 7, W, 10_500)  # the same bucket as the 5
+    ledger.window_charge(w, 2, W, 30_000)
+    assert ledger.window_next_release(w, W, 30_000) == (30_000, 3)
+    # Each release happens exactly when window_used drops by that amount.
+    assert ledger.window_used(w, W, 59_999) == 17
+    assert ledger.window_next_release(w, W, 59_999) == (1, 3)
+    assert ledger.window_used(w, W, 60_000) == 14
+    assert ledger.window_next_release(w, W, 60_000) == (10_000, 12)
+    assert ledger.window_used(w, W, 70_000) == 2
+    assert ledger.window_next_release(w, W, 70_000) == (20_000, 2)
+    assert ledger.window_used(w, W, 90_000) == 0
+    assert ledger.window_next_release(w, W, 90_000) == (0, 0)
+
+
+def test_window_next_release_reads_without_sweeping(ledger: Any) -> None:
+    w = ledger.window(b"unswept")
+    ledger.window_charge(w, 3, W, 0)
+    ledger.window_charge(w, 4, W, 1_000)
+    # Bucket 0 expired at 60 µs but nobody swept it: it is not live, so it is not reported,
+    # and the read leaves it for the next writer or window_used to sweep.
+    assert ledger.window_next_release(w, W, 60_000) == (1_000, 4)
+    assert ledger.window_next_release(w, W, 60_000) == (1_000, 4)
+    total_at = 1088 + 64 * ledger.rows + 512 * w + 8  # window word 1 (README.md, the segment)
+    assert struct.unpack_from("<q", Path(ledger.path).read_bytes(), total_at)[0] == 7
+    assert ledger.window_used(w, W, 60_000) == 4
+    assert struct.unpack_from("<q", Path(ledger.path).read_bytes(), total_at)[0] == 4
+
+
+def test_window_next_release_after_a_refund(ledger: Any) -> None:
+    w = ledger.window(b"refund")
+    _, e0 = ledger.window_take(w, 5, 10, W, 0)
+    _, e1 = ledger.window_take(w, 2, 10, W, 3_000)
+    ledger.window_give(w, 2, e0, W, 4_000)
+    assert ledger.window_next_release(w, W, 4_000) == (56_000, 3)
+    ledger.window_give(w, 3, e0, W, 4_000)  # bucket 0 emptied: the next one is the oldest
+    assert ledger.window_next_release(w, W, 4_000) == (59_000, 2)
+    ledger.window_give(w, 9, e1, W, 4_000)
+    assert ledger.window_next_release(w, W, 4_000) == (0, 0)
+    assert ledger.window_used(w, W, 4_000) == 0
+
+
+def test_window_next_release_checks_its_arguments(mod: ModuleType, ledger: Any) -> None:
+    for call in (lambda: ledger.window_next_release(16, W, 0),
+                 lambda: ledger.window_next_release(0, 59, 0),
+                 lambda: ledger.window_next_release(0, W, -1)):
+        with pytest.raises(ValueError):
+            call()
+    ledger.close()
+    with pytest.raises(mod.LedgerError):
+        ledger.window_next_release(0, W, 0)
+
+
 def test_window_caller_with_a_stale_clock_never_drops_counts(ledger: Any) -> None:
     w = ledger.window(b"lagging")
     assert ledger.window_take(w, 3, 10, W, 2 * W) == (0, 120)
@@ -530,6 +603,13 @@ class Model:
     def window_used(self, win: int, now: int) -> int:
         return sum(self._live(win, now)[0].values())
 
+    def window_next_release(self, win: int, now: int) -> tuple[int, int]:
+        live, _ = self._live(win, now)
+        for e in sorted(live):
+            if live[e]:
+                return (e + 60) * (W // 60) - now, live[e]
+        return 0, 0
+
     def admit(self, recs: list[tuple[int, int, int, int, int]], now: int,
               worker: int) -> tuple[int, list[int]]:
         saved = copy.deepcopy(self.__dict__)
@@ -688,6 +768,9 @@ class LedgerMachine(RuleBasedStateMachine):
         for i in range(len(CONC_ROWS)):
             assert self.both("in_use", self.c[i]) == self.model.count[i]
         for i in range(len(WINDOWS)):
+            # Read before window_used: it must not need that call's sweep to be right.
+            assert self.both("window_next_release", self.w[i], W, self.now) == \
+                self.model.window_next_release(i, self.now)
             assert self.both("window_used", self.w[i], W, self.now) == self.model.window_used(
                 i, self.now)
 

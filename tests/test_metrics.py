@@ -253,6 +253,28 @@ def test_gauges_sum_over_workers(host: Host) -> None:
     assert value(got, "zai_proxy_streams_in_flight") == 0
 
 
+def _limit_series(samples: Samples) -> dict[str, float]:
+    return {dict(labels)["scope"]: v for (name, labels), v in samples.items()
+            if name == "zai_proxy_concurrency_limit"}
+
+
+@pytest.mark.parametrize(("proxy", "upstream", "expected"), [
+    (None, None, {}),
+    (32, None, {"proxy": 32}),
+    (None, 4, {"upstream": 4}),
+    (32, 4, {"proxy": 32, "upstream": 4}),
+])
+def test_concurrency_limit_gauge_only_for_configured_limits(
+        host: Host, proxy: int | None, upstream: int | None, expected: dict[str, float]) -> None:
+    w = host.worker(0, concurrency_limit=proxy, upstream_concurrency_limit=upstream)
+    body, _ = w.render()
+    got = parse(body)
+    assert _limit_series(got) == expected
+    assert ({dict(labels)["variant"] for (name, labels) in got
+             if name == "zai_proxy_concurrency_limit"} == ({"canary"} if expected else set()))
+    assert (b"zai_proxy_concurrency_limit" in body) == bool(expected)
+
+
 def test_histogram_edges(host: Host) -> None:
     w = host.worker(0)
     for d in (0.0, -1.0, math.nan, 300.0, 300.0000001, math.inf):

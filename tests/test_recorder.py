@@ -521,6 +521,101 @@ def test_series_per_variant(filled: HistoryStore) -> None:
         history_series(filled, 10 * DAY, resolution_s=1, now=T0)
 
 
+# What each row is: (status, upstream_status, latency ms, ttft ms, result, zai class, zai code,
+# zai retries). Ten rows in minute 0, latencies 100..1000 ms, as the proxy records them
+# (proxy.py, server.py): its own 429/502/504 have no upstream_status and result "ok".
+PLOT_ROWS: list[tuple[Any, ...]] = [
+    (200, 200, 100, 10, "ok", None, None, 0),
+    (200, 200, 200, 20, "ok", None, None, 0),
+    (200, 200, 300, 40, "ok", None, None, 0),
+    (200, 200, 400, None, "ok", None, None, 0),  # not relayed: no ttft
+    (429, None, 500, None, "ok", None, None, 0),  # refused by the proxy's own limits
+    (429, 429, 600, None, "ok", "frequency", "1302", 2),  # Z.AI 429 relayed after 2 retries
+    (502, None, 700, None, "ok", None, None, 0),  # connect failed: the proxy's 502
+    (502, 502, 800, None, "ok", None, None, 0),  # the upstream's own 502, relayed
+    (200, 200, 900, 30, "upstream_cut", "unknown", None, 1),  # non-JSON 429 retried, then cut
+    (504, None, 1000, None, "ok", None, None, 0),  # upstream timed out: the proxy's 504
+]
+
+
+@pytest.fixture
+def plotted(store: HistoryStore) -> HistoryStore:
+    rows = [db_row("production", 0, list(wire.row_of(record(
+        i, status=status, upstream_status=up, duration_s=latency / 1000,
+        ttft_s=ttft / 1000 if ttft is not None else None, result=result, zai_class=cls,
+        zai_code=code, zai_retries=retries), T0 + 1 + i)))
+        for i, (status, up, latency, ttft, result, cls, code, retries) in enumerate(PLOT_ROWS)]
+    rows += rows_at([T0 + 61, T0 + 62])  # minute 1: no ttft anywhere
+    rows.append(db_row("canary", 1, list(wire.row_of(record(
+        99, status=429, upstream_status=None, ttft_s=0.005), T0 + 5))))
+    store.write(rows)
+    return store
+
+
+def test_raw_series_points_carry_what_a_dashboard_plots(plotted: HistoryStore) -> None:
+    doc = history_series(plotted, 300, resolution_s=60, now=T0 + 120)
+    assert doc["source"] == "raw" and doc["p95"] == "exact" and doc["p50_p99"] == "exact"
+    first, second = doc["series"]["production"]
+    assert first["t"] == T0 and first["requests"] == 10
+    assert {k: first[k] for k in ("responses_2xx", "responses_4xx", "responses_5xx",
+                                  "responses_429", "errors")} == {
+        "responses_2xx": 5, "responses_4xx": 2, "responses_5xx": 3, "responses_429": 2,
+        "errors": 4}  # errors: 502, 502, 504, the cut stream
+    # quantile_cont over 100..1000: p50 at position 4.5, p95 at 8.55, p99 at 8.91.
+    assert (first["latency_ms_p50"], first["latency_ms_p95"], first["latency_ms_p99"]) == (
+        550.0, 955.0, 991.0)
+    # ttft over the four rows that have one (10, 20, 30, 40): positions 1.5, 2.85, 2.97.
+    assert (first["ttft_ms_p50"], first["ttft_ms_p95"], first["ttft_ms_p99"]) == (
+        25.0, 38.5, 39.7)
+    assert first["retries"] == 3
+    assert first["zai_errors"] == 2  # the one without a code counts too (error_class)
+    assert first["upstream_errors"] == 3  # cut, the proxy's 502 and 504; not a relayed 502
+    assert first["rejections"] == 1  # the relayed Z.AI 429 is not the proxy's
+    assert (second["requests"], second["responses_2xx"], second["rejections"]) == (2, 2, 0)
+    assert (second["ttft_ms_p50"], second["ttft_ms_p95"], second["ttft_ms_p99"]) == (
+        None, None, None)  # no row in the bucket has a ttft
+    assert second["latency_ms_p50"] == 100.0 and second["retries"] == 0
+    # One quantile state gives the three: its p95 is the summary's (a scalar quantile).
+    summary = history_summary(plotted, 60, variant="production", group_by="variant",
+                              now=T0 + 60)
+    assert summary["total"]["latency_ms_p95"] == first["latency_ms_p95"]
+    assert "responses_2xx" not in summary["total"]  # the summary's answer is unchanged
+    assert orjson.loads(orjson.dumps(doc)) == doc
+
+
+def test_series_variant_filter_keeps_the_new_fields_apart(plotted: HistoryStore) -> None:
+    doc = history_series(plotted, 300, resolution_s=60, variant="canary", now=T0 + 120)
+    assert list(doc["series"]) == ["canary"]
+    (point,) = doc["series"]["canary"]
+    assert (point["requests"], point["responses_429"], point["rejections"],
+            point["ttft_ms_p50"]) == (1, 1, 1, 5.0)
+    prod = history_series(plotted, 300, resolution_s=60, variant="production", now=T0 + 120)
+    assert list(prod["series"]) == ["production"]
+    assert prod["series"]["production"][0]["rejections"] == 1  # not the canary's
+
+
+def test_rollup_series_points_leave_what_rollups_lack_null(plotted: HistoryStore) -> None:
+    plotted.rollup(T0 + 200)
+    doc = history_series(plotted, 2 * DAY, resolution_s=60, variant="production",
+                         now=T0 + 1.5 * DAY)
+    assert doc["source"] == "rollup" and doc["p50_p99"].startswith("not kept")
+    nulls = doc["fields_null_in_rollup"]
+    assert nulls == ["latency_ms_p50", "latency_ms_p99", "ttft_ms_p50", "ttft_ms_p95",
+                     "ttft_ms_p99", "retries", "zai_errors", "upstream_errors", "rejections"]
+    first, second = doc["series"]["production"]
+    assert [k for k, v in first.items() if v is None] == nulls  # exactly those, nothing else
+    assert {k: first[k] for k in ("requests", "errors", "responses_2xx", "responses_4xx",
+                                  "responses_5xx", "responses_429")} == {
+        "requests": 10, "errors": 4, "responses_2xx": 5, "responses_4xx": 2,
+        "responses_5xx": 3, "responses_429": 2}
+    # Per-status minute p95s: 200 (100..400, 900) 800, 429 595, 502 795, 504 1000;
+    # weighted by requests: (800*5 + 595*2 + 795*2 + 1000) / 10.
+    assert first["latency_ms_p95"] == 778.0
+    assert (second["requests"], second["responses_2xx"], second["responses_4xx"]) == (2, 2, 0)
+    raw = history_series(plotted, 300, resolution_s=60, now=T0 + 120)
+    assert raw["fields_null_in_rollup"] == nulls  # listed on raw ranges too
+
+
 def test_export_parquet(filled: HistoryStore, tmp_path: Path) -> None:
     out = str(tmp_path / "it's.parquet")
     assert export_parquet(filled, 300, out, variant="production", now=T0 + 120) == 5

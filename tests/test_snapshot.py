@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -84,7 +85,9 @@ def test_parse_hand_written_exposition() -> None:
     assert prod.latency == Histogram((0.1, 0.5, 1.0, math.inf), (10, 50, 80, 100), 70.0)
     assert prod.ttft == Histogram((0.25, math.inf), (4, 4), 0.4)
     assert (prod.versions, prod.commits) == (("0.1.0",), ("abc123",))
-    assert canary.counts == Counts(requests=8, responses_2xx=7, tokens_in=11)
+    # /health is a control route: only the 302 on an API route is a request.
+    assert canary.counts == Counts(requests=1, tokens_in=11)
+    assert canary.breakdown["status"] == {"302": 1}
     assert (canary.versions, canary.latency, canary.adaptive_rate) == (("0.2.0",), Histogram(), 0)
     assert prod.streams_in_flight == canary.streams_in_flight == 0
     one = snapshot.parse(EXPOSITION.replace('variant="canary"', 'variant="production"'))
@@ -105,11 +108,109 @@ def test_missing_families_read_as_zeros() -> None:
     snap = only["production"]
     assert snap.counts == Counts()
     assert snap.latency.quantile(0.5) is None
+    assert (snap.concurrency_limit, snap.workers) == (0, 0)
+    empty: dict[str, dict[str, float]] = {c: {} for c in snapshot.BREAKDOWNS}
+    assert snap.to_json()["breakdown"] == empty
     rates = snapshot.delta(snap, snap, 5.0)
     body = rates.to_json()
     assert body["requests_per_s"] == 0 and body["error_rate"] == 0
     assert body["latency_p95_s"] is None
+    assert body["breakdown_per_s"] == empty
+    assert (body["concurrency_limit"], body["workers"]) == (0, 0)
     orjson.dumps(snap.to_json())  # no inf/nan anywhere
+
+
+CONTROL = """\
+zai_proxy_requests_total{method="POST",path="/v1/chat/completions",status="200",variant="p"} 5
+zai_proxy_requests_total{method="POST",path="other",status="404",variant="p"} 1
+zai_proxy_requests_total{method="GET",path="/metrics",status="200",variant="p"} 100
+zai_proxy_requests_total{method="GET",path="/health",status="200",variant="p"} 3
+zai_proxy_requests_total{method="GET",path="/ready",status="503",variant="p"} 2
+zai_proxy_requests_total{method="GET",path="/admin/status",status="200",variant="p"} 4
+zai_proxy_requests_total{method="GET",path="/admin/events",status="429",variant="p"} 6
+zai_proxy_requests_total{method="POST",path="/admin/reset-rate-limit",status="401",variant="p"} 1
+zai_proxy_request_duration_seconds_bucket{le="0.1",method="POST",path="/v1/chat/completions",variant="p"} 0
+zai_proxy_request_duration_seconds_bucket{le="+Inf",method="POST",path="/v1/chat/completions",variant="p"} 5
+zai_proxy_request_duration_seconds_sum{method="POST",path="/v1/chat/completions",variant="p"} 2.5
+zai_proxy_request_duration_seconds_bucket{le="0.1",method="GET",path="/metrics",variant="p"} 100
+zai_proxy_request_duration_seconds_bucket{le="+Inf",method="GET",path="/metrics",variant="p"} 100
+zai_proxy_request_duration_seconds_sum{method="GET",path="/metrics",variant="p"} 0.1
+zai_proxy_request_duration_seconds_bucket{le="0.1",method="GET",path="/admin/status",variant="p"} 4
+zai_proxy_request_duration_seconds_bucket{le="+Inf",method="GET",path="/admin/status",variant="p"} 4
+zai_proxy_request_duration_seconds_sum{method="GET",path="/admin/status",variant="p"} 0.01
+"""
+
+
+def test_control_routes_are_not_api_traffic() -> None:
+    p = snapshot.parse(CONTROL)["p"]
+    assert p.counts == Counts(requests=6, responses_2xx=5, responses_4xx=1)
+    assert p.breakdown["status"] == {"200": 5, "404": 1}
+    # Only the API requests are timed: all 5 above 0.1 s, so p50 is not a scrape's 0.05.
+    assert p.latency == Histogram((0.1, math.inf), (0, 5), 2.5)
+    assert p.latency.quantile(0.5) == 0.1
+
+
+BREAKDOWN = """\
+zai_proxy_requests_total{method="POST",path="/v1/messages",status="200",variant="p"} 7
+zai_proxy_requests_total{method="POST",path="/v1/chat/completions",status="200",variant="p"} 3
+zai_proxy_requests_total{method="POST",path="/v1/chat/completions",status="429",variant="p"} 2
+zai_proxy_zai_errors_total{class="frequency",code="1302",variant="p"} 2
+zai_proxy_zai_errors_total{class="frequency",code="1303",variant="p"} 1
+zai_proxy_zai_errors_total{class="quota",code="other",variant="p"} 4
+zai_proxy_upstream_errors_total{error_type="upstream_timeout",variant="p"} 3
+zai_proxy_upstream_errors_total{error_type="connect",variant="p"} 1
+zai_proxy_rate_limit_rejections_total{limit="requests_per_minute",scope="key",variant="p"} 5
+zai_proxy_rate_limit_rejections_total{limit="concurrency",scope="global",variant="p"} 2
+zai_proxy_retry_attempts_total{reason="frequency",variant="p"} 6
+zai_proxy_rate_limit_adjustments_total{direction="up",variant="p"} 8
+zai_proxy_rate_limit_adjustments_total{direction="down",variant="p"} 0
+zai_proxy_max_workers{variant="p"} 4
+zai_proxy_concurrency_limit{scope="proxy",variant="p"} 64
+zai_proxy_concurrency_limit{scope="upstream",variant="p"} 16
+"""
+
+
+def test_breakdown_of_every_category() -> None:
+    p = snapshot.parse(BREAKDOWN)["p"]
+    expected = {
+        "status": {"200": 10, "429": 2},
+        "zai_errors": {"1302": 2, "1303": 1, "other": 4},
+        "zai_error_classes": {"frequency": 3, "quota": 4},
+        "upstream_errors": {"connect": 1, "upstream_timeout": 3},
+        "rejections": {"global:concurrency": 2, "key:requests_per_minute": 5},
+        "retries": {"frequency": 6},
+        "adjustments": {"down": 0, "up": 8},
+    }
+    assert p.breakdown == expected
+    assert list(p.breakdown) == list(snapshot.BREAKDOWNS)
+    assert (p.counts.zai_errors, p.counts.upstream_errors, p.counts.rejections) == (7, 4, 7)
+    assert (p.workers, p.concurrency_limit) == (4, 64)
+    body = orjson.loads(orjson.dumps(p.to_json()))
+    assert body["breakdown"] == expected
+    assert (body["workers"], body["concurrency_limit"]) == (4, 64)
+    with pytest.raises(TypeError):
+        p.breakdown["status"]["200"] = 0  # type: ignore[index]
+    hash(p)  # still usable as a value
+
+
+@pytest.mark.parametrize(("lines", "limit"), [
+    (['zai_proxy_concurrency_limit{scope="upstream",variant="p"} 16'], 16),
+    (['zai_proxy_concurrency_limit{scope="upstream",variant="p"} 16',
+      'zai_proxy_concurrency_limit{scope="proxy",variant="p"} 64'], 64),
+    (['zai_proxy_max_workers{variant="p"} 2'], 0),
+])
+def test_concurrency_limit_prefers_the_proxy_scope(lines: list[str], limit: float) -> None:
+    assert snapshot.parse("\n".join(lines) + "\n")["p"].concurrency_limit == limit
+
+
+def test_breakdown_labels_are_bounded() -> None:
+    n = snapshot.MAX_BREAKDOWN_LABELS + 10
+    text = "".join(f'zai_proxy_retry_attempts_total{{reason="r{i:03d}",variant="p"}} 1\n'
+                   for i in range(n))
+    retries = snapshot.parse(text)["p"].breakdown["retries"]
+    assert len(retries) == snapshot.MAX_BREAKDOWN_LABELS
+    assert sum(retries.values()) == n  # nothing lost: the rest is summed as "other"
+    assert retries["other"] == n - (snapshot.MAX_BREAKDOWN_LABELS - 1)
 
 
 @pytest.mark.parametrize("text", ["zai_proxy_requests_total{status=\"200\" 1\n",
@@ -205,6 +306,52 @@ def test_histogram_reset_alone_is_a_reset() -> None:
     assert snapshot.delta(prev, cur, 1.0).reset
 
 
+def bsnap(requests: float, **breakdown: dict[str, float]) -> VariantSnapshot:
+    return VariantSnapshot("production", Counts(requests=requests),
+                           breakdown=snapshot.freeze_breakdown(breakdown), workers=2,
+                           concurrency_limit=8)
+
+
+def test_delta_of_breakdowns() -> None:
+    prev = bsnap(10, status={"200": 9, "502": 1}, retries={"frequency": 2})
+    cur = bsnap(16, status={"200": 14, "502": 1, "429": 1}, retries={"frequency": 5},
+                adjustments={"down": 1})
+    r = snapshot.delta(prev, cur, 2.0)
+    assert not r.reset
+    assert r.breakdown["status"] == {"200": 5, "429": 1, "502": 0}
+    assert r.breakdown["retries"] == {"frequency": 3}
+    assert r.breakdown["adjustments"] == {"down": 1}  # new label: all of it is new
+    body = r.to_json()
+    assert body["breakdown_per_s"]["status"] == {"200": 2.5, "429": 0.5, "502": 0}
+    assert body["breakdown_per_s"]["zai_errors"] == {}
+    assert (body["concurrency_limit"], body["workers"]) == (8, 2)
+    assert list(body)[-3:] == ["concurrency_limit", "workers", "versions"]
+
+
+def test_a_breakdown_label_that_went_down_is_a_reset() -> None:
+    prev = bsnap(10, status={"200": 10}, retries={"frequency": 9})
+    cur = bsnap(12, status={"200": 12}, retries={"frequency": 2})  # requests grew, retries not
+    r = snapshot.delta(prev, cur, 1.0)
+    assert r.reset
+    assert r.increase == cur.counts  # every counter taken as reset, not just retries
+    assert r.breakdown == cur.breakdown
+    # A label that vanished is a series gone, not a restart.
+    gone = snapshot.delta(prev, bsnap(12, status={"200": 12}), 1.0)
+    assert not gone.reset and gone.breakdown["retries"] == {}
+
+
+def test_merge_sums_breakdowns_and_gauges() -> None:
+    a = bsnap(10, status={"200": 9, "502": 1})
+    b = bsnap(5, status={"200": 5}, zai_errors={"1302": 2})
+    m = snapshot.merge("production", [a, b])
+    assert m.breakdown["status"] == {"200": 14, "502": 1}
+    assert m.breakdown["zai_errors"] == {"1302": 2}
+    assert (m.workers, m.concurrency_limit) == (4, 16)  # each replica has its own limit
+    unlimited = snapshot.merge("production", [a, replace(b, concurrency_limit=0.0)])
+    assert unlimited.concurrency_limit == 0  # one replica without a limit: the fleet has none
+    assert snapshot.merge("production", []).breakdown == {c: {} for c in snapshot.BREAKDOWNS}
+
+
 def test_zero_interval_gives_zero_rates() -> None:
     r = snapshot.delta(snap(1), snap(5), 0.0)
     assert r.to_json()["requests_per_s"] == 0.0
@@ -212,9 +359,13 @@ def test_zero_interval_gives_zero_rates() -> None:
 
 def test_combine_sums_rates_across_targets() -> None:
     a = Rates("canary", 5.0, Counts(requests=50, responses_5xx=5),
-              latency=Histogram.from_buckets({0.1: 50, math.inf: 50}), in_flight=2)
+              latency=Histogram.from_buckets({0.1: 50, math.inf: 50}), in_flight=2,
+              workers=2, concurrency_limit=10,
+              breakdown=snapshot.freeze_breakdown({"status": {"200": 45, "502": 5}}))
     b = Rates("canary", 10.0, Counts(requests=20),
-              latency=Histogram.from_buckets({0.1: 0, math.inf: 20}), in_flight=1)
+              latency=Histogram.from_buckets({0.1: 0, math.inf: 20}), in_flight=1,
+              workers=1, concurrency_limit=4,
+              breakdown=snapshot.freeze_breakdown({"status": {"200": 20}}))
     c = snapshot.combine("canary", [a, b])
     body = c.to_json()
     assert body["requests_per_s"] == pytest.approx(10 + 2)
@@ -222,6 +373,10 @@ def test_combine_sums_rates_across_targets() -> None:
     assert body["in_flight"] == 3
     # b's 20 slow observations over 10 s weigh as 10 in a's 5 s... scaled to 10 s: 100 vs 20.
     assert c.latency.counts == (100, 120)
+    # Breakdowns scale like the other counters: b's 20 in 10 s stay 20 over the 10 s window.
+    assert c.breakdown["status"] == {"200": 90 + 20, "502": 10}
+    assert body["breakdown_per_s"]["status"] == pytest.approx({"200": 9 + 2, "502": 1})
+    assert (body["workers"], body["concurrency_limit"]) == (3, 14)
     assert snapshot.combine("canary", []).to_json()["requests_per_s"] == 0
 
 
@@ -230,24 +385,31 @@ def test_combine_sums_rates_across_targets() -> None:
 
 async def test_parse_a_real_proxy_exposition(nursery) -> None:
     upstream = await start_mock(nursery)
-    proxy = await start_proxy(nursery, make_config(upstream, deployment_variant="canary"))
+    proxy = await start_proxy(nursery, make_config(upstream, deployment_variant="canary",
+                                                   upstream_concurrency=9))
     body = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
     for _ in range(3):
         resp = await request(proxy.port, "POST", "/v1/chat/completions",
                              [("content-type", "application/json")], body)
         assert resp.status == 200
     assert (await request(proxy.port, "GET", "/v1/nothing-here")).status == 404
+    # Control routes are answered and counted by the proxy, but are not API traffic.
+    for path in ("/health", "/ready", "/admin/status", "/metrics"):
+        assert (await request(proxy.port, "GET", path)).status == 200
     resp = await request(proxy.port, "GET", "/metrics")
     assert resp.status == 200
     text = resp.body.decode()
+    assert 'path="/metrics"' in text and 'path="/admin/status"' in text
     snaps = snapshot.parse(text)
     assert list(snaps) == ["canary"]
     canary = snaps["canary"]
-    # The /metrics request itself is counted after it is answered.
     assert canary.counts.requests == 4
     assert (canary.counts.responses_2xx, canary.counts.responses_4xx) == (3, 1)
+    assert canary.breakdown["status"] == {"200": 3, "404": 1}
+    assert canary.breakdown["adjustments"].keys() == {"up", "down"}
+    assert (canary.workers, canary.concurrency_limit) == (1, 9)
     assert canary.versions
-    assert canary.latency.count == 4  # every answered request is timed, merged over paths
+    assert canary.latency.count == 4  # every answered API request is timed, merged over paths
     assert 0 < canary.latency.quantile(0.99) < 1  # type: ignore[operator]
     counts = canary.counts
     assert counts.tokens_in > 0 and counts.tokens_out > 0 and counts.cost_usd > 0

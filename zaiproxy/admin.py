@@ -24,8 +24,10 @@ from urllib.parse import parse_qs
 import orjson
 import trio
 
+from zaiproxy import limits_report
 from zaiproxy.errors import BadRequest, ServiceUnavailable
 from zaiproxy.limits import LIMIT_NAMES
+from zaiproxy.snapshot import VariantSnapshot, delta
 from zaiproxy.snapshot import parse as parse_exposition
 
 if TYPE_CHECKING:
@@ -71,44 +73,38 @@ def _is_variant(value: str) -> bool:
 
 
 def keys_report(ctx: WorkerContext) -> dict[str, Any]:
-    """Per client key: limits, used and remaining now, token totals. Aliases only, never keys."""
-    table = ctx.keys
-    if table is None:
-        return {"mode": "open", "keys": []}
+    """Limits now: proxy-wide (``global``), the adaptive rate, and per client key its limits,
+    used and remaining, state and token totals. Aliases only, never keys.
+
+    Every state object is read at one ``now``; their shapes are in ``limits_report.py``.
+    """
     admitter = ctx.admitter
-    out = []
     now = admitter.clock()
-    ledger = ctx.ledger
-    for key in table:
-        plan = admitter.plan(key.alias, key.limits)
-        limits: dict[str, Any] = {}
-        for op in plan.ops:
-            if op.scope != "key":
-                continue
-            if op.kind == admitter.impl.KIND_GCRA:
-                remaining, reset_ns = ledger.gcra_state(op.index, op.limit, op.period_ns, now)
-                limits[op.name] = {"limit": op.limit, "remaining": remaining,
-                                   "reset_s": round(reset_ns / 1e9, 3)}
-            elif op.kind == admitter.impl.KIND_CONCURRENCY:
-                used = ledger.in_use(op.index)
-                limits[op.name] = {"limit": op.limit, "in_use": used,
-                                   "remaining": max(0, op.limit - used)}
-            else:
-                used = ledger.window_used(op.index, op.period_ns, now)
-                limits[op.name] = {"limit": op.limit, "used": used,
-                                   "remaining": max(0, op.limit - used)}
+    report: dict[str, Any] = {"mode": "open" if ctx.keys is None else "keys", "keys": [],
+                              "global": limits_report.global_states(admitter, now),
+                              "adaptive": limits_report.adaptive_state(ctx.config, ctx.ledger)}
+    for key in ctx.keys or ():
+        states = limits_report.limit_states(admitter, admitter.plan(key.alias, key.limits).ops,
+                                            now, limits_report.KEY_SCOPES)
+        limited = limits_report.limited_by(states)
         configured = {name: getattr(key.limits, name) for name in LIMIT_NAMES
                       if getattr(key.limits, name) is not None}
-        out.append({
+        report["keys"].append({
             "alias": key.alias, "enabled": key.enabled,
+            "state": limits_report.key_state(key.enabled, limited), "limited_by": limited,
             "models": sorted(key.models) if key.models else None,
-            "limits": configured, "now": limits, "usage": ctx.key_usage(key.alias),
+            "limits": configured, "now": states, "usage": ctx.key_usage(key.alias),
         })
-    return {"mode": "keys", "keys": out}
+    return report
 
 
 def status_report(ctx: WorkerContext) -> dict[str, Any]:
     """The current snapshot per variant, from this host's shared metrics (all workers)."""
+    return status_snapshots(ctx)[0]
+
+
+def status_snapshots(ctx: WorkerContext) -> tuple[dict[str, Any], dict[str, VariantSnapshot]]:
+    """``status_report``'s body and the parsed snapshots it was made from (for rates)."""
     payload, _ = ctx.metrics.render()
     # The same exposition parser as the fleet collector's: one notion of a snapshot.
     variants = parse_exposition(payload.decode())
@@ -118,7 +114,7 @@ def status_report(ctx: WorkerContext) -> dict[str, Any]:
         "worker": ctx.worker_index,
         "ledger": ctx.ledger_impl,
         "variants": {name: snap.to_json() for name, snap in variants.items()},
-    }
+    }, variants
 
 
 def sse_event(name: str, data: dict[str, Any]) -> bytes:
@@ -127,7 +123,12 @@ def sse_event(name: str, data: dict[str, Any]) -> bytes:
 
 async def stream_events(ctx: WorkerContext, client: Any, *, interval: float = EVENTS_INTERVAL_S,
                         heartbeat: float = HEARTBEAT_S, send_timeout: float = SEND_TIMEOUT_S) -> None:
-    """Serve ``/admin/events`` on ``client`` until it leaves, is too slow, or the proxy drains."""
+    """Serve ``/admin/events`` on ``client`` until it leaves, is too slow, or the proxy drains.
+
+    Each ``metrics`` event is ``/admin/status`` whose variants also carry ``rates``:
+    ``snapshot.delta`` against this stream's previous event (``null`` on the first event
+    and for a variant not seen before), the same shape as the collector's per-variant rates.
+    """
     client.queue_response(200, [(b"content-type", b"text/event-stream"),
                                 (b"cache-control", b"no-cache"),
                                 (b"x-zaiproxy-request-id", client.request_id)])
@@ -135,8 +136,18 @@ async def stream_events(ctx: WorkerContext, client: Any, *, interval: float = EV
                                               "variant": ctx.config.deployment_variant,
                                               "interval_s": interval}))
     next_beat = trio.current_time() + heartbeat
+    previous: dict[str, VariantSnapshot] = {}
+    previous_at = 0.0
     while not ctx.draining:
-        client.queue_data(sse_event("metrics", status_report(ctx)))
+        # The trio clock, not the wall clock: a wall-clock step must not distort a rate.
+        now = trio.current_time()
+        report, snaps = status_snapshots(ctx)
+        for name, snap in snaps.items():
+            prev = previous.get(name)
+            report["variants"][name]["rates"] = (
+                None if prev is None else delta(prev, snap, now - previous_at).to_json())
+        previous, previous_at = snaps, now
+        client.queue_data(sse_event("metrics", report))
         with trio.move_on_after(send_timeout) as scope:
             await client.flush()
         if scope.cancelled_caught:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -55,11 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_history_parser(sub)
     _collect_parser(sub)
+    sub.add_parser("tui", add_help=False,
+                   help="the terminal UI of a proxy or collector (zaiproxy tui --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["tui"]:
+        return _tui(args[1:])
+    ns = build_parser().parse_args(args)
     if ns.command == "version":
         return _version()
     if ns.command == "mock-upstream":
@@ -89,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs.configure(config.level, proc="supervisor")
     return Supervisor(config).run()
+
+
+def _tui(args: list[str]) -> int:
+    """The TUI is its own process (Textual on asyncio; the proxy never imports it)."""
+    os.execv(sys.executable, [sys.executable, "-m", "tui", *args])
 
 
 def _version() -> int:

@@ -26,7 +26,9 @@ Admin API (the proxy's shapes, ``admin.py``; ``Authorization: Bearer`` when a
 token is set, errors as ``{"error": {"message", "type", "code"}}``):
 ``GET /health``; ``GET /admin/status`` (per target: stale flag, last error and
 success, latest rates per variant; per variant: the fresh targets' summed
-totals + ``rates`` + ``targets``/``stale_targets``/``stale``);
+totals, gauges and ``breakdown`` (``snapshot.merge``) + ``rates`` (``snapshot.combine``:
+per-second rates incl. ``breakdown_per_s``) + ``targets``/``stale_targets``/``stale``:
+the shape of a proxy's ``metrics`` event, so one client reads both);
 ``GET /admin/history?range=5m|15m|1h|6h|24h|7d&variant=NAME|all`` (``series``:
 per variant, one point per ``step_s`` bucket, rates summed over targets);
 ``GET /admin/events`` (``connected``, then ``metrics`` = the status, every

@@ -26,7 +26,11 @@ Gauges, computed at scrape time:
   as of its last finished request or its last scrape;
 - ``zai_proxy_rate_limit_requests_per_second``: the adaptive upstream rate the supervisor
   publishes (``SC_ADAPTIVE_MRPS / 1000``; 0 = not limiting), and
-  ``zai_proxy_rate_limit_adjustments_total{direction}`` from its scalars.
+  ``zai_proxy_rate_limit_adjustments_total{direction}`` from its scalars;
+- ``zai_proxy_concurrency_limit{scope=proxy|upstream}``: the configured global
+  concurrency limits (config ``limits.concurrency`` and ``limits.upstream_concurrency``),
+  one series per limit that is set and none when neither is, so a dashboard can show
+  in-flight requests against the ceiling they run into.
 
 A worker's gauges are words of its own ledger row, zeroed when it starts; a dead worker's
 values stay until its replacement starts (0.25 s with the supervisor's backoff).
@@ -181,10 +185,14 @@ class WorkerMetrics:
                  pool_stats: Callable[[], tuple[int, int]] | None = None,
                  alias_metrics: bool = False, known_models: frozenset[str] = frozenset(),
                  prices: PriceTable = DEFAULT_PRICES, series_budget: int | None = None,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 concurrency_limit: int | None = None,
+                 upstream_concurrency_limit: int | None = None) -> None:
         """``ledger``: the implementation's name; ``segment``: the attached Ledger;
         ``shared``: False for a private segment (no other process reads it; its file is
-        already unlinked), whose names table is then an anonymous mapping."""
+        already unlinked), whose names table is then an anonymous mapping;
+        ``concurrency_limit``/``upstream_concurrency_limit``: the configured global limits
+        (None = not set), exposed as ``zai_proxy_concurrency_limit``."""
         self.variant = variant
         self.segment = segment
         self.workers = workers
@@ -195,6 +203,10 @@ class WorkerMetrics:
         self._prices = prices
         self._wall = wall
         self._pool_stats = pool_stats
+        self.concurrency_limits: dict[str, int] = {
+            scope: limit for scope, limit in (("proxy", concurrency_limit),
+                                              ("upstream", upstream_concurrency_limit))
+            if limit is not None}
         module = load_ledger(segment.implementation)
         layout = module.segment_size(segment.rows, segment.windows, segment.workers)
         self.names = NamesFile(segment.path if shared else None, segment.rows, layout)
@@ -415,6 +427,13 @@ class _Collector:
         adjust.add_metric(["up", variant], seg.scalar_get(SC_ADJUST_UP))
         adjust.add_metric(["down", variant], seg.scalar_get(SC_ADJUST_DOWN))
         yield adjust
+        if m.concurrency_limits:
+            limits = GaugeMetricFamily("zai_proxy_concurrency_limit",
+                                       "Configured global concurrency limits by scope.",
+                                       labels=["scope", "variant"])
+            for scope, limit in m.concurrency_limits.items():
+                limits.add_metric([scope, variant], limit)
+            yield limits
         dropped = CounterMetricFamily("zai_proxy_metrics_series_dropped",
                                       "Series refused (over the series budget or too long); "
                                       "counted once per worker that refused each.",

@@ -7,14 +7,21 @@ histograms merged over their other labels, and the build versions. A family
 that is missing reads as zeros (an older proxy, a family not yet observed),
 never as an error; only text that is not an exposition raises ``ParseError``.
 
+Only proxied API traffic is counted in ``requests``, the ``responses_*`` and the
+latency histogram: series whose ``path`` is a control route (``/metrics``,
+``/health``, ``/ready``, ``/admin/*``) are skipped, so scrapes and dashboards
+do not show up as request rate. ``breakdown`` keeps bounded label-keyed totals
+(by status, Z.AI code and class, upstream error type, rejection, retry reason,
+adaptive adjustment) for the views that need more than one number.
+
 ``delta`` turns two snapshots of one variant into ``Rates`` the way
 Prometheus' ``rate`` and ``histogram_quantile`` would over that interval:
 - a counter that went *down* means the process restarted, so the new value is
   the increase (Prometheus' counter-reset rule). Because the proxy's counters
   live in one shared-memory segment, a restart resets every family at once:
-  when any counter or histogram count went down, every counter is taken as
-  reset, so a counter that already grew past its old value is not
-  under-counted.
+  when any counter, breakdown label or histogram count went down, every
+  counter is taken as reset, so a counter that already grew past its old
+  value is not under-counted.
 - quantiles interpolate linearly inside the bucket that holds the rank, the
   ``+Inf`` bucket answers the highest finite bound, and an interval without
   observations has no quantile (``None``, Prometheus' NaN) — exactly
@@ -30,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,6 +47,19 @@ QUANTILES = (0.5, 0.95, 0.99)
 # Series without a ``variant`` label (an exposition from an older build): they
 # belong to the only variant present, else to this one.
 UNKNOWN_VARIANT = "unknown"
+# Not API traffic: scrapes, probes and the admin API (what the TUI itself calls).
+CONTROL_PATHS = frozenset({"/metrics", "/health", "/ready"})
+CONTROL_PREFIX = "/admin"
+# The breakdown categories, always all present (a missing family reads as empty).
+BREAKDOWNS = ("status", "zai_errors", "zai_error_classes", "upstream_errors", "rejections",
+              "retries", "adjustments")
+# The proxy's labels are bounded already (statuses, 13xx codes, its own error types); this
+# bounds what a foreign or broken exposition can make every snapshot carry. Labels past the
+# first ones in sorted order are summed into ``other``.
+MAX_BREAKDOWN_LABELS = 64
+OVERFLOW_LABEL = "other"
+
+Breakdown = Mapping[str, Mapping[str, float]]
 
 
 class ParseError(ValueError):
@@ -165,6 +186,40 @@ def _add_counts(a: Counts, b: Counts, scale: float = 1.0) -> Counts:
     return Counts(*(getattr(a, n) + getattr(b, n) * scale for n in COUNT_NAMES))
 
 
+def freeze_breakdown(raw: Mapping[str, Mapping[str, float]]) -> Breakdown:
+    """Every category of ``BREAKDOWNS`` (unknown ones dropped), labels sorted and bounded."""
+    out: dict[str, Mapping[str, float]] = {}
+    for category in BREAKDOWNS:
+        items = sorted(raw.get(category, {}).items())
+        if len(items) > MAX_BREAKDOWN_LABELS:
+            kept = dict(items[:MAX_BREAKDOWN_LABELS - 1])
+            overflow = sum(v for _, v in items[MAX_BREAKDOWN_LABELS - 1:])
+            kept[OVERFLOW_LABEL] = kept.get(OVERFLOW_LABEL, 0.0) + overflow
+            items = sorted(kept.items())
+        out[category] = MappingProxyType(dict(items))
+    return MappingProxyType(out)
+
+
+EMPTY_BREAKDOWN: Breakdown = freeze_breakdown({})
+
+
+def _add_breakdowns(parts: Iterable[tuple[Breakdown, float]]) -> Breakdown:
+    """The label-wise sum of ``scale`` times each breakdown."""
+    total: dict[str, dict[str, float]] = {c: {} for c in BREAKDOWNS}
+    for breakdown, scale in parts:
+        for category, labels in breakdown.items():
+            into = total.setdefault(category, {})
+            for label, value in labels.items():
+                into[label] = into.get(label, 0.0) + value * scale
+    return freeze_breakdown(total)
+
+
+def _breakdown_json(breakdown: Breakdown, divisor: float = 1.0) -> dict[str, dict[str, float]]:
+    if divisor <= 0:
+        return {c: dict.fromkeys(labels, 0.0) for c, labels in breakdown.items()}
+    return {c: {k: v / divisor for k, v in labels.items()} for c, labels in breakdown.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class VariantSnapshot:
     """One variant's state in one exposition (or several merged: ``merge``)."""
@@ -178,12 +233,17 @@ class VariantSnapshot:
     ttft: Histogram = field(default_factory=Histogram)
     versions: tuple[str, ...] = ()
     commits: tuple[str, ...] = ()
+    concurrency_limit: float = 0.0  # the configured global limit (proxy, else upstream); 0 = none
+    workers: float = 0.0  # worker processes (summed over targets by ``merge``)
+    # category -> label -> total; read-only mappings, so left out of the hash.
+    breakdown: Breakdown = field(default_factory=lambda: EMPTY_BREAKDOWN, hash=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "variant": self.variant, **self.counts.to_json(),
             "in_flight": self.in_flight, "streams_in_flight": self.streams_in_flight,
-            "adaptive_rate": self.adaptive_rate,
+            "adaptive_rate": self.adaptive_rate, "concurrency_limit": self.concurrency_limit,
+            "workers": self.workers, "breakdown": _breakdown_json(self.breakdown),
             "latency_seconds": self.latency.to_json(), "ttft_seconds": self.ttft.to_json(),
             "versions": list(self.versions), "commits": list(self.commits),
         }
@@ -203,6 +263,10 @@ class Rates:
     adaptive_rate: float = 0.0
     versions: tuple[str, ...] = ()
     reset: bool = False  # a counter reset (process restart) fell in this interval
+    concurrency_limit: float = 0.0
+    workers: float = 0.0
+    # category -> label -> increase (as ``VariantSnapshot.breakdown``)
+    breakdown: Breakdown = field(default_factory=lambda: EMPTY_BREAKDOWN, hash=False)
 
     def per_second(self, name: str) -> float:
         return getattr(self.increase, name) / self.seconds if self.seconds > 0 else 0.0
@@ -230,13 +294,15 @@ class Rates:
             "tokens_out_per_s": ps("tokens_out"),
             "tokens_cache_per_s": ps("tokens_cache"),
             "cost_usd_per_s": ps("cost_usd"),
+            "breakdown_per_s": _breakdown_json(self.breakdown, self.seconds),
         }
         for q in QUANTILES:
             out[f"latency_p{round(q * 100)}_s"] = self.latency.quantile(q)
         for q in QUANTILES:
             out[f"ttft_p{round(q * 100)}_s"] = self.ttft.quantile(q)
         out.update(in_flight=self.in_flight, streams_in_flight=self.streams_in_flight,
-                   adaptive_rate=self.adaptive_rate, versions=list(self.versions))
+                   adaptive_rate=self.adaptive_rate, concurrency_limit=self.concurrency_limit,
+                   workers=self.workers, versions=list(self.versions))
         return out
 
 
@@ -249,9 +315,19 @@ _COUNTERS = {
     "zai_proxy_estimated_cost_usd_total": "cost_usd",
 }
 _GAUGES_SUMMED = {"zai_proxy_concurrent_requests": "in_flight",
-                  "zai_proxy_streams_in_flight": "streams_in_flight"}
+                  "zai_proxy_streams_in_flight": "streams_in_flight",
+                  "zai_proxy_max_workers": "workers"}
+# family sample -> (category, the labels its key is made of, joined by ":")
+_BREAKDOWN_SOURCES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "zai_proxy_zai_errors_total": (("zai_errors", ("code",)), ("zai_error_classes", ("class",))),
+    "zai_proxy_upstream_errors_total": (("upstream_errors", ("error_type",)),),
+    "zai_proxy_rate_limit_rejections_total": (("rejections", ("scope", "limit")),),
+    "zai_proxy_retry_attempts_total": (("retries", ("reason",)),),
+    "zai_proxy_rate_limit_adjustments_total": (("adjustments", ("direction",)),),
+}
 _HISTOGRAMS = {"zai_proxy_request_duration_seconds": "latency",
                "zai_proxy_time_to_first_token_seconds": "ttft"}
+_API_HISTOGRAMS = frozenset({"latency"})  # histograms that count API requests only
 _TOKEN_DIRECTIONS = {"input": "tokens_in", "in": "tokens_in", "prompt": "tokens_in",
                      "output": "tokens_out", "out": "tokens_out", "completion": "tokens_out"}
 
@@ -262,7 +338,9 @@ class _Acc:
     def __init__(self) -> None:
         self.counts: dict[str, float] = dict.fromkeys(COUNT_NAMES, 0.0)
         self.gauges: dict[str, float] = {"in_flight": 0.0, "streams_in_flight": 0.0,
-                                         "adaptive_rate": 0.0}
+                                         "adaptive_rate": 0.0, "workers": 0.0}
+        self.breakdown: dict[str, dict[str, float]] = {c: {} for c in BREAKDOWNS}
+        self.concurrency: dict[str, float] = {}  # configured limit by scope
         # histogram -> series (labels other than le) -> {le: count}, plus _sum per series
         self.buckets: dict[str, dict[tuple[tuple[str, str], ...], dict[float, float]]] = {
             "latency": {}, "ttft": {}}
@@ -275,9 +353,15 @@ class _Acc:
         if math.isnan(value):
             return
         c = self.counts
+        for category, keys in _BREAKDOWN_SOURCES.get(name, ()):
+            self._count(category, ":".join(labels.get(k) or "-" for k in keys), value)
         if name == "zai_proxy_requests_total":
+            if _is_control(labels):
+                return
             c["requests"] += value
             status = labels.get("status", "")
+            if status:
+                self._count("status", status, value)
             if status[:1] in ("2", "4", "5") and status.isdigit():
                 c[f"responses_{status[0]}xx"] += value
             if status == "429":
@@ -294,6 +378,9 @@ class _Acc:
         elif name == "zai_proxy_rate_limit_requests_per_second":
             # One rate shared by all workers: several series repeat it, never add up.
             self.gauges["adaptive_rate"] = max(self.gauges["adaptive_rate"], value)
+        elif name == "zai_proxy_concurrency_limit":
+            scope = labels.get("scope", "")
+            self.concurrency[scope] = max(self.concurrency.get(scope, 0.0), value)
         elif name == "zai_proxy_build_info":
             if labels.get("version"):
                 self.versions.add(labels["version"])
@@ -302,7 +389,7 @@ class _Acc:
         else:
             base, _, suffix = name.rpartition("_")
             hist = _HISTOGRAMS.get(base)
-            if hist is None:
+            if hist is None or (hist in _API_HISTOGRAMS and _is_control(labels)):
                 return
             series = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
             if suffix == "bucket" and "le" in labels:
@@ -314,10 +401,19 @@ class _Acc:
             elif suffix == "sum":
                 self.sums[hist][series] = value
 
+    def _count(self, category: str, label: str, value: float) -> None:
+        into = self.breakdown[category]
+        into[label] = into.get(label, 0.0) + value
+
     def merge_from(self, other: _Acc) -> None:
         for k, v in other.counts.items():
             self.counts[k] += v
-        for k in ("in_flight", "streams_in_flight"):
+        for category, labels in other.breakdown.items():
+            for label, value in labels.items():
+                self._count(category, label, value)
+        for scope, limit in other.concurrency.items():
+            self.concurrency[scope] = max(self.concurrency.get(scope, 0.0), limit)
+        for k in ("in_flight", "streams_in_flight", "workers"):
             self.gauges[k] += other.gauges[k]
         self.gauges["adaptive_rate"] = max(self.gauges["adaptive_rate"],
                                            other.gauges["adaptive_rate"])
@@ -340,7 +436,15 @@ class _Acc:
             streams_in_flight=self.gauges["streams_in_flight"],
             adaptive_rate=self.gauges["adaptive_rate"],
             latency=self.histogram("latency"), ttft=self.histogram("ttft"),
-            versions=tuple(sorted(self.versions)), commits=tuple(sorted(self.commits)))
+            versions=tuple(sorted(self.versions)), commits=tuple(sorted(self.commits)),
+            # The proxy's own limit is what its in-flight count runs into first.
+            concurrency_limit=self.concurrency.get("proxy", self.concurrency.get("upstream", 0.0)),
+            workers=self.gauges["workers"], breakdown=freeze_breakdown(self.breakdown))
+
+
+def _is_control(labels: Mapping[str, str]) -> bool:
+    path = labels.get("path", "")
+    return path in CONTROL_PATHS or path.startswith(CONTROL_PREFIX)
 
 
 def parse(text: str) -> dict[str, VariantSnapshot]:
@@ -378,34 +482,58 @@ def delta(prev: VariantSnapshot, cur: VariantSnapshot, seconds: float) -> Rates:
     """The rates of one variant between two scrapes ``seconds`` apart."""
     p, c = prev.counts, cur.counts
     reset = (any(getattr(c, n) < getattr(p, n) for n in COUNT_NAMES)
+             or _breakdown_went_down(prev.breakdown, cur.breakdown)
              or cur.latency.went_down(prev.latency) or cur.ttft.went_down(prev.ttft))
     if reset:
-        increase, latency, ttft = c, cur.latency, cur.ttft
+        increase, latency, ttft, breakdown = c, cur.latency, cur.ttft, cur.breakdown
     else:
         increase = Counts(*(getattr(c, n) - getattr(p, n) for n in COUNT_NAMES))
         latency, ttft = cur.latency.minus(prev.latency), cur.ttft.minus(prev.ttft)
+        breakdown = freeze_breakdown({
+            category: {label: value - prev.breakdown.get(category, {}).get(label, 0.0)
+                       for label, value in labels.items()}
+            for category, labels in cur.breakdown.items()})
     return Rates(variant=cur.variant, seconds=max(0.0, seconds), increase=increase,
                  latency=latency, ttft=ttft, in_flight=cur.in_flight,
                  streams_in_flight=cur.streams_in_flight, adaptive_rate=cur.adaptive_rate,
-                 versions=cur.versions, reset=reset)
+                 versions=cur.versions, reset=reset, concurrency_limit=cur.concurrency_limit,
+                 workers=cur.workers, breakdown=breakdown)
+
+
+def _breakdown_went_down(prev: Breakdown, cur: Breakdown) -> bool:
+    """A label whose total went down. A label gone from ``cur`` is a series that vanished
+    (Prometheus ignores those), not a reset: a restart shows in the labels that remain."""
+    return any(value < prev.get(category, {}).get(label, 0.0)
+               for category, labels in cur.items() for label, value in labels.items())
 
 
 def merge(variant: str, snapshots: Iterable[VariantSnapshot]) -> VariantSnapshot:
     """Several targets' snapshots of one variant as one (totals and gauges summed)."""
+    items = list(snapshots)
     counts, latency, ttft = Counts(), Histogram(), Histogram()
-    in_flight = streams = rate = 0.0
+    in_flight = streams = rate = workers = 0.0
     versions: set[str] = set()
     commits: set[str] = set()
-    for s in snapshots:
+    for s in items:
         counts = _add_counts(counts, s.counts)
         latency, ttft = latency.plus(s.latency), ttft.plus(s.ttft)
         in_flight += s.in_flight
         streams += s.streams_in_flight
         rate += s.adaptive_rate  # each replica's limiter admits its own rate
+        workers += s.workers
         versions.update(s.versions)
         commits.update(s.commits)
-    return VariantSnapshot(variant, counts, in_flight, streams, rate, latency, ttft,
-                           tuple(sorted(versions)), tuple(sorted(commits)))
+    return VariantSnapshot(
+        variant, counts, in_flight, streams, rate, latency, ttft, tuple(sorted(versions)),
+        tuple(sorted(commits)), concurrency_limit=_fleet_limit(s.concurrency_limit for s in items),
+        workers=workers, breakdown=_add_breakdowns((s.breakdown, 1.0) for s in items))
+
+
+def _fleet_limit(limits: Iterable[float]) -> float:
+    """Each replica enforces its own global limit, so the fleet's is their sum; one replica
+    without a limit (0) leaves the fleet without one."""
+    values = list(limits)
+    return sum(values) if values and all(v > 0 for v in values) else 0.0
 
 
 def combine(variant: str, rates: Iterable[Rates]) -> Rates:
@@ -419,7 +547,7 @@ def combine(variant: str, rates: Iterable[Rates]) -> Rates:
         return Rates(variant=variant, seconds=0.0)
     window = max(r.seconds for r in items)
     increase, latency, ttft = Counts(), Histogram(), Histogram()
-    in_flight = streams = adaptive = 0.0
+    in_flight = streams = adaptive = workers = 0.0
     versions: set[str] = set()
     for r in items:
         scale = window / r.seconds
@@ -428,7 +556,11 @@ def combine(variant: str, rates: Iterable[Rates]) -> Rates:
         in_flight += r.in_flight
         streams += r.streams_in_flight
         adaptive += r.adaptive_rate
+        workers += r.workers
         versions.update(r.versions)
     return Rates(variant=variant, seconds=window, increase=increase, latency=latency, ttft=ttft,
                  in_flight=in_flight, streams_in_flight=streams, adaptive_rate=adaptive,
-                 versions=tuple(sorted(versions)), reset=any(r.reset for r in items))
+                 versions=tuple(sorted(versions)), reset=any(r.reset for r in items),
+                 concurrency_limit=_fleet_limit(r.concurrency_limit for r in items),
+                 workers=workers,
+                 breakdown=_add_breakdowns((r.breakdown, window / r.seconds) for r in items))

@@ -93,6 +93,8 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         pool_stats=lambda: (pool.active, pool.idle_count),
         alias_metrics=config.alias_metrics, known_models=frozenset(config.known_models),
         prices=load_prices(config.price_file) if config.price_file else DEFAULT_PRICES,
+        concurrency_limit=config.concurrency,
+        upstream_concurrency_limit=config.upstream_concurrency,
     )
     api_key = config.api_key.encode() if config.api_key else None
     admitter = Admitter(

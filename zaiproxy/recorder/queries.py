@@ -5,6 +5,12 @@ Both read the raw ``requests`` rows when the range lies within raw retention
 mean of the minutes' exact p95s; "source" in the answer says which). They run in
 the recorder (over its HTTP endpoint, :mod:`zaiproxy.recorder.endpoint`) or on a
 file opened read-only by ``zaiproxy history`` when no proxy holds it.
+
+Series points carry more than summary rows: what a dashboard plots per bucket
+(responses per status class, latency and time-to-first-token quantiles, retries,
+Z.AI errors, upstream errors, the proxy's own 429s). A rollup minute keeps only
+counts per status, latency sum/max/p95, tokens and cost, so the rest are null on a
+rollup range; the answer lists them (``fields_null_in_rollup``).
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from typing import Any, Final
 from zaiproxy.recorder.ranges import QueryError, parse_duration
 from zaiproxy.recorder.store import DAY, ERROR_SQL, HistoryStore
 
-__all__ = ["GROUPS", "QueryError", "export_parquet", "export_parquet_bytes", "history_series",
-           "history_summary", "parse_duration"]
+__all__ = ["FIELDS_NULL_IN_ROLLUP", "GROUPS", "QueryError", "export_parquet",
+           "export_parquet_bytes", "history_series", "history_summary", "parse_duration"]
 
 # group_by name -> (raw column, rollup column)
 GROUPS: Final = {
@@ -102,9 +108,86 @@ def history_summary(store: HistoryStore, range_s: float, *, variant: str | None 
     }
 
 
+# ---- series ---------------------------------------------------------------------------
+
+# Upstream failures, as /metrics counts them (zai_proxy_upstream_errors; proxy.py, upstream.py):
+# a relay the upstream broke off (``result``), or the proxy's own 502/504 when no response
+# head came (connect/TLS failure, timeout, closed without a response: errors.UpstreamError).
+# ``upstream_status`` is set only once a response head is relayed, so NULL marks "ours"; an
+# upstream's own 5xx, relayed, is an error but not an upstream failure. The pool-exhausted
+# 503 (counted by /metrics) cannot be told from a draining 503 in a row and is left out.
+UPSTREAM_ERROR_SQL: Final = ("(result IN ('upstream_cut', 'upstream_idle_timeout') "
+                             "OR (status IN (502, 504) AND upstream_status IS NULL))")
+# The proxy's own 429s (gate.RateLimited, at admission or when a Z.AI retry is readmitted):
+# a Z.AI 429 that is relayed has upstream_status 429.
+REJECTION_SQL: Final = "(status = 429 AND upstream_status IS NULL)"
+# A Z.AI 429 seen (retried or relayed): error_class is set for every one, error_code only
+# when the body named a code (a non-JSON body has class 'unknown' and no code).
+ZAI_ERROR_SQL: Final = "(error_class IS NOT NULL)"
+
+# Both inner aggregates give these columns (one pass over the table, FILTER clauses, one
+# quantile state per column for all three quantiles); the outer SELECT only projects them.
+_RAW_SERIES_AGG: Final = f"""
+    count(*) AS requests, count(*) FILTER (WHERE {ERROR_SQL}) AS errors,
+    avg(latency_ms) AS lat_avg, quantile_cont(latency_ms, [0.5, 0.95, 0.99]) AS lat_q,
+    max(latency_ms) AS lat_max,
+    coalesce(sum(input_tokens), 0) AS tin, coalesce(sum(output_tokens), 0) AS tout,
+    coalesce(sum(cache_read_tokens), 0) AS tcr, coalesce(sum(cache_write_tokens), 0) AS tcw,
+    coalesce(sum(cost_usd), 0) AS cost,
+    count(*) FILTER (WHERE status // 100 = 2) AS r2, count(*) FILTER (WHERE status // 100 = 4) AS r4,
+    count(*) FILTER (WHERE status // 100 = 5) AS r5, count(*) FILTER (WHERE status = 429) AS r429,
+    quantile_cont(ttft_ms, [0.5, 0.95, 0.99]) AS ttft_q,  -- NULLs skipped; NULL if none
+    coalesce(sum(retries), 0) AS retries,
+    count(*) FILTER (WHERE {ZAI_ERROR_SQL}) AS zai_errors,
+    count(*) FILTER (WHERE {UPSTREAM_ERROR_SQL}) AS upstream_errors,
+    count(*) FILTER (WHERE {REJECTION_SQL}) AS rejections"""
+_ROLLUP_SERIES_AGG: Final = """
+    sum(requests) AS requests, sum(errors) AS errors,
+    sum(latency_ms_sum) / sum(requests) AS lat_avg,
+    [NULL, sum(latency_ms_p95 * requests) / sum(requests), NULL]::DOUBLE[] AS lat_q,
+    max(latency_ms_max) AS lat_max,
+    sum(input_tokens) AS tin, sum(output_tokens) AS tout,
+    sum(cache_read_tokens) AS tcr, sum(cache_write_tokens) AS tcw, sum(cost_usd) AS cost,
+    coalesce(sum(requests) FILTER (WHERE status // 100 = 2), 0) AS r2,
+    coalesce(sum(requests) FILTER (WHERE status // 100 = 4), 0) AS r4,
+    coalesce(sum(requests) FILTER (WHERE status // 100 = 5), 0) AS r5,
+    coalesce(sum(requests) FILTER (WHERE status = 429), 0) AS r429,
+    NULL::DOUBLE[] AS ttft_q, NULL::BIGINT AS retries, NULL::BIGINT AS zai_errors,
+    NULL::BIGINT AS upstream_errors, NULL::BIGINT AS rejections"""
+# _AGG_NAMES order first (the summary's fields, converted by _agg), then _EXTRA_NAMES.
+_SERIES_COLUMNS: Final = """
+    requests, errors, lat_avg, lat_q[2], lat_max, tin, tout, tcr, tcw, cost,
+    r2, r4, r5, r429, lat_q[1], lat_q[3], ttft_q[1], ttft_q[2], ttft_q[3],
+    retries, zai_errors, upstream_errors, rejections"""
+_EXTRA_NAMES: Final = ("responses_2xx", "responses_4xx", "responses_5xx", "responses_429",
+                       "latency_ms_p50", "latency_ms_p99", "ttft_ms_p50", "ttft_ms_p95",
+                       "ttft_ms_p99", "retries", "zai_errors", "upstream_errors", "rejections")
+FIELDS_NULL_IN_ROLLUP: Final = ("latency_ms_p50", "latency_ms_p99", "ttft_ms_p50", "ttft_ms_p95",
+                                "ttft_ms_p99", "retries", "zai_errors", "upstream_errors",
+                                "rejections")
+
+
+def _point(values: tuple[Any, ...]) -> dict[str, Any]:
+    n = len(_AGG_NAMES)
+    out = _agg(values[:n])
+    for name, value in zip(_EXTRA_NAMES, values[n:], strict=True):
+        if value is None:
+            out[name] = None  # not kept in rollups, or no row had it (ttft)
+        elif name.endswith(("_p50", "_p95", "_p99")):
+            out[name] = round(float(value), 3)
+        else:
+            out[name] = int(value)
+    return out
+
+
 def history_series(store: HistoryStore, range_s: float, *, variant: str | None = None,
                    resolution_s: float = 60.0, now: float) -> dict[str, Any]:
-    """Points every ``resolution_s`` seconds over the last ``range_s``, one series per variant."""
+    """Points every ``resolution_s`` seconds over the last ``range_s``, one series per variant.
+
+    Each point: the summary's fields (requests, errors, latency avg/p95/max, tokens, cost)
+    and :data:`_EXTRA_NAMES`; those in :data:`FIELDS_NULL_IN_ROLLUP` are null when the
+    range is answered from rollups.
+    """
     start, end = now - range_s, now
     source = _source(store, start, now)
     raw = source == "raw"
@@ -113,18 +196,24 @@ def history_series(store: HistoryStore, range_s: float, *, variant: str | None =
     if resolution_s < 1 or range_s / resolution_s > MAX_POINTS:
         raise QueryError(f"resolution must be >= 1 s and give at most {MAX_POINTS} points")
     table, time_col = ("requests", "ts") if raw else ("requests_1m", "minute")
-    agg = _RAW_AGG if raw else _ROLLUP_AGG
+    agg = _RAW_SERIES_AGG if raw else _ROLLUP_SERIES_AGG
     rows = store.con.execute(
+        f"SELECT t, variant, {_SERIES_COLUMNS} FROM ("
         f"SELECT epoch(time_bucket(to_seconds(?), {time_col})) AS t, variant, {agg} "
-        f"FROM {table} WHERE {_where(time_col, variant)} GROUP BY t, variant ORDER BY t, variant",
+        f"FROM {table} WHERE {_where(time_col, variant)} GROUP BY t, variant"
+        ") ORDER BY t, variant",
         [resolution_s, *_params(start, end, variant)]).fetchall()
     series: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        point = {"t": float(row[0]), "time": _iso(float(row[0])), **_agg(row[2:])}
+        point = {"t": float(row[0]), "time": _iso(float(row[0])), **_point(row[2:])}
         series.setdefault(row[1], []).append(point)
     return {
         "range": {"start": _iso(start), "end": _iso(end), "seconds": range_s},
-        "variant": variant, "resolution_s": resolution_s, "source": source, "series": series,
+        "variant": variant, "resolution_s": resolution_s, "source": source,
+        "p95": "exact" if raw else "approximate (request-weighted mean of 1-minute p95s)",
+        "p50_p99": "exact" if raw else "not kept in rollups (null)",
+        "fields_null_in_rollup": list(FIELDS_NULL_IN_ROLLUP),
+        "series": series,
     }
 
 

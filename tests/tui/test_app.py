@@ -1,0 +1,290 @@
+"""Pilot tests: the app's key bindings and bad states, against the fixture source.
+
+Textual runs on asyncio and pytest-trio's ``trio_mode`` would capture an
+``async def`` test, so every test here is synchronous and runs its own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from textual.geometry import Region
+from textual.pilot import Pilot
+from textual.widget import Widget
+from textual.widgets import DataTable, Input, Static
+
+from tests.tui.fixtures import NOW, FixtureSource, history_doc, metrics_doc
+from tui.app import ZaiproxyTui
+from tui.source import NotServed, Unreachable
+from tui.widgets.panels import ErrorsPanel, KeysPanel, LimiterPanel, PlotPanel
+from tui.widgets.screens import HelpScreen, TokenScreen
+from tui.widgets.status import StatusLine
+from tui.widgets.timeplot import TimePlot
+
+UTC = dt.UTC
+
+
+def make_app(source: FixtureSource | None = None, **kw: Any) -> ZaiproxyTui:
+    return ZaiproxyTui(source or FixtureSource(), url="http://fleet:9090", clock=lambda: NOW,
+                       tz=UTC, **kw)
+
+
+def run(app: ZaiproxyTui, body: Callable[[Pilot[None], ZaiproxyTui], Awaitable[None]],
+        size: tuple[int, int] = (160, 48)) -> None:
+    async def main() -> None:
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause()
+            await body(pilot, app)
+
+    asyncio.run(main())
+
+
+def text(widget: Widget) -> str:
+    """What the widget shows, as plain text (its rendered lines)."""
+    width, height = widget.outer_size
+    return "\n".join(strip.text for strip in widget.render_lines(Region(0, 0, width, height)))
+
+
+def status(app: ZaiproxyTui) -> str:
+    return text(app.query_one(StatusLine))
+
+
+def summary(app: ZaiproxyTui, key: str) -> str:
+    return text(app.query_one(f"#panel-{key} .summary", Static))
+
+
+def plot_lines(app: ZaiproxyTui, key: str) -> list[str]:
+    plot = app.query_one(f"#panel-{key}", PlotPanel).query_one(TimePlot)
+    return [plot.render_line(y).text for y in range(plot.size.height)]
+
+
+def legend(app: ZaiproxyTui, key: str) -> str:
+    return str(app.query_one(f"#panel-{key}", PlotPanel).border_title)
+
+
+async def settle(pilot: Pilot[None]) -> None:
+    for _ in range(3):
+        await pilot.pause()
+
+
+def test_starts_connected_showing_production_numbers() -> None:
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        line = status(app)
+        assert "● connected" in line
+        assert "production" in line and "15m" in line
+        # 20 + 8 sin(NOW / 900) = 25.3 req/s in the fixture; in flight 0.8 × that, of 64.
+        assert "req 25.3/s" in line
+        assert "in-flight 20/64" in line
+        assert "━2xx" in legend(app, "rate") and "━5xx" in legend(app, "rate")
+        assert any(ch not in " │┤" and ch not in "0123456789.k" for ch in
+                   "".join(plot_lines(app, "rate")))  # braille drawn
+        assert "now 25.3/s" in summary(app, "rate")
+
+    run(make_app(), body)
+
+
+def test_variant_key_cycles_production_canary_both() -> None:
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await pilot.press("v")
+        assert "canary" in status(app) and "req 2.33/s" in status(app)
+        assert "━2xx" in legend(app, "rate")
+        await pilot.press("v")
+        assert "prod+canary" in status(app)
+        assert "━prod" in legend(app, "latency") and "━canary" in legend(app, "latency")
+        both = summary(app, "rate")
+        assert "prod 25.3/s" in both and "cana 2.33/s" in both and "5xx 6.0%" in both
+        await pilot.press("v")
+        assert "production" in status(app) and "canary" not in status(app)
+
+    run(make_app(), body)
+
+
+def test_range_keys_requery_history_for_the_new_range() -> None:
+    source = FixtureSource()
+
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        assert source.history_calls == [("15m", "all")]
+        await pilot.press("r")
+        await settle(pilot)
+        assert "1h" in status(app)
+        await pilot.press("6")
+        await settle(pilot)
+        assert " 7d" in status(app)
+        await pilot.press("R")
+        await settle(pilot)
+        assert "24h" in status(app)
+        await pilot.press("1")
+        await settle(pilot)
+        assert [c[0] for c in source.history_calls] == ["15m", "1h", "7d", "24h", "5m"]
+        # The x axis follows: a 5 min range is labelled in minutes ending at NOW (01:06:40 UTC).
+        assert "01:06" in plot_lines(app, "rate")[-1]
+
+    run(make_app(source), body)
+
+
+def test_pause_freezes_the_panels_and_says_so() -> None:
+    source = FixtureSource()
+
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        before = summary(app, "rate")
+        await pilot.press("p")
+        assert "PAUSED" in status(app)
+        await pilot.press("v")  # would switch the panels to canary
+        assert summary(app, "rate") == before
+        await pilot.press("p")
+        assert "PAUSED" not in status(app)
+        assert summary(app, "rate") != before  # canary now
+
+    run(make_app(source), body)
+
+
+def test_help_overlay_lists_every_binding_and_closes() -> None:
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await pilot.press("question_mark")
+        await settle(pilot)
+        assert isinstance(app.screen, HelpScreen)
+        shown = "\n".join(text(w) for w in app.screen.query(Static))
+        for words in ("v  variant: production → canary → both", "r  longer time range",
+                      "R  shorter", "1-6  range 5m / 15m / 1h / 6h / 24h / 7d", "p  pause",
+                      "s  sort the keys", "t  light / dark", "a  enter the admin token",
+                      "?  this help", "q  quit"):
+            key, what = words.split("  ")
+            assert any(line.split()[:1] == [key] and what in line for line in shown.splitlines()), words
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+    run(make_app(), body)
+
+
+def test_theme_key_switches_light_and_dark() -> None:
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        assert app.current_theme.dark
+        await pilot.press("t")
+        assert not app.current_theme.dark
+        await pilot.press("t")
+        assert app.current_theme.dark
+
+    run(make_app(), body)
+
+
+def test_keys_table_sorts_by_column() -> None:
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        table = app.query_one(KeysPanel).query_one(DataTable)
+
+        def aliases() -> list[str]:
+            return [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+
+        assert aliases() == ["agent-fleet-a", "ci-bot", "alice", "old-laptop"]  # requests ↓
+        await pilot.press("s", "s", "s", "s")  # requests -> in -> out -> left -> resets
+        await settle(pilot)
+        assert "resets" in str(app.query_one(KeysPanel).border_title)
+        assert aliases()[0] == "ci-bot"  # 42 s: the soonest reset
+        await pilot.press("s")  # -> alias (ascending)
+        await settle(pilot)
+        assert aliases() == ["agent-fleet-a", "alice", "ci-bot", "old-laptop"]
+        ci_bot = [str(cell) for cell in table.get_row_at(2)]
+        assert ci_bot[1] == "limited" and ci_bot[5] == "0% req/min" and ci_bot[6] == "42s"
+
+    run(make_app(), body)
+
+
+def test_limits_panel_shows_used_left_and_reset_times() -> None:
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        limiter = text(app.query_one(LimiterPanel))
+        assert "req/5h" in limiter and "2h 13m" in limiter  # 7980 s
+        assert "upstream tok/week" in limiter and "3d" in limiter
+        req_5h = next(line for line in limiter.splitlines() if "req/5h" in line)
+        assert "40%" in req_5h and "60%" in req_5h  # used, left
+        assert "↓8 ↑6" in limiter  # adaptive adjustments of both variants
+        errors = text(app.query_one(ErrorsPanel))
+        assert "Z.AI 1302 concurrency" in errors
+        assert "1,800" in errors  # 900 per variant, both shown
+
+    run(make_app(mode="both"), body)
+
+
+def test_unreachable_proxy_shows_reconnecting_countdown() -> None:
+    source = FixtureSource(events_error=Unreachable("cannot connect to http://fleet:9090"),
+                           history_error=Unreachable("cannot connect"),
+                           keys_error=Unreachable("cannot connect"))
+
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await settle(pilot)
+        line = status(app)
+        assert "reconnecting in" in line and "cannot connect" in line
+        assert "waiting for data" in "".join(plot_lines(app, "rate"))
+        assert "cannot connect" in text(app.query_one(LimiterPanel))
+
+    run(make_app(source), body)
+
+
+def test_401_asks_for_the_token_and_reconnects_with_it() -> None:
+    source = FixtureSource(token="s3cret")
+
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await settle(pilot)
+        assert isinstance(app.screen, TokenScreen)
+        assert "401" in status(app)
+        field = app.screen.query_one(Input)
+        assert field.password  # never shown
+        await pilot.press(*"s3cret", "enter")
+        await settle(pilot)
+        assert source.token == "s3cret"
+        assert not isinstance(app.screen, TokenScreen)
+        assert "● connected" in status(app)
+        assert source.events_calls == 2
+
+    run(make_app(source), body)
+
+
+def test_empty_history_and_a_variant_without_data() -> None:
+    source = FixtureSource(events=[metrics_doc(variants=("production",))],
+                           history=lambda r, v: history_doc(r, variants=("production",)))
+
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await pilot.press("v")  # canary: nothing anywhere
+        assert "no data for canary in the last 15m" in "".join(plot_lines(app, "latency"))
+        await pilot.press("v")  # both: production drawn, canary named as missing
+        assert "cana no data" in summary(app, "rate")
+        assert "prod 25.3/s" in summary(app, "rate")
+
+    run(make_app(source), body)
+
+
+def test_history_off_is_a_notice_not_a_crash() -> None:
+    source = FixtureSource(history_error=NotServed(
+        "history is not recorded by this proxy (history recording is off)"), events=[])
+
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await settle(pilot)
+        assert any("history recording is off" in str(n.message)
+                   for n in app._notifications)
+        assert "waiting for data" in "".join(plot_lines(app, "rate"))
+
+    run(make_app(source), body)
+
+
+def test_collector_without_keys_route_says_why() -> None:
+    source = FixtureSource(keys_error=NotServed("/admin/keys is not served here"))
+
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await settle(pilot)
+        panel = app.query_one(KeysPanel)
+        assert "keys and limits are per proxy" in text(panel.query_one(".message", Static))
+
+    run(make_app(source), body)
+
+
+def test_works_at_80x24_and_every_panel_is_reachable() -> None:
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        assert "-narrow" in app.screen.classes
+        assert app.query_one("#panel-rate").region.height >= 6
+        await pilot.press("k")  # jump to the keys table
+        await settle(pilot)
+        keys = app.query_one(KeysPanel)
+        assert keys.region.y < 24 and keys.query_one(DataTable).has_focus
+
+    run(make_app(), body, size=(80, 24))

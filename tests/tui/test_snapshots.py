@@ -1,0 +1,33 @@
+"""SVG snapshots of the main screen (pytest-textual-snapshot): both variant views, both themes,
+the smallest supported terminal (80×24) and a large one (160×48).
+
+The fixture fleet and the clock are fixed (``tests/tui/fixtures.py``), so a
+changed SVG is a changed screen: look at the diff report pytest writes, then
+accept with ``pytest tests/tui/test_snapshots.py --snapshot-update``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from tests.tui.fixtures import NOW, FixtureSource
+from tui.app import ZaiproxyTui
+
+
+def _app(mode: str, dark: bool) -> ZaiproxyTui:
+    return ZaiproxyTui(FixtureSource(), url="http://fleet:9090", clock=lambda: NOW,
+                       tz=dt.UTC, mode=mode, dark=dark)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])
+@pytest.mark.parametrize("dark", [True, False], ids=["dark", "light"])
+@pytest.mark.parametrize("mode", ["production", "both"])
+def test_main_screen(snap_compare: Any, mode: str, dark: bool, size: tuple[int, int]) -> None:
+    assert snap_compare(_app(mode, dark), terminal_size=size)
+
+
+def test_help_overlay(snap_compare: Any) -> None:
+    assert snap_compare(_app("production", True), terminal_size=(80, 24), press=["?"])

@@ -1,0 +1,398 @@
+"""tui.views over a Dashboard fed with the fixture fleet (and one real proxy history).
+
+The fixture fleet at ``NOW``: production at 20 + 8·sin(NOW/900) = 25.28 req/s (1 % 5xx,
+p50 666 ms, 1380 tokens per request, 20.2 in flight of 64), canary at 2.33 req/s (6 % 5xx,
+16 slots). Its history is the collector's: 15 s steps over 15 min = 61 points per variant,
+the last ending at NOW.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.tui.fixtures import NOW, history_doc, keys_doc, metrics_doc
+from tui.model import LimitState, parse_history, parse_keys, parse_snapshot
+from tui.source import AuthRequired, Connected, Connecting, Reconnecting
+from tui.state import Dashboard
+from tui.views import (
+    Segment,
+    error_rows,
+    fmt_count,
+    fmt_duration,
+    fmt_pct,
+    fmt_rate,
+    fmt_seconds,
+    fmt_si,
+    fmt_usd,
+    key_lines,
+    limit_rows,
+    panel_views,
+    status_view,
+)
+
+DATA = Path(__file__).parent / "data"
+PANELS = ["rate", "latency", "ttft", "tokens", "cost", "concurrency"]
+
+
+def dashboard(mode: str = "production", range_: str = "15m", *,
+              variants: tuple[str, ...] = ("production", "canary"), history: bool = True,
+              snapshot: bool = True) -> Dashboard:
+    d = Dashboard("http://fleet:9100", range_=range_, mode=mode)
+    d.apply(Connected(2.0, None), NOW)
+    if snapshot:
+        d.apply(parse_snapshot(metrics_doc(NOW, variants)), NOW)
+    if history:
+        d.set_history(parse_history(history_doc(range_, variants), range_, NOW))
+    return d
+
+
+def texts(segments: list[Segment] | tuple[Segment, ...]) -> list[str]:
+    return [text for text, _ in segments]
+
+
+def after(segments: list[Segment] | tuple[Segment, ...], label: str) -> Segment:
+    """The segment that follows the one whose text is ``label``."""
+    i = texts(segments).index(label)
+    return segments[i + 1]
+
+
+# ---- status line -------------------------------------------------------------------------
+
+
+def test_status_connected_shows_the_newest_rates() -> None:
+    seg = status_view(dashboard(), NOW)
+    assert seg[0] == ("● connected", "ok")
+    assert ("  production", "accent") in seg and (" 15m", "accent") in seg
+    assert after(seg, "  req ") == ("25.3/s", None)
+    assert after(seg, "  err ") == ("1.0%", None)
+    assert after(seg, "  p50 ") == ("666ms", None)
+    assert after(seg, "  tok ") == ("34.9k/s", None)
+    assert after(seg, "  in-flight ") == ("20/64", None)
+    assert not any("STALE" in t or "PAUSED" in t for t in texts(seg))
+
+
+def test_status_both_variants_are_combined() -> None:
+    seg = status_view(dashboard("both"), NOW)
+    assert ("  prod+canary", "accent") in seg
+    assert after(seg, "  req ") == ("27.6/s", None)  # 25.28 + 2.33
+    assert after(seg, "  err ") == ("1.4%", None)  # (0.253 + 0.140) / 27.6
+    assert after(seg, "  in-flight ") == ("22/80", None)
+
+
+def test_status_canary_error_rate_over_5_percent_is_an_error() -> None:
+    seg = status_view(dashboard("canary"), NOW)
+    assert after(seg, "  err ") == ("6.0%", "error")
+    assert after(seg, "  in-flight ") == ("2/16", None)
+
+
+def test_status_reconnecting_counts_down() -> None:
+    d = dashboard()
+    d.apply(Reconnecting("cannot connect to http://fleet:9100", NOW + 2.4, 3), NOW)
+    d.apply(Connecting(3), NOW)  # the attempt itself keeps the countdown and its reason
+    seg = status_view(d, NOW)
+    assert seg[0] == ("◌ reconnecting in 3s", "warn")
+    assert seg[1] == (" (cannot connect to http://fleet:9100)", "muted")
+    assert status_view(d, NOW + 2.0)[0] == ("◌ reconnecting in 1s", "warn")
+    assert status_view(d, NOW + 9.0)[0] == ("◌ reconnecting in 0s", "warn")
+
+
+def test_status_connecting_before_anything() -> None:
+    d = Dashboard("http://fleet:9100")
+    seg = status_view(d, NOW)
+    assert seg[0] == ("◌ connecting", "warn")
+    assert "  req " not in texts(seg) and "  in-flight " not in texts(seg)
+
+
+def test_status_auth_required() -> None:
+    d = dashboard()
+    d.apply(AuthRequired("wrong admin token"), NOW)
+    assert status_view(d, NOW)[0] == ("✖ 401: press a to enter the admin token", "error")
+
+
+def test_status_stale_after_three_intervals_without_snapshots() -> None:
+    d = dashboard()  # interval 2 s, the last snapshot at NOW
+    assert not any("STALE" in t for t in texts(status_view(d, NOW + 6.0)))
+    assert (" STALE 7s", "error") in status_view(d, NOW + 7.0)
+    assert (" STALE 2m 5s", "error") in status_view(d, NOW + 125.0)
+    d.apply(parse_snapshot(metrics_doc(NOW + 125.0)), NOW + 125.0)
+    assert not any("STALE" in t for t in texts(status_view(d, NOW + 126.0)))
+
+
+def test_status_stale_follows_the_announced_interval() -> None:
+    d = Dashboard("http://fleet:9100")
+    d.apply(parse_snapshot(metrics_doc(NOW, interval=10.0)), NOW)
+    assert not any("STALE" in t for t in texts(status_view(d, NOW + 29.0)))
+    assert (" STALE 31s", "error") in status_view(d, NOW + 31.0)
+
+
+def test_status_paused() -> None:
+    d = dashboard()
+    d.paused = True
+    assert (" ⏸ PAUSED", "warn") in status_view(d, NOW)
+
+
+# ---- plot panels --------------------------------------------------------------------------
+
+
+def test_panels_production_one_series_per_part() -> None:
+    doc = history_doc("15m")
+    raw = doc["series"]["production"]
+    views = panel_views(dashboard(), NOW)
+    assert [v.key for v in views] == PANELS
+    rate = views[0]
+    assert (rate.start, rate.end, rate.y_format, rate.message) == (NOW - 900, NOW, "rate", None)
+    assert [(s.label, s.role) for s in rate.series] == [("2xx", "2xx"), ("4xx", "4xx"),
+                                                         ("429", "429"), ("5xx", "5xx")]
+    assert rate.legend == (("2xx", "2xx"), ("4xx", "4xx"), ("429", "429"), ("5xx", "5xx"))
+    r2xx, r4xx, r429, r5xx = (s.points for s in rate.series)
+    assert len(r2xx) == 61  # the history; the live point at NOW is what it already covers
+    assert r429[0] == (raw[0]["t"] + 15, raw[0]["rate_limited_per_s"])
+    assert r5xx[0][1] == raw[0]["errors_per_s"]
+    # "4xx" is the 4xx that is not 429: 4 % − 2 % of the requests.
+    assert r4xx[0][1] == pytest.approx(raw[0]["requests_per_s"] * 0.02)
+    assert after(rate.summary, "now ") == ("25.3/s", None)
+    assert after(rate.summary, "  5xx ") == ("1.0%", None)
+    latency = views[1]
+    assert [s.label for s in latency.series] == ["p50", "p95", "p99"]
+    assert latency.series[1].points[-1][1] == raw[-1]["latency_p95_s"]
+    assert after(latency.summary, "p50 ") == ("666ms", "p50")
+    cost = views[4]
+    assert cost.series[0].points[0][1] == pytest.approx(raw[0]["cost_usd_per_s"] * 3600)
+    concurrency = views[5]
+    assert after(concurrency.summary, " / max ") == ("64.0", "limit")
+
+
+def test_panels_live_points_after_the_history() -> None:
+    d = dashboard()
+    for i in (1, 2, 3):
+        d.apply(parse_snapshot(metrics_doc(NOW + 2 * i)), NOW + 2 * i)
+    rate = panel_views(d, NOW + 6)[0]
+    times = [t for t, _ in rate.series[0].points]
+    assert times[-3:] == [NOW + 2, NOW + 4, NOW + 6]
+    assert all(t >= NOW + 6 - 900 for t in times)
+    assert len(times) == 61 + 3 - 1  # the oldest history point left the range
+
+
+def test_panels_canary_mode() -> None:
+    views = panel_views(dashboard("canary"), NOW)
+    latency = views[1]
+    assert latency.message is None
+    raw = history_doc("15m")["series"]["canary"]
+    assert latency.series[1].points[0][1] == raw[0]["latency_p95_s"]
+    assert after(views[0].summary, "  5xx ") == ("6.0%", "error")
+
+
+def test_panels_both_modes_one_series_per_variant() -> None:
+    views = panel_views(dashboard("both"), NOW)
+    assert [v.key for v in views] == PANELS
+    prod = history_doc("15m")["series"]["production"]
+    canary = history_doc("15m")["series"]["canary"]
+    for v in views:
+        assert [(s.label, s.role) for s in v.series] == [("production", "production"),
+                                                         ("canary", "canary")]
+        assert [role for _, role in v.legend] == ["production", "canary"]
+        assert v.message is None
+    rate, latency = views[0], views[1]
+    assert rate.title == "Requests/s"
+    assert rate.series[0].points[0][1] == prod[0]["requests_per_s"]
+    assert rate.series[1].points[0][1] == canary[0]["requests_per_s"]
+    assert latency.title == "Latency · p95"
+    assert latency.series[1].points[0][1] == canary[0]["latency_p95_s"]
+    assert ("cana ", "canary") in rate.summary
+    assert after(rate.summary, "cana ") == ("2.33/s", None)
+
+
+def test_panels_no_data_for_a_variant() -> None:
+    d = dashboard("canary", variants=("production",))
+    for v in panel_views(d, NOW):
+        assert v.message == "no data for canary in the last 15m"
+        assert all(s.points == () for s in v.series)
+    d.mode = "both"
+    views = panel_views(d, NOW)
+    assert all(v.message is None for v in views)
+    assert len(views[0].series[0].points) == 61 and views[0].series[1].points == ()
+    assert any("no data" in t for t in texts(views[0].summary[2:]))
+
+
+def test_panels_waiting_for_data_before_anything_arrived() -> None:
+    d = Dashboard("http://fleet:9100")
+    assert [v.message for v in panel_views(d, NOW)] == ["waiting for data…"] * 6
+    d.apply(AuthRequired("wrong admin token"), NOW)
+    assert {v.message for v in panel_views(d, NOW)} == {"waiting for the admin token (press a)"}
+
+
+def test_panels_history_only() -> None:
+    d = dashboard(snapshot=False)
+    rate = panel_views(d, NOW)[0]
+    assert rate.message is None and len(rate.series[0].points) == 61
+    assert after(rate.summary, "now ")[0] != "–"  # the newest history point
+
+
+# ---- limits, keys, errors -------------------------------------------------------------------
+
+
+def test_limit_rows_of_the_global_limits() -> None:
+    rows = {r.label: r for r in limit_rows(parse_keys(keys_doc()).limits)}
+    assert list(rows) == ["req/min", "concurrency", "req/5h", "upstream tok/week"]
+    rpm = rows["req/min"]  # GCRA 1900 of 3000 left, full again in 22 s
+    assert (rpm.used, rpm.left, rpm.resets, rpm.limited) == ("1,100/3,000", "63%", "22s", False)
+    assert rpm.used_share == pytest.approx(1100 / 3000)
+    conc = rows["concurrency"]
+    assert (conc.used, conc.left, conc.resets) == ("17/64", "73%", "–")
+    five_h = rows["req/5h"]
+    assert (five_h.used, five_h.left, five_h.resets) == ("161.0k/400.0k", "60%", "2h 13m")
+    week = rows["upstream tok/week"]
+    assert (week.used, week.left, week.resets) == ("830.0M/900.0M", "7.8%", "3d")
+
+
+def test_limit_rows_limited_and_unused() -> None:
+    rows = limit_rows([LimitState("requests_per_minute", 60, 0, None, 42.0),
+                       LimitState("tokens_per_week", 1000, 1000, 0.0, None),
+                       LimitState("upstream_concurrency", 8, 0, 8.0, None)])
+    assert [(r.label, r.left, r.resets, r.limited) for r in rows] == [
+        ("req/min", "0%", "42s", True), ("tok/week", "100%", "now", False),
+        ("upstream concurrency", "0%", "–", True)]
+
+
+def test_limit_rows_of_a_real_proxy() -> None:
+    report = parse_keys(json.loads((DATA / "proxy_keys.json").read_text()))
+    rows = {r.label: r for r in limit_rows(report.limits)}
+    assert rows["upstream tok/5h"].resets == "4h 58m"  # 17927.273 s
+    assert rows["upstream tok/5h"].used == "195/1.0M"
+
+
+def keys_dashboard() -> Dashboard:
+    d = dashboard()
+    d.set_keys(parse_keys(keys_doc()))
+    return d
+
+
+def test_key_lines_show_state_and_the_tightest_limit() -> None:
+    lines = {k.alias: k for k in key_lines(keys_dashboard())}
+    agent = lines["agent-fleet-a"]
+    assert (agent.state, agent.state_role, agent.requests) == ("ok", "ok", 48_211)
+    assert (agent.left, agent.resets, agent.resets_s) == ("38% tok/5h", "2h 13m", 7980.0)
+    ci = lines["ci-bot"]
+    assert ci.state.startswith("limited") and ci.state_role == "error"
+    assert (ci.left, ci.resets) == ("0% req/min", "42s")
+    assert (lines["alice"].left, lines["alice"].resets) == ("88% req/week", "3d 14h")
+    old = lines["old-laptop"]
+    assert (old.state, old.state_role, old.left, old.resets) == ("disabled", "muted",
+                                                                 "no limits", "–")
+
+
+@pytest.mark.parametrize(("column", "ascending"), [
+    ("key", ["agent-fleet-a", "alice", "ci-bot", "old-laptop"]),
+    ("requests", ["old-laptop", "alice", "ci-bot", "agent-fleet-a"]),
+    ("in", ["old-laptop", "alice", "ci-bot", "agent-fleet-a"]),
+    ("out", ["old-laptop", "alice", "ci-bot", "agent-fleet-a"]),
+    ("left", ["ci-bot", "agent-fleet-a", "alice", "old-laptop"]),  # no limits: last
+    ("resets", ["ci-bot", "agent-fleet-a", "alice", "old-laptop"]),
+    ("state", ["old-laptop", "ci-bot", "agent-fleet-a", "alice"]),
+])
+def test_key_lines_sort_by_each_column_and_reverse(column: str, ascending: list[str]) -> None:
+    d = keys_dashboard()
+    assert [k.alias for k in key_lines(d, column, reverse=False)] == ascending
+    assert [k.alias for k in key_lines(d, column, reverse=True)] == ascending[::-1]
+
+
+def test_key_lines_default_is_most_requests_first_and_empty_without_keys() -> None:
+    assert key_lines(keys_dashboard())[0].alias == "agent-fleet-a"
+    assert key_lines(dashboard()) == []
+
+
+def test_error_rows_total_over_the_range_of_a_real_proxy_history() -> None:
+    fetched_at = 1795828592.234757
+    doc = json.loads((DATA / "proxy_history_5m.json").read_text())
+    d = Dashboard("http://127.0.0.1:42231", range_="5m")
+    d.set_history(parse_history(doc, "5m", fetched_at))
+    rows, range_ = error_rows(d, fetched_at)
+    assert range_ == "5m"
+    got = {r.label: r.total for r in rows}
+    assert all(r.now is None for r in rows)  # no live point yet
+    # Three buckets: 8 requests (2 × 429), 4 (4 × 429), 1; every 429 a key-limit rejection.
+    assert got["429 (all)"] == pytest.approx(6.0)
+    assert got["rejected by limits"] == pytest.approx(6.0)
+    assert got["4xx other"] == pytest.approx(0.0)
+    assert (got["5xx"], got["retries"]) == (0.0, 0.0)
+    assert len(rows) == 7  # no snapshot yet: no "by code" rows
+    # The range ends later: only what is still within 5 min counts.
+    rows, _ = error_rows(d, 1795828580.5 + 300.0)  # the first bucket ended at …580
+    assert {r.label: r.total for r in rows}["429 (all)"] == pytest.approx(4.0)
+
+
+def test_error_rows_now_and_by_code() -> None:
+    d = dashboard()
+    rows, _ = error_rows(d, NOW)
+    got = {r.label: r for r in rows}
+    req = 25.275515266731304
+    assert got["5xx"].now == pytest.approx(req * 0.01)
+    assert got["Z.AI errors"].now == pytest.approx(req * 0.005)
+    assert got["retries"].now == pytest.approx(req * 0.003)
+    h = d.history
+    assert h is not None
+    assert got["5xx"].total == pytest.approx(
+        sum(p.r5xx * p.seconds for p in h.series["production"] if p.r5xx is not None))
+    codes = [r for r in rows if r.label.startswith("  ")]
+    assert [r.label for r in codes][:2] == ["  Z.AI 1302 concurrency", "  Z.AI 1308 quota 5h"]
+    assert got["  Z.AI 1302 concurrency"].total == 900.0
+    assert got["  Z.AI 1302 concurrency"].now == pytest.approx(req * 0.004)
+    assert got["  upstream connect"].total == 40.0
+    assert got["  retry concurrency"].total == 300.0
+    # Both variants: the totals of both.
+    both = {r.label: r for r in error_rows(dashboard("both"), NOW)[0]}
+    assert both["  Z.AI 1302 concurrency"].total == 1800.0
+    assert both["5xx"].now == pytest.approx(req * 0.01 + 2.3297197041707065 * 0.06)
+
+
+# ---- formatting ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (45, "45s"), (44.2, "45s"), (0, "0s"), (-3, "0s"), (60, "1m"), (725, "12m 5s"),
+    (3600, "1h"), (7980, "2h 13m"), (86400, "1d"), (273600, "3d 4h"), (None, "–")])
+def test_fmt_duration(seconds: float | None, text: str) -> None:
+    assert fmt_duration(seconds) == text
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (None, "–"), (0, "0"), (0.00085, "850µs"), (0.012, "12ms"), (0.6659, "666ms"),
+    (1.23, "1.2s"), (250, "250s")])
+def test_fmt_seconds(value: float | None, text: str) -> None:
+    assert fmt_seconds(value) == text
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (None, "–"), (0, "0%"), (0.01, "1.0%"), (0.0625, "6.2%"), (0.123, "12%"), (1, "100%")])
+def test_fmt_pct(value: float | None, text: str) -> None:
+    assert fmt_pct(value) == text
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (None, "–"), (0, "0"), (0.5, "0.50"), (12.34, "12.3"), (250, "250"), (1234, "1.2k"),
+    (161_000, "161.0k"), (2.5e6, "2.5M"), (3e9, "3.0G"), (-1500, "-1.5k")])
+def test_fmt_si(value: float | None, text: str) -> None:
+    assert fmt_si(value) == text
+
+
+def test_fmt_si_units_rates_and_counts() -> None:
+    assert fmt_si(2.5e9, "B") == "2.5GB"
+    assert fmt_rate(25.28) == "25.3/s"
+    assert fmt_rate(None) == "–"
+    assert (fmt_count(9_999), fmt_count(12_345), fmt_count(None)) == ("9,999", "12.3k", "–")
+
+
+@pytest.mark.parametrize(("fn", "value", "text"), [
+    (fmt_si, 999_960, "1.0M"), (fmt_seconds, 0.9996, "1.0s")])
+def test_fmt_rounding_moves_to_the_next_unit(fn: object, value: float, text: str) -> None:
+    assert callable(fn)
+    assert fn(value) == text
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (None, "–"), (0, "$0"), (0.00123, "$0.0012"), (12.5, "$12.50"), (1234.6, "$1,235")])
+def test_fmt_usd(value: float | None, text: str) -> None:
+    assert fmt_usd(value) == text

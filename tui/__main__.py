@@ -1,0 +1,47 @@
+"""``python -m tui`` (what ``zaiproxy tui`` runs): the terminal UI of a proxy or a collector."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tui.model import RANGES, VARIANT_MODES
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="zaiproxy tui",
+        description="Live and historical monitoring of a zaiproxy or a fleet collector "
+                    "(reads only its admin API).")
+    p.add_argument("--url", default=os.environ.get("ZAIPROXY_URL", DEFAULT_URL),
+                   help=f"proxy or collector (default {DEFAULT_URL}, env ZAIPROXY_URL)")
+    p.add_argument("--token", default=None,
+                   help="admin token (default: env ZAIPROXY_ADMIN_TOKEN; asked for on a 401)")
+    p.add_argument("--range", default="15m", choices=list(RANGES), help="initial time range")
+    p.add_argument("--variant", default="production", choices=list(VARIANT_MODES),
+                   help="initial variant view")
+    p.add_argument("--light", action="store_true", help="start with the light theme")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    try:
+        from tui.app import ZaiproxyTui
+        from tui.source import AdminApi
+    except ImportError as exc:  # textual or httpx missing
+        print(f"zaiproxy tui needs the 'tui' extra: pip install 'zaiproxy[tui]' ({exc})",
+              file=sys.stderr)
+        return 2
+    token = ns.token or os.environ.get("ZAIPROXY_ADMIN_TOKEN") or None
+    api = AdminApi(ns.url, token)
+    app = ZaiproxyTui(api, url=api.url, range_=ns.range, mode=ns.variant, dark=not ns.light)
+    app.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

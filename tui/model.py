@@ -1,0 +1,454 @@
+"""What the TUI knows, as plain data: the admin API's answers, normalised (no Textual, no I/O).
+
+A proxy and a fleet collector (``zaiproxy collect``) serve the same admin routes
+but not quite the same shapes, so everything is parsed here into one vocabulary:
+
+- :class:`Point`: what one variant did over one interval, as rates per second
+  (live ``metrics`` events carry ``rates``; a collector's history points are
+  rates already; a proxy's history points are counts per bucket of the
+  recorder and are divided by the bucket length). ``None`` = not known (a gap
+  in a plot, "–" in a table), never 0.
+- :class:`History`: points per variant over a range, and what the answer said
+  it could not fill (a recorder's rollups keep no p50/p99, no TTFT).
+- :class:`Snapshot`: one live ``metrics`` event: per variant its totals, the
+  rates since the previous event, the breakdowns by class.
+- :class:`KeysReport`: ``/admin/keys``: per key and proxy-wide limit state.
+
+Every parser tolerates missing fields (an older proxy, a family not yet
+observed) and raises :class:`AnswerError` only for an answer that is not the
+admin API's at all, so a version skew shows as blanks, never as a crash.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+RANGES: Final[dict[str, int]] = {"5m": 300, "15m": 900, "1h": 3600, "6h": 21600,
+                                 "24h": 86400, "7d": 604800}
+VARIANT_MODES: Final = ("production", "canary", "both")
+PRODUCTION: Final = "production"
+CANARY: Final = "canary"
+
+
+class AnswerError(ValueError):
+    """An answer that is not the admin API's (not JSON, not an object, ...)."""
+
+
+# ---- points ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One variant over one interval ending near ``t`` (unix seconds); rates per second."""
+
+    t: float
+    seconds: float
+    requests: float | None = None
+    r2xx: float | None = None
+    r4xx: float | None = None
+    r429: float | None = None
+    r5xx: float | None = None
+    latency_p50: float | None = None  # seconds
+    latency_p95: float | None = None
+    latency_p99: float | None = None
+    ttft_p50: float | None = None
+    ttft_p95: float | None = None
+    ttft_p99: float | None = None
+    tokens_in: float | None = None
+    tokens_out: float | None = None
+    cost: float | None = None  # USD per second
+    in_flight: float | None = None
+    concurrency_limit: float | None = None
+    retries: float | None = None
+    zai_errors: float | None = None
+    upstream_errors: float | None = None
+    rejections: float | None = None
+
+    @property
+    def error_rate(self) -> float | None:
+        """5xx share of requests (what a canary rollback compares)."""
+        if self.requests is None or self.r5xx is None:
+            return None
+        return self.r5xx / self.requests if self.requests > 0 else 0.0
+
+
+RATE_FIELDS: Final = ("requests", "r2xx", "r4xx", "r429", "r5xx", "tokens_in", "tokens_out",
+                      "cost", "retries", "zai_errors", "upstream_errors", "rejections")
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _ms(value: Any) -> float | None:
+    v = _num(value)
+    return None if v is None else v / 1000.0
+
+
+def _list(value: Any) -> list[Any]:
+    """A JSON array, else nothing (a string would otherwise iterate as characters)."""
+    return value if isinstance(value, list) else []
+
+
+def _sum_breakdown(doc: Mapping[str, Any], category: str) -> float | None:
+    values = doc.get(category)
+    if not isinstance(values, Mapping):
+        return None
+    return sum(v for v in (_num(x) for x in values.values()) if v is not None)
+
+
+def point_from_rates(t: float, rates: Mapping[str, Any]) -> Point:
+    """A live ``rates`` object (proxy or collector) or a collector history point."""
+    requests = _num(rates.get("requests_per_s"))
+    r4xx = _num(rates.get("client_errors_per_s"))
+    r5xx = _num(rates.get("errors_per_s"))
+    r429 = _num(rates.get("rate_limited_per_s"))
+    breakdown = rates.get("breakdown_per_s")
+    statuses = breakdown.get("status") if isinstance(breakdown, Mapping) else None
+    r2xx: float | None
+    if isinstance(statuses, Mapping):
+        r2xx = sum(v for k, v in ((str(k), _num(v)) for k, v in statuses.items())
+                   if v is not None and k.startswith("2"))
+    elif requests is not None and r4xx is not None and r5xx is not None:
+        # A collector's history has no 2xx column: what is neither 4xx nor 5xx (1xx/3xx are rare
+        # on these routes).
+        r2xx = max(0.0, requests - r4xx - r5xx)
+    else:
+        r2xx = None
+    retries = (_sum_breakdown(breakdown, "retries") if isinstance(breakdown, Mapping)
+               else None)
+    seconds = _num(rates.get("seconds")) or 0.0
+    return Point(
+        t=t, seconds=seconds, requests=requests, r2xx=r2xx, r4xx=r4xx, r429=r429, r5xx=r5xx,
+        latency_p50=_num(rates.get("latency_p50_s")),
+        latency_p95=_num(rates.get("latency_p95_s")),
+        latency_p99=_num(rates.get("latency_p99_s")),
+        ttft_p50=_num(rates.get("ttft_p50_s")), ttft_p95=_num(rates.get("ttft_p95_s")),
+        ttft_p99=_num(rates.get("ttft_p99_s")),
+        tokens_in=_num(rates.get("tokens_in_per_s")),
+        tokens_out=_num(rates.get("tokens_out_per_s")),
+        cost=_num(rates.get("cost_usd_per_s")),
+        in_flight=_num(rates.get("in_flight")),
+        concurrency_limit=_num(rates.get("concurrency_limit")),
+        retries=retries,
+        zai_errors=_num(rates.get("zai_errors_per_s")),
+        upstream_errors=_num(rates.get("upstream_errors_per_s")),
+        rejections=_num(rates.get("rejections_per_s")),
+    )
+
+
+def point_from_recorder(doc: Mapping[str, Any], step: float, end: float) -> Point | None:
+    """A proxy's history point (the recorder's counts for one bucket of ``step`` seconds)."""
+    start = _num(doc.get("t"))
+    if start is None or step <= 0:
+        return None
+    # The bucket ends at start + step, or now for the bucket still filling.
+    seconds = max(1e-9, min(step, end - start)) if end > start else step
+
+    def rate(name: str) -> float | None:
+        v = _num(doc.get(name))
+        return None if v is None else v / seconds
+
+    requests = rate("requests")
+    r5xx = rate("responses_5xx")
+    if r5xx is None and "responses_5xx" not in doc:
+        r5xx = rate("errors")  # an older recorder: errors = 5xx + broken relays
+    return Point(
+        t=start + seconds, seconds=seconds, requests=requests, r2xx=rate("responses_2xx"),
+        r4xx=rate("responses_4xx"), r429=rate("responses_429"), r5xx=r5xx,
+        latency_p50=_ms(doc.get("latency_ms_p50")), latency_p95=_ms(doc.get("latency_ms_p95")),
+        latency_p99=_ms(doc.get("latency_ms_p99")),
+        ttft_p50=_ms(doc.get("ttft_ms_p50")), ttft_p95=_ms(doc.get("ttft_ms_p95")),
+        ttft_p99=_ms(doc.get("ttft_ms_p99")),
+        tokens_in=rate("input_tokens"), tokens_out=rate("output_tokens"), cost=rate("cost_usd"),
+        retries=rate("retries"), zai_errors=rate("zai_errors"),
+        upstream_errors=rate("upstream_errors"), rejections=rate("rejections"),
+    )
+
+
+# ---- history -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """``/admin/history`` for one range: points per variant, oldest first."""
+
+    range: str
+    start: float
+    end: float
+    step: float
+    series: Mapping[str, tuple[Point, ...]]
+    source: str = ""  # "collector", "raw" or "rollup" (a proxy's recorder)
+    note: str = ""  # what this answer cannot show (rollups: no p50/p99/TTFT)
+
+
+def parse_history(doc: Any, range_: str, fetched_at: float) -> History:
+    """Either shape: a collector's (rates per ``step_s``) or a proxy's (recorder counts)."""
+    if not isinstance(doc, Mapping):
+        raise AnswerError("history answer is not a JSON object")
+    seconds = RANGES.get(range_, 3600)
+    if doc.get("source") == "collector":
+        step = _num(doc.get("step_s")) or 1.0
+        raw_series = doc.get("series")
+        series: dict[str, tuple[Point, ...]] = {}
+        if isinstance(raw_series, Mapping):
+            for variant, points in raw_series.items():
+                if not isinstance(points, list):
+                    continue
+                out = []
+                for p in points:
+                    t = _num(p.get("t")) if isinstance(p, Mapping) else None
+                    if t is None:
+                        continue
+                    assert isinstance(p, Mapping)
+                    out.append(replace(point_from_rates(min(t + step, fetched_at), p),
+                                       seconds=step))
+                series[str(variant)] = tuple(out)
+        end = _num(doc.get("to")) or fetched_at
+        start = _num(doc.get("from")) or end - seconds
+        return History(range_, start, end, step, series, "collector")
+    inner = doc.get("series")
+    if not isinstance(inner, Mapping):
+        raise AnswerError("history answer has no series")
+    step = _num(inner.get("resolution_s")) or 60.0
+    source = str(inner.get("source") or "")
+    end = fetched_at
+    series = {}
+    raw_series = inner.get("series")
+    if isinstance(raw_series, Mapping):
+        for variant, points in raw_series.items():
+            if not isinstance(points, list):
+                continue
+            parsed = (point_from_recorder(p, step, end) for p in points if isinstance(p, Mapping))
+            series[str(variant)] = tuple(p for p in parsed if p is not None)
+    note = ""
+    if source == "rollup":
+        note = "1-minute rollups: no p50/p99 or time to first token in this range"
+    return History(range_, end - seconds, end, step, series, source, note)
+
+
+# ---- live snapshots -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VariantLive:
+    """One variant in one live snapshot."""
+
+    variant: str
+    totals: Mapping[str, float]
+    in_flight: float
+    streams_in_flight: float
+    concurrency_limit: float
+    adaptive_rate: float
+    breakdown: Mapping[str, Mapping[str, float]]  # totals since the proxy started
+    rates: Point | None  # since the previous snapshot (None: the first of a stream)
+    breakdown_per_s: Mapping[str, Mapping[str, float]]
+    versions: tuple[str, ...] = ()
+    targets: int | None = None  # a collector: fresh targets of this variant
+    stale_targets: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    time: float
+    source: str  # "proxy" or "collector"
+    variants: Mapping[str, VariantLive]
+    interval: float | None = None  # a collector says its scrape interval
+    stale_targets: tuple[str, ...] = ()  # a collector's targets that stopped answering
+
+
+def _breakdown(value: Any) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    if isinstance(value, Mapping):
+        for cat, labels in value.items():
+            if isinstance(labels, Mapping):
+                out[str(cat)] = {str(k): v for k, v in ((k, _num(x)) for k, x in labels.items())
+                                 if v is not None}
+    return out
+
+
+def parse_snapshot(doc: Any) -> Snapshot:
+    """A ``metrics`` event (or ``/admin/status``) of a proxy or a collector."""
+    if not isinstance(doc, Mapping):
+        raise AnswerError("metrics event is not a JSON object")
+    t = _num(doc.get("time"))
+    if t is None:
+        raise AnswerError("metrics event has no time")
+    variants: dict[str, VariantLive] = {}
+    raw = doc.get("variants")
+    if isinstance(raw, Mapping):
+        for name, v in raw.items():
+            if not isinstance(v, Mapping):
+                continue
+            rates_doc = v.get("rates")
+            rates = point_from_rates(t, rates_doc) if isinstance(rates_doc, Mapping) else None
+            totals = {k: n for k, n in ((k, _num(x)) for k, x in v.items()) if n is not None}
+            per_s = rates_doc.get("breakdown_per_s") if isinstance(rates_doc, Mapping) else None
+            variants[str(name)] = VariantLive(
+                variant=str(name), totals=totals,
+                in_flight=_num(v.get("in_flight")) or 0.0,
+                streams_in_flight=_num(v.get("streams_in_flight")) or 0.0,
+                concurrency_limit=_num(v.get("concurrency_limit")) or 0.0,
+                adaptive_rate=_num(v.get("adaptive_rate")) or 0.0,
+                breakdown=_breakdown(v.get("breakdown")),
+                rates=rates, breakdown_per_s=_breakdown(per_s),
+                versions=tuple(str(x) for x in _list(v.get("versions")) if isinstance(x, str)),
+                targets=int(v["targets"]) if isinstance(v.get("targets"), int) else None,
+                stale_targets=int(v.get("stale_targets") or 0)
+                if isinstance(v.get("stale_targets"), int) else 0,
+            )
+    stale = tuple(str(tg.get("target")) for tg in _list(doc.get("targets"))
+                  if isinstance(tg, Mapping) and tg.get("stale"))
+    return Snapshot(time=t, source=str(doc.get("source") or "proxy"), variants=variants,
+                    interval=_num(doc.get("interval_s")), stale_targets=stale)
+
+
+# ---- keys and limits ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """One limit right now: a per-minute rate (GCRA), a concurrency cap or a rolling window."""
+
+    name: str  # "requests_per_minute", "tokens_per_5h", "upstream_concurrency", ...
+    limit: float
+    remaining: float
+    used: float | None = None
+    reset_s: float | None = None  # GCRA: until full again; window: until its oldest use leaves
+
+    @property
+    def used_share(self) -> float:
+        if self.limit <= 0:
+            return 0.0
+        used = self.used if self.used is not None else self.limit - self.remaining
+        return min(1.0, max(0.0, used / self.limit))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    alias: str
+    enabled: bool
+    state: str  # ok | limited | disabled
+    limited_by: tuple[str, ...]
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    limits: tuple[LimitState, ...]
+
+    @property
+    def tightest(self) -> LimitState | None:
+        """The limit with the least share left (what "remaining quota" shows)."""
+        return max(self.limits, key=lambda s: (s.used_share, s.name), default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Adaptive:
+    enabled: bool
+    rate_rps: float | None
+    min_rps: float | None
+    max_rps: float | None
+    adjustments: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class KeysReport:
+    mode: str  # "keys" or "open"
+    keys: tuple[KeyRow, ...]
+    limits: tuple[LimitState, ...]  # proxy-wide and upstream-key limits
+    adaptive: Adaptive | None
+
+
+def _limits(doc: Any) -> tuple[LimitState, ...]:
+    out = []
+    if isinstance(doc, Mapping):
+        for name, st in doc.items():
+            if not isinstance(st, Mapping):
+                continue
+            limit = _num(st.get("limit"))
+            if limit is None:
+                continue
+            used = _num(st.get("used"))
+            if used is None:
+                used = _num(st.get("in_use"))
+            remaining = _num(st.get("remaining"))
+            if remaining is None:
+                remaining = max(0.0, limit - (used or 0.0))
+            out.append(LimitState(str(name), limit, remaining, used, _num(st.get("reset_s"))))
+    return tuple(out)
+
+
+def parse_keys(doc: Any) -> KeysReport:
+    if not isinstance(doc, Mapping):
+        raise AnswerError("keys answer is not a JSON object")
+    rows = []
+    for k in _list(doc.get("keys")):
+        if not isinstance(k, Mapping) or not isinstance(k.get("alias"), str):
+            continue
+        usage = k.get("usage") if isinstance(k.get("usage"), Mapping) else {}
+        assert isinstance(usage, Mapping)
+        limits = _limits(k.get("now"))
+        enabled = bool(k.get("enabled", True))
+        limited_by = tuple(str(x) for x in _list(k.get("limited_by")))
+        if not limited_by:
+            limited_by = tuple(s.name for s in limits if s.remaining <= 0 and s.limit > 0)
+        state = str(k.get("state") or ("disabled" if not enabled
+                                       else "limited" if limited_by else "ok"))
+        rows.append(KeyRow(
+            alias=k["alias"], enabled=enabled, state=state, limited_by=limited_by,
+            requests=int(_num(usage.get("requests")) or 0),
+            input_tokens=int(_num(usage.get("input_tokens")) or 0),
+            output_tokens=int(_num(usage.get("output_tokens")) or 0), limits=limits))
+    adaptive = None
+    a = doc.get("adaptive")
+    if isinstance(a, Mapping):
+        adj = a.get("adjustments")
+        adaptive = Adaptive(
+            enabled=bool(a.get("enabled")), rate_rps=_num(a.get("rate_rps")),
+            min_rps=_num(a.get("min_rps")), max_rps=_num(a.get("max_rps")),
+            adjustments={str(k): v for k, v in ((k, _num(x)) for k, x in adj.items())
+                         if v is not None} if isinstance(adj, Mapping) else {})
+    return KeysReport(mode=str(doc.get("mode") or "open"), keys=tuple(rows),
+                      limits=_limits(doc.get("global")), adaptive=adaptive)
+
+
+# ---- time series arithmetic --------------------------------------------------------------
+
+
+def timeline(history: History | None, variant: str, live: Sequence[Point], start: float,
+             end: float) -> list[Point]:
+    """One variant's history points, then its live points after what the history covers,
+    within ``[start, end]``."""
+    points: list[Point] = []
+    covered = -math.inf
+    if history is not None:
+        points.extend(p for p in history.series.get(variant, ()) if start <= p.t <= end)
+        covered = history.end
+    points.extend(p for p in live if p.t > covered and start <= p.t <= end)
+    return points
+
+
+def total(points: Iterable[Point], name: str) -> float | None:
+    """The increase over the points (rate × interval), None when no point knows it."""
+    out: float | None = None
+    for p in points:
+        v = getattr(p, name)
+        if v is not None:
+            out = (out or 0.0) + v * p.seconds
+    return out
+
+
+def weighted(points: Iterable[Point], name: str) -> float | None:
+    """A request-weighted mean of a per-interval value (a percentile over the range, roughly)."""
+    num = den = 0.0
+    for p in points:
+        v = getattr(p, name)
+        if v is not None and p.requests:
+            num += v * p.requests * p.seconds
+            den += p.requests * p.seconds
+    return num / den if den > 0 else None

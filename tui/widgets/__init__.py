@@ -1,0 +1,1 @@
+"""Self-contained Textual widgets for the zaiproxy terminal UI."""

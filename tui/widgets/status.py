@@ -1,0 +1,17 @@
+"""The one-line status bar: connection, staleness, what is shown, the headline numbers."""
+
+from __future__ import annotations
+
+from textual.widgets import Static
+
+from tui.views import Segment
+from tui.widgets.palette import segments
+
+
+class StatusLine(Static):
+    DEFAULT_CSS = """
+    StatusLine { height: 1; padding: 0 1; background: $panel; }
+    """
+
+    def show(self, parts: list[Segment]) -> None:
+        self.update(segments(parts, self.app.current_theme.dark))

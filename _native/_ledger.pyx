@@ -329,6 +329,14 @@ cdef inline void _bucket_add(int64_t *win, int64_t epoch, int64_t cost) noexcept
         _sub_floor0(win + 1, cost - <int64_t>added)
 
 
+cdef inline int64_t _live_count(const int64_t *win, int64_t e) noexcept nogil:
+    """The count of epoch ``e``'s bucket if that bucket still holds epoch ``e``, else 0."""
+    cdef int64_t w = zl_load(win + FIRST_BUCKET + e % BUCKETS)
+    if (<uint64_t>w) >> COUNT_BITS == ((<uint64_t>e) & EPOCH_MASK):
+        return <int64_t>((<uint64_t>w) & COUNT_MASK)
+    return 0
+
+
 cdef inline int64_t _window_take(int64_t *win, int64_t cost, int64_t quota,
                                  int64_t bucket_ns, int64_t now,
                                  int64_t *epoch_out) noexcept nogil:
@@ -344,14 +352,11 @@ cdef inline int64_t _window_take(int64_t *win, int64_t cost, int64_t quota,
             return 0
     # Refused: the exact time at which enough of the oldest buckets will have expired.
     cdef int64_t freed = 0
-    cdef int64_t d, e, w
+    cdef int64_t d, e
     for d in range(BUCKETS - 1, -1, -1):
         e = now_epoch - d
-        if e < 0:
-            continue
-        w = zl_load(win + FIRST_BUCKET + e % BUCKETS)
-        if (<uint64_t>w) >> COUNT_BITS == ((<uint64_t>e) & EPOCH_MASK):
-            freed += <int64_t>((<uint64_t>w) & COUNT_MASK)
+        if e >= 0:
+            freed += _live_count(win, e)
             if t - freed <= quota - cost:
                 return (e + BUCKETS) * bucket_ns - now
     # Only if the total holds a unit leaked by a crash: the whole window is a safe answer.
@@ -388,15 +393,14 @@ cdef inline int64_t _window_next_release(const int64_t *win, int64_t bucket_ns, 
     (a total that holds only units leaked by a crash has no bucket to release them).
     """
     cdef int64_t now_epoch = now // bucket_ns
-    cdef int64_t d, e, w
+    cdef int64_t d, e, count
     for d in range(BUCKETS - 1, -1, -1):
         e = now_epoch - d
         if e < 0:
             continue
-        w = zl_load(win + FIRST_BUCKET + e % BUCKETS)
-        if ((<uint64_t>w) >> COUNT_BITS == ((<uint64_t>e) & EPOCH_MASK)
-                and (<uint64_t>w) & COUNT_MASK):
-            amount_out[0] = <int64_t>((<uint64_t>w) & COUNT_MASK)
+        count = _live_count(win, e)
+        if count:
+            amount_out[0] = count
             return (e + BUCKETS) * bucket_ns - now
     amount_out[0] = 0
     return 0

@@ -236,6 +236,14 @@ class ProcessServer:
         return self.stderr_path.read_text(errors="replace")
 
 
+def upstream_env(mock: ProcessServer, **extra: str) -> dict[str, str]:
+    """The environment of a proxy child process whose upstream is ``mock``."""
+    return {"ZAI_API_KEY": UPSTREAM_KEY,
+            "ZAIPROXY_OPENAI_BASE_URL": f"{mock.url}/api/paas/v4",
+            "ZAIPROXY_ANTHROPIC_BASE_URL": f"{mock.url}/api/anthropic",
+            "ZAIPROXY_NATIVE_BASE_URL": mock.url, **extra}
+
+
 def start_process(args: list[str], *, env: dict[str, str] | None, stderr_path: Path,
                   timeout: float = 30) -> ProcessServer:
     """Run ``python -m zaiproxy ARGS`` and wait for its 'listening on URL' line."""

@@ -66,13 +66,13 @@ class ZaiproxyTui(App[None]):
     VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("v", "cycle_variant", "Variant"),
-        Binding("r", "step_range(1)", "Range"),
-        Binding("R", "step_range(-1)", "Range back", show=False),
+        Binding("r", "step_range(1)", "Range+"),
+        Binding("R", "step_range(-1)", "Range-"),
         *(Binding(str(i + 1), f"set_range('{name}')", f"Range {name}", show=False)
           for i, name in enumerate(RANGES)),
         Binding("p", "toggle_pause", "Pause"),
         Binding("s", "sort_keys", "Sort"),
-        Binding("k", "focus_keys", "Keys table", show=False),
+        Binding("k", "focus_keys", "Keys"),
         Binding("t", "toggle_theme", "Theme"),
         Binding("a", "ask_token", "Token"),
         Binding("question_mark", "help", "Help"),

@@ -264,7 +264,7 @@ def _concurrency_summary(points: Sequence[Point], last: Point | None) -> list[Se
 
 
 METRICS: tuple[_Metric, ...] = (
-    _Metric("rate", "Req/s by status", "rate", (
+    _Metric("rate", "Requests/s", "rate", (
         ("2xx", "2xx", lambda p: p.r2xx),
         ("4xx", "4xx", lambda p: _minus(p.r4xx, p.r429)),
         ("429", "429", lambda p: p.r429),
@@ -273,7 +273,7 @@ METRICS: tuple[_Metric, ...] = (
     _Metric("latency", "Latency", "seconds", (
         ("p50", "p50", lambda p: p.latency_p50), ("p95", "p95", lambda p: p.latency_p95),
         ("p99", "p99", lambda p: p.latency_p99)), 1, _pct_summary("latency")),
-    _Metric("ttft", "Time to first token", "seconds", (
+    _Metric("ttft", "First token", "seconds", (
         ("p50", "p50", lambda p: p.ttft_p50), ("p95", "p95", lambda p: p.ttft_p95),
         ("p99", "p99", lambda p: p.ttft_p99)), 1, _pct_summary("ttft")),
     _Metric("tokens", "Tokens/s", "tokens", (

@@ -4,6 +4,8 @@ official OpenAI SDK, and the TUI reading the proxy's admin API over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ import openai
 import pytest
 from textual.widgets import DataTable
 
-from tests.harness import UPSTREAM_KEY, ProcessServer, start_process
+from tests.harness import ProcessServer, start_process, upstream_env
 from tests.tui.test_app import plot_lines, status, summary, text
 from tui.app import ZaiproxyTui
 from tui.source import AdminApi
@@ -40,17 +42,10 @@ def proxy(mock: ProcessServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
     tmp = tmp_path_factory.mktemp("tui-e2e")
     keys = tmp / "keys.toml"
     keys.write_text(KEYS)
-    server = start_process(["serve", "--port", "0"], env={
-        "ZAI_API_KEY": UPSTREAM_KEY,
-        "ZAIPROXY_OPENAI_BASE_URL": f"{mock.url}/api/paas/v4",
-        "ZAIPROXY_ANTHROPIC_BASE_URL": f"{mock.url}/api/anthropic",
-        "ZAIPROXY_NATIVE_BASE_URL": mock.url,
-        "ZAIPROXY_WORKERS": "2",
-        "ZAIPROXY_ADMIN_TOKEN": ADMIN,
-        "ZAIPROXY_KEYS_FILE": str(keys),
-        "ZAIPROXY_TOKENS_PER_5H": "10000000",
-        "DEPLOYMENT_VARIANT": "production",
-    }, stderr_path=tmp / "proxy.log")
+    env = upstream_env(mock, ZAIPROXY_WORKERS="2", ZAIPROXY_ADMIN_TOKEN=ADMIN,
+                       ZAIPROXY_KEYS_FILE=str(keys), ZAIPROXY_TOKENS_PER_5H="10000000",
+                       DEPLOYMENT_VARIANT="production")
+    server = start_process(["serve", "--port", "0"], env=env, stderr_path=tmp / "proxy.log")
     yield server
     assert server.stop() == 0
 
@@ -165,3 +160,14 @@ def test_tui_survives_an_unreachable_proxy(tmp_path: Path) -> None:
         await api.aclose()
 
     asyncio.run(main())
+
+
+def test_zaiproxy_tui_runs_the_tui_as_its_own_process() -> None:
+    """``zaiproxy tui`` exec's ``python -m tui`` (the proxy never imports Textual)."""
+    out = subprocess.run([sys.executable, "-m", "zaiproxy", "tui", "--help"], check=True,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("usage: zaiproxy tui")
+    assert "--url" in out.stdout and "--token" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "zaiproxy", "tui", "--range", "3d"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: '3d'" in bad.stderr

@@ -56,16 +56,23 @@ class PlotPanel(Vertical):
         self.query_one(TimePlot).set_data(series, view.start, view.end, message=view.message)
 
 
-class LimiterPanel(Static):
-    """The adaptive upstream rate and every proxy-wide limit: used %, left %, resets in."""
+class TablePanel(Static):
+    """A titled panel whose content is one Rich renderable (tables, text)."""
 
     DEFAULT_CSS = """
-    LimiterPanel { border: round $primary 40%; border-title-color: $foreground;
-                   border-title-style: bold; padding: 0 1; height: auto; }
+    TablePanel { border: round $primary 40%; border-title-color: $foreground;
+                  border-title-style: bold; padding: 0 1; height: auto; }
     """
+    TITLE = ""
 
     def on_mount(self) -> None:
-        self.border_title = "Rate limiter & quotas"
+        self.border_title = self.TITLE
+
+
+class LimiterPanel(TablePanel):
+    """The adaptive upstream rate and every proxy-wide limit: used %, left %, resets in."""
+
+    TITLE = "Rate limiter & quotas"
 
     def show(self, view: LimiterView) -> None:
         dark = self.app.current_theme.dark
@@ -108,16 +115,10 @@ class _Bar:
         return Measurement(4, options.max_width)
 
 
-class ErrorsPanel(Static):
+class ErrorsPanel(TablePanel):
     """Errors and retries by class: per second now and the count over the range."""
 
-    DEFAULT_CSS = """
-    ErrorsPanel { border: round $primary 40%; border-title-color: $foreground;
-                   border-title-style: bold; padding: 0 1; height: auto; }
-    """
-
-    def on_mount(self) -> None:
-        self.border_title = "Errors & retries"
+    TITLE = "Errors & retries"
 
     def show(self, rows: list[ErrorRow], note: str) -> None:
         dark = self.app.current_theme.dark

@@ -73,6 +73,17 @@ def fmt_usd(value: float | None) -> str:
     return f"${value:.4f}" if value else "$0"
 
 
+def fmt_usd_axis(value: float) -> str:
+    """An axis label: as few digits as tell the ticks apart ($0, $0.40, $2.50, $90)."""
+    if value == 0:
+        return "$0"
+    if value >= 10:
+        return f"${value:,.0f}"
+    if value >= 0.01:
+        return f"${value:.2f}"
+    return f"${value:.4f}"
+
+
 def fmt_duration(seconds: float | None) -> str:
     """"45s", "12m 5s", "2h 13m", "3d 4h": two units at most."""
     if seconds is None:
@@ -98,7 +109,7 @@ def fmt_count(value: float | None) -> str:
 
 Y_FORMATS: dict[str, Callable[[float], str]] = {
     "rate": lambda v: fmt_si(v), "seconds": fmt_seconds, "tokens": lambda v: fmt_si(v),
-    "usd": lambda v: fmt_usd(v).replace("$0.0000", "$0"), "count": lambda v: fmt_si(v),
+    "usd": fmt_usd_axis, "count": lambda v: fmt_si(v),
 }
 
 

@@ -27,6 +27,7 @@ from tui.views import (
     fmt_seconds,
     fmt_si,
     fmt_usd,
+    fmt_usd_axis,
     key_lines,
     limit_rows,
     panel_views,
@@ -396,3 +397,10 @@ def test_fmt_rounding_moves_to_the_next_unit(fn: object, value: float, text: str
     (None, "–"), (0, "$0"), (0.00123, "$0.0012"), (12.5, "$12.50"), (1234.6, "$1,235")])
 def test_fmt_usd(value: float | None, text: str) -> None:
     assert fmt_usd(value) == text
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (0, "$0"), (0.004, "$0.0040"), (0.4, "$0.40"), (2.5, "$2.50"), (90.0, "$90"),
+    (1234.0, "$1,234")])
+def test_fmt_usd_axis(value: float, text: str) -> None:
+    assert fmt_usd_axis(value) == text

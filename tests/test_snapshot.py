@@ -414,3 +414,7 @@ async def test_parse_a_real_proxy_exposition(nursery) -> None:
     counts = canary.counts
     assert counts.tokens_in > 0 and counts.tokens_out > 0 and counts.cost_usd > 0
     orjson.dumps(canary.to_json())
+    # The proxy's admin API parses the families without the text: the same snapshot.
+    metrics = proxy.worker.ctx.metrics
+    assert snapshot.parse_families(metrics.families()) == snapshot.parse(
+        metrics.render()[0].decode())

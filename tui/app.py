@@ -110,7 +110,7 @@ class ZaiproxyTui(App[None]):
         self._start_feed()
         self._load_history()
         self._load_keys()
-        self.set_interval(1.0, self._refresh)
+        self.set_interval(1.0, self._tick)
         self.set_interval(KEYS_REFRESH_S, self._load_keys)
         self._history_timer = self.set_interval(self.dashboard.history_refresh_s(),
                                                 self._load_history)
@@ -183,6 +183,10 @@ class ZaiproxyTui(App[None]):
         self._refresh()
 
     # ---- pushing views into widgets -------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Countdowns and the stale badge; the panels move when data arrives."""
+        self.query_one(StatusLine).show(status_view(self.dashboard, self.clock()))
 
     def _refresh(self) -> None:
         d, now = self.dashboard, self.clock()

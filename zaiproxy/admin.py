@@ -27,8 +27,7 @@ import trio
 from zaiproxy import limits_report
 from zaiproxy.errors import BadRequest, ServiceUnavailable
 from zaiproxy.limits import LIMIT_NAMES
-from zaiproxy.snapshot import VariantSnapshot, delta
-from zaiproxy.snapshot import parse as parse_exposition
+from zaiproxy.snapshot import VariantSnapshot, delta, parse_families
 
 if TYPE_CHECKING:
     from zaiproxy.context import WorkerContext
@@ -105,9 +104,9 @@ def status_report(ctx: WorkerContext) -> dict[str, Any]:
 
 def status_snapshots(ctx: WorkerContext) -> tuple[dict[str, Any], dict[str, VariantSnapshot]]:
     """``status_report``'s body and the parsed snapshots it was made from (for rates)."""
-    payload, _ = ctx.metrics.render()
-    # The same exposition parser as the fleet collector's: one notion of a snapshot.
-    variants = parse_exposition(payload.decode())
+    # The collector's parser, fed the families instead of their text: one notion of a
+    # snapshot, without ~10 ms of text parsing on this worker's loop per event.
+    variants = parse_families(ctx.metrics.families())
     return {
         "time": time.time(),
         "source": "proxy",

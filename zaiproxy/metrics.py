@@ -363,10 +363,18 @@ class WorkerMetrics:
 
     def render(self) -> tuple[bytes, bytes]:
         """The exposition of every worker's series and this host's gauges."""
+        self._publish()
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST.encode()
+
+    def families(self) -> list[Metric]:
+        """What ``render`` would write, as metric families (no text round trip)."""
+        self._publish()
+        return list(self.registry.collect())
+
+    def _publish(self) -> None:
         self._publish_pool()
         if self._recorder_stats is not None:
             self._publish_recorder()
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST.encode()
 
 
 class _Collector:

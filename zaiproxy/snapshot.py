@@ -449,24 +449,34 @@ def _is_control(labels: Mapping[str, str]) -> bool:
 
 def parse(text: str) -> dict[str, VariantSnapshot]:
     """One snapshot per variant named in the exposition (sorted by variant)."""
+    try:
+        return parse_families(text_string_to_metric_families(text))
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise ParseError(f"not a Prometheus exposition: {exc}") from exc
+
+
+def parse_families(families: Iterable[Any]) -> dict[str, VariantSnapshot]:
+    """``parse`` over metric families (a registry's ``collect()``) instead of text.
+
+    A proxy's own ``/admin/status`` and ``/admin/events`` use this: the text round trip
+    (render, then prometheus-client's parser) cost ~10 ms per snapshot on the worker's
+    loop, the families ~1 ms.
+    """
     by_variant: dict[str, _Acc] = {}
     unlabelled = _Acc()
     seen_unlabelled = False
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if not sample.name.startswith("zai_proxy_"):
-                    continue
-                variant = sample.labels.get("variant")
-                if variant:
-                    acc = by_variant.get(variant)
-                    if acc is None:
-                        acc = by_variant[variant] = _Acc()
-                else:
-                    acc, seen_unlabelled = unlabelled, True
-                acc.add(sample.name, sample.labels, float(sample.value))
-    except (ValueError, TypeError, IndexError, KeyError) as exc:
-        raise ParseError(f"not a Prometheus exposition: {exc}") from exc
+    for family in families:
+        for sample in family.samples:
+            if not sample.name.startswith("zai_proxy_"):
+                continue
+            variant = sample.labels.get("variant")
+            if variant:
+                acc = by_variant.get(variant)
+                if acc is None:
+                    acc = by_variant[variant] = _Acc()
+            else:
+                acc, seen_unlabelled = unlabelled, True
+            acc.add(sample.name, sample.labels, float(sample.value))
     if seen_unlabelled:
         if len(by_variant) == 1:
             next(iter(by_variant.values())).merge_from(unlabelled)

@@ -42,6 +42,7 @@ class PlotPanel(Vertical):
         self.key = key
         self._tz = tz
         self._y_format = y_format
+        self._shown: tuple[bool, PanelView] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(classes="summary")
@@ -49,6 +50,9 @@ class PlotPanel(Vertical):
 
     def show(self, view: PanelView) -> None:
         dark = self.app.current_theme.dark
+        if (dark, view) == self._shown:
+            return  # nothing new: no repaint
+        self._shown = (dark, view)
         self.border_title = _title(view.title, view.legend, dark)
         self.query_one(".summary", Static).update(segments(view.summary, dark))
         series = [PlotSeries(s.label, s.points, color(s.role, dark) or "white")
@@ -64,9 +68,17 @@ class TablePanel(Static):
                   border-title-style: bold; padding: 0 1; height: auto; }
     """
     TITLE = ""
+    _shown: tuple[object, ...] = ()
 
     def on_mount(self) -> None:
         self.border_title = self.TITLE
+
+    def changed(self, *view: object) -> bool:
+        """False when ``view`` is what is shown already (no repaint, no layout)."""
+        if view == self._shown:
+            return False
+        self._shown = view
+        return True
 
 
 class LimiterPanel(TablePanel):
@@ -76,6 +88,8 @@ class LimiterPanel(TablePanel):
 
     def show(self, view: LimiterView) -> None:
         dark = self.app.current_theme.dark
+        if not self.changed(dark, view):
+            return
         table = Table.grid(padding=(0, 1), expand=True)
         table.add_column("limit", no_wrap=True, overflow="ellipsis")
         table.add_column("bar", ratio=1, no_wrap=True)
@@ -122,6 +136,8 @@ class ErrorsPanel(TablePanel):
 
     def show(self, rows: list[ErrorRow], note: str) -> None:
         dark = self.app.current_theme.dark
+        if not self.changed(dark, tuple(rows), note):
+            return
         table = Table.grid(padding=(0, 1), expand=True)
         table.add_column("class", ratio=1, no_wrap=True, overflow="ellipsis")
         table.add_column("now", justify="right", no_wrap=True)
@@ -157,7 +173,7 @@ class KeysPanel(Vertical):
         super().__init__(id="keys")
         self.sort_column = "requests"
         self.reverse = True
-        self._lines: list[KeyLine] = []
+        self._shown: tuple[bool, list[KeyLine], str | None] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(classes="message")
@@ -191,6 +207,9 @@ class KeysPanel(Vertical):
 
     def show(self, lines: list[KeyLine], message: str | None) -> None:
         dark = self.app.current_theme.dark
+        if (dark, lines, message) == self._shown:
+            return
+        self._shown = (dark, lines, message)
         self.query_one(".message", Static).update(message or "")
         self.query_one(".message", Static).display = bool(message)
         table = self.query_one(DataTable)
@@ -202,4 +221,3 @@ class KeysPanel(Vertical):
                           fmt_count(line.tokens_out), line.left, line.resets, key=line.alias)
         if lines:
             table.move_cursor(row=min(cursor, len(lines) - 1))
-        self._lines = lines

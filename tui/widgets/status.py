@@ -13,5 +13,11 @@ class StatusLine(Static):
     StatusLine { height: 1; padding: 0 1; background: $panel; }
     """
 
+    _shown: tuple[object, ...] = ()
+
     def show(self, parts: list[Segment]) -> None:
-        self.update(segments(parts, self.app.current_theme.dark))
+        dark = self.app.current_theme.dark
+        key = (dark, *parts)
+        if key != self._shown:  # an unchanged line costs no repaint
+            self._shown = key
+            self.update(segments(parts, dark))

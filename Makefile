@@ -9,7 +9,7 @@ PORT ?= 8080
 WORKERS ?=
 ARGS ?=
 
-.PHONY: run test check lint typecheck bench dev clean
+.PHONY: run test check lint typecheck bench dev clean debian-deps
 
 $(STAMP): pyproject.toml setup.py _native/_ledger.pyx _native/_atomic.h
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,9 +28,15 @@ run: $(STAMP)
 	  exec $(BIN)/zaiproxy serve --host $(HOST) --port $(PORT) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS); \
 	fi
 
+# Debian packages the tests use: prometheus + promtool (alert rule tests, canary-check against
+# a real Prometheus). Installed once when missing (the package's service is not started).
+debian-deps:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
 # The whole suite: lint, types, import contracts, tests (against both HTTP implementations,
 # see zaiproxy/http11.py). CI runs exactly this (.ci/run).
-test: $(STAMP)
+test: $(STAMP) debian-deps
 	$(BIN)/ruff check zaiproxy _native tui tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports

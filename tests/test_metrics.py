@@ -805,3 +805,85 @@ async def test_client_chosen_paths_and_models_add_no_series(proxy: ProcessServer
     assert value(after, "zai_proxy_tokens_total", direction="input", model="other",
                  pricing_tier="standard") > n
     assert value(after, "zai_proxy_metrics_series_dropped_total") == 0
+
+
+# ---- zai_proxy_quota_used_ratio: the configured rolling windows, through a real worker -----
+
+from tests.harness import make_config, start_mock, start_proxy  # noqa: E402
+from zaiproxy.metrics import QuotaUse  # noqa: E402
+
+JSON_HEADERS = [("content-type", "application/json")]
+CHAT = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
+WINDOW_LIMITS = {"requests_per_5h": 10, "tokens_per_week": 1_000_000,
+                 "upstream_requests_per_week": 4}
+# Limits that are not rolling windows: they must add no quota series.
+OTHER_LIMITS = {"requests_per_minute": 100, "concurrency": 8, "upstream_concurrency": 4}
+FIVE_HOURS_S = 5 * 3600
+T0_NS = (1000 * FIVE_HOURS_S // 60 + 120) * 10**9  # 2 minutes into a 5 h window's bucket
+
+
+class AdmitterClock:
+    """The admitter's monotonic clock, moved by the test (windows counted exactly)."""
+
+    def __init__(self, ns: int) -> None:
+        self.ns = ns
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+async def quota_ratios(port: int) -> dict[tuple[str, str], float]:
+    resp = await request(port, "GET", "/metrics")
+    assert resp.status == 200
+    return {(dict(labels)["scope"], dict(labels)["limit"]): v
+            for (name, labels), v in parse(resp.body).items()
+            if name == "zai_proxy_quota_used_ratio" and dict(labels)["variant"] == "production"}
+
+
+async def test_quota_used_ratio_reads_the_configured_windows_like_admin_keys(
+        nursery: trio.Nursery) -> None:
+    upstream = await start_mock(nursery)
+    proxy = await start_proxy(nursery, make_config(upstream, **WINDOW_LIMITS, **OTHER_LIMITS))
+    clock = proxy.worker.ctx.admitter.clock = AdmitterClock(T0_NS)
+    keys = ("global", "requests_per_5h"), ("global", "tokens_per_week"), \
+        ("upstream", "upstream_requests_per_week")
+    # Configured and unused: one series each at 0, none for the other limits.
+    assert await quota_ratios(proxy.port) == dict.fromkeys(keys, 0.0)
+    for _ in range(3):
+        assert (await request(proxy.port, "POST", "/v1/chat/completions", JSON_HEADERS,
+                              CHAT)).status == 200
+    report = (await request(proxy.port, "GET", "/admin/keys")).json()["global"]
+    tokens = report["tokens_per_week"]["used"]
+    assert tokens > 0  # the mock's usage, settled into the window
+    assert await quota_ratios(proxy.port) == {
+        ("global", "requests_per_5h"): 3 / 10, ("global", "tokens_per_week"): tokens / 1e6,
+        ("upstream", "upstream_requests_per_week"): 3 / 4}
+    # The upstream key's weekly window fills up: 1.0, and the next request is refused.
+    statuses = [(await request(proxy.port, "POST", "/v1/chat/completions", JSON_HEADERS,
+                               CHAT)).status for _ in range(2)]
+    assert statuses == [200, 429]
+    ratios = await quota_ratios(proxy.port)
+    assert ratios[("upstream", "upstream_requests_per_week")] == 1.0
+    assert ratios[("global", "requests_per_5h")] == 4 / 10  # the refused one took nothing
+    # Five hours later the 5 h window is empty again; the week still counts.
+    clock.ns += FIVE_HOURS_S * 10**9
+    later = await quota_ratios(proxy.port)
+    assert later[("global", "requests_per_5h")] == 0.0
+    assert later[("upstream", "upstream_requests_per_week")] == 1.0
+
+
+async def test_no_quota_series_without_a_configured_window(nursery: trio.Nursery) -> None:
+    upstream = await start_mock(nursery)
+    proxy = await start_proxy(nursery, make_config(upstream, **OTHER_LIMITS))
+    assert (await request(proxy.port, "POST", "/v1/chat/completions", JSON_HEADERS,
+                          CHAT)).status == 200
+    body = (await request(proxy.port, "GET", "/metrics")).body
+    assert b"zai_proxy_quota_used_ratio" not in body
+    assert b"zai_proxy_concurrency_limit{" in body  # the other limits are there
+
+
+def test_quota_ratio_is_capped_at_one() -> None:
+    # Settling real tokens may charge a window past its limit; /admin/keys then says
+    # remaining 0, and the gauge says all of it is used (not 1.2).
+    assert QuotaUse("global", "tokens_per_5h", 1_200, 1_000).ratio == 1.0
+    assert QuotaUse("upstream", "upstream_tokens_per_5h", 250, 1_000).ratio == 0.25

@@ -1,4 +1,4 @@
-"""The ``zaiproxy`` command: serve, mock-upstream, collect, config check, version."""
+"""The ``zaiproxy`` command: serve, mock-upstream, collect, canary-check, config check, version."""
 
 from __future__ import annotations
 
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_history_parser(sub)
     _collect_parser(sub)
+    from zaiproxy.canary import add_parser as add_canary_parser
+
+    add_canary_parser(sub)
     sub.add_parser("tui", add_help=False,
                    help="the terminal UI of a proxy or collector (zaiproxy tui --help)")
     return parser
@@ -78,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from zaiproxy.collector import main as collect
 
         return collect(ns)
+    if ns.command == "canary-check":
+        from zaiproxy.canary import run as canary_check
+
+        return canary_check(ns)
     from zaiproxy.config import ConfigError, load_config, render_check
 
     try:

@@ -32,6 +32,12 @@ _SCHEMA = (
     + "".join(f"{c} DOUBLE, " for c in _QUANTILE_COLS)
     + "latency_bounds DOUBLE[], latency_counts DOUBLE[], ttft_bounds DOUBLE[], "
     "ttft_counts DOUBLE[], versions VARCHAR)")
+# Counters added after the first schema: a file written by an older collector gets the
+# column on open (old rows read 0). DuckDB cannot add a NOT NULL column IF NOT EXISTS;
+# every insert names the column, so no NULL is ever written.
+_ADDED_COUNTS = ("usage_missing",)
+_MIGRATIONS = tuple(f"ALTER TABLE snapshots ADD COLUMN IF NOT EXISTS {c} DOUBLE DEFAULT 0"
+                    for c in _ADDED_COUNTS)
 _COLUMNS = ("ts", "target", "variant", "seconds", "reset", *_SCALARS, *_QUANTILE_COLS,
             "latency_bounds", "latency_counts", "ttft_bounds", "ttft_counts", "versions")
 _INSERT = (f"INSERT INTO snapshots ({', '.join(_COLUMNS)}) "
@@ -60,6 +66,8 @@ class Store:
             con = duckdb.connect(self.path)
             try:
                 con.execute(_SCHEMA)
+                for migration in _MIGRATIONS:
+                    con.execute(migration)
             except BaseException:
                 con.close()
                 raise

@@ -30,7 +30,13 @@ Gauges, computed at scrape time:
 - ``zai_proxy_concurrency_limit{scope=proxy|upstream}``: the configured global
   concurrency limits (config ``limits.concurrency`` and ``limits.upstream_concurrency``),
   one series per limit that is set and none when neither is, so a dashboard can show
-  in-flight requests against the ceiling they run into.
+  in-flight requests against the ceiling they run into;
+- ``zai_proxy_quota_used_ratio{scope=global|upstream,limit}``: the share of each configured
+  rolling-window limit used now (``used / limit``, 0..1), ``limit`` spelled as in the config
+  and ``GET /admin/keys`` (``requests_per_5h`` … ``tokens_per_week``, upstream-key ones
+  ``upstream_*``). Read from this host's ledger windows at the scrape exactly as
+  ``/admin/keys`` reads them (:func:`window_quota_use`); no series for a limit not set, and
+  none for client keys (their aliases are labels only with ``auth.alias_metrics``).
 
 A worker's gauges are words of its own ledger row, zeroed when it starts; a dead worker's
 values stay until its replacement starts (0.25 s with the supervisor's backoff).
@@ -51,8 +57,9 @@ worker (the recorder itself) uses :class:`RecorderCells` on the same segment. Th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -64,7 +71,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from zaiproxy import __version__
+from zaiproxy import __version__, limits_report
 from zaiproxy.admission import SC_ADAPTIVE_MRPS, SC_ADJUST_DOWN, SC_ADJUST_UP
 from zaiproxy.ledger import load as load_ledger
 from zaiproxy.pricing import DEFAULT_PRICES, DIRECTIONS, PriceTable, cost_nano, split_tokens
@@ -130,9 +137,14 @@ ZAI_ERRORS = Family("ze", "zai_proxy_zai_errors", COUNTER,
 KEY_REQUESTS = Family("kr", "zai_proxy_key_requests", COUNTER,
                       "Requests by client key alias and status (auth.alias_metrics).",
                       ("key", "status"))
+# Token-count health (the canary check, zaiproxy/canary.py): a build that stops reading
+# upstream's usage still answers 200, only its token counts turn into estimates.
+USAGE_MISSING = Family("um", "zai_proxy_usage_missing", COUNTER,
+                       "Successful proxied requests whose upstream sent no usage, so tokens "
+                       "were estimated.", ())
 FAMILIES: Final = (REQUESTS, DURATION, REQUEST_SIZE, RESPONSE_SIZE, UPSTREAM_ERRORS, WAIT,
                    REJECTIONS, RETRIES, TOKENS, COST, TOKEN_COUNT, TTFT, OVERHEAD, ZAI_ERRORS,
-                   KEY_REQUESTS)
+                   KEY_REQUESTS, USAGE_MISSING)
 
 # Words of a worker's gauge row (shm_metrics.claim_gauge_row; only that worker writes them).
 W_IN_FLIGHT = 1
@@ -148,6 +160,40 @@ REC_QUEUE = 2
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "-"})
 _ANTHROPIC_ROUTES = ("/v1/messages", "/api/anthropic")  # usage input excludes cached tokens
+
+
+if TYPE_CHECKING:
+    from zaiproxy.admission import Admitter
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaUse:
+    """One configured rolling-window limit at a scrape: ``used`` of ``limit``."""
+
+    scope: str  # "global" | "upstream"
+    name: str  # as the config spells it (``limits_report.report_name``)
+    used: int
+    limit: int
+
+    @property
+    def ratio(self) -> float:
+        # Capped at 1 as /admin/keys caps ``remaining`` at 0: settling a request's real
+        # tokens may charge a window past its limit, and either way nothing is left.
+        return min(1.0, self.used / self.limit)
+
+
+def window_quota_use(admitter: Admitter) -> list[QuotaUse]:
+    """The proxy-wide and upstream-key windows now, read as ``GET /admin/keys`` reads them
+    (``limits_report.limit_state`` on the ops of the plan without a client key)."""
+    now = admitter.clock()
+    window = admitter.impl.KIND_WINDOW
+    uses = []
+    for op in admitter.plan(None, None).ops:
+        if op.kind == window and op.scope in limits_report.SHARED_SCOPES and not op.adaptive:
+            state = limits_report.limit_state(admitter, op, now)
+            uses.append(QuotaUse(op.scope, limits_report.report_name(op), state["used"],
+                                 state["limit"]))
+    return uses
 
 
 class _RouteCells:
@@ -187,12 +233,15 @@ class WorkerMetrics:
                  prices: PriceTable = DEFAULT_PRICES, series_budget: int | None = None,
                  wall: Callable[[], float] = time.time,
                  concurrency_limit: int | None = None,
-                 upstream_concurrency_limit: int | None = None) -> None:
+                 upstream_concurrency_limit: int | None = None,
+                 quota: Callable[[], Iterable[QuotaUse]] | None = None) -> None:
         """``ledger``: the implementation's name; ``segment``: the attached Ledger;
         ``shared``: False for a private segment (no other process reads it; its file is
         already unlinked), whose names table is then an anonymous mapping;
         ``concurrency_limit``/``upstream_concurrency_limit``: the configured global limits
-        (None = not set), exposed as ``zai_proxy_concurrency_limit``."""
+        (None = not set), exposed as ``zai_proxy_concurrency_limit``;
+        ``quota``: the configured rolling windows now, read at each scrape
+        (:func:`window_quota_use`), exposed as ``zai_proxy_quota_used_ratio``."""
         self.variant = variant
         self.segment = segment
         self.workers = workers
@@ -207,6 +256,7 @@ class WorkerMetrics:
             scope: limit for scope, limit in (("proxy", concurrency_limit),
                                               ("upstream", upstream_concurrency_limit))
             if limit is not None}
+        self._quota = quota
         module = load_ledger(segment.implementation)
         layout = module.segment_size(segment.rows, segment.windows, segment.workers)
         self.names = NamesFile(segment.path if shared else None, segment.rows, layout)
@@ -271,6 +321,8 @@ class WorkerMetrics:
             cell(TOKEN_COUNT, ()).observe(r.token_count_s)
         if r.usage is not None:
             self._usage(r)
+        if r.tokens_estimated and 200 <= r.status < 300:
+            cell(USAGE_MISSING, ()).inc()
         if self._alias_metrics and r.key_alias is not None:
             cell(KEY_REQUESTS, (r.key_alias, r.status)).inc()
         self._publish_pool()
@@ -442,6 +494,14 @@ class _Collector:
             for scope, limit in m.concurrency_limits.items():
                 limits.add_metric([scope, variant], limit)
             yield limits
+        uses = list(m._quota()) if m._quota is not None else []
+        if uses:
+            quota = GaugeMetricFamily("zai_proxy_quota_used_ratio",
+                                      "Share of each configured rolling-window limit used now.",
+                                      labels=["scope", "limit", "variant"])
+            for use in uses:
+                quota.add_metric([use.scope, use.name, variant], use.ratio)
+            yield quota
         dropped = CounterMetricFamily("zai_proxy_metrics_series_dropped",
                                       "Series refused (over the series budget or too long); "
                                       "counted once per worker that refused each.",

@@ -174,6 +174,8 @@ class Counts:
     tokens_out: float = 0.0
     tokens_cache: float = 0.0
     cost_usd: float = 0.0
+    # 2xx answers whose upstream sent no usage (tokens estimated): token-count health.
+    usage_missing: float = 0.0
 
     def to_json(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -283,6 +285,7 @@ class Rates:
             "variant": self.variant, "seconds": self.seconds, "reset": self.reset,
             "requests": self.increase.requests,
             "requests_per_s": ps("requests"),
+            "ok_per_s": ps("responses_2xx"),
             "errors_per_s": ps("responses_5xx"),
             "error_rate": self.error_rate,
             "client_errors_per_s": ps("responses_4xx"),
@@ -294,6 +297,7 @@ class Rates:
             "tokens_out_per_s": ps("tokens_out"),
             "tokens_cache_per_s": ps("tokens_cache"),
             "cost_usd_per_s": ps("cost_usd"),
+            "usage_missing_per_s": ps("usage_missing"),
             "breakdown_per_s": _breakdown_json(self.breakdown, self.seconds),
         }
         for q in QUANTILES:
@@ -313,6 +317,7 @@ _COUNTERS = {
     "zai_proxy_rate_limit_rejections_total": "rejections",
     "zai_proxy_zai_errors_total": "zai_errors",
     "zai_proxy_estimated_cost_usd_total": "cost_usd",
+    "zai_proxy_usage_missing_total": "usage_missing",
 }
 _GAUGES_SUMMED = {"zai_proxy_concurrent_requests": "in_flight",
                   "zai_proxy_streams_in_flight": "streams_in_flight",

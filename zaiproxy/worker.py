@@ -27,7 +27,7 @@ from zaiproxy.config import Config
 from zaiproxy.context import SharedState, WorkerContext
 from zaiproxy.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.ledger import load as load_ledger
-from zaiproxy.metrics import WorkerMetrics
+from zaiproxy.metrics import WorkerMetrics, window_quota_use
 from zaiproxy.netstream import FastSocketStream
 from zaiproxy.pricing import DEFAULT_PRICES, load_prices
 from zaiproxy.recorder.client import HistoryClient
@@ -85,6 +85,14 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         ssl_context=make_ssl_context(config.ca_file) if needs_tls else None,
     )
     segment = open_ledger(ledger, config, ledger_path)
+    api_key = config.api_key.encode() if config.api_key else None
+    admitter = Admitter(
+        segment, ledger, worker=worker_index, global_limits=config.global_limits(),
+        upstream_limits=config.upstream_limits(),
+        # The upstream key's scope is named by a hash of the key, never the key itself.
+        upstream_id=b"upstream\0%x" % ledger.stable_hash(api_key or b""),
+        adaptive=config.adaptive_rate,
+    )
     metrics = WorkerMetrics(
         variant=config.deployment_variant, ledger=ledger.IMPLEMENTATION, workers=config.workers,
         segment=segment, worker_index=worker_index,
@@ -95,14 +103,7 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         prices=load_prices(config.price_file) if config.price_file else DEFAULT_PRICES,
         concurrency_limit=config.concurrency,
         upstream_concurrency_limit=config.upstream_concurrency,
-    )
-    api_key = config.api_key.encode() if config.api_key else None
-    admitter = Admitter(
-        segment, ledger, worker=worker_index, global_limits=config.global_limits(),
-        upstream_limits=config.upstream_limits(),
-        # The upstream key's scope is named by a hash of the key, never the key itself.
-        upstream_id=b"upstream\0%x" % ledger.stable_hash(api_key or b""),
-        adaptive=config.adaptive_rate,
+        quota=lambda: window_quota_use(admitter),
     )
     return WorkerContext(
         config=config, pool=pool, origins=origins, metrics=metrics,

@@ -1,4 +1,5 @@
-"""``zaiproxy canary-check``: the pure verdict, the two sources' reductions, the command.
+"""``zaiproxy canary-check``: the pure verdict, the sources' reductions (a collector, the
+proxies' own admin APIs, Prometheus), the command.
 
 The decision is tested without a socket (``decide`` on ``Window`` aggregates); the command
 is tested against a scripted HTTP source on port 0 (the seam is HTTP, never our classes);
@@ -40,11 +41,14 @@ from zaiproxy.canary import (
     thresholds_of,
 )
 from zaiproxy.canary_sources import (
+    ProxyAnswer,
     SourceError,
     Window,
     from_collector,
     from_prometheus,
+    from_proxies,
     prometheus_queries,
+    proxy_variant,
 )
 from zaiproxy.cli import build_parser
 from zaiproxy.collector_store import _SCHEMA, Store, row_of
@@ -376,6 +380,130 @@ def test_prometheus_queries_use_the_real_metric_names() -> None:
     assert "last_over_time(zai_proxy_build_info" in q["targets"]
 
 
+# ---- a proxy's answers -> Window ------------------------------------------------------------
+
+END = "2027-01-15T08:10:00Z"  # the history's range end (1_800_000_600)
+T_END = 1_800_000_600.0
+
+
+def proxy_status(variant: str) -> dict[str, Any]:
+    """A proxy's /admin/status as it answers (captured, shortened): its one variant."""
+    return {"time": T_END, "source": "proxy", "worker": 0, "ledger": "native",
+            "variants": {variant: {"variant": variant, "requests": 0.0, "responses_2xx": 0.0,
+                                   "responses_5xx": 0.0, "usage_missing": 0.0}}}
+
+
+def bucket(t: float, requests: int, **kw: Any) -> dict[str, Any]:
+    """One history point as the recorder answers it (captured, the fields canary-check
+    reads and a few it does not)."""
+    p = {"t": t, "time": "-", "requests": requests, "errors": 0, "latency_ms_avg": 80.0,
+         "latency_ms_p95": 100.0, "latency_ms_max": 150.0, "input_tokens": 8 * requests,
+         "output_tokens": 5 * requests, "cost_usd": 0.0, "error_rate": 0.0,
+         "responses_2xx": requests, "responses_4xx": 0, "responses_5xx": 0,
+         "responses_429": 0, "latency_ms_p50": 50.0, "latency_ms_p99": 150.0,
+         "ttft_ms_p50": 20.0, "ttft_ms_p95": 40.0, "ttft_ms_p99": 45.0, "retries": 0,
+         "zai_errors": 0, "upstream_errors": 0, "rejections": 0, "usage_missing": 0}
+    p.update(kw)
+    return p
+
+
+def proxy_history(variant: str, points: list[dict[str, Any]], *, resolution: float = 5.0,
+                  range_: str = "5m", source: str = "raw") -> dict[str, Any]:
+    """A proxy's /admin/history?range=..&variant=NAME: the recorder's series and summary."""
+    series = {"range": {"start": "2027-01-15T08:05:00Z", "end": END, "seconds": 300.0},
+              "variant": variant, "resolution_s": resolution, "source": source,
+              "p95": "exact", "p50_p99": "exact",
+              "fields_null_in_rollup": ["latency_ms_p50", "usage_missing"],
+              "series": {variant: points} if points else {}}
+    return {"range": range_, "variant": variant, "series": series,
+            "summary": {"rows": [], "total": {}}}
+
+
+def up(url: str, variant: str, points: list[dict[str, Any]], **kw: Any) -> ProxyAnswer:
+    return ProxyAnswer(url, variant, proxy_history(variant, points, **kw))
+
+
+def test_from_proxies_sums_each_variants_proxies_inside_the_window() -> None:
+    start = T_END - 60
+    answers = [
+        up("http://p1", "production", [
+            bucket(start - 10, 500),  # before the window: left out
+            bucket(start - 3, 400),  # 2 of its 5 s inside: most of it outside, left out
+            bucket(start - 2, 2, responses_2xx=1, responses_5xx=1,  # 3 of 5 s: in
+                   latency_ms_p95=900.0),
+            bucket(T_END - 5, 10, responses_2xx=8, responses_429=2, usage_missing=3,
+                   ttft_ms_p95=None),
+        ]),
+        ProxyAnswer("http://c1", "canary", proxy_history("canary", [
+            bucket(T_END - 30, 20, responses_5xx=5, responses_2xx=15, latency_ms_p95=300.0,
+                   ttft_ms_p95=80.0)])),
+        up("http://p2", "production", [bucket(T_END - 10, 8, latency_ms_p95=200.0)]),
+    ]
+    w = from_proxies(answers, 60, ("production", "canary"))
+    p, c = w["production"], w["canary"]
+    assert (p.requests, p.ok, p.server_errors, p.rate_limited, p.usage_missing) == (
+        20, 17, 1, 2, 3)
+    # Request-weighted mean of the buckets' p95s, in seconds, over both proxies.
+    assert p.latency_p95 == pytest.approx((0.9 * 2 + 0.1 * 10 + 0.2 * 8) / 20)
+    assert p.ttft_p95 == pytest.approx((0.04 * 2 + 0.04 * 8) / 10)
+    assert (p.targets, p.targets_down) == (2, 0)
+    assert c == Window(requests=20, ok=15, server_errors=5, usage_missing=0,
+                       latency_p95=0.3, ttft_p95=0.08, targets=1)
+    assert decide(c, p, replace(T, min_requests=10)).reason == "bad: error_rate"
+
+
+def test_from_proxies_a_dead_proxy_is_down_for_the_variant_without_an_answer() -> None:
+    answers = [up("http://p1", "production", [bucket(T_END - 5, 100)]),
+               ProxyAnswer("http://c1", why="cannot reach http://c1/admin/status: refused")]
+    w = from_proxies(answers, 60, ("production", "canary"))
+    assert w["canary"] == Window(latency_p95=None, ttft_p95=None, targets=1, targets_down=1)
+    assert (w["production"].targets, w["production"].targets_down) == (1, 0)
+    d = decide(w["canary"], w["production"], T)
+    assert (d.verdict, d.reason) == (Verdict.ROLL_BACK, "bad: targets")
+    # The same with the canary answering and production's only proxy dead: production's.
+    answers = [ProxyAnswer("http://p1", why="timed out"), up("http://c1", "canary", [])]
+    w = from_proxies(answers, 60, ("production", "canary"))
+    assert (w["production"].targets_down, w["canary"].targets_down) == (1, 0)
+
+
+@pytest.mark.parametrize(("answers", "message"), [
+    # Both variants answer: the dead third URL could be either's.
+    ([up("http://p1", "production", []), up("http://c1", "canary", []),
+      ProxyAnswer("http://x", why="refused")],
+     "http://x did not answer (refused) and both variants have a proxy that did: cannot "
+     "tell whose target it is"),
+    ([ProxyAnswer("http://p1", why="refused"), ProxyAnswer("http://c1", why="timed out")],
+     "no --url answered: refused; timed out"),
+    ([up("http://p1", "production", []), up("http://n1", "nightly", [])],
+     "http://n1 serves variant 'nightly', neither production 'production' nor canary "
+     "'canary'"),
+])
+def test_from_proxies_inconclusive(answers: list[ProxyAnswer], message: str) -> None:
+    with pytest.raises(SourceError) as exc:
+        from_proxies(answers, 60, ("production", "canary"))
+    assert str(exc.value).startswith(message), exc.value
+
+
+def test_from_proxies_usage_missing_unknown_from_rollups_or_an_older_proxy() -> None:
+    old = bucket(T_END - 5, 60)
+    del old["usage_missing"]
+    rollup = bucket(T_END - 60, 60, usage_missing=None, ttft_ms_p95=None)
+    w = from_proxies([up("http://p", "production", [old]),
+                      up("http://c", "canary", [rollup], resolution=60.0, source="rollup")],
+                     60, ("production", "canary"))
+    assert w["production"].usage_missing is None and w["canary"].usage_missing is None
+    assert w["canary"].requests == 60 and w["canary"].ttft_p95 is None
+    assert signal(decide(w["canary"], w["production"], T), "usage_missing").status is \
+        Status.NO_DATA
+
+
+def test_proxy_variant_is_the_one_its_status_names() -> None:
+    assert proxy_variant("http://c", proxy_status("canary")) == "canary"
+    for variants in ({}, {"a": {}, "b": {}}):
+        with pytest.raises(SourceError, match="cannot tell which variant"):
+            proxy_variant("http://c", {"source": "proxy", "variants": variants})
+
+
 # ---- the command against a scripted source -------------------------------------------------
 
 
@@ -403,21 +531,38 @@ class Scripted(BaseHTTPRequestHandler):
         pass
 
 
+Scripts = Callable[[], tuple[str, type[Scripted]]]
+
+
 @pytest.fixture
-def source() -> Iterator[tuple[str, type[Scripted]]]:
-    handler = type("Handler", (Scripted,), {"routes": {}, "seen": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+def scripted() -> Iterator[Scripts]:
+    """Start scripted HTTP sources on port 0, as many as a test asks for."""
+    running: list[tuple[ThreadingHTTPServer, threading.Thread]] = []
+
+    def start() -> tuple[str, type[Scripted]]:
+        handler = type("Handler", (Scripted,), {"routes": {}, "seen": []})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+        thread.start()
+        running.append((server, thread))
+        return f"http://127.0.0.1:{server.server_address[1]}", handler
+
+    yield start
+    for server, thread in running:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def source(scripted: Scripts) -> tuple[str, type[Scripted]]:
+    return scripted()
 
 
 def collector_answers(canary_errors: float) -> dict[str, tuple[int, bytes]]:
-    status = {"variants": {"canary": {"targets": 1, "stale_targets": 0},
-                           "production": {"targets": 1, "stale_targets": 0}}}
+    status = {"source": "collector", "variants": {
+        "canary": {"targets": 1, "stale_targets": 0},
+        "production": {"targets": 1, "stale_targets": 0}}}
     history = {"source": "collector", "step_s": 5, "to": 1000.0, "series": {
         "canary": [point(t, 2, errors_per_s=canary_errors) for t in range(940, 1000, 5)],
         "production": [point(t, 2) for t in range(940, 1000, 5)]}}
@@ -529,6 +674,114 @@ def test_command_unreachable_and_same_names(unused_port: int) -> None:
                           f"http://127.0.0.1:{unused_port}/admin/status:")
     code, _, err = command("--prometheus", "http://p", "--canary", "production")
     assert code == 2 and "must name two variants" in err
+
+
+def proxy_answers(variant: str, errors: int = 0) -> dict[str, Answer]:
+    """A proxy's admin API: its status, and its history for its own variant only."""
+    points = [bucket(t, 10, responses_2xx=10 - errors, responses_5xx=errors)
+              for t in range(int(T_END) - 60, int(T_END), 5)]
+
+    def history(target: str) -> tuple[int, bytes]:
+        asked = parse_qs(urlsplit(target).query)
+        assert asked["variant"] == [variant]
+        return 200, json.dumps(proxy_history(variant, points)).encode()
+
+    return {"/admin/status": (200, json.dumps(proxy_status(variant)).encode()),
+            "/admin/history": history}
+
+
+def lines_of(out: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines()[3:]}
+
+
+@pytest.mark.parametrize(("errors", "code", "verdict"), [
+    (0, 0, "PROMOTE"), (5, 1, "ROLL BACK: bad: error_rate")])
+def test_command_against_two_proxies(scripted: Scripts, errors: int, code: int,
+                                     verdict: str) -> None:
+    (prod, prod_h), (canary, canary_h) = scripted(), scripted()
+    prod_h.routes.update(proxy_answers("production"))
+    canary_h.routes.update(proxy_answers("canary", errors))
+    got, out, err = command("--url", canary, "--url", prod + "/", "--window", "1m",
+                            "--token", "t")
+    assert (got, err) == (code, ""), err
+    lines = out.splitlines()
+    assert lines[0].startswith(verdict)
+    assert lines[1] == (f"canary 'canary' vs production 'production' over 60s, from proxies "
+                        f"{canary} (canary), {prod} (production)")
+    assert "1/1 down" not in out and lines_of(out)["requests"][:2] == ["120", "120"]
+    for handler, variant in ((prod_h, "production"), (canary_h, "canary")):
+        assert handler.seen == [("/admin/status", "Bearer t"),
+                                (f"/admin/history?range=5m&variant={variant}", "Bearer t")]
+
+
+def test_command_a_dead_canary_proxy_is_rolled_back(scripted: Scripts, unused_port: int,
+                                                    hanging_port: int) -> None:
+    prod, handler = scripted()
+    handler.routes.update(proxy_answers("production"))
+    for dead in (unused_port, hanging_port):  # connection refused, no answer in time
+        code, out, err = command("--url", prod, "--url", f"http://127.0.0.1:{dead}",
+                                 "--window", "1m", "--timeout", "0.3", "--json")
+        doc = json.loads(out)
+        assert (code, err, doc["verdict"], doc["reason"]) == (1, "", "ROLL BACK", "bad: targets")
+        why = doc["source"]["proxies"][1].pop("error")
+        assert doc["source"] == {"kind": "proxies", "proxies": [
+            {"url": prod, "variant": "production", "answered": True},
+            {"url": f"http://127.0.0.1:{dead}", "variant": "canary", "answered": False}]}
+        assert why.startswith("cannot re") and f"127.0.0.1:{dead}/admin/status: " in why
+        assert (doc["variants"]["canary"]["targets"],
+                doc["variants"]["canary"]["targets_down"]) == (1, 1)
+    code, out, _ = command("--url", prod, "--url", f"http://127.0.0.1:{unused_port}")
+    assert code == 1 and out.splitlines()[:2] == [
+        "ROLL BACK: bad: targets", "canary 'canary' vs production 'production' over 600s, "
+        f"from proxies {prod} (production), http://127.0.0.1:{unused_port} (canary: did not "
+        "answer)"]
+    assert lines_of(out)["targets"][:2] == ["1/1", "down"]
+
+
+@pytest.mark.parametrize(("canary_answer", "message"), [
+    ((401, b'{"error": {"message": "admin endpoint: missing or wrong admin token"}}'),
+     "/admin/status: HTTP 401: admin endpoint: missing or wrong admin token (pass --token"),
+    ((200, b'{"status": "ok"}'), '/admin/status: not a zaiproxy admin API ("source" is None'),
+    ((200, b"<html>hi</html>"), "/admin/status: the answer is not JSON"),
+    ((200, json.dumps({"source": "collector", "variants": {}}).encode()),
+     "is a collector: give one fleet collector, or one --url per proxy (never both"),
+])
+def test_command_proxies_inconclusive(scripted: Scripts, canary_answer: tuple[int, bytes],
+                                      message: str) -> None:
+    (prod, prod_h), (canary, canary_h) = scripted(), scripted()
+    prod_h.routes.update(proxy_answers("production"))
+    canary_h.routes.update(proxy_answers("canary"))
+    canary_h.routes["/admin/status"] = canary_answer
+    code, out, err = command("--url", prod, "--url", canary, "--window", "1m")
+    assert (code, out) == (2, "")
+    assert err.startswith("zaiproxy canary-check: inconclusive: ") and message in err, err
+
+
+def test_command_one_proxy_is_not_enough(source: tuple[str, type[Scripted]]) -> None:
+    url, handler = source
+    handler.routes.update(proxy_answers("canary"))
+    code, out, err = command("--url", url)
+    assert (code, out) == (2, "")
+    assert err == (f"zaiproxy canary-check: inconclusive: {url} is a proxy, and a proxy "
+                   "serves one variant (this one 'canary'): give both proxies (--url "
+                   "PRODUCTION --url CANARY) or a fleet collector (zaiproxy collect) that "
+                   "scrapes both\n")
+    assert [path for path, _ in handler.seen] == ["/admin/status"]
+
+
+def test_url_is_repeatable() -> None:
+    ns = build_parser().parse_args(["canary-check", "--url", "http://a", "--url", "http://b"])
+    assert ns.url == ["http://a", "http://b"]
+
+
+@pytest.fixture
+def hanging_port() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as s:  # listening, never accepting: connects, then no answer
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -1,16 +1,21 @@
-"""``zaiproxy canary-check`` against real processes: a real Prometheus and a real collector.
+"""``zaiproxy canary-check`` against real processes: a real Prometheus, a real collector,
+and the proxies' own admin APIs (their recorders' history).
 
 One fleet per module: the mock upstream, a production proxy and four canary proxies, each
-its own variant (``DEPLOYMENT_VARIANT``) so every verdict has its own, independent traffic:
+its own variant (``DEPLOYMENT_VARIANT``) and its own history file (``start_process``) so
+every verdict has its own, independent traffic:
 
 - ``canary``: as good as production (same traffic, same 150 ms upstream delay) -> PROMOTE;
 - ``canary-bad``: half of its requests answered 500 by the mock -> ROLL BACK (error_rate);
 - ``canary-idle``: a handful of requests -> WAIT;
-- ``canary-gone``: scraped, then stopped -> ROLL BACK (targets).
+- ``canary-gone``: scraped, then stopped -> ROLL BACK (targets); for the proxies source,
+  its URL refuses connections: a down target of the variant no proxy answered for.
 
 Prometheus (1 s scrapes, TSDB in tmp) and ``zaiproxy collect`` (1 s) scrape all of them;
-the command runs as a child process against each. Every series is warmed up (one request,
-one scrape) before the counted traffic: ``increase`` ignores the first sample of a series.
+the command runs as a child process against each, and against two proxy URLs
+(``--url PRODUCTION --url CANARY``). Every series is warmed up (one request, one scrape)
+before the counted traffic: ``increase`` ignores the first sample of a series. Without
+Prometheus installed, only its tests are skipped.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ MIN_REQUESTS = "40"
 @dataclass
 class Fleet:
     proxies: dict[str, ProcessServer]
-    prometheus: str
+    prometheus: str | None  # None: not installed
     collector: str
 
 
@@ -130,6 +135,13 @@ def collector_requests(collector: str) -> dict[str, float]:
     return {v: e["requests"] for v, e in status.get("variants", {}).items()}
 
 
+def history_requests(proxy: str, variant: str) -> float:
+    """API requests in a proxy's history (its recorder's) over the last 5 minutes."""
+    doc = get(f"{proxy}/admin/history?range=5m&variant={variant}") or {}
+    points = doc.get("series", {}).get("series", {}).get(variant, [])
+    return float(sum(p["requests"] for p in points))
+
+
 def collector_scrapes(collector: str) -> int:
     status = get(f"{collector}/admin/status", TOKEN) or {}
     return min((t["scrapes"] for t in status.get("targets", [])), default=0)
@@ -137,12 +149,11 @@ def collector_scrapes(collector: str) -> int:
 
 @pytest.fixture(scope="module")
 def fleet(mock: ProcessServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    if not os.access(PROMETHEUS, os.X_OK):
-        pytest.skip("Prometheus is not installed at /usr/bin/prometheus")
     tmp = tmp_path_factory.mktemp("canary")
     proxies: dict[str, ProcessServer] = {}
     children: list[ProcessServer] = []
     prometheus: subprocess.Popen[bytes] | None = None
+    prom_url: str | None = None
 
     def serve(variant: str) -> ProcessServer:
         return start_process(["serve", "--port", "0", "--workers", "1"],
@@ -155,7 +166,8 @@ def fleet(mock: ProcessServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
         proxies.update(started)
         children += started.values()
         targets = [p.url.removeprefix("http://") for p in proxies.values()]
-        prometheus, prom_url = start_prometheus(tmp, targets)
+        if os.access(PROMETHEUS, os.X_OK):
+            prometheus, prom_url = start_prometheus(tmp, targets)
         collector = start_process(
             ["collect", *(a for p in proxies.values() for a in ("--target", p.url)),
              "--interval", "1s", "--db", str(tmp / "collector.duckdb"), "--port", "0",
@@ -167,19 +179,28 @@ def fleet(mock: ProcessServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
             active = doc.get("data", {}).get("activeTargets", [])
             return len(active) == len(VARIANTS) and all(t["health"] == "up" for t in active)
 
-        poll("Prometheus to scrape every proxy", all_up)
+        if prom_url is not None:
+            poll("Prometheus to scrape every proxy", all_up)
         poll("the collector to scrape every proxy twice", lambda: collector_scrapes(
             collector.url) >= 2)
 
         # Warm up every series, wait until Prometheus has sampled it, then count.
         send(proxies, WARM_UP)
         warm = {v: float(len(m)) for v, m in WARM_UP.items()}
-        poll("Prometheus to see the warm-up", lambda: requests_by_variant(prom_url) == warm)
+        if prom_url is not None:
+            poll("Prometheus to see the warm-up",
+                 lambda: requests_by_variant(prom_url) == warm)
         send(proxies, TRAFFIC)
         total = {v: warm[v] + len(TRAFFIC[v]) for v in VARIANTS}
-        poll("Prometheus to see the traffic", lambda: requests_by_variant(prom_url) == total)
+        if prom_url is not None:
+            poll("Prometheus to see the traffic",
+                 lambda: requests_by_variant(prom_url) == total)
         poll("the collector to see the traffic", lambda: collector_requests(
             collector.url) == total)
+        # Each recorder batches rows (<= 100 ms) and then writes them: wait until every
+        # proxy's own history has the traffic (the series count API routes only).
+        poll("every proxy's history to have the traffic", lambda: all(
+            history_requests(proxies[v].url, v) == total[v] for v in VARIANTS))
         seen = collector_scrapes(collector.url)  # that round's rows are being written:
         poll("one more collector round", lambda: collector_scrapes(collector.url) > seen)
 
@@ -187,9 +208,10 @@ def fleet(mock: ProcessServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
         gone = proxies["canary-gone"]
         assert gone.stop() == 0
         instance = gone.url.removeprefix("http://")
-        poll("Prometheus to see canary-gone down",
-             lambda: [r["value"][1] for r in promql(prom_url, f'up{{instance="{instance}"}}')]
-             == ["0"])
+        if prom_url is not None:
+            poll("Prometheus to see canary-gone down", lambda: [
+                r["value"][1] for r in promql(prom_url, f'up{{instance="{instance}"}}')]
+                == ["0"])
         poll("the collector to see canary-gone stale", lambda: (get(
             f"{collector.url}/admin/status", TOKEN) or {}).get("variants", {}).get(
             "canary-gone", {}).get("stale_targets") == 1)
@@ -213,22 +235,27 @@ def check(*argv: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
 
 
-def source_args(fleet: Fleet, source: str) -> list[str]:
+def source_args(fleet: Fleet, source: str, canary: str = "canary") -> list[str]:
     if source == "prometheus":
-        return ["--prometheus", fleet.prometheus]
-    return ["--url", fleet.collector, "--token", TOKEN]
+        if fleet.prometheus is None:
+            pytest.skip("Prometheus is not installed at /usr/bin/prometheus")
+        return ["--prometheus", fleet.prometheus, "--canary", canary]
+    if source == "proxies":  # each proxy's own admin API; no admin token configured
+        return ["--url", fleet.proxies["production"].url, "--url", fleet.proxies[canary].url,
+                "--canary", canary]
+    return ["--url", fleet.collector, "--token", TOKEN, "--canary", canary]
 
 
 def lines_by_signal(out: str) -> dict[str, str]:
     return {line.split()[0]: line for line in out.splitlines()[3:]}
 
 
-SOURCES = ["prometheus", "collector"]
+SOURCES = ["prometheus", "collector", "proxies"]
 
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_a_bad_canary_is_rolled_back(fleet: Fleet, source: str) -> None:
-    done = check(*source_args(fleet, source), "--canary", "canary-bad")
+    done = check(*source_args(fleet, source, "canary-bad"))
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stdout.startswith("ROLL BACK: bad: error_rate\n"), done.stdout
     line = lines_by_signal(done.stdout)["error_rate"]
@@ -250,11 +277,17 @@ def test_a_good_canary_is_promoted(fleet: Fleet, source: str) -> None:
         assert 55 <= w["requests"] <= 75 and w["server_errors"] == 0
         assert w["targets"] == 1 and w["targets_down"] == 0
         assert 0.15 < w["latency_p95"] < 1 and w["usage_missing"] == 0  # the delay
+        if source == "proxies":  # the recorders' counts are exact: warm-up + traffic
+            assert (w["requests"], w["ok"]) == (61, 61) and 0.15 < w["ttft_p95"] < 1
+    if source == "proxies":
+        assert doc["source"] == {"kind": "proxies", "proxies": [
+            {"url": fleet.proxies[v].url, "variant": v, "answered": True}
+            for v in ("production", "canary")]}
 
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_too_little_traffic_waits(fleet: Fleet, source: str) -> None:
-    done = check(*source_args(fleet, source), "--canary", "canary-idle")
+    done = check(*source_args(fleet, source, "canary-idle"))
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stdout.startswith("WAIT: not enough traffic: canary has "), done.stdout
     assert "no-data" in lines_by_signal(done.stdout)["error_rate"]
@@ -262,10 +295,20 @@ def test_too_little_traffic_waits(fleet: Fleet, source: str) -> None:
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_a_canary_whose_targets_are_down_is_rolled_back(fleet: Fleet, source: str) -> None:
-    done = check(*source_args(fleet, source), "--canary", "canary-gone")
+    done = check(*source_args(fleet, source, "canary-gone"))
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stdout.startswith("ROLL BACK: bad: targets\n"), done.stdout
     assert "1 of 1 canary targets down (100.0%)" in lines_by_signal(done.stdout)["targets"]
+    if source == "proxies":  # its URL refuses connections: the variant no proxy answered for
+        assert done.stdout.splitlines()[1].endswith(
+            f"{fleet.proxies['canary-gone'].url} (canary-gone: did not answer)")
+
+
+def test_one_proxy_alone_is_inconclusive(fleet: Fleet) -> None:
+    done = check("--url", fleet.proxies["canary"].url)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert "is a proxy, and a proxy serves one variant (this one 'canary'): give both " \
+        "proxies" in done.stderr, done.stderr
 
 
 def test_a_wrong_token_is_inconclusive(fleet: Fleet) -> None:

@@ -601,7 +601,8 @@ def test_rollup_series_points_leave_what_rollups_lack_null(plotted: HistoryStore
     assert doc["source"] == "rollup" and doc["p50_p99"].startswith("not kept")
     nulls = doc["fields_null_in_rollup"]
     assert nulls == ["latency_ms_p50", "latency_ms_p99", "ttft_ms_p50", "ttft_ms_p95",
-                     "ttft_ms_p99", "retries", "zai_errors", "upstream_errors", "rejections"]
+                     "ttft_ms_p99", "retries", "zai_errors", "upstream_errors", "rejections",
+                     "usage_missing"]
     first, second = doc["series"]["production"]
     assert [k for k, v in first.items() if v is None] == nulls  # exactly those, nothing else
     assert {k: first[k] for k in ("requests", "errors", "responses_2xx", "responses_4xx",
@@ -890,3 +891,48 @@ async def test_a_worker_hands_each_finished_request_to_its_sink(nursery: trio.Nu
                                                          ("other", 404)]
     assert got[0]["request_id"] == resp.header(b"x-zaiproxy-request-id").decode()  # type: ignore[union-attr]
     assert got[0]["model"] == "glm-4.6" and got[0]["input_tokens"] > 0
+
+
+# ---- series: usage_missing and API routes only (what canary-check reads from a proxy) --------
+
+
+@pytest.fixture
+def estimated(store: HistoryStore) -> HistoryStore:
+    """Minute 0 of production: three 2xx whose tokens were estimated (one a 201), one 2xx
+    with upstream usage, an estimated 502 (not a success) and control routes (a probe, a
+    scrape, an admin call: one of them estimated, which the proxy never does, to show it
+    is the route that leaves them out); one estimated 2xx in minute 1."""
+    rows = rows_at([T0 + 1, T0 + 2], tokens_estimated=True)
+    rows += rows_at([T0 + 3], tokens_estimated=True, status=201)
+    rows += rows_at([T0 + 4])
+    rows += rows_at([T0 + 5], tokens_estimated=True, status=502, upstream_status=502)
+    for i, route in enumerate(("/health", "/metrics", "/admin/history", "/ready")):
+        rows += rows_at([T0 + 10 + i], route=route, method="GET", model=None, usage=None,
+                        upstream_status=None, tokens_estimated=route == "/metrics")
+    rows += rows_at([T0 + 61], tokens_estimated=True)
+    store.write(rows)
+    return store
+
+
+def test_raw_series_points_count_successes_without_upstream_usage(
+        estimated: HistoryStore) -> None:
+    doc = history_series(estimated, 300, resolution_s=60, now=T0 + 120)
+    first, second = doc["series"]["production"]
+    assert (first["requests"], first["responses_2xx"], first["responses_5xx"]) == (5, 4, 1)
+    assert first["usage_missing"] == 3  # the 200s and the 201; not the 502, not /metrics
+    assert (second["requests"], second["usage_missing"]) == (1, 1)
+    assert "usage_missing" in doc["fields_null_in_rollup"]
+    # The summary still counts every row; the series only the API routes.
+    summary = history_summary(estimated, 300, group_by="route", now=T0 + 120)
+    assert summary["total"]["requests"] == 10
+    assert sum(p["requests"] for p in doc["series"]["production"]) == 6
+
+
+def test_rollup_series_points_leave_usage_missing_null(estimated: HistoryStore) -> None:
+    estimated.rollup(T0 + 200)
+    doc = history_series(estimated, 2 * DAY, resolution_s=60, variant="production",
+                         now=T0 + 1.5 * DAY)
+    assert doc["source"] == "rollup"
+    first, second = doc["series"]["production"]
+    assert first["usage_missing"] is None and second["usage_missing"] is None
+    assert (first["requests"], first["responses_2xx"], second["requests"]) == (5, 4, 1)

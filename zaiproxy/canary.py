@@ -18,16 +18,22 @@ defaults, every one a flag:
 Three layers, so the decision is tested without a socket: :func:`decide` is pure (two
 :class:`~zaiproxy.canary_sources.Window` aggregates in, a :class:`Decision` out); the
 source adapters in :mod:`zaiproxy.canary_sources` reduce what a fleet collector's admin
-API or a Prometheus server answered to those aggregates (pure) and do the blocking HTTP
-(urllib, a timeout per request: this is a CLI, not the trio hot path); :func:`run` maps
-every failure to reach or read a source (``SourceError``) to a message on stderr and exit
-2 (inconclusive), never a traceback.
+API, the two proxies' admin APIs or a Prometheus server answered to those aggregates
+(pure) and do the blocking HTTP (urllib, a timeout per request: this is a CLI, not the
+trio hot path); :func:`run` maps every failure to reach or read a source (``SourceError``)
+to a message on stderr and exit 2 (inconclusive), never a traceback. A proxy ``--url``
+that does not answer at all is not a failure to read: it is a down target (ROLL BACK on
+``targets`` when it is the canary's), see :mod:`zaiproxy.canary_sources` for which
+variant it is counted for.
 
 The sources differ in exactness. Prometheus answers ``increase`` and ``histogram_quantile``
 over the window (a series born inside the window loses its first scrape's increment, as in
 any alert rule). The collector's history carries rates and quantiles per step, not
 buckets: counts are the rates times the part of each step inside the window, and a p95 is
-the request-weighted mean of the steps' p95s (the recorder's rollups do the same).
+the request-weighted mean of the steps' p95s (the recorder's rollups do the same). A
+proxy's history (its recorder's) carries exact counts per bucket (1/60 of the range): a
+bucket counts when most of it lies in the window, and p95s are weighted as the
+collector's.
 """
 
 from __future__ import annotations
@@ -42,7 +48,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
-from zaiproxy.canary_sources import SourceError, Window, read_collector, read_prometheus
+from zaiproxy.canary_sources import (
+    Reading,
+    SourceError,
+    Window,
+    read_admin,
+    read_prometheus,
+)
 
 EXIT_PROMOTE, EXIT_ROLL_BACK, EXIT_WAIT = 0, 1, 2
 _EPSILON = 1e-9  # shares are ratios of floats: 15 % - 10 % must not read as > 5 points
@@ -226,7 +238,8 @@ def _usage_missing(c: Window, p: Window, t: Thresholds, enough: bool) -> Signal:
         return Signal("usage_missing", Status.NO_DATA, _NOT_ENOUGH, *args)
     if c.usage_missing is None or p.usage_missing is None:
         return Signal("usage_missing", Status.NO_DATA, "the source does not report "
-                      "usage_missing (a collector older than this check?)", *args)
+                      "usage_missing (a collector or proxy older than this check, or a "
+                      "proxy's history from 1-minute rollups)", *args)
     if cs is None or ps is None:
         none = " and ".join(n for n, w in (("canary", c), ("production", p)) if w.ok <= 0)
         return Signal("usage_missing", Status.NO_DATA, f"no successful requests for {none}",
@@ -283,6 +296,12 @@ signals: targets, requests, error_rate (5xx share of API requests), latency_p95,
 ttft_p95 (time to first token), rate_limited (429 share), usage_missing (share of 2xx
 whose upstream sent no usage, so tokens were only estimated).
 fractions are written 0.1 or 10%.
+
+--url: one fleet collector, or one URL per proxy (repeat --url; each proxy serves the
+one variant its /admin/status names, and its history must be recorded). A proxy URL that
+does not answer (refused, timeout) is a down target of the variant that has no answering
+proxy (a dead canary: ROLL BACK on targets); when both variants have one, it is
+inconclusive (exit 2): the dead URL could be either's.
 """
 
 
@@ -343,12 +362,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     "verdict with one line per signal.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--url", metavar="URL",
+    source.add_argument("--url", metavar="URL", action="append",
                         help="a fleet collector's admin API (zaiproxy collect), e.g. "
-                             "http://collector:9100")
+                             "http://collector:9100; or, repeated, each proxy's admin API, "
+                             "e.g. --url http://prod-proxy:8080 --url http://canary-proxy:8080")
     source.add_argument("--prometheus", metavar="URL",
                         help="a Prometheus server scraping both variants, e.g. http://prom:9090")
-    p.add_argument("--token", help="the collector's admin token (else ZAIPROXY_ADMIN_TOKEN); "
+    p.add_argument("--token", help="the admin token of --url (else ZAIPROXY_ADMIN_TOKEN); "
                    "sent to --prometheus too when given")
     p.add_argument("--window", type=_window, default=600.0, metavar="DURATION",
                    help="how far back to compare (default 10m)")
@@ -393,25 +413,31 @@ def run(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stde
     if ns.production == ns.canary:
         err.write("zaiproxy canary-check: --production and --canary must name two variants\n")
         return EXIT_WAIT
-    if ns.url:
-        kind, url, read = "collector", ns.url.rstrip("/"), read_collector
-        token = ns.token or os.environ.get("ZAIPROXY_ADMIN_TOKEN") or None
-    else:
-        kind, url, read = "prometheus", ns.prometheus.rstrip("/"), read_prometheus
-        token = ns.token
     try:
-        windows = read(url, ns.window, names, token=token, timeout=ns.timeout)
+        reading = _read(ns, names)
     except SourceError as exc:
         err.write(f"zaiproxy canary-check: inconclusive: {exc}\n")
         return EXIT_WAIT
+    windows = reading.windows
     thresholds = thresholds_of(ns)
     decision = decide(windows[ns.canary], windows[ns.production], thresholds)
     if ns.json:
-        meta = {"source": {"kind": kind, "url": url}, "window_s": ns.window,
+        meta = {"source": reading.source, "window_s": ns.window,
                 "canary": ns.canary, "production": ns.production,
                 "thresholds": asdict(thresholds)}
         out.write(render_json(decision, meta, windows))
     else:
         out.write(render_text(decision, f"canary {ns.canary!r} vs production "
-                              f"{ns.production!r} over {ns.window:g}s, from {kind} {url}"))
+                              f"{ns.production!r} over {ns.window:g}s, from {reading.kind} "
+                              f"{reading.where}"))
     return decision.verdict.exit_code
+
+
+def _read(ns: argparse.Namespace, names: tuple[str, str]) -> Reading:
+    if ns.url:
+        urls = list(dict.fromkeys(u.rstrip("/") for u in ns.url))  # a URL given twice: once
+        token = ns.token or os.environ.get("ZAIPROXY_ADMIN_TOKEN") or None
+        return read_admin(urls, ns.window, names, token=token, timeout=ns.timeout)
+    url = ns.prometheus.rstrip("/")
+    windows = read_prometheus(url, ns.window, names, token=ns.token, timeout=ns.timeout)
+    return Reading(windows, "prometheus", url, {"kind": "prometheus", "url": url})

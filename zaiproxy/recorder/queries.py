@@ -8,9 +8,9 @@ file opened read-only by ``zaiproxy history`` when no proxy holds it.
 
 Series points carry more than summary rows: what a dashboard plots per bucket
 (responses per status class, latency and time-to-first-token quantiles, retries,
-Z.AI errors, upstream errors, the proxy's own 429s). A rollup minute keeps only
-counts per status, latency sum/max/p95, tokens and cost, so the rest are null on a
-rollup range; the answer lists them (``fields_null_in_rollup``).
+Z.AI errors, upstream errors, the proxy's own 429s, successes without upstream usage).
+A rollup minute keeps only counts per status, latency sum/max/p95, tokens and cost, so
+the rest are null on a rollup range; the answer lists them (``fields_null_in_rollup``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from zaiproxy.recorder.ranges import QueryError, parse_duration
 from zaiproxy.recorder.store import DAY, ERROR_SQL, HistoryStore
+from zaiproxy.snapshot import CONTROL_PATHS, CONTROL_PREFIX
 
 __all__ = ["FIELDS_NULL_IN_ROLLUP", "GROUPS", "QueryError", "export_parquet",
            "export_parquet_bytes", "history_series", "history_summary", "parse_duration"]
@@ -124,6 +125,18 @@ REJECTION_SQL: Final = "(status = 429 AND upstream_status IS NULL)"
 # A Z.AI 429 seen (retried or relayed): error_class is set for every one, error_code only
 # when the body named a code (a non-JSON body has class 'unknown' and no code).
 ZAI_ERROR_SQL: Final = "(error_class IS NOT NULL)"
+# A success whose upstream sent no usage (the proxy estimated the tokens): what
+# zai_proxy_usage_missing_total counts (metrics.py), so canary-check reads the same share
+# from a proxy's history as from /metrics. Rollups keep no tokens_estimated: null there.
+USAGE_MISSING_SQL: Final = "(status // 100 = 2 AND tokens_estimated)"
+# Scrapes, probes and the admin API (snapshot.CONTROL_PATHS / CONTROL_PREFIX): left out of
+# the series, as /metrics' request counts leave them out, so a proxy's history plots the
+# same traffic as its live rates and the collector's history, and a canary's 5xx share
+# (canary-check) is not diluted by kubelet probes and Prometheus scrapes. ``route`` is the
+# route template (the metrics' ``path`` label); NULL in old raw rows, '' in rollups.
+_ROUTE = "coalesce(route, '')"
+API_ROUTE_SQL: Final = (f"NOT ({_ROUTE} IN ({', '.join(repr(p) for p in sorted(CONTROL_PATHS))})"
+                        f" OR starts_with({_ROUTE}, '{CONTROL_PREFIX}'))")
 
 # Both inner aggregates give these columns (one pass over the table, FILTER clauses, one
 # quantile state per column for all three quantiles); the outer SELECT only projects them.
@@ -140,7 +153,8 @@ _RAW_SERIES_AGG: Final = f"""
     coalesce(sum(retries), 0) AS retries,
     count(*) FILTER (WHERE {ZAI_ERROR_SQL}) AS zai_errors,
     count(*) FILTER (WHERE {UPSTREAM_ERROR_SQL}) AS upstream_errors,
-    count(*) FILTER (WHERE {REJECTION_SQL}) AS rejections"""
+    count(*) FILTER (WHERE {REJECTION_SQL}) AS rejections,
+    count(*) FILTER (WHERE {USAGE_MISSING_SQL}) AS usage_missing"""
 _ROLLUP_SERIES_AGG: Final = """
     sum(requests) AS requests, sum(errors) AS errors,
     sum(latency_ms_sum) / sum(requests) AS lat_avg,
@@ -153,18 +167,20 @@ _ROLLUP_SERIES_AGG: Final = """
     coalesce(sum(requests) FILTER (WHERE status // 100 = 5), 0) AS r5,
     coalesce(sum(requests) FILTER (WHERE status = 429), 0) AS r429,
     NULL::DOUBLE[] AS ttft_q, NULL::BIGINT AS retries, NULL::BIGINT AS zai_errors,
-    NULL::BIGINT AS upstream_errors, NULL::BIGINT AS rejections"""
+    NULL::BIGINT AS upstream_errors, NULL::BIGINT AS rejections,
+    NULL::BIGINT AS usage_missing"""
 # _AGG_NAMES order first (the summary's fields, converted by _agg), then _EXTRA_NAMES.
 _SERIES_COLUMNS: Final = """
     requests, errors, lat_avg, lat_q[2], lat_max, tin, tout, tcr, tcw, cost,
     r2, r4, r5, r429, lat_q[1], lat_q[3], ttft_q[1], ttft_q[2], ttft_q[3],
-    retries, zai_errors, upstream_errors, rejections"""
+    retries, zai_errors, upstream_errors, rejections, usage_missing"""
 _EXTRA_NAMES: Final = ("responses_2xx", "responses_4xx", "responses_5xx", "responses_429",
                        "latency_ms_p50", "latency_ms_p99", "ttft_ms_p50", "ttft_ms_p95",
-                       "ttft_ms_p99", "retries", "zai_errors", "upstream_errors", "rejections")
+                       "ttft_ms_p99", "retries", "zai_errors", "upstream_errors", "rejections",
+                       "usage_missing")
 FIELDS_NULL_IN_ROLLUP: Final = ("latency_ms_p50", "latency_ms_p99", "ttft_ms_p50", "ttft_ms_p95",
                                 "ttft_ms_p99", "retries", "zai_errors", "upstream_errors",
-                                "rejections")
+                                "rejections", "usage_missing")
 
 
 def _point(values: tuple[Any, ...]) -> dict[str, Any]:
@@ -186,7 +202,8 @@ def history_series(store: HistoryStore, range_s: float, *, variant: str | None =
 
     Each point: the summary's fields (requests, errors, latency avg/p95/max, tokens, cost)
     and :data:`_EXTRA_NAMES`; those in :data:`FIELDS_NULL_IN_ROLLUP` are null when the
-    range is answered from rollups.
+    range is answered from rollups. API routes only (:data:`API_ROUTE_SQL`): the summary
+    counts every row, the series what the proxy served.
     """
     start, end = now - range_s, now
     source = _source(store, start, now)
@@ -200,7 +217,8 @@ def history_series(store: HistoryStore, range_s: float, *, variant: str | None =
     rows = store.con.execute(
         f"SELECT t, variant, {_SERIES_COLUMNS} FROM ("
         f"SELECT epoch(time_bucket(to_seconds(?), {time_col})) AS t, variant, {agg} "
-        f"FROM {table} WHERE {_where(time_col, variant)} GROUP BY t, variant"
+        f"FROM {table} WHERE {_where(time_col, variant)} AND {API_ROUTE_SQL} "
+        "GROUP BY t, variant"
         ") ORDER BY t, variant",
         [resolution_s, *_params(start, end, variant)]).fetchall()
     series: dict[str, list[dict[str, Any]]] = {}

@@ -94,15 +94,22 @@ class ZaiproxyTui(App[None]):
     # ---- composition -----------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
-        yield StatusLine(id="status")
+        # Held, not queried on every tick: a timer or message that comes in while the app
+        # closes finds its widget detached (and does nothing) instead of raising NoMatches.
+        self._status = StatusLine(id="status")
+        self._plots = {m.key: PlotPanel(m.key, y_format=Y_FORMATS[m.y_format], tz=self.tz)
+                       for m in METRICS}
+        self._limiter = LimiterPanel(id="limiter")
+        self._errors = ErrorsPanel(id="errors")
+        self._keys = KeysPanel()
+        yield self._status
         with VerticalScroll(id="main"):
             with Grid(id="plots"):
-                for m in METRICS:
-                    yield PlotPanel(m.key, y_format=Y_FORMATS[m.y_format], tz=self.tz)
+                yield from self._plots.values()
             with Grid(id="tables"):
-                yield LimiterPanel(id="limiter")
-                yield ErrorsPanel(id="errors")
-                yield KeysPanel()
+                yield self._limiter
+                yield self._errors
+                yield self._keys
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -186,22 +193,26 @@ class ZaiproxyTui(App[None]):
 
     def _tick(self) -> None:
         """Countdowns and the stale badge; the panels move when data arrives."""
-        self.query_one(StatusLine).show(status_view(self.dashboard, self.clock()))
+        if not self._status.is_attached:
+            return  # the app is closing: its widgets are gone, a late timer is not an error
+        self._status.show(status_view(self.dashboard, self.clock()))
 
     def _refresh(self) -> None:
+        if not self._status.is_attached:
+            return
         d, now = self.dashboard, self.clock()
-        self.query_one(StatusLine).show(status_view(d, now))
+        self._status.show(status_view(d, now))
         if d.paused:
             return
         for view in panel_views(d, now):
-            self.query_one(f"#panel-{view.key}", PlotPanel).show(view)
-        self.query_one(LimiterPanel).show(limiter_view(d))
+            self._plots[view.key].show(view)
+        self._limiter.show(limiter_view(d))
         rows, note = error_rows(d, now)
-        self.query_one(ErrorsPanel).show(rows, note)
+        self._errors.show(rows, note)
         message = d.keys_error if d.keys is None else (
             "open mode: no keys file, every client key is accepted"
             if d.keys.mode == "open" else None)
-        self.query_one(KeysPanel).show(key_lines(d, *self._sort), message)
+        self._keys.show(key_lines(d, *self._sort), message)
         if d.history_error:
             self.notify(d.history_error, title="history", severity="warning", timeout=6)
             d.history_error = None
@@ -235,10 +246,10 @@ class ZaiproxyTui(App[None]):
         self._refresh()
 
     def action_sort_keys(self) -> None:
-        self.query_one(KeysPanel).cycle_sort()
+        self._keys.cycle_sort()
 
     def action_focus_keys(self) -> None:
-        panel = self.query_one(KeysPanel)
+        panel = self._keys
         panel.scroll_visible()
         panel.query_one("DataTable").focus()
 

@@ -49,7 +49,7 @@ def text(widget: Widget) -> str:
 
 
 def status(app: ZaiproxyTui) -> str:
-    return text(app.query_one(StatusLine))
+    return text(app.screen_stack[0].query_one(StatusLine))  # also under a modal screen
 
 
 def summary(app: ZaiproxyTui, key: str) -> str:
@@ -288,3 +288,32 @@ def test_works_at_80x24_and_every_panel_is_reachable() -> None:
         assert keys.region.y < 24 and keys.query_one(DataTable).has_focus
 
     run(make_app(), body, size=(80, 24))
+
+
+def test_the_tick_keeps_running_under_the_help_and_token_screens() -> None:
+    """The 1 s tick updates the main screen's status line while a modal screen is active."""
+    source = FixtureSource(token="s3cret")
+
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await settle(pilot)
+        assert isinstance(app.screen, TokenScreen)
+        await pilot.pause(2.5)  # two ticks and more under the token prompt
+        assert app.is_running and "401" in status(app)
+        await pilot.press("escape")
+        await pilot.press("question_mark")
+        await pilot.pause(2.5)  # and under the help overlay
+        assert app.is_running and isinstance(app.screen, HelpScreen)
+
+    run(make_app(source), body)
+
+
+def test_a_late_tick_or_refresh_after_exit_is_not_an_error() -> None:
+    """A timer firing while the app closes (seen once in CI: NoMatches 'StatusLine')."""
+    app = make_app()
+
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await settle(pilot)
+
+    run(app, body)
+    app._tick()
+    app._refresh()

@@ -7,6 +7,8 @@ every verdict has its own, independent traffic:
 
 - ``canary``: as good as production (same traffic, same 150 ms upstream delay) -> PROMOTE;
 - ``canary-bad``: half of its requests answered 500 by the mock -> ROLL BACK (error_rate);
+- ``canary-slow``: every request waits 700 ms upstream (production 150 ms) -> ROLL BACK
+  (latency_p95, ttft_p95);
 - ``canary-idle``: a handful of requests -> WAIT;
 - ``canary-gone``: scraped, then stopped -> ROLL BACK (targets); for the proxies source,
   its URL refuses connections: a down target of the variant no proxy answered for.
@@ -45,13 +47,15 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "canary-collector-token"
 PROMETHEUS = "/usr/bin/prometheus"
-VARIANTS = ("production", "canary", "canary-bad", "canary-idle", "canary-gone")
+VARIANTS = ("production", "canary", "canary-bad", "canary-slow", "canary-idle", "canary-gone")
 GOOD = "mock-slow-150"  # every good request waits 150 ms upstream (a p95 above noise)
+SLOW = "mock-slow-700"  # a canary whose upstream path is ~4.7x slower (p95 ~1 s vs ~0.24 s)
 FAIL = "mock-status-500"
 # What each variant gets after the warm-up.
 TRAFFIC: dict[str, list[str]] = {
     "production": [GOOD] * 60, "canary": [GOOD] * 60,
-    "canary-bad": [GOOD] * 29 + [FAIL] * 29, "canary-idle": [GOOD] * 3, "canary-gone": [],
+    "canary-bad": [GOOD] * 29 + [FAIL] * 29, "canary-slow": [SLOW] * 60,
+    "canary-idle": [GOOD] * 3, "canary-gone": [],
 }
 WARM_UP: dict[str, list[str]] = {v: [GOOD] for v in VARIANTS} | {"canary-bad": [GOOD, FAIL]}
 MIN_REQUESTS = "40"
@@ -263,6 +267,16 @@ def test_a_bad_canary_is_rolled_back(fleet: Fleet, source: str) -> None:
     line = lines_by_signal(done.stdout)["error_rate"]
     assert " bad " in line and "with 5xx, above 10.0% (production 0.0%)" in line
     assert done.stderr == ""
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_slow_canary_is_rolled_back(fleet: Fleet, source: str) -> None:
+    done = check(*source_args(fleet, source, "canary-slow"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.startswith("ROLL BACK: bad: "), done.stdout
+    signals = lines_by_signal(done.stdout)
+    assert " bad " in signals["latency_p95"] and "above 2x" in signals["latency_p95"]
+    assert " ok " in signals["error_rate"], signals["error_rate"]  # slow, not failing
 
 
 @pytest.mark.parametrize("source", SOURCES)

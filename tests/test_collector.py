@@ -672,3 +672,68 @@ def test_collect_command_reports_a_busy_port(tmp_path: Path) -> None:
             capture_output=True, cwd=REPO, timeout=30)
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr.decode()
+
+
+# ---- the fleet's /admin/keys (in-process proxies: real /metrics and /admin/keys) --------
+
+TARGET_TOKEN = "target-admin-token"
+
+
+async def test_fleet_keys_merge_targets_and_list_the_failing_one(nursery: trio.Nursery,
+                                                                 tmp_path: Path) -> None:
+    from tests.harness import make_config, request, start_mock, start_proxy
+
+    upstream = await start_mock(nursery)
+    proxies = []
+    for name, alice_rpm, token in (("a", 10, TARGET_TOKEN), ("b", 3, TARGET_TOKEN),
+                                   ("c", 10, "another-token")):
+        keys = tmp_path / f"keys-{name}.toml"
+        keys.write_text(f'[[keys]]\nalias = "alice"\nkey = "zp-alice-{name}"\n'
+                        f'[keys.limits]\nrequests_per_minute = {alice_rpm}\n'
+                        f'requests_per_5h = 100\n'
+                        + ('\n[[keys]]\nalias = "bob"\nkey = "zp-bob-a"\nenabled = false\n'
+                           if name == "a" else ""))
+        proxies.append(await start_proxy(nursery, make_config(
+            upstream, keys_file=str(keys), admin_token=token,
+            requests_per_minute=50 if name == "a" else 20)))
+    a, b, c = proxies
+    for proxy, name, n in ((a, "a", 2), (b, "b", 3)):
+        for _ in range(n):
+            resp = await request(proxy.port, "POST", "/v1/chat/completions",
+                                 [JSON, ("x-api-key", f"zp-alice-{name}")], CHAT)
+            assert resp.status == 200
+    collector = Collector(options(tmp_path, a.url, b.url, c.url, admin_token=TOKEN,
+                                  target_token=TARGET_TOKEN, interval=0.2))
+    assert TARGET_TOKEN not in repr(collector.options)
+    _, port = await nursery.start(collector.run)
+    await wait_until(lambda: all(s.scrapes for s in collector.states))
+    assert (await get(port, "/admin/keys")).status == 401  # the collector's own token
+    resp = await get(port, "/admin/keys", AUTH)
+    assert resp.status == 200
+    fleet = resp.json()
+    assert TARGET_TOKEN.encode() not in resp.body
+    assert (fleet["mode"], fleet["adaptive"]) == ("fleet", None)
+    assert [(t["target"], t["ok"]) for t in fleet["targets"]] == [
+        (a.url, True), (b.url, True), (c.url, False)]
+    assert fleet["targets"][2]["error"].startswith("HTTP 401: admin endpoint")
+    assert fleet["targets"][0]["error"] is None
+    alice, bob = fleet["keys"]
+    assert alice["alias"] == "alice" and alice["usage"]["requests"] == 5  # 2 on a + 3 on b
+    assert alice["usage"]["input_tokens"] > 0
+    assert (alice["enabled"], alice["state"], alice["limited_by"]) == (
+        True, "limited", ["requests_per_minute"])  # b's 3 per minute are used up
+    assert alice["limits"] == {"requests_per_minute": 10, "requests_per_5h": 100}
+    assert {k: alice["now"]["requests_per_minute"][k] for k in ("limit", "remaining")} == {
+        "limit": 3, "remaining": 0}
+    assert {k: alice["now"]["requests_per_5h"][k] for k in ("limit", "used", "remaining")} == {
+        "limit": 100, "used": 3, "remaining": 97}  # b's: the fewest left
+    assert (bob["alias"], bob["enabled"], bob["state"]) == ("bob", False, "disabled")
+    assert fleet["global"]["requests_per_minute"]["limit"] == 20  # b: 20 - 3 left < 50 - 2
+
+    # Every target failing still answers, listing why; a stale target is not asked.
+    collector.options = replace(collector.options, target_token=None)
+    collector.states[1].consecutive_failures = 1  # as if b's last scrape had failed
+    fleet = (await collector.keys())
+    assert [t["ok"] for t in fleet["targets"]] == [False, False, False]
+    assert fleet["targets"][1]["error"].startswith("stale: ")
+    assert (fleet["keys"], fleet["global"]) == ([], {})

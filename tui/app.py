@@ -33,6 +33,7 @@ from tui.views import (
     Y_FORMATS,
     error_rows,
     key_lines,
+    keys_message,
     limiter_view,
     panel_views,
     status_view,
@@ -151,7 +152,9 @@ class ZaiproxyTui(App[None]):
         except Unauthorized as exc:
             self.post_message(FeedReported(AuthRequired(str(exc))))
         except NotServed as exc:
-            self.post_message(KeysFailed(f"keys and limits are per proxy: point the TUI at a "
+            # Collectors answer /admin/keys since the fleet merge; an older one does not.
+            self.post_message(KeysFailed(f"keys and limits are per proxy on this (older) "
+                                         f"collector: upgrade it or point the TUI at a "
                                          f"proxy ({exc})"))
         except SourceError as exc:
             self.post_message(KeysFailed(str(exc)))
@@ -209,10 +212,7 @@ class ZaiproxyTui(App[None]):
         self._limiter.show(limiter_view(d))
         rows, note = error_rows(d, now)
         self._errors.show(rows, note)
-        message = d.keys_error if d.keys is None else (
-            "open mode: no keys file, every client key is accepted"
-            if d.keys.mode == "open" else None)
-        self._keys.show(key_lines(d, *self._sort), message)
+        self._keys.show(key_lines(d, *self._sort), keys_message(d))
         if d.history_error:
             self.notify(d.history_error, title="history", severity="warning", timeout=6)
             d.history_error = None

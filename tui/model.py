@@ -358,10 +358,12 @@ class Adaptive:
 
 @dataclass(frozen=True, slots=True)
 class KeysReport:
-    mode: str  # "keys" or "open"
+    mode: str  # "keys", "open" or "fleet" (a collector: the rows merged across its targets)
     keys: tuple[KeyRow, ...]
     limits: tuple[LimitState, ...]  # proxy-wide and upstream-key limits
     adaptive: Adaptive | None
+    targets: int = 0  # a fleet's targets, asked or not
+    targets_failed: tuple[str, ...] = ()  # a fleet's targets that did not answer: "url: error"
 
 
 def _limits(doc: Any) -> tuple[LimitState, ...]:
@@ -413,8 +415,12 @@ def parse_keys(doc: Any) -> KeysReport:
             min_rps=_num(a.get("min_rps")), max_rps=_num(a.get("max_rps")),
             adjustments={str(k): v for k, v in ((k, _num(x)) for k, x in adj.items())
                          if v is not None} if isinstance(adj, Mapping) else {})
+    targets = [t for t in _list(doc.get("targets")) if isinstance(t, Mapping)]
+    failed = tuple(f"{t.get('target')}: {t.get('error') or 'failed'}" for t in targets
+                   if not t.get("ok"))
     return KeysReport(mode=str(doc.get("mode") or "open"), keys=tuple(rows),
-                      limits=_limits(doc.get("global")), adaptive=adaptive)
+                      limits=_limits(doc.get("global")), adaptive=adaptive,
+                      targets=len(targets), targets_failed=failed)
 
 
 # ---- time series arithmetic --------------------------------------------------------------

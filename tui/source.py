@@ -5,7 +5,7 @@
 snapshots and ``: heartbeat`` comments), ``/admin/history`` and
 ``/admin/keys``. Failures become one of a few :class:`SourceError` kinds the
 screen can explain — unreachable, 401 (ask for the token), a route this
-server does not serve (a collector has no ``/admin/keys``), an answer that is
+server does not serve (an older collector has no ``/admin/keys``), an answer that is
 not the admin API's — and never a traceback. The token is sent only as
 ``Authorization: Bearer`` and appears in no message.
 

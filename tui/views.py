@@ -576,3 +576,17 @@ def key_lines(d: Dashboard, sort: str = "requests", reverse: bool = True) -> lis
                            share, left, resets, resets_s))
     out.sort(key=lambda line: line.sort_key(sort), reverse=reverse)
     return out
+
+
+def keys_message(d: Dashboard) -> str | None:
+    """The keys panel's note: why there are no rows, or what a fleet's rows are made of."""
+    if d.keys is None:
+        return d.keys_error
+    if d.keys.mode == "open":
+        return "open mode: no keys file, every client key is accepted"
+    if d.keys.mode == "fleet":
+        text = f"fleet: {d.keys.targets} targets, usage summed, tightest limit shown"
+        if d.keys.targets_failed:
+            text += f"; {len(d.keys.targets_failed)} failed: {d.keys.targets_failed[0]}"
+        return text
+    return None

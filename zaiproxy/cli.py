@@ -148,6 +148,9 @@ def _collect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--port", type=int, default=0, help="admin API port; 0 picks a free one")
     p.add_argument("--admin-token", help="require `Authorization: Bearer TOKEN` "
                    "(also ZAIPROXY_ADMIN_TOKEN)")
+    p.add_argument("--target-token",
+                   help="sent to the targets' /admin/keys for the fleet keys view "
+                        "(also ZAIPROXY_TARGET_ADMIN_TOKEN)")
     p.add_argument("--retention", default="7d", help="how long rows are kept (default 7d)")
     p.add_argument("--scrape-timeout", default="5s", help="per scrape (default 5s, <= interval)")
     p.add_argument("--heartbeat", default="15s", help="between SSE heartbeat comments")

@@ -32,7 +32,12 @@ the shape of a proxy's ``metrics`` event, so one client reads both);
 ``GET /admin/history?range=5m|15m|1h|6h|24h|7d&variant=NAME|all`` (``series``:
 per variant, one point per ``step_s`` bucket, rates summed over targets);
 ``GET /admin/events`` (``connected``, then ``metrics`` = the status, every
-interval; ``: heartbeat`` comments).
+interval; ``: heartbeat`` comments); ``GET /admin/keys`` (the fleet's keys: every fresh
+target's ``/admin/keys`` asked at once, bounded by the scrape timeout, with
+``Authorization: Bearer`` = ``--target-token`` / ``ZAIPROXY_TARGET_ADMIN_TOKEN``, never
+logged or echoed; ``mode: "fleet"``, ``targets`` [{target, ok, error}], per alias the
+summed usage and per limit the tightest state across targets (``merge_keys``); a failing
+or stale target is listed with its error and left out of the merge).
 
 Table ``snapshots``: one row per (scrape, target, variant) with the interval's
 ``seconds``, the counters' *increases* (rates = increase / seconds; increases
@@ -73,6 +78,7 @@ from zaiproxy.errors import (
     Unauthorized,
     error_body,
 )
+from zaiproxy.fleet_keys import keys_error, merge_keys
 from zaiproxy.http11 import h11
 from zaiproxy.logs import get_logger
 from zaiproxy.snapshot import Rates, VariantSnapshot
@@ -121,6 +127,8 @@ class CollectorOptions:
     host: str = "127.0.0.1"
     port: int = 0
     admin_token: str | None = None
+    # Sent to the targets' /admin/keys; repr=False: never echoed with the options.
+    target_token: str | None = field(default=None, repr=False)
     retention_s: float = 7 * 86400
     scrape_timeout: float = 5.0  # capped at the interval
     heartbeat_s: float = 15.0
@@ -134,12 +142,24 @@ class ScrapeError(Exception):
 
 async def scrape(target: Target, max_bytes: int = MAX_EXPOSITION) -> str:
     """GET the target's exposition (status 200 or ScrapeError); the caller sets the timeout."""
+    status, body = await fetch(target, target.path, "text/plain", max_bytes=max_bytes)
+    if status != 200:
+        raise ScrapeError(f"HTTP {status} from {target.path}")
+    return body.decode("utf-8", errors="replace")
+
+
+async def fetch(target: Target, path: str, accept: str, *, token: str | None = None,
+                max_bytes: int = MAX_EXPOSITION) -> tuple[int, bytes]:
+    """GET ``path`` from the target: (status, body), or ScrapeError; the caller sets the
+    timeout. ``token`` goes into ``Authorization: Bearer`` and nowhere else."""
+    headers = [("host", target.authority), ("accept", accept),
+               ("user-agent", f"zaiproxy-collect/{__version__}"), ("connection", "close")]
+    if token is not None:
+        headers.append(("authorization", f"Bearer {token}"))
     stream = await trio.open_tcp_stream(target.host, target.port)
     try:
         conn = h11.Connection(h11.CLIENT)
-        head = h11.Request(method="GET", target=target.path, headers=[
-            ("host", target.authority), ("accept", "text/plain"),
-            ("user-agent", f"zaiproxy-collect/{__version__}"), ("connection", "close")])
+        head = h11.Request(method="GET", target=path, headers=headers)
         await stream.send_all(conn.send(head) + conn.send(h11.EndOfMessage()))
         status, body = 0, bytearray()
         while True:
@@ -151,7 +171,7 @@ async def scrape(target: Target, max_bytes: int = MAX_EXPOSITION) -> str:
             elif type(event) is h11.Data:
                 body += event.data
                 if len(body) > max_bytes:
-                    raise ScrapeError(f"exposition larger than {max_bytes} bytes")
+                    raise ScrapeError(f"answer larger than {max_bytes} bytes")
             elif type(event) is h11.EndOfMessage:
                 break
             elif type(event) is h11.ConnectionClosed:
@@ -160,9 +180,7 @@ async def scrape(target: Target, max_bytes: int = MAX_EXPOSITION) -> str:
         raise ScrapeError(f"bad HTTP from target: {exc}") from exc
     finally:
         await trio.aclose_forcefully(stream)
-    if status != 200:
-        raise ScrapeError(f"HTTP {status} from {target.path}")
-    return body.decode("utf-8", errors="replace")
+    return status, bytes(body)
 
 
 @dataclass(eq=False)
@@ -436,6 +454,42 @@ class Collector:
         return {"source": "collector", "range": range_, "variant": variant, "step_s": step,
                 "from": now - RANGES[range_], "to": now, "series": series}
 
+    async def keys(self) -> dict[str, Any]:
+        """``GET /admin/keys`` for the fleet: every fresh target asked at once (see above)."""
+        results: list[dict[str, Any] | str] = [
+            f"stale: {s.last_error or 'not scraped yet'}" for s in self.states]
+        async with trio.open_nursery() as nursery:
+            for i, state in enumerate(self.states):
+                if not state.stale:
+                    nursery.start_soon(self._target_keys, state.target, results, i)
+        reports = [r for r in results if isinstance(r, dict)]
+        keys, global_ = merge_keys(reports)
+        return {"mode": "fleet", "source": "collector",
+                "targets": [{"target": s.target.url, "ok": isinstance(r, dict),
+                             "error": None if isinstance(r, dict) else r}
+                            for s, r in zip(self.states, results, strict=True)],
+                "keys": keys, "global": global_, "adaptive": None}
+
+    async def _target_keys(self, target: Target, results: list[dict[str, Any] | str],
+                           i: int) -> None:
+        timeout = min(self.options.scrape_timeout, self.options.interval)
+        try:
+            with trio.fail_after(timeout):
+                status, body = await fetch(target, "/admin/keys", "application/json",
+                                           token=self.options.target_token)
+            if status != 200:
+                results[i] = keys_error(status, body)
+                return
+            report = orjson.loads(body)
+            if not isinstance(report, dict) or not isinstance(report.get("keys"), list):
+                results[i] = "not a keys report"
+            else:
+                results[i] = report
+        except trio.TooSlowError:
+            results[i] = f"timed out after {timeout:g}s"
+        except (OSError, trio.BrokenResourceError, ScrapeError, orjson.JSONDecodeError) as exc:
+            results[i] = f"{type(exc).__name__}: {exc}"[:500]
+
     # ---- admin HTTP ----------------------------------------------------------------
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
@@ -483,11 +537,14 @@ class Collector:
                         "targets": len(self.states),
                         "fresh": sum(not s.stale for s in self.states)}
                 return await _send(stream, conn, 200, orjson.dumps(body), head=method == "HEAD")
-            if path not in ("/admin/status", "/admin/history", "/admin/events"):
+            if path not in ("/admin/status", "/admin/history", "/admin/events", "/admin/keys"):
                 raise NotFound(f"no route {path[:100]!r}")
             self._check_token(request)
             if path == "/admin/status":
                 return await _send(stream, conn, 200, orjson.dumps(self.status()),
+                                   head=method == "HEAD")
+            if path == "/admin/keys":
+                return await _send(stream, conn, 200, orjson.dumps(await self.keys()),
                                    head=method == "HEAD")
             if path == "/admin/history":
                 range_, variant = parse_history_params(query)
@@ -603,6 +660,9 @@ def main(ns: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             targets=tuple(Target.parse(t) for t in ns.target), db=ns.db,
             interval=parse_duration(ns.interval, "--interval"), host=ns.host, port=ns.port,
             admin_token=ns.admin_token or os.environ.get("ZAIPROXY_ADMIN_TOKEN") or None,
+            # getattr: an argparse namespace from a cli.py without --target-token still runs.
+            target_token=getattr(ns, "target_token", None)
+            or os.environ.get("ZAIPROXY_TARGET_ADMIN_TOKEN") or None,
             retention_s=parse_duration(ns.retention, "--retention"),
             scrape_timeout=parse_duration(ns.scrape_timeout, "--scrape-timeout"),
             heartbeat_s=parse_duration(ns.heartbeat, "--heartbeat"))

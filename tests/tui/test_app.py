@@ -16,7 +16,7 @@ from textual.pilot import Pilot
 from textual.widget import Widget
 from textual.widgets import DataTable, Input, Static
 
-from tests.tui.fixtures import NOW, FixtureSource, history_doc, metrics_doc
+from tests.tui.fixtures import NOW, FixtureSource, history_doc, keys_doc, metrics_doc
 from tui.app import ZaiproxyTui
 from tui.source import NotServed, Unreachable
 from tui.widgets.panels import ErrorsPanel, KeysPanel, LimiterPanel, PlotPanel
@@ -317,3 +317,20 @@ def test_a_late_tick_or_refresh_after_exit_is_not_an_error() -> None:
     run(app, body)
     app._tick()
     app._refresh()
+
+
+def test_a_fleet_keys_report_says_what_it_merged_and_who_failed() -> None:
+    doc = {**keys_doc(), "mode": "fleet", "targets": [
+        {"target": "http://proxy-a:8080", "ok": True, "error": None},
+        {"target": "http://proxy-b:8080", "ok": True, "error": None},
+        {"target": "http://proxy-c:8080", "ok": False, "error": "HTTP 401: invalid token"}]}
+
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await settle(pilot)
+        panel = app.query_one(KeysPanel)
+        note = " ".join(text(panel.query_one(".message", Static)).split())  # wrapped
+        assert "fleet: 3 targets" in note
+        assert "1 failed: http://proxy-c:8080: HTTP 401: invalid token" in note
+        assert panel.query_one(DataTable).row_count == 4
+
+    run(make_app(FixtureSource(keys=doc)), body)

@@ -443,3 +443,29 @@ def test_non_finite_numbers_are_unknown() -> None:
     p = parse_snapshot(doc).variants["production"].rates
     assert p is not None
     assert (p.requests, p.latency_p50, p.r5xx) == (None, None, None)
+
+
+def test_fleet_keys_answer_lists_failed_targets() -> None:
+    doc = {"mode": "fleet", "source": "collector", "adaptive": None,
+           "targets": [{"target": "http://a:1", "ok": True, "error": None},
+                       {"target": "http://b:1", "ok": False, "error": "HTTP 401: wrong token"},
+                       {"target": "http://c:1", "ok": False, "error": "timed out after 5s"}],
+           "keys": [{"alias": "alice", "enabled": True, "state": "limited",
+                     "limited_by": ["requests_per_minute"],
+                     "now": {"requests_per_minute": {"limit": 3, "remaining": 0,
+                                                     "reset_s": 20.0}},
+                     "usage": {"requests": 5, "input_tokens": 40, "output_tokens": 9}}],
+           "global": {"concurrency": {"limit": 8, "in_use": 2, "remaining": 6}}}
+    report = parse_keys(doc)
+    assert (report.mode, report.adaptive, report.targets) == ("fleet", None, 3)
+    assert report.targets_failed == ("http://b:1: HTTP 401: wrong token",
+                                     "http://c:1: timed out after 5s")
+    (alice,) = report.keys
+    assert (alice.alias, alice.state, alice.limited_by, alice.requests, alice.input_tokens) \
+        == ("alice", "limited", ("requests_per_minute",), 5, 40)
+    assert alice.limits == (LimitState("requests_per_minute", 3, 0, None, 20.0),)
+    assert report.limits == (LimitState("concurrency", 8, 6, 2, None),)
+    # A proxy's answer has no targets; a fleet whose targets all answered has none failed.
+    assert parse_keys(keys_doc()).targets_failed == ()
+    doc["targets"] = doc["targets"][:1]
+    assert (parse_keys(doc).targets, parse_keys(doc).targets_failed) == (1, ())

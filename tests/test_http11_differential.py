@@ -45,7 +45,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import zaiproxy
-from zaiproxy import http11
+from zaiproxy import framing, http11
 
 IMPLS: tuple[ModuleType, ModuleType] = (h11, h11_mypyc)
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow],
@@ -1062,3 +1062,46 @@ def test_as_bytes_makes_any_bytes_like_acceptable_to_both() -> None:
             conn.receive_data(as_bytes(kind(raw)))
             event = conn.next_event()
             assert type(event) is module.Request and event.target == b"/"
+
+
+# ---- the proxy's framing guard sees the same request whichever parser ran ---------------
+# h11 accepts several ambiguous framings (zaiproxy/framing.py); the proxy refuses them from
+# the raw head and the parsed headers. Both implementations must hand the guard the same
+# parsed request, so its verdict cannot depend on ZAIPROXY_HTTP_IMPL.
+
+def _guard_verdict(mod: ModuleType, data: bytes) -> tuple[Any, ...]:
+    conn = mod.Connection(mod.SERVER)
+    conn.receive_data(data)
+    try:
+        event = conn.next_event()
+    except mod.RemoteProtocolError as exc:
+        return norm_error(exc)
+    if type(event) is not mod.Request:
+        return (norm_event(mod, event),)
+    return ("request", framing.framing_problem(data, event.headers, event.http_version),
+            framing.is_chunked(event.headers))
+
+
+def _smuggling_shapes() -> dict[str, bytes]:
+    from tests.test_smuggling import SHAPES
+    return {name: data for name, (data, _, _) in SHAPES.items()}
+
+
+@pytest.mark.parametrize("name", sorted({**SERVER_CORPUS, **SERVER_MALFORMED,
+                                         **_smuggling_shapes()}))
+def test_framing_guard_same_verdict(name: str) -> None:
+    data = {**SERVER_CORPUS, **SERVER_MALFORMED, **_smuggling_shapes()}[name]
+    verdicts = [_guard_verdict(mod, data) for mod in IMPLS]
+    assert verdicts[0] == verdicts[1]
+    if name in _smuggling_shapes() or name in ("te-and-cl", "obs-fold", "bare-lf",
+                                                "cl-list-same", "cl-dup-same"):
+        # Accepted by both parsers, refused by the guard.
+        assert verdicts[0][0] == "request" and verdicts[0][1] is not None, verdicts
+
+
+@SETTINGS
+@given(seed=st.sampled_from(sorted(_smuggling_shapes().items())), ops=st.lists(OPS, max_size=4))
+def test_framing_guard_same_verdict_mutated(seed: tuple[str, bytes],
+                                            ops: list[tuple[str, int, int, bytes, int]]) -> None:
+    raw = mutate(seed[1], ops)
+    assert _guard_verdict(h11, raw) == _guard_verdict(h11_mypyc, raw)

@@ -177,7 +177,40 @@ def resolve(method: str, target: str) -> Route:
     allowed = _ALLOWED.get(path)
     if allowed:
         raise MethodNotAllowed(
-            f"method {method} is not allowed on {path}",
+            f"method {safe_method(method)} is not allowed on {path}",
             headers=((b"allow", ", ".join(allowed).encode()),),
         )
-    raise NotFound(f"no route for {method} {path}")
+    raise NotFound(f"no route for {safe_method(method)} {redact_path(path)}")
+
+
+# Path segments a 404 may name: the words of the proxy's own routes. Anything else a
+# client put in a path (an API key pasted into a URL, a 60 KiB segment) is shown as `*`,
+# so a 404's message — in its body, the access log and the history's `error` column —
+# never carries client text and stays short.
+_KNOWN_SEGMENTS: frozenset[str] = frozenset(
+    seg
+    for path in (*(p for _, p in _EXACT), *_CONTROL, *_ADMIN, *(p for p, _ in _NATIVE_PREFIXES))
+    for seg in path.split("/")
+    if seg
+) | {"v1", "v2", "v3", "v4", "api", "models"}
+_MAX_SEGMENTS = 8
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+                      "CONNECT"})
+
+
+def redact_path(path: str) -> str:
+    """A bounded form of a request path that holds no client text (for errors and logs).
+
+    >>> redact_path("/v1/chat/completion/sk-live-0123456789abcdef")
+    '/v1/chat/*/*'
+    """
+    segments = path.split("?", 1)[0].split("/")[1:]
+    shown = [seg if not seg or seg in _KNOWN_SEGMENTS else "*" for seg in segments[:_MAX_SEGMENTS]]
+    if len(segments) > _MAX_SEGMENTS:
+        shown.append("…")
+    return "/" + "/".join(shown)
+
+
+def safe_method(method: str) -> str:
+    """The method as logged: a standard one as sent, any other client token as `other`."""
+    return method if method in _METHODS else "other"

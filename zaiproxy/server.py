@@ -43,12 +43,13 @@ from zaiproxy.errors import (
     UpstreamError,
     VersionNotSupported,
 )
+from zaiproxy.framing import framing_problem, is_chunked, safe_protocol_message
 from zaiproxy.http11 import as_bytes, h11
 from zaiproxy.keys import client_credential
 from zaiproxy.logs import get_logger
 from zaiproxy.proxy import ClientGone, Outcome, parse_json_body, proxy
 from zaiproxy.record import RequestRecord
-from zaiproxy.routing import Control, Route, api_for_path, resolve
+from zaiproxy.routing import Control, Route, api_for_path, resolve, safe_method
 
 if TYPE_CHECKING:
     from zaiproxy.context import WorkerContext
@@ -204,25 +205,32 @@ class ClientConnection:
         except trio.ClosedResourceError:
             return  # we closed it (abort / end of connection)
 
-    async def _receive(self) -> None:
-        """Feed h11 the next chunk the reader queued (waits for one)."""
+    async def _receive(self) -> bytes:
+        """Feed h11 the next chunk the reader queued (waits for one); returns what was fed."""
         while not self._chunks:
             if self._eof_fed:
-                return  # h11 has seen EOF; it will not ask for more
+                return b""  # h11 has seen EOF; it will not ask for more
             self._data_ready = trio.Event()
             await self._data_ready.wait()
-        data = self._chunks.popleft()
+        data = as_bytes(self._chunks.popleft())
         if not data:
             self._eof_fed = True
         self._queued -= len(data)
         if self._queued < _MAX_READAHEAD:
             self._space.set()
-        self.conn.receive_data(as_bytes(data))
+        self.conn.receive_data(data)
+        return data
 
-    async def _read_head(self, first: bool) -> h11.Request | None:
-        """The next request head, or None when the connection should just close."""
+    async def _read_head(self, first: bool) -> tuple[h11.Request, bytes] | None:
+        """The next request head and the raw bytes it was parsed from (they start with
+        the head; more may follow), or None when the connection should just close."""
         cfg = self.ctx.config
         conn = self.conn
+        # What h11 holds unparsed is where this request starts (pipelined bytes; usually
+        # nothing). Every chunk fed from here on is appended: framing.py checks the raw
+        # head h11 parsed, because its events no longer show bare LFs or folded lines.
+        raw = conn.trailing_data[0]
+        fed: list[bytes] | None = None
         event = conn.next_event()
         if event is h11.NEED_DATA:
             # Wait for the first byte: keep-alive idle time (or the header
@@ -237,15 +245,22 @@ class ClientConnection:
                         scope.cancel()
                 scope.deadline = trio.current_time() + (
                     cfg.header_timeout if first else cfg.keepalive_timeout)
-                await self._receive()
+                data = await self._receive()
             self.idle_scope = None
             if scope.cancelled_caught:
                 return None
+            if raw:
+                fed = [raw, data]
+            else:
+                raw = data  # the common case: the head arrived in one read, nothing copied
             event = conn.next_event()
             if event is h11.NEED_DATA:
+                if fed is None:
+                    fed = [raw]
                 with trio.move_on_after(cfg.header_timeout) as hscope:
                     while event is h11.NEED_DATA:
-                        await self._receive()
+                        # Bounded: h11 refuses a head over max_header_bytes.
+                        fed.append(await self._receive())
                         event = conn.next_event()
                 if hscope.cancelled_caught:
                     await self.send_error(RequestTimeout("request headers were not received in time"),
@@ -260,7 +275,7 @@ class ClientConnection:
             size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
             if size > cfg.max_header_bytes:
                 raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
-            return event
+            return event, (b"".join(fed) if fed is not None else raw)
         return None  # ConnectionClosed or PAUSED
 
     async def _read_body(self, request: h11.Request, api: Api) -> bytes:
@@ -283,7 +298,7 @@ class ClientConnection:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 self.close_after = True
-                raise BadRequest(f"malformed request body: {exc}") from None
+                raise BadRequest(f"malformed request body: {safe_protocol_message(exc)}") from None
             if type(event) is h11.Data:
                 size += len(event.data)
                 if size > limit:
@@ -346,7 +361,7 @@ class ClientConnection:
         conn = self.conn
         while True:
             try:
-                request = await self._read_head(first)
+                head = await self._read_head(first)
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
                 err: ProxyError
@@ -355,23 +370,39 @@ class ClientConnection:
                 elif status == 505:
                     err = VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
                 else:
-                    err = BadRequest(f"malformed HTTP request: {exc}")
-                self.request_id = self.ctx.next_request_id()
-                self.close_after = True
-                await self.send_error(err, Api.OPENAI)
-                self._emit(RequestRecord(
-                    request_id=self.request_id.decode(), method="-", route="other",
-                    status=err.status, duration_s=0.0, bytes_in=0, client=self.client_ip,
-                    error=err.message))
+                    err = BadRequest(f"malformed HTTP request: {safe_protocol_message(exc)}")
+                await self._refuse(err, Api.OPENAI, "-")
                 return
-            if request is None:
+            if head is None:
                 return
+            request, raw = head
+            problem = framing_problem(raw, request.headers, request.http_version)
+            if problem is not None:
+                # Ambiguous framing (framing.py): answered in the caller's API shape, then
+                # the connection is closed, so no byte after this head is ever parsed.
+                await self._refuse(BadRequest(problem),
+                                   api_for_path(request.target.decode("ascii", "replace")),
+                                   request.method.decode("ascii", "replace"))
+                return
+            if is_chunked(request.headers):
+                self.close_after = True  # nothing after a chunked body is read (framing.py)
             first = False
             await self._handle(request)
             if (self.gone or self.ctx.draining or conn.our_state is not h11.DONE
                     or conn.their_state is not h11.DONE):
                 return
             conn.start_next_cycle()
+
+    async def _refuse(self, err: ProxyError, api: Api, method: str) -> None:
+        """Answer a request whose head cannot be trusted, then close the connection."""
+        self.request_id = self.ctx.next_request_id()
+        self.close_after = True
+        await self.send_error(err, api)
+        self._emit(RequestRecord(
+            request_id=self.request_id.decode(),
+            method="-" if method == "-" else safe_method(method), route="other",
+            status=err.status, duration_s=0.0, bytes_in=0, client=self.client_ip,
+            error=err.message))
 
     async def _handle(self, request: h11.Request) -> None:
         ctx = self.ctx
@@ -527,7 +558,7 @@ class ClientConnection:
              ticket: gate.Ticket | None = None) -> None:
         record = RequestRecord(
             request_id=self.request_id.decode(),
-            method=method,
+            method=safe_method(method),
             # The template, never the raw path: raw paths may carry anything.
             route=route.template if route is not None else "other",
             # 499: the client closed the connection before a response (nginx's convention).

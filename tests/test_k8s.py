@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from tests.harness import REPO
+from zaiproxy.admin_access import is_loopback, security_warnings
 from zaiproxy.cli import build_parser
 from zaiproxy.config import Config, ConfigError, load_config
 
@@ -35,6 +36,7 @@ KUBE_VERSION = "1.30"
 KUBECTL = shutil.which("kubectl")
 CRD_GROUPS = ("monitoring.coreos.com", "argoproj.io")
 DUMMY_KEY = "zai-test-key-0123456789abcdef"
+DUMMY_TOKEN = "admin-token-0123456789abcdef"
 
 Obj = dict[str, Any]
 
@@ -185,6 +187,9 @@ def configmap_env(objects: list[Obj]) -> dict[str, str]:
     for src in container(objects).get("envFrom", []):
         env.update(maps[src["configMapRef"]["name"]]["data"])
     return env
+
+
+SECRETS = {"zai-api-key": DUMMY_KEY, "admin-token": DUMMY_TOKEN}
 
 
 def pod_env(objects: list[Obj], secrets: dict[str, str]) -> dict[str, str]:
@@ -368,7 +373,7 @@ def test_every_path_the_proxy_writes_is_a_writable_volume(rendered, overlay):
     volumes = {v["name"]: v for v in deployment(objs)["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in container(objs)["volumeMounts"]
               if not m.get("readOnly")}
-    config, _ = load_config(env=pod_env(objs, {"zai-api-key": DUMMY_KEY}))
+    config, _ = load_config(env=pod_env(objs, SECRETS))
 
     def volume_of(path: str) -> Obj | None:
         return next((v for mount, v in mounts.items()
@@ -390,21 +395,23 @@ def test_secrets_come_from_a_secret(rendered, overlay):
     key = env["ZAI_API_KEY"]["valueFrom"]["secretKeyRef"]
     token = env["ZAIPROXY_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert key["name"] == token["name"] == "zaiproxy"
-    assert key.get("optional", False) is False and token["optional"] is True
+    # Both required: a pod bound to 0.0.0.0 must not run with an open admin API.
+    assert key.get("optional", False) is False and token.get("optional", False) is False
     assert "value" not in env["ZAI_API_KEY"] and "value" not in env["ZAIPROXY_ADMIN_TOKEN"]
     secret_names = {"ZAI_API_KEY", "ZAIPROXY_ADMIN_TOKEN"}
     assert not secret_names & set(configmap_env(objs)), "secrets in the ConfigMap"
-    # Without the Secret's admin-token key the pod still starts (admin routes open).
-    config, _ = load_config(env=pod_env(objs, {"zai-api-key": DUMMY_KEY}))
-    assert config.api_key == DUMMY_KEY and config.admin_token is None
-    config, _ = load_config(env=pod_env(objs, {"zai-api-key": DUMMY_KEY, "admin-token": "t0k"}))
-    assert config.admin_token == "t0k"
+    with pytest.raises(AssertionError, match="required key admin-token"):
+        pod_env(objs, {"zai-api-key": DUMMY_KEY})
+    config, _ = load_config(env=pod_env(objs, SECRETS))
+    assert config.api_key == DUMMY_KEY and config.admin_token == DUMMY_TOKEN
+    assert not is_loopback(config.host)
+    assert security_warnings(config.host, config.admin_token) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pod_env_is_a_valid_config_for_its_variant(rendered, overlay):
     objs = rendered[overlay]
-    env = pod_env(objs, {"zai-api-key": DUMMY_KEY})
+    env = pod_env(objs, SECRETS)
     config, sources = load_config(env=env)
     assert config.deployment_variant == overlay
     assert sources["server.deployment_variant"] == "env:DEPLOYMENT_VARIANT"
@@ -416,7 +423,7 @@ def test_service_links_would_break_the_config_so_they_are_off(rendered):
     """Kubernetes injects <SERVICE>_PORT=tcp://ip:port for every Service of the namespace;
     for the Service "zaiproxy" that is ZAIPROXY_PORT, which the proxy cannot parse."""
     objs = rendered["canary"]
-    env = pod_env(objs, {"zai-api-key": DUMMY_KEY})
+    env = pod_env(objs, SECRETS)
     del env["ZAIPROXY_PORT"]  # the ConfigMap's would win; an operator may well remove it
     links = {"ZAIPROXY_PORT": "tcp://10.96.0.12:8080", "ZAIPROXY_SERVICE_HOST": "10.96.0.12",
              "ZAIPROXY_CANARY_SERVICE_PORT_HTTP": "8080"}

@@ -261,6 +261,7 @@ class Snapshot:
     variants: Mapping[str, VariantLive]
     interval: float | None = None  # a collector says its scrape interval
     stale_targets: tuple[str, ...] = ()  # a collector's targets that stopped answering
+    warnings: tuple[str, ...] = ()  # the proxy's security warnings, e.g. "admin_api_open"
 
 
 def _breakdown(value: Any) -> dict[str, dict[str, float]]:
@@ -305,8 +306,10 @@ def parse_snapshot(doc: Any) -> Snapshot:
             )
     stale = tuple(str(tg.get("target")) for tg in _list(doc.get("targets"))
                   if isinstance(tg, Mapping) and tg.get("stale"))
+    warnings = tuple(w for w in _list(doc.get("warnings")) if isinstance(w, str))
     return Snapshot(time=t, source=str(doc.get("source") or "proxy"), variants=variants,
-                    interval=_num(doc.get("interval_s")), stale_targets=stale)
+                    interval=_num(doc.get("interval_s")), stale_targets=stale,
+                    warnings=warnings)
 
 
 # ---- keys and limits ----------------------------------------------------------------------

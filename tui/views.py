@@ -120,6 +120,10 @@ def _short(text: str, width: int = 48) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+# What the proxy's warning codes mean, short enough for the status line.
+WARNINGS = {"admin_api_open": "ADMIN API OPEN (no token)"}
+
+
 def status_view(d: Dashboard, now: float) -> list[Segment]:
     c = d.connection
     out: list[Segment] = []
@@ -137,6 +141,9 @@ def status_view(d: Dashboard, now: float) -> list[Segment]:
         out.append((f" STALE {fmt_duration(now - d.received_at)}", "error"))
     if d.paused:
         out.append((" ⏸ PAUSED", "warn"))
+    if d.latest is not None:
+        for warning in d.latest.warnings:
+            out.append((f" ⚠ {WARNINGS.get(warning, warning)}", "error"))
     out.append((f"  {'+'.join(d.variants()) if d.mode != 'both' else 'prod+canary'}", "accent"))
     out.append((f" {d.range}", "accent"))
     p = latest_point(d)

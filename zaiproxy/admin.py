@@ -11,7 +11,8 @@
   too slow to take an event within the send timeout is dropped, never waited for;
 - ``POST /admin/reset-rate-limit``: see ``server.py``.
 
-Every route needs ``Authorization: Bearer <admin token>`` when one is configured.
+Every route needs ``Authorization: Bearer <admin token>`` when one is configured; without
+one, ``POST`` routes answer only loopback clients (``admin_access.py``).
 Parameters are validated here (pure), with 400s that say what is allowed.
 """
 
@@ -25,6 +26,7 @@ import orjson
 import trio
 
 from zaiproxy import limits_report
+from zaiproxy.admin_access import security_warnings
 from zaiproxy.errors import BadRequest, ServiceUnavailable
 from zaiproxy.limits import LIMIT_NAMES
 from zaiproxy.snapshot import VariantSnapshot, delta, parse_families
@@ -112,6 +114,8 @@ def status_snapshots(ctx: WorkerContext) -> tuple[dict[str, Any], dict[str, Vari
         "source": "proxy",
         "worker": ctx.worker_index,
         "ledger": ctx.ledger_impl,
+        # e.g. "admin_api_open" (admin_access.py): the TUI shows it on its status line.
+        "warnings": security_warnings(ctx.config.host, ctx.config.admin_token),
         "variants": {name: snap.to_json() for name, snap in variants.items()},
     }, variants
 

@@ -49,8 +49,6 @@ the latency/TTFT bucket increases as ``DOUBLE[]`` (bounds incl. +Inf) and
 from __future__ import annotations
 
 import argparse
-import hmac
-import ipaddress
 import math
 import os
 import signal
@@ -68,6 +66,7 @@ import trio
 
 from zaiproxy import __version__, snapshot
 from zaiproxy.admin import RANGES, parse_history_params, sse_event
+from zaiproxy.admin_access import check_admin, is_loopback
 from zaiproxy.collector_store import Store, row_of
 from zaiproxy.errors import (
     Api,
@@ -75,12 +74,12 @@ from zaiproxy.errors import (
     NotFound,
     ProxyError,
     ServiceUnavailable,
-    Unauthorized,
     error_body,
 )
 from zaiproxy.fleet_keys import keys_error, merge_keys
 from zaiproxy.http11 import h11
 from zaiproxy.logs import get_logger
+from zaiproxy.routing import redact_path
 from zaiproxy.snapshot import Rates, VariantSnapshot
 
 T = TypeVar("T")
@@ -327,7 +326,7 @@ class Collector:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._scrape_loop)
                 task_status.started((addr[0], addr[1]))
-                if self.options.admin_token is None and not _is_loopback(addr[0]):
+                if self.options.admin_token is None and not is_loopback(addr[0]):
                     self.log.warning("admin_api_open", host=addr[0], hint="set --admin-token or "
                                      "ZAIPROXY_ADMIN_TOKEN: status and history are readable "
                                      "by anyone who can reach this port")
@@ -538,8 +537,9 @@ class Collector:
                         "fresh": sum(not s.stale for s in self.states)}
                 return await _send(stream, conn, 200, orjson.dumps(body), head=method == "HEAD")
             if path not in ("/admin/status", "/admin/history", "/admin/events", "/admin/keys"):
-                raise NotFound(f"no route {path[:100]!r}")
-            self._check_token(request)
+                raise NotFound(f"no route for {redact_path(path)}")
+            # Read-only routes: the token when one is set (collector routes never mutate).
+            check_admin(self.options.admin_token, request.headers, "", mutating=False)
             if path == "/admin/status":
                 return await _send(stream, conn, 200, orjson.dumps(self.status()),
                                    head=method == "HEAD")
@@ -560,18 +560,6 @@ class Collector:
         await self._events(conn, stream)
         return False
 
-    def _check_token(self, request: h11.Request) -> None:
-        token = self.options.admin_token
-        if token is None:
-            return
-        presented = b""
-        for name, value in request.headers:
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                presented = value[7:].strip()
-        if not hmac.compare_digest(presented, token.encode()):
-            raise Unauthorized("admin endpoint: missing or wrong admin token "
-                               "(send it as `Authorization: Bearer <token>`)")
-
     async def _events(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
         if isinstance(stream, trio.SocketStream):
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SSE_SNDBUF)
@@ -590,13 +578,6 @@ class Collector:
             await stream.send_all(pending.pop() + framed if pending else framed)
 
         await self.hub.serve(write, first)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | None:

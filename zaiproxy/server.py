@@ -18,7 +18,6 @@ h11 does the parsing; this module owns the stream and the timers
 
 from __future__ import annotations
 
-import hmac
 import os
 from collections import deque
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ import orjson
 import trio
 
 from zaiproxy import __version__, admin, gate, tokens
+from zaiproxy.admin_access import check_admin, security_warnings
 from zaiproxy.admission import SC_ADAPTIVE_MRPS, SC_ADAPTIVE_RESET
 from zaiproxy.context import STATE_DRAINING
 from zaiproxy.errors import (
@@ -39,13 +39,11 @@ from zaiproxy.errors import (
     ProxyError,
     RequestTimeout,
     ServiceUnavailable,
-    Unauthorized,
     UpstreamError,
     VersionNotSupported,
 )
 from zaiproxy.framing import framing_problem, is_chunked, safe_protocol_message
 from zaiproxy.http11 import as_bytes, h11
-from zaiproxy.keys import client_credential
 from zaiproxy.logs import get_logger
 from zaiproxy.proxy import ClientGone, Outcome, parse_json_body, proxy
 from zaiproxy.record import RequestRecord
@@ -54,16 +52,6 @@ from zaiproxy.routing import Control, Route, api_for_path, resolve, safe_method
 if TYPE_CHECKING:
     from zaiproxy.context import WorkerContext
 
-
-def check_admin(ctx: WorkerContext, request: h11.Request) -> None:
-    """Admin routes need the admin token when one is configured (constant-time compare)."""
-    token = ctx.config.admin_token
-    if token is None:
-        return
-    presented = client_credential(request.headers)
-    if presented is None or not hmac.compare_digest(presented, token.encode()):
-        raise Unauthorized("admin endpoint: missing or wrong admin token "
-                           "(send it as `Authorization: Bearer <token>`)")
 
 # How much the reader may queue ahead of the handler (pipelined requests, a
 # body being read) before it stops reading: bounded, like everything else.
@@ -507,6 +495,7 @@ class ClientConnection:
                 "ledger": ctx.ledger_impl, "http": ctx.http_impl, "worker": ctx.worker_index,
                 "pid": os.getpid(), "keys": len(ctx.keys) if ctx.keys is not None else None,
                 "adaptive_rate_rps": mrps / 1000 if mrps > 0 else None,
+                "warnings": security_warnings(ctx.config.host, ctx.config.admin_token),
             })
             await self.send_simple(200, body, head=head)
         elif control is Control.READY:
@@ -520,7 +509,7 @@ class ClientConnection:
             payload, content_type = ctx.metrics.render()
             await self.send_simple(200, payload, content_type=content_type, head=head)
         elif control is Control.RESET_RATE_LIMIT:
-            check_admin(ctx, request)
+            check_admin(ctx.config.admin_token, request.headers, self.client_ip, mutating=True)
             ctx.ledger.scalar_set(SC_ADAPTIVE_MRPS, 0)  # effective at once, in every worker
             generation = ctx.ledger.scalar_add(SC_ADAPTIVE_RESET, 1)  # the supervisor forgets
             get_logger().warning("adaptive_rate_reset_requested", client=self.client_ip,
@@ -532,7 +521,7 @@ class ClientConnection:
     async def _admin(self, control: Control, request: h11.Request) -> None:
         """The read side of the admin API (zaiproxy/admin.py); token-checked first."""
         ctx = self.ctx
-        check_admin(ctx, request)
+        check_admin(ctx.config.admin_token, request.headers, self.client_ip, mutating=False)
         if control is Control.STATUS:
             await self.send_simple(200, orjson.dumps(admin.status_report(ctx)))
         elif control is Control.KEYS:

@@ -46,6 +46,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, TextIO
 
 from zaiproxy import __version__, logs
+from zaiproxy.admin_access import ADMIN_API_OPEN, open_api_message, security_warnings
 from zaiproxy.config import Config
 from zaiproxy.context import STATE_DRAINING, STATE_RUNNING, STATE_STARTING
 from zaiproxy.http11 import ENV as HTTP_IMPL_ENV
@@ -178,6 +179,8 @@ class Supervisor:
             self._stop_mock()
             return 1
         host, port = self.socks[0].getsockname()[:2]
+        if ADMIN_API_OPEN in security_warnings(host, cfg.admin_token):
+            self.log.warning(ADMIN_API_OPEN, host=host, port=port, message=open_api_message())
         path = cfg.ledger_path or f"/dev/shm/zaiproxy-{port}"
         try:
             self.segment = ledger.Ledger(path, create=True, rows=cfg.ledger_rows,

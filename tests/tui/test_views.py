@@ -135,6 +135,13 @@ def test_status_paused() -> None:
     assert (" ⏸ PAUSED", "warn") in status_view(d, NOW)
 
 
+def test_status_warns_when_the_proxy_admin_api_is_open() -> None:
+    d = dashboard()
+    assert not any("ADMIN" in t for t in texts(status_view(d, NOW)))
+    d.apply(parse_snapshot({**metrics_doc(NOW), "warnings": ["admin_api_open", 3]}), NOW)
+    assert (" ⚠ ADMIN API OPEN (no token)", "error") in status_view(d, NOW)
+
+
 # ---- plot panels --------------------------------------------------------------------------
 
 

@@ -13,7 +13,8 @@ from textual.widgets import Input, Static
 PANELS_HELP = (
     ("Status line", "connection (reconnects with backoff), STALE when the newest snapshot is "
                     "older than 3 intervals, variant and range shown, req/s, p50, tokens/s, "
-                    "5xx %, in-flight/max"),
+                    "5xx %, in-flight/max; ⚠ ADMIN API OPEN when the proxy listens beyond "
+                    "loopback without an admin token"),
     ("Requests/s", "by status class (2xx, 4xx, 429, 5xx); in both mode: req/s per variant"),
     ("Latency / TTFT", "p50/p95/p99 of the whole request and of the first token"),
     ("Tokens/s, cost", "throughput in/out and the estimated cost, with totals over the range"),

@@ -38,12 +38,13 @@ def test_guard_table(raw: bytes, verdict: str | None) -> None:
     conn.receive_data(raw)
     event = conn.next_event()
     assert type(event) is h11.Request  # h11 itself accepts every one of these
-    assert framing.framing_problem(raw, event.headers, event.http_version) == verdict
+    problem, chunked = framing.check_head(raw, event.http_version)
+    assert problem == verdict
+    assert chunked is any(name == b"transfer-encoding" for name, _ in event.headers)
 
 
 def test_a_head_the_guard_cannot_find_fails_closed() -> None:
-    assert framing.framing_problem(b"GET / HTTP/1.1\r\nHost: a\r\n", [], b"1.1") == \
-        framing.UNVERIFIED
+    assert framing.check_head(b"GET / HTTP/1.1\r\nHost: a\r\n", b"1.1")[0] == framing.UNVERIFIED
 
 
 def test_head_end_uses_h11s_rule() -> None:

@@ -42,7 +42,7 @@ from zaiproxy.errors import (
     UpstreamError,
     VersionNotSupported,
 )
-from zaiproxy.framing import framing_problem, is_chunked, safe_protocol_message
+from zaiproxy.framing import check_head, safe_protocol_message
 from zaiproxy.http11 import as_bytes, h11
 from zaiproxy.logs import get_logger
 from zaiproxy.proxy import ClientGone, Outcome, parse_json_body, proxy
@@ -364,7 +364,7 @@ class ClientConnection:
             if head is None:
                 return
             request, raw = head
-            problem = framing_problem(raw, request.headers, request.http_version)
+            problem, chunked = check_head(raw, request.http_version)
             if problem is not None:
                 # Ambiguous framing (framing.py): answered in the caller's API shape, then
                 # the connection is closed, so no byte after this head is ever parsed.
@@ -372,7 +372,7 @@ class ClientConnection:
                                    api_for_path(request.target.decode("ascii", "replace")),
                                    request.method.decode("ascii", "replace"))
                 return
-            if is_chunked(request.headers):
+            if chunked:
                 self.close_after = True  # nothing after a chunked body is read (framing.py)
             first = False
             await self._handle(request)

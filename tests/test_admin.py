@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import h11
@@ -200,15 +201,24 @@ async def test_keys_report_adaptive_rate_as_the_supervisor_publishes_it(nursery,
     proxy = await start_proxy(nursery, config)
     assert (await keys_report(proxy.port))["adaptive"] == {
         "enabled": True, "rate_rps": None, "min_rps": 0.5, "max_rps": 20.0,
-        "ceiling_rps": None, "adjustments": {"up": 0, "down": 0}}
-    # The supervisor's decider on this worker's segment: one Z.AI throttle backs the rate off.
+        "ceiling_rps": None, "adjustments": {"up": 0, "down": 0},
+        "throttled_at": None, "reason": None, "forget_after_s": 300.0, "free_in_s": None}
+    # Three throttled requests (1303) in the decider's first second: 0.7 x the 3 rps observed.
     ctx = proxy.worker.ctx
-    controller = RateController(ctx.ledger, config, str(tmp_path / "adaptive.json"))
-    ctx.admitter.note_upstream(throttled=True)
+    wall = float(int(time.time()))
+    controller = RateController(ctx.ledger, config, str(tmp_path / "adaptive.json"),
+                                wall=lambda: wall)
     controller.tick(100.0)
-    assert (await keys_report(proxy.port))["adaptive"] == {
-        "enabled": True, "rate_rps": 14.0, "min_rps": 0.5, "max_rps": 20.0,
-        "ceiling_rps": 20.0, "adjustments": {"up": 0, "down": 1}}
+    for _ in range(3):
+        ctx.admitter.note_upstream("frequency")
+    controller.tick(101.0)
+    report = (await keys_report(proxy.port))["adaptive"]
+    free_in = report.pop("free_in_s")
+    assert report == {
+        "enabled": True, "rate_rps": 2.1, "min_rps": 0.5, "max_rps": 20.0,
+        "ceiling_rps": 3.0, "adjustments": {"up": 0, "down": 1},
+        "throttled_at": wall, "reason": "frequency", "forget_after_s": 300.0}
+    assert 290.0 <= free_in <= 300.0
 
 
 async def test_keys_report_adaptive_disabled(nursery, upstream):

@@ -603,6 +603,9 @@ def test_token_limits_need_token_counting() -> None:
     ({"ZAIPROXY_QUEUE_TIMEOUT": "-1"}, "must be greater than 0"),
     ({"ZAIPROXY_ADAPTIVE_MIN_RPS": "50", "ZAIPROXY_ADAPTIVE_MAX_RPS": "10"},
      "must not be greater than limits.adaptive_max_rps"),
+    ({"ZAIPROXY_ADAPTIVE_FORGET_AFTER": "10"},
+     "limits.adaptive_forget_after: must be longer than the 10 s recovery step"),
+    ({"ZAIPROXY_ADAPTIVE_FORGET_AFTER": "0"}, "must be greater than 0"),
     ({"ZAIPROXY_KNOWN_MODELS": "ok, bad model"}, "names must match"),
     ({"ZAIPROXY_KEYS_FILE": "/nonexistent/keys.toml"}, "not an existing file"),
 ])
@@ -610,6 +613,15 @@ def test_limit_settings_rejected(env: dict[str, str], reason: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(env={**DEMO, **env})
     assert reason in str(info.value)
+
+
+def test_adaptive_forget_after() -> None:
+    # The recovery horizon: a cap is gone this long after its last evidence (default 5 min).
+    config, sources = load_config(env=DEMO)
+    assert (config.adaptive_forget_after, config.state_max_age) == (300.0, 21600.0)
+    config, sources = load_config(env={**DEMO, "ZAIPROXY_ADAPTIVE_FORGET_AFTER": "90"})
+    assert config.adaptive_forget_after == 90.0
+    assert sources["limits.adaptive_forget_after"] == "env:ZAIPROXY_ADAPTIVE_FORGET_AFTER"
 
 
 def test_admin_token_is_secret() -> None:

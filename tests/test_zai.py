@@ -31,14 +31,15 @@ R = 1795791600  # 2026-11-27T15:00:00Z
 R_1310 = 1796054400  # 2026-11-30T16:00:00Z = 2026-12-01 00:00:00 Beijing
 NOW = R - 10800  # three hours before R
 
-C, F, Q, G, U = (
+C, F, V, Q, G, U = (  # V: overload (O reads as zero)
     ErrorClass.CONCURRENCY,
     ErrorClass.FREQUENCY,
+    ErrorClass.OVERLOAD,
     ErrorClass.QUOTA,
     ErrorClass.CONGESTION,
     ErrorClass.UNKNOWN,
 )
-CODE_CLASSES = {1302: C, 1303: F, 1305: F, 1308: Q, 1310: Q, 1312: G, 1301: U, 1399: U}
+CODE_CLASSES = {1302: C, 1303: F, 1305: V, 1308: Q, 1310: Q, 1312: G, 1301: U, 1399: U}
 RESETS = {1308: R, 1310: R_1310}
 
 
@@ -113,7 +114,7 @@ def test_quoted_json_in_an_anthropic_message() -> None:
         # The code as an all-digits Anthropic error type.
         (dumps({"type": "error", "error": {"type": "1312", "message": "busy"}}), ZaiError(G, "1312", "busy")),
         # "error 1305:" and a bare known code in the text.
-        (dumps({"error": {"message": "Error 1305: overloaded"}}), ZaiError(F, "1305", "Error 1305: overloaded")),
+        (dumps({"error": {"message": "Error 1305: overloaded"}}), ZaiError(V, "1305", "Error 1305: overloaded")),
         (dumps({"error": {"message": "busy, 1302 again"}}), ZaiError(C, "1302", "busy, 1302 again")),
         # A bare unknown 13xx is not a code; with context it is (class unknown).
         (dumps({"error": {"message": "reduce to 1300 requests"}}), ZaiError(U, None, "reduce to 1300 requests")),
@@ -144,14 +145,24 @@ def test_classify_table(body: bytes, expected: ZaiError) -> None:
     assert classify(body, now=NOW) == expected
 
 
-def test_feeds_adaptive() -> None:
+def test_only_account_throttles_feed_the_adaptive_rate() -> None:
+    # 1302/1303 and a code-less 429 are about this account; 1305/1312 are Z.AI's capacity
+    # and quotas are hours away: those shape the request's retries, never the host's rate.
     assert {cls: feeds_adaptive(cls) for cls in ErrorClass} == {
-        C: False,
+        C: True,
         F: True,
+        V: False,
         Q: False,
         G: False,
         U: True,
     }
+
+
+def test_class_names_are_the_documented_header_values() -> None:
+    # X-Zai-Error-Class values and the class/reason metric labels: a closed, documented set.
+    assert [cls.value for cls in ErrorClass] == [
+        "concurrency", "frequency", "overload", "quota", "congestion", "unknown",
+    ]  # fmt: skip
 
 
 # --- truncated and oversized bodies ---------------------------------------------------
@@ -311,6 +322,7 @@ def waits(
     [
         (C, [0.5, 1.0, 2.0, None, None]),
         (F, [1.0, 2.0, 4.0, None, None]),
+        (V, [2.0, 4.0, 8.0, None, None]),
         (G, [2.0, 4.0, 8.0, None, None]),
         (U, [1.0, 2.0, 4.0, None, None]),
         (Q, [None] * 5),
@@ -334,13 +346,32 @@ def test_cap_and_more_retries() -> None:
     assert RetryPolicy(max_retries=2000).next_wait(ZaiError(C), 1999, None, now=NOW) == 30.0
 
 
-def test_jitter_scales_the_backoff_only() -> None:
+def test_jitter_without_a_floor_scales_the_curve() -> None:
     policy = RetryPolicy()
-    assert waits(policy, ZaiError(F), rand=0.5)[:3] == [0.5, 1.0, 2.0]
+    assert waits(policy, ZaiError(F), rand=0.5)[:3] == [0.5, 1.0, 2.0]  # the worker's lowest
+    assert waits(policy, ZaiError(F), rand=0.75)[:3] == [0.75, 1.5, 3.0]
     assert waits(policy, ZaiError(F), rand=0.0)[:3] == [0.0, 0.0, 0.0]
-    assert waits(policy, ZaiError(F), header=3.0, rand=0.0)[:3] == [3.0, 3.0, 3.0]
     assert waits(policy, ZaiError(F), rand=7.0)[:3] == [1.0, 2.0, 4.0]  # clamped to [0, 1]
     assert waits(policy, ZaiError(F), rand=math.nan)[:3] == [1.0, 2.0, 4.0]
+
+
+def test_jitter_spreads_a_shared_floor_instead_of_vanishing_under_it() -> None:
+    # Z.AI answers every request of a burst "Retry-After: 1". Jitter under that floor was
+    # erased by it (every wait exactly 1 s: the burst came back in one instant); now the
+    # spread lies above it: F .. F + curve/2 for the worker's jitter range [0.5, 1].
+    policy = RetryPolicy()
+    spread = [policy.next_wait(ZaiError(F), 0, 1.0, now=NOW, rand=j)
+              for j in (1.0, 0.875, 0.75, 0.625, 0.5)]
+    assert spread == [1.0, 1.125, 1.25, 1.375, 1.5]
+    # One random amount d = curve*(1 - j) is taken off the curve or added to the floor,
+    # whichever is later: curve 2 s, floor 1 s -> 2.0, 1.5 (both), 2.0 (the floor's side).
+    assert [policy.next_wait(ZaiError(F), 1, 1.0, now=NOW, rand=j) for j in (1.0, 0.75, 0.5)] \
+        == [2.0, 1.5, 2.0]
+    assert [policy.next_wait(ZaiError(F), 2, 1.0, now=NOW, rand=j)
+            for j in (1.0, 0.75, 0.625, 0.5)] == [4.0, 3.0, 2.5, 3.0]
+    # Never before the floor, whatever the jitter; overload spreads over its 2 s curve.
+    assert waits(policy, ZaiError(F), header=3.0, rand=0.0)[:3] == [4.0, 5.0, 7.0]
+    assert waits(policy, ZaiError(V), header=1.0, rand=0.5)[:3] == [2.0, 3.0, 5.0]
 
 
 def test_wait_is_the_max_of_backoff_header_body_and_reset() -> None:

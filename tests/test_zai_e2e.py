@@ -30,7 +30,16 @@ from tests.harness import (
     start_proxy,
     wait_until,
 )
-from zaiproxy.admission import W_UPSTREAM_REQUESTS, W_UPSTREAM_THROTTLED, LimitKind
+from zaiproxy.admission import (
+    SC_ADAPTIVE_EPOCH,
+    W_THROTTLED_CONCURRENCY,
+    W_THROTTLED_FREQUENCY,
+    W_THROTTLED_REQUESTS,
+    W_THROTTLED_UNKNOWN,
+    W_UPSTREAM_REQUESTS,
+    W_UPSTREAM_THROTTLED,
+    LimitKind,
+)
 
 NOW = 1795791600 - 10800  # 2026-11-27T12:00:00Z: three hours before the 1308 reset
 RESET_1308 = b"2026-11-27T15:00:00Z"  # "2026-11-27 23:00:00" in Beijing (UTC+8)
@@ -62,7 +71,7 @@ SHAPES = ["openai", "native", "anthropic"]
 CLASSES = [
     (1302, "concurrency", [1.0, 1.0, 2.0]),
     (1303, "frequency", [1.0, 2.0, 4.0]),
-    (1305, "frequency", [1.0, 2.0, 4.0]),
+    (1305, "overload", [2.0, 4.0, 8.0]),
     (1308, "quota", []),
     (1310, "quota", []),
     (1312, "congestion", [2.0, 4.0, 8.0]),
@@ -132,11 +141,16 @@ def assert_relayed(resp: Response, upstream: Response,
     assert resp.headers[len(kept) + 1 :] == zai_headers
 
 
-def counters(proxy: InProcessProxy) -> tuple[int, int]:
+def counters(proxy: InProcessProxy) -> tuple[int, int, int, tuple[int, int, int]]:
+    """The worker's activity row: (answers, account throttles, throttled requests,
+    (concurrency, frequency, unknown))."""
     ctx = proxy.worker.ctx
     row = ctx.admitter.activity_row
-    return (ctx.ledger.counter_get(row, W_UPSTREAM_REQUESTS),
-            ctx.ledger.counter_get(row, W_UPSTREAM_THROTTLED))
+    get = ctx.ledger.counter_get
+    return (get(row, W_UPSTREAM_REQUESTS), get(row, W_UPSTREAM_THROTTLED),
+            get(row, W_THROTTLED_REQUESTS),
+            (get(row, W_THROTTLED_CONCURRENCY), get(row, W_THROTTLED_FREQUENCY),
+             get(row, W_THROTTLED_UNKNOWN)))
 
 
 # --- 1. every class, both APIs, every envelope ------------------------------------------------
@@ -336,29 +350,51 @@ async def test_client_leaving_during_a_wait_ends_the_retry_and_frees_the_lease(
 # --- 5. the adaptive feed ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("controls", "answers", "throttled"), [
-    pytest.param([("x-mock-zai-code", "1303")], 4, 4, id="1303-frequency"),
-    pytest.param([("x-mock-zai-code", "1305")], 4, 4, id="1305-frequency"),
-    pytest.param([("x-mock-status", "429")], 4, 4, id="unknown"),
-    pytest.param([("x-mock-zai-code", "1302")], 4, 0, id="1302-concurrency"),
-    pytest.param([("x-mock-zai-code", "1308")], 1, 0, id="1308-quota"),
-    pytest.param([("x-mock-zai-code", "1310")], 1, 0, id="1310-quota"),
-    pytest.param([("x-mock-zai-code", "1312")], 4, 0, id="1312-congestion"),
+@pytest.mark.parametrize(("controls", "answers", "throttled", "by_class"), [
+    pytest.param([("x-mock-zai-code", "1303")], 4, 4, (0, 4, 0), id="1303-frequency"),
+    pytest.param([("x-mock-status", "429")], 4, 4, (0, 0, 4), id="unknown"),
+    pytest.param([("x-mock-zai-code", "1302")], 4, 4, (4, 0, 0), id="1302-concurrency"),
+    pytest.param([("x-mock-zai-code", "1305")], 4, 0, (0, 0, 0), id="1305-overload"),
+    pytest.param([("x-mock-zai-code", "1308")], 1, 0, (0, 0, 0), id="1308-quota"),
+    pytest.param([("x-mock-zai-code", "1310")], 1, 0, (0, 0, 0), id="1310-quota"),
+    pytest.param([("x-mock-zai-code", "1312")], 4, 0, (0, 0, 0), id="1312-congestion"),
     pytest.param([("x-mock-zai-code", "1303"), ("x-mock-fail-key", "f"),
-                  ("x-mock-fail-times", "2")], 3, 2, id="1303-then-200"),
-    pytest.param([("x-mock-status", "503")], 1, 0, id="503"),
-    pytest.param([], 1, 0, id="200"),
+                  ("x-mock-fail-times", "2")], 3, 2, (0, 2, 0), id="1303-then-200"),
+    pytest.param([("x-mock-status", "503")], 1, 0, (0, 0, 0), id="503"),
+    pytest.param([], 1, 0, (0, 0, 0), id="200"),
 ])
 @pytest.mark.parametrize("api", APIS)
 async def test_upstream_answers_feed_the_activity_row(
     proxy: InProcessProxy, mock: str, api: Endpoint, controls: list[tuple[str, str]], answers: int,
-    throttled: int,
+    throttled: int, by_class: tuple[int, int, int],
 ) -> None:
-    """Every upstream answer counts; only frequency and unknown 429s count as throttled."""
-    assert counters(proxy) == (0, 0)
+    """Every upstream answer counts; only account throttles (1302, 1303, a 429 without a
+    code) count as throttled, by class, and the request once however many attempts."""
+    assert counters(proxy) == (0, 0, 0, (0, 0, 0))
     await via_proxy(proxy, api, hdrs(*controls))
     assert await upstream_calls(mock) == answers
-    assert counters(proxy) == (answers, throttled)
+    assert counters(proxy) == (answers, throttled, min(1, throttled), by_class)
+
+
+async def test_a_request_counts_again_after_a_decrease(
+    proxy: InProcessProxy, mock: str
+) -> None:
+    """A request's retries are one piece of evidence, until the supervisor acts on it: after
+    a decrease (a new epoch) its next throttle is evidence about the new rate."""
+    ctx = proxy.worker.ctx
+
+    async def decrease_during_the_second_wait(seconds: float) -> None:
+        proxy.waits.append(seconds)
+        if len(proxy.waits) == 2:
+            ctx.ledger.scalar_add(SC_ADAPTIVE_EPOCH, 1)  # what RateController.publish does
+        await trio.lowlevel.checkpoint()
+
+    ctx.retry_sleep = decrease_during_the_second_wait
+    await via_proxy(proxy, OPENAI, hdrs(("x-mock-zai-code", "1303")))
+    # Attempts 1-2 before the epoch changed, 3-4 after it: counted in two epochs.
+    assert counters(proxy) == (4, 4, 2, (0, 4, 0))
+    await via_proxy(proxy, OPENAI, hdrs(("x-mock-zai-code", "1302")))
+    assert counters(proxy) == (8, 8, 3, (4, 4, 0))
 
 
 # --- 6. metrics ------------------------------------------------------------------------------

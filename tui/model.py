@@ -357,6 +357,8 @@ class Adaptive:
     min_rps: float | None
     max_rps: float | None
     adjustments: Mapping[str, float] = field(default_factory=dict)
+    reason: str | None = None  # the Z.AI throttle class behind a cap (concurrency, frequency...)
+    free_in_s: float | None = None  # when the keys report was made: seconds until the cap is gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,7 +419,9 @@ def parse_keys(doc: Any) -> KeysReport:
             enabled=bool(a.get("enabled")), rate_rps=_num(a.get("rate_rps")),
             min_rps=_num(a.get("min_rps")), max_rps=_num(a.get("max_rps")),
             adjustments={str(k): v for k, v in ((k, _num(x)) for k, x in adj.items())
-                         if v is not None} if isinstance(adj, Mapping) else {})
+                         if v is not None} if isinstance(adj, Mapping) else {},
+            reason=str(a["reason"]) if isinstance(a.get("reason"), str) else None,
+            free_in_s=_num(a.get("free_in_s")))
     targets = [t for t in _list(doc.get("targets")) if isinstance(t, Mapping)]
     failed = tuple(f"{t.get('target')}: {t.get('error') or 'failed'}" for t in targets
                    if not t.get("ok"))

@@ -453,8 +453,14 @@ def limiter_view(d: Dashboard) -> LimiterView:
     if d.keys is None:
         msg = d.keys_error or "waiting for /admin/keys…"
         return LimiterView(msg, adaptive, [])
-    if d.keys.adaptive is not None and d.keys.adaptive.rate_rps and not adaptive:
-        adaptive = [("adaptive ", "muted"), (f"{fmt_si(d.keys.adaptive.rate_rps)} req/s", "warn")]
+    a = d.keys.adaptive
+    if a is not None and a.rate_rps and not adaptive:
+        adaptive = [("adaptive ", "muted"), (f"{fmt_si(a.rate_rps)} req/s", "warn")]
+    if a is not None and a.rate_rps and a.reason:
+        # Why it is capped and the latest time the cap is gone (adaptive_forget_after).
+        why = a.reason if a.free_in_s is None else \
+            f"{a.reason}, gone ≤ {fmt_duration(a.free_in_s)}"
+        adaptive.append((f"  ({why})", "muted"))
     rows = limit_rows(d.keys.limits)
     message = None if rows else "no proxy-wide limits configured"
     return LimiterView(message, adaptive, rows)

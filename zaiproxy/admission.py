@@ -35,10 +35,24 @@ SC_ADAPTIVE_RESET = 1  # generation counter: bumped by POST /admin/reset-rate-li
 SC_ADAPTIVE_CEILING_MRPS = 2  # learned ceiling (for /metrics and /health), 0 = none
 SC_ADJUST_UP = 3
 SC_ADJUST_DOWN = 4
+SC_ADAPTIVE_THROTTLED_AT_MS = 5  # wall time (unix ms) of the last throttle evidence, 0 = none
+SC_ADAPTIVE_REASON = 6  # what the last evidence was mostly (ADAPTIVE_REASONS index), 0 = none
+SC_ADAPTIVE_EPOCH = 7  # evidence events so far: a request's throttle counts once per epoch
+
+# SC_ADAPTIVE_REASON values: the class of Z.AI 429 behind the last decrease.
+ADAPTIVE_REASONS = (None, "concurrency", "frequency", "unknown")
 
 # Words of a worker's upstream-activity row (one row per worker: its own cache line).
-W_UPSTREAM_REQUESTS = 1
-W_UPSTREAM_THROTTLED = 2  # Z.AI 429s of the frequency or unknown class (feed the adaptive rate)
+W_UPSTREAM_REQUESTS = 1  # every upstream answer (each attempt of a request)
+W_UPSTREAM_THROTTLED = 2  # account-throttle answers (zai.feeds_adaptive): 1302, 1303, unknown 429
+# Requests among them, each counted once per evidence epoch however many of its attempts were
+# throttled: one request's retries are not independent evidence (adaptive.py, "Evidence").
+W_THROTTLED_REQUESTS = 3
+W_THROTTLED_CONCURRENCY = 4  # the account-throttle answers by class (the "reason" of a decrease)
+W_THROTTLED_FREQUENCY = 5
+W_THROTTLED_UNKNOWN = 6
+_THROTTLE_WORDS = {"concurrency": W_THROTTLED_CONCURRENCY, "frequency": W_THROTTLED_FREQUENCY,
+                   "unknown": W_THROTTLED_UNKNOWN}
 
 
 class LimitKind(enum.Enum):
@@ -308,11 +322,28 @@ class Admitter:
                 requests = RateState(limit, remaining, reset_ns)
         return requests, tokens
 
-    def note_upstream(self, throttled: bool) -> None:
-        """Count one upstream answer for the adaptive rate (throttled = a frequency/unknown 429)."""
-        self.ledger.counter_add(self.activity_row, W_UPSTREAM_REQUESTS, 1)
-        if throttled:
-            self.ledger.counter_add(self.activity_row, W_UPSTREAM_THROTTLED, 1)
+    def note_upstream(self, throttle: str | None = None, counted_epoch: int = -1) -> int:
+        """Count one upstream answer for the adaptive rate.
+
+        ``throttle`` is the class of an account-throttle 429 (``concurrency``,
+        ``frequency``, ``unknown``; None for any other answer). ``counted_epoch`` is
+        what this call returned for an earlier attempt of the same request (-1 for
+        none): a request counts as a throttled *request* once per evidence epoch
+        (``SC_ADAPTIVE_EPOCH``, bumped by the supervisor at each evidence event), so its
+        retries count again only as evidence about the new rate.
+        Returns the epoch the request is now counted in.
+        """
+        ledger = self.ledger
+        row = self.activity_row
+        ledger.counter_add(row, W_UPSTREAM_REQUESTS, 1)
+        if throttle is None:
+            return counted_epoch
+        ledger.counter_add(row, W_UPSTREAM_THROTTLED, 1)
+        ledger.counter_add(row, _THROTTLE_WORDS.get(throttle, W_THROTTLED_UNKNOWN), 1)
+        epoch: int = ledger.scalar_get(SC_ADAPTIVE_EPOCH)
+        if epoch != counted_epoch:
+            ledger.counter_add(row, W_THROTTLED_REQUESTS, 1)
+        return epoch
 
 
 def format_reset(ns: int) -> str:

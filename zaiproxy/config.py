@@ -32,6 +32,7 @@ from typing import Any, Final
 
 from zaiproxy import config_values as values
 from zaiproxy import pricing
+from zaiproxy.adaptive import RECOVERY_STEP_S
 from zaiproxy.limits import LIMIT_MAX, LIMIT_NAMES, Limits
 
 MASK: Final = "********"
@@ -159,7 +160,8 @@ class Config:
     queue_timeout: float = _setting(0.0, "limits", ("ZAIPROXY_QUEUE_TIMEOUT",), values.seconds_or_zero)
     # Waiting requests per worker beyond which a request is refused at once.
     queue_max: int = _setting(1024, "limits", ("ZAIPROXY_QUEUE_MAX",), values.integer(1, 1_000_000))
-    # The adaptive upstream rate: backs off on Z.AI frequency/unknown 429s, probes up when clean.
+    # The adaptive upstream rate: backs off on Z.AI account throttles (1302, 1303, a 429
+    # without a code) and recovers by itself (docs/decisions/adaptive-rate.md).
     adaptive_rate: bool = _setting(True, "limits", ("ZAIPROXY_ADAPTIVE_RATE",), values.boolean)
     adaptive_max_rps: float = _setting(
         1000.0, "limits", ("ZAIPROXY_ADAPTIVE_MAX_RPS",), values.number(0.01, 1e6)
@@ -167,10 +169,17 @@ class Config:
     adaptive_min_rps: float = _setting(
         0.5, "limits", ("ZAIPROXY_ADAPTIVE_MIN_RPS",), values.number(0.01, 1e6)
     )
+    # A cap is forgotten this long after the last throttle evidence, traffic or not; a saved
+    # state whose evidence is older is not restored.
+    adaptive_forget_after: float = _setting(
+        300.0, "limits", ("ZAIPROXY_ADAPTIVE_FORGET_AFTER",), values.seconds
+    )
     # Where the learned rate survives restarts (default: <tmpdir>/zaiproxy-adaptive-<port>.json).
     state_file: str | None = _setting(
         None, "limits", ("ZAIPROXY_STATE_FILE",), values.file_path(must_exist=False)
     )
+    # A state file written longer ago than this is not read at all (the throttle time in it
+    # decides first: see adaptive_forget_after).
     state_max_age: float = _setting(21600.0, "limits", ("ZAIPROXY_STATE_MAX_AGE",), values.seconds)
     # The shared-memory segment (default: /dev/shm/zaiproxy-<port>).
     ledger_path: str | None = _setting(
@@ -445,6 +454,12 @@ def load_config(
     if merged["adaptive_min_rps"] > merged["adaptive_max_rps"]:
         layers.problems.append(
             "limits.adaptive_min_rps: must not be greater than limits.adaptive_max_rps"
+        )
+    if merged["adaptive_forget_after"] <= RECOVERY_STEP_S:
+        # A horizon within one recovery step would forget a cap before it ever recovered.
+        layers.problems.append(
+            f"limits.adaptive_forget_after: must be longer than the {RECOVERY_STEP_S:g} s "
+            "recovery step"
         )
     if layers.problems:
         raise ConfigError(layers.problems)

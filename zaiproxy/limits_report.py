@@ -19,12 +19,16 @@ plan of a caller without a client key: the ops every plan shares.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from zaiproxy.admission import (
+    ADAPTIVE_REASONS,
     SC_ADAPTIVE_CEILING_MRPS,
     SC_ADAPTIVE_MRPS,
+    SC_ADAPTIVE_REASON,
+    SC_ADAPTIVE_THROTTLED_AT_MS,
     SC_ADJUST_DOWN,
     SC_ADJUST_UP,
     LimitOp,
@@ -84,15 +88,25 @@ def key_state(enabled: bool, limited: list[str]) -> str:
     return "limited" if limited else "ok"
 
 
-def adaptive_state(config: Config, ledger: Any) -> dict[str, Any]:
+def adaptive_state(config: Config, ledger: Any, now_wall: float | None = None) -> dict[str, Any]:
     """The adaptive upstream rate as the supervisor published it in the ledger's scalars.
 
     ``rate_rps`` is None while it does not limit (nothing learned yet, at the maximum, or
     after ``POST /admin/reset-rate-limit``), as in ``/health``; ``ceiling_rps`` is the
-    learned rate at which Z.AI throttled (None until the first throttle).
+    observed send rate at which Z.AI throttled the account (None until the first evidence).
+    ``throttled_at`` (unix seconds) and ``reason`` (``concurrency`` | ``frequency`` |
+    ``unknown``) describe the last throttle evidence; ``free_in_s`` is the time left until
+    every learned cap is forgotten at the latest (``forget_after_s`` after that evidence,
+    traffic or not); all three None when nothing is learned.
     """
+    now_wall = time.time() if now_wall is None else now_wall
     mrps = ledger.scalar_get(SC_ADAPTIVE_MRPS)
     ceiling = ledger.scalar_get(SC_ADAPTIVE_CEILING_MRPS)
+    at_ms = ledger.scalar_get(SC_ADAPTIVE_THROTTLED_AT_MS)
+    reason = ledger.scalar_get(SC_ADAPTIVE_REASON)
+    throttled_at = at_ms / 1000 if at_ms > 0 else None
+    free_in = (None if throttled_at is None
+               else round(max(0.0, throttled_at + config.adaptive_forget_after - now_wall), 3))
     return {
         "enabled": config.adaptive_rate,
         "rate_rps": mrps / 1000 if mrps > 0 else None,
@@ -100,4 +114,8 @@ def adaptive_state(config: Config, ledger: Any) -> dict[str, Any]:
         "ceiling_rps": ceiling / 1000 if ceiling > 0 else None,
         "adjustments": {"up": ledger.scalar_get(SC_ADJUST_UP),
                         "down": ledger.scalar_get(SC_ADJUST_DOWN)},
+        "throttled_at": throttled_at,
+        "reason": ADAPTIVE_REASONS[reason] if 0 <= reason < len(ADAPTIVE_REASONS) else None,
+        "forget_after_s": config.adaptive_forget_after,
+        "free_in_s": free_in,
     }

@@ -106,10 +106,11 @@ async def proxy(
     prefix = b""  # body bytes already read (a Z.AI 429 body, read to classify it)
     prefix_ended = False
     extra_headers: list[tuple[bytes, bytes]] = []
+    throttle_epoch = -1  # this request counts once per evidence epoch as a throttled request
     while True:
         conn, response = await _exchange(ctx, origin, upstream_request, body, outcome)
         if response.status_code != 429:
-            ctx.admitter.note_upstream(False)
+            ctx.admitter.note_upstream()
             break
         # Z.AI 429: read a bounded prefix of the body, classify, maybe retry.
         try:
@@ -124,7 +125,10 @@ async def proxy(
         err = zai.classify(prefix, now=wall)
         outcome.zai_class, outcome.zai_code = err.cls.value, err.code
         ctx.metrics.zai_error(err.cls.value, err.code)
-        ctx.admitter.note_upstream(zai.feeds_adaptive(err.cls))
+        # Only account throttles (1302, 1303, a 429 without a Z.AI code) are evidence for the
+        # adaptive rate; 1305/1312 (Z.AI's capacity) and quotas only shape this request.
+        throttle_epoch = ctx.admitter.note_upstream(
+            err.cls.value if zai.feeds_adaptive(err.cls) else None, throttle_epoch)
         header_wait = zai.parse_retry_after(header_value(response.headers, b"retry-after"), now=wall)
         wait = ctx.retry_policy.next_wait(err, outcome.zai_retries, header_wait, now=wall,
                                           rand=ctx.jitter())

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import orjson
 import trio
 
-from zaiproxy import __version__, admin, gate, tokens
+from zaiproxy import __version__, admin, gate, limits_report, tokens
 from zaiproxy.admin_access import check_admin, security_warnings
 from zaiproxy.admission import SC_ADAPTIVE_MRPS, SC_ADAPTIVE_RESET
 from zaiproxy.context import STATE_DRAINING
@@ -489,12 +489,15 @@ class ClientConnection:
         ctx = self.ctx
         head = request.method == b"HEAD"
         if control is Control.HEALTH:
-            mrps = ctx.ledger.scalar_get(SC_ADAPTIVE_MRPS)
+            adaptive = limits_report.adaptive_state(ctx.config, ctx.ledger)
             body = orjson.dumps({
                 "status": "ok", "version": __version__, "variant": ctx.config.deployment_variant,
                 "ledger": ctx.ledger_impl, "http": ctx.http_impl, "worker": ctx.worker_index,
                 "pid": os.getpid(), "keys": len(ctx.keys) if ctx.keys is not None else None,
-                "adaptive_rate_rps": mrps / 1000 if mrps > 0 else None,
+                "adaptive_rate_rps": adaptive["rate_rps"],
+                # Why the rate is capped (a Z.AI throttle class) and when the cap is gone.
+                "adaptive_reason": adaptive["reason"],
+                "adaptive_free_in_s": adaptive["free_in_s"],
                 "warnings": security_warnings(ctx.config.host, ctx.config.admin_token),
             })
             await self.send_simple(200, body, head=head)

@@ -3,16 +3,24 @@
 Z.AI answers HTTP 429 with a *business code* that says why, and the codes need
 different handling (DESIGN.md, lessons of the Go proxy):
 
-==========  ===============================  ==============  =====================
-code        meaning                          class           retry?
-==========  ===============================  ==============  =====================
-1302        too many concurrent requests     CONCURRENCY     yes
-1303        too many requests per window     FREQUENCY       yes, feeds adaptive
-1305        service overloaded               FREQUENCY       yes, feeds adaptive
-1308/1310   five-hour / weekly quota spent   QUOTA           NEVER (hours away)
-1312        model congestion                 CONGESTION      yes, slower
-other/none  anything else                    UNKNOWN         yes, feeds adaptive
-==========  ===============================  ==============  =====================
+==========  ===============================  ==============  ==========================
+code        meaning                          class           retry? / adaptive rate?
+==========  ===============================  ==============  ==========================
+1302        too many concurrent requests     CONCURRENCY     yes / account throttle
+1303        too many requests per window     FREQUENCY       yes / account throttle
+1305        service temporarily overloaded   OVERLOAD        yes, slower / no
+1308/1310   five-hour / weekly quota spent   QUOTA           NEVER (hours away) / no
+1312        model congestion                 CONGESTION      yes, slower / no
+other/none  anything else                    UNKNOWN         yes / account throttle
+==========  ===============================  ==============  ==========================
+
+The class names are the values of the ``X-Zai-Error-Class`` header and of the
+``class``/``reason`` labels of the Z.AI error and retry metrics (a closed set).
+An *account throttle* says "this account sends too fast" and is evidence for
+the adaptive upstream rate (``zaiproxy/adaptive.py``); OVERLOAD and CONGESTION
+are about Z.AI's capacity (the whole service, or one model), which the proxy's
+own rate cannot fix: they back off that request's retries and nothing else
+(docs/decisions/adaptive-rate.md).
 
 Nothing here touches a socket or a clock: the caller reads at most
 :data:`MAX_BODY` bytes of the upstream 429 body, passes ``now`` (unix seconds)
@@ -22,8 +30,8 @@ and does the sleeping. The flow in the caller is::
     wait = policy.next_wait(err, attempt, parse_retry_after(header, now=now), now=now,
                             rand=random.random())    # or 1.0 for no jitter
     if wait is None:   # relay the 429, plus final_headers(err, upstream_headers, now=now)
-    else:              # sleep(wait), retry; feeds_adaptive(err.cls) says whether to tell
-                       # the adaptive limiter about it
+    else:              # sleep(wait), retry; feeds_adaptive(err.cls) says whether the
+                       # answer is evidence for the adaptive upstream rate
 
 Body shapes tolerated by :func:`classify` (all seen in front of Z.AI or its
 Anthropic-compatible endpoint):
@@ -69,6 +77,7 @@ MAX_BODY = 32 * 1024
 class ErrorClass(enum.StrEnum):  # a str Enum: compares and formats as its value
     CONCURRENCY = "concurrency"
     FREQUENCY = "frequency"
+    OVERLOAD = "overload"
     QUOTA = "quota"
     CONGESTION = "congestion"
     UNKNOWN = "unknown"
@@ -77,7 +86,8 @@ class ErrorClass(enum.StrEnum):  # a str Enum: compares and formats as its value
 _CLASSES = {
     "1302": ErrorClass.CONCURRENCY,
     "1303": ErrorClass.FREQUENCY,
-    "1305": ErrorClass.FREQUENCY,  # "temporarily overloaded": back off like a rate limit
+    # "The service may be temporarily overloaded": Z.AI's capacity, not our account's rate.
+    "1305": ErrorClass.OVERLOAD,
     "1308": ErrorClass.QUOTA,
     "1310": ErrorClass.QUOTA,
     "1312": ErrorClass.CONGESTION,
@@ -319,43 +329,65 @@ def _reset_in_text(texts: list[str]) -> float | None:
 
 
 def feeds_adaptive(cls: ErrorClass) -> bool:
-    """Whether a 429 of this class should slow the adaptive upstream rate limiter.
+    """Whether a 429 of this class is an *account throttle*: evidence for the adaptive rate.
 
-    Only FREQUENCY (and UNKNOWN, which may be a frequency limit we cannot read)
-    say "you send too fast". CONCURRENCY is fixed by the concurrency limit, not the
-    rate; CONGESTION is Z.AI's capacity, not ours; QUOTA is not a rate at all.
+    CONCURRENCY (1302) and FREQUENCY (1303) are Z.AI's limits on this account:
+    sending slower is the cure (at a given latency, concurrency = rate x latency,
+    Little's law, so a lower rate also means fewer requests in flight). UNKNOWN is
+    a 429 without a Z.AI code: from a generic OpenAI-compatible upstream that is a
+    rate limit on the key (RFC 6585: "too many requests"), so it counts too.
+    OVERLOAD (1305) and CONGESTION (1312) are Z.AI's capacity for everybody (1312
+    per model): one proxy sending slower does not end them, and capping the host
+    for minutes on them refused clients Z.AI would have served; they only back
+    off the retry. QUOTA is not a rate at all (hours until the reset).
     """
-    return cls in (ErrorClass.FREQUENCY, ErrorClass.UNKNOWN)
+    return cls in (ErrorClass.CONCURRENCY, ErrorClass.FREQUENCY, ErrorClass.UNKNOWN)
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How long to wait before retrying a Z.AI 429, per class.
 
-    The wait before retry ``attempt + 1`` is ``min(cap, base * 2**attempt) * rand``
-    (exponential; ``rand`` in [0, 1] is full jitter when the caller passes a
-    random number, none with the default 1.0, which keeps tests exact), raised to
-    at least every hint the upstream gave: the ``Retry-After`` header, the body's
-    ``retry_after``, and the time left until ``reset_at`` (for every retryable
-    class: retrying before the announced reset only earns another 429). A wait
-    over ``max_wait`` is not taken: the 429 goes to the client with its
-    ``Retry-After``, since the agent (Claude Code, an OpenAI SDK) retries on its
-    own and a proxy holding a request for minutes only looks hung.
+    Three terms (docs/decisions/adaptive-rate.md compares them with the Go
+    original, the OpenAI/Anthropic SDKs and AWS's jitter variants):
+
+    - the *floor* ``F``: every hint the upstream gave, the ``Retry-After``
+      header, the body's ``retry_after`` and the time left until ``reset_at``
+      (for every retryable class: retrying before an announced time only earns
+      another 429). Like the SDKs and the original, a hint is obeyed, never cut;
+    - the *curve* ``B = min(cap, base * 2**attempt)`` per class (exponential);
+    - the *jitter* ``j`` in [0, 1] (``rand``; the worker passes ``0.5 + u/2``,
+      1.0 means none and keeps tests exact).
+
+    ``wait = max(B*j, F + B*(1 - j))``: one random amount ``d = B*(1 - j)`` is
+    taken off the curve or added to the floor, whichever gives the later time.
+    Without a floor this is the curve with "equal jitter" (``B/2 .. B``, the
+    original's jittered curve). With a floor at or above the curve the spread
+    lies *above* the floor (``F .. F + B/2``): Z.AI answers every throttled
+    request of a burst with the same ``Retry-After: 1``, and jitter under the
+    floor is erased by it, so the whole burst used to come back in the same
+    instant. With ``j = 1`` (no jitter) it is ``max(B, F)``. A wait over ``max_wait`` is not taken: the 429 goes to the
+    client with its ``Retry-After``, since the agent (Claude Code, an OpenAI SDK)
+    retries on its own and a proxy holding a request for minutes only looks hung.
+    The caller sleeps inside the exchange's cancel scope: a client that leaves
+    ends the wait.
 
     Base delays:
 
     - concurrency 0.5 s: 1302 clears as soon as one in-flight request of the
       account ends, and with many agents one ends every fraction of a second;
-    - frequency 1.0 s: Z.AI's own Retry-After for 1303/1305 is about a second
-      (the mock's default models it) and rate windows refill per second;
-    - congestion 2.0 s: 1312 is Z.AI's capacity for the model; quick retries from
-      every client make the herd that keeps it congested;
-    - unknown 1.0 s: between the two, like frequency, which it most often is.
+    - frequency 1.0 s: Z.AI's own Retry-After for 1303 is about a second (the
+      mock's default models it) and rate windows refill per second;
+    - overload 2.0 s and congestion 2.0 s: 1305 and 1312 are Z.AI's capacity (all
+      of it, or one model's); quick retries from every client make the herd that
+      keeps it overloaded;
+    - unknown 1.0 s: a plain rate limit, like frequency.
     """
 
     max_retries: int = 3
     concurrency_delay: float = 0.5
     frequency_delay: float = 1.0
+    overload_delay: float = 2.0
     congestion_delay: float = 2.0
     unknown_delay: float = 1.0
     cap: float = 30.0  # the backoff term alone never exceeds this
@@ -364,8 +396,8 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-        for name in ("concurrency_delay", "frequency_delay", "congestion_delay",
-                     "unknown_delay", "cap", "max_wait"):  # fmt: skip
+        for name in ("concurrency_delay", "frequency_delay", "overload_delay",
+                     "congestion_delay", "unknown_delay", "cap", "max_wait"):  # fmt: skip
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -376,6 +408,8 @@ class RetryPolicy:
             return self.concurrency_delay
         if cls is ErrorClass.FREQUENCY:
             return self.frequency_delay
+        if cls is ErrorClass.OVERLOAD:
+            return self.overload_delay
         if cls is ErrorClass.CONGESTION:
             return self.congestion_delay
         if cls is ErrorClass.UNKNOWN:
@@ -400,13 +434,15 @@ class RetryPolicy:
         if base is None or attempt >= self.max_retries:
             return None
         jitter = min(1.0, max(0.0, rand)) if math.isfinite(rand) else 1.0
-        wait = min(self.cap, base * 2.0 ** min(attempt, 64)) * jitter
+        curve = min(self.cap, base * 2.0 ** min(attempt, 64))
+        floor = 0.0
         if header_retry_after is not None and not math.isnan(header_retry_after):
-            wait = max(wait, header_retry_after)
+            floor = max(floor, header_retry_after)
         if err.retry_after is not None:
-            wait = max(wait, err.retry_after)
+            floor = max(floor, err.retry_after)
         if err.reset_at is not None:
-            wait = max(wait, err.reset_at - now)  # a reset in the past adds nothing
+            floor = max(floor, err.reset_at - now)  # a reset in the past adds nothing
+        wait = max(curve * jitter, floor + curve * (1.0 - jitter)) if floor > 0 else curve * jitter
         return wait if wait <= self.max_wait else None
 
 

@@ -30,6 +30,7 @@ from tui.views import (
     fmt_usd_axis,
     key_lines,
     limit_rows,
+    limiter_view,
     panel_views,
     status_view,
 )
@@ -254,6 +255,18 @@ def test_limit_rows_of_the_global_limits() -> None:
     assert (five_h.used, five_h.left, five_h.resets) == ("161.0k/400.0k", "60%", "2h 13m")
     week = rows["upstream tok/week"]
     assert (week.used, week.left, week.resets) == ("830.0M/900.0M", "7.8%", "3d")
+
+
+def test_limiter_names_the_throttle_class_behind_a_cap_and_when_it_is_gone() -> None:
+    d = dashboard(snapshot=False)
+    doc = keys_doc()
+    doc["adaptive"] = {**doc["adaptive"], "rate_rps": 7.0, "reason": "frequency",
+                       "free_in_s": 252.0}
+    d.set_keys(parse_keys(doc))
+    assert texts(limiter_view(d).adaptive) == ["adaptive ", "7.00 req/s", "  (frequency, gone ≤ 4m 12s)"]
+    doc["adaptive"] = {**doc["adaptive"], "rate_rps": None}
+    d.set_keys(parse_keys(doc))
+    assert limiter_view(d).adaptive == []
 
 
 def test_limit_rows_limited_and_unused() -> None:

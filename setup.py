@@ -1,7 +1,7 @@
 """Builds the Cython extension in _native/.
 
 Everything else about the package lives in pyproject.toml; setup.py exists
-only because the extension needs a build step (see DESIGN.md, "Layout").
+only because the extension needs a build step (docs/architecture.md).
 """
 
 from Cython.Build import cythonize

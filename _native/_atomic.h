@@ -2,7 +2,7 @@
  * The only atomic primitives the ledger uses, as GCC/Clang __atomic builtins on
  * 8-byte aligned 64-bit cells of a MAP_SHARED mapping (lock-free on x86-64 and
  * aarch64, so they work across processes). No 16-byte CAS: it is not reliably
- * lock-free (FIELD-NOTES.md, "Shared memory from Cython").
+ * lock-free on every CPU we run on.
  *
  * Arithmetic is done on uint64_t and cast back, so overflow wraps (two's
  * complement) instead of being undefined behaviour on int64_t.

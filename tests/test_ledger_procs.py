@@ -22,7 +22,7 @@ import pytest
 
 from zaiproxy.ledger import load
 
-CTX = multiprocessing.get_context("spawn")  # never fork (FIELD-NOTES.md)
+CTX = multiprocessing.get_context("spawn")  # never fork: spawn, as the supervisor does
 PROCS = 4
 PERIOD = 60_000_000_000
 W = 60_000

@@ -1,4 +1,4 @@
-"""The admin API of a proxy: what the TUI and scripts read (DESIGN.md "Contracts").
+"""The admin API of a proxy: what the TUI and scripts read (docs/architecture.md).
 
 - ``GET /admin/status``: the current snapshot per variant (from the shared
   metrics: totals of every worker, whichever worker answers);

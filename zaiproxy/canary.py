@@ -1,7 +1,7 @@
 """``zaiproxy canary-check``: promote the canary, wait for more data, or roll it back.
 
-The decision is the rollback runbook of the system we replace (DESIGN.md: "rollback
-decisions compared canary vs production error rate and p95 latency"), with its numbers as
+The decision is the rollback runbook of the system we replace (its rollback decisions
+compared canary vs production error rate and p95 latency), with its numbers as
 defaults, every one a flag:
 
 - roll back when the canary answers more than 10 % of API requests with a 5xx; when its p95

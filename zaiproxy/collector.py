@@ -1,6 +1,6 @@
 """``zaiproxy collect``: scrape a fleet of proxies into one DuckDB file and serve the admin API.
 
-DESIGN.md "Collector": the TUI watches a fleet (production and canary
+The fleet collector: the TUI watches a fleet (production and canary
 replicas) through the same admin API a single proxy serves. Every
 ``interval`` seconds each target's ``/metrics`` is fetched (h11 over a trio
 socket, one connection per scrape so ``SO_REUSEPORT`` spreads them, bounded
@@ -305,7 +305,7 @@ class Collector:
         """Run one Store call in the DuckDB thread; errors degrade (logged, counted, None)."""
         try:
             result = await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-        except Exception as exc:  # storage degrades, whatever it raises (DESIGN.md lessons)
+        except Exception as exc:  # storage degrades, whatever it raises (monitoring never takes itself down)
             health, message = self.storage, str(exc)[:500]
             if health.ok or health.last_error != message:  # a change, not every retry
                 self.log.error("storage_error", error=message, db=self.options.db)

@@ -1,7 +1,7 @@
 """One error hierarchy; each error knows its HTTP status and its body in the caller's API shape.
 
 OpenAI routes answer ``{"error": {"message", "type", "code"}}``; Anthropic routes
-answer ``{"type": "error", "error": {"type", "message"}}`` (DESIGN.md, "Contracts").
+answer ``{"type": "error", "error": {"type", "message"}}`` (the error contract in docs/architecture.md).
 The Anthropic ``type`` values are the ones Anthropic documents per status
 (invalid_request_error, not_found_error, request_too_large, api_error,
 timeout_error, overloaded_error, ...), so SDKs map them to the right exception.

@@ -1,6 +1,6 @@
 """The gate in front of every proxied request: authenticate, estimate, admit, settle.
 
-DESIGN.md "One request", steps 3, 4 and 7:
+docs/architecture.md "One request", steps 4 and 11:
 - the client key (when a keys file is configured) is checked in constant
   time; unknown or disabled -> 401, a model the key may not use -> 403;
 - the prompt is estimated with tiktoken (in a thread above a size threshold)

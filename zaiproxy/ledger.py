@@ -2,7 +2,7 @@
 
 ``ZAIPROXY_LEDGER=native`` (the default) requires the compiled module and
 fails start-up if it did not build or load: a silent fallback to the pure
-twin would hide a broken build in production (STYLE.md, "Avoid").
+twin would hide a broken build in production.
 ``ZAIPROXY_LEDGER=python`` selects the twin explicitly (tests, debugging).
 """
 

@@ -13,7 +13,7 @@ Design
   blocking thing: one ``write`` to the stream per batch. A slow or stuck stderr (a full
   pipe to a log shipper) therefore costs the hot path nothing but dropped lines, which are counted
   in :attr:`Logger.dropped` instead of stalling every request on the worker (the same
-  drop-and-count rule as the recorder channel in DESIGN.md).
+  drop-and-count rule as the recorder channel).
 * A level below the threshold costs one integer comparison; :meth:`Logger.enabled` lets hot
   paths skip building expensive fields at all.
 * Keys never reach a log line: any field named like a credential (``authorization``,

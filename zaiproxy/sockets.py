@@ -2,7 +2,7 @@
 
 Each worker gets its own socket bound with ``SO_REUSEPORT`` to the same
 address, so the kernel spreads new connections evenly across workers
-(FIELD-NOTES: 1038/1002/992/968 with reuseport vs 6600/1200/200/0 with one
+(measured: 1038/1002/992/968 with reuseport vs 6600/1200/200/0 with one
 inherited socket). The *parent* binds every socket and keeps its copy open:
 while a dead worker is being replaced, connections hashed to its socket wait
 in that socket's accept queue instead of being refused (hypercorn binds in

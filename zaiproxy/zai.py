@@ -1,7 +1,7 @@
 """Z.AI 429 handling, decided in pure functions: classify the body, choose the wait, build headers.
 
 Z.AI answers HTTP 429 with a *business code* that says why, and the codes need
-different handling (DESIGN.md, lessons of the Go proxy):
+different handling (lessons of the Go proxy this one replaces):
 
 ==========  ===============================  ==============  ==========================
 code        meaning                          class           retry? / adaptive rate?
@@ -487,7 +487,7 @@ def final_headers(
     ``x-zai-rate-limit-reset`` (RFC 3339 UTC, rounded up to the second) when the
     body named a reset time; ``retry-after`` only when upstream sent none, in
     whole seconds >= 1, the later of the body's ``retry_after`` and the reset time
-    (clients retry on it, DESIGN.md: retrying before either is known to fail).
+    (clients retry on it: retrying before either is known to fail).
     """
     headers = [(b"x-zai-error-class", err.cls.value.encode())]
     if err.code is not None and _SAFE_CODE.fullmatch(err.code):

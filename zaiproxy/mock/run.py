@@ -8,7 +8,7 @@ and scripts parse for the port (bind port 0 to get a free one). With N > 1 the
 line comes only once every worker reported that it is accepting, so a benchmark
 that starts on the line does not time the workers' start-up.
 
-One worker serves in this process. More are *spawned*, never forked (FIELD-NOTES:
+One worker serves in this process. More are *spawned*, never forked (measured:
 never fork inside trio); each child gets its socket object as an argument, which
 the spawn context passes by file descriptor on Linux, and a pipe on which it says
 "ready". The parent then only waits: SIGTERM or SIGINT terminates the children

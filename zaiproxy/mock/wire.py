@@ -11,7 +11,7 @@ The response is built by hand instead of through h11's writer: it is valid
 HTTP/1.1 (status line with a reason phrase, ``content-length`` for bodies,
 ``transfer-encoding: chunked`` with one chunk per SSE event for streams) and
 it saves the writer's per-header validation on the hot path. Each
-``send_all`` costs ~15-20 us (FIELD-NOTES), so by default the head and the
+``send_all`` costs ~15-20 us (measured on the bench machine), so by default the head and the
 whole body leave in ONE write; only a chunk delay, a write-split mode or a
 fault makes more.
 

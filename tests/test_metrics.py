@@ -239,8 +239,12 @@ def test_gauges_sum_over_workers(host: Host) -> None:
     host.segment.scalar_set(0, 2500)  # SC_ADAPTIVE_MRPS, written by the supervisor
     host.segment.scalar_set(3, 4)  # SC_ADJUST_UP
     host.segment.scalar_set(4, 7)  # SC_ADJUST_DOWN
+    host.segment.scalar_set(2, 3570)  # SC_ADAPTIVE_CEILING_MRPS
+    host.segment.scalar_set(5, 1_700_000_000_250)  # SC_ADAPTIVE_THROTTLED_AT_MS
     got = scrape(w1)
     assert value(got, "zai_proxy_rate_limit_requests_per_second") == 2.5
+    assert value(got, "zai_proxy_rate_limit_ceiling_requests_per_second") == 3.57
+    assert value(got, "zai_proxy_rate_limit_last_throttle_timestamp_seconds") == 1_700_000_000.25
     assert value(got, "zai_proxy_rate_limit_adjustments_total", direction="up") == 4
     assert value(got, "zai_proxy_rate_limit_adjustments_total", direction="down") == 7
     w0.request_started()

@@ -56,8 +56,12 @@ def record(i: int = 0, **kw: Any) -> RequestRecord:
 
 
 def datagram(rows: list[wire.WireRow], *, worker: int = 0, pid: int = 1,
-             variant: str = "production", dropped: int = 0) -> bytes:
-    return wire.encode_batch(worker, pid, variant, dropped, rows)
+             variant: str = "production", dropped: int = 0, nonce: int = 0,
+             first: int | None = None) -> bytes:
+    """A batch; by default numbered as if the worker had dropped ``dropped`` rows, then
+    sent these (so nothing counts as lost)."""
+    return wire.encode_batch(worker, pid, variant, dropped, rows, nonce=nonce,
+                             first=dropped if first is None else first)
 
 
 def rows_at(times: list[float], **kw: Any) -> list[Any]:
@@ -258,7 +262,7 @@ async def test_ten_thousand_records_become_ten_thousand_rows(tmp_path: Path) -> 
     for start in range(0, n, 256):
         rows = [wire.row_of(record(i, status=200 if i % 100 else 502), T0 + i * 0.001)
                 for i in range(start, min(n, start + 256))]
-        assert rec.ingest(datagram(rows, worker=start % 4, dropped=0)) == len(rows)
+        assert rec.ingest(datagram(rows, worker=start % 4, first=start)) == len(rows)
     assert await rec.flush()
     assert rec.stats.rows_written == n and not rec.pending
     store = rec.store
@@ -395,14 +399,15 @@ def test_rollup_state_survives_a_reopen(tmp_path: Path) -> None:
 def test_a_new_file_gets_the_current_schema(tmp_path: Path) -> None:
     con = duckdb.connect(str(tmp_path / "h.duckdb"))
     assert current_version(con) == 0
-    assert migrate(con, now=lambda: T0) == [1]
+    assert migrate(con, now=lambda: T0) == [1, 2]
     assert migrate(con) == []  # once only
-    assert current_version(con) == SCHEMA_VERSION == 1
+    assert current_version(con) == SCHEMA_VERSION == 2
     assert con.execute("SELECT version, epoch(applied_at) FROM schema_version").fetchall() == [
-        (1, T0)]
+        (1, T0), (2, T0)]
     tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables")
               .fetchall()}
-    assert tables == {"schema_version", "requests", "snapshots", "requests_1m", "recorder_state"}
+    assert tables == {"schema_version", "requests", "snapshots", "requests_1m", "recorder_state",
+                      "recorder_progress", "recorder_totals"}
     con.close()
 
 
@@ -445,14 +450,15 @@ def test_a_later_migration_applies_on_top_of_a_file_in_use(tmp_path: Path) -> No
     store = HistoryStore.open(path)
     store.write(rows_at([T0]))
     store.close()
-    v2 = Migration(2, "requests.region", lambda c: c.execute(
+    later = Migration(SCHEMA_VERSION + 1, "requests.region", lambda c: c.execute(
         "ALTER TABLE requests ADD COLUMN region VARCHAR DEFAULT 'eu'"))
     con = duckdb.connect(path)
-    assert migrate(con, [*MIGRATIONS, v2]) == [2]
+    assert migrate(con, [*MIGRATIONS, later]) == [SCHEMA_VERSION + 1]
     assert con.execute("SELECT request_id, region FROM requests").fetchall() == [
         ("req00000000", "eu")]
     con.close()
-    with pytest.raises(SchemaError, match="schema version 2; this zaiproxy knows up to 1"):
+    with pytest.raises(SchemaError, match=f"schema version {SCHEMA_VERSION + 1}; this "
+                                          f"zaiproxy knows up to {SCHEMA_VERSION}"):
         HistoryStore.open(path)  # a file from the future is never written
 
 
@@ -466,8 +472,8 @@ def test_a_failing_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:
 
     con = duckdb.connect(path)
     with pytest.raises(duckdb.CatalogException):
-        migrate(con, [*MIGRATIONS, Migration(2, "broken", broken)])
-    assert current_version(con) == 1
+        migrate(con, [*MIGRATIONS, Migration(SCHEMA_VERSION + 1, "broken", broken)])
+    assert current_version(con) == SCHEMA_VERSION
     assert con.execute("SELECT count(*) FROM information_schema.tables "
                        "WHERE table_name = 'half_done'").fetchone() == (0,)
     con.close()
@@ -742,9 +748,10 @@ async def test_pending_rows_are_bounded_while_duckdb_is_down(tmp_path: Path) -> 
     blocker.write_text("")
     rec = Recorder(str(blocker / "h.duckdb"), variant="production", max_pending=100)
     for start in range(0, 250, 50):
-        rec.ingest(datagram([wire.row_of(record(i), T0) for i in range(start, start + 50)]))
-    assert len(rec.pending) == 100 and rec.stats.dropped_pending == 150
-    assert rec.pending[0][3] == "req00000096"  # the oldest went first
+        rec.ingest(datagram([wire.row_of(record(i), T0) for i in range(start, start + 50)],
+                            first=start))
+    assert rec.pending_rows == 100 and rec.stats.dropped_pending == 150
+    assert rec.pending[0].rows[0][3] == "req00000096"  # the oldest went first
 
 
 async def test_bad_datagrams_and_rows_are_counted_not_written(tmp_path: Path) -> None:
@@ -758,12 +765,13 @@ async def test_bad_datagrams_and_rows_are_counted_not_written(tmp_path: Path) ->
 
 async def test_worker_drop_counts_reach_the_snapshots(tmp_path: Path) -> None:
     rec = Recorder(str(tmp_path / "h.duckdb"), variant="production", wall=lambda: T0)
-    rec.ingest(datagram([wire.row_of(record(0), T0)], worker=0, pid=10, dropped=5))
-    rec.ingest(datagram([wire.row_of(record(1), T0)], worker=0, pid=10, dropped=8))
+    rec.ingest(datagram([wire.row_of(record(0), T0)], worker=0, pid=10, dropped=5))  # row 5
+    # Rows 6-8 dropped too: the next batch starts at 9 and says 8 were dropped before it.
+    rec.ingest(datagram([wire.row_of(record(1), T0)], worker=0, pid=10, dropped=8, first=9))
     rec.ingest(datagram([wire.row_of(record(2), T0)], worker=1, pid=11, dropped=2))
     rec.ingest(datagram([wire.row_of(record(3), T0)], worker=0, pid=12, dropped=1))  # restarted
-    assert rec.stats.worker_dropped == 11
     assert await rec.flush()
+    assert rec.stats.worker_dropped == 11 and rec.stats.lost == 0
     await rec.snapshot()
     assert rec.store is not None
     assert rec.store.con.execute("SELECT dropped_total FROM snapshots").fetchall() == [(11,)]

@@ -133,3 +133,42 @@ def test_the_real_command(path: str) -> None:
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[3].split()[:2] == ["alice", "3"]
+
+
+def test_requests_that_never_became_rows_are_said(tmp_path: Path) -> None:
+    from zaiproxy.recorder.sequence import Chunk
+
+    p = str(tmp_path / "h.duckdb")
+    store = HistoryStore.open(p, run="r")
+    rec = RequestRecord(request_id="r5", method="POST", route="/v1/messages", status=200,
+                        duration_s=0.2, bytes_in=10, client="-", model="glm-4.6")
+    row = db_row("production", 0, list(wire.row_of(rec, time.time())))
+    # Row 5 of a worker that dropped 2 of its rows 0-4: the other 3 were lost.
+    store.write_chunks([Chunk((0, 7, 1), "production", 5, 1, 2, [row])], time.time())
+    store.close()
+    code, out, err = history("--path", p, "--by", "variant")
+    assert code == 0, err
+    assert out.endswith("\nnot in the history (since the file began):\n"
+                        "  production: 2 dropped (channel full), 3 lost (a recorder died "
+                        "holding them)\n")
+    code, out, _ = history("--path", p, "--by", "variant", "--json")
+    assert code == 0 and "not in the history" not in out  # JSON: the summaries only
+
+
+def test_a_file_of_schema_v1_is_read_as_it_is(tmp_path: Path) -> None:
+    from zaiproxy.recorder.schema import MIGRATIONS, current_version, migrate
+
+    p = str(tmp_path / "h.duckdb")
+    con = duckdb.connect(p)
+    migrate(con, MIGRATIONS[:1])  # what the previous zaiproxy wrote
+    con.execute("INSERT INTO requests (ts, variant, route, status, latency_ms) "
+                "VALUES (now(), 'production', '/v1/messages', 200, 5)")
+    con.execute("INSERT INTO snapshots VALUES (now(), 'production', 1, 0, 0, 0, 0, 0, 0.0, 4)")
+    con.close()
+    code, out, err = history("--path", p, "--by", "status")
+    assert code == 0, err
+    assert "TOTAL" in out and out.endswith("  production: 4 dropped (channel full), "
+                                           "0 lost (a recorder died holding them)\n")
+    con = duckdb.connect(p, read_only=True)
+    assert current_version(con) == 1  # read, not migrated
+    con.close()

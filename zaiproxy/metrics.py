@@ -25,7 +25,9 @@ Gauges, computed at scrape time:
 - ``zai_proxy_upstream_pool_connections{state=active|idle}``: summed over workers, each
   as of its last finished request or its last scrape;
 - ``zai_proxy_rate_limit_requests_per_second``: the adaptive upstream rate the supervisor
-  publishes (``SC_ADAPTIVE_MRPS / 1000``; 0 = not limiting), and
+  publishes (``SC_ADAPTIVE_MRPS / 1000``; 0 = not limiting), its learned ceiling and the time
+  of the last throttle (``zai_proxy_rate_limit_ceiling_requests_per_second``,
+  ``zai_proxy_rate_limit_last_throttle_timestamp_seconds``), and
   ``zai_proxy_rate_limit_adjustments_total{direction}`` from its scalars;
 - ``zai_proxy_concurrency_limit{scope=proxy|upstream}``: the configured global
   concurrency limits (config ``limits.concurrency`` and ``limits.upstream_concurrency``),
@@ -50,8 +52,13 @@ from 0 again, never makes it go back; drops after a worker's last request or scr
 lost with it). :meth:`WorkerMetrics.set_recorder_queue_depth` and
 :meth:`WorkerMetrics.recorder_dropped` do the same by hand, and a process that is not a
 worker (the recorder itself) uses :class:`RecorderCells` on the same segment. They become
-``zai_proxy_recorder_queue_depth`` (the sum over workers and the recorder) and
-``zai_proxy_recorder_dropped_records_total``, exposed once any process has used them.
+``zai_proxy_recorder_queue_depth`` (the sum over workers and the recorder),
+``zai_proxy_recorder_dropped_records_total`` (dropped where it was counted: a full channel,
+the recorder's memory full, refused by DuckDB, left at the recorder's exit) and
+``zai_proxy_recorder_records_lost_total`` (sent and never written because a recorder died
+holding them, counted by the next one from the sequence numbers:
+docs/decisions/recorder-loss.md), exposed once any process has used them. Records never
+written = dropped + lost; the two never count the same record.
 """
 
 from __future__ import annotations
@@ -72,7 +79,13 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from zaiproxy import __version__, limits_report
-from zaiproxy.admission import SC_ADAPTIVE_MRPS, SC_ADJUST_DOWN, SC_ADJUST_UP
+from zaiproxy.admission import (
+    SC_ADAPTIVE_CEILING_MRPS,
+    SC_ADAPTIVE_MRPS,
+    SC_ADAPTIVE_THROTTLED_AT_MS,
+    SC_ADJUST_DOWN,
+    SC_ADJUST_UP,
+)
 from zaiproxy.ledger import load as load_ledger
 from zaiproxy.pricing import DEFAULT_PRICES, DIRECTIONS, PriceTable, cost_nano, split_tokens
 from zaiproxy.record import RequestRecord
@@ -153,10 +166,12 @@ W_POOL_ACTIVE = 3
 W_POOL_IDLE = 4
 W_RECORDER_QUEUE = 5
 GAUGE_SCOPE = "w"
-# The recorder's row: dropped records (a counter), the recorder process's own queue depth.
+# The recorder's row: dropped records (a counter), the recorder process's own queue depth,
+# records lost in a recorder that died (a counter).
 RECORDER_KEY = b"m\0#rec"
 REC_DROPPED = 1
 REC_QUEUE = 2
+REC_LOST = 3
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "-"})
 _ANTHROPIC_ROUTES = ("/v1/messages", "/api/anthropic")  # usage input excludes cached tokens
@@ -218,6 +233,9 @@ class RecorderCells:
 
     def dropped(self, n: int = 1) -> None:
         self._segment.counter_add(self._row, REC_DROPPED, n)
+
+    def lost(self, n: int = 1) -> None:
+        self._segment.counter_add(self._row, REC_LOST, n)
 
     def set_queue_depth(self, depth: int) -> None:
         self._segment.counter_set(self._row, REC_QUEUE, depth)
@@ -481,6 +499,12 @@ class _Collector:
         yield _gauge("zai_proxy_rate_limit_requests_per_second",
                      "The adaptive upstream rate shared by all workers (0 = not limiting).",
                      variant, seg.scalar_get(SC_ADAPTIVE_MRPS) / 1000)
+        yield _gauge("zai_proxy_rate_limit_ceiling_requests_per_second",
+                     "Send rate at which Z.AI last throttled this account (0 = none learned).",
+                     variant, seg.scalar_get(SC_ADAPTIVE_CEILING_MRPS) / 1000)
+        yield _gauge("zai_proxy_rate_limit_last_throttle_timestamp_seconds",
+                     "When Z.AI last throttled this account (1302/1303), unix time (0 = never "
+                     "or forgotten).", variant, seg.scalar_get(SC_ADAPTIVE_THROTTLED_AT_MS) / 1000)
         adjust = CounterMetricFamily("zai_proxy_rate_limit_adjustments",
                                      "Changes of the adaptive upstream rate.",
                                      labels=["direction", "variant"])
@@ -519,6 +543,13 @@ class _Collector:
                                        labels=["variant"])
             lost.add_metric([variant], words[REC_DROPPED - 1])
             yield lost
+            died = CounterMetricFamily(
+                "zai_proxy_recorder_records_lost",
+                "Request records sent to the recorder and never written: a recorder died "
+                "holding them (counted by the next one from the sequence numbers).",
+                labels=["variant"])
+            died.add_metric([variant], words[REC_LOST - 1])
+            yield died
         info = GaugeMetricFamily("zai_proxy_build_info", "Build information.",
                                  labels=["version", "variant", "commit"])
         info.add_metric([__version__, variant, m._commit], 1)

@@ -11,7 +11,9 @@
 Modules, each one job:
 
 * ``wire``      the datagram format (pure)
+* ``sequence``  sequence numbers: what is in the file, dropped, lost (pure)
 * ``sink``      the worker side: :class:`~zaiproxy.recorder.sink.RecordSink` (no DuckDB import)
+* ``channel``   the recorder's end: peek, hold until written, release
 * ``schema``    tables, versions, migrations
 * ``store``     batched inserts, snapshots, rollups, retention (synchronous, clock passed in)
 * ``queries``   ``history_summary`` / ``history_series`` / Parquet export (JSON-able answers)

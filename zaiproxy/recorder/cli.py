@@ -62,6 +62,18 @@ class _Source:
         return history_summary(self._store(), range_s, variant=variant, group_by=group_by,
                                now=time.time())
 
+    def unrecorded(self) -> dict[str, dict[str, int]]:
+        """Per variant: requests dropped by the workers / lost with a recorder, never rows."""
+        if self.url is not None:
+            from zaiproxy.recorder.endpoint import fetch
+
+            status = orjson.loads(fetch(self.url, "/history/status", {}, token=self.token))
+            found: dict[str, dict[str, int]] = status.get("unrecorded") or {}
+            return found
+        from zaiproxy.recorder.queries import unrecorded
+
+        return unrecorded(self._store())
+
     def export(self, range_s: float, variant: str | None, out: str) -> int:
         if self.url is not None:
             from zaiproxy.recorder.endpoint import fetch
@@ -181,6 +193,7 @@ def _run(ns: argparse.Namespace, source: _Source, range_s: float, groups: list[s
                 err.write(f"wrote {target} ({size:,} bytes) from {source.describe()}\n")
                 return 0
             docs = [source.summary(range_s, ns.variant, g) for g in groups]
+            missing = {} if ns.json else source.unrecorded()
             break
         except EndpointError as exc:
             err.write(f"zaiproxy history: the recorder answered {exc}\n")
@@ -211,4 +224,17 @@ def _run(ns: argparse.Namespace, source: _Source, range_s: float, groups: list[s
     for doc in docs:
         out.write("\n")
         render_summary(doc, out)
+    render_unrecorded(missing, ns.variant, out)
     return 0
+
+
+def render_unrecorded(missing: dict[str, dict[str, int]], variant: str | None,
+                      out: TextIO) -> None:
+    """A line per variant whose requests did not all become rows (nothing when all did)."""
+    lines = []
+    for name, counts in sorted(missing.items()):
+        if (variant is None or name == variant) and (counts["dropped"] or counts["lost"]):
+            lines.append(f"  {name}: {counts['dropped']:,} dropped (channel full), "
+                         f"{counts['lost']:,} lost (a recorder died holding them)\n")
+    if lines:
+        out.write("\nnot in the history (since the file began):\n" + "".join(lines))

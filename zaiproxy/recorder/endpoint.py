@@ -1,7 +1,7 @@
 """The recorder's query endpoint: history as JSON over loopback HTTP.
 
 DuckDB lets no second process open a file that a writer holds (not even
-read-only: FIELD-NOTES), so while the proxy runs, the recorder answers the
+read-only: "Could not set lock on file"), so while the proxy runs, the recorder answers the
 queries itself. It listens on 127.0.0.1, port 0; the address goes to the
 supervisor (the ready message, logged as ``recorder_ready``) and into
 ``<history_path>.endpoint`` (JSON: url, pid), where ``zaiproxy history`` finds it.

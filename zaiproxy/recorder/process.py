@@ -79,8 +79,10 @@ async def _watch(recorder: Recorder, parent_pid: int, grace: float, early: list[
 
 
 def recorder_main(channel: socket.socket, config: Config, ready: Connection | None,
-                  parent_pid: int, ledger_path: str | None = None) -> None:
-    """Entry point of the spawned recorder process."""
+                  parent_pid: int, ledger_path: str | None = None, run: str | None = None,
+                  channel_bytes: int | None = None) -> None:
+    """Entry point of the spawned recorder process. ``run``: the channel's id (the
+    sequence numbers' progress of other runs is dropped); ``channel_bytes``: its capacity."""
     # Imported here: the supervisor imports this module for the target's name only, and
     # should not load DuckDB for that.
     from zaiproxy.recorder.endpoint import serve_endpoint
@@ -95,7 +97,7 @@ def recorder_main(channel: socket.socket, config: Config, ready: Connection | No
     segment, cells = _attach_metrics(config, ledger_path)
     recorder = Recorder(path, variant=config.deployment_variant, raw_days=config.history_raw_days,
                         rollup_days=config.history_rollup_days, channel=channel, cells=cells,
-                        prices=_prices(config))
+                        prices=_prices(config), run=run, channel_bytes=channel_bytes)
 
     async def serve(rec: Recorder, *, task_status: trio.TaskStatus[str]) -> None:
         await serve_endpoint(rec, config.admin_token, task_status=task_status)

@@ -25,7 +25,8 @@ from zaiproxy.recorder.store import DAY, ERROR_SQL, HistoryStore
 from zaiproxy.snapshot import CONTROL_PATHS, CONTROL_PREFIX
 
 __all__ = ["FIELDS_NULL_IN_ROLLUP", "GROUPS", "QueryError", "export_parquet",
-           "export_parquet_bytes", "history_series", "history_summary", "parse_duration"]
+           "export_parquet_bytes", "history_series", "history_summary", "parse_duration",
+           "unrecorded"]
 
 # group_by name -> (raw column, rollup column)
 GROUPS: Final = {
@@ -255,3 +256,24 @@ def export_parquet_bytes(store: HistoryStore, range_s: float, *, variant: str | 
         count = export_parquet(store, range_s, path, variant=variant, now=now)
         with open(path, "rb") as fh:
             return fh.read(), count
+
+
+def unrecorded(store: HistoryStore) -> dict[str, dict[str, int]]:
+    """Per variant, the finished requests that never became rows, since the file began:
+    ``dropped`` by the workers (the channel was full) and ``lost`` (sent, and the recorder
+    holding them died; counted by the next one from the sequence numbers)."""
+    if not store.read_only:
+        return {v: {"dropped": t.dropped, "lost": t.lost} for v, t in sorted(store.totals.items())}
+    if store.version < 2:  # a file no v2 recorder has opened yet: only the snapshots count
+        found = store.con.execute("""
+            SELECT variant, dropped_total, 0 FROM snapshots
+            QUALIFY row_number() OVER (PARTITION BY variant ORDER BY ts DESC) = 1
+            ORDER BY variant
+        """).fetchall()
+        return {v: {"dropped": int(d), "lost": 0} for v, d, _ in found}
+    found = store.con.execute("""
+        SELECT variant, dropped_total, lost_total FROM recorder_totals
+        QUALIFY row_number() OVER (PARTITION BY variant ORDER BY txn DESC) = 1
+        ORDER BY variant
+    """).fetchall()
+    return {v: {"dropped": int(d), "lost": int(lost)} for v, d, lost in found}

@@ -88,6 +88,44 @@ SNAPSHOT_COLUMNS: Final = (
     # durations); requests still running at the snapshot are not in it.
     ("in_flight", "DOUBLE NOT NULL"),
     ("dropped_total", "BIGINT NOT NULL"),  # records the workers dropped (channel full)
+    # Records sent and never written: a recorder died holding them (schema v2; counted from
+    # the sequence numbers by the recorder after it, see recorder/sequence.py).
+    ("lost_total", "BIGINT DEFAULT 0"),
+)
+
+# Schema v2 (recorder/sequence.py). Both tables are logs: each transaction that writes
+# rows appends a row per worker incarnation whose progress moved, and one per variant
+# whose totals did (a plain INSERT: an upsert costs ~10 ms per transaction here, this
+# ~1.5 ms); the newest row per key (``txn``) counts, HistoryStore.compact() deletes the
+# others once a minute. Written in the same transaction as the rows, so after a kill the
+# recorder knows exactly what the file has.
+PROGRESS_COLUMNS: Final = (
+    ("txn", "BIGINT NOT NULL"),  # the transaction's number in this file (newest wins)
+    ("worker", "SMALLINT NOT NULL"),
+    ("pid", "INTEGER NOT NULL"),
+    ("nonce", "BIGINT NOT NULL"),
+    # The channel's id (one per `zaiproxy serve`): rows of other runs are deleted when the
+    # recorder opens the file, their workers cannot send again.
+    ("run", "VARCHAR NOT NULL"),
+    ("variant", "VARCHAR NOT NULL"),
+    ("next_seq", "BIGINT NOT NULL"),  # rows 0 .. next_seq - 1 are in the file or counted
+    ("dropped", "BIGINT NOT NULL"),  # of which the worker dropped (channel full)
+    ("lost", "BIGINT NOT NULL"),  # of which were lost in a recorder that died
+    ("updated_at", "TIMESTAMPTZ NOT NULL"),
+)
+# The snapshots' running totals as of each transaction (the snapshot every 5 s copies
+# them): a recorder killed between two snapshots used to lose up to 5 s of counts.
+TOTALS_COLUMNS: Final = (
+    ("txn", "BIGINT NOT NULL"),
+    ("variant", "VARCHAR NOT NULL"),
+    ("requests_total", "BIGINT NOT NULL"),
+    ("errors_total", "BIGINT NOT NULL"),
+    ("input_tokens_total", "BIGINT NOT NULL"),
+    ("output_tokens_total", "BIGINT NOT NULL"),
+    ("cache_read_tokens_total", "BIGINT NOT NULL"),
+    ("cache_write_tokens_total", "BIGINT NOT NULL"),
+    ("dropped_total", "BIGINT NOT NULL"),
+    ("lost_total", "BIGINT NOT NULL"),
 )
 
 ROLLUP_KEY: Final = ("minute", "variant", "route", "model", "key_alias", "status")
@@ -119,7 +157,7 @@ def _table(name: str, columns: Sequence[tuple[str, str]], extra: str = "") -> st
 
 def _v1(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(_table("requests", REQUESTS_COLUMNS))
-    con.execute(_table("snapshots", SNAPSHOT_COLUMNS))
+    con.execute(_table("snapshots", SNAPSHOT_COLUMNS[:-1]))  # v1's columns; v2 adds lost_total
     con.execute(_table("requests_1m", ROLLUP_COLUMNS,
                        f",\n  PRIMARY KEY ({', '.join(ROLLUP_KEY)})"))
     # What the rollup has covered: minutes before ``rolled_until`` are final unless a late
@@ -127,8 +165,26 @@ def _v1(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("CREATE TABLE recorder_state (name VARCHAR PRIMARY KEY, value DOUBLE NOT NULL)")
 
 
+def _v2(con: duckdb.DuckDBPyConnection) -> None:
+    # DuckDB adds no NOT NULL column to a table with rows; the default fills the old ones
+    # and the writer always sets it.
+    con.execute("ALTER TABLE snapshots ADD COLUMN lost_total BIGINT DEFAULT 0")
+    con.execute(_table("recorder_progress", PROGRESS_COLUMNS))
+    con.execute(_table("recorder_totals", TOTALS_COLUMNS))
+    # Continue the totals from each variant's last snapshot.
+    con.execute("""
+        INSERT INTO recorder_totals
+        SELECT 0, variant, requests_total, errors_total, input_tokens_total, output_tokens_total,
+               cache_read_tokens_total, cache_write_tokens_total, dropped_total, 0
+        FROM snapshots
+        QUALIFY row_number() OVER (PARTITION BY variant ORDER BY ts DESC) = 1
+    """)
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "requests, snapshots, requests_1m, recorder_state", _v1),
+    Migration(2, "sequence accounting: recorder_progress, recorder_totals, snapshots.lost_total",
+              _v2),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 

@@ -12,10 +12,18 @@ for a minute already rolled (a worker's batch late by more than the grace)
 marks that minute dirty and it is rolled again, so a rollup always equals its
 raw rows. Retention runs after the rollup, so a raw row is never deleted before
 its minute has been rolled.
+
+Sequence accounting (:mod:`zaiproxy.recorder.sequence`): :meth:`HistoryStore.write_chunks`
+settles a run of datagrams against ``progress`` (per worker incarnation, loaded at
+open) and writes the rows, the sources' new progress and the running totals in
+one transaction. So what the file says it has is exactly what it has, whenever
+the recorder is killed: the next one skips rows the file already holds and counts
+the rows nobody wrote.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 from collections.abc import Sequence
@@ -26,12 +34,16 @@ import duckdb
 
 from zaiproxy.pricing import PriceTable
 from zaiproxy.recorder.schema import (
+    PROGRESS_COLUMNS,
     REQUESTS_COLUMNS,
     SCHEMA_VERSION,
+    SNAPSHOT_COLUMNS,
+    TOTALS_COLUMNS,
     SchemaError,
     current_version,
     migrate,
 )
+from zaiproxy.recorder.sequence import Chunk, Progress, Settlement, SourceKey, settle
 from zaiproxy.recorder.wire import MAX_ERROR_CHARS, ROW_FIELDS
 from zaiproxy.usage import Usage
 
@@ -143,7 +155,31 @@ class Totals:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     dropped: int = 0
+    lost: int = 0
     busy_ms: float = 0.0  # request time finished since the last snapshot (for in_flight)
+
+    def copy(self) -> Totals:
+        return dataclasses.replace(self)
+
+    def persisted(self, txn: int, variant: str) -> tuple[Any, ...]:
+        """A ``recorder_totals`` row (schema.TOTALS_COLUMNS order)."""
+        return (txn, variant, self.requests, self.errors, self.input_tokens, self.output_tokens,
+                self.cache_read_tokens, self.cache_write_tokens, self.dropped, self.lost)
+
+
+def _values(columns: Sequence[tuple[str, str]], rows: int = 1) -> str:
+    one = f"({', '.join('?' * len(columns))})"
+    return ", ".join([one] * rows)
+
+
+def _insert_many(con: duckdb.DuckDBPyConnection, table: str,
+                 columns: Sequence[tuple[str, str]], rows: Sequence[tuple[Any, ...]]) -> None:
+    """One INSERT of a few rows (executemany runs one statement per row: ~2 ms each)."""
+    con.execute(f"INSERT INTO {table} VALUES {_values(columns, len(rows))}",
+                [v for row in rows for v in row])
+
+
+_SNAPSHOT_SQL: Final = f"INSERT INTO snapshots VALUES {_values(SNAPSHOT_COLUMNS)}"
 
 
 class HistoryStore:
@@ -151,8 +187,13 @@ class HistoryStore:
 
     def __init__(self, con: duckdb.DuckDBPyConnection, *, variant: str = "production",
                  raw_days: float = 7.0, rollup_days: float = 90.0,
-                 read_only: bool = False, opened_at: float | None = None) -> None:
+                 read_only: bool = False, opened_at: float | None = None,
+                 run: str | None = None, version: int = SCHEMA_VERSION) -> None:
+        """``run``: the channel's id (recorder/supervise.py); the progress of other runs is
+        deleted (their workers cannot send again). None: keep and load all (tools, tests)."""
         self.con = con
+        self.run = run
+        self.version = version  # the file's schema version (older only when read-only)
         self.raw_days = raw_days
         self.rollup_days = rollup_days
         self.read_only = read_only
@@ -162,10 +203,15 @@ class HistoryStore:
         # The start of the first snapshot's interval (in_flight needs one).
         self.last_snapshot: float | None = opened_at
         self.rolled_until: float | None = None
+        # Per worker incarnation: how far its rows are accounted for. Replaced (never
+        # mutated) on each commit, so another thread may read it between transactions.
+        self.progress: dict[SourceKey, Progress] = {}
+        self.txn = 0  # the last transaction's number (the progress and totals logs' order)
         if not read_only:
             self.rolled_until = self._state("rolled_until")
             self._load_totals()
             self.totals.setdefault(variant, Totals())
+            self._load_progress()
 
     @classmethod
     def open(cls, path: str, *, read_only: bool = False, **kwargs: Any) -> HistoryStore:
@@ -173,11 +219,14 @@ class HistoryStore:
         con = duckdb.connect(path, read_only=read_only)
         try:
             if read_only:
+                # An older file is read as it is (nothing may migrate it read-only): v2 only
+                # added the recorder's own bookkeeping, the queried tables are v1's.
                 version = current_version(con)
-                if version != SCHEMA_VERSION:
+                if not 1 <= version <= SCHEMA_VERSION:
                     raise SchemaError(f"{path}: schema version {version}, this zaiproxy reads "
-                                      f"{SCHEMA_VERSION}" + (" (not a history file?)"
-                                                             if version == 0 else ""))
+                                      f"1 to {SCHEMA_VERSION}" + (" (not a history file?)"
+                                                                  if version == 0 else ""))
+                kwargs.setdefault("version", version)
             else:
                 migrate(con)
             return cls(con, read_only=read_only, **kwargs)
@@ -197,18 +246,27 @@ class HistoryStore:
 
     def write(self, rows: Sequence[DbRow], dropped: dict[str, int] | None = None) -> None:
         """Insert rows in one transaction (all or none) and count them into the totals."""
-        con = self.con
-        if rows:
-            con.begin()
-            try:
-                with con.appender("requests") as app:
-                    app.append_rows(rows)
-                con.commit()
-            except BaseException:
-                con.rollback()
-                raise
-        self.rows_written += len(rows)
-        totals = self.totals
+        self._commit(rows, dropped or {}, {}, {}, {}, 0.0)
+
+    def write_chunks(self, chunks: Sequence[Chunk], now: float, *,
+                     keep_rows: bool = True) -> Settlement:
+        """Settle ``chunks`` (channel order) against ``progress`` and write the result in one
+        transaction: the rows not in the file yet, the sources' progress, the totals (with
+        the rows the workers dropped and the rows lost in a recorder that died). Nothing is
+        written when there is nothing new (heartbeats, a replay). ``keep_rows=False``: the
+        rows were refused as data; account for them, write none.
+        """
+        s = settle(chunks, self.progress)
+        if not s.empty:
+            self._commit(s.rows if keep_rows else [], s.worker_dropped, s.lost, s.progress,
+                         s.variants, now)
+        return s
+
+    def _commit(self, rows: Sequence[DbRow], dropped: dict[str, int], lost: dict[str, int],
+                progress: dict[SourceKey, Progress], variants: dict[SourceKey, str],
+                now: float) -> None:
+        totals = {v: t.copy() for v, t in self.totals.items()}
+        dirty: set[float] = set()
         rolled = self.rolled_until
         for row in rows:
             t = totals.get(row[_VARIANT])
@@ -226,9 +284,39 @@ class HistoryStore:
             if rolled is not None:
                 ts = row[_TS].timestamp()
                 if ts < rolled:
-                    self.dirty_minutes.add(ts - ts % 60)
-        for variant, count in (dropped or {}).items():
+                    dirty.add(ts - ts % 60)
+        for variant, count in dropped.items():
             totals.setdefault(variant, Totals()).dropped += count
+        for variant, count in lost.items():
+            totals.setdefault(variant, Totals()).lost += count
+        touched = {row[_VARIANT] for row in rows} | dropped.keys() | lost.keys()
+        if not touched and not progress:
+            return
+        con = self.con
+        con.begin()
+        try:
+            if rows:
+                with con.appender("requests") as app:
+                    app.append_rows(rows)
+            txn = self.txn + 1
+            if progress:
+                when = dt.datetime.fromtimestamp(now, UTC)
+                _insert_many(con, "recorder_progress", PROGRESS_COLUMNS, [
+                    (txn, src[0], src[1], src[2], self.run or "", variants.get(src, ""), p.next,
+                     p.dropped, p.lost, when) for src, p in progress.items()])
+            if touched:
+                _insert_many(con, "recorder_totals", TOTALS_COLUMNS,
+                             [totals[v].persisted(txn, v) for v in sorted(touched)])
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        self.txn = txn
+        self.rows_written += len(rows)
+        self.totals = totals
+        self.dirty_minutes |= dirty
+        if progress:
+            self.progress = {**self.progress, **progress}
 
     def snapshot(self, now: float) -> int:
         """One ``snapshots`` row per variant; returns how many were written."""
@@ -238,8 +326,8 @@ class HistoryStore:
         for variant, t in sorted(self.totals.items()):
             in_flight = t.busy_ms / 1000.0 / interval if interval else 0.0
             rows.append((when, variant, t.requests, t.errors, t.input_tokens, t.output_tokens,
-                         t.cache_read_tokens, t.cache_write_tokens, in_flight, t.dropped))
-        self.con.executemany("INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                         t.cache_read_tokens, t.cache_write_tokens, in_flight, t.dropped, t.lost))
+        self.con.executemany(_SNAPSHOT_SQL, rows)
         for t in self.totals.values():
             t.busy_ms = 0.0
         self.last_snapshot = now
@@ -312,8 +400,22 @@ class HistoryStore:
         return counts[0], counts[1], counts[2]
 
     def maintain(self, now: float) -> tuple[int, tuple[int, int, int]]:
-        """Rollup, then retention (never the other way round)."""
-        return self.rollup(now), self.enforce_retention(now)
+        """Rollup, then retention (never the other way round); the logs compacted."""
+        rolled = self.rollup(now)
+        retention = self.enforce_retention(now)
+        self.compact()
+        return rolled, retention
+
+    def compact(self) -> int:
+        """Delete the progress and totals rows that newer ones replace; returns how many."""
+        deleted = 0
+        for table, key in (("recorder_progress", "run, worker, pid, nonce"),
+                           ("recorder_totals", "variant")):
+            row = self.con.execute(
+                f"DELETE FROM {table} WHERE rowid NOT IN "
+                f"(SELECT arg_max(rowid, txn) FROM {table} GROUP BY {key})").fetchone()
+            deleted += int(row[0]) if row else 0
+        return deleted
 
     # ---- state -------------------------------------------------------------------
 
@@ -325,14 +427,25 @@ class HistoryStore:
         self.con.execute("INSERT OR REPLACE INTO recorder_state VALUES (?, ?)", [name, value])
 
     def _load_totals(self) -> None:
-        """Continue the running totals from the file's last snapshot of each variant."""
+        """Continue the running totals from the last transaction (schema v2 keeps them)."""
         for row in self.con.execute("""
-            SELECT variant, requests_total, errors_total, input_tokens_total,
-                   output_tokens_total, cache_read_tokens_total, cache_write_tokens_total,
-                   dropped_total
-            FROM snapshots
-            QUALIFY row_number() OVER (PARTITION BY variant ORDER BY ts DESC) = 1
+            SELECT * EXCLUDE (txn) FROM recorder_totals
+            QUALIFY row_number() OVER (PARTITION BY variant ORDER BY txn DESC) = 1
         """).fetchall():
-            self.totals[row[0]] = Totals(
-                requests=row[1], errors=row[2], input_tokens=row[3], output_tokens=row[4],
-                cache_read_tokens=row[5], cache_write_tokens=row[6], dropped=row[7])
+            self.totals[row[0]] = Totals(*row[1:])
+        found = self.con.execute(
+            "SELECT greatest((SELECT max(txn) FROM recorder_totals), "
+            "(SELECT max(txn) FROM recorder_progress))").fetchone()
+        self.txn = int(found[0]) if found and found[0] is not None else 0
+
+    def _load_progress(self) -> None:
+        where = ""
+        if self.run is not None:
+            self.con.execute("DELETE FROM recorder_progress WHERE run <> ?", [self.run])
+            where = "WHERE run = $run"
+        found = self.con.execute(f"""
+            SELECT worker, pid, nonce, next_seq, dropped, lost FROM recorder_progress {where}
+            QUALIFY row_number() OVER (PARTITION BY worker, pid, nonce ORDER BY txn DESC) = 1
+        """, {"run": self.run} if where else None).fetchall()
+        self.progress = {(w, pid, nonce): Progress(n, d, lost)
+                         for w, pid, nonce, n, d, lost in found}

@@ -13,6 +13,11 @@ the proxy serves and the workers count what they drop.
 Stop (after the workers have exited, so nothing more will be sent): the STOP
 marker goes into the channel behind everything the workers sent; the recorder
 exits when it has written all of it. Bounded by :data:`STOP_TIMEOUT`, then killed.
+
+The channel has an id, ``run`` (random, one per `serve`): the recorder keeps each
+worker incarnation's sequence-number progress in the file under it, and drops the
+progress of other runs, whose workers and channel are gone
+(docs/decisions/recorder-loss.md).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class RecorderHandle:
         self.ledger_path = ledger_path  # the shared-memory segment (metric cells)
         self.recv_end, self.channel = make_channel()
         self.capacity = self.channel.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.run = os.urandom(8).hex()  # this channel's id (the sequence numbers' scope)
         self.process: BaseProcess | None = None
         self.ready_pipe: Connection | None = None
         self.started_at = 0.0
@@ -79,7 +85,8 @@ class RecorderHandle:
         parent_end, child_end = self.mp.Pipe(duplex=False)
         process = self.mp.Process(
             target=recorder_main,
-            args=(self.recv_end, self.config, child_end, os.getpid(), self.ledger_path),
+            args=(self.recv_end, self.config, child_end, os.getpid(), self.ledger_path,
+                  self.run, self.capacity),
             name="zaiproxy-recorder",
         )
         process.start()

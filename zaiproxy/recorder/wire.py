@@ -2,14 +2,25 @@
 
 One datagram carries one batch of finished requests from one worker::
 
-    [WIRE_VERSION, worker, pid, variant, dropped_total, [row, row, ...]]
+    [WIRE_VERSION, worker, pid, nonce, variant, dropped_total, first, [row, row, ...]]
 
 encoded with orjson. A row is a flat list in :data:`ROW_FIELDS` order, not a
 dict: the keys would more than double the bytes (and the kernel buffer holds
 bytes, so fewer bytes = more records before anything is dropped), and a list
-costs the hot path one tuple build per record. ``dropped_total`` is the
-worker's running count of records it had to drop (the channel was full), so
-the recorder can put the loss into its snapshots without a second channel.
+costs the hot path one tuple build per record.
+
+Sequence numbers (docs/decisions/recorder-loss.md): ``(worker, pid, nonce)`` names
+one worker incarnation (``nonce`` is random per :class:`~zaiproxy.recorder.sink.RecordSink`,
+so a pid reused after a restart of the proxy is a different source), which
+numbers its rows 0, 1, 2, ... in the order it hands them over. ``first`` is the
+number of the batch's first row; the batch holds rows ``first .. first + len(rows) - 1``.
+``dropped_total`` is how many of the rows numbered before ``first`` the worker
+itself dropped (the channel was full; it counted them). So the recorder can tell
+rows dropped by the worker from rows that were sent and never written (lost in a
+recorder that died), and a batch it already wrote (read again after a restart)
+from a new one. A batch without rows is a heartbeat: the worker's counts, sent
+when it has been idle a while and when it exits, so that a loss after a worker's
+last batch is seen too.
 
 :data:`STOP` is the supervisor's end-of-stream marker. All writers share one
 socket, whose queue is FIFO: once the recorder reads STOP, it has read every
@@ -28,7 +39,7 @@ import orjson
 
 from zaiproxy.record import RequestRecord
 
-WIRE_VERSION: Final = 1
+WIRE_VERSION: Final = 2
 STOP: Final = b"STOP"
 # Limit of one error message stored per request: our own messages are short, but some quote
 # client input (a JSON parse error), and the history is not a place for request bodies.
@@ -71,17 +82,24 @@ def row_of(record: RequestRecord, ts: float) -> WireRow:
 
 
 def encode_batch(worker: int, pid: int, variant: str, dropped_total: int,
-                 rows: list[WireRow]) -> bytes:
-    return orjson.dumps([WIRE_VERSION, worker, pid, variant, dropped_total, rows])
+                 rows: list[WireRow], *, nonce: int = 0, first: int = 0) -> bytes:
+    return orjson.dumps([WIRE_VERSION, worker, pid, nonce, variant, dropped_total, first, rows])
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
     worker: int
     pid: int
+    nonce: int
     variant: str
-    dropped_total: int
+    dropped_total: int  # rows numbered before ``first`` that the worker dropped
+    first: int  # the sequence number of rows[0]
     rows: list[list[Any]]
+
+    @property
+    def source(self) -> tuple[int, int, int]:
+        """The worker incarnation that numbered these rows."""
+        return (self.worker, self.pid, self.nonce)
 
 
 def decode_batch(data: bytes) -> Batch:
@@ -94,13 +112,15 @@ def decode_batch(data: bytes) -> Batch:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise WireError(f"not JSON: {exc}") from None
-    if not isinstance(doc, list) or len(doc) != 6 or doc[0] != WIRE_VERSION:
+    if not isinstance(doc, list) or len(doc) != 8 or doc[0] != WIRE_VERSION:
         raise WireError(f"not a batch of wire version {WIRE_VERSION}")
-    _, worker, pid, variant, dropped, rows = doc
-    if (type(worker) is not int or type(pid) is not int or not isinstance(variant, str)
-            or type(dropped) is not int or not isinstance(rows, list)):
+    _, worker, pid, nonce, variant, dropped, first, rows = doc
+    if (type(worker) is not int or type(pid) is not int or type(nonce) is not int
+            or not isinstance(variant, str) or type(dropped) is not int or dropped < 0
+            or type(first) is not int or first < 0 or dropped > first
+            or not isinstance(rows, list)):
         raise WireError("bad batch header")
     for row in rows:
         if not isinstance(row, list) or len(row) != ROW_LEN:
             raise WireError("bad row")
-    return Batch(worker, pid, variant, dropped, rows)
+    return Batch(worker, pid, nonce, variant, dropped, first, rows)

@@ -57,6 +57,12 @@ class Host:
         self.now += seconds
         self.controller.tick(self.now)
 
+    def throttle(self, cls: str = "frequency", *, requests: int = 3, worker: int = 0) -> None:
+        """``requests`` answers of one worker, all Z.AI throttles of ``cls``, then a tick."""
+        for _ in range(requests):
+            self.workers[worker].note_upstream(cls)
+        self.tick()
+
     def scalar(self, index: int) -> int:
         return int(self.segment.scalar_get(index))
 
@@ -119,9 +125,7 @@ def test_one_request_throttled_on_every_attempt_changes_nothing(tmp_path: Path) 
 def test_recovery_by_time_is_published_and_the_cap_is_gone_at_300s(tmp_path: Path) -> None:
     host = Host(tmp_path)
     host.controller.tick(0.0)
-    for _ in range(3):
-        host.workers[0].note_upstream("frequency")
-    host.tick()  # 3 answers in one tick, all throttled: sent 3 rps -> 2.1 rps
+    host.throttle("frequency")  # 3 answers in one tick, all throttled: sent 3 rps -> 2.1 rps
     assert host.scalar(SC_ADAPTIVE_MRPS) == 2100
     host.tick(10.0)
     assert host.scalar(SC_ADAPTIVE_MRPS) == 2700  # x2, stopped at the hold line 0.9 * 3
@@ -142,9 +146,7 @@ def test_recovery_by_time_is_published_and_the_cap_is_gone_at_300s(tmp_path: Pat
 def test_a_restart_restores_a_recent_cap_and_a_stale_one_not(tmp_path: Path) -> None:
     host = Host(tmp_path)
     host.controller.tick(0.0)
-    for _ in range(3):
-        host.workers[0].note_upstream("unknown")
-    host.tick()
+    host.throttle("unknown")
     host.tick(5.0)
     host.controller.save()  # on exit: as of the last tick
     assert host.state()["keys"][upstream_key_id(KEY)]["throttled_at"] == WALL + 1
@@ -166,9 +168,7 @@ def test_a_restart_restores_a_recent_cap_and_a_stale_one_not(tmp_path: Path) -> 
 def test_another_upstream_key_does_not_inherit_the_cap(tmp_path: Path) -> None:
     host = Host(tmp_path)
     host.controller.tick(0.0)
-    for _ in range(3):
-        host.workers[0].note_upstream("frequency")
-    host.tick()
+    host.throttle("frequency")
     other = dataclasses.replace(host.config, api_key="another-upstream-key-98765")
     RateController(host.segment, other, str(host.state_file), wall=lambda: WALL + 2)
     assert host.scalar(SC_ADAPTIVE_MRPS) == 0
@@ -177,9 +177,7 @@ def test_another_upstream_key_does_not_inherit_the_cap(tmp_path: Path) -> None:
 def test_admin_reset_forgets_the_cap_and_the_file(tmp_path: Path) -> None:
     host = Host(tmp_path)
     host.controller.tick(0.0)
-    for _ in range(3):
-        host.workers[0].note_upstream("frequency")
-    host.tick()
+    host.throttle("frequency")
     assert host.scalar(SC_ADAPTIVE_MRPS) == 2100
     host.segment.scalar_add(SC_ADAPTIVE_RESET, 1)  # POST /admin/reset-rate-limit
     host.tick()
@@ -187,18 +185,14 @@ def test_admin_reset_forgets_the_cap_and_the_file(tmp_path: Path) -> None:
     assert host.scalar(SC_ADAPTIVE_THROTTLED_AT_MS) == 0
     assert host.state() == {"version": 2, "saved_at": WALL + 2, "keys": {}}
     # Fresh evidence right after the reset is evidence again.
-    for _ in range(3):
-        host.workers[1].note_upstream("frequency")
-    host.tick()
+    host.throttle("frequency", worker=1)
     assert host.scalar(SC_ADAPTIVE_MRPS) == 2100
 
 
 def test_forget_after_is_a_setting(tmp_path: Path) -> None:
     host = Host(tmp_path, adaptive_forget_after=60.0)
     host.controller.tick(0.0)
-    for _ in range(3):
-        host.workers[0].note_upstream("frequency")
-    host.tick()
+    host.throttle("frequency")
     host.tick(59.0)
     assert host.scalar(SC_ADAPTIVE_MRPS) > 0
     host.tick()

@@ -35,7 +35,7 @@ debian-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
 # The whole suite: lint, types, import contracts, tests (against both HTTP implementations,
-# see zaiproxy/http11.py). CI runs exactly this (.ci/run).
+# see zaiproxy/http/http11.py). CI runs exactly this (.ci/run).
 test: $(STAMP) debian-deps
 	$(BIN)/ruff check zaiproxy _native tui tests bench
 	$(BIN)/mypy

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from zaiproxy import snapshot
+from zaiproxy.observe import snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["glm-4.6"] * 7 + ["mock-status-500", "mock-status-400", "mock-zai-1302"]

@@ -29,9 +29,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from zaiproxy.admission import Admitter
-from zaiproxy.ledger import load
-from zaiproxy.limits import Limits
+from zaiproxy.core.limitspec import Limits
+from zaiproxy.limits.admission import Admitter
+from zaiproxy.limits.ledger import load
 
 MINUTE = 60_000_000_000
 FIVE_HOURS = 5 * 3600 * 1_000_000_000
@@ -87,7 +87,7 @@ def measure(impl: str, iterations: int, repeat: int, directory: str) -> dict[str
             for _ in range(iterations):
                 in_use(c)
 
-        # What the request path really pays: zaiproxy.admission.Admitter over a plan of every
+        # What the request path really pays: zaiproxy.limits.admission.Admitter over a plan of every
         # limit kind at the global scope (7 ops) plus the adaptive rate, reserving 600 tokens
         # and settling 450 (refunds on the 3 token-weighted ops).
         everything = Limits(requests_per_minute=HUGE, tokens_per_minute=HUGE, concurrency=HUGE,

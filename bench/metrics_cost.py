@@ -79,8 +79,8 @@ def best_ns(fn: Callable[[int], None], iterations: int, repeat: int) -> float:
 
 def records(aliases: int) -> list[Any]:
     """One record per series combination of a busy host (and per alias x status)."""
-    from zaiproxy.record import RequestRecord
-    from zaiproxy.usage import Usage
+    from zaiproxy.core.record import RequestRecord
+    from zaiproxy.request.usage import Usage
 
     out = []
     for i, template in enumerate(TEMPLATES):
@@ -127,7 +127,7 @@ class PromMetrics:
     def __init__(self, alias_metrics: bool) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
-        from zaiproxy import metrics as zm
+        from zaiproxy.observe import metrics as zm
 
         self.registry = CollectorRegistry()
         r = self.registry
@@ -199,8 +199,8 @@ class PromMetrics:
 
 
 def chat_record() -> Any:
-    from zaiproxy.record import RequestRecord
-    from zaiproxy.usage import Usage
+    from zaiproxy.core.record import RequestRecord
+    from zaiproxy.request.usage import Usage
 
     return RequestRecord(request_id="r", method="POST", route="/v1/chat/completions",
                          status=200, duration_s=0.8, bytes_in=2000, client="c", model="glm-4.6",
@@ -276,8 +276,8 @@ def measure_prom(iterations: int, repeat: int, multiprocess: bool) -> dict[str, 
 
 
 def measure_shm(impl: str, iterations: int, repeat: int, directory: str) -> dict[str, float]:
-    from zaiproxy.ledger import load
-    from zaiproxy.metrics import DURATION, REQUESTS, WorkerMetrics
+    from zaiproxy.limits.ledger import load
+    from zaiproxy.observe.metrics import DURATION, REQUESTS, WorkerMetrics
 
     mod = load(impl)
     path = os.path.join(directory, impl)
@@ -342,9 +342,9 @@ def measure_http(repeat: int, aliases: int, directory: str) -> dict[str, float]:
     import select
     from dataclasses import fields
 
-    from zaiproxy.config import Config
-    from zaiproxy.ledger import load
-    from zaiproxy.metrics import WorkerMetrics
+    from zaiproxy.core.config import Config
+    from zaiproxy.limits.ledger import load
+    from zaiproxy.observe.metrics import WorkerMetrics
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZAIPROXY_")}
     env.update(ZAIPROXY_ACCESS_LOG="false", ZAIPROXY_ALIAS_METRICS="true" if aliases else "false")

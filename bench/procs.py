@@ -447,7 +447,7 @@ class Child:
         return self.proc.returncode
 
 
-# Settings zaiproxy also reads without the ZAIPROXY_ prefix (zaiproxy/config.py).
+# Settings zaiproxy also reads without the ZAIPROXY_ prefix (zaiproxy/core/config.py).
 PRODUCT_ENV = frozenset({
     "LOG_LEVEL", "HOST", "PORT", "MAX_RETRIES", "DEPLOYMENT_VARIANT",
     "TOKEN_COUNTING_ENABLED", "ENABLE_TOKEN_COUNTING",

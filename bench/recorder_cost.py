@@ -34,14 +34,14 @@ from typing import Any
 
 import duckdb
 
-from zaiproxy import logs
-from zaiproxy.record import RequestRecord
-from zaiproxy.recorder import wire
-from zaiproxy.recorder.service import Recorder
-from zaiproxy.recorder.sink import RecordSink
-from zaiproxy.recorder.store import HistoryStore, db_row
-from zaiproxy.recorder.supervise import make_channel
-from zaiproxy.usage import Usage
+from zaiproxy.core import logs
+from zaiproxy.core.record import RequestRecord
+from zaiproxy.observe.recorder import wire
+from zaiproxy.observe.recorder.service import Recorder
+from zaiproxy.observe.recorder.sink import RecordSink
+from zaiproxy.observe.recorder.store import HistoryStore, db_row
+from zaiproxy.observe.recorder.supervise import make_channel
+from zaiproxy.request.usage import Usage
 
 RECORD = RequestRecord(
     request_id="a1b2c3d400000001", method="POST", route="/v1/messages", status=200,

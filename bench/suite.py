@@ -87,7 +87,7 @@ LOAD_TIMEOUT = 30.0  # the load generator's per-request timeout
 MIN_PER_CONNECTION = 20  # fewer completed requests per connection: see served_rate()
 PAUSE = 0.2  # seconds between load runs, so one run's closing sockets do not land in the next
 # Limits that never refuse: requests and concurrency far above what 2 cores serve, tokens at
-# the ledger's maximum (zaiproxy/limits.py LIMIT_MAX).
+# the ledger's maximum (zaiproxy/core/limitspec.py LIMIT_MAX).
 HIGH_REQUESTS = 1_000_000_000
 HIGH_TOKENS = 1_000_000_000_000
 HIGH_CONCURRENCY = 100_000

@@ -29,10 +29,10 @@ from typing import Any
 import orjson
 import trio
 
-from zaiproxy import tokens
 from zaiproxy.mock import payloads
-from zaiproxy.usage import UsageTracker
-from zaiproxy.usage_rewrite import UsageChunkStripper, add_include_usage
+from zaiproxy.request import tokens
+from zaiproxy.request.usage import UsageTracker
+from zaiproxy.request.usage_rewrite import UsageChunkStripper, add_include_usage
 
 PARAGRAPH = (
     "The proxy counts tokens before it forwards a request, so that a client's budget is "

@@ -43,8 +43,8 @@ from tests.harness import (
     start_mock,
     start_proxy,
 )
-from zaiproxy.admission import SC_ADAPTIVE_MRPS
-from zaiproxy.ratecontrol import RateController
+from zaiproxy.limits.admission import SC_ADAPTIVE_MRPS
+from zaiproxy.limits.ratecontrol import RateController
 
 # 2026-11-27T12:00:00Z: three hours before the reset in the mock's 1308 text.
 WALL0 = 1795791600.0 - 10800.0
@@ -289,7 +289,7 @@ async def throttle_scenario(stack: Stack, say: Callable[[str], None], code: str 
 
 def key_id() -> str:
     """The state file's name for the harness's upstream key (any name before format 2)."""
-    from zaiproxy import ratecontrol
+    from zaiproxy.limits import ratecontrol
 
     name = getattr(ratecontrol, "upstream_key_id", None)
     return "*" if name is None else str(name(UPSTREAM_KEY))
@@ -342,7 +342,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    from zaiproxy import logs
+    from zaiproxy.core import logs
 
     logs.configure("error", proc="scenario", stream=sys.stderr.buffer)
     trio.run(main)

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness import UPSTREAM_KEY, ProcessServer, start_process
-from zaiproxy import logs
+from zaiproxy.core import logs
 
 
 @pytest.fixture(autouse=True)

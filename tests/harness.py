@@ -22,11 +22,11 @@ from typing import Any
 import h11
 import trio
 
-from zaiproxy.config import Config
+from zaiproxy.core.config import Config
 from zaiproxy.mock.behaviour import MockOptions
 from zaiproxy.mock.server import serve_mock_tcp
-from zaiproxy.sockets import bind_reuseport, trio_listener
-from zaiproxy.worker import Worker, build_context
+from zaiproxy.run.sockets import bind_reuseport, trio_listener
+from zaiproxy.run.worker import Worker, build_context
 
 UPSTREAM_KEY = "upstream-secret-key-0123456789"
 REPO = Path(__file__).resolve().parent.parent

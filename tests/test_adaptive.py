@@ -1,4 +1,4 @@
-"""zaiproxy.adaptive: the adaptive upstream rate, on a virtual clock, with exact numbers.
+"""zaiproxy.limits.adaptive: the adaptive upstream rate, on a virtual clock, with exact numbers.
 
 Ticks are explicit (``now`` in seconds, one tick per second like the supervisor's); every
 expected rate is written out from the rules in the module docstring: decrease to
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from zaiproxy.adaptive import AdaptiveRate, AdaptiveSettings, SavedRate, Tick, save_state
+from zaiproxy.limits.adaptive import AdaptiveRate, AdaptiveSettings, SavedRate, Tick, save_state
 
 S = AdaptiveSettings(initial_rps=1000.0, max_rps=1000.0)  # the proxy's: unlimited at start
 KEY = "sha256:0123456789abcdef"

@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from zaiproxy import ledger as ledger_mod
-from zaiproxy.admission import (
+from zaiproxy.core.config import Config
+from zaiproxy.core.limitspec import Limits
+from zaiproxy.limits import ledger as ledger_mod
+from zaiproxy.limits.admission import (
     SC_ADAPTIVE_CEILING_MRPS,
     SC_ADAPTIVE_EPOCH,
     SC_ADAPTIVE_MRPS,
@@ -23,11 +25,9 @@ from zaiproxy.admission import (
     SC_ADJUST_DOWN,
     Admitter,
 )
-from zaiproxy.config import Config
-from zaiproxy.limits import Limits
-from zaiproxy.limits_report import adaptive_state
-from zaiproxy.ratecontrol import RateController, upstream_key_id
-from zaiproxy.worker import open_ledger
+from zaiproxy.limits.ratecontrol import RateController, upstream_key_id
+from zaiproxy.limits.report import adaptive_state
+from zaiproxy.run.worker import open_ledger
 
 WALL = 1_700_000_000.0
 KEY = "upstream-secret-key-0123456789"

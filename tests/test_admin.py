@@ -11,10 +11,10 @@ import pytest
 import trio
 
 from tests.harness import RawClient, make_config, request, start_mock, start_proxy
-from zaiproxy import admin
-from zaiproxy.errors import BadRequest
-from zaiproxy.ratecontrol import RateController
-from zaiproxy.sse import SSEParser
+from zaiproxy.core.errors import BadRequest
+from zaiproxy.http.sse import SSEParser
+from zaiproxy.limits.ratecontrol import RateController
+from zaiproxy.request import admin
 
 TOKEN = "adm-secret-xyz"
 AUTH = [("authorization", f"Bearer {TOKEN}")]
@@ -392,8 +392,8 @@ async def test_events_drops_a_consumer_that_does_not_read(nursery, upstream):
     # nothing, so the first event's flush blocks and the stream must be dropped, not waited on.
     from trio.testing import lockstep_stream_pair
 
-    from zaiproxy.http11 import h11 as proxy_h11
-    from zaiproxy.server import ClientConnection
+    from zaiproxy.http.http11 import h11 as proxy_h11
+    from zaiproxy.request.server import ClientConnection
 
     proxy = await start_proxy(nursery, make_config(upstream))
     ctx = proxy.worker.ctx

@@ -24,9 +24,9 @@ from tests.harness import (
     start_process,
     upstream_env,
 )
-from zaiproxy.admin_access import is_loopback, security_warnings
-from zaiproxy.server import ClientConnection
-from zaiproxy.worker import build_context
+from zaiproxy.request.admin_access import is_loopback, security_warnings
+from zaiproxy.request.server import ClientConnection
+from zaiproxy.run.worker import build_context
 
 TOKEN = "admin-token-0123456789"
 

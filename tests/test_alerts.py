@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from zaiproxy.ledger import load
-from zaiproxy.metrics import QuotaUse, WorkerMetrics
+from zaiproxy.limits.ledger import load
+from zaiproxy.observe.metrics import QuotaUse, WorkerMetrics
 
 REPO = Path(__file__).resolve().parent.parent
 RULE = REPO / "k8s" / "base" / "prometheusrule.yaml"

@@ -204,7 +204,7 @@ async def test_config_limits_are_the_ones_used(nursery):
 
 
 async def test_malformed_request_is_logged_with_its_status(proxy, log_buffer):
-    from zaiproxy import logs
+    from zaiproxy.core import logs
 
     await send_raw(proxy.port, b"GARBAGE\r\n\r\n", read_timeout=2)
     logs.get_logger().flush()

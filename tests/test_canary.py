@@ -26,8 +26,8 @@ import duckdb
 import pytest
 
 from tests.test_metrics import IMPLEMENTATIONS, Host, rec, scrape
-from zaiproxy import snapshot
-from zaiproxy.canary import (
+from zaiproxy.cli import build_parser
+from zaiproxy.fleet.canary import (
     EXIT_PROMOTE,
     EXIT_ROLL_BACK,
     EXIT_WAIT,
@@ -40,7 +40,7 @@ from zaiproxy.canary import (
     run,
     thresholds_of,
 )
-from zaiproxy.canary_sources import (
+from zaiproxy.fleet.canary_sources import (
     ProxyAnswer,
     SourceError,
     Window,
@@ -50,10 +50,10 @@ from zaiproxy.canary_sources import (
     prometheus_queries,
     proxy_variant,
 )
-from zaiproxy.cli import build_parser
-from zaiproxy.collector_store import _SCHEMA, Store, row_of
-from zaiproxy.snapshot import Counts, Rates
-from zaiproxy.usage import Usage
+from zaiproxy.fleet.collector_store import _SCHEMA, Store, row_of
+from zaiproxy.observe import snapshot
+from zaiproxy.observe.snapshot import Counts, Rates
+from zaiproxy.request.usage import Usage
 
 T = Thresholds()
 PROD = Window(requests=1000, ok=990, server_errors=10, rate_limited=20, usage_missing=0,

@@ -20,10 +20,10 @@ import trio
 import trio.testing
 
 from tests.harness import REPO, UPSTREAM_KEY, ProcessServer, RawClient, start_process, wait_until
-from zaiproxy import snapshot
-from zaiproxy.collector import Collector, CollectorOptions, EventHub, Target, parse_duration
-from zaiproxy.collector_store import Store, row_of
-from zaiproxy.snapshot import Counts, Histogram, Rates
+from zaiproxy.fleet.collector import Collector, CollectorOptions, EventHub, Target, parse_duration
+from zaiproxy.fleet.collector_store import Store, row_of
+from zaiproxy.observe import snapshot
+from zaiproxy.observe.snapshot import Counts, Histogram, Rates
 
 TOKEN = "collector-admin-token"
 AUTH = [("authorization", f"Bearer {TOKEN}")]

@@ -1,4 +1,4 @@
-"""zaiproxy.config: layering, validation messages, secrets, rendering.
+"""zaiproxy.core.config: layering, validation messages, secrets, rendering.
 
 Every test passes ``env=`` explicitly so the real environment never leaks in.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 import certifi
 import pytest
 
-from zaiproxy.config import Config, ConfigError, load_config, render_check
-from zaiproxy.limits import Limits
+from zaiproxy.core.config import Config, ConfigError, load_config, render_check
+from zaiproxy.core.limitspec import Limits
 
 SECRET = "sk-live-0123456789abcdef"
 DEMO = {"ZAIPROXY_DEMO": "1"}

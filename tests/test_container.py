@@ -28,7 +28,7 @@ from packaging.requirements import Requirement
 
 from tests.harness import REPO, start_process
 from zaiproxy import __version__
-from zaiproxy.config import ConfigError, load_config
+from zaiproxy.core.config import ConfigError, load_config
 
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -337,7 +337,7 @@ def test_wheel_built_like_the_image_installs_and_runs(dockerfile, tmp_path):
         assert "zaiproxy = zaiproxy.cli:main" in whl.read(entry_points).decode()
     assert [n for n in names if re.fullmatch(r"_native/_ledger\..*\.so", n)], names
     assert {"tui/tui.tcss", "_native/_ledger.pyi", "_native/py.typed", "zaiproxy/cli.py",
-            "zaiproxy/mock/server.py", "zaiproxy/recorder/__init__.py"} <= set(names)
+            "zaiproxy/mock/server.py", "zaiproxy/observe/recorder/__init__.py"} <= set(names)
     assert not [n for n in names if n.startswith("tests/")]
 
     # A fresh venv that sees the project's dependencies through a .pth file (no index, no

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import make_config, request, start_mock, start_proxy
 from zaiproxy import __version__
-from zaiproxy.context import STATE_DRAINING, STATE_RUNNING, STATE_STARTING, SharedState
+from zaiproxy.request.context import STATE_DRAINING, STATE_RUNNING, STATE_STARTING, SharedState
 
 
 @pytest.fixture

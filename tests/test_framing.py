@@ -5,7 +5,7 @@ from __future__ import annotations
 import h11
 import pytest
 
-from zaiproxy import framing
+from zaiproxy.http import framing
 
 OK = None
 CASES: list[tuple[bytes, str | None]] = [

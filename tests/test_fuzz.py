@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from tests.harness import make_config, request, send_raw, start_mock, start_proxy
-from zaiproxy import logs
+from zaiproxy.core import logs
 
 BODY = orjson.dumps({"model": "glm-4.6", "stream": True,
                      "messages": [{"role": "user", "content": "hi"}]})

@@ -1,7 +1,7 @@
 """h11 and h11-mypyc, side by side: same input, same events, same bytes, same errors.
 
 The proxy can run on h11-mypyc instead of h11 (``ZAIPROXY_HTTP_IMPL=h11-mypyc``, see
-zaiproxy/http11.py). That is only offered as a speed-up if both behave identically, so
+zaiproxy/http/http11.py). That is only offered as a speed-up if both behave identically, so
 every test here drives the two implementations with the same input and compares
 normalised plain data:
 
@@ -45,7 +45,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import zaiproxy
-from zaiproxy import framing, http11
+from zaiproxy.http import framing, http11
 
 IMPLS: tuple[ModuleType, ModuleType] = (h11, h11_mypyc)
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow],
@@ -1009,7 +1009,7 @@ DIFFERENCES = {
     "receive-data-bytes-like": "Connection.receive_data(bytearray(...)) or (memoryview(...)) "
     "works in h11 and raises TypeError('bytes object expected; got bytearray') in "
     "h11-mypyc (the compiled receive_data(self, data: bytes) checks its argument). zaiproxy's "
-    "server.py and upstream.py therefore feed it through zaiproxy.http11.as_bytes (the "
+    "server.py and upstream.py therefore feed it through zaiproxy.http.http11.as_bytes (the "
     "streams used today, FastSocketStream and trio.SSLStream, return bytes already; "
     "trio.testing memory streams return bytearray).",
     "sentinel-repr": "h11's Sentinel metaclass reprs a state as 'IDLE'; h11-mypyc's plain "
@@ -1052,7 +1052,7 @@ def test_api_detail_same(name: str) -> None:
 
 def test_as_bytes_makes_any_bytes_like_acceptable_to_both() -> None:
     """The guard the proxy feeds reads through (see DIFFERENCES["receive-data-bytes-like"])."""
-    from zaiproxy.http11 import as_bytes
+    from zaiproxy.http.http11 import as_bytes
 
     raw = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
     assert as_bytes(raw) is raw  # the common case costs no copy
@@ -1065,7 +1065,7 @@ def test_as_bytes_makes_any_bytes_like_acceptable_to_both() -> None:
 
 
 # ---- the proxy's framing guard sees the same request whichever parser ran ---------------
-# h11 accepts several ambiguous framings (zaiproxy/framing.py); the proxy refuses them from
+# h11 accepts several ambiguous framings (zaiproxy/http/framing.py); the proxy refuses them from
 # the raw head and the parsed headers. Both implementations must hand the guard the same
 # parsed request, so its verdict cannot depend on ZAIPROXY_HTTP_IMPL.
 

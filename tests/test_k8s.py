@@ -26,9 +26,9 @@ import pytest
 import yaml
 
 from tests.harness import REPO
-from zaiproxy.admin_access import is_loopback, security_warnings
 from zaiproxy.cli import build_parser
-from zaiproxy.config import Config, ConfigError, load_config
+from zaiproxy.core.config import Config, ConfigError, load_config
+from zaiproxy.request.admin_access import is_loopback, security_warnings
 
 K8S = REPO / "k8s"
 OVERLAYS = ("production", "canary")

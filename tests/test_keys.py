@@ -1,4 +1,4 @@
-"""zaiproxy.keys: the client keys file, lookup by digest, and the credential headers."""
+"""zaiproxy.limits.keys: the client keys file, lookup by digest, and the credential headers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from zaiproxy.config import ConfigError
-from zaiproxy.keys import (
+from zaiproxy.core.config import ConfigError
+from zaiproxy.core.limitspec import Limits
+from zaiproxy.limits.keys import (
     ClientKey,
     KeysFileError,
     KeyTable,
@@ -18,7 +19,6 @@ from zaiproxy.keys import (
     key_digest,
     load_keys,
 )
-from zaiproxy.limits import Limits
 
 ALICE = "zp-live-alice-0123456789abcdef"
 BOB = "zp-live-bob-fedcba9876543210"

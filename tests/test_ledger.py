@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from _native import _ledger_py
-from zaiproxy.ledger import LedgerUnavailable, load
+from zaiproxy.limits.ledger import LedgerUnavailable, load
 
 IMPLEMENTATIONS = ["native", "python"]
 MIN = 60_000_000_000  # one minute in ns

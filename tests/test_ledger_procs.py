@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from zaiproxy.ledger import load
+from zaiproxy.limits.ledger import load
 
 CTX = multiprocessing.get_context("spawn")  # never fork: spawn, as the supervisor does
 PROCS = 4

@@ -17,9 +17,9 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import RawClient, make_config, request, start_mock, start_proxy, wait_until
-from zaiproxy.admission import SC_ADAPTIVE_MRPS, SC_ADAPTIVE_RESET
-from zaiproxy.context import TOK_INPUT, TOK_OUTPUT, TOK_REQUESTS
-from zaiproxy.tokens import estimate_anthropic, estimate_openai
+from zaiproxy.limits.admission import SC_ADAPTIVE_MRPS, SC_ADAPTIVE_RESET
+from zaiproxy.request.context import TOK_INPUT, TOK_OUTPUT, TOK_REQUESTS
+from zaiproxy.request.tokens import estimate_anthropic, estimate_openai
 
 JSON = ("content-type", "application/json")
 CHAT = {"model": "glm-4.6", "messages": [{"role": "user", "content": "hello there"}]}

@@ -1,4 +1,4 @@
-"""zaiproxy.logs: JSON lines, level filtering, redaction, bounded queue, flush.
+"""zaiproxy.core.logs: JSON lines, level filtering, redaction, bounded queue, flush.
 
 The writer is a real thread; tests synchronise with it through flush() and threading.Event,
 never with sleeps.
@@ -17,8 +17,8 @@ import h11
 import orjson
 import pytest
 
-from zaiproxy import logs
-from zaiproxy.logs import Logger, configure, get_logger
+from zaiproxy.core import logs
+from zaiproxy.core.logs import Logger, configure, get_logger
 
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 

@@ -24,17 +24,17 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import UPSTREAM_KEY, ProcessServer, RawClient, request, start_process
-from zaiproxy.ledger import load
-from zaiproxy.metrics import DURATION, REQUEST_SIZE, REQUESTS, RecorderCells, WorkerMetrics
-from zaiproxy.pricing import (
+from zaiproxy.core.pricing import (
     DEFAULT_PRICES,
     PriceFileError,
     load_prices,
     parse_prices,
 )
-from zaiproxy.record import RequestRecord
-from zaiproxy.shm_metrics import KEY_MAX, SLOT_BYTES, NamesFile, names_offset
-from zaiproxy.usage import Usage
+from zaiproxy.core.record import RequestRecord
+from zaiproxy.limits.ledger import load
+from zaiproxy.observe.metrics import DURATION, REQUEST_SIZE, REQUESTS, RecorderCells, WorkerMetrics
+from zaiproxy.observe.shm_metrics import KEY_MAX, SLOT_BYTES, NamesFile, names_offset
+from zaiproxy.request.usage import Usage
 
 IMPLEMENTATIONS = ["native", "python"]
 # 2026-11-27 04:00 UTC = 12:00 in Beijing: outside the default 14:00-18:00 peak window.
@@ -814,7 +814,7 @@ async def test_client_chosen_paths_and_models_add_no_series(proxy: ProcessServer
 # ---- zai_proxy_quota_used_ratio: the configured rolling windows, through a real worker -----
 
 from tests.harness import make_config, start_mock, start_proxy  # noqa: E402
-from zaiproxy.metrics import QuotaUse  # noqa: E402
+from zaiproxy.observe.metrics import QuotaUse  # noqa: E402
 
 JSON_HEADERS = [("content-type", "application/json")]
 CHAT = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})

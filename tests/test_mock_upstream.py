@@ -35,6 +35,8 @@ import trio
 import trio.testing
 import trustme
 
+from zaiproxy.http.netstream import FastSocketStream
+from zaiproxy.http.sse import SSEEvent, SSEParser
 from zaiproxy.mock.behaviour import (
     Fault,
     MockOptions,
@@ -49,8 +51,6 @@ from zaiproxy.mock.payloads import GLM_MODELS, ZAI_MESSAGES, embedding_vector, p
 from zaiproxy.mock.server import ScheduleCache, serve_mock_tcp
 from zaiproxy.mock.stats import BoundedCounter, MockStats
 from zaiproxy.mock.wire import Ending, Write, build_schedule, render_response
-from zaiproxy.netstream import FastSocketStream
-from zaiproxy.sse import SSEEvent, SSEParser
 
 Address = tuple[str, int]
 CHAT = b"/v1/chat/completions"

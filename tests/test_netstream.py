@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from zaiproxy.netstream import FAIR_EVERY, FastSocketStream
+from zaiproxy.http.netstream import FAIR_EVERY, FastSocketStream
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:

@@ -20,16 +20,16 @@ import orjson
 import pytest
 import trio
 
-from zaiproxy.record import RequestRecord
-from zaiproxy.recorder import wire
-from zaiproxy.recorder.queries import (
+from zaiproxy.core.record import RequestRecord
+from zaiproxy.observe.recorder import wire
+from zaiproxy.observe.recorder.queries import (
     QueryError,
     export_parquet,
     history_series,
     history_summary,
     parse_duration,
 )
-from zaiproxy.recorder.schema import (
+from zaiproxy.observe.recorder.schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
     Migration,
@@ -37,10 +37,10 @@ from zaiproxy.recorder.schema import (
     current_version,
     migrate,
 )
-from zaiproxy.recorder.service import Recorder
-from zaiproxy.recorder.sink import RecordSink
-from zaiproxy.recorder.store import DAY, HistoryStore, db_row
-from zaiproxy.usage import Usage
+from zaiproxy.observe.recorder.service import Recorder
+from zaiproxy.observe.recorder.sink import RecordSink
+from zaiproxy.observe.recorder.store import DAY, HistoryStore, db_row
+from zaiproxy.request.usage import Usage
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z: a minute boundary (T0 % 60 == 0)
 
@@ -111,14 +111,14 @@ def test_wire_rejects_what_is_not_a_batch(data: bytes) -> None:
 
 
 def test_db_row_maps_every_column() -> None:
-    from zaiproxy.pricing import DEFAULT_PRICES
+    from zaiproxy.core.pricing import DEFAULT_PRICES
 
     r = record(1, error="boom", zai_retries=1, zai_class="overload", zai_code="1305",
                tokens_estimated=True, prompt_estimate=9, retried=True, stream=True,
                ttft_s=0.02, upstream_s=0.08, queue_wait_s=0.005, token_count_s=0.001,
                usage=Usage(1000, 2000, 300, 0))
     row = db_row("canary", 2, list(wire.row_of(r, T0)), DEFAULT_PRICES)
-    from zaiproxy.recorder.schema import REQUESTS_COLUMNS
+    from zaiproxy.observe.recorder.schema import REQUESTS_COLUMNS
 
     named = dict(zip([c for c, _ in REQUESTS_COLUMNS], row, strict=True))
     assert named == {
@@ -144,7 +144,7 @@ def test_db_row_maps_every_column() -> None:
 
 
 def test_db_row_rejects_wrong_types() -> None:
-    from zaiproxy.recorder.store import BadRow
+    from zaiproxy.observe.recorder.store import BadRow
 
     good = list(wire.row_of(record(), T0))
     for index, bad in ((0, "yesterday"), (4, "200"), (5, "fast"), (8, 42), (9, "yes")):
@@ -201,7 +201,7 @@ def test_sink_drops_and_counts_when_nobody_reads(log_buffer: Any) -> None:
             dropped_seen.append(batch.dropped_total)
         assert got == sink.sent
         assert dropped_seen == sorted(dropped_seen)  # the running count rides along
-    from zaiproxy import logs
+    from zaiproxy.core import logs
 
     logs.get_logger().flush()
     lines = [orjson.loads(line) for line in log_buffer.getvalue().splitlines()]
@@ -645,8 +645,8 @@ def test_parse_duration_rejects(text: str) -> None:
 
 
 def test_cli_group_names_match_the_queries() -> None:
-    from zaiproxy.recorder.cli import GROUP_NAMES
-    from zaiproxy.recorder.queries import GROUPS
+    from zaiproxy.observe.recorder.cli import GROUP_NAMES
+    from zaiproxy.observe.recorder.queries import GROUPS
 
     assert tuple(GROUPS) == GROUP_NAMES
 
@@ -655,7 +655,7 @@ def test_cli_group_names_match_the_queries() -> None:
 
 
 def events(log_buffer: Any, name: str) -> list[dict[str, Any]]:
-    from zaiproxy import logs
+    from zaiproxy.core import logs
 
     logs.get_logger().flush()
     return [x for x in (orjson.loads(line) for line in log_buffer.getvalue().splitlines())
@@ -801,7 +801,7 @@ async def test_the_channel_is_read_until_the_stop_marker(tmp_path: Path) -> None
 
 
 async def test_endpoint_routes_auth_and_errors(tmp_path: Path) -> None:
-    from zaiproxy.recorder.endpoint import PARQUET, answer, serve_endpoint
+    from zaiproxy.observe.recorder.endpoint import PARQUET, answer, serve_endpoint
 
     rec = Recorder(str(tmp_path / "h.duckdb"), variant="production", wall=lambda: T0 + 120)
     rec.ingest(datagram([wire.row_of(record(i), T0 + i) for i in range(3)]))
@@ -835,7 +835,7 @@ async def test_endpoint_routes_auth_and_errors(tmp_path: Path) -> None:
     assert status == 503 and doc["error"].startswith("history unavailable: IOException")
 
     # And over a real socket, with the blocking client the CLI uses.
-    from zaiproxy.recorder.endpoint import EndpointError, fetch
+    from zaiproxy.observe.recorder.endpoint import EndpointError, fetch
 
     rec2 = Recorder(str(tmp_path / "h.duckdb"), variant="production", wall=lambda: T0 + 120)
     async with trio.open_nursery() as nursery:
@@ -852,8 +852,8 @@ async def test_endpoint_routes_auth_and_errors(tmp_path: Path) -> None:
 
 async def test_the_recorder_publishes_its_backlog_and_losses_to_the_metric_cells(
         tmp_path: Path) -> None:
-    from zaiproxy.ledger import load
-    from zaiproxy.metrics import REC_DROPPED, REC_QUEUE, RECORDER_KEY, RecorderCells
+    from zaiproxy.limits.ledger import load
+    from zaiproxy.observe.metrics import REC_DROPPED, REC_QUEUE, RECORDER_KEY, RecorderCells
 
     impl = load("python")
     segment = impl.Ledger(f"/dev/shm/zaiproxy-test-rec-{os.getpid()}", create=True, rows=64,

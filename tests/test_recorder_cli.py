@@ -14,11 +14,11 @@ import pytest
 
 from tests.harness import REPO
 from zaiproxy.cli import build_parser
-from zaiproxy.record import RequestRecord
-from zaiproxy.recorder import cli, wire
-from zaiproxy.recorder.process import endpoint_file
-from zaiproxy.recorder.store import HistoryStore, db_row
-from zaiproxy.usage import Usage
+from zaiproxy.core.record import RequestRecord
+from zaiproxy.observe.recorder import cli, wire
+from zaiproxy.observe.recorder.process import endpoint_file
+from zaiproxy.observe.recorder.store import HistoryStore, db_row
+from zaiproxy.request.usage import Usage
 
 
 class Text:
@@ -136,7 +136,7 @@ def test_the_real_command(path: str) -> None:
 
 
 def test_requests_that_never_became_rows_are_said(tmp_path: Path) -> None:
-    from zaiproxy.recorder.sequence import Chunk
+    from zaiproxy.observe.recorder.sequence import Chunk
 
     p = str(tmp_path / "h.duckdb")
     store = HistoryStore.open(p, run="r")
@@ -156,7 +156,7 @@ def test_requests_that_never_became_rows_are_said(tmp_path: Path) -> None:
 
 
 def test_a_file_of_schema_v1_is_read_as_it_is(tmp_path: Path) -> None:
-    from zaiproxy.recorder.schema import MIGRATIONS, current_version, migrate
+    from zaiproxy.observe.recorder.schema import MIGRATIONS, current_version, migrate
 
     p = str(tmp_path / "h.duckdb")
     con = duckdb.connect(p)

@@ -38,11 +38,11 @@ from tests.test_recorder_procs import (
     recorder_url,
     stop,
 )
-from zaiproxy.recorder import wire
-from zaiproxy.recorder.sequence import Chunk, Progress, account, settle
-from zaiproxy.recorder.service import Recorder
-from zaiproxy.recorder.sink import RecordSink
-from zaiproxy.recorder.store import HistoryStore, db_row
+from zaiproxy.observe.recorder import wire
+from zaiproxy.observe.recorder.sequence import Chunk, Progress, account, settle
+from zaiproxy.observe.recorder.service import Recorder
+from zaiproxy.observe.recorder.sink import RecordSink
+from zaiproxy.observe.recorder.store import HistoryStore, db_row
 
 CHAT = "/v1/chat/completions"
 
@@ -301,8 +301,8 @@ async def test_killed_holding_unwritten_datagrams_loses_nothing(tmp_path: Path,
 
 async def test_killed_holding_rows_in_memory_counts_them_exactly_once(
         tmp_path: Path, channel: Any, log_buffer: Any) -> None:
-    from zaiproxy.ledger import load
-    from zaiproxy.metrics import REC_LOST, RECORDER_KEY, RecorderCells
+    from zaiproxy.limits.ledger import load
+    from zaiproxy.observe.metrics import REC_LOST, RECORDER_KEY, RecorderCells
 
     recv, _send, sink = channel
     path = tmp_path / "h.duckdb"
@@ -443,8 +443,8 @@ def test_a_new_run_forgets_the_old_runs_progress(tmp_path: Path) -> None:
 def test_the_lost_counter_is_exposed(tmp_path: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from zaiproxy.ledger import load
-    from zaiproxy.metrics import RecorderCells, WorkerMetrics
+    from zaiproxy.limits.ledger import load
+    from zaiproxy.observe.metrics import RecorderCells, WorkerMetrics
 
     impl = load("python")
     segment = impl.Ledger(f"/dev/shm/zaiproxy-test-lost-{os.getpid()}", create=True, rows=64,
@@ -637,7 +637,7 @@ async def test_sigkill_with_duckdb_down_counts_every_lost_row(
 
 
 def _fetch_summary(history: Path) -> bytes:
-    from zaiproxy.recorder.endpoint import fetch
+    from zaiproxy.observe.recorder.endpoint import fetch
 
     url = recorder_url(history)
     assert url is not None

@@ -26,8 +26,8 @@ from tests.harness import (
     start_process,
     wait_until,
 )
-from zaiproxy.recorder.endpoint import fetch
-from zaiproxy.recorder.process import endpoint_file
+from zaiproxy.observe.recorder.endpoint import fetch
+from zaiproxy.observe.recorder.process import endpoint_file
 
 BODY = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
 STREAM_BODY = orjson.dumps({"model": "glm-4.6", "stream": True,
@@ -138,7 +138,7 @@ async def test_every_request_is_a_row_and_the_cli_asks_the_running_recorder(
                 await trio.sleep(0.05)
         # The CLI while the proxy runs: it cannot open the file, so it asks the recorder.
         from zaiproxy.cli import build_parser
-        from zaiproxy.recorder import cli
+        from zaiproxy.observe.recorder import cli
 
         out, err = _Text(), _Text()
         ns = build_parser().parse_args(["history", "--path", str(history), "--json",

@@ -98,7 +98,7 @@ async def test_head_request_and_query_kept(stack):
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("route", [OPENAI, ANTHROPIC], ids=["openai", "anthropic"])
 async def test_usage_recorded_in_the_request_log(stack, log_buffer, stream, route):
-    from zaiproxy import logs
+    from zaiproxy.core import logs
 
     _, proxy = stack
     body = body_for(stream, route is ANTHROPIC)

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zaiproxy.errors import Api, BadRequest, MethodNotAllowed, NotFound
-from zaiproxy.forward import client_response_headers, upstream_request_headers
-from zaiproxy.routing import Control, Upstream, normalise_path, resolve
+from zaiproxy.core.errors import Api, BadRequest, MethodNotAllowed, NotFound
+from zaiproxy.request.routing import Control, Upstream, normalise_path, resolve
+from zaiproxy.upstream.forward import client_response_headers, upstream_request_headers
 
 ROUTES = [
     ("POST", "/v1/chat/completions", "/v1/chat/completions", Upstream.OPENAI, "/chat/completions", True),

@@ -16,9 +16,9 @@ import trio
 import trio.testing
 
 from tests.harness import make_config, request, start_mock, start_proxy
-from zaiproxy import framing
-from zaiproxy.server import ClientConnection
-from zaiproxy.worker import build_context
+from zaiproxy.http import framing
+from zaiproxy.request.server import ClientConnection
+from zaiproxy.run.worker import build_context
 
 SMUGGLED_MODELS = b"GET /v1/models/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 SMUGGLED_ADMIN = b"GET /admin/keys HTTP/1.1\r\nHost: x\r\n\r\n"

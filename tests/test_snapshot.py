@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from tests.harness import make_config, request, start_mock, start_proxy
-from zaiproxy import snapshot
-from zaiproxy.snapshot import Counts, Histogram, Rates, VariantSnapshot
+from zaiproxy.observe import snapshot
+from zaiproxy.observe.snapshot import Counts, Histogram, Rates, VariantSnapshot
 
 EXPOSITION = """\
 # HELP zai_proxy_build_info Build information.

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from zaiproxy.sockets import bind_reuseport
+from zaiproxy.run.sockets import bind_reuseport
 
 
 def test_group_shares_one_port() -> None:

@@ -1,4 +1,4 @@
-"""Tests for zaiproxy.sse: the event-stream parser and the streamed usage tracker.
+"""Tests for zaiproxy.http.sse: the event-stream parser and the streamed usage tracker.
 
 Parser cases are a table of bytes -> events. Each row is fed whole, one byte at
 a time and split in two at every point, because the relay feeds whatever chunks
@@ -16,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zaiproxy import tokens
+from zaiproxy.http.sse import SSEEvent, SSEParser
 from zaiproxy.mock import payloads
-from zaiproxy.sse import SSEEvent, SSEParser
-from zaiproxy.tokens import count_text
-from zaiproxy.usage import StreamUsage, Usage, UsageTracker, usage_from_body
-from zaiproxy.usage_rewrite import UsageChunkStripper, add_include_usage
+from zaiproxy.request import tokens
+from zaiproxy.request.tokens import count_text
+from zaiproxy.request.usage import StreamUsage, Usage, UsageTracker, usage_from_body
+from zaiproxy.request.usage_rewrite import UsageChunkStripper, add_include_usage
 
 E = SSEEvent
 

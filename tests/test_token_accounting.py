@@ -15,12 +15,12 @@ import orjson
 import pytest
 
 from tests.harness import make_config, request, start_mock, start_proxy
-from zaiproxy.context import TOK_INPUT, TOK_OUTPUT, TOK_REQUESTS
-from zaiproxy.logs import get_logger
+from zaiproxy.core.logs import get_logger
+from zaiproxy.http.sse import SSEParser
 from zaiproxy.mock.payloads import expected_text
-from zaiproxy.sse import SSEParser
-from zaiproxy.tokens import count_text, estimate_anthropic, estimate_openai
-from zaiproxy.usage_rewrite import add_include_usage
+from zaiproxy.request.context import TOK_INPUT, TOK_OUTPUT, TOK_REQUESTS
+from zaiproxy.request.tokens import count_text, estimate_anthropic, estimate_openai
+from zaiproxy.request.usage_rewrite import add_include_usage
 
 JSON = ("content-type", "application/json")
 CHAT = {"model": "glm-4.6", "stream": True,

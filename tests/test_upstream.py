@@ -260,7 +260,7 @@ async def test_sequential_requests_reuse_one_connection(nursery):
 
 
 def request_log(log_buffer) -> list[dict]:
-    from zaiproxy import logs
+    from zaiproxy.core import logs
 
     logs.get_logger().flush()
     return [e for e in map(orjson.loads, log_buffer.getvalue().splitlines())

@@ -1,4 +1,4 @@
-"""Z.AI 429 handling (zaiproxy.zai): a table of bodies -> ZaiError, waits and headers exactly.
+"""Z.AI 429 handling (zaiproxy.upstream.zai): a table of bodies -> ZaiError, waits and headers exactly.
 
 Epoch values are written out as numbers (checked with ``date -u -d``), not computed
 with the code under test: R = 2026-11-27T15:00:00Z = 23:00:00 in Beijing (UTC+8).
@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from zaiproxy.mock.payloads import ZAI_MESSAGES, zai_error
-from zaiproxy.zai import (
+from zaiproxy.upstream.zai import (
     MAX_BODY,
     ErrorClass,
     RetryPolicy,

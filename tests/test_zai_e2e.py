@@ -30,7 +30,7 @@ from tests.harness import (
     start_proxy,
     wait_until,
 )
-from zaiproxy.admission import (
+from zaiproxy.limits.admission import (
     SC_ADAPTIVE_EPOCH,
     W_THROTTLED_CONCURRENCY,
     W_THROTTLED_FREQUENCY,

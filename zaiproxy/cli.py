@@ -52,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_args(check)
 
     sub.add_parser("version", help="print the version and the ledger implementation")
-    from zaiproxy.recorder.cli import add_parser as add_history_parser
+    from zaiproxy.observe.recorder.cli import add_parser as add_history_parser
 
     add_history_parser(sub)
     _collect_parser(sub)
-    from zaiproxy.canary import add_parser as add_canary_parser
+    from zaiproxy.fleet.canary import add_parser as add_canary_parser
 
     add_canary_parser(sub)
     sub.add_parser("tui", add_help=False,
@@ -74,18 +74,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "mock-upstream":
         return _mock(ns)
     if ns.command == "history":
-        from zaiproxy.recorder.cli import run as history
+        from zaiproxy.observe.recorder.cli import run as history
 
         return history(ns)
     if ns.command == "collect":
-        from zaiproxy.collector import main as collect
+        from zaiproxy.fleet.collector import main as collect
 
         return collect(ns)
     if ns.command == "canary-check":
-        from zaiproxy.canary import run as canary_check
+        from zaiproxy.fleet.canary import run as canary_check
 
         return canary_check(ns)
-    from zaiproxy.config import ConfigError, load_config, render_check
+    from zaiproxy.core.config import ConfigError, load_config, render_check
 
     try:
         config, sources = load_config(_cli_overrides(ns), path=ns.config)
@@ -97,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not render_check(config, sources).endswith("\n"):
             sys.stdout.write("\n")
         return 0
-    from zaiproxy import logs
-    from zaiproxy.supervisor import Supervisor
+    from zaiproxy.core import logs
+    from zaiproxy.run.supervisor import Supervisor
 
     logs.configure(config.level, proc="supervisor")
     return Supervisor(config).run()
@@ -110,7 +110,7 @@ def _tui(args: list[str]) -> int:
 
 
 def _version() -> int:
-    from zaiproxy.ledger import LedgerUnavailable, load
+    from zaiproxy.limits.ledger import LedgerUnavailable, load
 
     try:
         impl = load().IMPLEMENTATION
@@ -137,7 +137,7 @@ def _mock(ns: argparse.Namespace) -> int:
 
 
 def _collect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``zaiproxy collect``: values stay strings here; zaiproxy/collector.py validates them
+    """``zaiproxy collect``: values stay strings here; zaiproxy/fleet/collector.py validates them
     (so the CLI does not import DuckDB for the other commands)."""
     p = sub.add_parser("collect", help="scrape many proxies into a DuckDB file; serve the admin API")
     p.add_argument("--target", action="append", required=True, metavar="URL",

@@ -47,8 +47,8 @@ from collections.abc import Sequence
 import trio
 from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule
 
+from zaiproxy.http.netstream import FastSocketStream
 from zaiproxy.mock.wire import Write
-from zaiproxy.netstream import FastSocketStream
 
 QUANTUM = 0.001  # seconds: the ticker wakes on this grid (never before a write is due)
 

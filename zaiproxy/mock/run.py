@@ -1,6 +1,6 @@
 """Process entry of the mock upstream: bind, serve in 1..N processes, announce.
 
-The parent binds one ``SO_REUSEPORT`` socket per worker (:mod:`zaiproxy.sockets`),
+The parent binds one ``SO_REUSEPORT`` socket per worker (:mod:`zaiproxy.run.sockets`),
 so the kernel spreads connections evenly and a client that connects before a
 worker is up waits in the accept queue instead of being refused. It prints one
 line, ``mock-upstream listening on http://HOST:PORT (N workers)``, which tests
@@ -40,7 +40,7 @@ import trio
 
 from zaiproxy.mock.behaviour import MockOptions
 from zaiproxy.mock.server import serve_mock
-from zaiproxy.sockets import bind_reuseport, format_addr, trio_listener
+from zaiproxy.run.sockets import bind_reuseport, format_addr, trio_listener
 
 STOP_TIMEOUT = 5.0  # seconds a child gets after SIGTERM before SIGKILL
 

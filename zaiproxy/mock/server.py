@@ -35,6 +35,7 @@ from collections.abc import Callable
 import h11
 import trio
 
+from zaiproxy.http.netstream import FastSocketStream
 from zaiproxy.mock import payloads
 from zaiproxy.mock.behaviour import (
     MockOptions,
@@ -48,8 +49,7 @@ from zaiproxy.mock.controls import ControlError, fail_key
 from zaiproxy.mock.pacer import Pacer, next_due
 from zaiproxy.mock.stats import STATS_PATH, STATS_RESET_PATH, MockState, MockStats, is_stats_path
 from zaiproxy.mock.wire import CONTINUE, Ending, Schedule, build_schedule
-from zaiproxy.netstream import FastSocketStream
-from zaiproxy.sockets import bind_reuseport, format_addr, trio_listener
+from zaiproxy.run.sockets import bind_reuseport, format_addr, trio_listener
 
 RECEIVE_SIZE = 65536
 # A graceful close waits this long for the peer's FIN, so that unread request

@@ -1,0 +1,1 @@
+"""The floor every wing stands on: errors, configuration, logs, the seam types."""

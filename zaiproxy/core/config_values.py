@@ -1,0 +1,278 @@
+"""Value parsers for the settings table in ``zaiproxy.core.config``.
+
+Each parser is a pure function ``(raw, arrived_as_text) -> value`` that raises
+:class:`Invalid` with a reason (never containing the value: the caller shows
+it, redacted when it may hold a secret). Text (env vars, CLI strings) is
+parsed; typed values (TOML, CLI ints/bools) must already have the right type.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import ssl
+from collections.abc import Callable
+from typing import Final
+from urllib.parse import urlsplit
+
+
+class Invalid(Exception):
+    """A raw value was rejected. The reason never contains the value (the caller shows it)."""
+
+    def __init__(self, reason: str, *, redact: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.redact = redact  # the value itself may hold a secret (URL user info)
+
+
+# (raw value, arrived as text?) -> stored value, or raise Invalid.
+Parser = Callable[[object, bool], object]
+
+
+def type_name(raw: object) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string"}.get(
+        type(raw), "table" if isinstance(raw, dict) else type(raw).__name__
+    )
+
+
+def string(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise Invalid(f"not a string (got {type_name(raw)})")
+    return raw
+
+
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+
+
+def integer(lo: int, hi: int) -> Parser:
+    def parse(raw: object, text: bool) -> int:
+        if text:
+            s = str(raw).strip()
+            if not _INT_RE.fullmatch(s):
+                raise Invalid("not an integer")
+            value = int(s)
+        elif isinstance(raw, int) and not isinstance(raw, bool):  # bool is an int subclass
+            value = raw
+        else:
+            raise Invalid(f"not an integer (got {type_name(raw)})")
+        if not lo <= value <= hi:
+            raise Invalid(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def seconds(raw: object, text: bool) -> float:
+    """A positive, finite number of seconds."""
+    if text:
+        try:
+            value = float(str(raw).strip())
+        except ValueError:
+            raise Invalid("not a number of seconds (write e.g. 30 or 2.5, without a unit)") from None
+    elif isinstance(raw, int | float) and not isinstance(raw, bool):
+        value = float(raw)
+    else:
+        raise Invalid(f"not a number (got {type_name(raw)})")
+    if not math.isfinite(value):
+        raise Invalid("must be a finite number")
+    if value <= 0:
+        raise Invalid("must be greater than 0")
+    return value
+
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def boolean(raw: object, text: bool) -> bool:
+    if text:
+        s = str(raw).strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+        raise Invalid("not a boolean (use 1/0, true/false, yes/no or on/off)")
+    if isinstance(raw, bool):
+        return raw
+    raise Invalid(f"not a boolean (got {type_name(raw)}; write true or false without quotes)")
+
+
+# K/M/G are binary, as in nginx's client_max_body_size; KB/MB/GB are SI; KiB/MiB/GiB are binary.
+_SIZE_RE = re.compile(r"([0-9]+)\s*([kmg](?:i?b)?)?", re.IGNORECASE)
+_SIZE_UNITS: Final = {
+    "": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+}  # fmt: skip
+
+
+def human_size(n: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} bytes"
+
+
+def size(lo: int, hi: int | None) -> Parser:
+    def parse(raw: object, text: bool) -> int:
+        # Strings are sizes in both env and TOML (`max_body_bytes = "32MiB"`), so `text` is moot.
+        if isinstance(raw, str):
+            m = _SIZE_RE.fullmatch(raw.strip())
+            if m is None:
+                raise Invalid(
+                    "not a size (an integer with an optional K, KB, KiB, M, MB, MiB, G, GB "
+                    "or GiB suffix)"
+                )
+            value = int(m[1]) * _SIZE_UNITS[(m[2] or "").lower()]
+        elif isinstance(raw, int) and not isinstance(raw, bool):
+            value = raw
+        else:
+            raise Invalid(f"not a size (got {type_name(raw)})")
+        if hi is None and value < lo:
+            raise Invalid(f"must be at least {human_size(lo)}")
+        if hi is not None and not lo <= value <= hi:
+            raise Invalid(f"must be between {human_size(lo)} and {human_size(hi)}")
+        return value
+
+    return parse
+
+
+def choice(*options: str) -> Parser:
+    def parse(raw: object, text: bool) -> str:
+        value = string(raw).strip().lower()
+        if value not in options:
+            raise Invalid(f"must be one of: {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def host(raw: object, text: bool) -> str:
+    s = string(raw)
+    if s.startswith("[") and s.endswith("]"):  # "[::1]" as written in URLs; getaddrinfo wants ::1
+        s = s[1:-1]
+    if not s or any(c.isspace() or not c.isprintable() for c in s):
+        raise Invalid("must be a host name or IP address (non-empty, no whitespace)")
+    return s
+
+
+# The variant is a label value on every metric series: bounded and Prometheus-friendly.
+_VARIANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def variant(raw: object, text: bool) -> str:
+    s = string(raw)
+    if not _VARIANT_RE.fullmatch(s):
+        raise Invalid(
+            "must match ^[a-z0-9][a-z0-9_-]{0,31}$ (it is a metric label value: lower case, "
+            "digits, '_' or '-', at most 32 characters)"
+        )
+    return s
+
+
+def url(raw: object, text: bool) -> str:
+    s = string(raw)
+    if not s or any(c.isspace() or not c.isprintable() for c in s):
+        raise Invalid("must be a URL without whitespace or control characters")
+    try:
+        parts = urlsplit(s)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise Invalid(f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise Invalid("scheme must be http or https")
+    if not parts.hostname:
+        raise Invalid("has no host")
+    if "@" in parts.netloc:
+        # user:password@ could hold a credential, so the value is not echoed back.
+        raise Invalid("must not contain user info (user:password@)", redact=True)
+    if "#" in s:
+        raise Invalid("must not contain a fragment ('#...')")
+    if "?" in s:
+        raise Invalid("must not contain a query string ('?...')")
+    return s.rstrip("/")
+
+
+def ca_file(raw: object, text: bool) -> str:
+    path = os.path.expanduser(string(raw))
+    if not path:
+        raise Invalid("empty path")
+    if not os.path.isfile(path):
+        raise Invalid("not an existing file")
+    if not os.access(path, os.R_OK):
+        raise Invalid("file is not readable")
+    # Load it the way the upstream client will, so a non-PEM file fails here, not on the first
+    # request to the private upstream.
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError) as exc:
+        raise Invalid(f"not a PEM CA bundle ({exc})") from None
+    return path
+
+
+def secret(raw: object, text: bool) -> str:
+    s = string(raw)
+    if not s:
+        raise Invalid("empty")
+    if any(c.isspace() or not c.isprintable() for c in s):
+        # Most often a trailing newline from a mounted secret file.
+        raise Invalid("contains whitespace or control characters")
+    return s
+
+
+def seconds_or_zero(raw: object, text: bool) -> float:
+    """A finite number of seconds >= 0 (0 switches the feature off)."""
+    if (text and str(raw).strip() in ("0", "0.0")) or (not text and raw == 0 and type(raw) is not bool):
+        return 0.0
+    return seconds(raw, text)
+
+
+def number(lo: float, hi: float) -> Parser:
+    """A finite number in [lo, hi] (ints accepted)."""
+
+    def parse(raw: object, text: bool) -> float:
+        if text:
+            try:
+                value = float(str(raw).strip())
+            except ValueError:
+                raise Invalid("not a number") from None
+        elif isinstance(raw, int | float) and not isinstance(raw, bool):
+            value = float(raw)
+        else:
+            raise Invalid(f"not a number (got {type_name(raw)})")
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise Invalid(f"must be between {lo:g} and {hi:g}")
+        return value
+
+    return parse
+
+
+def file_path(must_exist: bool) -> Parser:
+    def parse(raw: object, text: bool) -> str:
+        path = os.path.expanduser(string(raw))
+        if not path or any(c in path for c in "\0\n"):
+            raise Invalid("not a usable path")
+        if must_exist and not os.path.isfile(path):
+            raise Invalid("not an existing file")
+        return path
+
+    return parse
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+
+
+def name_list(raw: object, text: bool) -> tuple[str, ...]:
+    """A list of names: comma-separated text, or a TOML array of strings."""
+    if isinstance(raw, str):
+        items = [s.strip() for s in raw.split(",") if s.strip()]
+    elif isinstance(raw, list) and all(isinstance(s, str) for s in raw):
+        items = [s.strip() for s in raw]
+    else:
+        raise Invalid(f"not a list of names (got {type_name(raw)})")
+    for item in items:
+        if not _NAME_RE.fullmatch(item):
+            raise Invalid("names must match ^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    return tuple(dict.fromkeys(items))

@@ -1,0 +1,87 @@
+"""The one plain record the hot path emits per finished request.
+
+Sinks consume it: the access log line today, the metrics and the DuckDB
+recorder later (vLLM's v1 metrics pattern: the request path builds one record,
+it does not call each sink with its own arguments). Frozen, slotted, plain
+values only, so it can cross a process boundary to the recorder unchanged.
+Never holds a key or a raw path: ``route`` is the route template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zaiproxy.request.usage import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    request_id: str
+    method: str
+    route: str  # the route template, never the raw path (bounded: safe for labels)
+    status: int  # what the client got; 499 when it left before a response
+    duration_s: float
+    bytes_in: int
+    client: str
+    model: str | None = None  # as the client sent it, truncated to 128 characters
+    stream: bool | None = None
+    upstream_status: int | None = None
+    upstream_ttfb_s: float | None = None
+    bytes_out: int | None = None
+    result: str | None = None  # ok | client_disconnected | upstream_cut | ...; None if not proxied
+    retried: bool = False  # a stale pooled connection was replaced once
+    usage: Usage | None = None
+    error: str | None = None  # the proxy's own error message, if it answered with one
+    key_alias: str | None = None  # the client key's alias (never the key); None in open mode
+    tokens_estimated: bool = False  # usage counted by the proxy (upstream sent none)
+    prompt_estimate: int | None = None  # the proxy's tiktoken estimate of the prompt
+    zai_retries: int = 0  # Z.AI 429s retried by the proxy
+    zai_class: str | None = None  # class of the last Z.AI 429 seen
+    zai_code: str | None = None
+    # Timings for /metrics; None = not measured for this request (not in the access log yet).
+    ttft_s: float | None = None  # request start -> first response body byte relayed
+    upstream_s: float | None = None  # request sent upstream -> its response ended
+    queue_wait_s: float | None = None  # waited in the admission queue (0.0: admitted at once)
+    token_count_s: float | None = None  # spent estimating the prompt's tokens (tiktoken)
+
+    def log_fields(self) -> dict[str, object]:
+        """The access-log line's fields (absent values left out)."""
+        fields: dict[str, object] = {
+            "request_id": self.request_id,
+            "method": self.method,
+            "route": self.route,
+            "status": self.status,
+            "duration_ms": round(self.duration_s * 1000, 3),
+            "bytes_in": self.bytes_in,
+            "client": self.client,
+        }
+        if self.model is not None:
+            fields["model"] = self.model
+        if self.stream is not None:
+            fields["stream"] = self.stream
+        if self.result is not None:
+            fields["upstream_status"] = self.upstream_status
+            fields["bytes_out"] = self.bytes_out
+            fields["result"] = self.result
+        if self.upstream_ttfb_s is not None:
+            fields["upstream_ttfb_ms"] = round(self.upstream_ttfb_s * 1000, 3)
+        if self.retried:
+            fields["retried_stale_connection"] = True
+        if self.usage is not None:
+            u = self.usage
+            fields["usage"] = {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+                               "cache_read_tokens": u.cache_read_tokens,
+                               "cache_write_tokens": u.cache_write_tokens}
+            if self.tokens_estimated:
+                fields["usage"]["estimated"] = True  # type: ignore[index]
+        if self.prompt_estimate is not None:
+            fields["prompt_estimate"] = self.prompt_estimate
+        if self.key_alias is not None:
+            fields["key"] = self.key_alias
+        if self.zai_class is not None:
+            fields["zai_class"] = self.zai_class
+            fields["zai_code"] = self.zai_code
+            fields["zai_retries"] = self.zai_retries
+        if self.error is not None:
+            fields["error"] = self.error
+        return fields

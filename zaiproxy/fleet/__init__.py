@@ -1,0 +1,1 @@
+"""Many proxies at once: the fleet collector and the canary check."""

@@ -1,0 +1,373 @@
+"""The sources of ``zaiproxy canary-check``: a fleet collector's admin API, the admin APIs
+of the proxies themselves (one per ``--url``), or Prometheus, each reduced to one
+:class:`Window` per variant (``zaiproxy/fleet/canary.py`` decides).
+
+Pure adapters (:func:`from_collector`, :func:`from_proxies`, :func:`from_prometheus` and
+the PromQL of :func:`prometheus_queries`) and the blocking HTTP that feeds them (urllib, a
+timeout per request: a CLI, not the trio hot path); every failure to reach or read a
+source is a :class:`SourceError`, and :class:`Unreachable` when nothing answered at all.
+
+Which ``--url`` is what: each one's ``/admin/status`` says (``"source"``: ``collector`` or
+``proxy``). One URL must be a collector (a proxy serves one variant: there is nothing to
+compare it with); several must all be proxies. A proxy serves the one variant its
+``/admin/status`` names (``DEPLOYMENT_VARIANT``). A proxy URL that does not answer
+(connection refused or reset, timeout) is a down target, but of which variant cannot be
+asked: it is counted for the one variant that has no answering proxy; when both have one,
+the dead URL could be either's and the reading is inconclusive (:func:`from_proxies`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import math
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+QUANTILE = 0.95
+# Not API traffic (as snapshot.CONTROL_PATHS / CONTROL_PREFIX): scrapes, probes, admin.
+_API_PATHS = 'path!~"/metrics|/health|/ready|/admin.*"'
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One variant over the window: what each source is reduced to."""
+
+    requests: float = 0.0  # proxied API requests answered (control routes excluded)
+    ok: float = 0.0  # of them 2xx
+    server_errors: float = 0.0  # 5xx
+    rate_limited: float = 0.0  # 429
+    usage_missing: float | None = 0.0  # 2xx without upstream usage; None = not reported
+    latency_p95: float | None = None  # seconds; None = nothing observed
+    ttft_p95: float | None = None
+    targets: int = 0  # scrape targets (pods) of this variant
+    targets_down: int = 0
+
+
+
+# ---- sources: what they answered -> Window (pure) ----------------------------------------
+
+
+class SourceError(Exception):
+    """The source could not be reached or read, or answered something unexpected."""
+
+
+class Unreachable(SourceError):
+    """Nothing answered at the URL: connection refused or reset, or no answer in time."""
+
+
+def from_collector(status: Mapping[str, Any], history: Mapping[str, Any], window_s: float,
+                   names: Sequence[str]) -> dict[str, Window]:
+    """A collector's ``/admin/status`` (targets) and ``/admin/history`` (per-step rates)."""
+    if history.get("source") != "collector":
+        raise SourceError(f"not a fleet collector's admin API (source "
+                          f"{history.get('source')!r}): point --url at `zaiproxy collect`")
+    step, end = float(history["step_s"]), float(history["to"])
+    start = end - window_s
+    out: dict[str, Window] = {}
+    for name in names:
+        entry = status["variants"].get(name) or {}
+        counts = dict.fromkeys(("requests", "ok", "server_errors", "rate_limited"), 0.0)
+        missing: float | None = 0.0
+        p95s: dict[str, list[tuple[float, float]]] = {"latency_p95": [], "ttft_p95": []}
+        for point in history["series"].get(name, ()):
+            t = float(point["t"])
+            covered = max(0.0, min(t + step, end) - max(t, start))
+            if covered <= 0:
+                continue
+            requests = float(point["requests_per_s"]) * covered
+            counts["requests"] += requests
+            for key, field in (("ok", "ok_per_s"), ("server_errors", "errors_per_s"),
+                               ("rate_limited", "rate_limited_per_s")):
+                counts[key] += float(point.get(field) or 0.0) * covered
+            if missing is not None:
+                rate = point.get("usage_missing_per_s")
+                missing = None if rate is None else missing + float(rate) * covered
+            for key, field in (("latency_p95", "latency_p95_s"), ("ttft_p95", "ttft_p95_s")):
+                if point.get(field) is not None and requests > 0:
+                    p95s[key].append((float(point[field]), requests))
+        out[name] = Window(**counts, usage_missing=missing,
+                           latency_p95=_weighted(p95s["latency_p95"]),
+                           ttft_p95=_weighted(p95s["ttft_p95"]),
+                           targets=int(entry.get("targets", 0)),
+                           targets_down=int(entry.get("stale_targets", 0)))
+    return out
+
+
+def _weighted(values: list[tuple[float, float]]) -> float | None:
+    total = sum(w for _, w in values)
+    return sum(v * w for v, w in values) / total if total > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyAnswer:
+    """What one proxy ``--url`` gave: the variant it serves and its ``/admin/history``, or
+    nothing (``variant`` and ``history`` None) when it did not answer."""
+
+    url: str
+    variant: str | None = None
+    history: Mapping[str, Any] | None = None
+    why: str = ""  # why it did not answer
+
+
+def proxy_variant(url: str, status: Mapping[str, Any]) -> str:
+    """The one variant a proxy's ``/admin/status`` names (its metrics carry only its own)."""
+    variants = sorted(status.get("variants") or {})
+    if len(variants) != 1:
+        raise SourceError(f"{url}: cannot tell which variant this proxy serves (its "
+                          f"/admin/status names {', '.join(map(repr, variants)) or 'none'})")
+    return str(variants[0])
+
+
+def from_proxies(answers: Sequence[ProxyAnswer], window_s: float,
+                 names: Sequence[str]) -> dict[str, Window]:
+    """Each variant's Window: the sum over its proxies of their history points inside the
+    window; a proxy that did not answer is a down target (of which variant: see below)."""
+    for a in answers:
+        if a.variant is not None and a.variant not in names:
+            raise SourceError(f"{a.url} serves variant {a.variant!r}, neither production "
+                              f"{names[0]!r} nor canary {names[1]!r} (--production, --canary)")
+    served = {a.variant for a in answers if a.variant is not None}
+    if not served:
+        raise SourceError("no --url answered: " + "; ".join(a.why for a in answers))
+    orphans = [n for n in names if n not in served]
+    down = [a for a in answers if a.variant is None]
+    if down and len(orphans) != 1:
+        # Both variants have a proxy that answered: the dead URL could be either's.
+        raise SourceError(f"{down[0].url} did not answer ({down[0].why}) and both variants "
+                          "have a proxy that did: cannot tell whose target it is (check it, "
+                          "or leave it out)")
+    out: dict[str, Window] = {}
+    for name in names:
+        mine = [a for a in answers if a.variant == name]
+        down_here = len(down) if orphans == [name] else 0
+        counts = dict.fromkeys(("requests", "ok", "server_errors", "rate_limited"), 0.0)
+        missing: float | None = 0.0
+        p95s: dict[str, list[tuple[float, float]]] = {"latency_p95": [], "ttft_p95": []}
+        for a in mine:
+            assert a.history is not None
+            series = a.history["series"]
+            end = dt.datetime.fromisoformat(series["range"]["end"]).timestamp()
+            half = float(series["resolution_s"]) / 2
+            for point in series["series"].get(name, ()):
+                # A bucket counts when most of it lies inside the window: off by at most
+                # half a bucket (a bucket is 1/60 of the history's range: client.POINTS).
+                if float(point["t"]) + half < end - window_s:
+                    continue
+                requests = float(point["requests"])
+                counts["requests"] += requests
+                for key, field in (("ok", "responses_2xx"), ("server_errors", "responses_5xx"),
+                                   ("rate_limited", "responses_429")):
+                    counts[key] += float(point[field])
+                if missing is not None:
+                    value = point.get("usage_missing")  # null from rollups, absent if older
+                    missing = None if value is None else missing + float(value)
+                for key, field in (("latency_p95", "latency_ms_p95"),
+                                   ("ttft_p95", "ttft_ms_p95")):
+                    if point.get(field) is not None and requests > 0:
+                        p95s[key].append((float(point[field]) / 1000, requests))
+        out[name] = Window(**counts, usage_missing=missing,
+                           latency_p95=_weighted(p95s["latency_p95"]),
+                           ttft_p95=_weighted(p95s["ttft_p95"]),
+                           targets=len(mine) + down_here, targets_down=down_here)
+    return out
+
+
+def prometheus_queries(window_s: float, names: Sequence[str]) -> dict[str, str]:
+    """PromQL over the proxy's metric names, one instant vector by ``variant`` each."""
+    w = f"{round(window_s * 1000)}ms"
+    v = 'variant=~"' + "|".join(names) + '"'  # names are [a-z0-9_-]: nothing to escape
+    api = f"{v},{_API_PATHS}"
+
+    def increase(selector: str, metric: str = "zai_proxy_requests_total") -> str:
+        return f"sum by (variant) (increase({metric}{{{selector}}}[{w}]))"
+
+    def p95(metric: str, selector: str) -> str:
+        return (f"histogram_quantile({QUANTILE}, sum by (variant, le) "
+                f"(rate({metric}_bucket{{{selector}}}[{w}])))")
+
+    return {
+        "requests": increase(api),
+        "ok": increase(f'{api},status=~"2.."'),
+        "server_errors": increase(f'{api},status=~"5.."'),
+        "rate_limited": increase(f'{api},status="429"'),
+        "usage_missing": increase(v, "zai_proxy_usage_missing_total"),
+        "latency_p95": p95("zai_proxy_request_duration_seconds", api),
+        "ttft_p95": p95("zai_proxy_time_to_first_token_seconds", v),
+        # Targets labelled with their variant by the scrape config (a ServiceMonitor
+        # relabelling a pod label) ...
+        "up": f"up{{{v}}}",
+        # ... else each target's variant from its last build_info in the window, joined
+        # with `up` (0 = the last scrape failed); a target gone from discovery has no `up`.
+        "targets": (f"max by (variant, instance, job) (last_over_time(zai_proxy_build_info"
+                    f"{{{v}}}[{w}])) * on (instance, job) group_left () "
+                    "max by (instance, job) (up)"),
+    }
+
+
+def from_prometheus(answers: Mapping[str, Sequence[Mapping[str, Any]]],
+                    names: Sequence[str]) -> dict[str, Window]:
+    """The ``data.result`` vectors of :func:`prometheus_queries`, by query name."""
+    fields: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key in ("requests", "ok", "server_errors", "rate_limited", "usage_missing",
+                "latency_p95", "ttft_p95"):
+        for item in answers[key]:
+            variant = item["metric"].get("variant")
+            value = float(item["value"][1])
+            if variant in fields and math.isfinite(value):  # NaN: no observation
+                fields[variant][key] = value
+    rows = [r for r in answers["up"] if r["metric"].get("variant")] or answers["targets"]
+    for row in rows:
+        variant = row["metric"].get("variant")
+        if variant in fields:
+            into = fields[variant]
+            into["targets"] = into.get("targets", 0) + 1
+            into["targets_down"] = into.get("targets_down", 0) + (float(row["value"][1]) < 1)
+    return {name: Window(**f) for name, f in fields.items()}
+
+
+# ---- sources: blocking HTTP ----------------------------------------------------------------
+
+
+# Nothing answered: refused, reset or closed without an answer (RemoteDisconnected is a
+# ConnectionResetError), or nothing in time. A name that does not resolve is a mistake in
+# the command, not a dead proxy: it stays a plain SourceError.
+_NOBODY = (ConnectionError, TimeoutError)
+
+
+def get_json(url: str, *, token: str | None, timeout: float) -> Any:
+    """GET ``url`` as JSON; every way it can fail is a SourceError that says which."""
+    request = urllib.request.Request(url, headers={"accept": "application/json"})
+    if token:
+        request.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body: bytes = response.read()
+    except urllib.error.HTTPError as exc:
+        raise SourceError(f"{url}: HTTP {exc.code}: {_error_message(exc)}"
+                          + (" (pass --token or set ZAIPROXY_ADMIN_TOKEN)"
+                             if exc.code == 401 else "")) from None
+    except urllib.error.URLError as exc:
+        error = Unreachable if isinstance(exc.reason, _NOBODY) else SourceError  # not DNS
+        raise error(f"cannot reach {url}: {exc.reason}") from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # timeouts, bad URLs
+        error = Unreachable if isinstance(exc, _NOBODY) else SourceError
+        raise error(f"cannot read {url}: {exc or type(exc).__name__}") from None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise SourceError(f"{url}: the answer is not JSON: {body[:80]!r}") from None
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    raw = exc.read()[:2000]
+    try:
+        doc = json.loads(raw)
+        error = doc["error"]  # the admin API's {"error": {"message"}}; Prometheus' "error"
+        return str(error.get("message", error) if isinstance(error, dict) else error)
+    except (ValueError, KeyError, TypeError):
+        return raw.decode("utf-8", "replace").strip()[:200] or str(exc.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """What ``--url`` gave: the windows, and which source(s) they came from."""
+
+    windows: dict[str, Window]
+    kind: str  # "collector" or "proxies"
+    where: str  # for the verdict's header line
+    source: dict[str, Any]  # for --json
+
+
+def read_admin(urls: Sequence[str], window_s: float, names: Sequence[str], *,
+               token: str | None, timeout: float) -> Reading:
+    """One fleet collector, or one proxy per URL (see the module's docstring)."""
+    range_ = _history_range(window_s)
+    statuses: dict[str, Any] = {}
+    answers: list[ProxyAnswer] = []
+    for url in urls:
+        try:
+            statuses[url] = get_json(f"{url}/admin/status", token=token, timeout=timeout)
+        except Unreachable as exc:
+            if len(urls) == 1:
+                raise  # a dead collector, or a dead proxy: inconclusive either way
+            answers.append(ProxyAnswer(url, why=str(exc)))
+    kinds = {url: _admin_kind(url, doc) for url, doc in statuses.items()}
+    if "collector" in kinds.values():
+        if len(urls) > 1:
+            what = ", ".join(f"{u} is a {k}" for u, k in kinds.items())
+            raise SourceError(f"{what}: give one fleet collector, or one --url per proxy "
+                              "(never both, never several collectors)")
+        (url,) = urls
+        history = get_json(f"{url}/admin/history?range={range_}&variant=all", token=token,
+                           timeout=timeout)
+        windows = _reading(url, from_collector, statuses[url], history, window_s, names)
+        return Reading(windows, "collector", url, {"kind": "collector", "url": url})
+    if len(urls) == 1:
+        (url,) = urls
+        served = _reading(url, proxy_variant, url, statuses[url])
+        raise SourceError(f"{url} is a proxy, and a proxy serves one variant (this one "
+                          f"{served!r}): give both proxies (--url PRODUCTION --url CANARY) "
+                          "or a fleet collector (zaiproxy collect) that scrapes both")
+    for url, status in statuses.items():
+        variant = _reading(url, proxy_variant, url, status)
+        history = get_json(f"{url}/admin/history?range={range_}&variant={variant}",
+                           token=token, timeout=timeout)
+        answers.append(ProxyAnswer(url, variant, history))
+    answers.sort(key=lambda a: list(urls).index(a.url))
+    windows = _reading(", ".join(urls), from_proxies, answers, window_s, names)
+    # A URL that did not answer was counted as a down target of this variant (the only one).
+    orphan = next((n for n in names if windows[n].targets_down), None)
+    proxies = [{"url": a.url, "variant": a.variant or orphan, "answered": a.variant is not None}
+               | ({} if a.variant else {"error": a.why}) for a in answers]
+    where = ", ".join(f"{p['url']} ({p['variant']}{'' if p['answered'] else ': did not answer'})"
+                      for p in proxies)
+    return Reading(windows, "proxies", where, {"kind": "proxies", "proxies": proxies})
+
+
+def _admin_kind(url: str, status: Any) -> str:
+    kind = status.get("source") if isinstance(status, dict) else None
+    if kind not in ("collector", "proxy"):
+        raise SourceError(f"{url}/admin/status: not a zaiproxy admin API (\"source\" is "
+                          f"{kind!r}, not \"collector\" or \"proxy\")")
+    return str(kind)
+
+
+def _history_range(window_s: float) -> str:
+    """The admin API's shortest history range that covers the window."""
+    from zaiproxy.request.admin import RANGES  # the admin API's ranges (imported late: trio)
+
+    fitting = [r for r, seconds in sorted(RANGES.items(), key=lambda i: i[1])
+               if seconds >= window_s]
+    if not fitting:
+        raise SourceError(f"the admin API keeps at most {max(RANGES.values()) // 86400} days "
+                          "of history: use a shorter --window")
+    return fitting[0]
+
+
+def read_prometheus(url: str, window_s: float, names: Sequence[str], *, token: str | None,
+                    timeout: float) -> dict[str, Window]:
+    answers: dict[str, Any] = {}
+    for key, query in prometheus_queries(window_s, names).items():
+        doc = get_json(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": query}),
+                       token=token, timeout=timeout)
+        if not isinstance(doc, dict) or doc.get("status") != "success":
+            why = doc.get("error") if isinstance(doc, dict) else f"{doc!r:.80}"
+            raise SourceError(f"{url}: Prometheus did not answer the {key} query: {why}")
+        data = doc.get("data")
+        answers[key] = data.get("result") if isinstance(data, dict) else None
+    return _reading(url, from_prometheus, answers, names)
+
+
+def _reading(url: str, reduce: Callable[..., _T], *args: Any) -> _T:
+    """``reduce(*args)``, an answer of the wrong shape reported as such."""
+    try:
+        return reduce(*args)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise SourceError(f"{url}: unexpected answer ({type(exc).__name__}: {exc})") from None

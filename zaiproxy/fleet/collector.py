@@ -1,0 +1,684 @@
+"""``zaiproxy collect``: scrape a fleet of proxies into one DuckDB file and serve the admin API.
+
+The fleet collector: the TUI watches a fleet (production and canary
+replicas) through the same admin API a single proxy serves. Every
+``interval`` seconds each target's ``/metrics`` is fetched (h11 over a trio
+socket, one connection per scrape so ``SO_REUSEPORT`` spreads them, bounded
+by a timeout), parsed per variant (``snapshot.parse``) and turned into rates
+against the previous scrape (``snapshot.delta``: counter resets = restarts).
+
+- A target that fails is marked *stale* — its last error and last success
+  stay in ``/admin/status`` — and is retried every interval; nothing a target
+  does is fatal. Stale targets are left out of the per-variant aggregate.
+- Storage (the original dashboard's lesson: monitoring storage that exits on
+  error took the dashboard down for weeks) degrades: rows go to a bounded
+  channel (full = dropped + counted), the writer's errors are logged and
+  counted, the connection is reopened on the next write, and history answers
+  503 while the file cannot be read. DuckDB calls never run on the trio loop:
+  one ``CapacityLimiter(1)`` serialises them in a worker thread, and only that
+  path touches the single connection (a DuckDB file has one owner process).
+- ``/admin/events``: each consumer has a bounded queue; a consumer whose queue
+  is full, or whose socket takes longer than ``send_timeout`` for one write,
+  is dropped instead of slowing the others (its socket gets a small send
+  buffer so lag shows up as a blocked write, not as megabytes in the kernel).
+
+Admin API (the proxy's shapes, ``admin.py``; ``Authorization: Bearer`` when a
+token is set, errors as ``{"error": {"message", "type", "code"}}``):
+``GET /health``; ``GET /admin/status`` (per target: stale flag, last error and
+success, latest rates per variant; per variant: the fresh targets' summed
+totals, gauges and ``breakdown`` (``snapshot.merge``) + ``rates`` (``snapshot.combine``:
+per-second rates incl. ``breakdown_per_s``) + ``targets``/``stale_targets``/``stale``:
+the shape of a proxy's ``metrics`` event, so one client reads both);
+``GET /admin/history?range=5m|15m|1h|6h|24h|7d&variant=NAME|all`` (``series``:
+per variant, one point per ``step_s`` bucket, rates summed over targets);
+``GET /admin/events`` (``connected``, then ``metrics`` = the status, every
+interval; ``: heartbeat`` comments); ``GET /admin/keys`` (the fleet's keys: every fresh
+target's ``/admin/keys`` asked at once, bounded by the scrape timeout, with
+``Authorization: Bearer`` = ``--target-token`` / ``ZAIPROXY_TARGET_ADMIN_TOKEN``, never
+logged or echoed; ``mode: "fleet"``, ``targets`` [{target, ok, error}], per alias the
+summed usage and per limit the tightest state across targets (``merge_keys``); a failing
+or stale target is listed with its error and left out of the merge).
+
+Table ``snapshots``: one row per (scrape, target, variant) with the interval's
+``seconds``, the counters' *increases* (rates = increase / seconds; increases
+add up across targets and time buckets, rates do not), gauges, p50/p95/p99,
+the latency/TTFT bucket increases as ``DOUBLE[]`` (bounds incl. +Inf) and
+``reset`` (a restart fell in the interval). ``ts`` is unix seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from itertools import count
+from typing import Any, TextIO, TypeVar
+from urllib.parse import urlsplit
+
+import orjson
+import trio
+
+from zaiproxy import __version__
+from zaiproxy.core.errors import (
+    Api,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    ServiceUnavailable,
+    error_body,
+)
+from zaiproxy.core.logs import get_logger
+from zaiproxy.fleet.collector_store import Store, row_of
+from zaiproxy.fleet.fleet_keys import keys_error, merge_keys
+from zaiproxy.http.http11 import h11
+from zaiproxy.observe import snapshot
+from zaiproxy.observe.snapshot import Rates, VariantSnapshot
+from zaiproxy.request.admin import RANGES, parse_history_params, sse_event
+from zaiproxy.request.admin_access import check_admin, is_loopback
+from zaiproxy.request.routing import redact_path
+
+T = TypeVar("T")
+# History resolution per range (~60-170 points); never finer than the scrape interval.
+STEPS: dict[str, float] = {"5m": 5, "15m": 15, "1h": 60, "6h": 300, "24h": 900, "7d": 3600}
+MAX_EXPOSITION = 16 << 20
+_HEARTBEAT = b": heartbeat\n\n"
+_JSON = (b"content-type", b"application/json")
+_SSE_SNDBUF = 64 << 10
+_IDLE_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    url: str  # as shown in status and stored in the database
+    host: str
+    port: int
+    path: str
+    authority: str  # the Host header: host[:port] as written (IPv6 in brackets)
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        """``http://host:port`` (metrics at ``/metrics``) or ``http://host:port/some/path``."""
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http":
+            raise ValueError(f"target {url!r}: only http:// targets are supported")
+        if not parts.hostname:
+            raise ValueError(f"target {url!r}: no host")
+        try:
+            port = parts.port or 80
+        except ValueError:
+            raise ValueError(f"target {url!r}: bad port") from None
+        path = parts.path if parts.path not in ("", "/") else "/metrics"
+        return cls(f"http://{parts.netloc}{'' if path == '/metrics' else path}",
+                   parts.hostname, port, path + (f"?{parts.query}" if parts.query else ""),
+                   parts.netloc)
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorOptions:
+    targets: tuple[Target, ...]
+    db: str
+    interval: float = 5.0
+    host: str = "127.0.0.1"
+    port: int = 0
+    admin_token: str | None = None
+    # Sent to the targets' /admin/keys; repr=False: never echoed with the options.
+    target_token: str | None = field(default=None, repr=False)
+    retention_s: float = 7 * 86400
+    scrape_timeout: float = 5.0  # capped at the interval
+    heartbeat_s: float = 15.0
+    send_timeout_s: float = 5.0
+    max_queued_events: int = 8
+
+
+class ScrapeError(Exception):
+    pass
+
+
+async def scrape(target: Target, max_bytes: int = MAX_EXPOSITION) -> str:
+    """GET the target's exposition (status 200 or ScrapeError); the caller sets the timeout."""
+    status, body = await fetch(target, target.path, "text/plain", max_bytes=max_bytes)
+    if status != 200:
+        raise ScrapeError(f"HTTP {status} from {target.path}")
+    return body.decode("utf-8", errors="replace")
+
+
+async def fetch(target: Target, path: str, accept: str, *, token: str | None = None,
+                max_bytes: int = MAX_EXPOSITION) -> tuple[int, bytes]:
+    """GET ``path`` from the target: (status, body), or ScrapeError; the caller sets the
+    timeout. ``token`` goes into ``Authorization: Bearer`` and nowhere else."""
+    headers = [("host", target.authority), ("accept", accept),
+               ("user-agent", f"zaiproxy-collect/{__version__}"), ("connection", "close")]
+    if token is not None:
+        headers.append(("authorization", f"Bearer {token}"))
+    stream = await trio.open_tcp_stream(target.host, target.port)
+    try:
+        conn = h11.Connection(h11.CLIENT)
+        head = h11.Request(method="GET", target=path, headers=headers)
+        await stream.send_all(conn.send(head) + conn.send(h11.EndOfMessage()))
+        status, body = 0, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(65536)))
+            elif type(event) is h11.Response:
+                status = event.status_code
+            elif type(event) is h11.Data:
+                body += event.data
+                if len(body) > max_bytes:
+                    raise ScrapeError(f"answer larger than {max_bytes} bytes")
+            elif type(event) is h11.EndOfMessage:
+                break
+            elif type(event) is h11.ConnectionClosed:
+                raise ScrapeError("connection closed before the response ended")
+    except h11.ProtocolError as exc:
+        raise ScrapeError(f"bad HTTP from target: {exc}") from exc
+    finally:
+        await trio.aclose_forcefully(stream)
+    return status, bytes(body)
+
+
+@dataclass(eq=False)
+class TargetState:
+    target: Target
+    snapshots: dict[str, VariantSnapshot] | None = None  # the last successful scrape
+    rates: dict[str, Rates] = field(default_factory=dict)  # against the scrape before it
+    scraped_at: float | None = None  # trio clock of the last successful scrape
+    last_success: float | None = None  # wall clock
+    last_error: str | None = None
+    last_error_at: float | None = None
+    consecutive_failures: int = 0
+    scrapes: int = 0
+    failures: int = 0
+
+    @property
+    def stale(self) -> bool:
+        return self.snapshots is None or self.consecutive_failures > 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target.url, "stale": self.stale, "last_success": self.last_success,
+                "last_error": self.last_error, "last_error_at": self.last_error_at,
+                "consecutive_failures": self.consecutive_failures, "scrapes": self.scrapes,
+                "failures": self.failures,
+                "variants": {v: r.to_json() for v, r in sorted(self.rates.items())}}
+
+
+# ---- server-sent events ------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    sid: int
+    send: trio.MemorySendChannel[bytes]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    evicted: str | None = None
+
+
+class EventHub:
+    """Fans each ``metrics`` event out to every ``/admin/events`` consumer, never waiting."""
+
+    def __init__(self, *, max_queued: int, send_timeout: float, heartbeat: float) -> None:
+        self.max_queued = max_queued
+        self.send_timeout = send_timeout
+        self.heartbeat = heartbeat
+        self.dropped = 0
+        self._subs: dict[int, _Subscriber] = {}
+        self._ids = count()
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs)
+
+    def publish(self, data: bytes) -> None:
+        for sub in list(self._subs.values()):
+            try:
+                sub.send.send_nowait(data)
+            except trio.WouldBlock:
+                self._evict(sub, "queue_full")
+
+    def _evict(self, sub: _Subscriber, why: str) -> None:
+        if sub.evicted is None:
+            sub.evicted = why
+            self.dropped += 1
+            self._subs.pop(sub.sid, None)  # gone at once, not at the task's next checkpoint
+            sub.scope.cancel()
+            get_logger().warning("events_consumer_dropped", reason=why)
+
+    async def serve(self, write: Callable[[bytes], Awaitable[None]], first: bytes) -> str:
+        """Write ``first``, then queued events and heartbeats, until the consumer is
+        dropped (``queue_full`` / ``send_timeout``) or ``write`` raises (it left)."""
+        send, recv = trio.open_memory_channel[bytes](self.max_queued)
+        sub = _Subscriber(next(self._ids), send)
+        self._subs[sub.sid] = sub
+        try:
+            with sub.scope:
+                data: bytes | None = first
+                next_beat = trio.current_time() + self.heartbeat
+                while True:
+                    if data is None:
+                        with trio.move_on_at(next_beat):
+                            data = await recv.receive()
+                    if data is None:
+                        data, next_beat = _HEARTBEAT, trio.current_time() + self.heartbeat
+                    with trio.move_on_after(self.send_timeout) as timer:
+                        await write(data)
+                    if timer.cancelled_caught:
+                        self._evict(sub, "send_timeout")
+                    data = None
+        finally:
+            self._subs.pop(sub.sid, None)
+            send.close()
+            recv.close()
+        return sub.evicted or "closed"
+
+
+# ---- the collector ------------------------------------------------------------------
+
+
+@dataclass
+class StorageHealth:
+    ok: bool = True
+    errors: int = 0
+    last_error: str | None = None
+    dropped_batches: int = 0  # row batches dropped because the writer fell behind
+
+
+class Collector:
+    def __init__(self, options: CollectorOptions) -> None:
+        if not options.targets:
+            raise ValueError("at least one target is needed")
+        self.options = options
+        self.states = [TargetState(t) for t in options.targets]
+        self.store = Store(options.db)
+        self.hub = EventHub(max_queued=options.max_queued_events,
+                            send_timeout=options.send_timeout_s, heartbeat=options.heartbeat_s)
+        self.storage = StorageHealth()
+        self._limiter = trio.CapacityLimiter(1)
+        self._rows_send, self._rows_recv = trio.open_memory_channel[list[tuple[Any, ...]]](64)
+        self.log = get_logger()
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """Run one Store call in the DuckDB thread; errors degrade (logged, counted, None)."""
+        try:
+            result = await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except Exception as exc:  # storage degrades, whatever it raises (monitoring never takes itself down)
+            health, message = self.storage, str(exc)[:500]
+            if health.ok or health.last_error != message:  # a change, not every retry
+                self.log.error("storage_error", error=message, db=self.options.db)
+            health.ok, health.last_error = False, message
+            health.errors += 1
+            return None
+        self.storage.ok = True
+        return result
+
+    async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve the admin API and scrape until cancelled; reports the bound (host, port)."""
+        listeners = await trio.open_tcp_listeners(self.options.port, host=self.options.host)
+        addr = listeners[0].socket.getsockname()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(trio.serve_listeners, self._serve_connection, listeners)
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._scrape_loop)
+                task_status.started((addr[0], addr[1]))
+                if self.options.admin_token is None and not is_loopback(addr[0]):
+                    self.log.warning("admin_api_open", host=addr[0], hint="set --admin-token or "
+                                     "ZAIPROXY_ADMIN_TOKEN: status and history are readable "
+                                     "by anyone who can reach this port")
+                self.log.info("started", host=addr[0], port=addr[1], db=self.options.db,
+                              interval=self.options.interval,
+                              targets=[t.url for t in self.options.targets])
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._flush_and_close()
+
+    async def _flush_and_close(self) -> None:
+        rows: list[tuple[Any, ...]] = []
+        while True:
+            try:
+                rows += self._rows_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        if rows:
+            await self._db(self.store.insert, rows)
+        await self._db(self.store.close)
+
+    async def _writer(self) -> None:
+        """The only task that writes: rows as they come, retention at start and every 10 min."""
+        last_prune = time.time()
+        await self._db(self.store.prune, last_prune - self.options.retention_s)
+        async for rows in self._rows_recv:
+            await self._db(self.store.insert, rows)
+            if time.time() - last_prune > 600:
+                last_prune = time.time()
+                await self._db(self.store.prune, last_prune - self.options.retention_s)
+
+    async def _scrape_loop(self) -> None:
+        interval = self.options.interval
+        tick = trio.current_time()
+        while True:
+            await self.scrape_all()
+            tick += interval
+            now = trio.current_time()
+            if tick < now:  # a slow round: skip the ticks it overran, keep the phase
+                tick += math.ceil((now - tick) / interval) * interval
+            await trio.sleep_until(tick)
+
+    async def scrape_all(self) -> None:
+        """One round: every target at once, then store the rows and publish the status."""
+        wall = time.time()
+        async with trio.open_nursery() as nursery:
+            for state in self.states:
+                nursery.start_soon(self._scrape_target, state)
+        rows = [row_of(wall, s.target.url, r) for s in self.states if not s.stale
+                for r in s.rates.values()]
+        if rows:
+            try:
+                self._rows_send.send_nowait(rows)
+            except trio.WouldBlock:
+                self.storage.dropped_batches += 1
+                self.log.warning("storage_backlog_dropped", rows=len(rows))
+        if self.hub.subscribers:
+            self.hub.publish(sse_event("metrics", self.status()))
+
+    async def _scrape_target(self, state: TargetState) -> None:
+        started = trio.current_time()
+        timeout = min(self.options.scrape_timeout, self.options.interval)
+        error: str | None = None
+        try:
+            with trio.fail_after(timeout):
+                text = await scrape(state.target)
+            # Pure Python over ~10^4 lines per big proxy: off the loop that serves the API.
+            snaps = await trio.to_thread.run_sync(snapshot.parse, text)
+        except trio.TooSlowError:
+            error = f"timed out after {timeout:g}s"
+        except (OSError, trio.BrokenResourceError, ScrapeError, snapshot.ParseError) as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        except Exception as exc:  # a target must never stop the collector
+            self.log.error("scrape_failed", target=state.target.url, error=repr(exc)[:500])
+            error = f"internal error: {exc!r}"[:500]
+        if error is not None:
+            if not state.consecutive_failures:  # log the change, not every failed round
+                self.log.warning("target_stale", target=state.target.url, error=error)
+            state.failures += 1
+            state.consecutive_failures += 1
+            state.last_error, state.last_error_at = error, time.time()
+            return
+        if state.consecutive_failures:
+            self.log.info("target_recovered", target=state.target.url,
+                          failures=state.consecutive_failures)
+        rates: dict[str, Rates] = {}
+        if state.snapshots is not None and state.scraped_at is not None:
+            seconds = started - state.scraped_at
+            for variant, cur in snaps.items():
+                prev = state.snapshots.get(variant)
+                if prev is not None:  # a variant seen for the first time has no rate yet
+                    rates[variant] = snapshot.delta(prev, cur, seconds)
+        state.snapshots, state.rates, state.scraped_at = snaps, rates, started
+        state.last_success = time.time()
+        state.consecutive_failures = 0
+        state.scrapes += 1
+
+    def status(self) -> dict[str, Any]:
+        """Per target and per variant (fresh targets aggregated): latest rates + stale flags."""
+        names = sorted({v for s in self.states for v in (s.snapshots or {})})
+        variants: dict[str, Any] = {}
+        for name in names:
+            having = [s for s in self.states if s.snapshots and name in s.snapshots]
+            fresh = [s for s in having if not s.stale]
+            entry = snapshot.merge(name, [s.snapshots[name] for s in fresh
+                                          if s.snapshots is not None]).to_json()
+            rates = [s.rates[name] for s in fresh if name in s.rates]
+            entry["rates"] = snapshot.combine(name, rates).to_json() if rates else None
+            entry.update(targets=len(having), stale_targets=len(having) - len(fresh),
+                         stale=not fresh)
+            variants[name] = entry
+        return {"time": time.time(), "source": "collector", "version": __version__,
+                "interval_s": self.options.interval,
+                "targets": [s.to_json() for s in self.states], "variants": variants,
+                "storage": asdict(self.storage),
+                "events": {"subscribers": self.hub.subscribers, "dropped": self.hub.dropped}}
+
+    async def history(self, range_: str, variant: str) -> dict[str, Any]:
+        now = time.time()
+        step = max(STEPS[range_], self.options.interval)
+        series = await self._db(self.store.history, now - RANGES[range_], step, variant)
+        if series is None:
+            raise ServiceUnavailable(f"history is unavailable: {self.storage.last_error}")
+        return {"source": "collector", "range": range_, "variant": variant, "step_s": step,
+                "from": now - RANGES[range_], "to": now, "series": series}
+
+    async def keys(self) -> dict[str, Any]:
+        """``GET /admin/keys`` for the fleet: every fresh target asked at once (see above)."""
+        results: list[dict[str, Any] | str] = [
+            f"stale: {s.last_error or 'not scraped yet'}" for s in self.states]
+        async with trio.open_nursery() as nursery:
+            for i, state in enumerate(self.states):
+                if not state.stale:
+                    nursery.start_soon(self._target_keys, state.target, results, i)
+        reports = [r for r in results if isinstance(r, dict)]
+        keys, global_ = merge_keys(reports)
+        return {"mode": "fleet", "source": "collector",
+                "targets": [{"target": s.target.url, "ok": isinstance(r, dict),
+                             "error": None if isinstance(r, dict) else r}
+                            for s, r in zip(self.states, results, strict=True)],
+                "keys": keys, "global": global_, "adaptive": None}
+
+    async def _target_keys(self, target: Target, results: list[dict[str, Any] | str],
+                           i: int) -> None:
+        timeout = min(self.options.scrape_timeout, self.options.interval)
+        try:
+            with trio.fail_after(timeout):
+                status, body = await fetch(target, "/admin/keys", "application/json",
+                                           token=self.options.target_token)
+            if status != 200:
+                results[i] = keys_error(status, body)
+                return
+            report = orjson.loads(body)
+            if not isinstance(report, dict) or not isinstance(report.get("keys"), list):
+                results[i] = "not a keys report"
+            else:
+                results[i] = report
+        except trio.TooSlowError:
+            results[i] = f"timed out after {timeout:g}s"
+        except (OSError, trio.BrokenResourceError, ScrapeError, orjson.JSONDecodeError) as exc:
+            results[i] = f"{type(exc).__name__}: {exc}"[:500]
+
+    # ---- admin HTTP ----------------------------------------------------------------
+
+    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        failure: tuple[int, bytes] | None = None
+        try:
+            while True:
+                request = None
+                with trio.move_on_after(_IDLE_S):  # keep-alive idle and slow-head bound
+                    request = await _read_request(conn, stream)
+                if request is None or not await self._respond(conn, stream, request):
+                    return
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError:
+            failure = (400, error_body(Api.OPENAI, "invalid_request_error",
+                                       "malformed HTTP request", "bad_request"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception as exc:  # one bad request must not take the admin API down
+            self.log.error("admin_request_failed", error=repr(exc)[:500])
+            failure = (500, error_body(Api.OPENAI, "server_error", "internal error",
+                                       "internal_error"))
+        finally:
+            if failure is not None and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                with trio.move_on_after(1):
+                    try:
+                        await _send(stream, conn, *failure, close=True)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+            await trio.aclose_forcefully(stream)
+
+    async def _respond(self, conn: h11.Connection, stream: trio.abc.Stream,
+                       request: h11.Request) -> bool:
+        """Answer one request; False when the connection must close."""
+        method = request.method.decode()
+        path, _, query = request.target.decode("latin-1").partition("?")
+        try:
+            if method not in ("GET", "HEAD"):
+                raise MethodNotAllowed(f"{method} is not allowed: use GET",
+                                       headers=((b"allow", b"GET, HEAD"),))
+            if path == "/health":
+                body = {"status": "ok", "source": "collector", "version": __version__,
+                        "targets": len(self.states),
+                        "fresh": sum(not s.stale for s in self.states)}
+                return await _send(stream, conn, 200, orjson.dumps(body), head=method == "HEAD")
+            if path not in ("/admin/status", "/admin/history", "/admin/events", "/admin/keys"):
+                raise NotFound(f"no route for {redact_path(path)}")
+            # Read-only routes: the token when one is set (collector routes never mutate).
+            check_admin(self.options.admin_token, request.headers, "", mutating=False)
+            if path == "/admin/status":
+                return await _send(stream, conn, 200, orjson.dumps(self.status()),
+                                   head=method == "HEAD")
+            if path == "/admin/keys":
+                return await _send(stream, conn, 200, orjson.dumps(await self.keys()),
+                                   head=method == "HEAD")
+            if path == "/admin/history":
+                range_, variant = parse_history_params(query)
+                return await _send(stream, conn, 200,
+                                   orjson.dumps(await self.history(range_, variant)),
+                                   head=method == "HEAD")
+            if method == "HEAD":
+                raise MethodNotAllowed("an event stream has no HEAD: use GET",
+                                       headers=((b"allow", b"GET"),))
+        except ProxyError as exc:
+            return await _send(stream, conn, exc.status, exc.body(Api.OPENAI),
+                               head=method == "HEAD", headers=list(exc.headers))
+        await self._events(conn, stream)
+        return False
+
+    async def _events(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
+        if isinstance(stream, trio.SocketStream):
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SSE_SNDBUF)
+        head = conn.send(h11.Response(status_code=200, headers=[
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no")]))
+        first = sse_event("connected", {"source": "collector", "interval_s": self.options.interval,
+                                        "heartbeat_s": self.options.heartbeat_s,
+                                        "targets": [s.target.url for s in self.states]})
+        first += sse_event("metrics", self.status())
+
+        pending = [head]  # the head goes out with the first events, under the send timeout
+
+        async def write(data: bytes) -> None:
+            framed = conn.send(h11.Data(data=data))
+            await stream.send_all(pending.pop() + framed if pending else framed)
+
+        await self.hub.serve(write, first)
+
+
+async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | None:
+    """The next request, its (ignored, bounded) body read; None when the client closed."""
+    request: h11.Request | None = None
+    size = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some(65536)))
+        elif type(event) is h11.Request:
+            request = event
+        elif type(event) is h11.Data:
+            size += len(event.data)
+            if size > 65536:
+                raise h11.RemoteProtocolError("request body too large for the admin API")
+        elif type(event) is h11.EndOfMessage:
+            return request
+        else:  # ConnectionClosed or PAUSED
+            return None
+
+
+async def _send(stream: trio.abc.Stream, conn: h11.Connection, status: int, body: bytes, *,
+                head: bool = False, close: bool = False,
+                headers: list[tuple[bytes, bytes]] | None = None) -> bool:
+    hdrs = [_JSON, (b"content-length", b"%d" % len(body)), *(headers or [])]
+    if close:
+        hdrs.append((b"connection", b"close"))
+    data = conn.send(h11.Response(status_code=status, headers=hdrs))
+    if not head:
+        data += conn.send(h11.Data(data=body))
+    data += conn.send(h11.EndOfMessage())
+    with trio.move_on_after(_IDLE_S) as timer:  # a client that does not read its answer
+        await stream.send_all(data)
+    return not close and not timer.cancelled_caught
+
+
+# ---- command line -------------------------------------------------------------------
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """``90``, ``90s``, ``15m``, ``6h``, ``7d`` -> seconds (ValueError naming ``what``)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = str(text).strip().lower()
+    scale = units.get(text[-1:], 0)
+    try:
+        value = float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        raise ValueError(f"{what}: not a duration: {text!r} (e.g. 90s, 15m, 7d)") from None
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{what}: must be positive: {text!r}")
+    return value
+
+
+def main(ns: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """``zaiproxy collect`` (arguments declared in cli.py); runs until SIGTERM/SIGINT."""
+    from zaiproxy.core import logs
+
+    try:
+        options = CollectorOptions(
+            targets=tuple(Target.parse(t) for t in ns.target), db=ns.db,
+            interval=parse_duration(ns.interval, "--interval"), host=ns.host, port=ns.port,
+            admin_token=ns.admin_token or os.environ.get("ZAIPROXY_ADMIN_TOKEN") or None,
+            # getattr: an argparse namespace from a cli.py without --target-token still runs.
+            target_token=getattr(ns, "target_token", None)
+            or os.environ.get("ZAIPROXY_TARGET_ADMIN_TOKEN") or None,
+            retention_s=parse_duration(ns.retention, "--retention"),
+            scrape_timeout=parse_duration(ns.scrape_timeout, "--scrape-timeout"),
+            heartbeat_s=parse_duration(ns.heartbeat, "--heartbeat"))
+        urls = [t.url for t in options.targets]
+        if len(set(urls)) != len(urls):
+            raise ValueError("a target is given twice: " + ", ".join(
+                sorted({u for u in urls if urls.count(u) > 1})))
+        logs.configure(ns.log_level, proc="collector")
+    except ValueError as exc:
+        sys.stderr.write(f"zaiproxy collect: {exc}\n")
+        return 2
+    failed: list[OSError] = []
+    try:
+        trio.run(_main, options, out)
+    except* OSError as group:  # only binding the admin API raises this far
+        failed += [e for e in group.exceptions if isinstance(e, OSError)]
+    if failed:
+        sys.stderr.write(f"zaiproxy collect: cannot listen on {options.host}:{options.port}: "
+                         f"{failed[0]}\n")
+        return 1
+    return 0
+
+
+async def _main(options: CollectorOptions, out: TextIO) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(Collector(options).run)
+            shown = f"[{host}]" if ":" in host else host
+            out.write(f"zaiproxy collect listening on http://{shown}:{port} "
+                      f"({len(options.targets)} targets, every {options.interval:g}s, "
+                      f"db {options.db})\n")
+            out.flush()
+            async for signum in signals:
+                get_logger().info("stopping", signal=signum)
+                break
+            nursery.cancel_scope.cancel()
+

@@ -1,0 +1,1 @@
+"""Limits and quotas: the ledger, admission, the adaptive rate, client keys."""

@@ -1,0 +1,395 @@
+"""Admission: every limit that applies to a request, taken in ONE ledger step.
+
+A :class:`Plan` lists the limits of one caller (global scope, the upstream
+key, the client key when keys are configured, and the adaptive upstream
+rate) as ledger operations, built once per key and reused: the hot path only
+writes the request's token cost into a preallocated int64 buffer and makes a
+single ``Ledger.admit`` call, which either takes every reservation or none.
+
+After the response, :meth:`Admitter.settle` releases the concurrency lease
+and reconciles the token reservation with what was really used (charging or
+refunding the difference). It is called from a ``finally``: a cancelled or
+failed request settles too.
+
+Decisions here are pure bookkeeping over the ledger; the HTTP side (429
+bodies, ``Retry-After``, the ``x-ratelimit-*`` headers) is in ``server.py``
+using the values computed here.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from zaiproxy.core.limitspec import FIVE_HOURS_NS, MINUTE_NS, WEEK_NS, Limits
+
+SECOND_NS = 1_000_000_000
+
+# Scalar cells of the segment (Ledger.scalar_*). The supervisor owns the adaptive rate.
+SC_ADAPTIVE_MRPS = 0  # current adaptive rate in milli-requests/s; 0 = no adaptive limit
+SC_ADAPTIVE_RESET = 1  # generation counter: bumped by POST /admin/reset-rate-limit
+SC_ADAPTIVE_CEILING_MRPS = 2  # learned ceiling (for /metrics and /health), 0 = none
+SC_ADJUST_UP = 3
+SC_ADJUST_DOWN = 4
+SC_ADAPTIVE_THROTTLED_AT_MS = 5  # wall time (unix ms) of the last throttle evidence, 0 = none
+SC_ADAPTIVE_REASON = 6  # what the last evidence was mostly (ADAPTIVE_REASONS index), 0 = none
+SC_ADAPTIVE_EPOCH = 7  # evidence events so far: a request's throttle counts once per epoch
+
+# SC_ADAPTIVE_REASON values: the class of Z.AI 429 behind the last decrease.
+ADAPTIVE_REASONS = (None, "concurrency", "frequency", "unknown")
+
+# Words of a worker's upstream-activity row (one row per worker: its own cache line).
+W_UPSTREAM_REQUESTS = 1  # every upstream answer (each attempt of a request)
+W_UPSTREAM_THROTTLED = 2  # account-throttle answers (zai.feeds_adaptive): 1302, 1303, unknown 429
+# Requests among them, each counted once per evidence epoch however many of its attempts were
+# throttled: one request's retries are not independent evidence (adaptive.py, "Evidence").
+W_THROTTLED_REQUESTS = 3
+W_THROTTLED_CONCURRENCY = 4  # the account-throttle answers by class (the "reason" of a decrease)
+W_THROTTLED_FREQUENCY = 5
+W_THROTTLED_UNKNOWN = 6
+_THROTTLE_WORDS = {"concurrency": W_THROTTLED_CONCURRENCY, "frequency": W_THROTTLED_FREQUENCY,
+                   "unknown": W_THROTTLED_UNKNOWN}
+
+
+class LimitKind(enum.Enum):
+    REQUESTS = "requests"
+    TOKENS = "tokens"
+    CONCURRENCY = "concurrency"
+    QUOTA = "quota"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitOp:
+    """One limit of a plan: what it is (for errors and headers) and how the ledger applies it."""
+
+    kind: int  # ledger KIND_*
+    index: int  # ledger row or window row
+    limit: int
+    period_ns: int
+    weighted: bool  # cost = the request's tokens (else 1)
+    what: LimitKind
+    scope: str  # "global" | "upstream" | "key"
+    name: str  # the setting, e.g. "requests_per_minute"
+    adaptive: bool = False
+
+
+@dataclass(eq=False)
+class Plan:
+    """The limits of one caller as a reusable ledger operation buffer."""
+
+    ops: tuple[LimitOp, ...]
+    buf: Any  # array('q') of len(ops) * OP_WORDS
+    weighted: tuple[int, ...]  # positions of the token-weighted ops
+    has_concurrency: bool
+    adaptive: int | None  # position of the adaptive-rate op
+    alias: str | None = None
+    # The per-minute GCRA ops reported in x-ratelimit-* headers: (index, limit, period, weighted).
+    reported: tuple[tuple[int, int, int, bool], ...] = ()
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{op.scope}.{op.name}={op.limit}" for op in self.ops)
+        return f"<Plan alias={self.alias!r} [{names}]>"
+
+
+@dataclass(slots=True)
+class Admission:
+    """Reservations held by one admitted request until it settles."""
+
+    plan: Plan
+    tokens: int  # reserved tokens (the weighted ops' cost)
+    epochs: tuple[int, ...]  # per op: the window bucket epoch of a quota reservation
+    settled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The first limit that refused; ``retry_ns`` is exact (>= 1), or -1 = can never pass."""
+
+    op: LimitOp
+    retry_ns: int
+    cost: int
+
+    @property
+    def retry_after_s(self) -> int:
+        """Whole seconds for ``Retry-After``: rounded up, at least 1."""
+        if self.retry_ns <= 0:
+            return 1
+        return max(1, -(-self.retry_ns // SECOND_NS))
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    """The tightest applicable limit of one kind, for the ``x-ratelimit-*`` headers."""
+
+    limit: int
+    remaining: int
+    reset_ns: int
+
+
+_SPECS: tuple[tuple[str, LimitKind, int, bool, str], ...] = (
+    # (Limits field, kind, period, weighted, ledger kind name)
+    ("requests_per_minute", LimitKind.REQUESTS, MINUTE_NS, False, "gcra"),
+    ("tokens_per_minute", LimitKind.TOKENS, MINUTE_NS, True, "gcra"),
+    ("concurrency", LimitKind.CONCURRENCY, 0, False, "concurrency"),
+    ("requests_per_5h", LimitKind.QUOTA, FIVE_HOURS_NS, False, "window"),
+    ("tokens_per_5h", LimitKind.QUOTA, FIVE_HOURS_NS, True, "window"),
+    ("requests_per_week", LimitKind.QUOTA, WEEK_NS, False, "window"),
+    ("tokens_per_week", LimitKind.QUOTA, WEEK_NS, True, "window"),
+)
+
+
+def adaptive_gcra(mrps: int) -> tuple[int, int]:
+    """(limit, period_ns) of a GCRA admitting ``mrps``/1000 requests per second.
+
+    The burst is about one second of traffic (at least one request): a rate
+    learned from upstream throttling is not spent in one burst.
+    """
+    limit = max(1, mrps // 1000)
+    return limit, limit * 1000 * SECOND_NS // mrps
+
+
+class Admitter:
+    """One worker's view of the ledger: plans per caller, admit, settle."""
+
+    def __init__(self, ledger: Any, impl: Any, *, worker: int, global_limits: Limits,
+                 upstream_limits: Limits, upstream_id: bytes, adaptive: bool,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.ledger = ledger
+        self.impl = impl  # the ledger module (constants)
+        self.worker = worker
+        self.clock = clock
+        self._global = global_limits
+        self._upstream = upstream_limits
+        self._upstream_id = upstream_id
+        self._adaptive = adaptive
+        self._plans: dict[str | None, Plan] = {}
+        self._adaptive_mrps = -1
+        self.activity_row = ledger.row(b"activity\0worker\0%d" % worker)
+
+    # --- plans ---------------------------------------------------------------
+
+    def plan(self, alias: str | None, key_limits: Limits | None) -> Plan:
+        """The plan of a caller (``alias`` None = open mode, no client key); cached."""
+        plan = self._plans.get(alias)
+        if plan is None:
+            plan = self._build(alias, key_limits)
+            self._plans[alias] = plan
+        return plan
+
+    def forget_plans(self) -> None:
+        """Drop cached plans (the keys file was reloaded: limits may have changed)."""
+        self._plans.clear()
+
+    def _build(self, alias: str | None, key_limits: Limits | None) -> Plan:
+        ops: list[LimitOp] = []
+        scopes: list[tuple[str, bytes, Limits]] = [("global", b"global", self._global),
+                                                    ("upstream", self._upstream_id, self._upstream)]
+        if alias is not None and key_limits is not None:
+            scopes.insert(0, ("key", b"key\0" + alias.encode(), key_limits))
+        impl = self.impl
+        for scope, ident, limits in scopes:
+            for name, what, period, weighted, kind in _SPECS:
+                value = getattr(limits, name)
+                if value is None:
+                    continue
+                key = b"limit\0" + ident + b"\0" + name.encode()
+                if kind == "window":
+                    ops.append(LimitOp(impl.KIND_WINDOW, self.ledger.window(key), value, period,
+                                       weighted, what, scope, name))
+                elif kind == "gcra":
+                    ops.append(LimitOp(impl.KIND_GCRA, self.ledger.row(key), value, period,
+                                       weighted, what, scope, name))
+                else:
+                    ops.append(LimitOp(impl.KIND_CONCURRENCY, self.ledger.row(key), value, 0,
+                                       False, what, scope, name))
+        adaptive: int | None = None
+        if self._adaptive:
+            adaptive = len(ops)
+            ops.append(LimitOp(impl.KIND_GCRA, self.ledger.row(b"limit\0adaptive"), 1, SECOND_NS,
+                               False, LimitKind.REQUESTS, "global", "adaptive_rate", adaptive=True))
+        words = impl.OP_WORDS
+        buf = array("q", bytes(8 * words * max(1, len(ops))))
+        for i, op in enumerate(ops):
+            base = i * words
+            buf[base] = op.kind
+            buf[base + 1] = op.index
+            buf[base + 2] = 1
+            buf[base + 3] = op.limit
+            buf[base + 4] = op.period_ns
+        return Plan(
+            ops=tuple(ops), buf=buf,
+            weighted=tuple(i for i, op in enumerate(ops) if op.weighted),
+            has_concurrency=any(op.kind == impl.KIND_CONCURRENCY for op in ops),
+            adaptive=adaptive, alias=alias,
+            reported=tuple((op.index, op.limit, op.period_ns, op.weighted) for op in ops
+                           if op.kind == impl.KIND_GCRA and not op.adaptive),
+        )
+
+    # --- admit / settle ------------------------------------------------------
+
+    def admit(self, plan: Plan, tokens: int) -> Admission | Refusal:
+        """Take every limit of ``plan`` for one request reserving ``tokens``, or none of them."""
+        n = len(plan.ops)
+        if n == 0:
+            return Admission(plan, tokens, ())
+        buf = plan.buf
+        words = self.impl.OP_WORDS
+        for i in plan.weighted:
+            buf[i * words + 2] = tokens
+        if plan.adaptive is not None:
+            mrps = self.ledger.scalar_get(SC_ADAPTIVE_MRPS)
+            base = plan.adaptive * words
+            if mrps <= 0:
+                # No learned rate: the op must not limit anything. A huge limit admits all.
+                buf[base + 3], buf[base + 4] = 1 << 40, SECOND_NS
+            else:
+                buf[base + 3], buf[base + 4] = adaptive_gcra(mrps)
+        failed = self.ledger.admit(buf, n, self.clock(), self.worker)
+        if failed >= 0:
+            base = failed * words
+            return Refusal(plan.ops[failed], buf[base + 6], buf[base + 2])
+        epochs = tuple(buf[i * words + 5] for i in range(n))
+        return Admission(plan, tokens, epochs)
+
+    def settle(self, admission: Admission, used_tokens: int | None) -> None:
+        """Release the lease and reconcile tokens; ``used_tokens`` None = keep the reservation.
+
+        Idempotent: a second call does nothing.
+        """
+        if admission.settled:
+            return
+        admission.settled = True
+        plan = admission.plan
+        ledger = self.ledger
+        impl = self.impl
+        worker = self.worker
+        for op in plan.ops:
+            if op.kind == impl.KIND_CONCURRENCY:
+                ledger.release(op.index, worker)
+        if used_tokens is None or used_tokens == admission.tokens:
+            return
+        delta = used_tokens - admission.tokens
+        now = self.clock()
+        for i in plan.weighted:
+            op = plan.ops[i]
+            if op.kind == impl.KIND_GCRA:
+                if delta > 0:
+                    ledger.gcra_charge(op.index, delta, op.limit, op.period_ns, now)
+                else:
+                    ledger.gcra_give(op.index, -delta, op.limit, op.period_ns)
+            elif delta > 0:
+                ledger.window_charge(op.index, delta, op.period_ns, now)
+            else:
+                ledger.window_give(op.index, -delta, admission.epochs[i], op.period_ns, now)
+
+    def cancel(self, admission: Admission) -> None:
+        """Undo an admission entirely: the request never reached upstream."""
+        if admission.settled:
+            return
+        admission.settled = True
+        plan = admission.plan
+        n = len(plan.ops)
+        if n == 0:
+            return
+        buf = plan.buf
+        words = self.impl.OP_WORDS
+        # The buffer is shared by the plan's requests: put this one's costs and epochs back.
+        for i in range(n):
+            buf[i * words + 2] = admission.tokens if plan.ops[i].weighted else 1
+            buf[i * words + 5] = admission.epochs[i]
+        self.ledger.release_ops(buf, n, self.worker, self.clock())
+
+    # --- reporting -----------------------------------------------------------
+
+    def rate_states(self, plan: Plan) -> tuple[RateState | None, RateState | None]:
+        """(requests, tokens): the tightest per-minute limit of each kind, for headers."""
+        requests: RateState | None = None
+        tokens: RateState | None = None
+        if not plan.reported:
+            return None, None
+        now = self.clock()
+        state_of = self.ledger.gcra_state
+        for index, limit, period_ns, weighted in plan.reported:
+            remaining, reset_ns = state_of(index, limit, period_ns, now)
+            if weighted:
+                if tokens is None or remaining < tokens.remaining:
+                    tokens = RateState(limit, remaining, reset_ns)
+            elif requests is None or remaining < requests.remaining:
+                requests = RateState(limit, remaining, reset_ns)
+        return requests, tokens
+
+    def note_upstream(self, throttle: str | None = None, counted_epoch: int = -1) -> int:
+        """Count one upstream answer for the adaptive rate.
+
+        ``throttle`` is the class of an account-throttle 429 (``concurrency``,
+        ``frequency``, ``unknown``; None for any other answer). ``counted_epoch`` is
+        what this call returned for an earlier attempt of the same request (-1 for
+        none): a request counts as a throttled *request* once per evidence epoch
+        (``SC_ADAPTIVE_EPOCH``, bumped by the supervisor at each evidence event), so its
+        retries count again only as evidence about the new rate.
+        Returns the epoch the request is now counted in.
+        """
+        ledger = self.ledger
+        row = self.activity_row
+        ledger.counter_add(row, W_UPSTREAM_REQUESTS, 1)
+        if throttle is None:
+            return counted_epoch
+        ledger.counter_add(row, W_UPSTREAM_THROTTLED, 1)
+        ledger.counter_add(row, _THROTTLE_WORDS.get(throttle, W_THROTTLED_UNKNOWN), 1)
+        epoch: int = ledger.scalar_get(SC_ADAPTIVE_EPOCH)
+        if epoch != counted_epoch:
+            ledger.counter_add(row, W_THROTTLED_REQUESTS, 1)
+        return epoch
+
+
+def format_reset(ns: int) -> str:
+    """A duration as OpenAI writes it in ``x-ratelimit-reset-*``: ``120ms``, ``6s``, ``1m30s``."""
+    if ns <= 0:
+        return "0s"
+    ms = -(-ns // 1_000_000)
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms / 1000
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    out = ""
+    if hours:
+        out += f"{hours}h"
+    if hours or minutes:
+        out += f"{minutes}m"
+    out += f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    return out
+
+
+def ratelimit_headers(requests: RateState | None, tokens: RateState | None,
+                      out: list[tuple[bytes, bytes]]) -> None:
+    """Append the ``x-ratelimit-*`` trios (OpenAI's names) for the limits that apply."""
+    if requests is not None:
+        out.append((b"x-ratelimit-limit-requests", b"%d" % requests.limit))
+        out.append((b"x-ratelimit-remaining-requests", b"%d" % requests.remaining))
+        out.append((b"x-ratelimit-reset-requests", format_reset(requests.reset_ns).encode()))
+    if tokens is not None:
+        out.append((b"x-ratelimit-limit-tokens", b"%d" % tokens.limit))
+        out.append((b"x-ratelimit-remaining-tokens", b"%d" % tokens.remaining))
+        out.append((b"x-ratelimit-reset-tokens", format_reset(tokens.reset_ns).encode()))
+
+
+@dataclass
+class WaitQueue:
+    """Per-worker bound on requests waiting for a limit (``queue_timeout`` > 0)."""
+
+    max_waiting: int
+    waiting: int = field(default=0)
+
+    def try_enter(self) -> bool:
+        if self.waiting >= self.max_waiting:
+            return False
+        self.waiting += 1
+        return True
+
+    def leave(self) -> None:
+        self.waiting -= 1

@@ -1,0 +1,1 @@
+"""The request path: routing, the gate, the exchange and relay, control routes."""

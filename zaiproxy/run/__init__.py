@@ -1,0 +1,1 @@
+"""Processes: the supervisor, the workers, their sockets."""

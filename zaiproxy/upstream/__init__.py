@@ -1,0 +1,1 @@
+"""The upstream side: connection pool, request headers, Z.AI 429 handling."""

@@ -79,8 +79,7 @@ def best_ns(fn: Callable[[int], None], iterations: int, repeat: int) -> float:
 
 def records(aliases: int) -> list[Any]:
     """One record per series combination of a busy host (and per alias x status)."""
-    from zaiproxy.core.record import RequestRecord
-    from zaiproxy.request.usage import Usage
+    from zaiproxy.core.record import RequestRecord, Usage
 
     out = []
     for i, template in enumerate(TEMPLATES):
@@ -199,8 +198,7 @@ class PromMetrics:
 
 
 def chat_record() -> Any:
-    from zaiproxy.core.record import RequestRecord
-    from zaiproxy.request.usage import Usage
+    from zaiproxy.core.record import RequestRecord, Usage
 
     return RequestRecord(request_id="r", method="POST", route="/v1/chat/completions",
                          status=200, duration_s=0.8, bytes_in=2000, client="c", model="glm-4.6",

@@ -35,13 +35,12 @@ from typing import Any
 import duckdb
 
 from zaiproxy.core import logs
-from zaiproxy.core.record import RequestRecord
+from zaiproxy.core.record import RequestRecord, Usage
 from zaiproxy.observe.recorder import wire
 from zaiproxy.observe.recorder.service import Recorder
 from zaiproxy.observe.recorder.sink import RecordSink
 from zaiproxy.observe.recorder.store import HistoryStore, db_row
 from zaiproxy.observe.recorder.supervise import make_channel
-from zaiproxy.request.usage import Usage
 
 RECORD = RequestRecord(
     request_id="a1b2c3d400000001", method="POST", route="/v1/messages", status=200,

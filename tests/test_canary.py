@@ -27,6 +27,7 @@ import pytest
 
 from tests.test_metrics import IMPLEMENTATIONS, Host, rec, scrape
 from zaiproxy.cli import build_parser
+from zaiproxy.core.record import Usage
 from zaiproxy.fleet.canary import (
     EXIT_PROMOTE,
     EXIT_ROLL_BACK,
@@ -53,7 +54,6 @@ from zaiproxy.fleet.canary_sources import (
 from zaiproxy.fleet.collector_store import _SCHEMA, Store, row_of
 from zaiproxy.observe import snapshot
 from zaiproxy.observe.snapshot import Counts, Rates
-from zaiproxy.request.usage import Usage
 
 T = Thresholds()
 PROD = Window(requests=1000, ok=990, server_errors=10, rate_limited=20, usage_missing=0,

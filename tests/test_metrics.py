@@ -30,11 +30,10 @@ from zaiproxy.core.pricing import (
     load_prices,
     parse_prices,
 )
-from zaiproxy.core.record import RequestRecord
+from zaiproxy.core.record import RequestRecord, Usage
 from zaiproxy.limits.ledger import load
 from zaiproxy.observe.metrics import DURATION, REQUEST_SIZE, REQUESTS, RecorderCells, WorkerMetrics
 from zaiproxy.observe.shm_metrics import KEY_MAX, SLOT_BYTES, NamesFile, names_offset
-from zaiproxy.request.usage import Usage
 
 IMPLEMENTATIONS = ["native", "python"]
 # 2026-11-27 04:00 UTC = 12:00 in Beijing: outside the default 14:00-18:00 peak window.

@@ -20,7 +20,7 @@ import orjson
 import pytest
 import trio
 
-from zaiproxy.core.record import RequestRecord
+from zaiproxy.core.record import RequestRecord, Usage
 from zaiproxy.observe.recorder import wire
 from zaiproxy.observe.recorder.queries import (
     QueryError,
@@ -40,7 +40,6 @@ from zaiproxy.observe.recorder.schema import (
 from zaiproxy.observe.recorder.service import Recorder
 from zaiproxy.observe.recorder.sink import RecordSink
 from zaiproxy.observe.recorder.store import DAY, HistoryStore, db_row
-from zaiproxy.request.usage import Usage
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z: a minute boundary (T0 % 60 == 0)
 

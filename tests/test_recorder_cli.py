@@ -14,11 +14,10 @@ import pytest
 
 from tests.harness import REPO
 from zaiproxy.cli import build_parser
-from zaiproxy.core.record import RequestRecord
+from zaiproxy.core.record import RequestRecord, Usage
 from zaiproxy.observe.recorder import cli, wire
 from zaiproxy.observe.recorder.process import endpoint_file
 from zaiproxy.observe.recorder.store import HistoryStore, db_row
-from zaiproxy.request.usage import Usage
 
 
 class Text:

@@ -16,11 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from zaiproxy.core.record import Usage
 from zaiproxy.http.sse import SSEEvent, SSEParser
 from zaiproxy.mock import payloads
 from zaiproxy.request import tokens
 from zaiproxy.request.tokens import count_text
-from zaiproxy.request.usage import StreamUsage, Usage, UsageTracker, usage_from_body
+from zaiproxy.request.usage import StreamUsage, UsageTracker, stream_usage, usage_from_body
 from zaiproxy.request.usage_rewrite import UsageChunkStripper, add_include_usage
 
 E = SSEEvent
@@ -1043,13 +1044,13 @@ async def test_stream_usage_in_a_thread_equals_inline() -> None:
     stream = b"".join(without_usage(payloads.chat_events("r1", "m", 400, 9, 10)))
     big = feed_all(UsageTracker("openai"), [stream])
     assert big.pending_bytes >= tokens.THRESHOLD
-    threaded = await tokens.stream_usage(big)
+    threaded = await stream_usage(big)
     assert threaded == feed_all(UsageTracker("openai"), [stream]).usage_estimated()
     assert threaded is not None
     assert threaded.usage.output_tokens == count_text(payloads.expected_text(400, 9))
     small = feed_all(UsageTracker("openai"), [b"".join(without_usage(payloads.chat_events("r", "m", 3, 4, 1)))])
     assert small.pending_bytes < tokens.THRESHOLD
-    assert await tokens.stream_usage(small) == StreamUsage(Usage(0, count_text(payloads.expected_text(3, 4))), True, False)
+    assert await stream_usage(small) == StreamUsage(Usage(0, count_text(payloads.expected_text(3, 4))), True, False)
 
 
 # --------------------------------------------------------------------------------------

@@ -33,7 +33,10 @@ from typing import Any, Final
 from zaiproxy.core import config_values as values
 from zaiproxy.core import pricing
 from zaiproxy.core.limitspec import LIMIT_MAX, LIMIT_NAMES, Limits
-from zaiproxy.limits.adaptive import RECOVERY_STEP_S
+
+# One recovery step of the adaptive upstream rate per this long without throttling
+# (limits/adaptive.py); adaptive_forget_after must be longer than one step.
+ADAPTIVE_RECOVERY_STEP_S: Final = 10.0
 
 MASK: Final = "********"
 REDACTED: Final = "<redacted>"
@@ -455,10 +458,10 @@ def load_config(
         layers.problems.append(
             "limits.adaptive_min_rps: must not be greater than limits.adaptive_max_rps"
         )
-    if merged["adaptive_forget_after"] <= RECOVERY_STEP_S:
+    if merged["adaptive_forget_after"] <= ADAPTIVE_RECOVERY_STEP_S:
         # A horizon within one recovery step would forget a cap before it ever recovered.
         layers.problems.append(
-            f"limits.adaptive_forget_after: must be longer than the {RECOVERY_STEP_S:g} s "
+            f"limits.adaptive_forget_after: must be longer than the {ADAPTIVE_RECOVERY_STEP_S:g} s "
             "recovery step"
         )
     if layers.problems:

@@ -48,12 +48,10 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from zaiproxy.core.config_values import Invalid, string
-
-if TYPE_CHECKING:  # no import at run time: config.py imports this module
-    from zaiproxy.request.usage import Usage
+from zaiproxy.core.record import Usage
 
 TIER_STANDARD: Final = "standard"
 TIER_PEAK: Final = "peak"

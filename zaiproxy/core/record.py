@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zaiproxy.request.usage import Usage
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts for one response, in the Anthropic vocabulary."""
+
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

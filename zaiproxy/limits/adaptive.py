@@ -74,6 +74,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Final, TypeGuard
 
+from zaiproxy.core.config import ADAPTIVE_RECOVERY_STEP_S
+
 STATE_VERSION: Final = 2
 # A state file is a few hundred bytes; anything much bigger is not ours.
 _STATE_MAX_BYTES: Final = 64 * 1024
@@ -83,7 +85,7 @@ _EPS: Final = 1e-9
 # within one tick is averaged over that tick, not over the microseconds it took.
 _MIN_SPAN_S: Final = 1.0
 # The default recovery step (config.py checks adaptive_forget_after against it).
-RECOVERY_STEP_S: Final = 10.0
+RECOVERY_STEP_S: Final = ADAPTIVE_RECOVERY_STEP_S
 # The classes of account throttle, in the order a tie names the reason.
 REASONS: Final = ("frequency", "concurrency", "unknown")
 

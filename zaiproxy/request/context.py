@@ -19,10 +19,10 @@ from zaiproxy.upstream.zai import RetryPolicy
 
 if TYPE_CHECKING:
     from zaiproxy.core.config import Config
+    from zaiproxy.core.record import Usage
     from zaiproxy.limits.keys import KeyTable
     from zaiproxy.observe.metrics import WorkerMetrics
     from zaiproxy.observe.recorder.sink import RecordSink
-    from zaiproxy.request.usage import Usage
 
 
 # Values of the supervisor's shared state cell (read by /ready in every worker).

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from zaiproxy.core.errors import Forbidden, RateLimited, RequestTooLargeForLimit, Unauthorized
+from zaiproxy.core.record import Usage
 from zaiproxy.limits.admission import (
     Admission,
     LimitKind,
@@ -31,7 +32,6 @@ from zaiproxy.limits.admission import (
 )
 from zaiproxy.limits.keys import ClientKey, client_credential
 from zaiproxy.request import tokens
-from zaiproxy.request.usage import Usage
 
 if TYPE_CHECKING:
     from zaiproxy.http.http11 import h11

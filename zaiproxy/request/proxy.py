@@ -23,10 +23,11 @@ import orjson
 import trio
 
 from zaiproxy.core.errors import Api, UpstreamError, UpstreamTimeout, sse_error_event
+from zaiproxy.core.record import Usage
 from zaiproxy.http.http11 import h11
-from zaiproxy.request import gate, tokens
+from zaiproxy.request import gate
 from zaiproxy.request.routing import Route
-from zaiproxy.request.usage import StreamUsage, Usage, UsageTracker, usage_from_body
+from zaiproxy.request.usage import StreamUsage, UsageTracker, stream_usage, usage_from_body
 from zaiproxy.request.usage_rewrite import UsageChunkStripper, add_include_usage
 from zaiproxy.upstream import zai
 from zaiproxy.upstream.forward import (
@@ -248,7 +249,7 @@ async def proxy(
     if tracker is not None:
         tracker.close()
         if cfg.token_counting:
-            _apply_stream_usage(outcome, await tokens.stream_usage(tracker))
+            _apply_stream_usage(outcome, await stream_usage(tracker))
         else:
             outcome.usage = tracker.usage  # upstream's report only; nothing to count
     elif kept and kept_len <= USAGE_BODY_LIMIT:

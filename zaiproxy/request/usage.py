@@ -16,20 +16,12 @@ from typing import Any, Literal
 
 import orjson
 
+from zaiproxy.core.record import Usage
 from zaiproxy.http.sse import Bytes, SSEEvent, SSEParser
+from zaiproxy.request import tokens
 from zaiproxy.request.tokens import count_text
 
-__all__ = ["StreamUsage", "Usage", "UsageTracker", "usage_from_body"]
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Token counts for one response, in the Anthropic vocabulary."""
-
-    input_tokens: int
-    output_tokens: int
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
+__all__ = ["StreamUsage", "UsageTracker", "stream_usage", "usage_from_body"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +61,7 @@ class UsageTracker:
     keeping only a running count. :meth:`output_estimate` and
     :meth:`usage_estimated` count whatever is still held; ``pending_bytes`` tells
     the caller whether that is big enough to do in a thread
-    (:func:`zaiproxy.request.tokens.stream_usage` does exactly that).
+    (:func:`stream_usage` does exactly that).
 
     The text of all deltas is counted as one string, as the model produced it,
     not delta by delta: a word split over two deltas is one token, not two. The
@@ -414,3 +406,13 @@ def _has_non_null(data: str, key: str) -> bool:
         # Otherwise `key` is a string value (e.g. "type":"usage"), not a key.
         start = data.find(key, end)
     return False
+
+
+async def stream_usage(tracker: UsageTracker) -> StreamUsage | None:
+    """``tracker.usage_estimated()``, in a worker thread when a big count is still pending.
+
+    The caller must not feed the tracker while this runs (it is done with the
+    stream by then). Not abandoned on cancel: the thread works on the tracker.
+    """
+    return await tokens.run_count(tracker.usage_estimated,
+                                  big=tracker.pending_bytes >= tokens.THRESHOLD)

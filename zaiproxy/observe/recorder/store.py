@@ -33,6 +33,7 @@ from typing import Any, Final
 import duckdb
 
 from zaiproxy.core.pricing import PriceTable
+from zaiproxy.core.record import Usage
 from zaiproxy.observe.recorder.schema import (
     PROGRESS_COLUMNS,
     REQUESTS_COLUMNS,
@@ -45,7 +46,6 @@ from zaiproxy.observe.recorder.schema import (
 )
 from zaiproxy.observe.recorder.sequence import Chunk, Progress, Settlement, SourceKey, settle
 from zaiproxy.observe.recorder.wire import MAX_ERROR_CHARS, ROW_FIELDS
-from zaiproxy.request.usage import Usage
 
 DAY: Final = 86400.0
 ROLLUP_GRACE: Final = 5.0  # seconds after a minute ends before it is rolled

@@ -10,6 +10,7 @@ Never holds a key or a raw path: ``route`` is the route template.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,20 @@ class Usage:
     cache_write_tokens: int = 0
 
 
+# The one place that knows how each API reports input: Anthropic's input_tokens excludes
+# cache reads and writes; OpenAI's prompt_tokens includes the cached part.
+INPUT_INCLUDES_CACHE: Final = {"openai": True, "anthropic": False}
+
+
+def billed_tokens(api: str | None, usage: Usage) -> int:
+    """Tokens a usage counts against token limits: the whole prompt (cache included) plus
+    the completion."""
+    if INPUT_INCLUDES_CACHE.get(api or "openai", True):
+        return usage.input_tokens + usage.output_tokens
+    return (usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
+            + usage.output_tokens)
+
+
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
     request_id: str
@@ -31,6 +46,10 @@ class RequestRecord:
     duration_s: float
     bytes_in: int
     client: str
+    # "openai" | "anthropic" for a proxied API route; None for control routes (/health,
+    # /metrics, /admin/*) and heads refused before routing: consumers count API traffic
+    # by this, never by re-deriving it from the route.
+    api: str | None = None
     model: str | None = None  # as the client sent it, truncated to 128 characters
     stream: bool | None = None
     upstream_status: int | None = None

@@ -390,7 +390,7 @@ class ClientConnection:
         await self.send_error(err, api)
         self._emit(RequestRecord(
             request_id=self.request_id.decode(),
-            method="-" if method == "-" else safe_method(method), route="other",
+            method="-" if method == "-" else safe_method(method), route="other", api=api.value,
             status=err.status, duration_s=0.0, bytes_in=0, client=self.client_ip,
             error=err.message))
 
@@ -484,7 +484,7 @@ class ClientConnection:
         finally:
             if in_flight:
                 ctx.metrics.request_ended(stream_flag is True)
-            self._log(method, target, route, started, len(body), model, stream_flag, outcome, error,
+            self._log(method, api, route, started, len(body), model, stream_flag, outcome, error,
                       alias, ticket)
 
     async def _control(self, control: Control, request: h11.Request, body: bytes) -> None:
@@ -546,7 +546,7 @@ class ClientConnection:
         await self.send_simple(200, orjson.dumps({"input_tokens": est.prompt_tokens}),
                                headers=((b"x-zaiproxy-estimate", b"cl100k_base"),))
 
-    def _log(self, method: str, target: str, route: Route | None, started: float, bytes_in: int,
+    def _log(self, method: str, api: Api, route: Route | None, started: float, bytes_in: int,
              model: str | None, stream_flag: bool | None, outcome: Outcome | None,
              error: str | None, alias: str | None = None,
              ticket: gate.Ticket | None = None) -> None:
@@ -555,6 +555,8 @@ class ClientConnection:
             method=safe_method(method),
             # The template, never the raw path: raw paths may carry anything.
             route=route.template if route is not None else "other",
+            # Control routes are not API traffic; an unrouted request keeps its guessed shape.
+            api=None if route is not None and route.control is not None else api.value,
             # 499: the client closed the connection before a response (nginx's convention).
             status=self.response_status or (499 if self.gone else 0),
             duration_s=trio.current_time() - started,

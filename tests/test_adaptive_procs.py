@@ -136,9 +136,14 @@ async def test_a_stale_state_file_does_not_cap_a_fresh_start(tmp_path: Path, ver
         statuses = [(await request(proxy.port, "POST", "/v1/chat/completions", [JSON], CHAT)).status
                     for _ in range(10)]
         assert statuses == [200] * 10  # 1.2 rps with a burst of 1 would have refused 9
-        expected = ("format 1 has no throttle time" if version == 1
-                    else "saved adaptive state not restored (last throttle 18000 s ago")
-        assert expected in proxy.logs()
+        if version == 1:
+            assert "format 1 has no throttle time" in proxy.logs()
+        else:
+            # The age is rounded to the second when the supervisor starts: a loaded machine
+            # can take a few seconds from writing the file to that.
+            ages = [int(m) for m in re.findall(
+                r"saved adaptive state not restored \(last throttle (\d+) s ago", proxy.logs())]
+            assert len(ages) == 1 and 18000 <= ages[0] <= 18060, ages
     finally:
         proxy.stop()
         mock.stop()

@@ -2,8 +2,10 @@
 #
 # Two stages: `build` compiles the Cython ledger (_native/_ledger.pyx) into a wheel with gcc;
 # `runtime` installs only that wheel and its dependencies, so no compiler, no sources and no
-# build tools reach the image. tests/test_container.py runs the build stage's steps outside
-# Docker (same COPYs, same `pip wheel` command) and checks what comes out.
+# build tools reach the image. The wheel installs the folders _native/ and tui/ as
+# zaiproxy._native and zaiproxy_tui (pyproject.toml): no other top-level import names.
+# tests/test_container.py runs the build stage's steps outside Docker (same COPYs, same
+# `pip wheel` command) and checks what comes out.
 
 # ---- build: the wheel with the compiled extension -----------------------------------------
 FROM python:3.11-slim AS build
@@ -30,7 +32,7 @@ COPY --from=build /dist/ /tmp/dist/
 # native ledger does not import, as `make dev` does.
 RUN pip install /tmp/dist/zaiproxy-*.whl \
  && rm -rf /tmp/dist \
- && python -c "import _native._ledger" \
+ && python -c "import zaiproxy._native._ledger" \
  && groupadd --system --gid 10001 zaiproxy \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/zaiproxy --no-create-home \
       --shell /usr/sbin/nologin zaiproxy \

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py _native/_ledger.pyx _native/_atomic.h
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -c "import _native._ledger"  # fail here, not at start-up, if the build broke
+	$(BIN)/python -c "import zaiproxy._native._ledger"  # fail here, not at start-up, if the build broke
 	touch $(STAMP)
 
 dev: $(STAMP)
@@ -48,7 +48,8 @@ check: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# The bench suite (bench/README.md): the mock directly, zaiproxy and nginx; ~6 minutes.
+# The bench suite (bench/README.md): the mock directly, zaiproxy and nginx; ~6 minutes. It talks
+# to the proxy over HTTP only (bench/micro/ holds the in-process micro-benchmarks).
 # Debian keeps nginx in /usr/sbin, often not on a user's PATH; gcc builds bench/loadgen.
 bench: $(STAMP)
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { apt-get update -qq && apt-get install -y -qq nginx; }

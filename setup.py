@@ -2,6 +2,10 @@
 
 Everything else about the package lives in pyproject.toml; setup.py exists
 only because the extension needs a build step (docs/architecture.md).
+
+The folder _native/ is installed as the package zaiproxy._native (pyproject.toml's
+package-dir), so the extension's module name is zaiproxy._native._ledger; the built .so lands
+in _native/ for the editable install and in zaiproxy/_native/ in a wheel.
 """
 
 from Cython.Build import cythonize
@@ -9,7 +13,7 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension(
-        "_native._ledger",
+        "zaiproxy._native._ledger",
         ["_native/_ledger.pyx"],
         # _atomic.h: the __atomic builtins the ledger uses (cdef extern from "_atomic.h").
         include_dirs=["_native"],
@@ -23,5 +27,8 @@ setup(
         extensions,
         language_level="3",
         compiler_directives={"boundscheck": False, "wraparound": False},
+        # The generated C goes under build/, not beside the .pyx: it stays out of the wheel
+        # (2 MB) and a _ledger.c left by an older build (another module name) is never reused.
+        build_dir="build/cython",
     )
 )

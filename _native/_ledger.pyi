@@ -1,5 +1,6 @@
-# Stubs for the Cython module _native._ledger. The pure-Python twin _native/_ledger_py.py
-# has the same API (and is type-checked from its source).
+# Stubs for the Cython module zaiproxy._native._ledger (built from _native/_ledger.pyx). The
+# pure-Python twin zaiproxy._native._ledger_py (_native/_ledger_py.py) has the same API and is
+# type-checked from its source.
 from typing import Final, Self
 
 from typing_extensions import Buffer

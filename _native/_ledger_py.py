@@ -1,4 +1,4 @@
-"""Pure-Python twin of ``_native._ledger``: the same segment, the same results, slower.
+"""Pure-Python twin of ``zaiproxy._native._ledger``: the same segment, the same results, slower.
 
 The byte layout, the algorithms and the crash-safety rules are described in
 ``_native/README.md`` and in ``_ledger.pyx``; this file mirrors the native code

@@ -43,7 +43,7 @@ from tests.harness import (
     start_mock,
     start_proxy,
 )
-from zaiproxy.limits.admission import SC_ADAPTIVE_MRPS
+from zaiproxy.limits.cells import SC_ADAPTIVE_MRPS
 from zaiproxy.limits.ratecontrol import RateController
 
 # 2026-11-27T12:00:00Z: three hours before the reset in the mock's 1308 text.

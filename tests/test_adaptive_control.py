@@ -15,7 +15,8 @@ import pytest
 from zaiproxy.core.config import Config
 from zaiproxy.core.limitspec import Limits
 from zaiproxy.limits import ledger as ledger_mod
-from zaiproxy.limits.admission import (
+from zaiproxy.limits.admission import Admitter
+from zaiproxy.limits.cells import (
     SC_ADAPTIVE_CEILING_MRPS,
     SC_ADAPTIVE_EPOCH,
     SC_ADAPTIVE_MRPS,
@@ -23,7 +24,6 @@ from zaiproxy.limits.admission import (
     SC_ADAPTIVE_RESET,
     SC_ADAPTIVE_THROTTLED_AT_MS,
     SC_ADJUST_DOWN,
-    Admitter,
 )
 from zaiproxy.limits.ratecontrol import RateController, upstream_key_id
 from zaiproxy.limits.report import adaptive_state

@@ -12,9 +12,11 @@ import trio
 
 from tests.harness import RawClient, make_config, request, start_mock, start_proxy
 from zaiproxy.core.errors import BadRequest
+from zaiproxy.core.logs import get_logger
 from zaiproxy.http.sse import SSEParser
 from zaiproxy.limits.ratecontrol import RateController
 from zaiproxy.request import admin
+from zaiproxy.request.context import EventsTiming
 
 TOKEN = "adm-secret-xyz"
 AUTH = [("authorization", f"Bearer {TOKEN}")]
@@ -289,16 +291,9 @@ async def read_events(client: RawClient, count: int) -> list[tuple[str | None, s
     return got
 
 
-async def test_events_stream_connected_metrics_heartbeat(nursery, upstream, monkeypatch):
-    monkeypatch.setattr(admin, "EVENTS_INTERVAL_S", 0.1)
-    monkeypatch.setattr(admin, "HEARTBEAT_S", 0.15)
-    orig = admin.stream_events
-
-    async def fast(ctx, client, **kw):
-        await orig(ctx, client, interval=0.1, heartbeat=0.15, send_timeout=1.0)
-
-    monkeypatch.setattr(admin, "stream_events", fast)
+async def test_events_stream_connected_metrics_heartbeat(nursery, upstream):
     proxy = await start_proxy(nursery, make_config(upstream))
+    proxy.worker.ctx.events = EventsTiming(interval=0.1, heartbeat=0.15, send_timeout=1.0)
     client = await RawClient.connect("127.0.0.1", proxy.port)
     await client.stream.send_all(b"GET /admin/events HTTP/1.1\r\nhost: x\r\n\r\n")
     with trio.fail_after(10):
@@ -343,15 +338,10 @@ class MetricsEvents:
         return self.pending.pop(0)
 
 
-async def test_events_carry_rates_since_the_previous_event(nursery, upstream, monkeypatch):
-    orig = admin.stream_events
-
-    async def fast(ctx, client, **kw):
-        await orig(ctx, client, interval=0.05, heartbeat=60, send_timeout=1.0)
-
-    monkeypatch.setattr(admin, "stream_events", fast)
+async def test_events_carry_rates_since_the_previous_event(nursery, upstream):
     proxy = await start_proxy(nursery, make_config(upstream, deployment_variant="canary",
                                                    concurrency=5))
+    proxy.worker.ctx.events = EventsTiming(interval=0.05, heartbeat=60, send_timeout=1.0)
     client = await RawClient.connect("127.0.0.1", proxy.port)
     events = MetricsEvents(client)
     with trio.fail_after(10):
@@ -393,16 +383,39 @@ async def test_events_drops_a_consumer_that_does_not_read(nursery, upstream):
     from trio.testing import lockstep_stream_pair
 
     from zaiproxy.http.http11 import h11 as proxy_h11
-    from zaiproxy.request.server import ClientConnection
+    from zaiproxy.request.pipeline import Pipeline
 
     proxy = await start_proxy(nursery, make_config(upstream))
     ctx = proxy.worker.ctx
     ours, theirs = lockstep_stream_pair()
-    conn = ClientConnection(ours, ctx, "127.0.0.1")
+    conn = Pipeline(ctx).connection(ours, "127.0.0.1")
     conn.conn.receive_data(b"GET /admin/events HTTP/1.1\r\nhost: x\r\n\r\n")
     assert type(conn.conn.next_event()) is proxy_h11.Request
     conn.request_id = b"test"
     with trio.fail_after(5):
-        await admin.stream_events(ctx, conn, interval=0.01, heartbeat=0.02, send_timeout=0.2)
+        ctx.events = EventsTiming(interval=0.01, heartbeat=0.02, send_timeout=0.2)
+        await admin.stream_events(ctx, conn)
     assert conn.gone  # aborted: the connection is closed instead of held open
     await theirs.aclose()
+
+
+async def test_a_client_leaving_the_events_stream_is_not_an_error(nursery, upstream, log_buffer):
+    # Quitting the TUI or cutting a curl mid-stream is normal: no connection_crashed, no
+    # error-level line (it was logged as an ExceptionGroup([ClientGone()]) error).
+    proxy = await start_proxy(nursery, make_config(upstream))
+    proxy.worker.ctx.events = EventsTiming(interval=0.02, heartbeat=60, send_timeout=1.0)
+    for _ in range(3):
+        client = await RawClient.connect("127.0.0.1", proxy.port)
+        events = MetricsEvents(client)
+        with trio.fail_after(10):
+            await events.start()
+            await events.next()
+        await client.aclose()  # leaves between two events
+    # The server sees the close at its next write (one interval later) and ends quietly.
+    with trio.fail_after(10):
+        while len(proxy.worker.connections) > 0:  # noqa: ASYNC110 - no event to wait on
+            await trio.sleep(0.01)
+    get_logger().flush()
+    lines = [orjson.loads(raw) for raw in log_buffer.getvalue().splitlines()]
+    assert not [line for line in lines if line.get("level") == "error"], lines
+    assert not [line for line in lines if line.get("event") == "connection_crashed"]

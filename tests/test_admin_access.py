@@ -25,7 +25,7 @@ from tests.harness import (
     upstream_env,
 )
 from zaiproxy.request.admin_access import is_loopback, security_warnings
-from zaiproxy.request.server import ClientConnection
+from zaiproxy.request.pipeline import Pipeline
 from zaiproxy.run.worker import build_context
 
 TOKEN = "admin-token-0123456789"
@@ -34,7 +34,7 @@ TOKEN = "admin-token-0123456789"
 async def ask(ctx, client_ip: str, method: str, target: str, token: str | None = None) -> bytes:
     """One request through a ClientConnection whose peer is ``client_ip``; the raw answer."""
     client, server = trio.testing.memory_stream_pair()
-    conn = ClientConnection(server, ctx, client_ip)
+    conn = Pipeline(ctx).connection(server, client_ip)
     auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
     out = bytearray()
     async with trio.open_nursery() as nursery:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from tests.harness import REPO
@@ -65,3 +66,79 @@ def test_unknown_http_implementation_is_a_config_error() -> None:
     out = run("config", "check", env={"ZAI_API_KEY": "k", "ZAIPROXY_HTTP_IMPL": "picohttp"})
     assert out.returncode == 2
     assert "server.http_impl (env:ZAIPROXY_HTTP_IMPL): 'picohttp'" in out.stderr
+
+
+# ---- one environment for every command --------------------------------------------------
+
+
+def every_variable(tmp_path: Path) -> dict[str, str]:
+    """A valid value for every variable any command reads: each setting's every name (aliases
+    too), ZAIPROXY_CONFIG, and the variables of other commands and scripts."""
+    import certifi
+
+    from zaiproxy.core.config import CONFIG_ENV, KNOWN_ENV, OTHER_ENV, Config
+
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nalias = "alice"\nkey = "zp-test-key-0123456789abcdef"\n')
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."glm-4.6"]\ninput = 1\noutput = 2\ncache_read = 0.1\n'
+                      'cache_write = 0\n')
+    config = tmp_path / "zaiproxy.toml"
+    config.write_text("[server]\ndrain_timeout = 5\n")
+    values: dict[str, object] = {
+        "host": "127.0.0.1", "port": 0, "workers": 1, "demo": True, "drain_timeout": 5,
+        "deployment_variant": "canary", "api_key": "upstream-key-0123456789",
+        "ledger": os.environ.get("ZAIPROXY_LEDGER", "native"),
+        "http_impl": os.environ.get("ZAIPROXY_HTTP_IMPL", "h11"),
+        "ca_file": certifi.where(), "state_file": str(tmp_path / "adaptive.json"),
+        "ledger_path": str(tmp_path / "ledger"), "keys_file": str(keys),
+        "admin_token": "admin-token-0123456789", "known_models": "glm-4.6,glm-4.5",
+        "price_file": str(prices), "history_path": str(tmp_path / "history.duckdb"),
+        "concurrency": 1000, "upstream_concurrency": 1000,
+    }
+    env: dict[str, str] = {}
+    for f in fields(Config):
+        value = values.get(f.name, getattr(Config(), f.name))
+        if value is None:  # an unset limit: a generous one
+            value = 1_000_000
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        for name in f.metadata["env"]:
+            env[name] = str(value)
+    env[CONFIG_ENV] = str(config)
+    env.update({name: f"value-for-{name.lower()}" for name in OTHER_ENV})
+    env["ZAIPROXY_URL"] = "http://127.0.0.1:9"
+    assert env.keys() == KNOWN_ENV
+    return env
+
+
+def test_every_command_accepts_every_documented_variable(tmp_path: Path) -> None:
+    """A variable that belongs to another command (ZAIPROXY_TARGET_ADMIN_TOKEN is collect's)
+    made serve, history and config check refuse to start."""
+    import tomllib
+
+    from tests.harness import start_process
+    from tests.test_config import documented_variables
+
+    env = every_variable(tmp_path)
+    assert documented_variables() <= env.keys()
+
+    check = run("config", "check", env=env)
+    assert check.returncode == 0, check.stderr
+    shown = tomllib.loads(check.stdout)
+    assert shown["server"]["deployment_variant"] == "canary"
+    for secret in (env["ZAI_API_KEY"], env["ZAIPROXY_ADMIN_TOKEN"]):
+        assert secret not in check.stdout + check.stderr
+
+    serve = start_process(["serve"], env=env, stderr_path=tmp_path / "serve.log")
+    assert serve.stop() == 0, serve.logs()[-3000:]
+    assert "unknown variable" not in serve.logs()
+
+    history = run("history", "--range", "1h", env=env)
+    assert history.returncode == 0, history.stderr
+    assert "TOTAL" in history.stdout
+
+    collect = start_process(["collect", "--target", "http://127.0.0.1:9",
+                             "--db", str(tmp_path / "fleet.duckdb")],
+                            env=env, stderr_path=tmp_path / "collect.log")
+    assert collect.stop() == 0, collect.logs()[-3000:]

@@ -20,7 +20,8 @@ import trio
 import trio.testing
 
 from tests.harness import REPO, UPSTREAM_KEY, ProcessServer, RawClient, start_process, wait_until
-from zaiproxy.fleet.collector import Collector, CollectorOptions, EventHub, Target, parse_duration
+from zaiproxy.core.durations import parse_duration
+from zaiproxy.fleet.collector import Collector, CollectorOptions, EventHub, Target
 from zaiproxy.fleet.collector_store import Store, row_of
 from zaiproxy.observe import snapshot
 from zaiproxy.observe.snapshot import Counts, Histogram, Rates
@@ -64,16 +65,18 @@ def test_target_parse_rejects(url: str) -> None:
         Target.parse(url)
 
 
+# The collector's flags read core.durations' grammar (tests/test_durations.py has all of it).
 @pytest.mark.parametrize(("text", "seconds"), [("5", 5), ("0.5s", 0.5), ("15m", 900),
                                                ("6h", 21600), ("7d", 604800)])
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["0", "-1s", "soon", "inf", "5w"])
+@pytest.mark.parametrize("text", ["0", "-1s", "soon", "inf", "5y"])
 def test_parse_duration_rejects(text: str) -> None:
-    with pytest.raises(ValueError, match="--interval"):
+    with pytest.raises(ValueError, match=r"^--interval: ") as info:
         parse_duration(text, "--interval")
+    assert repr(text) in str(info.value)  # the message names the input
 
 
 def rates(variant: str, seconds: float, requests: float, errors: float,
@@ -480,7 +483,7 @@ async def test_a_consumer_that_stops_reading_is_dropped(admin: tuple[Collector, 
     fast = await RawClient.connect("127.0.0.1", port)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(collector._serve_connection, slow_server)
+            nursery.start_soon(collector.serve_connection, slow_server)
             await slow_client.send_all(b"GET /admin/events HTTP/1.1\r\nhost: x\r\n"
                                        b"authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
             reader = SSEReader(fast)
@@ -592,12 +595,12 @@ async def test_two_live_variants_with_a_restart(nursery: trio.Nursery, tmp_path:
 
         # What was stored: never a negative increase; the restart seen as a reset (the
         # canary's 404 count went from 2 to 0).
-        await eventually(lambda: collector._db(_resets, collector.store, "canary"),
+        await eventually(lambda: collector.storage_call(_resets, collector.store, "canary"),
                          lambda n: bool(n and n > 0))
-        negatives = await collector._db(_negatives, collector.store)
+        negatives = await collector.storage_call(_negatives, collector.store)
         assert negatives == 0
         assert (await _request(prod.url, "GET", "/health", b"")).json()["pid"] != victim
-        assert await collector._db(_resets, collector.store, "production") == 0
+        assert await collector.storage_call(_resets, collector.store, "production") == 0
         history = await collector.history("5m", "all")
         assert set(history["series"]) == {"production", "canary"}
     finally:
@@ -606,18 +609,16 @@ async def test_two_live_variants_with_a_restart(nursery: trio.Nursery, tmp_path:
 
 
 def _resets(store: Store, variant: str) -> int:
-    row = store._run(lambda con: con.execute(
-        "SELECT count(*) FROM snapshots WHERE variant = ? AND reset", [variant]).fetchone())
-    return int(row[0]) if row else -1
+    rows = store.query("SELECT count(*) FROM snapshots WHERE variant = ? AND reset", [variant])
+    return int(rows[0][0]) if rows else -1
 
 
 def _negatives(store: Store) -> int:
     cols = " OR ".join(f"{c} < 0" for c in (*snapshot.COUNT_NAMES, "seconds", "latency_p50",
                                                "latency_p99"))
-    row = store._run(lambda con: con.execute(
-        f"SELECT count(*) FROM snapshots WHERE {cols} "
-        "OR list_min(latency_counts) < 0").fetchone())
-    return int(row[0]) if row else -1
+    rows = store.query(f"SELECT count(*) FROM snapshots WHERE {cols} "
+                       "OR list_min(latency_counts) < 0")
+    return int(rows[0][0]) if rows else -1
 
 
 # ---- the command ----------------------------------------------------------------------
@@ -651,8 +652,8 @@ def test_collect_command_prints_its_address_first_and_stops_on_sigterm(tmp_path:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--target", "https://x:1"], "only http:// targets"),
-    (["--target", "http://x:1", "--interval", "0"], "--interval: must be positive"),
-    (["--target", "http://x:1", "--retention", "a week"], "--retention: not a duration"),
+    (["--target", "http://x:1", "--interval", "0"], "--interval: duration must be positive"),
+    (["--target", "http://x:1", "--retention", "a week"], "--retention: bad duration 'a week'"),
     (["--target", "http://x:1", "--target", "x:1/"], "a target is given twice: http://x:1"),
 ])
 def test_collect_command_rejects_bad_arguments(args: list[str], message: str) -> None:

@@ -13,7 +13,15 @@ from pathlib import Path
 import certifi
 import pytest
 
-from zaiproxy.core.config import Config, ConfigError, load_config, render_check
+from zaiproxy.core.config import (
+    CHECK_COMMENT_COLUMN,
+    KNOWN_ENV,
+    OTHER_ENV,
+    Config,
+    ConfigError,
+    load_config,
+    render_check,
+)
 from zaiproxy.core.limitspec import Limits
 
 SECRET = "sk-live-0123456789abcdef"
@@ -461,6 +469,48 @@ def test_unknown_zaiproxy_env_var() -> None:
     assert config.port == 8080
 
 
+def test_variables_of_other_commands_are_not_unknown() -> None:
+    # Read by zaiproxy collect, the TUI, the image, the project's scripts: one environment
+    # serves every command, so none of them refuses another's variable.
+    others = {name: "x" for name in OTHER_ENV}
+    assert {"ZAIPROXY_TARGET_ADMIN_TOKEN", "ZAIPROXY_URL", "ZAIPROXY_COMMIT"} <= others.keys()
+    config, sources = load_config(env={**DEMO, **others})
+    assert config == Config(demo=True)
+    assert {k for k, v in sources.items() if v != "default"} == {"server.demo"}
+    # A typo of one is still a typo, with the hint (and a token is never echoed).
+    assert problems_of(env={**DEMO, "ZAIPROXY_TARGET_ADMIN_TOKENS": SECRET}) == [
+        "ZAIPROXY_TARGET_ADMIN_TOKENS (env): <redacted>: unknown variable; did you mean "
+        "ZAIPROXY_TARGET_ADMIN_TOKEN?"]
+
+
+# Where the project documents or reads a ZAIPROXY_ variable: the code of every command (a
+# string literal naming one), the shell scripts (``${NAME:-default}``), the docs (`NAME`).
+_DOCUMENTED = (
+    ("zaiproxy", "**/*.py", re.compile(r'"(ZAIPROXY_[A-Z0-9_]*[A-Z0-9])"')),
+    ("tui", "**/*.py", re.compile(r'"(ZAIPROXY_[A-Z0-9_]*[A-Z0-9])"')),
+    ("k8s/scripts", "*.sh", re.compile(r"\$\{(ZAIPROXY_[A-Z0-9_]*[A-Z0-9])")),
+    (".", "README.md", re.compile(r"`(ZAIPROXY_[A-Z0-9_]*[A-Z0-9])`")),
+    ("docs", "**/*.md", re.compile(r"`(ZAIPROXY_[A-Z0-9_]*[A-Z0-9])`")),
+    ("zaiproxy", "**/README.md", re.compile(r"`(ZAIPROXY_[A-Z0-9_]*[A-Z0-9])`")),
+)
+
+
+def documented_variables() -> set[str]:
+    repo = Path(__file__).resolve().parent.parent
+    found: set[str] = set()
+    for folder, pattern, regex in _DOCUMENTED:
+        for path in (repo / folder).glob(pattern):
+            found |= set(regex.findall(path.read_text(errors="replace")))
+    return found
+
+
+def test_every_documented_variable_is_known() -> None:
+    found = documented_variables()
+    assert {"ZAIPROXY_TARGET_ADMIN_TOKEN", "ZAIPROXY_URL", "ZAIPROXY_ADMIN_TOKEN",
+            "ZAIPROXY_HTTP_IMPL", "ZAIPROXY_LEDGER", "ZAIPROXY_CONFIG"} <= found
+    assert found - KNOWN_ENV == set()
+
+
 def test_zaiproxy_config_is_not_an_unknown_variable(tmp_path: Path) -> None:
     path = write_toml(tmp_path, "")
     config, _ = load_config(env={**DEMO, "ZAIPROXY_CONFIG": path})
@@ -537,6 +587,36 @@ def test_render_check_is_a_valid_config_file(tmp_path: Path) -> None:
     assert again_sources["server.deployment_variant"] == "file"
 
 
+def test_render_check_aligns_comments_without_padding_to_the_longest_value(
+        tmp_path: Path) -> None:
+    long_url = "https://" + "a" * 60 + ".example/v4"
+    config, sources = load_config(env={"ZAI_API_KEY": SECRET, "ZAIPROXY_ADMIN_TOKEN": "adm-tok",
+                                       "ZAIPROXY_OPENAI_BASE_URL": long_url})
+    text = render_check(config, sources)
+    lines = text.splitlines()
+    # The default known_models alone made every line ~200 columns wide.
+    assert max(len(line) for line in lines if long_url not in line) <= 100
+    firsts = [line for line in lines if "  # " in line]
+    assert len(firsts) == len(fields(Config))  # one source comment per setting
+    columns = {line.index("  # ") for line in firsts if len(line.split("  # ")[0].rstrip())
+               <= CHECK_COMMENT_COLUMN}
+    assert len(columns) == 1 and columns.pop() <= CHECK_COMMENT_COLUMN  # one column
+    # A single value past the column keeps its comment two spaces after it.
+    assert f'openai_base_url = "{long_url}"  # env:ZAIPROXY_OPENAI_BASE_URL' in lines
+    # A list past the column is wrapped, the comment on its first line.
+    assert row_of(text, "tokens.known_models") == ("known_models = [", "default")
+    start = lines.index(next(line for line in lines if line.startswith("known_models = [")))
+    end = lines.index("]", start)
+    assert all(line.startswith("    ") and len(line) <= 88 for line in lines[start + 1:end])
+    # Still a config file: the same values come back, secrets stay out.
+    assert SECRET not in text and "adm-tok" not in text
+    path = tmp_path / "out.toml"
+    path.write_text(text)
+    again, _ = load_config(env={"ZAI_API_KEY": SECRET, "ZAIPROXY_ADMIN_TOKEN": "adm-tok"},
+                           path=str(path))
+    assert again == config
+
+
 def row_of(text: str, key: str) -> tuple[str, str]:
     """(assignment, source) of ``section.field`` in render_check's output."""
     section, name = key.split(".")
@@ -545,7 +625,7 @@ def row_of(text: str, key: str) -> tuple[str, str]:
         if line.startswith("["):
             current = line.strip("[]")
             continue
-        left, _, source = line.rpartition("    # ")
+        left, _, source = line.rpartition("  # ")
         left = left.strip()
         if current == section and left.lstrip("# ").startswith(name + " = "):
             return re.sub(r"\s+", " ", left), source.strip()

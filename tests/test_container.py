@@ -4,7 +4,9 @@ There is no Docker daemon on the development and CI machines, so the build stage
 here step by step: the build context is the repository filtered by .dockerignore, the build
 stage's COPY instructions lay it out, and its ``pip wheel`` command (the same command string,
 only ``pip`` and the output directory substituted) builds the wheel. The wheel must carry the
-compiled ledger and the TUI's package data, and must run from a fresh virtual environment.
+compiled ledger and the TUI's package data under the project's own import names
+(``zaiproxy._native``, ``zaiproxy_tui``; no top-level ``_native`` or ``tui``), and must run
+from a fresh virtual environment.
 The runtime stage is checked as text (instructions, user, health check) and its HEALTHCHECK
 command is run against a real proxy.
 """
@@ -207,7 +209,8 @@ def test_dockerfile_is_multi_stage_with_a_compiler_only_in_the_build_stage(docke
     assert copies and all(c.startswith("--from=") for c in copies), copies
     installs = [i.args for i in runtime if i.name == "RUN" and "pip install" in i.args]
     assert len(installs) == 1 and re.search(r"pip install \S*zaiproxy-\*\.whl", installs[0])
-    assert "import _native._ledger" in installs[0]  # the build fails if the ledger does not load
+    # The build fails if the ledger does not load.
+    assert "import zaiproxy._native._ledger" in installs[0]
 
 
 def test_runtime_stage_instructions(dockerfile):
@@ -269,7 +272,8 @@ def test_dockerignore_keeps_the_sources_and_drops_local_artefacts(dockerfile):
                "_native/_ledger.cpython-311-x86_64-linux-gnu.so", "_native/_ledger.c",
                "zaiproxy/__pycache__/cli.cpython-311.pyc", "zaiproxy-history.duckdb",
                "zaiproxy-history.duckdb.wal", "bench/results/run1/x.json", ".pytest_cache/x",
-               ".hypothesis/examples/x", "tests/test_k8s.py", "k8s/base/kustomization.yaml"]
+               ".hypothesis/examples/x", "tests/test_k8s.py", "k8s/base/kustomization.yaml",
+               "typecheck/README.md", "build/cython/_native/_ledger.c"]
     assert [p for p in kept if ignored(p, rules)] == []
     assert [p for p in dropped if not ignored(p, rules)] == []
     # Everything the build stage COPYs from the context is kept.
@@ -325,7 +329,12 @@ def replay_build_stage(build: list[Instruction], context: Path, root: Path) -> P
 
 
 def test_wheel_built_like_the_image_installs_and_runs(dockerfile, tmp_path):
-    """~20 s: Cython + gcc -O2 of the ledger, then a fresh venv (measured: 17 s + 2 s)."""
+    """~20 s: Cython + gcc -O2 of the ledger, then a fresh venv and four commands in it
+    (measured: 15-24 s in all).
+
+    The one wheel build of the suite: it also checks the import names the distribution
+    installs (only ``zaiproxy`` and ``zaiproxy_tui``; the folders ``_native/`` and ``tui/`` of
+    the repository are mapped under them), from the wheel and from the venv it goes into."""
     context = build_context(tmp_path / "context")
     wheel_dir = replay_build_stage(build_stage(dockerfile), context, tmp_path / "root")
 
@@ -335,19 +344,28 @@ def test_wheel_built_like_the_image_installs_and_runs(dockerfile, tmp_path):
         names = whl.namelist()
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         assert "zaiproxy = zaiproxy.cli:main" in whl.read(entry_points).decode()
-    assert [n for n in names if re.fullmatch(r"_native/_ledger\..*\.so", n)], names
-    assert {"tui/tui.tcss", "_native/_ledger.pyi", "_native/py.typed", "zaiproxy/cli.py",
-            "zaiproxy/mock/server.py", "zaiproxy/observe/recorder/__init__.py"} <= set(names)
-    assert not [n for n in names if n.startswith("tests/")]
+        top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+        assert whl.read(top_level).decode().split() == ["zaiproxy", "zaiproxy_tui"]
+    assert [n for n in names if re.fullmatch(r"zaiproxy/_native/_ledger\..*\.so", n)], names
+    assert {"zaiproxy_tui/tui.tcss", "zaiproxy_tui/__main__.py", "zaiproxy_tui/widgets/panels.py",
+            "zaiproxy/_native/_ledger.pyi", "zaiproxy/_native/_ledger_py.py",
+            "zaiproxy/_native/py.typed", "zaiproxy/cli.py", "zaiproxy/mock/server.py",
+            "zaiproxy/observe/recorder/__init__.py"} <= set(names)
+    # No generic top-level names (tui, _native, tests, bench, ...): only the project's own.
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"zaiproxy", "zaiproxy_tui"}, top
+    # The generated C (2 MB) is a build artefact, not package data.
+    assert not [n for n in names if n.endswith(".c")], names
 
     # A fresh venv that sees the project's dependencies through a .pth file (no index, no
     # download), with the wheel installed into it; the repository is not on its path.
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = Path(subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        check=True, capture_output=True, text=True).stdout.strip())
+    site, platsite = map(Path, subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib')); "
+                       "print(sysconfig.get_path('platlib'))"],
+        check=True, capture_output=True, text=True).stdout.split())
     outer = [p for p in sys.path if p.endswith("site-packages")]
     (site / "_project_deps.pth").write_text("\n".join(outer) + "\n")
     # --ignore-installed: the project's own editable install is visible through the .pth;
@@ -362,12 +380,24 @@ def test_wheel_built_like_the_image_installs_and_runs(dockerfile, tmp_path):
                              env=clean_env, check=True, capture_output=True, text=True).stdout
     assert version.startswith(f"zaiproxy {__version__} (ledger: native,"), version
     probe = subprocess.run(
-        [python, "-c", "import _native._ledger, zaiproxy, tui, importlib.resources as r; "
-                       "print(_native._ledger.__file__); print(zaiproxy.__file__); "
-                       "print(r.files('tui').joinpath('tui.tcss').is_file())"],
+        [python, "-c", "import importlib.resources as r, importlib.util as u; "
+                       "import zaiproxy._native._ledger, zaiproxy, zaiproxy_tui; "
+                       "print(zaiproxy._native._ledger.__file__); print(zaiproxy.__file__); "
+                       "print(zaiproxy_tui.__file__); "
+                       "print(r.files('zaiproxy_tui').joinpath('tui.tcss').is_file()); "
+                       "print(u.find_spec('tui'), u.find_spec('_native'))"],
         cwd=tmp_path, env=clean_env, check=True, capture_output=True, text=True).stdout.split()
-    assert all(p.startswith(str(site)) for p in probe[:2]), probe  # the wheel's, not the repo's
-    assert probe[0].endswith(".so") and probe[2] == "True", probe
+    # The wheel's, not the repository's.
+    assert all(p.startswith((str(site), str(platsite))) for p in probe[:3]), probe
+    assert probe[0].endswith(".so") and probe[3] == "True", probe
+    assert probe[4:] == ["None", "None"], probe  # no `tui` or `_native` anywhere on the path
+    installed = {p.name for d in (site, platsite) for p in d.iterdir()
+                 if not p.name.endswith(".dist-info")}
+    assert installed == {"_project_deps.pth", "zaiproxy", "zaiproxy_tui"}, installed
+    # `zaiproxy tui` exec's `python -m zaiproxy_tui`: the installed TUI, found by its own name.
+    tui = subprocess.run([venv / "bin" / "zaiproxy", "tui", "--help"], cwd=tmp_path,
+                         env=clean_env, check=True, capture_output=True, text=True).stdout
+    assert tui.startswith("usage: zaiproxy tui"), tui
 
 
 # ---- the HEALTHCHECK against a real proxy ------------------------------------------------

@@ -24,8 +24,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from zaiproxy._native import _ledger_py
 
-from _native import _ledger_py
 from zaiproxy.limits.ledger import LedgerUnavailable, load
 
 IMPLEMENTATIONS = ["native", "python"]
@@ -37,7 +37,7 @@ def test_native_module_loaded_when_expected() -> None:
     # `make test` builds the extension; the suite must fail, not fall back, if it did not load.
     if os.environ.get("ZAIPROXY_LEDGER", "native") == "native":
         assert load().IMPLEMENTATION == "native"
-        assert load().__name__ == "_native._ledger"
+        assert load().__name__ == "zaiproxy._native._ledger"
         assert load().__file__.endswith(".so")
 
 

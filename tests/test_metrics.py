@@ -64,7 +64,8 @@ def series_of(samples: Samples) -> set[tuple[str, frozenset[tuple[str, str]]]]:
 
 def rec(**fields: Any) -> RequestRecord:
     base: dict[str, Any] = dict(request_id="r", method="POST", route="/v1/chat/completions",
-                                status=200, duration_s=0.02, bytes_in=50, client="127.0.0.1")
+                                api="openai", status=200, duration_s=0.02, bytes_in=50,
+                                client="127.0.0.1")
     base.update(fields)
     return RequestRecord(**base)
 
@@ -129,7 +130,7 @@ def test_any_worker_scrapes_the_exact_totals_of_all_workers(host: Host) -> None:
                    ttft_s=0.05, upstream_s=0.0192, queue_wait_s=2.0))
     w1.observe(rec(duration_s=400.0, bytes_in=0, status=502, model="custom-model",
                    usage=Usage(10, 20)))
-    w0.request("GET", "/v1/models", 200)
+    w0.observe(rec(method="GET", route="/v1/models", bytes_in=0))
     w1.upstream_error("upstream_timeout")
     w0.rejection("requests", "global")
     w1.rejection("requests", "global")
@@ -290,6 +291,55 @@ def test_histogram_edges(host: Host) -> None:
     assert value(got, hist + "_bucket", le="+Inf", **labels) == 6
     # inf adds a bounded amount (2**53 units) to the sum instead of poisoning it.
     assert value(got, hist + "_sum", **labels) == pytest.approx(600.0000001 + 2**53 / 1e9)
+
+
+# ---- API traffic, by the record's API -------------------------------------------------------
+
+
+def test_control_routes_are_counted_apart_from_api_traffic(host: Host) -> None:
+    """A record without an API (a control route) is no API request: not in
+    zai_proxy_requests_total nor the latency histogram (what snapshots read), only in the
+    control families, whatever its route says."""
+    w0, w1 = host.worker(0), host.worker(1)
+    w0.observe(rec(duration_s=0.2))
+    w1.observe(rec(method="GET", route="/admin/events", api=None, duration_s=694.907,
+                   bytes_out=None))
+    w1.observe(rec(method="GET", route="/metrics", api=None, duration_s=0.003))
+    # The API decides, not the route: an API request under any template is API traffic.
+    w0.observe(rec(method="GET", route="other", api="anthropic", status=404, duration_s=0.001))
+    got = scrape(w0)
+    requests = {dict(labels)["path"]: v for (name, labels), v in got.items()
+                if name == "zai_proxy_requests_total"}
+    assert requests == {"/v1/chat/completions": 1, "other": 1}
+    hist = "zai_proxy_request_duration_seconds"
+    assert sum(v for (name, _), v in got.items() if name == hist + "_count") == 2
+    assert sum(v for (name, _), v in got.items() if name == hist + "_sum") == \
+        pytest.approx(0.201)
+    assert not any(dict(labels).get("path", "").startswith(("/admin", "/metrics"))
+                   for name, labels in got if not name.startswith("zai_proxy_control_"))
+    control = "zai_proxy_control_requests_total"
+    assert value(got, control, method="GET", path="/admin/events", status="200") == 1
+    assert value(got, control, method="GET", path="/metrics", status="200") == 1
+    events = {"method": "GET", "path": "/admin/events"}
+    cd = "zai_proxy_control_request_duration_seconds"
+    assert value(got, cd + "_bucket", le="300.0", **events) == 0
+    assert value(got, cd + "_bucket", le="+Inf", **events) == 1
+    assert value(got, cd + "_sum", **events) == pytest.approx(694.907)
+
+
+def test_cached_tokens_are_split_by_the_record_s_api_not_its_route(host: Host) -> None:
+    w = host.worker(0)
+    usage = Usage(input_tokens=1000, output_tokens=10, cache_read_tokens=300)
+    # OpenAI usage counts the cached tokens inside the input; Anthropic's does not. The
+    # route template (here the same for both) says nothing about it.
+    w.observe(rec(model="glm-4.6", usage=usage, route="/api/coding/paas/v4/*", api="openai"))
+    w.observe(rec(model="glm-4.5", usage=usage, route="/api/coding/paas/v4/*", api="anthropic"))
+    got = scrape(w)
+    tok = "zai_proxy_tokens_total"
+    assert value(got, tok, direction="input", model="glm-4.6", pricing_tier="standard") == 700
+    assert value(got, tok, direction="input", model="glm-4.5", pricing_tier="standard") == 1000
+    assert value(got, tok, direction="cache_read", model="glm-4.5",
+                 pricing_tier="standard") == 300
 
 
 # ---- bounded series ------------------------------------------------------------------------
@@ -497,7 +547,7 @@ cache_write = 0.01
     assert load_prices(str(json_path)).cost("glm-4.6", usage, NOON_BEIJING) == 2.0
     # Through the metrics: the tier is a label, the cost follows the tier's prices.
     w = host.worker(0, prices=table, wall=lambda: PEAK_BEIJING)
-    w.observe(rec(model="glm-4.6", usage=usage, route="/v1/messages"))
+    w.observe(rec(model="glm-4.6", usage=usage, route="/v1/messages", api="anthropic"))
     got = scrape(w)
     assert value(got, "zai_proxy_tokens_total", direction="input", model="glm-4.6",
                  pricing_tier="peak") == 1000

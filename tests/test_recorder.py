@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from zaiproxy.core.record import RequestRecord, Usage
-from zaiproxy.observe.recorder import wire
+from zaiproxy.observe.recorder import service, wire
 from zaiproxy.observe.recorder.queries import (
     QueryError,
     export_parquet,
@@ -31,6 +31,7 @@ from zaiproxy.observe.recorder.queries import (
 )
 from zaiproxy.observe.recorder.schema import (
     MIGRATIONS,
+    REQUESTS_COLUMNS,
     SCHEMA_VERSION,
     Migration,
     SchemaError,
@@ -46,8 +47,8 @@ T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z: a minute boundary (T0 % 60 == 0)
 
 def record(i: int = 0, **kw: Any) -> RequestRecord:
     fields: dict[str, Any] = dict(
-        request_id=f"req{i:08x}", method="POST", route="/v1/chat/completions", status=200,
-        duration_s=0.1, bytes_in=100, client="127.0.0.1", model="glm-4.6", stream=False,
+        request_id=f"req{i:08x}", method="POST", route="/v1/chat/completions", api="openai",
+        status=200, duration_s=0.1, bytes_in=100, client="127.0.0.1", model="glm-4.6", stream=False,
         upstream_status=200, upstream_ttfb_s=0.05, bytes_out=500, result="ok",
         usage=Usage(10, 20, 3, 4), key_alias="alice")
     fields.update(kw)
@@ -97,6 +98,21 @@ def test_wire_row_round_trip() -> None:
             row["cache_write_tokens"]) == (10, 20, 3, 4)
     assert len(row["error"]) == wire.MAX_ERROR_CHARS  # long messages are cut at the source
     assert (row["zai_retries"], row["zai_class"], row["zai_code"]) == (2, "frequency", "1302")
+    assert row["api"] == "openai"
+
+
+async def test_a_datagram_of_the_previous_wire_version_is_refused_and_counted(
+        tmp_path: Path) -> None:
+    """Version 2 rows had no ``api``: a recorder cannot price or classify them, and workers
+    and recorder are one build, so such a datagram is a stray writer's: refused whole."""
+    row = list(wire.row_of(record(0), T0))
+    del row[wire.ROW_FIELDS.index("api")]
+    old = orjson.dumps([2, 0, 1, 0, "production", 0, 0, [row]])
+    with pytest.raises(wire.WireError, match="wire version 3"):
+        wire.decode_batch(old)
+    rec = Recorder(str(tmp_path / "h.duckdb"), variant="production")
+    assert rec.ingest(old) == 0
+    assert (rec.stats.bad_datagrams, rec.stats.rows_received, len(rec.pending)) == (1, 0, 0)
 
 
 @pytest.mark.parametrize("data", [
@@ -133,12 +149,21 @@ def test_db_row_maps_every_column() -> None:
         # glm-4.6 list prices per 1M: $0.60 in, $2.20 out, $0.11 cached; an OpenAI route
         # counts the cached tokens inside the input.
         "cost_usd": pytest.approx((700 * 0.60 + 2000 * 2.20 + 300 * 0.11) / 1e6),
-        "retries": 1, "stale_retry": True,
+        "retries": 1, "stale_retry": True, "api": "openai",
     }
+    # The record's API decides which usage includes the cached tokens, not the route: an
+    # Anthropic request's input excludes them (whatever its route template says).
+    anthropic = db_row("canary", 2, list(wire.row_of(record(4, api="anthropic",
+                                                            usage=Usage(1000, 2000, 300, 0)),
+                                                     T0)), DEFAULT_PRICES)
+    named = dict(zip([c for c, _ in REQUESTS_COLUMNS], anthropic, strict=True))
+    assert named["api"] == "anthropic" and named["route"] == "/v1/chat/completions"
+    assert named["cost_usd"] == pytest.approx((1000 * 0.60 + 2000 * 2.20 + 300 * 0.11) / 1e6)
     unpriced = db_row("canary", 2, list(wire.row_of(record(2, model="mystery"), T0)),
                       DEFAULT_PRICES)
     assert unpriced[[c for c, _ in REQUESTS_COLUMNS].index("cost_usd")] == 0.0
-    no_timings = db_row("canary", 2, list(wire.row_of(record(3, route="/v1/messages"), T0)))
+    no_timings = db_row("canary", 2, list(wire.row_of(record(3, route="/v1/messages",
+                                                             api="anthropic"), T0)))
     assert dict(zip([c for c, _ in REQUESTS_COLUMNS], no_timings, strict=True))["overhead_ms"] is None
 
 
@@ -146,9 +171,10 @@ def test_db_row_rejects_wrong_types() -> None:
     from zaiproxy.observe.recorder.store import BadRow
 
     good = list(wire.row_of(record(), T0))
-    for index, bad in ((0, "yesterday"), (4, "200"), (5, "fast"), (8, 42), (9, "yes")):
+    for name, bad in (("ts", "yesterday"), ("status", "200"), ("duration_s", "fast"),
+                      ("model", 42), ("stream", "yes"), ("api", 1)):
         row = list(good)
-        row[index] = bad
+        row[wire.ROW_FIELDS.index(name)] = bad
         with pytest.raises(BadRow):
             db_row("production", 0, row)
 
@@ -172,6 +198,24 @@ def test_sink_batches_and_stats() -> None:
         assert (first.worker, first.variant) == (4, "canary")
         assert [r[1] for r in first.rows + second.rows] == [f"req{i:08x}" for i in range(4)]
         assert repr(sink) == "<RecordSink worker=4 queued=0 sent=4 dropped=0>"
+
+
+def test_sink_hands_over_api_requests_only() -> None:
+    """A control route's record (no API: a probe, a scrape, an /admin/events stream that
+    lasted 11 minutes) is not history: not sent, not numbered, not dropped."""
+    recv, send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with recv, send:
+        sink = RecordSink(send, worker=0, variant="production", clock=lambda: T0)
+        sink.submit(record(0))
+        sink.submit(record(1, method="GET", route="/admin/events", api=None, status=200,
+                           duration_s=694.907, model=None, usage=None, result=None))
+        sink.submit(record(2, api="anthropic", route="/v1/messages"))
+        sink.flush()
+        batch = wire.decode_batch(recv.recv(65536))
+        api = wire.ROW_FIELDS.index("api")
+        assert [(r[1], r[api]) for r in batch.rows] == [("req00000000", "openai"),
+                                                         ("req00000002", "anthropic")]
+        assert (batch.first, sink.seq, sink.sent, sink.dropped) == (0, 2, 2, 0)
 
 
 def test_sink_drops_and_counts_when_nobody_reads(log_buffer: Any) -> None:
@@ -398,11 +442,15 @@ def test_rollup_state_survives_a_reopen(tmp_path: Path) -> None:
 def test_a_new_file_gets_the_current_schema(tmp_path: Path) -> None:
     con = duckdb.connect(str(tmp_path / "h.duckdb"))
     assert current_version(con) == 0
-    assert migrate(con, now=lambda: T0) == [1, 2]
+    assert migrate(con, now=lambda: T0) == [1, 2, 3]
     assert migrate(con) == []  # once only
-    assert current_version(con) == SCHEMA_VERSION == 2
+    assert current_version(con) == SCHEMA_VERSION == 3
     assert con.execute("SELECT version, epoch(applied_at) FROM schema_version").fetchall() == [
-        (1, T0), (2, T0)]
+        (1, T0), (2, T0), (3, T0)]
+    columns = [r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'requests' "
+        "ORDER BY ordinal_position").fetchall()]
+    assert columns == [c for c, _ in REQUESTS_COLUMNS]  # the appender's row order
     tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables")
               .fetchall()}
     assert tables == {"schema_version", "requests", "snapshots", "requests_1m", "recorder_state",
@@ -476,6 +524,50 @@ def test_a_failing_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:
     assert con.execute("SELECT count(*) FROM information_schema.tables "
                        "WHERE table_name = 'half_done'").fetchone() == (0,)
     con.close()
+
+
+def test_v3_takes_control_routes_out_of_an_older_file(tmp_path: Path) -> None:
+    """A v2 file holds rows of control routes (v2 recorded every request), among them an
+    /admin/events stream of 694,907 ms that was the p95 of its range. Read as it is, they
+    are left out by route; migrated, they are gone, raw and rolled up, and new rows carry
+    their API."""
+    path = str(tmp_path / "h.duckdb")
+    con = duckdb.connect(path)
+    assert migrate(con, MIGRATIONS[:2]) == [1, 2]
+    api_rows = rows_at([T0 + i for i in range(1, 20)])
+    control = rows_at([T0 + 20, T0 + 21, T0 + 22, T0 + 23], method="GET", model=None,
+                      usage=None, upstream_status=None, result=None)
+    control = [(*row[:5], route, *row[6:]) for row, route in zip(
+        control, ("/admin/events", "/metrics", "/health", "/ready"), strict=True)]
+    control[0] = (*control[0][:15], 694_907.0, *control[0][16:])  # latency_ms
+    with con.appender("requests") as app:  # v2's columns: no api yet
+        app.append_rows([row[:-1] for row in api_rows + control])
+    con.close()
+    v2 = HistoryStore(duckdb.connect(path), version=2)  # what the store does for an old file
+    v2.rollup(T0 + 120)
+    assert count(v2, "requests_1m") == 5  # the API rows' minute and four control routes'
+    v2.con.close()
+
+    old = HistoryStore.open(path, read_only=True)
+    assert old.version == 2
+    summary = history_summary(old, 300, group_by="route", now=T0 + 120)
+    assert [(r["route"], r["requests"]) for r in summary["rows"]] == [("/v1/chat/completions", 19)]
+    assert summary["total"]["latency_ms_max"] == 100.0
+    series = history_series(old, 300, resolution_s=60, now=T0 + 120)["series"]["production"]
+    assert [p["requests"] for p in series] == [19]
+    old.close()
+
+    store = HistoryStore.open(path)  # the recorder opens it: migrated to v3
+    routes = store.con.execute("SELECT DISTINCT route, api FROM requests").fetchall()
+    assert routes == [("/v1/chat/completions", None)]  # written before v3: API unknown
+    assert store.con.execute("SELECT DISTINCT route FROM requests_1m").fetchall() == [
+        ("/v1/chat/completions",)]
+    store.write(rows_at([T0 + 30], api="anthropic", route="/v1/messages"))
+    assert store.con.execute("SELECT api FROM requests WHERE route = '/v1/messages'"
+                             ).fetchall() == [("anthropic",)]
+    summary = history_summary(store, 300, group_by="route", now=T0 + 120)
+    assert summary["total"]["requests"] == 20 and summary["total"]["latency_ms_p95"] == 100.0
+    store.close()
 
 
 # ---- queries ------------------------------------------------------------------------------------
@@ -724,7 +816,8 @@ async def test_a_file_locked_by_another_process_then_released(
     store.close()
 
 
-async def test_a_write_error_keeps_the_rows_for_the_next_try(tmp_path: Path) -> None:
+async def test_a_write_error_keeps_the_rows_for_the_next_try(tmp_path: Path,
+                                                            autojump_clock: Any) -> None:
     rec = Recorder(str(tmp_path / "h.duckdb"), variant="production")
     ok, _ = await rec.with_store("open", lambda s: None)
     assert ok and rec.store is not None
@@ -736,7 +829,8 @@ async def test_a_write_error_keeps_the_rows_for_the_next_try(tmp_path: Path) -> 
     ok, _ = await rec.with_store("write", disk_full)
     assert not ok and rec.store is None and rec.last_error == (
         "IOException: No space left on device")
-    rec._retry_at = 0  # skip the backoff
+    assert not await rec.flush()  # within the backoff: not tried again yet
+    await trio.sleep(service.BACKOFF_MAX)  # virtual time: past any backoff
     assert await rec.flush()
     assert rec.stats.rows_written == 10
     await rec.finish()
@@ -756,7 +850,7 @@ async def test_pending_rows_are_bounded_while_duckdb_is_down(tmp_path: Path) -> 
 async def test_bad_datagrams_and_rows_are_counted_not_written(tmp_path: Path) -> None:
     rec = Recorder(str(tmp_path / "h.duckdb"), variant="production")
     bad_row = list(wire.row_of(record(1), T0))
-    bad_row[4] = "200"
+    bad_row[wire.ROW_FIELDS.index("status")] = "200"
     assert rec.ingest(b"garbage") == 0
     assert rec.ingest(datagram([wire.row_of(record(0), T0), bad_row])) == 1  # type: ignore[list-item]
     assert (rec.stats.bad_datagrams, rec.stats.bad_rows, len(rec.pending)) == (1, 1, 1)
@@ -900,22 +994,17 @@ async def test_a_worker_hands_each_finished_request_to_its_sink(nursery: trio.Nu
     assert got[0]["model"] == "glm-4.6" and got[0]["input_tokens"] > 0
 
 
-# ---- series: usage_missing and API routes only (what canary-check reads from a proxy) --------
+# ---- series: usage_missing (what canary-check reads from a proxy) ------------------------------
 
 
 @pytest.fixture
 def estimated(store: HistoryStore) -> HistoryStore:
     """Minute 0 of production: three 2xx whose tokens were estimated (one a 201), one 2xx
-    with upstream usage, an estimated 502 (not a success) and control routes (a probe, a
-    scrape, an admin call: one of them estimated, which the proxy never does, to show it
-    is the route that leaves them out); one estimated 2xx in minute 1."""
+    with upstream usage, an estimated 502 (not a success); one estimated 2xx in minute 1."""
     rows = rows_at([T0 + 1, T0 + 2], tokens_estimated=True)
     rows += rows_at([T0 + 3], tokens_estimated=True, status=201)
     rows += rows_at([T0 + 4])
     rows += rows_at([T0 + 5], tokens_estimated=True, status=502, upstream_status=502)
-    for i, route in enumerate(("/health", "/metrics", "/admin/history", "/ready")):
-        rows += rows_at([T0 + 10 + i], route=route, method="GET", model=None, usage=None,
-                        upstream_status=None, tokens_estimated=route == "/metrics")
     rows += rows_at([T0 + 61], tokens_estimated=True)
     store.write(rows)
     return store
@@ -926,12 +1015,11 @@ def test_raw_series_points_count_successes_without_upstream_usage(
     doc = history_series(estimated, 300, resolution_s=60, now=T0 + 120)
     first, second = doc["series"]["production"]
     assert (first["requests"], first["responses_2xx"], first["responses_5xx"]) == (5, 4, 1)
-    assert first["usage_missing"] == 3  # the 200s and the 201; not the 502, not /metrics
+    assert first["usage_missing"] == 3  # the 200s and the 201; not the 502
     assert (second["requests"], second["usage_missing"]) == (1, 1)
     assert "usage_missing" in doc["fields_null_in_rollup"]
-    # The summary still counts every row; the series only the API routes.
     summary = history_summary(estimated, 300, group_by="route", now=T0 + 120)
-    assert summary["total"]["requests"] == 10
+    assert summary["total"]["requests"] == 6
     assert sum(p["requests"] for p in doc["series"]["production"]) == 6
 
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from tests.test_k8s import render
-from tui.__main__ import parse_args as tui_args
 from zaiproxy.cli import build_parser
+from zaiproxy_tui.__main__ import parse_args as tui_args
 
 REPO = Path(__file__).resolve().parents[1]
 RUNBOOK = REPO / "docs" / "operations" / "canary.md"

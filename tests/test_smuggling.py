@@ -17,7 +17,7 @@ import trio.testing
 
 from tests.harness import make_config, request, start_mock, start_proxy
 from zaiproxy.http import framing
-from zaiproxy.request.server import ClientConnection
+from zaiproxy.request.pipeline import Pipeline
 from zaiproxy.run.worker import build_context
 
 SMUGGLED_MODELS = b"GET /v1/models/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -153,7 +153,7 @@ async def test_unambiguous_pipelined_requests_still_served_on_one_connection(pro
 async def serve_bytewise(ctx, data: bytes) -> tuple[bytes, bool]:
     """Feed ``data`` to one ClientConnection one byte per read; return what it answered."""
     client, server = trio.testing.memory_stream_pair()
-    conn = ClientConnection(server, ctx, "127.0.0.1")
+    conn = Pipeline(ctx).connection(server, "127.0.0.1")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run)
         for i in range(len(data)):

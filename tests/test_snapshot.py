@@ -141,13 +141,50 @@ zai_proxy_request_duration_seconds_sum{method="GET",path="/admin/status",variant
 """
 
 
-def test_control_routes_are_not_api_traffic() -> None:
+def test_control_routes_of_an_older_build_are_told_apart_by_path() -> None:
+    """An exposition without zai_proxy_control_* mixed control routes into the request
+    families (a build before them, still scraped by a collector during a rollout)."""
     p = snapshot.parse(CONTROL)["p"]
     assert p.counts == Counts(requests=6, responses_2xx=5, responses_4xx=1)
     assert p.breakdown["status"] == {"200": 5, "404": 1}
     # Only the API requests are timed: all 5 above 0.1 s, so p50 is not a scrape's 0.05.
     assert p.latency == Histogram((0.1, math.inf), (0, 5), 2.5)
     assert p.latency.quantile(0.5) == 0.1
+
+
+# A current proxy's exposition: the request families hold API requests only (by each
+# record's API), control routes have their own. An /admin/events stream that lasted 694.9 s
+# is in zai_proxy_control_request_duration_seconds, never in the latency.
+CURRENT = """\
+# TYPE zai_proxy_requests_total counter
+zai_proxy_requests_total{method="POST",path="/v1/chat/completions",status="200",variant="p"} 5
+zai_proxy_requests_total{method="GET",path="other",status="404",variant="p"} 1
+# TYPE zai_proxy_request_duration_seconds histogram
+zai_proxy_request_duration_seconds_bucket{le="1.0",method="POST",path="/v1/chat/completions",variant="p"} 5
+zai_proxy_request_duration_seconds_bucket{le="+Inf",method="POST",path="/v1/chat/completions",variant="p"} 5
+zai_proxy_request_duration_seconds_sum{method="POST",path="/v1/chat/completions",variant="p"} 2.5
+zai_proxy_request_duration_seconds_bucket{le="1.0",method="GET",path="other",variant="p"} 1
+zai_proxy_request_duration_seconds_bucket{le="+Inf",method="GET",path="other",variant="p"} 1
+zai_proxy_request_duration_seconds_sum{method="GET",path="other",variant="p"} 0.001
+# TYPE zai_proxy_control_requests_total counter
+zai_proxy_control_requests_total{method="GET",path="/admin/events",status="200",variant="p"} 1
+zai_proxy_control_requests_total{method="GET",path="/metrics",status="200",variant="p"} 40
+# TYPE zai_proxy_control_request_duration_seconds histogram
+zai_proxy_control_request_duration_seconds_bucket{le="1.0",method="GET",path="/admin/events",variant="p"} 0
+zai_proxy_control_request_duration_seconds_bucket{le="+Inf",method="GET",path="/admin/events",variant="p"} 1
+zai_proxy_control_request_duration_seconds_sum{method="GET",path="/admin/events",variant="p"} 694.907
+"""
+
+
+def test_control_routes_are_counted_in_their_own_families_not_as_api_traffic() -> None:
+    p = snapshot.parse(CURRENT)["p"]
+    assert p.counts == Counts(requests=6, responses_2xx=5, responses_4xx=1)
+    assert p.breakdown["status"] == {"200": 5, "404": 1}
+    assert p.latency == Histogram((1.0, math.inf), (6, 6), 2.501)
+    assert p.latency.quantile(0.95) is not None and p.latency.quantile(0.95) <= 1.0
+    # The request families of a current build are taken whole: the route decides nothing.
+    odd = CURRENT.replace('path="other"', 'path="/admin/like-an-api-route"')
+    assert snapshot.parse(odd)["p"].counts == p.counts
 
 
 BREAKDOWN = """\
@@ -399,7 +436,9 @@ async def test_parse_a_real_proxy_exposition(nursery) -> None:
     resp = await request(proxy.port, "GET", "/metrics")
     assert resp.status == 200
     text = resp.body.decode()
-    assert 'path="/metrics"' in text and 'path="/admin/status"' in text
+    control = [line for line in text.splitlines() if 'path="/admin/status"' in line
+               or 'path="/metrics"' in line]
+    assert control and all(line.startswith("zai_proxy_control_") for line in control)
     snaps = snapshot.parse(text)
     assert list(snaps) == ["canary"]
     canary = snaps["canary"]

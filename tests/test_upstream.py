@@ -279,7 +279,8 @@ async def test_stale_idle_connection_detected(nursery, log_buffer):
     assert (await request(proxy.port, "GET", "/v1/models")).status == 200
     # Wait until the proxy's pooled socket has seen the FIN (readable), then reuse.
     # The FIN is kernel state, not a task we could wait on: poll it, bounded.
-    idle = next(iter(proxy.pool._idle.values()))
+    idle = proxy.pool.idle_connections()
+    assert len(idle) == 1
     with trio.fail_after(2):
         while not idle[0].is_stale():  # noqa: ASYNC110
             await trio.sleep(0.01)

@@ -30,7 +30,8 @@ from tests.harness import (
     start_proxy,
     wait_until,
 )
-from zaiproxy.limits.admission import (
+from zaiproxy.limits.admission import LimitKind
+from zaiproxy.limits.cells import (
     SC_ADAPTIVE_EPOCH,
     W_THROTTLED_CONCURRENCY,
     W_THROTTLED_FREQUENCY,
@@ -38,7 +39,6 @@ from zaiproxy.limits.admission import (
     W_THROTTLED_UNKNOWN,
     W_UPSTREAM_REQUESTS,
     W_UPSTREAM_THROTTLED,
-    LimitKind,
 )
 
 NOW = 1795791600 - 10800  # 2026-11-27T12:00:00Z: three hours before the 1308 reset

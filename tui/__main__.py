@@ -1,4 +1,4 @@
-"""``python -m tui`` (what ``zaiproxy tui`` runs): the terminal UI of a proxy or a collector."""
+"""``python -m zaiproxy_tui`` (what ``zaiproxy tui`` runs): the terminal UI of a proxy or a collector."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from tui.model import RANGES, VARIANT_MODES
+from zaiproxy_tui.model import RANGES, VARIANT_MODES
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     try:
-        from tui.app import ZaiproxyTui
-        from tui.source import AdminApi
+        from zaiproxy_tui.app import ZaiproxyTui
+        from zaiproxy_tui.source import AdminApi
     except ImportError as exc:  # textual or httpx missing
         print(f"zaiproxy tui needs the 'tui' extra: pip install 'zaiproxy[tui]' ({exc})",
               file=sys.stderr)

@@ -1,11 +1,11 @@
 """The Textual app: composes the screen and routes messages (no data logic here).
 
 What happens where:
-- the source (:mod:`tui.source`) talks HTTP and follows the live feed; its
-  reports arrive as messages (:mod:`tui.messages`) posted from workers;
-- the :class:`~tui.state.Dashboard` keeps what was received and the
+- the source (:mod:`zaiproxy_tui.source`) talks HTTP and follows the live feed; its
+  reports arrive as messages (:mod:`zaiproxy_tui.messages`) posted from workers;
+- the :class:`~zaiproxy_tui.state.Dashboard` keeps what was received and the
   operator's choices;
-- :mod:`tui.views` turns that into what each widget shows;
+- :mod:`zaiproxy_tui.views` turns that into what each widget shows;
 - this module wires key bindings to the dashboard and pushes fresh views to the
   widgets (every message, plus a 1 s tick for countdowns and the stale badge).
 """
@@ -24,11 +24,19 @@ from textual.containers import Grid, VerticalScroll
 from textual.timer import Timer
 from textual.widgets import Footer
 
-from tui.messages import FeedReported, HistoryFailed, HistoryLoaded, KeysFailed, KeysLoaded
-from tui.model import RANGES
-from tui.source import AuthRequired, FeedEvent, NotServed, Source, SourceError, Unauthorized, follow
-from tui.state import Dashboard
-from tui.views import (
+from zaiproxy_tui.messages import FeedReported, HistoryFailed, HistoryLoaded, KeysFailed, KeysLoaded
+from zaiproxy_tui.model import RANGES
+from zaiproxy_tui.source import (
+    AuthRequired,
+    FeedEvent,
+    NotServed,
+    Source,
+    SourceError,
+    Unauthorized,
+    follow,
+)
+from zaiproxy_tui.state import Dashboard
+from zaiproxy_tui.views import (
     METRICS,
     Y_FORMATS,
     error_rows,
@@ -38,9 +46,9 @@ from tui.views import (
     panel_views,
     status_view,
 )
-from tui.widgets.panels import ErrorsPanel, KeysPanel, LimiterPanel, PlotPanel
-from tui.widgets.screens import HelpScreen, TokenScreen
-from tui.widgets.status import StatusLine
+from zaiproxy_tui.widgets.panels import ErrorsPanel, KeysPanel, LimiterPanel, PlotPanel
+from zaiproxy_tui.widgets.screens import HelpScreen, TokenScreen
+from zaiproxy_tui.widgets.status import StatusLine
 
 KEYS_REFRESH_S = 5.0
 HELP = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from textual.message import Message
 
-from tui.model import History, KeysReport
-from tui.source import FeedEvent
+from zaiproxy_tui.model import History, KeysReport
+from zaiproxy_tui.source import FeedEvent
 
 
 class FeedReported(Message):

@@ -10,7 +10,7 @@ not the admin API's — and never a traceback. The token is sent only as
 ``Authorization: Bearer`` and appears in no message.
 
 :func:`follow` keeps one events stream open: it reports ``Connecting``,
-``Connected``, every :class:`~tui.model.Snapshot`, and on a failure
+``Connected``, every :class:`~zaiproxy_tui.model.Snapshot`, and on a failure
 ``Reconnecting`` with the time of the next attempt (exponential backoff, reset
 by a snapshot). A 401 stops it with ``AuthRequired`` until a token is given.
 A stream that sends nothing, not even a heartbeat, for ``idle_timeout`` is
@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import httpx
 import orjson
 
-from tui.model import (
+from zaiproxy_tui.model import (
     AnswerError,
     History,
     KeysReport,

@@ -2,7 +2,7 @@
 
 The app feeds it what the source reports (:meth:`Dashboard.apply`,
 :meth:`set_history`, :meth:`set_keys`, ...) and the widgets read views of it
-(:mod:`tui.views`). Live points are kept per variant in a bounded deque (at
+(:mod:`zaiproxy_tui.views`). Live points are kept per variant in a bounded deque (at
 the proxy's 2 s interval, 4096 points are 2 h 16 min; older ones come from
 history, which is re-queried every :meth:`history_refresh_s`).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from tui.model import (
+from zaiproxy_tui.model import (
     CANARY,
     PRODUCTION,
     RANGES,
@@ -22,7 +22,7 @@ from tui.model import (
     Point,
     Snapshot,
 )
-from tui.source import AuthRequired, Connected, Connecting, FeedEvent, Reconnecting
+from zaiproxy_tui.source import AuthRequired, Connected, Connecting, FeedEvent, Reconnecting
 
 LIVE_POINTS = 4096
 DEFAULT_INTERVAL = 2.0

@@ -1,4 +1,4 @@
-"""What each part of the screen shows, computed from the :class:`~tui.state.Dashboard` (no Textual).
+"""What each part of the screen shows, computed from the :class:`~zaiproxy_tui.state.Dashboard` (no Textual).
 
 Views are plain data: text as ``(text, role)`` segments and plot series as
 ``(t, value)`` points with a colour *role* (``"2xx"``, ``"p95"``,
@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tui.model import PRODUCTION, RANGES, LimitState, Point, timeline, total, weighted
-from tui.state import Dashboard
+from zaiproxy_tui.model import PRODUCTION, RANGES, LimitState, Point, timeline, total, weighted
+from zaiproxy_tui.state import Dashboard
 
 Segment = tuple[str, str | None]  # (text, role); role None = normal text
 

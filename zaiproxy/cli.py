@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _tui(args: list[str]) -> int:
     """The TUI is its own process (Textual on asyncio; the proxy never imports it)."""
-    os.execv(sys.executable, [sys.executable, "-m", "tui", *args])
+    os.execv(sys.executable, [sys.executable, "-m", "zaiproxy_tui", *args])
 
 
 def _version() -> int:

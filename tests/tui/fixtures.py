@@ -15,7 +15,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from tui.model import (
+from zaiproxy_tui.model import (
     RANGES,
     History,
     KeysReport,
@@ -24,7 +24,7 @@ from tui.model import (
     parse_keys,
     parse_snapshot,
 )
-from tui.source import Connected, NotServed, SourceError, Unauthorized
+from zaiproxy_tui.source import Connected, NotServed, SourceError, Unauthorized
 
 NOW = 1795828000.0  # 2026-11-28 01:06:40 UTC
 STEPS = {"5m": 5, "15m": 15, "1h": 60, "6h": 300, "24h": 900, "7d": 3600}

@@ -17,12 +17,12 @@ from textual.widget import Widget
 from textual.widgets import DataTable, Input, Static
 
 from tests.tui.fixtures import NOW, FixtureSource, history_doc, keys_doc, metrics_doc
-from tui.app import ZaiproxyTui
-from tui.source import NotServed, Unreachable
-from tui.widgets.panels import ErrorsPanel, KeysPanel, LimiterPanel, PlotPanel
-from tui.widgets.screens import HelpScreen, TokenScreen
-from tui.widgets.status import StatusLine
-from tui.widgets.timeplot import TimePlot
+from zaiproxy_tui.app import ZaiproxyTui
+from zaiproxy_tui.source import NotServed, Unreachable
+from zaiproxy_tui.widgets.panels import ErrorsPanel, KeysPanel, LimiterPanel, PlotPanel
+from zaiproxy_tui.widgets.screens import HelpScreen, TokenScreen
+from zaiproxy_tui.widgets.status import StatusLine
+from zaiproxy_tui.widgets.timeplot import TimePlot
 
 UTC = dt.UTC
 

@@ -17,10 +17,10 @@ from textual.widgets import DataTable
 
 from tests.harness import ProcessServer, start_process, upstream_env
 from tests.tui.test_app import plot_lines, status, summary, text
-from tui.app import ZaiproxyTui
-from tui.source import AdminApi
-from tui.widgets.panels import KeysPanel, LimiterPanel
-from tui.widgets.screens import TokenScreen
+from zaiproxy_tui.app import ZaiproxyTui
+from zaiproxy_tui.source import AdminApi
+from zaiproxy_tui.widgets.panels import KeysPanel, LimiterPanel
+from zaiproxy_tui.widgets.screens import TokenScreen
 
 ADMIN = "tui-e2e-admin-token"
 KEYS = """
@@ -165,7 +165,7 @@ def test_tui_survives_an_unreachable_proxy(tmp_path: Path) -> None:
 
 
 def test_zaiproxy_tui_runs_the_tui_as_its_own_process() -> None:
-    """``zaiproxy tui`` exec's ``python -m tui`` (the proxy never imports Textual)."""
+    """``zaiproxy tui`` exec's ``python -m zaiproxy_tui`` (the proxy never imports Textual)."""
     out = subprocess.run([sys.executable, "-m", "zaiproxy", "tui", "--help"], check=True,
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.startswith("usage: zaiproxy tui")

@@ -1,4 +1,4 @@
-"""tui.model: both history shapes, snapshots, keys, and the time series arithmetic.
+"""zaiproxy_tui.model: both history shapes, snapshots, keys, and the time series arithmetic.
 
 The ``data/proxy_*.json`` documents were captured from a real ``zaiproxy serve --demo
 --workers 1`` (open mode for the metrics events, a keys file plus global limits for
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.tui.fixtures import NOW, history_doc, keys_doc, metrics_doc
-from tui.model import (
+from zaiproxy_tui.model import (
     AnswerError,
     History,
     LimitState,

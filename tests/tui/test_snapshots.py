@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.tui.fixtures import NOW, FixtureSource
-from tui.app import ZaiproxyTui
+from zaiproxy_tui.app import ZaiproxyTui
 
 
 def _app(mode: str, dark: bool) -> ZaiproxyTui:

@@ -1,4 +1,4 @@
-"""tui.source: AdminApi against a real tiny HTTP server on port 0, and follow() on a fake clock.
+"""zaiproxy_tui.source: AdminApi against a real tiny HTTP server on port 0, and follow() on a fake clock.
 
 Tests are sync and wrap ``asyncio.run``: the repo runs pytest-trio in trio_mode, which
 would take over an ``async def`` test, and this code is asyncio. The server is
@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.tui.fixtures import metrics_doc
-from tui.model import History, KeysReport, Snapshot
-from tui.source import (
+from zaiproxy_tui.model import History, KeysReport, Snapshot
+from zaiproxy_tui.source import (
     AdminApi,
     AuthRequired,
     Backoff,

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 from textual.app import App, ComposeResult
 
-from tui.widgets.timeplot import PlotSeries, TimePlot, default_format, render_plot
+from zaiproxy_tui.widgets.timeplot import PlotSeries, TimePlot, default_format, render_plot
 
 UTC = datetime.UTC
 T0 = 1_699_999_800.0  # 2023-11-14 22:10:00 UTC

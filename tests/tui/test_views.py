@@ -1,4 +1,4 @@
-"""tui.views over a Dashboard fed with the fixture fleet (and one real proxy history).
+"""zaiproxy_tui.views over a Dashboard fed with the fixture fleet (and one real proxy history).
 
 The fixture fleet at ``NOW``: production at 20 + 8·sin(NOW/900) = 25.28 req/s (1 % 5xx,
 p50 666 ms, 1380 tokens per request, 20.2 in flight of 64), canary at 2.33 req/s (6 % 5xx,
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.tui.fixtures import NOW, history_doc, keys_doc, metrics_doc
-from tui.model import LimitState, parse_history, parse_keys, parse_snapshot
-from tui.source import AuthRequired, Connected, Connecting, Reconnecting
-from tui.state import Dashboard
-from tui.views import (
+from zaiproxy_tui.model import LimitState, parse_history, parse_keys, parse_snapshot
+from zaiproxy_tui.source import AuthRequired, Connected, Connecting, Reconnecting
+from zaiproxy_tui.state import Dashboard
+from zaiproxy_tui.views import (
     Segment,
     error_rows,
     fmt_count,

@@ -1,4 +1,4 @@
-"""The dashboard's panels: small widgets that draw one view each (see :mod:`tui.views`)."""
+"""The dashboard's panels: small widgets that draw one view each (see :mod:`zaiproxy_tui.views`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,17 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
-from tui.views import KEY_COLUMNS, ErrorRow, KeyLine, LimiterView, PanelView, fmt_count, fmt_rate
-from tui.widgets.palette import color, segments, style
-from tui.widgets.timeplot import PlotSeries, TimePlot
+from zaiproxy_tui.views import (
+    KEY_COLUMNS,
+    ErrorRow,
+    KeyLine,
+    LimiterView,
+    PanelView,
+    fmt_count,
+    fmt_rate,
+)
+from zaiproxy_tui.widgets.palette import color, segments, style
+from zaiproxy_tui.widgets.timeplot import PlotSeries, TimePlot
 
 
 def _title(title: str, legend: tuple[tuple[str, str], ...], dark: bool) -> Text:

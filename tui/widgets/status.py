@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from textual.widgets import Static
 
-from tui.views import Segment
-from tui.widgets.palette import segments
+from zaiproxy_tui.views import Segment
+from zaiproxy_tui.widgets.palette import segments
 
 
 class StatusLine(Static):

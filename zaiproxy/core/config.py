@@ -28,6 +28,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields
+from types import MappingProxyType
 from typing import Any, Final
 
 from zaiproxy.core import config_values as values
@@ -265,7 +266,28 @@ class Config:
 
 _FIELDS: Final[tuple[Field[Any], ...]] = fields(Config)
 _BY_NAME: Final = {f.name: f for f in _FIELDS}
-_KNOWN_ENV: Final = frozenset(name for f in _FIELDS for name in f.metadata["env"])
+# The variables that set a Config field (every alias).
+SETTING_ENV: Final = frozenset(name for f in _FIELDS for name in f.metadata["env"])
+
+# ZAIPROXY_ variables that something other than the settings table reads: another command, the
+# image, the project's scripts. Unknown ZAIPROXY_ variables are refused so that a typo never
+# passes silently, but one environment (a shell profile, a container spec, a CI job) serves
+# every command: a variable meant for another one is not a typo. Whoever reads one of these
+# names it here (the value says who), and every command accepts all of them.
+TARGET_ADMIN_TOKEN_ENV: Final = "ZAIPROXY_TARGET_ADMIN_TOKEN"
+URL_ENV: Final = "ZAIPROXY_URL"
+COMMIT_ENV: Final = "ZAIPROXY_COMMIT"
+OTHER_ENV: Final[Mapping[str, str]] = MappingProxyType({
+    TARGET_ADMIN_TOKEN_ENV: "zaiproxy collect (--target-token)",
+    URL_ENV: "zaiproxy tui (--url)",
+    COMMIT_ENV: "zaiproxy serve: the commit label of zai_proxy_build_info",
+    "ZAIPROXY_NAMESPACE": "k8s/scripts/rollback-readiness.sh",
+    "ZAIPROXY_PRODUCTION_DEPLOYMENT": "k8s/scripts/rollback-readiness.sh",
+    "ZAIPROXY_CANARY_DEPLOYMENT": "k8s/scripts/rollback-readiness.sh",
+    "ZAIPROXY_SPLIT_SERVICE": "k8s/scripts/rollback-readiness.sh",
+})
+# Every ZAIPROXY_ variable any command accepts (settings, the config file's path, the others).
+KNOWN_ENV: Final = SETTING_ENV | {CONFIG_ENV} | frozenset(OTHER_ENV)
 
 
 def _key(f: Field[Any]) -> str:
@@ -381,9 +403,9 @@ def _read_env(env: Mapping[str, str], layers: _Layers) -> None:
                 break
     # A misspelt ZAIPROXY_ variable would otherwise be silently ignored. Suggestions compare
     # names without their ZAIPROXY_/ZAI_ prefix, or every typo would look close to every name.
-    by_stem = {_env_stem(n): n for n in sorted(_KNOWN_ENV | {CONFIG_ENV})}
+    by_stem = {_env_stem(n): n for n in sorted(KNOWN_ENV)}
     for name in sorted(env):
-        if name.startswith(_ENV_PREFIX) and name not in _KNOWN_ENV and name != CONFIG_ENV:
+        if name.startswith(_ENV_PREFIX) and name not in KNOWN_ENV:
             close = difflib.get_close_matches(_env_stem(name), list(by_stem), n=1)
             hint = f"; did you mean {by_stem[close[0]]}?" if close else ""
             layers.problems.append(
@@ -488,25 +510,52 @@ def _render_value(value: object, secret: bool) -> str:
     return repr(value)
 
 
+# ``config check`` aligns its source comments on one column, just right of the longest
+# assignment that fits within this many characters: one long value must not push every
+# comment out to its width (``known_models`` alone made every line ~200 columns). A longer
+# list is wrapped over lines of at most _CHECK_WRAP characters; a longer single value keeps its
+# comment two spaces after it.
+CHECK_COMMENT_COLUMN: Final = 56
+_CHECK_WRAP: Final = 88
+_CHECK_INDENT: Final = "    "
+
+
+def _check_lines(name: str, value: object, secret: bool) -> list[str]:
+    """One setting as TOML lines: unset values and secrets commented out, a list that does not
+    fit before the comment column wrapped (the source comment goes on the first line)."""
+    prefix = "# " if value is None or secret else ""
+    left = f"{prefix}{name} = {_render_value(value, secret)}"
+    if len(left) <= CHECK_COMMENT_COLUMN or not isinstance(value, tuple) or not value:
+        return [left]
+    lines = [f"{prefix}{name} = ["]
+    line = ""
+    for item in (_render_value(v, False) + "," for v in value):
+        if line and len(_CHECK_INDENT) + len(line) + 1 + len(item) > _CHECK_WRAP:
+            lines.append(f"{prefix}{_CHECK_INDENT}{line}")
+            line = ""
+        line = f"{line} {item}" if line else item
+    lines.append(f"{prefix}{_CHECK_INDENT}{line}")
+    return [*lines, f"{prefix}]"]
+
+
 def render_check(config: Config, sources: dict[str, str]) -> str:
     """Text for ``zaiproxy config check``: each effective value by section with its source.
 
     The output is itself a valid TOML config file: unset values and secrets
     are written as comments, so ``config check > zaiproxy.toml`` never puts a
-    key into a file.
+    key into a file. Each setting's first line ends with ``  # <source>``.
     """
-    rows: dict[str, list[tuple[str, str]]] = {s: [] for s in SECTIONS}
+    rows: dict[str, list[tuple[list[str], str]]] = {s: [] for s in SECTIONS}
     for f in _FIELDS:
-        value = getattr(config, f.name)
-        shown = _render_value(value, f.metadata["secret"])
-        comment = "# " if value is None or f.metadata["secret"] else ""
-        rows[f.metadata["section"]].append(
-            (f"{comment}{f.name} = {shown}", sources.get(_key(f), "default"))
-        )
-    width = max(len(left) for section in rows.values() for left, _ in section)
+        lines = _check_lines(f.name, getattr(config, f.name), f.metadata["secret"])
+        rows[f.metadata["section"]].append((lines, sources.get(_key(f), "default")))
+    firsts = [len(lines[0]) for section in rows.values() for lines, _ in section]
+    width = max((n for n in firsts if n <= CHECK_COMMENT_COLUMN), default=0)
     blocks = []
     for section, section_rows in rows.items():
-        lines = [f"[{section}]"]
-        lines.extend(f"{left.ljust(width)}    # {source}" for left, source in section_rows)
-        blocks.append("\n".join(lines))
+        out = [f"[{section}]"]
+        for lines, source in section_rows:
+            out.append(f"{lines[0].ljust(width)}  # {source}")
+            out.extend(lines[1:])
+        blocks.append("\n".join(out))
     return "\n\n".join(blocks) + "\n"

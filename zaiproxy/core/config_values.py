@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import Final
 from urllib.parse import urlsplit
 
+from zaiproxy.core.durations import DurationError, Problem, parse_duration, positive_seconds
+
 
 class Invalid(Exception):
     """A raw value was rejected. The reason never contains the value (the caller shows it)."""
@@ -63,22 +65,24 @@ def integer(lo: int, hi: int) -> Parser:
     return parse
 
 
+# The config's wording of core.durations' refusals (the reason never holds the value).
+_SECONDS_REASONS: Final[dict[Problem, str]] = {
+    "syntax": "not a number of seconds (write e.g. 30 or 2.5, without a unit)",
+    "not_finite": "must be a finite number",
+    "not_positive": "must be greater than 0",
+}
+
+
 def seconds(raw: object, text: bool) -> float:
-    """A positive, finite number of seconds."""
-    if text:
-        try:
-            value = float(str(raw).strip())
-        except ValueError:
-            raise Invalid("not a number of seconds (write e.g. 30 or 2.5, without a unit)") from None
-    elif isinstance(raw, int | float) and not isinstance(raw, bool):
-        value = float(raw)
-    else:
-        raise Invalid(f"not a number (got {type_name(raw)})")
-    if not math.isfinite(value):
-        raise Invalid("must be a finite number")
-    if value <= 0:
-        raise Invalid("must be greater than 0")
-    return value
+    """A positive, finite number of seconds: ``core.durations``' grammar without a unit."""
+    try:
+        if text:
+            return parse_duration(str(raw), units=False)
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return positive_seconds(float(raw), str(raw))
+    except DurationError as exc:
+        raise Invalid(_SECONDS_REASONS[exc.problem]) from None
+    raise Invalid(f"not a number (got {type_name(raw)})")
 
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})

@@ -19,6 +19,15 @@ class Api(enum.Enum):
     ANTHROPIC = "anthropic"
 
 
+def api_for_path(path: str | bytes) -> Api:
+    """The error shape for a request whose route is unknown (a best guess from its path)."""
+    prefixes = ("/v1/messages", "/api/anthropic")
+    if isinstance(path, bytes):
+        return Api.ANTHROPIC if path.startswith((b"/v1/messages", b"/api/anthropic")) \
+            else Api.OPENAI
+    return Api.ANTHROPIC if path.startswith(prefixes) else Api.OPENAI
+
+
 class ProxyError(Exception):
     """An error the proxy itself answers (never one relayed from upstream)."""
 

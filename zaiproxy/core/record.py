@@ -9,6 +9,7 @@ Never holds a key or a raw path: ``route`` is the route template.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Final
 
@@ -23,6 +24,16 @@ class Usage:
     cache_write_tokens: int = 0
 
 
+class Ending(enum.Enum):
+    """How a relayed response ended (``RequestRecord.result`` holds its value)."""
+
+    OK = "ok"
+    CLIENT_GONE = "client_disconnected"  # the client left first (its status is then 499)
+    UPSTREAM_CUT = "upstream_cut"  # upstream's connection broke mid-body
+    UPSTREAM_IDLE = "upstream_idle_timeout"  # upstream sent nothing for body_idle_timeout
+    CANCELLED = "cancelled"  # the proxy cut it (the drain deadline)
+
+
 # The one place that knows how each API reports input: Anthropic's input_tokens excludes
 # cache reads and writes; OpenAI's prompt_tokens includes the cached part.
 INPUT_INCLUDES_CACHE: Final = {"openai": True, "anthropic": False}
@@ -31,7 +42,7 @@ INPUT_INCLUDES_CACHE: Final = {"openai": True, "anthropic": False}
 def billed_tokens(api: str | None, usage: Usage) -> int:
     """Tokens a usage counts against token limits: the whole prompt (cache included) plus
     the completion."""
-    if INPUT_INCLUDES_CACHE.get(api or "openai", True):
+    if input_includes_cache(api):
         return usage.input_tokens + usage.output_tokens
     return (usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
             + usage.output_tokens)
@@ -55,7 +66,7 @@ class RequestRecord:
     upstream_status: int | None = None
     upstream_ttfb_s: float | None = None
     bytes_out: int | None = None
-    result: str | None = None  # ok | client_disconnected | upstream_cut | ...; None if not proxied
+    result: str | None = None  # an Ending's value; None when the request was not proxied
     retried: bool = False  # a stale pooled connection was replaced once
     usage: Usage | None = None
     error: str | None = None  # the proxy's own error message, if it answered with one
@@ -112,3 +123,10 @@ class RequestRecord:
         if self.error is not None:
             fields["error"] = self.error
         return fields
+
+
+def input_includes_cache(api: str | None) -> bool:
+    """Whether ``api``'s input count already includes the cached tokens (the rule of
+    :data:`INPUT_INCLUDES_CACHE`; an unknown API is read as OpenAI, as :func:`billed_tokens`
+    does). For the metrics' token split and the history's cost."""
+    return INPUT_INCLUDES_CACHE.get(api or "openai", True)

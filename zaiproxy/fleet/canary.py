@@ -337,11 +337,11 @@ def _count(text: str) -> int:
 
 
 def _window(text: str) -> float:
-    from zaiproxy.observe.recorder.ranges import QueryError, parse_duration
+    from zaiproxy.core.durations import DurationError, parse_duration
 
     try:
         return parse_duration(text)
-    except QueryError as exc:
+    except DurationError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 

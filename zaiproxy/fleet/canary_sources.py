@@ -3,9 +3,10 @@ of the proxies themselves (one per ``--url``), or Prometheus, each reduced to on
 :class:`Window` per variant (``zaiproxy/fleet/canary.py`` decides).
 
 Pure adapters (:func:`from_collector`, :func:`from_proxies`, :func:`from_prometheus` and
-the PromQL of :func:`prometheus_queries`) and the blocking HTTP that feeds them (urllib, a
-timeout per request: a CLI, not the trio hot path); every failure to reach or read a
-source is a :class:`SourceError`, and :class:`Unreachable` when nothing answered at all.
+the PromQL of :func:`prometheus_queries`) and the blocking HTTP that feeds them
+(``http/client.py``'s ``request_sync``: a CLI with no event loop, one request after the
+other, each bounded by ``--timeout`` from connect to last byte); every failure to reach or
+read a source is a :class:`SourceError`, and :class:`Unreachable` when nothing answered.
 
 Which ``--url`` is what: each one's ``/admin/status`` says (``"source"``: ``collector`` or
 ``proxy``). One URL must be a collector (a proxy serves one variant: there is nothing to
@@ -19,15 +20,15 @@ the dead URL could be either's and the reading is inconclusive (:func:`from_prox
 from __future__ import annotations
 
 import datetime as dt
-import http.client
 import json
 import math
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from zaiproxy.http import client
 
 _T = TypeVar("_T")
 QUANTILE = 0.95
@@ -235,44 +236,50 @@ def from_prometheus(answers: Mapping[str, Sequence[Mapping[str, Any]]],
 # ---- sources: blocking HTTP ----------------------------------------------------------------
 
 
-# Nothing answered: refused, reset or closed without an answer (RemoteDisconnected is a
-# ConnectionResetError), or nothing in time. A name that does not resolve is a mistake in
-# the command, not a dead proxy: it stays a plain SourceError.
-_NOBODY = (ConnectionError, TimeoutError)
+# The largest answer read: Prometheus' vectors for two variants' pods are far smaller.
+MAX_ANSWER = 64 << 20
 
 
 def get_json(url: str, *, token: str | None, timeout: float) -> Any:
-    """GET ``url`` as JSON; every way it can fail is a SourceError that says which."""
-    request = urllib.request.Request(url, headers={"accept": "application/json"})
+    """GET ``url`` as JSON; every way it can fail is a SourceError that says which.
+
+    Nothing answered (refused, reset or closed without an answer, or nothing in time) is
+    :class:`Unreachable`. A name that does not resolve is a mistake in the command, not a
+    dead proxy: it stays a plain SourceError, as does an answer that is not HTTP."""
+    # Imported here: building the CLI's parser imports this module, and must not load trio
+    # and h11 (nor fail on a bad ZAIPROXY_HTTP_IMPL, which `config check` reports).
+    from zaiproxy.http import client
+
+    headers = [("accept", "application/json")]
     if token:
-        request.add_header("authorization", f"Bearer {token}")
+        headers.append(("authorization", f"Bearer {token}"))
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body: bytes = response.read()
-    except urllib.error.HTTPError as exc:
-        raise SourceError(f"{url}: HTTP {exc.code}: {_error_message(exc)}"
+        response = client.request_sync("GET", url, headers=headers, max_body=MAX_ANSWER,
+                                       timeout=timeout)
+    except client.NoAnswer as exc:
+        raise Unreachable(f"cannot reach {url}: {exc}") from None
+    except client.ConnectFailed as exc:
+        raise SourceError(f"cannot reach {url}: {exc}") from None
+    except client.ClientError as exc:
+        raise SourceError(f"cannot read {url}: {exc}") from None
+    if not 200 <= response.status < 300:
+        raise SourceError(f"{url}: HTTP {response.status}: {_error_message(response)}"
                           + (" (pass --token or set ZAIPROXY_ADMIN_TOKEN)"
-                             if exc.code == 401 else "")) from None
-    except urllib.error.URLError as exc:
-        error = Unreachable if isinstance(exc.reason, _NOBODY) else SourceError  # not DNS
-        raise error(f"cannot reach {url}: {exc.reason}") from None
-    except (OSError, http.client.HTTPException, ValueError) as exc:  # timeouts, bad URLs
-        error = Unreachable if isinstance(exc, _NOBODY) else SourceError
-        raise error(f"cannot read {url}: {exc or type(exc).__name__}") from None
+                             if response.status == 401 else ""))
     try:
-        return json.loads(body)
+        return json.loads(response.body)
     except ValueError:
-        raise SourceError(f"{url}: the answer is not JSON: {body[:80]!r}") from None
+        raise SourceError(f"{url}: the answer is not JSON: {response.body[:80]!r}") from None
 
 
-def _error_message(exc: urllib.error.HTTPError) -> str:
-    raw = exc.read()[:2000]
+def _error_message(response: client.Response) -> str:
+    raw = response.body[:2000]
     try:
         doc = json.loads(raw)
         error = doc["error"]  # the admin API's {"error": {"message"}}; Prometheus' "error"
         return str(error.get("message", error) if isinstance(error, dict) else error)
     except (ValueError, KeyError, TypeError):
-        return raw.decode("utf-8", "replace").strip()[:200] or str(exc.reason)
+        return raw.decode("utf-8", "replace").strip()[:200] or response.reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,8 @@
 
 The fleet collector: the TUI watches a fleet (production and canary
 replicas) through the same admin API a single proxy serves. Every
-``interval`` seconds each target's ``/metrics`` is fetched (h11 over a trio
-socket, one connection per scrape so ``SO_REUSEPORT`` spreads them, bounded
+``interval`` seconds each target's ``/metrics`` is fetched (``http/client.py``:
+one connection per scrape so ``SO_REUSEPORT`` spreads them, bounded
 by a timeout), parsed per variant (``snapshot.parse``) and turned into rates
 against the previous scrape (``snapshot.delta``: counter resets = restarts).
 
@@ -23,7 +23,8 @@ against the previous scrape (``snapshot.delta``: counter resets = restarts).
   buffer so lag shows up as a blocked write, not as megabytes in the kernel).
 
 Admin API (the proxy's shapes, ``admin.py``; ``Authorization: Bearer`` when a
-token is set, errors as ``{"error": {"message", "type", "code"}}``):
+token is set, errors as ``{"error": {"message", "type", "code"}}``; HTTP by
+``http/responder.py``):
 ``GET /health``; ``GET /admin/status`` (per target: stale flag, last error and
 success, latest rates per variant; per variant: the fresh targets' summed
 totals, gauges and ``breakdown`` (``snapshot.merge``) + ``rates`` (``snapshot.combine``:
@@ -52,7 +53,6 @@ import argparse
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -65,18 +65,14 @@ import orjson
 import trio
 
 from zaiproxy import __version__
-from zaiproxy.core.errors import (
-    Api,
-    MethodNotAllowed,
-    NotFound,
-    ProxyError,
-    ServiceUnavailable,
-    error_body,
-)
+from zaiproxy.core.config import TARGET_ADMIN_TOKEN_ENV
+from zaiproxy.core.durations import parse_duration
+from zaiproxy.core.errors import MethodNotAllowed, NotFound, ServiceUnavailable
 from zaiproxy.core.logs import get_logger
 from zaiproxy.fleet.collector_store import Store, row_of
 from zaiproxy.fleet.fleet_keys import keys_error, merge_keys
-from zaiproxy.http.http11 import h11
+from zaiproxy.http import client
+from zaiproxy.http.responder import Answer, Request, Responder, Streamed
 from zaiproxy.observe import snapshot
 from zaiproxy.observe.snapshot import Rates, VariantSnapshot
 from zaiproxy.request.admin import RANGES, parse_history_params, sse_event
@@ -88,9 +84,9 @@ T = TypeVar("T")
 STEPS: dict[str, float] = {"5m": 5, "15m": 15, "1h": 60, "6h": 300, "24h": 900, "7d": 3600}
 MAX_EXPOSITION = 16 << 20
 _HEARTBEAT = b": heartbeat\n\n"
-_JSON = (b"content-type", b"application/json")
 _SSE_SNDBUF = 64 << 10
-_IDLE_S = 30.0
+_SSE_HEADERS = ((b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +137,8 @@ class ScrapeError(Exception):
 
 
 async def scrape(target: Target, max_bytes: int = MAX_EXPOSITION) -> str:
-    """GET the target's exposition (status 200 or ScrapeError); the caller sets the timeout."""
+    """GET the target's exposition: status 200, else ScrapeError; a failure to get an
+    answer is a ``client.ClientError``; the caller sets the timeout."""
     status, body = await fetch(target, target.path, "text/plain", max_bytes=max_bytes)
     if status != 200:
         raise ScrapeError(f"HTTP {status} from {target.path}")
@@ -150,37 +147,14 @@ async def scrape(target: Target, max_bytes: int = MAX_EXPOSITION) -> str:
 
 async def fetch(target: Target, path: str, accept: str, *, token: str | None = None,
                 max_bytes: int = MAX_EXPOSITION) -> tuple[int, bytes]:
-    """GET ``path`` from the target: (status, body), or ScrapeError; the caller sets the
-    timeout. ``token`` goes into ``Authorization: Bearer`` and nowhere else."""
-    headers = [("host", target.authority), ("accept", accept),
-               ("user-agent", f"zaiproxy-collect/{__version__}"), ("connection", "close")]
+    """GET ``path`` from the target: (status, body), or ``client.ClientError``; the caller
+    sets the timeout. ``token`` goes into ``Authorization: Bearer`` and nowhere else."""
+    headers = [("accept", accept), ("user-agent", f"zaiproxy-collect/{__version__}")]
     if token is not None:
         headers.append(("authorization", f"Bearer {token}"))
-    stream = await trio.open_tcp_stream(target.host, target.port)
-    try:
-        conn = h11.Connection(h11.CLIENT)
-        head = h11.Request(method="GET", target=path, headers=headers)
-        await stream.send_all(conn.send(head) + conn.send(h11.EndOfMessage()))
-        status, body = 0, bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(bytes(await stream.receive_some(65536)))
-            elif type(event) is h11.Response:
-                status = event.status_code
-            elif type(event) is h11.Data:
-                body += event.data
-                if len(body) > max_bytes:
-                    raise ScrapeError(f"answer larger than {max_bytes} bytes")
-            elif type(event) is h11.EndOfMessage:
-                break
-            elif type(event) is h11.ConnectionClosed:
-                raise ScrapeError("connection closed before the response ended")
-    except h11.ProtocolError as exc:
-        raise ScrapeError(f"bad HTTP from target: {exc}") from exc
-    finally:
-        await trio.aclose_forcefully(stream)
-    return status, bytes(body)
+    url = client.Url("http", target.host, target.port, path, target.authority)
+    response = await client.get(url, headers=headers, max_body=max_bytes)
+    return response.status, response.body
 
 
 @dataclass(eq=False)
@@ -300,9 +274,10 @@ class Collector:
         self.storage = StorageHealth()
         self._limiter = trio.CapacityLimiter(1)
         self._rows_send, self._rows_recv = trio.open_memory_channel[list[tuple[Any, ...]]](64)
+        self.responder = Responder(self._handle, name="collector")
         self.log = get_logger()
 
-    async def _db(self, fn: Callable[..., T], *args: Any) -> T | None:
+    async def storage_call(self, fn: Callable[..., T], *args: Any) -> T | None:
         """Run one Store call in the DuckDB thread; errors degrade (logged, counted, None)."""
         try:
             result = await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -323,7 +298,7 @@ class Collector:
         addr = listeners[0].socket.getsockname()
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(trio.serve_listeners, self._serve_connection, listeners)
+                await nursery.start(self.responder.serve, listeners)
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._scrape_loop)
                 task_status.started((addr[0], addr[1]))
@@ -346,18 +321,18 @@ class Collector:
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
         if rows:
-            await self._db(self.store.insert, rows)
-        await self._db(self.store.close)
+            await self.storage_call(self.store.insert, rows)
+        await self.storage_call(self.store.close)
 
     async def _writer(self) -> None:
         """The only task that writes: rows as they come, retention at start and every 10 min."""
         last_prune = time.time()
-        await self._db(self.store.prune, last_prune - self.options.retention_s)
+        await self.storage_call(self.store.prune, last_prune - self.options.retention_s)
         async for rows in self._rows_recv:
-            await self._db(self.store.insert, rows)
+            await self.storage_call(self.store.insert, rows)
             if time.time() - last_prune > 600:
                 last_prune = time.time()
-                await self._db(self.store.prune, last_prune - self.options.retention_s)
+                await self.storage_call(self.store.prune, last_prune - self.options.retention_s)
 
     async def _scrape_loop(self) -> None:
         interval = self.options.interval
@@ -398,7 +373,7 @@ class Collector:
             snaps = await trio.to_thread.run_sync(snapshot.parse, text)
         except trio.TooSlowError:
             error = f"timed out after {timeout:g}s"
-        except (OSError, trio.BrokenResourceError, ScrapeError, snapshot.ParseError) as exc:
+        except (client.ClientError, ScrapeError, snapshot.ParseError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
         except Exception as exc:  # a target must never stop the collector
             self.log.error("scrape_failed", target=state.target.url, error=repr(exc)[:500])
@@ -448,7 +423,7 @@ class Collector:
     async def history(self, range_: str, variant: str) -> dict[str, Any]:
         now = time.time()
         step = max(STEPS[range_], self.options.interval)
-        series = await self._db(self.store.history, now - RANGES[range_], step, variant)
+        series = await self.storage_call(self.store.history, now - RANGES[range_], step, variant)
         if series is None:
             raise ServiceUnavailable(f"history is unavailable: {self.storage.last_error}")
         return {"source": "collector", "range": range_, "variant": variant, "step_s": step,
@@ -487,150 +462,48 @@ class Collector:
                 results[i] = report
         except trio.TooSlowError:
             results[i] = f"timed out after {timeout:g}s"
-        except (OSError, trio.BrokenResourceError, ScrapeError, orjson.JSONDecodeError) as exc:
+        except (client.ClientError, orjson.JSONDecodeError) as exc:
             results[i] = f"{type(exc).__name__}: {exc}"[:500]
 
-    # ---- admin HTTP ----------------------------------------------------------------
+    # ---- admin HTTP (the HTTP itself: http/responder.py) ---------------------------
 
-    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
-        failure: tuple[int, bytes] | None = None
-        try:
-            while True:
-                request = None
-                with trio.move_on_after(_IDLE_S):  # keep-alive idle and slow-head bound
-                    request = await _read_request(conn, stream)
-                if request is None or not await self._respond(conn, stream, request):
-                    return
-                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                    return
-                conn.start_next_cycle()
-        except h11.RemoteProtocolError:
-            failure = (400, error_body(Api.OPENAI, "invalid_request_error",
-                                       "malformed HTTP request", "bad_request"))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception as exc:  # one bad request must not take the admin API down
-            self.log.error("admin_request_failed", error=repr(exc)[:500])
-            failure = (500, error_body(Api.OPENAI, "server_error", "internal error",
-                                       "internal_error"))
-        finally:
-            if failure is not None and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                with trio.move_on_after(1):
-                    try:
-                        await _send(stream, conn, *failure, close=True)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
-            await trio.aclose_forcefully(stream)
+    async def serve_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve the admin API on one connection (``run`` serves every one it accepts)."""
+        await self.responder.serve_connection(stream)
 
-    async def _respond(self, conn: h11.Connection, stream: trio.abc.Stream,
-                       request: h11.Request) -> bool:
-        """Answer one request; False when the connection must close."""
-        method = request.method.decode()
-        path, _, query = request.target.decode("latin-1").partition("?")
-        try:
-            if method not in ("GET", "HEAD"):
-                raise MethodNotAllowed(f"{method} is not allowed: use GET",
-                                       headers=((b"allow", b"GET, HEAD"),))
-            if path == "/health":
-                body = {"status": "ok", "source": "collector", "version": __version__,
-                        "targets": len(self.states),
-                        "fresh": sum(not s.stale for s in self.states)}
-                return await _send(stream, conn, 200, orjson.dumps(body), head=method == "HEAD")
-            if path not in ("/admin/status", "/admin/history", "/admin/events", "/admin/keys"):
-                raise NotFound(f"no route for {redact_path(path)}")
-            # Read-only routes: the token when one is set (collector routes never mutate).
-            check_admin(self.options.admin_token, request.headers, "", mutating=False)
-            if path == "/admin/status":
-                return await _send(stream, conn, 200, orjson.dumps(self.status()),
-                                   head=method == "HEAD")
-            if path == "/admin/keys":
-                return await _send(stream, conn, 200, orjson.dumps(await self.keys()),
-                                   head=method == "HEAD")
-            if path == "/admin/history":
-                range_, variant = parse_history_params(query)
-                return await _send(stream, conn, 200,
-                                   orjson.dumps(await self.history(range_, variant)),
-                                   head=method == "HEAD")
-            if method == "HEAD":
-                raise MethodNotAllowed("an event stream has no HEAD: use GET",
-                                       headers=((b"allow", b"GET"),))
-        except ProxyError as exc:
-            return await _send(stream, conn, exc.status, exc.body(Api.OPENAI),
-                               head=method == "HEAD", headers=list(exc.headers))
-        await self._events(conn, stream)
-        return False
-
-    async def _events(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
-        if isinstance(stream, trio.SocketStream):
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SSE_SNDBUF)
-        head = conn.send(h11.Response(status_code=200, headers=[
-            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no")]))
+    async def _handle(self, request: Request) -> Answer | Streamed:
+        """Answer one admin API request (a ProxyError raised here is answered as such)."""
+        method, path = request.method, request.path
+        if method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(f"{method} is not allowed: use GET",
+                                   headers=((b"allow", b"GET, HEAD"),))
+        if path == "/health":
+            return Answer.json(200, {"status": "ok", "source": "collector",
+                                     "version": __version__, "targets": len(self.states),
+                                     "fresh": sum(not s.stale for s in self.states)})
+        if path not in ("/admin/status", "/admin/history", "/admin/events", "/admin/keys"):
+            raise NotFound(f"no route for {redact_path(path)}")
+        # Read-only routes: the token when one is set (collector routes never mutate).
+        check_admin(self.options.admin_token, request.headers, "", mutating=False)
+        if path == "/admin/status":
+            return Answer.json(200, self.status())
+        if path == "/admin/keys":
+            return Answer.json(200, await self.keys())
+        if path == "/admin/history":
+            range_, variant = parse_history_params(request.query)
+            return Answer.json(200, await self.history(range_, variant))
+        if method == "HEAD":
+            raise MethodNotAllowed("an event stream has no HEAD: use GET",
+                                   headers=((b"allow", b"GET"),))
         first = sse_event("connected", {"source": "collector", "interval_s": self.options.interval,
                                         "heartbeat_s": self.options.heartbeat_s,
                                         "targets": [s.target.url for s in self.states]})
         first += sse_event("metrics", self.status())
-
-        pending = [head]  # the head goes out with the first events, under the send timeout
-
-        async def write(data: bytes) -> None:
-            framed = conn.send(h11.Data(data=data))
-            await stream.send_all(pending.pop() + framed if pending else framed)
-
-        await self.hub.serve(write, first)
-
-
-async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | None:
-    """The next request, its (ignored, bounded) body read; None when the client closed."""
-    request: h11.Request | None = None
-    size = 0
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(65536)))
-        elif type(event) is h11.Request:
-            request = event
-        elif type(event) is h11.Data:
-            size += len(event.data)
-            if size > 65536:
-                raise h11.RemoteProtocolError("request body too large for the admin API")
-        elif type(event) is h11.EndOfMessage:
-            return request
-        else:  # ConnectionClosed or PAUSED
-            return None
-
-
-async def _send(stream: trio.abc.Stream, conn: h11.Connection, status: int, body: bytes, *,
-                head: bool = False, close: bool = False,
-                headers: list[tuple[bytes, bytes]] | None = None) -> bool:
-    hdrs = [_JSON, (b"content-length", b"%d" % len(body)), *(headers or [])]
-    if close:
-        hdrs.append((b"connection", b"close"))
-    data = conn.send(h11.Response(status_code=status, headers=hdrs))
-    if not head:
-        data += conn.send(h11.Data(data=body))
-    data += conn.send(h11.EndOfMessage())
-    with trio.move_on_after(_IDLE_S) as timer:  # a client that does not read its answer
-        await stream.send_all(data)
-    return not close and not timer.cancelled_caught
+        return Streamed(200, _SSE_HEADERS, lambda write: self.hub.serve(write, first),
+                        send_buffer=_SSE_SNDBUF)
 
 
 # ---- command line -------------------------------------------------------------------
-
-
-def parse_duration(text: str, what: str = "duration") -> float:
-    """``90``, ``90s``, ``15m``, ``6h``, ``7d`` -> seconds (ValueError naming ``what``)."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = str(text).strip().lower()
-    scale = units.get(text[-1:], 0)
-    try:
-        value = float(text[:-1] if scale else text) * (scale or 1)
-    except ValueError:
-        raise ValueError(f"{what}: not a duration: {text!r} (e.g. 90s, 15m, 7d)") from None
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"{what}: must be positive: {text!r}")
-    return value
 
 
 def main(ns: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -644,7 +517,7 @@ def main(ns: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             admin_token=ns.admin_token or os.environ.get("ZAIPROXY_ADMIN_TOKEN") or None,
             # getattr: an argparse namespace from a cli.py without --target-token still runs.
             target_token=getattr(ns, "target_token", None)
-            or os.environ.get("ZAIPROXY_TARGET_ADMIN_TOKEN") or None,
+            or os.environ.get(TARGET_ADMIN_TOKEN_ENV) or None,
             retention_s=parse_duration(ns.retention, "--retention"),
             scrape_timeout=parse_duration(ns.scrape_timeout, "--scrape-timeout"),
             heartbeat_s=parse_duration(ns.heartbeat, "--heartbeat"))

@@ -81,6 +81,11 @@ class Store:
             self.close()  # reopened on the next call (a failed write can invalidate it)
             raise
 
+    def query(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one read-only SQL statement (diagnostics; run it through the collector's
+        ``storage_call`` so it shares the DuckDB thread)."""
+        return self._run(lambda con: con.execute(sql, params).fetchall())
+
     def insert(self, rows: list[tuple[Any, ...]]) -> None:
         self._run(lambda con: con.executemany(_INSERT, rows))
 

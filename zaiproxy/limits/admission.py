@@ -26,35 +26,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zaiproxy.core.limitspec import FIVE_HOURS_NS, MINUTE_NS, WEEK_NS, Limits
+from zaiproxy.limits.cells import (
+    ADAPTIVE_LIMIT_KEY,
+    SC_ADAPTIVE_EPOCH,
+    SC_ADAPTIVE_MRPS,
+    THROTTLE_WORDS,
+    W_THROTTLED_REQUESTS,
+    W_THROTTLED_UNKNOWN,
+    W_UPSTREAM_REQUESTS,
+    W_UPSTREAM_THROTTLED,
+    activity_key,
+    limit_key,
+)
+from zaiproxy.limits.segment import LedgerImpl, Segment
 
 SECOND_NS = 1_000_000_000
 
-# Scalar cells of the segment (Ledger.scalar_*). The supervisor owns the adaptive rate.
-SC_ADAPTIVE_MRPS = 0  # current adaptive rate in milli-requests/s; 0 = no adaptive limit
-SC_ADAPTIVE_RESET = 1  # generation counter: bumped by POST /admin/reset-rate-limit
-SC_ADAPTIVE_CEILING_MRPS = 2  # learned ceiling (for /metrics and /health), 0 = none
-SC_ADJUST_UP = 3
-SC_ADJUST_DOWN = 4
-SC_ADAPTIVE_THROTTLED_AT_MS = 5  # wall time (unix ms) of the last throttle evidence, 0 = none
-SC_ADAPTIVE_REASON = 6  # what the last evidence was mostly (ADAPTIVE_REASONS index), 0 = none
-SC_ADAPTIVE_EPOCH = 7  # evidence events so far: a request's throttle counts once per epoch
-
-# SC_ADAPTIVE_REASON values: the class of Z.AI 429 behind the last decrease.
-ADAPTIVE_REASONS = (None, "concurrency", "frequency", "unknown")
-
-# Words of a worker's upstream-activity row (one row per worker: its own cache line).
-W_UPSTREAM_REQUESTS = 1  # every upstream answer (each attempt of a request)
-W_UPSTREAM_THROTTLED = 2  # account-throttle answers (zai.feeds_adaptive): 1302, 1303, unknown 429
-# Requests among them, each counted once per evidence epoch however many of its attempts were
-# throttled: one request's retries are not independent evidence (adaptive.py, "Evidence").
-W_THROTTLED_REQUESTS = 3
-W_THROTTLED_CONCURRENCY = 4  # the account-throttle answers by class (the "reason" of a decrease)
-W_THROTTLED_FREQUENCY = 5
-W_THROTTLED_UNKNOWN = 6
-_THROTTLE_WORDS = {"concurrency": W_THROTTLED_CONCURRENCY, "frequency": W_THROTTLED_FREQUENCY,
-                   "unknown": W_THROTTLED_UNKNOWN}
-
-
+# The cells admission uses (the map of every cell is limits/cells.py; the SC_* names are
+# imported here too because the rate state is read through the admission's plan).
 class LimitKind(enum.Enum):
     REQUESTS = "requests"
     TOKENS = "tokens"
@@ -155,7 +144,7 @@ def adaptive_gcra(mrps: int) -> tuple[int, int]:
 class Admitter:
     """One worker's view of the ledger: plans per caller, admit, settle."""
 
-    def __init__(self, ledger: Any, impl: Any, *, worker: int, global_limits: Limits,
+    def __init__(self, ledger: Segment, impl: LedgerImpl, *, worker: int, global_limits: Limits,
                  upstream_limits: Limits, upstream_id: bytes, adaptive: bool,
                  clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.ledger = ledger
@@ -168,7 +157,7 @@ class Admitter:
         self._adaptive = adaptive
         self._plans: dict[str | None, Plan] = {}
         self._adaptive_mrps = -1
-        self.activity_row = ledger.row(b"activity\0worker\0%d" % worker)
+        self.activity_row = ledger.row(activity_key(worker))
 
     # --- plans ---------------------------------------------------------------
 
@@ -196,7 +185,7 @@ class Admitter:
                 value = getattr(limits, name)
                 if value is None:
                     continue
-                key = b"limit\0" + ident + b"\0" + name.encode()
+                key = limit_key(ident, name)
                 if kind == "window":
                     ops.append(LimitOp(impl.KIND_WINDOW, self.ledger.window(key), value, period,
                                        weighted, what, scope, name))
@@ -209,7 +198,7 @@ class Admitter:
         adaptive: int | None = None
         if self._adaptive:
             adaptive = len(ops)
-            ops.append(LimitOp(impl.KIND_GCRA, self.ledger.row(b"limit\0adaptive"), 1, SECOND_NS,
+            ops.append(LimitOp(impl.KIND_GCRA, self.ledger.row(ADAPTIVE_LIMIT_KEY), 1, SECOND_NS,
                                False, LimitKind.REQUESTS, "global", "adaptive_rate", adaptive=True))
         words = impl.OP_WORDS
         buf = array("q", bytes(8 * words * max(1, len(ops))))
@@ -286,23 +275,6 @@ class Admitter:
             else:
                 ledger.window_give(op.index, -delta, admission.epochs[i], op.period_ns, now)
 
-    def cancel(self, admission: Admission) -> None:
-        """Undo an admission entirely: the request never reached upstream."""
-        if admission.settled:
-            return
-        admission.settled = True
-        plan = admission.plan
-        n = len(plan.ops)
-        if n == 0:
-            return
-        buf = plan.buf
-        words = self.impl.OP_WORDS
-        # The buffer is shared by the plan's requests: put this one's costs and epochs back.
-        for i in range(n):
-            buf[i * words + 2] = admission.tokens if plan.ops[i].weighted else 1
-            buf[i * words + 5] = admission.epochs[i]
-        self.ledger.release_ops(buf, n, self.worker, self.clock())
-
     # --- reporting -----------------------------------------------------------
 
     def rate_states(self, plan: Plan) -> tuple[RateState | None, RateState | None]:
@@ -339,7 +311,7 @@ class Admitter:
         if throttle is None:
             return counted_epoch
         ledger.counter_add(row, W_UPSTREAM_THROTTLED, 1)
-        ledger.counter_add(row, _THROTTLE_WORDS.get(throttle, W_THROTTLED_UNKNOWN), 1)
+        ledger.counter_add(row, THROTTLE_WORDS.get(throttle, W_THROTTLED_UNKNOWN), 1)
         epoch: int = ledger.scalar_get(SC_ADAPTIVE_EPOCH)
         if epoch != counted_epoch:
             ledger.counter_add(row, W_THROTTLED_REQUESTS, 1)

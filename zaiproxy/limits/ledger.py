@@ -9,37 +9,28 @@ twin would hide a broken build in production.
 from __future__ import annotations
 
 import os
-from types import ModuleType
+
+from zaiproxy.limits.segment import LedgerImpl
 
 
 class LedgerUnavailable(RuntimeError):
     """The requested ledger implementation could not be loaded."""
 
 
-def load(choice: str | None = None) -> ModuleType:
+def load(choice: str | None = None) -> LedgerImpl:
+    """The chosen implementation module; both satisfy :class:`LedgerImpl` (mypy checks it)."""
     choice = (choice or os.environ.get("ZAIPROXY_LEDGER") or "native").lower()
     if choice == "native":
         try:
-            from _native import _ledger
+            from zaiproxy._native import _ledger
         except ImportError as exc:  # pragma: no cover - exercised by the twin test
             raise LedgerUnavailable(
-                "the native ledger (_native._ledger) did not load: "
+                "the native ledger (zaiproxy._native._ledger) did not load: "
                 f"{exc}; build it with `make dev` or set ZAIPROXY_LEDGER=python"
             ) from exc
         return _ledger
     if choice == "python":
-        from _native import _ledger_py
+        from zaiproxy._native import _ledger_py
 
         return _ledger_py
     raise LedgerUnavailable(f"ZAIPROXY_LEDGER={choice!r}: expected 'native' or 'python'")
-
-
-_impl: ModuleType | None = None
-
-
-def impl() -> ModuleType:
-    """The process-wide ledger module (loaded on first use)."""
-    global _impl
-    if _impl is None:
-        _impl = load()
-    return _impl

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from zaiproxy.core import logs
 from zaiproxy.limits.adaptive import AdaptiveRate, AdaptiveSettings, Tick, save_state
-from zaiproxy.limits.admission import (
+from zaiproxy.limits.cells import (
     ADAPTIVE_REASONS,
     SC_ADAPTIVE_CEILING_MRPS,
     SC_ADAPTIVE_EPOCH,
@@ -47,7 +47,9 @@ from zaiproxy.limits.admission import (
     W_THROTTLED_REQUESTS,
     W_THROTTLED_UNKNOWN,
     W_UPSTREAM_REQUESTS,
+    activity_key,
 )
+from zaiproxy.limits.segment import Segment
 
 if TYPE_CHECKING:
     from zaiproxy.core.config import Config
@@ -56,10 +58,6 @@ TICK_S = 1.0
 # The activity-row words summed into a Tick, in Tick's field order.
 _WORDS = (W_UPSTREAM_REQUESTS, W_THROTTLED_CONCURRENCY, W_THROTTLED_FREQUENCY,
           W_THROTTLED_UNKNOWN, W_THROTTLED_REQUESTS)
-
-
-def activity_key(worker: int) -> bytes:
-    return b"activity\0worker\0%d" % worker
 
 
 def upstream_key_id(api_key: str | None) -> str:
@@ -85,7 +83,7 @@ class KeyRate:
 
 
 class RateController:
-    def __init__(self, ledger: Any, config: Config, state_file: str, *,
+    def __init__(self, ledger: Segment, config: Config, state_file: str, *,
                  wall: Any = time.time) -> None:
         self.ledger = ledger
         self.state_file = state_file

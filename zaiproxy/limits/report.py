@@ -23,7 +23,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from zaiproxy.limits.admission import (
+from zaiproxy.limits.admission import LimitOp
+from zaiproxy.limits.cells import (
     ADAPTIVE_REASONS,
     SC_ADAPTIVE_CEILING_MRPS,
     SC_ADAPTIVE_MRPS,
@@ -31,8 +32,8 @@ from zaiproxy.limits.admission import (
     SC_ADAPTIVE_THROTTLED_AT_MS,
     SC_ADJUST_DOWN,
     SC_ADJUST_UP,
-    LimitOp,
 )
+from zaiproxy.limits.segment import Segment
 
 if TYPE_CHECKING:
     from zaiproxy.core.config import Config
@@ -88,7 +89,7 @@ def key_state(enabled: bool, limited: list[str]) -> str:
     return "limited" if limited else "ok"
 
 
-def adaptive_state(config: Config, ledger: Any, now_wall: float | None = None) -> dict[str, Any]:
+def adaptive_state(config: Config, ledger: Segment, now_wall: float | None = None) -> dict[str, Any]:
     """The adaptive upstream rate as the supervisor published it in the ledger's scalars.
 
     ``rate_rps`` is None while it does not limit (nothing learned yet, at the maximum, or

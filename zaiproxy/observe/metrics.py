@@ -13,6 +13,17 @@ The hot path is :meth:`WorkerMetrics.observe`: one :class:`RequestRecord` per fi
 request (vLLM's pattern), a dict lookup per series (cells are bound once per process),
 one or two atomic adds per counter or histogram.
 
+API traffic only, by the record's ``api`` (never by its route): ``zai_proxy_requests_total``,
+``zai_proxy_request_duration_seconds`` and every other request family count the requests
+whose ``api`` is set (``openai`` / ``anthropic``: the proxied routes, and a request refused
+before routing, in the shape it was answered in). Control routes (``/health``, ``/ready``,
+``/metrics``, ``/admin/*``: ``api`` None) have families of their own,
+``zai_proxy_control_requests_total`` and ``zai_proxy_control_request_duration_seconds``
+(same labels), so scrapes, probes and hour-long ``/admin/events`` streams never enter the
+request rates, the latency quantiles or the status breakdown that ``snapshot.parse`` reads
+from these families. Which usage counts cached tokens inside the input is the record's API
+too (``record.input_includes_cache``).
+
 Gauges, computed at scrape time:
 
 - ``zai_proxy_concurrent_requests``: proxied requests in flight in all workers (control
@@ -66,7 +77,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -79,10 +90,11 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from zaiproxy import __version__
+from zaiproxy.core.labels import model_label
 from zaiproxy.core.pricing import DEFAULT_PRICES, DIRECTIONS, PriceTable, cost_nano, split_tokens
-from zaiproxy.core.record import RequestRecord
+from zaiproxy.core.record import RequestRecord, input_includes_cache
 from zaiproxy.limits import report as limits_report
-from zaiproxy.limits.admission import (
+from zaiproxy.limits.cells import (
     SC_ADAPTIVE_CEILING_MRPS,
     SC_ADAPTIVE_MRPS,
     SC_ADAPTIVE_THROTTLED_AT_MS,
@@ -90,6 +102,7 @@ from zaiproxy.limits.admission import (
     SC_ADJUST_UP,
 )
 from zaiproxy.limits.ledger import load as load_ledger
+from zaiproxy.limits.segment import Segment
 from zaiproxy.observe.shm_metrics import (
     COUNTER,
     HISTOGRAM,
@@ -113,10 +126,11 @@ _WAIT = (.001, .005, .01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 _TOKEN_COUNT = (.0001, .0005, .001, .005, .01, .05, .1, .5, 1)
 
 # Codes are part of the keys in shared memory: never change or reuse one.
-REQUESTS = Family("rq", "zai_proxy_requests", COUNTER, "Requests answered, by all workers.",
-                  ("method", "path", "status"))
+REQUESTS = Family("rq", "zai_proxy_requests", COUNTER,
+                  "API requests answered, by all workers (control routes: "
+                  "zai_proxy_control_requests).", ("method", "path", "status"))
 DURATION = Family("rd", "zai_proxy_request_duration_seconds", HISTOGRAM,
-                  "Time from the request head to the end of the response.",
+                  "Time from the request head to the end of the response (API requests).",
                   ("method", "path"), _LATENCY, NS)
 REQUEST_SIZE = Family("qs", "zai_proxy_request_size_bytes", HISTOGRAM,
                       "Request body sizes.", ("path",), _SIZE)
@@ -156,9 +170,17 @@ KEY_REQUESTS = Family("kr", "zai_proxy_key_requests", COUNTER,
 USAGE_MISSING = Family("um", "zai_proxy_usage_missing", COUNTER,
                        "Successful proxied requests whose upstream sent no usage, so tokens "
                        "were estimated.", ())
+# Requests to the proxy's own routes (a record without an API): probes, scrapes, the admin API.
+CONTROL_REQUESTS = Family("cr", "zai_proxy_control_requests", COUNTER,
+                          "Requests to the proxy's own routes (/health, /ready, /metrics, "
+                          "/admin/*), not API traffic.", ("method", "path", "status"))
+CONTROL_DURATION = Family("cd", "zai_proxy_control_request_duration_seconds", HISTOGRAM,
+                          "Time from the request head to the end of the response of the "
+                          "proxy's own routes (an /admin/events stream lasts as long as its "
+                          "client).", ("method", "path"), _LATENCY, NS)
 FAMILIES: Final = (REQUESTS, DURATION, REQUEST_SIZE, RESPONSE_SIZE, UPSTREAM_ERRORS, WAIT,
                    REJECTIONS, RETRIES, TOKENS, COST, TOKEN_COUNT, TTFT, OVERHEAD, ZAI_ERRORS,
-                   KEY_REQUESTS, USAGE_MISSING)
+                   KEY_REQUESTS, USAGE_MISSING, CONTROL_REQUESTS, CONTROL_DURATION)
 
 # Words of a worker's gauge row (shm_metrics.claim_gauge_row; only that worker writes them).
 W_IN_FLIGHT = 1
@@ -175,7 +197,6 @@ REC_QUEUE = 2
 REC_LOST = 3
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "-"})
-_ANTHROPIC_ROUTES = ("/v1/messages", "/api/anthropic")  # usage input excludes cached tokens
 
 
 if TYPE_CHECKING:
@@ -212,6 +233,16 @@ def window_quota_use(admitter: Admitter) -> list[QuotaUse]:
     return uses
 
 
+class _ControlCells:
+    """The cells of one (method, control route, status)."""
+
+    __slots__ = ("duration", "requests")
+
+    def __init__(self, requests: Cell, duration: Cell) -> None:
+        self.requests = requests
+        self.duration = duration
+
+
 class _RouteCells:
     """The cells of one (method, route, status): looked up once per request."""
 
@@ -228,7 +259,7 @@ class _RouteCells:
 class RecorderCells:
     """The recorder families' cells, for a process that is not a worker."""
 
-    def __init__(self, segment: Any) -> None:
+    def __init__(self, segment: Segment) -> None:
         self._segment = segment
         self._row = segment.row(RECORDER_KEY)
 
@@ -245,7 +276,7 @@ class RecorderCells:
 class WorkerMetrics:
     """One worker's side of the metrics: records into the segment, renders everyone's."""
 
-    def __init__(self, *, variant: str, ledger: str, workers: int, segment: Any,
+    def __init__(self, *, variant: str, ledger: str, workers: int, segment: Segment,
                  commit: str = "unknown", worker_index: int = 0, shared: bool = True,
                  pool_stats: Callable[[], tuple[int, int]] | None = None,
                  alias_metrics: bool = False, known_models: frozenset[str] = frozenset(),
@@ -284,6 +315,7 @@ class WorkerMetrics:
         self._reader = SeriesReader(segment, self.names, FAMILIES, module.stable_hash)
         self._cells: dict[Family, dict[tuple[object, ...], Cell]] = {f: {} for f in FAMILIES}
         self._by_route: dict[tuple[str, str, int], _RouteCells] = {}
+        self._by_control: dict[tuple[str, str, int], _ControlCells] = {}
         self._add = segment.counter_add
         self._set = segment.counter_set
         self._row = claim_gauge_row(segment, GAUGE_SCOPE, worker_index)
@@ -302,18 +334,23 @@ class WorkerMetrics:
             cell = cells[labels] = self.store.bind(family, tuple(str(v) for v in labels))
         return cell
 
-    def model_label(self, model: str | None) -> str:
-        """As ``gate.model_label``: a configured model name, else ``other``; ``-`` if none."""
-        if model is None:
-            return "-"
-        return model if model in self._known_models else "other"
-
     def observe(self, record: RequestRecord) -> None:
-        """Count one finished request (the record's route is a bounded template)."""
+        """Count one finished request (the record's route is a bounded template): API
+        traffic in the request families, a control route's in its own (module docstring)."""
         r = record
         method = r.method if r.method in _METHODS else "other"
         route = r.route
         cell = self._cell
+        if r.api is None:
+            control = self._by_control.get((method, route, r.status))
+            if control is None:
+                control = self._by_control[(method, route, r.status)] = _ControlCells(
+                    cell(CONTROL_REQUESTS, (method, route, r.status)),
+                    cell(CONTROL_DURATION, (method, route)))
+            control.requests.inc()
+            control.duration.observe(r.duration_s)
+            self._publish()
+            return
         # One lookup for the series every request of this (method, route, status) touches;
         # the response size and overhead series are bound when first needed.
         cells = self._by_route.get((method, route, r.status))
@@ -329,7 +366,7 @@ class WorkerMetrics:
                 cells.response_size = cell(RESPONSE_SIZE, (route,))
             cells.response_size.observe(r.bytes_out)
         if r.ttft_s is not None:
-            cell(TTFT, (self.model_label(r.model),)).observe(r.ttft_s)
+            cell(TTFT, (model_label(r.model, self._known_models),)).observe(r.ttft_s)
         if r.upstream_s is not None:
             if cells.overhead is None:
                 cells.overhead = cell(OVERHEAD, (route,))
@@ -344,15 +381,13 @@ class WorkerMetrics:
             cell(USAGE_MISSING, ()).inc()
         if self._alias_metrics and r.key_alias is not None:
             cell(KEY_REQUESTS, (r.key_alias, r.status)).inc()
-        self._publish_pool()
-        if self._recorder_stats is not None:
-            self._publish_recorder()
+        self._publish()
 
     def _usage(self, r: RequestRecord) -> None:
         assert r.usage is not None
-        model = self.model_label(r.model)
+        model = model_label(r.model, self._known_models)
         tier, prices = self._prices.quote(r.model, self._wall())
-        tokens = split_tokens(r.usage, not r.route.startswith(_ANTHROPIC_ROUTES))
+        tokens = split_tokens(r.usage, input_includes_cache(r.api))
         for direction, n in zip(DIRECTIONS, tokens, strict=True):
             if n > 0:
                 self._cell(TOKENS, (direction, model, tier)).inc(n)
@@ -360,11 +395,6 @@ class WorkerMetrics:
             nano = cost_nano(prices, tokens)
             if nano > 0:
                 self._cell(COST, (model,)).inc(nano)
-
-    def request(self, method: str, template: str, status: int) -> None:
-        if method not in _METHODS:
-            method = "other"  # client-chosen tokens must not create series
-        self._cell(REQUESTS, (method, template, status)).inc()
 
     def upstream_error(self, error_type: str) -> None:
         self._cell(UPSTREAM_ERRORS, (error_type,)).inc()

@@ -80,7 +80,9 @@ import stat
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
+
+from zaiproxy.limits.segment import Segment
 
 COUNTER: Final = "counter"
 HISTOGRAM: Final = "histogram"
@@ -178,7 +180,7 @@ class NamesFile:
 class CounterCell:
     __slots__ = ("_add", "_row")
 
-    def __init__(self, ledger: Any, row: int) -> None:
+    def __init__(self, ledger: Segment, row: int) -> None:
         self._add = ledger.counter_add
         self._row = row
 
@@ -192,7 +194,7 @@ class CounterCell:
 class HistogramCell:
     __slots__ = ("_add", "_bounds", "_cells", "_scale", "_sum")
 
-    def __init__(self, ledger: Any, rows: tuple[int, ...], family: Family) -> None:
+    def __init__(self, ledger: Segment, rows: tuple[int, ...], family: Family) -> None:
         self._add = ledger.counter_add
         self._bounds = family.buckets
         cells = [(rows[j // CELLS_PER_ROW], 1 + j % CELLS_PER_ROW)
@@ -236,7 +238,7 @@ Cell = CounterCell | HistogramCell | DroppedCell
 class SeriesStore:
     """Binds series to ledger rows for one process (the writer side)."""
 
-    def __init__(self, ledger: Any, names: NamesFile, budget: int,
+    def __init__(self, ledger: Segment, names: NamesFile, budget: int,
                  ledger_full: type[Exception]) -> None:
         self.ledger = ledger
         self.names = names
@@ -284,7 +286,7 @@ def gauge_row_key(scope: str, index: int) -> bytes:
     return b"m\0#g\0%s\0%d" % (scope.encode(), index)
 
 
-def claim_gauge_row(ledger: Any, scope: str, index: int) -> int:
+def claim_gauge_row(ledger: Segment, scope: str, index: int) -> int:
     """This process's gauge row, zeroed (it replaces whatever a dead predecessor left)."""
     row = int(ledger.row(gauge_row_key(scope, index)))
     for word in range(1, CELLS_PER_ROW + 1):
@@ -300,7 +302,7 @@ Series = dict[tuple[str, ...], tuple[int, ...]]  # label values -> the cells of 
 class SeriesReader:
     """Enumerates every series in the segment (all processes') from the rows and the names."""
 
-    def __init__(self, ledger: Any, names: NamesFile, families: Iterable[Family],
+    def __init__(self, ledger: Segment, names: NamesFile, families: Iterable[Family],
                  stable_hash: Callable[[bytes], int]) -> None:
         self.ledger = ledger
         self.names = names

@@ -7,12 +7,20 @@ histograms merged over their other labels, and the build versions. A family
 that is missing reads as zeros (an older proxy, a family not yet observed),
 never as an error; only text that is not an exposition raises ``ParseError``.
 
-Only proxied API traffic is counted in ``requests``, the ``responses_*`` and the
-latency histogram: series whose ``path`` is a control route (``/metrics``,
-``/health``, ``/ready``, ``/admin/*``) are skipped, so scrapes and dashboards
-do not show up as request rate. ``breakdown`` keeps bounded label-keyed totals
-(by status, Z.AI code and class, upstream error type, rejection, retry reason,
-adaptive adjustment) for the views that need more than one number.
+Only API traffic is counted in ``requests``, the ``responses_*``, the status
+breakdown and the latency histogram, so scrapes, probes and dashboards (an
+``/admin/events`` stream lasts as long as its viewer) never show up as request
+rate or latency. The proxy decides what is API traffic from each request's
+record (``RequestRecord.api``, in ``metrics.py``): its request families hold API
+requests only, control routes have families of their own
+(``zai_proxy_control_*``), and this module counts the request families whole.
+An exposition without those control families comes from a build that counted
+control routes in the request families (an older zaiproxy that a collector still
+scrapes during a rollout): there, and only there, the series whose ``path`` is
+one of the control routes of that time (:data:`LEGACY_CONTROL_PATHS`) are
+skipped. ``breakdown`` keeps bounded label-keyed totals (by status, Z.AI code
+and class, upstream error type, rejection, retry reason, adaptive adjustment)
+for the views that need more than one number.
 
 ``delta`` turns two snapshots of one variant into ``Rates`` the way
 Prometheus' ``rate`` and ``histogram_quantile`` would over that interval:
@@ -47,9 +55,14 @@ QUANTILES = (0.5, 0.95, 0.99)
 # Series without a ``variant`` label (an exposition from an older build): they
 # belong to the only variant present, else to this one.
 UNKNOWN_VARIANT = "unknown"
-# Not API traffic: scrapes, probes and the admin API (what the TUI itself calls).
-CONTROL_PATHS = frozenset({"/metrics", "/health", "/ready"})
-CONTROL_PREFIX = "/admin"
+# A current proxy counts its control routes in these families (metrics.CONTROL_REQUESTS):
+# their presence says the request families hold API traffic only.
+CONTROL_FAMILY = "zai_proxy_control_requests"
+# The control routes (scrapes, probes, the admin API) of builds without CONTROL_FAMILY, whose
+# request families mixed them in; also what tells them apart in history rows written before
+# the record carried its API (recorder/schema.py). A fixed fact about old data: never extended.
+LEGACY_CONTROL_PATHS = frozenset({"/metrics", "/health", "/ready"})
+LEGACY_CONTROL_PREFIX = "/admin"
 # The breakdown categories, always all present (a missing family reads as empty).
 BREAKDOWNS = ("status", "zai_errors", "zai_error_classes", "upstream_errors", "rejections",
               "retries", "adjustments")
@@ -332,7 +345,8 @@ _BREAKDOWN_SOURCES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
 }
 _HISTOGRAMS = {"zai_proxy_request_duration_seconds": "latency",
                "zai_proxy_time_to_first_token_seconds": "ttft"}
-_API_HISTOGRAMS = frozenset({"latency"})  # histograms that count API requests only
+# Histograms of requests by path: where a legacy exposition mixed control routes in.
+_API_HISTOGRAMS = frozenset({"latency"})
 _TOKEN_DIRECTIONS = {"input": "tokens_in", "in": "tokens_in", "prompt": "tokens_in",
                      "output": "tokens_out", "out": "tokens_out", "completion": "tokens_out"}
 
@@ -354,14 +368,16 @@ class _Acc:
         self.versions: set[str] = set()
         self.commits: set[str] = set()
 
-    def add(self, name: str, labels: dict[str, str], value: float) -> None:
+    def add(self, name: str, labels: dict[str, str], value: float, legacy: bool) -> None:
+        """One sample; ``legacy``: the exposition mixes control routes into the request
+        families (module docstring)."""
         if math.isnan(value):
             return
         c = self.counts
         for category, keys in _BREAKDOWN_SOURCES.get(name, ()):
             self._count(category, ":".join(labels.get(k) or "-" for k in keys), value)
         if name == "zai_proxy_requests_total":
-            if _is_control(labels):
+            if legacy and _legacy_control(labels):
                 return
             c["requests"] += value
             status = labels.get("status", "")
@@ -394,7 +410,7 @@ class _Acc:
         else:
             base, _, suffix = name.rpartition("_")
             hist = _HISTOGRAMS.get(base)
-            if hist is None or (hist in _API_HISTOGRAMS and _is_control(labels)):
+            if hist is None or (legacy and hist in _API_HISTOGRAMS and _legacy_control(labels)):
                 return
             series = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
             if suffix == "bucket" and "le" in labels:
@@ -447,9 +463,9 @@ class _Acc:
             workers=self.gauges["workers"], breakdown=freeze_breakdown(self.breakdown))
 
 
-def _is_control(labels: Mapping[str, str]) -> bool:
+def _legacy_control(labels: Mapping[str, str]) -> bool:
     path = labels.get("path", "")
-    return path in CONTROL_PATHS or path.startswith(CONTROL_PREFIX)
+    return path in LEGACY_CONTROL_PATHS or path.startswith(LEGACY_CONTROL_PREFIX)
 
 
 def parse(text: str) -> dict[str, VariantSnapshot]:
@@ -467,6 +483,8 @@ def parse_families(families: Iterable[Any]) -> dict[str, VariantSnapshot]:
     (render, then prometheus-client's parser) cost ~10 ms per snapshot on the worker's
     loop, the families ~1 ms.
     """
+    families = list(families)
+    legacy = not any(family.name == CONTROL_FAMILY for family in families)
     by_variant: dict[str, _Acc] = {}
     unlabelled = _Acc()
     seen_unlabelled = False
@@ -481,7 +499,7 @@ def parse_families(families: Iterable[Any]) -> dict[str, VariantSnapshot]:
                     acc = by_variant[variant] = _Acc()
             else:
                 acc, seen_unlabelled = unlabelled, True
-            acc.add(sample.name, sample.labels, float(sample.value))
+            acc.add(sample.name, sample.labels, float(sample.value), legacy)
     if seen_unlabelled:
         if len(by_variant) == 1:
             next(iter(by_variant.values())).merge_from(unlabelled)

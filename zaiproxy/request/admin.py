@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 
 RANGES: dict[str, int] = {"5m": 300, "15m": 900, "1h": 3600, "6h": 21600, "24h": 86400,
                           "7d": 604800}
-EVENTS_INTERVAL_S = 2.0
-HEARTBEAT_S = 15.0
-SEND_TIMEOUT_S = 5.0  # a consumer that cannot take one event in this long is dropped
 
 
 def parse_history_params(query: str) -> tuple[str, str]:
@@ -94,7 +91,7 @@ def keys_report(ctx: WorkerContext) -> dict[str, Any]:
             "alias": key.alias, "enabled": key.enabled,
             "state": limits_report.key_state(key.enabled, limited), "limited_by": limited,
             "models": sorted(key.models) if key.models else None,
-            "limits": configured, "now": states, "usage": ctx.key_usage(key.alias),
+            "limits": configured, "now": states, "usage": ctx.key_usage.totals(key.alias),
         })
     return report
 
@@ -124,14 +121,15 @@ def sse_event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-async def stream_events(ctx: WorkerContext, client: Any, *, interval: float = EVENTS_INTERVAL_S,
-                        heartbeat: float = HEARTBEAT_S, send_timeout: float = SEND_TIMEOUT_S) -> None:
+async def stream_events(ctx: WorkerContext, client: Any) -> None:
     """Serve ``/admin/events`` on ``client`` until it leaves, is too slow, or the proxy drains.
 
     Each ``metrics`` event is ``/admin/status`` whose variants also carry ``rates``:
     ``snapshot.delta`` against this stream's previous event (``null`` on the first event
     and for a variant not seen before), the same shape as the collector's per-variant rates.
     """
+    interval, heartbeat, send_timeout = (ctx.events.interval, ctx.events.heartbeat,
+                                         ctx.events.send_timeout)
     client.queue_response(200, [(b"content-type", b"text/event-stream"),
                                 (b"cache-control", b"no-cache"),
                                 (b"x-zaiproxy-request-id", client.request_id)])

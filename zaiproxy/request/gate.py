@@ -1,27 +1,32 @@
 """The gate in front of every proxied request: authenticate, estimate, admit, settle.
 
 docs/architecture.md "One request", steps 4 and 11:
-- the client key (when a keys file is configured) is checked in constant
-  time; unknown or disabled -> 401, a model the key may not use -> 403;
-- the prompt is estimated with tiktoken (in a thread above a size threshold)
-  and the reservation is prompt + the request's output cap;
-- ONE ledger admission takes every applicable limit or none; refused -> the
-  proxy's 429 naming the limit, with an exact ``Retry-After``, or a bounded
-  wait when ``queue_timeout`` is set;
-- after the response, :func:`settle` reconciles tokens with real usage and
-  releases the concurrency lease (called from a ``finally``).
+- the client key (when a keys file is configured) is checked in constant time; unknown or
+  disabled -> 401, a model the key may not use -> 403;
+- the prompt is estimated with tiktoken (in a thread above a size threshold) and the
+  reservation is prompt + the request's output cap;
+- ONE ledger admission takes every applicable limit or none; refused -> the proxy's 429
+  naming the limit, with an exact ``Retry-After``, or a bounded wait when ``queue_timeout``
+  is set;
+- after the response, :func:`settle` reconciles tokens with real usage and releases the
+  concurrency lease (called from a ``finally``).
+
+Each step returns a frozen value (:class:`Admitted`, :class:`Settled`): the pipeline holds
+them, nothing is filled in afterwards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
 from zaiproxy.core.errors import Forbidden, RateLimited, RequestTooLargeForLimit, Unauthorized
-from zaiproxy.core.record import Usage
+from zaiproxy.core.record import Usage, billed_tokens
 from zaiproxy.limits.admission import (
     Admission,
     LimitKind,
@@ -30,46 +35,51 @@ from zaiproxy.limits.admission import (
     format_reset,
     ratelimit_headers,
 )
-from zaiproxy.limits.keys import ClientKey, client_credential
+from zaiproxy.limits.keys import ClientKey, KeyTable, client_credential
 from zaiproxy.request import tokens
+from zaiproxy.request.routing import Route
+from zaiproxy.request.usage import StreamUsage
 
 if TYPE_CHECKING:
-    from zaiproxy.http.http11 import h11
     from zaiproxy.request.context import WorkerContext
-    from zaiproxy.request.proxy import Outcome
-    from zaiproxy.request.routing import Route
 
-# Upstream paths whose responses generate output tokens (the output cap is reserved).
-_GENERATING = ("/chat/completions", "/completions", "/messages")
-# A concurrency slot frees when some request finishes, on any worker: a
-# waiting request re-checks this often (a local release wakes it at once).
+# A concurrency slot frees when some request finishes, on any worker: a waiting request
+# re-checks this often (a local release wakes it at once).
 _CONCURRENCY_POLL_S = 0.05
 
 
-@dataclass(slots=True)
-class Ticket:
-    """What the gate decided for one request; settled once in a ``finally``."""
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What the gate decided for one request (a retry gets a new one); settled once."""
 
-    admission: Admission | None
+    admission: Admission
     alias: str | None
     prompt_tokens: int  # estimate (0 when not counted)
     reserved: int
     model_label: str
     counted: bool  # token counting applied to this request
-    token_count_s: float | None = None  # time spent estimating the prompt
-    queue_wait_s: float = 0.0  # time waited in the admission queue
+    token_count_s: float | None  # time spent estimating the prompt
+    queue_wait_s: float  # time waited in the admission queue
 
 
-def authenticate(ctx: WorkerContext, request: h11.Request, model: str | None) -> ClientKey | None:
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The usage the request was charged with, and whether the proxy counted it itself."""
+
+    usage: Usage | None
+    estimated: bool
+
+
+def authenticate(keys: KeyTable | None, headers: Iterable[tuple[bytes, bytes]],
+                 model: str | None) -> ClientKey | None:
     """The caller's client key, or None in open mode; raises Unauthorized / Forbidden."""
-    table = ctx.keys
-    if table is None:
+    if keys is None:
         return None
-    presented = client_credential(request.headers)
+    presented = client_credential(headers)
     if presented is None:
         raise Unauthorized("missing client key: send it as `Authorization: Bearer <key>` "
                            "or `x-api-key: <key>`")
-    key = table.lookup(presented)
+    key = keys.lookup(presented)
     if key is None:
         raise Unauthorized("invalid client key")
     if not key.enabled:
@@ -77,13 +87,6 @@ def authenticate(ctx: WorkerContext, request: h11.Request, model: str | None) ->
     if not key.allows_model(model):
         raise Forbidden(f"client key {key.alias!r} may not use model {model!r}")
     return key
-
-
-def model_label(ctx: WorkerContext, model: str | None) -> str:
-    """A bounded label: a configured model name, else ``other`` (``-`` when absent)."""
-    if model is None:
-        return "-"
-    return model if model in ctx.known_models else "other"
 
 
 async def estimate(ctx: WorkerContext, route: Route, payload: dict[str, object] | None,
@@ -94,50 +97,45 @@ async def estimate(ctx: WorkerContext, route: Route, payload: dict[str, object] 
     est = tokens.estimate_now(route.api.value, payload, body_len)
     if est is None:
         est = await tokens.estimate(route.api.value, payload, body_len)
-    path = route.upstream_path.partition("?")[0]
-    if path.endswith(_GENERATING):
+    if route.generates_output:
         return est.prompt_tokens, tokens.reservation(est, ctx.config.default_max_output_tokens), True
     return est.prompt_tokens, est.prompt_tokens, True
 
 
 async def admit(ctx: WorkerContext, route: Route, key: ClientKey | None,
-                payload: dict[str, object] | None, body_len: int, model: str | None) -> Ticket:
+                payload: dict[str, object] | None, body_len: int, model_label: str) -> Admitted:
     """Estimate and admit one request; raises RateLimited (429) when a limit refuses."""
     began = time.perf_counter()
     prompt, reserved, counted = await estimate(ctx, route, payload, body_len)
-    counted_at = time.perf_counter()
+    counted_s = time.perf_counter() - began if counted else None
     admitter = ctx.admitter
     alias = key.alias if key is not None else None
     plan = admitter.plan(alias, key.limits if key is not None else None)
-    ticket = Ticket(None, alias, prompt, reserved, model_label(ctx, model), counted,
-                    counted_at - began if counted else None)
     result = admitter.admit(plan, reserved)
+    waited = 0.0
     if isinstance(result, Refusal):
         waiting = trio.current_time()
         result = await _wait(ctx, plan, reserved, result)
-        ticket.queue_wait_s = trio.current_time() - waiting
-    ticket.admission = result
-    return ticket
+        waited = trio.current_time() - waiting
+    return Admitted(result, alias, prompt, reserved, model_label, counted, counted_s, waited)
 
 
-async def readmit(ctx: WorkerContext, ticket: Ticket) -> None:
+async def readmit(ctx: WorkerContext, admitted: Admitted) -> Admitted:
     """Admit a Z.AI retry again.
 
-    The refused attempt is settled like a finished request, not cancelled: it
-    did reach upstream, so its request-rate, quota and adaptive-rate slots stay
-    taken (cancelling would let every retry go out outside those limits); its
-    lease goes back and its token reservation is refunded (a 429 generated
-    nothing). Then the retry takes every limit anew.
+    The refused attempt is settled like a finished request, not cancelled: it did reach
+    upstream, so its request-rate, quota and adaptive-rate slots stay taken (cancelling
+    would let every retry go out outside those limits); its lease goes back and its token
+    reservation is refunded (a 429 generated nothing). Then the retry takes every limit
+    anew. If the retry is refused (the proxy's own 429 is raised), the caller's final
+    :func:`settle` of the old value changes nothing: ``Admitter.settle`` is idempotent.
     """
-    old = ticket.admission
-    if old is None:
-        return
-    ctx.admitter.settle(old, 0 if ticket.counted else None)
-    ticket.admission = None
+    old = admitted.admission
+    ctx.admitter.settle(old, 0 if admitted.counted else None)
     result = ctx.admitter.admit(old.plan, old.tokens)
     if isinstance(result, Refusal):
         result = await _wait(ctx, old.plan, old.tokens, result)
-    ticket.admission = result
+    return dataclasses.replace(admitted, admission=result)
 
 
 async def _wait(ctx: WorkerContext, plan: Plan, reserved: int, refusal: Refusal) -> Admission:
@@ -159,7 +157,7 @@ async def _wait(ctx: WorkerContext, plan: Plan, reserved: int, refusal: Refusal)
                       else refusal.retry_ns / 1e9)
             if trio.current_time() + wait_s > deadline:
                 raise _refused(ctx, refusal, plan)
-            # A client that disconnects cancels the exchange scope around us: it leaves the queue.
+            # A client that disconnects cancels the scope around us: it leaves the queue.
             with trio.move_on_after(wait_s):
                 await ctx.released.wait()
             result = admitter.admit(plan, reserved)
@@ -191,46 +189,40 @@ def _refused(ctx: WorkerContext, refusal: Refusal, plan: Plan) -> RateLimited:
         headers=tuple(headers))
 
 
-def response_headers(ctx: WorkerContext, ticket: Ticket | None) -> list[tuple[bytes, bytes]]:
+def response_headers(ctx: WorkerContext, admitted: Admitted) -> list[tuple[bytes, bytes]]:
     """The ``x-ratelimit-*`` headers for the tightest limits of the caller's plan."""
-    if ticket is None or ticket.admission is None:
-        return []
     out: list[tuple[bytes, bytes]] = []
-    requests, toks = ctx.admitter.rate_states(ticket.admission.plan)
+    requests, toks = ctx.admitter.rate_states(admitted.admission.plan)
     ratelimit_headers(requests, toks, out)
     return out
 
 
-def billed_tokens(api: str, usage: Usage) -> int:
-    """Tokens a usage counts against token limits (prompt incl. cache + completion)."""
-    if api == "anthropic":
-        # Anthropic's input_tokens excludes cache reads and writes.
-        return (usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
-                + usage.output_tokens)
-    return usage.input_tokens + usage.output_tokens  # OpenAI's prompt_tokens includes cached
+def settle(ctx: WorkerContext, admitted: Admitted, api: str, usage: StreamUsage | Usage | None,
+           succeeded: bool) -> Settled:
+    """Reconcile the reservation with real usage, release the lease, count the key's tokens.
 
-
-def settle(ctx: WorkerContext, ticket: Ticket, api: str, outcome: Outcome | None) -> None:
-    """Reconcile the reservation with real usage, release the lease, count tokens."""
-    admission = ticket.admission
-    usage: Usage | None = None
+    ``usage``: what the response reported (a stream's :class:`StreamUsage` says whether its
+    output was counted here from the deltas); none for a successful answer -> the prompt
+    estimate is charged, as an estimate; a failed answer generated nothing.
+    """
     estimated = False
-    if outcome is not None and outcome.usage is not None:
-        usage = outcome.usage
-        estimated = outcome.usage_estimated
-        if estimated and usage.input_tokens == 0:
-            usage = Usage(ticket.prompt_tokens, usage.output_tokens)
-            outcome.usage = usage  # the record shows what was counted
-    elif (outcome is not None and outcome.upstream_status is not None
-          and outcome.upstream_status < 400 and ticket.counted):
-        usage = Usage(ticket.prompt_tokens, outcome.output_estimate)
-        estimated = True
-        outcome.usage, outcome.usage_estimated = usage, True
-    used = billed_tokens(api, usage) if usage is not None else 0
-    if admission is not None:
-        ctx.admitter.settle(admission, used if ticket.counted else None)
-        if ctx.wait_queue.waiting:
-            ctx.released.set()  # wake the queued: a slot may be free
-            ctx.released = trio.Event()
-    if usage is not None and ticket.counted:
-        ctx.count_tokens(ticket.alias, ticket.model_label, usage, estimated)
+    charged: Usage | None
+    if isinstance(usage, StreamUsage):
+        estimated = usage.estimated
+        charged = usage.usage
+        if estimated and charged.input_tokens == 0:
+            charged = Usage(admitted.prompt_tokens, charged.output_tokens)
+    elif usage is not None:
+        charged = usage
+    elif succeeded and admitted.counted:
+        charged, estimated = Usage(admitted.prompt_tokens, 0), True
+    else:
+        charged = None
+    used = billed_tokens(api, charged) if charged is not None else 0
+    ctx.admitter.settle(admitted.admission, used if admitted.counted else None)
+    if ctx.wait_queue.waiting:
+        ctx.released.set()  # wake the queued: a slot may be free
+        ctx.released = trio.Event()
+    if charged is not None and admitted.counted and admitted.alias is not None:
+        ctx.key_usage.add(admitted.alias, charged)
+    return Settled(charged, estimated)

@@ -38,7 +38,10 @@ class Control(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where a request goes. ``template`` is the bounded name used in logs and metrics."""
+    """Where a request goes and what it is: every fact about a route is decided here, once.
+
+    ``template`` is the bounded name used in logs and metrics.
+    """
 
     template: str
     api: Api
@@ -46,6 +49,20 @@ class Route:
     upstream_path: str = ""  # appended to the upstream base, query string included
     reads_json: bool = False  # the proxy parses the body (and rejects invalid JSON)
     control: Control | None = None
+    generates_output: bool = False  # a completion: its output cap is reserved as tokens
+    count_tokens: bool = False  # /messages/count_tokens (may be answered locally)
+
+
+# Upstream endpoints that generate output tokens, and the token-counting one.
+_GENERATING = ("/chat/completions", "/completions", "/messages")
+_COUNT_TOKENS = "/messages/count_tokens"
+
+
+def _route(template: str, api: Api, upstream: Upstream, upstream_path: str, reads_json: bool,
+           query: str = "") -> Route:
+    return Route(template, api, upstream, upstream_path + query, reads_json,
+                 generates_output=upstream_path.endswith(_GENERATING),
+                 count_tokens=upstream_path.endswith(_COUNT_TOKENS))
 
 
 # (method, path) -> (template, api, upstream, path-on-upstream-base, reads_json)
@@ -53,7 +70,7 @@ _EXACT: dict[tuple[str, str], Route] = {}
 
 
 def _add(method: str, path: str, api: Api, upstream: Upstream, up_path: str, reads_json: bool) -> None:
-    _EXACT[(method, path)] = Route(path, api, upstream, up_path, reads_json)
+    _EXACT[(method, path)] = _route(path, api, upstream, up_path, reads_json)
 
 
 _add("POST", "/v1/chat/completions", Api.OPENAI, Upstream.OPENAI, "/chat/completions", True)
@@ -145,13 +162,6 @@ def split_target(target: str) -> tuple[str, str]:
     raise BadRequest("absolute-form and authority-form request targets are not accepted by this proxy")
 
 
-def api_for_path(path: str) -> Api:
-    """The error shape to use when the route is unknown (best guess from the path)."""
-    if path.startswith(("/v1/messages", "/api/anthropic")):
-        return Api.ANTHROPIC
-    return Api.OPENAI
-
-
 def resolve(method: str, target: str) -> Route:
     """Route a request or raise BadRequest / NotFound / MethodNotAllowed."""
     raw_path, query = split_target(target)
@@ -160,7 +170,8 @@ def resolve(method: str, target: str) -> Route:
     if route is not None:
         if query:
             return Route(route.template, route.api, route.upstream, route.upstream_path + query,
-                         route.reads_json)
+                         route.reads_json, generates_output=route.generates_output,
+                         count_tokens=route.count_tokens)
         return route
     control = _CONTROL.get(path)
     if control is not None and method in ("GET", "HEAD"):
@@ -169,11 +180,11 @@ def resolve(method: str, target: str) -> Route:
     if admin is not None and method == "POST":
         return admin
     if path.startswith("/v1/models/") and method == "GET" and path.count("/") == 3:
-        return Route("/v1/models/{model}", Api.OPENAI, Upstream.OPENAI, path[3:] + query)
+        return _route("/v1/models/{model}", Api.OPENAI, Upstream.OPENAI, path[3:], False, query)
     for prefix, api in _NATIVE_PREFIXES:
         if path.startswith(prefix) or path + "/" == prefix:
             reads = method == "POST" and path.endswith(_JSON_SUFFIXES)
-            return Route(prefix + "*", api, Upstream.NATIVE, path + query, reads)
+            return _route(prefix + "*", api, Upstream.NATIVE, path, reads, query)
     allowed = _ALLOWED.get(path)
     if allowed:
         raise MethodNotAllowed(

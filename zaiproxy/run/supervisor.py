@@ -6,7 +6,7 @@
   dead worker's queued connections wait for its replacement instead of being
   refused.
 - A worker that dies is restarted with exponential backoff (0.25 s doubling
-  to 30 s; reset after a minute of good health), and logged.
+  to 30 s; reset after a minute of good health: ``core/backoff.py``), and logged.
 - SIGTERM/SIGINT: readiness turns false in every worker at once (shared state
   cell), the listening sockets close, workers drain with ``drain_timeout``,
   exit code 0. A second signal kills the workers and exits at once.
@@ -47,21 +47,20 @@ from typing import Any, TextIO
 
 from zaiproxy import __version__
 from zaiproxy.core import logs
+from zaiproxy.core.backoff import Backoff
 from zaiproxy.core.config import Config
 from zaiproxy.http.http11 import ENV as HTTP_IMPL_ENV
 from zaiproxy.limits.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.limits.ledger import LedgerUnavailable
 from zaiproxy.limits.ledger import load as load_ledger
 from zaiproxy.limits.ratecontrol import RateController
+from zaiproxy.limits.segment import Segment
 from zaiproxy.observe.recorder.supervise import RecorderHandle
 from zaiproxy.request.admin_access import ADMIN_API_OPEN, open_api_message, security_warnings
 from zaiproxy.request.context import STATE_DRAINING, STATE_RUNNING, STATE_STARTING
 from zaiproxy.run.sockets import bind_reuseport
 from zaiproxy.run.worker import worker_main
 
-BACKOFF_INITIAL = 0.25
-BACKOFF_MAX = 30.0
-HEALTHY_AFTER = 60.0  # a worker alive this long resets its backoff
 DEMO_UPSTREAM_KEY = "demo-upstream-key"  # what the demo mock requires, so key injection is exercised
 
 
@@ -70,8 +69,7 @@ class _Slot:
     index: int
     process: BaseProcess | None = None
     ready_pipe: Connection | None = None
-    started_at: float = 0.0
-    backoff: float = BACKOFF_INITIAL
+    backoff: Backoff = dataclasses.field(default_factory=Backoff)
     restart_at: float | None = None
     ready_once: bool = False
 
@@ -88,7 +86,7 @@ class Supervisor:
         self.signals: list[int] = []
         self.reloads = 0  # SIGHUPs not yet handled
         self.keys: KeyTable | None = None  # the client keys in force (None = open mode)
-        self.segment: Any = None  # the shared-memory Ledger
+        self.segment: Segment | None = None  # the shared-memory ledger, made by run()
         self.rates: RateController | None = None
         self.exit_code = 0  # 1 when start-up failed; the drain keeps it
         self.recorder: RecorderHandle | None = None  # the history recorder (None: history off)
@@ -127,12 +125,16 @@ class Supervisor:
             api_key=DEMO_UPSTREAM_KEY,
         )
 
+    def _segment(self) -> Segment:
+        assert self.segment is not None, "run() makes the segment before any worker exists"
+        return self.segment
+
     def _spawn(self, slot: _Slot) -> None:
         parent_end, child_end = self.mp.Pipe(duplex=False)
         process = self.mp.Process(
             target=worker_main,
             args=(slot.index, self.socks[slot.index], self.config, self.state, child_end,
-                  os.getpid(), self.segment.path, self.keys,
+                  os.getpid(), self._segment().path, self.keys,
                   self.recorder.channel if self.recorder is not None else None),
             name=f"zaiproxy-worker-{slot.index}",
         )
@@ -140,7 +142,7 @@ class Supervisor:
         child_end.close()
         slot.process = process
         slot.ready_pipe = parent_end
-        slot.started_at = time.monotonic()
+        slot.backoff.started(time.monotonic())
         slot.restart_at = None
         self.log.info("worker_started", worker=slot.index, worker_pid=process.pid)
 
@@ -354,11 +356,11 @@ class Supervisor:
         """Schedule a restart; False when start-up itself failed (no point in looping)."""
         assert slot.process is not None
         code = slot.process.exitcode
-        lived = time.monotonic() - slot.started_at
+        restart = slot.backoff.exited(time.monotonic())
         slot.process.close()
         slot.process = None
         # Its leases would hold concurrency slots forever; the index is reused by the replacement.
-        reclaimed = self.segment.reclaim(slot.index)
+        reclaimed = self._segment().reclaim(slot.index)
         if reclaimed:
             self.log.warning("leases_reclaimed", worker=slot.index, leases=reclaimed)
         if slot.ready_pipe is not None:
@@ -367,13 +369,10 @@ class Supervisor:
         if not announced and not slot.ready_once:
             self.log.error("worker_failed_to_start", worker=slot.index, exit_code=code)
             return False
-        if lived > HEALTHY_AFTER:
-            slot.backoff = BACKOFF_INITIAL
-        slot.restart_at = time.monotonic() + slot.backoff
+        slot.restart_at = restart.at
         self.log.error("worker_died", worker=slot.index, exit_code=code,
                        signal=-code if code is not None and code < 0 else None,
-                       restart_in_s=slot.backoff, lived_s=round(lived, 3))
-        slot.backoff = min(slot.backoff * 2, BACKOFF_MAX)
+                       restart_in_s=restart.delay, lived_s=round(restart.lived, 3))
         return True
 
     # ---- shutdown ---------------------------------------------------------------

@@ -22,20 +22,23 @@ from typing import Any
 import trio
 
 from zaiproxy.core import logs
-from zaiproxy.core.config import Config
+from zaiproxy.core.config import COMMIT_ENV, Config
 from zaiproxy.core.pricing import DEFAULT_PRICES, load_prices
 from zaiproxy.http import http11
+from zaiproxy.http.connection import ClientConnection
 from zaiproxy.http.netstream import FastSocketStream
 from zaiproxy.limits.admission import Admitter, WaitQueue
+from zaiproxy.limits.key_usage import KeyUsage
 from zaiproxy.limits.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.limits.ledger import load as load_ledger
+from zaiproxy.limits.segment import LedgerImpl, Segment
 from zaiproxy.observe.metrics import WorkerMetrics, window_quota_use
 from zaiproxy.observe.recorder.client import HistoryClient
 from zaiproxy.observe.recorder.sink import RecordSink
 from zaiproxy.request import tokens
 from zaiproxy.request.context import SharedState, WorkerContext
+from zaiproxy.request.pipeline import Pipeline
 from zaiproxy.request.routing import Upstream
-from zaiproxy.request.server import ClientConnection
 from zaiproxy.run.sockets import trio_listener
 from zaiproxy.upstream.pool import Origin, UpstreamPool, make_ssl_context
 from zaiproxy.upstream.zai import RetryPolicy
@@ -46,7 +49,7 @@ _private_ids = itertools.count()
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
-def open_ledger(impl: Any, config: Config, path: str | None) -> Any:
+def open_ledger(impl: LedgerImpl, config: Config, path: str | None) -> Segment:
     """Attach to the supervisor's segment, or (no supervisor: tests, embedding) make a private one.
 
     A private segment is unlinked at once: it stays mapped for this process and
@@ -73,7 +76,7 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         # supervisor sets before spawning: a mismatch is a wiring bug.
         raise RuntimeError(f"HTTP implementation {http11.IMPLEMENTATION!r} loaded, "
                            f"{config.http_impl!r} configured")
-    ledger = load_ledger(config.ledger)
+    ledger: LedgerImpl = load_ledger(config.ledger)
     origins = {
         Upstream.OPENAI: Origin.parse(config.openai_base_url),
         Upstream.ANTHROPIC: Origin.parse(config.anthropic_base_url),
@@ -99,7 +102,7 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         variant=config.deployment_variant, ledger=ledger.IMPLEMENTATION, workers=config.workers,
         segment=segment, worker_index=worker_index,
         shared=ledger_path is not None,
-        commit=os.environ.get("ZAIPROXY_COMMIT", "unknown"),
+        commit=os.environ.get(COMMIT_ENV, "unknown"),
         pool_stats=lambda: (pool.active, pool.idle_count),
         alias_metrics=config.alias_metrics, known_models=frozenset(config.known_models),
         prices=load_prices(config.price_file) if config.price_file else DEFAULT_PRICES,
@@ -109,14 +112,14 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
     )
     return WorkerContext(
         config=config, pool=pool, origins=origins, metrics=metrics,
-        ledger_impl=ledger.IMPLEMENTATION, http_impl=http11.IMPLEMENTATION,
-        worker_index=worker_index,
-        shared_state=SharedState(state_cell),
-        api_key=api_key,
-        ledger=segment, admitter=admitter,
+        ledger=segment, ledger_impl=ledger.IMPLEMENTATION, admitter=admitter,
+        key_usage=KeyUsage(segment),
         keys=keys if keys is not None else load_key_table(config.keys_file),
-        wait_queue=WaitQueue(config.queue_max), known_models=frozenset(config.known_models),
+        api_key=api_key,
+        wait_queue=WaitQueue(config.queue_max),
         retry_policy=RetryPolicy(max_retries=config.max_retries),
+        http_impl=http11.IMPLEMENTATION, worker_index=worker_index,
+        shared_state=SharedState(state_cell), known_models=frozenset(config.known_models),
     )
 
 
@@ -124,6 +127,7 @@ class Worker:
     def __init__(self, ctx: WorkerContext, listeners: list[trio.SocketListener]) -> None:
         self.ctx = ctx
         self.listeners = listeners
+        self.pipeline = Pipeline(ctx)
         self.connections: set[ClientConnection] = set()
         self.drain_requested = trio.Event()
         self.finished = trio.Event()
@@ -187,7 +191,7 @@ class Worker:
             await trio.aclose_forcefully(accepted)
             return
         stream = FastSocketStream.from_trio(accepted)
-        handler = ClientConnection(stream, self.ctx, client_ip)
+        handler = self.pipeline.connection(stream, client_ip)
         self.connections.add(handler)
         try:
             await handler.run()

@@ -5,9 +5,11 @@ recently used socket is the least likely to have been closed by the peer),
 each reused connection is checked for readability first (an idle HTTP/1.1
 connection that is readable has been closed or poisoned by the upstream, the
 "stale keep-alive" case), and expired idle connections are closed by a
-reaper. Errors from the transport are mapped once, here, into
-``UpstreamError``/``UpstreamTimeout``; the relay never sees OSError or
-ssl.SSLError.
+reaper. Errors from the transport are mapped once, here: connecting raises
+``UpstreamError``/``UpstreamTimeout`` (answered to the client as 502/504), and a
+connection that fails mid-exchange raises :class:`UpstreamBroken` (reset, closed, TLS or
+HTTP protocol error); the exchange and the relay never see OSError, ssl.SSLError, trio's
+stream errors or h11's.
 
 Timeouts are cancel scopes in the caller (trio's habit) except connect,
 which belongs to the pool.
@@ -85,6 +87,22 @@ def make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
     return ctx
 
 
+class UpstreamBroken(Exception):
+    """The upstream connection failed mid-exchange; ``str()`` says how (for the client's
+    error event and the log: an errno text, never bytes from the wire)."""
+
+
+# What a failing upstream socket or parser raises, mapped to UpstreamBroken at this edge.
+_TRANSPORT_ERRORS = (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
+                     OSError)
+
+
+def _broken(exc: BaseException) -> UpstreamBroken:
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return UpstreamBroken(_describe(exc))
+
+
 def _tcp_stream(stream: trio.abc.Stream) -> FastSocketStream | None:
     """The TCP stream under any TLS layers (every connection the pool opens has one)."""
     while isinstance(stream, trio.SSLStream):
@@ -135,11 +153,6 @@ class UpstreamConnection:
         except (OSError, ValueError):
             return True
 
-    async def send(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
-        data = self.conn.send(event)
-        if data:
-            await self._stream.send_all(data)
-
     async def send_request(self, request: h11.Request, body: bytes) -> None:
         """Send the whole request in one write (head + body): one syscall, one TCP segment burst."""
         self.requests += 1
@@ -148,35 +161,38 @@ class UpstreamConnection:
         if body:
             out += self.conn.send(h11.Data(data=body)) or b""
         out += self.conn.send(h11.EndOfMessage()) or b""
-        await self._stream.send_all(out)
+        try:
+            await self._stream.send_all(out)
+        except _TRANSPORT_ERRORS as exc:
+            raise _broken(exc) from None
 
     async def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         """The next h11 event, reading from the network as needed (one read at a time)."""
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            data = await self._stream.receive_some(READ_SIZE)
-            self.received_bytes += len(data)
-            self.conn.receive_data(as_bytes(data))
-
-    async def read_body(self) -> tuple[bytes, bool]:
-        """Body bytes from ONE network read (all Data events it produced), and whether the body ended.
-
-        Joining only what one read produced keeps chunks that arrived apart
-        apart (no coalescing across time) while avoiding one client write per
-        tiny h11 event (measured: batching available events is 1.9-2.4x on SSE).
-        """
-        data, ended = self.read_available()
-        if data or ended:
-            return data, ended
-        return await self.read_more()
+        try:
+            while True:
+                event = self.conn.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
+                data = await self._stream.receive_some(READ_SIZE)
+                self.received_bytes += len(data)
+                self.conn.receive_data(as_bytes(data))
+        except _TRANSPORT_ERRORS as exc:
+            raise _broken(exc) from None
 
     async def read_more(self) -> tuple[bytes, bool]:
-        """:meth:`read_body` when :meth:`read_available` just came back empty (no re-check)."""
+        """Body bytes from ONE network read (all Data events it produced), and whether the
+        body ended; called when :meth:`read_available` just came back empty.
+
+        Joining only what one read produced keeps chunks that arrived apart apart (no
+        coalescing across time) while avoiding one client write per tiny h11 event
+        (measured: batching available events is 1.9-2.4x on SSE).
+        """
         data, ended = b"", False
         while not data and not ended:
-            chunk = await self._stream.receive_some(READ_SIZE)
+            try:
+                chunk = await self._stream.receive_some(READ_SIZE)
+            except _TRANSPORT_ERRORS as exc:
+                raise _broken(exc) from None
             self.received_bytes += len(chunk)
             self.conn.receive_data(as_bytes(chunk))
             data, ended = self.read_available()
@@ -187,7 +203,10 @@ class UpstreamConnection:
         parts: list[bytes] = []
         conn = self.conn
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _broken(exc) from None
             if type(event) is h11.Data:
                 parts.append(event.data)
             elif type(event) is h11.EndOfMessage:
@@ -195,9 +214,9 @@ class UpstreamConnection:
             elif event is h11.NEED_DATA:
                 return b"".join(parts), False
             elif type(event) is h11.ConnectionClosed:
-                raise h11.RemoteProtocolError("upstream closed the connection mid-body")
+                raise UpstreamBroken("upstream closed the connection mid-body")
             else:
-                raise h11.RemoteProtocolError(f"unexpected event from upstream: {event!r}")
+                raise UpstreamBroken(f"unexpected {type(event).__name__} event from upstream")
 
     def reusable(self) -> bool:
         return (not self.closed and self.conn.our_state is h11.DONE
@@ -246,6 +265,10 @@ class UpstreamPool:
     @property
     def idle_count(self) -> int:
         return sum(len(d) for d in self._idle.values())
+
+    def idle_connections(self) -> list[UpstreamConnection]:
+        """The idle connections, newest last per origin (for diagnostics; not a checkout)."""
+        return [conn for idle in self._idle.values() for conn in idle]
 
     def _slot(self, origin: Origin) -> trio.Semaphore:
         slot = self._slots.get(origin.key)

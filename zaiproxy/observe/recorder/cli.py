@@ -19,6 +19,8 @@ import orjson
 # queries.GROUPS (a test checks): not imported, so that building the parser loads no DuckDB.
 GROUP_NAMES = ("key", "model", "status", "variant", "route")
 DEFAULT_GROUPS = ("key", "model", "status", "variant")
+# An export is the whole range's rows in one answer: more time than a summary's 60 s.
+EXPORT_TIMEOUT = 600.0
 
 
 def add_parser(sub: Any) -> None:
@@ -80,7 +82,7 @@ class _Source:
 
             data = fetch(self.url, "/history/export",
                          {"range": str(range_s), "variant": variant, "format": "parquet"},
-                         token=self.token)
+                         token=self.token, timeout=EXPORT_TIMEOUT)
             with open(out, "wb") as fh:
                 fh.write(data)
             return len(data)
@@ -153,7 +155,7 @@ def render_summary(doc: dict[str, Any], out: TextIO) -> None:
 
 def run(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     from zaiproxy.core.config import ConfigError, load_config
-    from zaiproxy.observe.recorder.ranges import QueryError, parse_duration
+    from zaiproxy.core.durations import DurationError, parse_duration
 
     try:
         config, _ = load_config({}, path=ns.config, require_api_key=False)
@@ -162,7 +164,7 @@ def run(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stde
         return 2
     try:
         range_s = parse_duration(ns.range)
-    except QueryError as exc:
+    except DurationError as exc:
         err.write(f"zaiproxy history: {exc}\n")
         return 2
     path = os.path.abspath(ns.path or config.history_path)
@@ -179,6 +181,7 @@ def _run(ns: argparse.Namespace, source: _Source, range_s: float, groups: list[s
          out: TextIO, err: TextIO) -> int:
     import duckdb
 
+    from zaiproxy.http.client import ClientError
     from zaiproxy.observe.recorder.endpoint import EndpointError
     from zaiproxy.observe.recorder.schema import SchemaError
 
@@ -198,7 +201,7 @@ def _run(ns: argparse.Namespace, source: _Source, range_s: float, groups: list[s
         except EndpointError as exc:
             err.write(f"zaiproxy history: the recorder answered {exc}\n")
             return 1
-        except OSError as exc:
+        except (OSError, ClientError) as exc:
             if source.url is not None and attempt == 1 and not ns.url:
                 # A stale endpoint file (the proxy is gone): read the file itself.
                 source.url = None

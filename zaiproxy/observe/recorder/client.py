@@ -11,11 +11,11 @@ import os
 import urllib.parse
 from typing import Any
 
-import h11
 import orjson
 import trio
 
 from zaiproxy.core.errors import ServiceUnavailable
+from zaiproxy.http import client
 from zaiproxy.observe.recorder.ranges import QueryError, parse_duration
 
 QUERY_TIMEOUT = 10.0
@@ -56,42 +56,19 @@ class HistoryClient:
         return url
 
     async def _get(self, url: str, path: str, params: dict[str, str | None]) -> Any:
-        parts = urllib.parse.urlsplit(url)
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-        headers = [("host", parts.netloc), ("connection", "close")]
-        if self.token is not None:
-            headers.append(("authorization", f"Bearer {self.token}"))
-        conn = h11.Connection(h11.CLIENT)
+        headers = [] if self.token is None else [("authorization", f"Bearer {self.token}")]
         try:
             with trio.fail_after(QUERY_TIMEOUT):
-                stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1",
-                                                    parts.port or 80)
-                async with stream:
-                    await stream.send_all(conn.send(h11.Request(
-                        method="GET", target=f"{path}?{query}", headers=headers))
-                        + conn.send(h11.EndOfMessage()))
-                    status, body = await _read(conn, stream)
-        except (OSError, trio.TooSlowError, h11.ProtocolError) as exc:
+                response = await client.get(f"{url}{path}?{query}", headers=headers,
+                                            max_body=MAX_ANSWER)
+            doc = orjson.loads(response.body) if response.body else {}
+        except trio.TooSlowError:
+            raise ServiceUnavailable(f"the history recorder did not answer within "
+                                     f"{QUERY_TIMEOUT:g}s") from None
+        except (client.ClientError, orjson.JSONDecodeError) as exc:
             raise ServiceUnavailable(f"the history recorder did not answer: {exc}") from None
-        doc = orjson.loads(body) if body else {}
-        if status != 200:
-            raise ServiceUnavailable(f"the history recorder answered {status}: "
+        if response.status != 200:
+            raise ServiceUnavailable(f"the history recorder answered {response.status}: "
                                      f"{doc.get('error', '') if isinstance(doc, dict) else ''}")
         return doc
-
-
-async def _read(conn: h11.Connection, stream: trio.SocketStream) -> tuple[int, bytes]:
-    status = 0
-    body = bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
-        elif isinstance(event, h11.Response):
-            status = event.status_code
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_ANSWER:
-                raise h11.RemoteProtocolError("answer too large")
-        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-            return status, bytes(body)

@@ -14,32 +14,35 @@ Routes (GET; ``range`` like ``15m``/``24h``/``7d``; ``variant`` optional):
 * ``/history/series?range=&variant=&resolution=60``
 * ``/history/export?range=&variant=`` — the raw rows as a Parquet file
 
-One request per connection, answered and closed: this serves an operator's
-CLI and the admin API, not traffic.
+It serves an operator's CLI and the admin API, not traffic; the HTTP is
+``http/responder.py``'s (keep-alive, bounds, errors as ``{"error": message}``), and
+:func:`fetch` is ``http/client.py``'s, for the CLI.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-import h11
 import orjson
 import trio
 
 from zaiproxy.core import logs
+from zaiproxy.core.errors import ProxyError
+from zaiproxy.http import client
+from zaiproxy.http.responder import Answer as HttpAnswer
+from zaiproxy.http.responder import Limits, Request, Responder
 from zaiproxy.observe.recorder.queries import export_parquet_bytes, history_series, history_summary
 from zaiproxy.observe.recorder.ranges import QueryError, parse_duration
 from zaiproxy.observe.recorder.service import QUERY_ERRORS, Recorder
 from zaiproxy.observe.recorder.store import HistoryStore
 
 MAX_HEAD = 16 << 10
-REQUEST_TIMEOUT = 30.0
+REQUEST_TIMEOUT = 30.0  # to send a request, and to take an answer
+# What fetch() reads at most: an export is the range's rows as one Parquet file.
+MAX_FETCH = 1 << 30
 PARQUET = "application/vnd.apache.parquet"
 
 Answer = tuple[int, str, bytes]
@@ -110,56 +113,30 @@ async def answer(recorder: Recorder, method: str, target: str, authorization: by
     return _json(200, result)
 
 
-async def _serve_connection(recorder: Recorder, token: str | None,
-                            stream: trio.SocketStream) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-    try:
-        with trio.move_on_after(REQUEST_TIMEOUT):
-            request: h11.Request | None = None
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    conn.receive_data(data)
-                    if not data and request is None:
-                        return
-                    continue
-                if isinstance(event, h11.Request):
-                    request = event
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    break
-            if request is None:
-                return
-            auth = next((v for n, v in request.headers if n == b"authorization"), None)
-            status, content_type, body = await answer(
-                recorder, request.method.decode("ascii", "replace"),
-                request.target.decode("ascii", "replace"), auth, token)
-            headers = [("content-type", content_type), ("content-length", str(len(body))),
-                       ("connection", "close")]
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers))
-                                  + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-    except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    finally:
-        await trio.aclose_forcefully(stream)
+def _error_body(error: ProxyError) -> bytes:
+    return orjson.dumps({"error": error.message})  # this endpoint's shape (see answer())
 
 
 async def serve_endpoint(recorder: Recorder, token: str | None = None, host: str = "127.0.0.1",
                          port: int = 0,
                          task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the query endpoint; started value: its URL."""
+
+    async def handle(request: Request) -> HttpAnswer:
+        status, content_type, body = await answer(
+            recorder, request.method, request.target, request.header(b"authorization"), token)
+        return HttpAnswer(status, body, content_type)
+
+    responder = Responder(handle, error_body=_error_body, name="recorder", limits=Limits(
+        max_head=MAX_HEAD, idle_timeout=REQUEST_TIMEOUT, send_timeout=REQUEST_TIMEOUT))
     listeners = await trio.open_tcp_listeners(port, host=host)
     sockname = listeners[0].socket.getsockname()
     async with trio.open_nursery() as nursery:
-
-        async def handle(stream: trio.SocketStream) -> None:
-            await _serve_connection(recorder, token, stream)
-
-        await nursery.start(trio.serve_listeners, handle, listeners)
+        await nursery.start(responder.serve, listeners)
         task_status.started(f"http://{sockname[0]}:{sockname[1]}")
 
 
-# ---- the client side (the CLI; blocking, no trio) ------------------------------------
+# ---- the client side (the CLI; blocking, no trio loop of its own) -------------------
 
 
 class EndpointError(Exception):
@@ -171,19 +148,16 @@ class EndpointError(Exception):
 
 def fetch(url: str, path: str, params: dict[str, str | None], *, token: str | None = None,
           timeout: float = 60.0) -> bytes:
-    """GET ``url + path`` (raises EndpointError for an error answer, OSError if unreachable)."""
+    """GET ``url + path``, the whole answer within ``timeout``: EndpointError for an error
+    answer, ``client.ClientError`` when none came (not running, not reachable)."""
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-    req = urllib.request.Request(f"{url}{path}?{query}")
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
+    headers = [] if token is None else [("authorization", f"Bearer {token}")]
+    response = client.request_sync("GET", f"{url}{path}?{query}", headers=headers,
+                                   max_body=MAX_FETCH, timeout=timeout)
+    if 200 <= response.status < 300:
+        return response.body
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            body: bytes = resp.read()
-            return body
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            message = str(json.loads(raw)["error"])
-        except (ValueError, KeyError, TypeError):
-            message = raw.decode("utf-8", "replace")
-        raise EndpointError(exc.code, message) from None
+        message = str(orjson.loads(response.body)["error"])
+    except (ValueError, KeyError, TypeError):
+        message = response.body.decode("utf-8", "replace")
+    raise EndpointError(response.status, message)

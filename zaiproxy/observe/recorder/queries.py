@@ -11,6 +11,12 @@ Series points carry more than summary rows: what a dashboard plots per bucket
 Z.AI errors, upstream errors, the proxy's own 429s, successes without upstream usage).
 A rollup minute keeps only counts per status, latency sum/max/p95, tokens and cost, so
 the rest are null on a rollup range; the answer lists them (``fields_null_in_rollup``).
+
+Summaries and series are API traffic, as the proxy's live rates are: the file holds nothing
+else (schema.py, v3), so a proxy's history plots what its ``/metrics`` request counts say,
+a canary's 5xx share (canary-check) is not diluted by probes and scrapes, and a long
+``/admin/events`` stream moves no p95. Only a file older than v3, read as it is, still has
+rows of control routes; those are left out by route (:func:`_api_rows`).
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ import tempfile
 from typing import Any, Final
 
 from zaiproxy.observe.recorder.ranges import QueryError, parse_duration
+from zaiproxy.observe.recorder.schema import LEGACY_CONTROL_SQL
 from zaiproxy.observe.recorder.store import DAY, ERROR_SQL, HistoryStore
-from zaiproxy.observe.snapshot import CONTROL_PATHS, CONTROL_PREFIX
 
 __all__ = ["FIELDS_NULL_IN_ROLLUP", "GROUPS", "QueryError", "export_parquet",
            "export_parquet_bytes", "history_series", "history_summary", "parse_duration",
@@ -47,8 +53,14 @@ def _source(store: HistoryStore, start: float, now: float) -> str:
     return "raw" if start >= now - store.raw_days * DAY else "rollup"
 
 
-def _where(time_col: str, variant: str | None) -> str:
-    sql = f"{time_col} >= to_timestamp(?) AND {time_col} < to_timestamp(?)"
+def _api_rows(store: HistoryStore) -> str:
+    """SQL: the rows that are API traffic. Every row of a v3 file; a file older than v3 read
+    as it is (read-only, not migrated) still has control routes' rows, told apart by route."""
+    return "TRUE" if store.version >= 3 else f"NOT {LEGACY_CONTROL_SQL}"
+
+
+def _where(store: HistoryStore, time_col: str, variant: str | None) -> str:
+    sql = f"{time_col} >= to_timestamp(?) AND {time_col} < to_timestamp(?) AND {_api_rows(store)}"
     return sql + (" AND variant = ?" if variant is not None else "")
 
 
@@ -96,7 +108,7 @@ def history_summary(store: HistoryStore, range_s: float, *, variant: str | None 
     table, time_col = ("requests", "ts") if raw else ("requests_1m", "minute")
     agg = _RAW_AGG if raw else _ROLLUP_AGG
     col = GROUPS[group_by][0 if raw else 1]
-    where, params = _where(time_col, variant), _params(start, end, variant)
+    where, params = _where(store, time_col, variant), _params(start, end, variant)
     rows = store.con.execute(
         f"SELECT {col} AS k, {agg} FROM {table} WHERE {where} GROUP BY k "
         "ORDER BY requests DESC, k NULLS LAST", params).fetchall()
@@ -130,15 +142,6 @@ ZAI_ERROR_SQL: Final = "(error_class IS NOT NULL)"
 # zai_proxy_usage_missing_total counts (metrics.py), so canary-check reads the same share
 # from a proxy's history as from /metrics. Rollups keep no tokens_estimated: null there.
 USAGE_MISSING_SQL: Final = "(status // 100 = 2 AND tokens_estimated)"
-# Scrapes, probes and the admin API (snapshot.CONTROL_PATHS / CONTROL_PREFIX): left out of
-# the series, as /metrics' request counts leave them out, so a proxy's history plots the
-# same traffic as its live rates and the collector's history, and a canary's 5xx share
-# (canary-check) is not diluted by kubelet probes and Prometheus scrapes. ``route`` is the
-# route template (the metrics' ``path`` label); NULL in old raw rows, '' in rollups.
-_ROUTE = "coalesce(route, '')"
-API_ROUTE_SQL: Final = (f"NOT ({_ROUTE} IN ({', '.join(repr(p) for p in sorted(CONTROL_PATHS))})"
-                        f" OR starts_with({_ROUTE}, '{CONTROL_PREFIX}'))")
-
 # Both inner aggregates give these columns (one pass over the table, FILTER clauses, one
 # quantile state per column for all three quantiles); the outer SELECT only projects them.
 _RAW_SERIES_AGG: Final = f"""
@@ -203,8 +206,7 @@ def history_series(store: HistoryStore, range_s: float, *, variant: str | None =
 
     Each point: the summary's fields (requests, errors, latency avg/p95/max, tokens, cost)
     and :data:`_EXTRA_NAMES`; those in :data:`FIELDS_NULL_IN_ROLLUP` are null when the
-    range is answered from rollups. API routes only (:data:`API_ROUTE_SQL`): the summary
-    counts every row, the series what the proxy served.
+    range is answered from rollups.
     """
     start, end = now - range_s, now
     source = _source(store, start, now)
@@ -218,7 +220,7 @@ def history_series(store: HistoryStore, range_s: float, *, variant: str | None =
     rows = store.con.execute(
         f"SELECT t, variant, {_SERIES_COLUMNS} FROM ("
         f"SELECT epoch(time_bucket(to_seconds(?), {time_col})) AS t, variant, {agg} "
-        f"FROM {table} WHERE {_where(time_col, variant)} AND {API_ROUTE_SQL} "
+        f"FROM {table} WHERE {_where(store, time_col, variant)} "
         "GROUP BY t, variant"
         ") ORDER BY t, variant",
         [resolution_s, *_params(start, end, variant)]).fetchall()
@@ -241,7 +243,7 @@ def export_parquet(store: HistoryStore, range_s: float, path: str, *,
     """Write the raw rows of the range to a Parquet file; returns the row count."""
     start, end = now - range_s, now
     quoted = path.replace("'", "''")
-    where, params = _where("ts", variant), _params(start, end, variant)
+    where, params = _where(store, "ts", variant), _params(start, end, variant)
     store.con.execute(f"COPY (SELECT * FROM requests WHERE {where} ORDER BY ts) "
                       f"TO '{quoted}' (FORMAT parquet)", params)
     row = store.con.execute(f"SELECT count(*) FROM requests WHERE {where}", params).fetchone()

@@ -13,6 +13,11 @@ A new schema version is one more :class:`Migration` appended to
 
 Timings the proxy does not measure for a request (``ttft_ms`` of a request that was
 never relayed, say) are NULL.
+
+The history is API traffic (v3): ``requests`` and ``requests_1m`` hold the requests whose
+record carried an API (recorder/sink.py hands over nothing else), never the proxy's own
+routes (``/health``, ``/ready``, ``/metrics``, ``/admin/*``), so every query, summary,
+p95 and in-flight estimate over them is about what the proxy served.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 from typing import Final
 
 import duckdb
+
+from zaiproxy.observe.snapshot import LEGACY_CONTROL_PATHS, LEGACY_CONTROL_PREFIX
 
 
 class SchemaError(Exception):
@@ -71,6 +78,9 @@ REQUESTS_COLUMNS: Final = (
     ("cost_usd", "DOUBLE"),  # estimated from the price table (zaiproxy.core.pricing)
     ("retries", "INTEGER"),  # Z.AI 429s retried by the proxy
     ("stale_retry", "BOOLEAN"),  # a stale pooled connection was replaced once
+    # openai | anthropic (v3, the record's API: which usage counts cached tokens inside the
+    # input); NULL in rows written before v3.
+    ("api", "VARCHAR"),
 )
 
 SNAPSHOT_COLUMNS: Final = (
@@ -156,7 +166,7 @@ def _table(name: str, columns: Sequence[tuple[str, str]], extra: str = "") -> st
 
 
 def _v1(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(_table("requests", REQUESTS_COLUMNS))
+    con.execute(_table("requests", REQUESTS_COLUMNS[:-1]))  # v1's columns; v3 adds api
     con.execute(_table("snapshots", SNAPSHOT_COLUMNS[:-1]))  # v1's columns; v2 adds lost_total
     con.execute(_table("requests_1m", ROLLUP_COLUMNS,
                        f",\n  PRIMARY KEY ({', '.join(ROLLUP_KEY)})"))
@@ -181,10 +191,31 @@ def _v2(con: duckdb.DuckDBPyConnection) -> None:
     """)
 
 
+# Rows of the proxy's own routes, as files before v3 have them: the record did not carry its
+# API yet, so the route template (the only trace left) tells them apart. For those files only:
+# v3 deletes these rows, and a file read as it is (read-only, not migrated) is filtered by it.
+_ROUTE = "coalesce(route, '')"
+LEGACY_CONTROL_SQL: Final = (
+    f"({_ROUTE} IN ({', '.join(repr(p) for p in sorted(LEGACY_CONTROL_PATHS))})"
+    f" OR starts_with({_ROUTE}, '{LEGACY_CONTROL_PREFIX}'))")
+
+
+def _v3(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("ALTER TABLE requests ADD COLUMN api VARCHAR")
+    # The history is API traffic from now on. Control routes' rows are deleted, not kept
+    # aside: one /admin/events stream open for 11 minutes was a row that moved the p95 of
+    # every range holding it, and its minute's rollup carried it on for 90 days. Their
+    # running totals in snapshots stay (counters never go back).
+    con.execute(f"DELETE FROM requests WHERE {LEGACY_CONTROL_SQL}")
+    con.execute(f"DELETE FROM requests_1m WHERE {LEGACY_CONTROL_SQL}")
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "requests, snapshots, requests_1m, recorder_state", _v1),
     Migration(2, "sequence accounting: recorder_progress, recorder_totals, snapshots.lost_total",
               _v2),
+    Migration(3, "requests.api; API traffic only: rows of /health, /ready, /metrics, /admin/* "
+                 "deleted", _v3),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 

@@ -29,6 +29,13 @@ quiet for ``heartbeat`` seconds it sends its counts alone (a batch without rows,
 recorder that died after the worker's *last* batch would go unnoticed until the
 worker's next request, maybe never.
 
+The history is API traffic: a record without an API (``RequestRecord.api`` None: a
+control route, ``/health``, ``/ready``, ``/metrics``, ``/admin/*``) is not handed over,
+so a probe, a scrape or an ``/admin/events`` stream open for hours is no row, and never
+enters the history's request counts, latency quantiles or in-flight estimate. It gets no
+sequence number either (it is neither sent nor dropped). The metrics count control
+routes in families of their own (``metrics.py``); the access log has every request.
+
 For metrics: :meth:`RecordSink.stats` returns ``(queue_depth, dropped)`` for this
 worker (rows waiting for the next send, rows dropped since the worker started).
 """
@@ -93,7 +100,10 @@ class RecordSink:
         return SinkStats(len(self._rows), self.dropped)
 
     def submit(self, record: RequestRecord) -> None:
-        """Queue one finished request; sends at once if a batch is full. Never blocks."""
+        """Queue one finished API request (a control route's is ignored); sends at once if
+        a batch is full. Never blocks."""
+        if record.api is None:
+            return
         rows = self._rows
         rows.append(row_of(record, self.clock()))
         if len(rows) >= self.max_batch:

@@ -33,7 +33,7 @@ from typing import Any, Final
 import duckdb
 
 from zaiproxy.core.pricing import PriceTable
-from zaiproxy.core.record import Usage
+from zaiproxy.core.record import Usage, input_includes_cache
 from zaiproxy.observe.recorder.schema import (
     PROGRESS_COLUMNS,
     REQUESTS_COLUMNS,
@@ -93,12 +93,10 @@ def _bool(v: object) -> bool | None:
 
 
 # Wire row positions, in wire.ROW_FIELDS order (a count mismatch fails at import).
-(W_TS, W_ID, W_METHOD, W_ROUTE, W_STATUS, W_DURATION, W_BYTES_IN, W_BYTES_OUT, W_MODEL,
+(W_TS, W_ID, W_METHOD, W_ROUTE, W_API, W_STATUS, W_DURATION, W_BYTES_IN, W_BYTES_OUT, W_MODEL,
  W_STREAM, W_UP_STATUS, W_UP_TTFB, W_RESULT, W_RETRIED, W_IN, W_OUT, W_CACHE_READ,
  W_CACHE_WRITE, W_ESTIMATED, W_PROMPT, W_KEY, W_RETRIES, W_ZAI_CLASS, W_ZAI_CODE, W_ERROR,
  W_TTFT, W_UPSTREAM, W_QUEUE, W_TOKEN_COUNT) = range(len(ROW_FIELDS))
-# OpenAI-style usage counts cached tokens inside the input (metrics.py does the same split).
-_ANTHROPIC_ROUTES: Final = ("/v1/messages", "/api/anthropic")
 
 
 def db_row(variant: str, worker: int, w: Sequence[Any],
@@ -116,23 +114,22 @@ def db_row(variant: str, worker: int, w: Sequence[Any],
         raise BadRow("bad status")
     latency, upstream = _ms(w[W_DURATION]), _ms(w[W_UPSTREAM])
     tokens = (_int(w[W_IN]), _int(w[W_OUT]), _int(w[W_CACHE_READ]), _int(w[W_CACHE_WRITE]))
-    model, route = _str(w[W_MODEL]), _str(w[W_ROUTE])
+    model, api = _str(w[W_MODEL]), _str(w[W_API], 16)
     cost = None
     if prices is not None and tokens[0] is not None:
         usage = Usage(*(n or 0 for n in tokens))
-        cost = prices.cost(model, usage, ts, input_includes_cache=not (route or "").startswith(
-            _ANTHROPIC_ROUTES))
+        cost = prices.cost(model, usage, ts, input_includes_cache=input_includes_cache(api))
     return (
         dt.datetime.fromtimestamp(ts, UTC), variant, worker,
-        _str(w[W_ID]), _str(w[W_METHOD]), route, model, _str(w[W_KEY]), _bool(w[W_STREAM]),
-        status, _int(w[W_UP_STATUS]), _str(w[W_RESULT]), _str(w[W_ZAI_CLASS]),
+        _str(w[W_ID]), _str(w[W_METHOD]), _str(w[W_ROUTE]), model, _str(w[W_KEY]),
+        _bool(w[W_STREAM]), status, _int(w[W_UP_STATUS]), _str(w[W_RESULT]), _str(w[W_ZAI_CLASS]),
         _str(w[W_ZAI_CODE]), _str(w[W_ERROR], MAX_ERROR_CHARS),
         latency, _ms(w[W_TTFT]), _ms(w[W_UP_TTFB]), upstream,
         latency - upstream if latency is not None and upstream is not None else None,
         _ms(w[W_QUEUE]), _ms(w[W_TOKEN_COUNT]),
         *tokens, _bool(w[W_ESTIMATED]), _int(w[W_PROMPT]),
         _int(w[W_BYTES_IN]), _int(w[W_BYTES_OUT]), cost, _int(w[W_RETRIES]),
-        _bool(w[W_RETRIED]),
+        _bool(w[W_RETRIED]), api,
     )
 
 
@@ -220,7 +217,8 @@ class HistoryStore:
         try:
             if read_only:
                 # An older file is read as it is (nothing may migrate it read-only): v2 only
-                # added the recorder's own bookkeeping, the queried tables are v1's.
+                # added the recorder's own bookkeeping, v3 a column no query needs and the
+                # deletion of control routes' rows, which queries.py leaves out by route there.
                 version = current_version(con)
                 if not 1 <= version <= SCHEMA_VERSION:
                     raise SchemaError(f"{path}: schema version {version}, this zaiproxy reads "

@@ -6,8 +6,8 @@ dies and is replaced finds the datagrams sent meanwhile still queued (up to the
 buffer), and workers never see the channel close. Every worker gets the sending
 end; the recorder gets the receiving end.
 
-The recorder is restarted like a worker (0.25 s doubling to 30 s, reset after a
-minute of health), but it is never fatal: not at start, not later. Without it
+The recorder is restarted like a worker (``core/backoff.py``: 0.25 s doubling to 30 s,
+reset after a minute of health), but it is never fatal: not at start, not later. Without it
 the proxy serves and the workers count what they drop.
 
 Stop (after the workers have exited, so nothing more will be sent): the STOP
@@ -34,6 +34,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from zaiproxy.core import logs
+from zaiproxy.core.backoff import Backoff
 from zaiproxy.core.config import Config
 from zaiproxy.observe.recorder.process import recorder_main
 from zaiproxy.observe.recorder.wire import STOP
@@ -44,9 +45,6 @@ from zaiproxy.observe.recorder.wire import STOP
 # cap when the proxy runs with CAP_NET_ADMIN. ~175 bytes per record on the wire.
 CHANNEL_BYTES = 4 << 20
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-BACKOFF_INITIAL = 0.25
-BACKOFF_MAX = 30.0
-HEALTHY_AFTER = 60.0
 STOP_TIMEOUT = 15.0
 
 
@@ -70,8 +68,7 @@ class RecorderHandle:
         self.run = os.urandom(8).hex()  # this channel's id (the sequence numbers' scope)
         self.process: BaseProcess | None = None
         self.ready_pipe: Connection | None = None
-        self.started_at = 0.0
-        self.backoff = BACKOFF_INITIAL
+        self.backoff = Backoff()
         self.restart_at: float | None = None
         self.url: str | None = None
         self.stopping = False
@@ -93,7 +90,7 @@ class RecorderHandle:
         child_end.close()
         self.process = process
         self.ready_pipe = parent_end
-        self.started_at = time.monotonic()
+        self.backoff.started(time.monotonic())
         self.restart_at = None
         self.log.info("recorder_started", recorder_pid=process.pid,
                       path=self.config.history_path, channel_bytes=self.capacity)
@@ -127,7 +124,7 @@ class RecorderHandle:
     def _on_exit(self) -> None:
         assert self.process is not None
         code = self.process.exitcode
-        lived = time.monotonic() - self.started_at
+        now = time.monotonic()
         self.process.close()
         self.process = None
         self.url = None
@@ -136,13 +133,11 @@ class RecorderHandle:
             self.ready_pipe = None
         if self.stopping:
             return
-        if lived > HEALTHY_AFTER:
-            self.backoff = BACKOFF_INITIAL
-        self.restart_at = time.monotonic() + self.backoff
+        restart = self.backoff.exited(now)
+        self.restart_at = restart.at
         self.log.error("recorder_died", exit_code=code,
                        signal=-code if code is not None and code < 0 else None,
-                       restart_in_s=self.backoff, lived_s=round(lived, 3))
-        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+                       restart_in_s=restart.delay, lived_s=round(restart.lived, 3))
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
         """Workers are gone: let the recorder write everything and exit. True if it did."""

@@ -22,6 +22,12 @@ from a new one. A batch without rows is a heartbeat: the worker's counts, sent
 when it has been idle a while and when it exits, so that a loss after a worker's
 last batch is seen too.
 
+Versions: 3 added ``api`` to the row (the record's API: which usage counts cached tokens
+inside the input, for the cost). A datagram of another version is refused whole (a
+:class:`WireError`, counted as a bad datagram): workers and recorder are always one
+build, started by one supervisor, so another version is a stray writer, and a row whose
+fields cannot be trusted is not written.
+
 :data:`STOP` is the supervisor's end-of-stream marker. All writers share one
 socket, whose queue is FIFO: once the recorder reads STOP, it has read every
 datagram sent before it, i.e. everything the (already exited) workers sent.
@@ -39,14 +45,14 @@ import orjson
 
 from zaiproxy.core.record import RequestRecord
 
-WIRE_VERSION: Final = 2
+WIRE_VERSION: Final = 3
 STOP: Final = b"STOP"
 # Limit of one error message stored per request: our own messages are short, but some quote
 # client input (a JSON parse error), and the history is not a place for request bodies.
 MAX_ERROR_CHARS: Final = 200
 
 ROW_FIELDS: Final = (
-    "ts", "request_id", "method", "route", "status", "duration_s", "bytes_in", "bytes_out",
+    "ts", "request_id", "method", "route", "api", "status", "duration_s", "bytes_in", "bytes_out",
     "model", "stream", "upstream_status", "upstream_ttfb_s", "result", "retried",
     "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
     "tokens_estimated", "prompt_estimate", "key_alias", "zai_retries", "zai_class", "zai_code",
@@ -68,9 +74,9 @@ def row_of(record: RequestRecord, ts: float) -> WireRow:
     if error is not None and len(error) > MAX_ERROR_CHARS:
         error = error[:MAX_ERROR_CHARS]
     return (
-        ts, record.request_id, record.method, record.route, record.status, record.duration_s,
-        record.bytes_in, record.bytes_out, record.model, record.stream, record.upstream_status,
-        record.upstream_ttfb_s, record.result, record.retried,
+        ts, record.request_id, record.method, record.route, record.api, record.status,
+        record.duration_s, record.bytes_in, record.bytes_out, record.model, record.stream,
+        record.upstream_status, record.upstream_ttfb_s, record.result, record.retried,
         u.input_tokens if u is not None else None,
         u.output_tokens if u is not None else None,
         u.cache_read_tokens if u is not None else None,

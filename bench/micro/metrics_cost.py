@@ -2,7 +2,7 @@
 
 Run it from the repository root::
 
-    .venv/bin/python -m bench.metrics_cost [--iterations 200000] [--repeat 5]
+    .venv/bin/python -m bench.micro.metrics_cost [--iterations 200000] [--repeat 5]
 
 It prints, best of ``--repeat`` timed loops (the loop's own overhead included):
 
@@ -44,7 +44,7 @@ and ~21 µs in multiprocess mode. Of a scrape, reading every worker's series fro
 segment is ~0.8 ms (realistic); the rest is prometheus-client formatting the exposition
 (``generate_latest``: label validation and escaping), the same work its own registries
 pay. The shm per-call numbers include the Python method call around the ledger's atomic
-add (~36 ns by itself, bench.ledger_cost).
+add (~36 ns by itself, bench.micro.ledger_cost).
 """
 
 from __future__ import annotations
@@ -77,6 +77,13 @@ def best_ns(fn: Callable[[int], None], iterations: int, repeat: int) -> float:
     return best
 
 
+def api_of(template: str) -> str | None:
+    """The API of a route template, as the request path sets it on the record."""
+    if template in ("/health", "/ready", "/metrics") or template.startswith("/admin/"):
+        return None
+    return "anthropic" if template.startswith(("/v1/messages", "/api/anthropic")) else "openai"
+
+
 def records(aliases: int) -> list[Any]:
     """One record per series combination of a busy host (and per alias x status)."""
     from zaiproxy.core.record import RequestRecord, Usage
@@ -87,20 +94,22 @@ def records(aliases: int) -> list[Any]:
             model = MODELS[i % len(MODELS)]
             out.append(RequestRecord(
                 request_id="r", method="POST" if template != "/v1/models" else "GET",
-                route=template, status=status, duration_s=0.3 + status / 1000, bytes_in=2000,
+                route=template, api=api_of(template), status=status,
+                duration_s=0.3 + status / 1000, bytes_in=2000,
                 client="10.0.0.1", model=model, bytes_out=5000, ttft_s=0.2,
                 upstream_s=0.29, queue_wait_s=0.0, token_count_s=0.0001,
                 usage=Usage(500, 200), key_alias=f"alias-{status}"))
     for model in MODELS:
         for status in (200, 429):
             out.append(RequestRecord(
-                request_id="r", method="POST", route="/v1/chat/completions", status=status,
-                duration_s=1.0, bytes_in=100, client="c", model=model, usage=Usage(1, 1),
+                request_id="r", method="POST", route="/v1/chat/completions", api="openai",
+                status=status, duration_s=1.0, bytes_in=100, client="c", model=model,
+                usage=Usage(1, 1),
                 ttft_s=0.1))
     for a in range(aliases):
         for status in (200, 400, 401, 429, 500):
             out.append(RequestRecord(request_id="r", method="POST", route="/v1/messages",
-                                     status=status, duration_s=0.1, bytes_in=10, client="c",
+                                     api="anthropic", status=status, duration_s=0.1, bytes_in=10, client="c",
                                      key_alias=f"key-{a:04d}"))
     return out
 
@@ -201,7 +210,7 @@ def chat_record() -> Any:
     from zaiproxy.core.record import RequestRecord, Usage
 
     return RequestRecord(request_id="r", method="POST", route="/v1/chat/completions",
-                         status=200, duration_s=0.8, bytes_in=2000, client="c", model="glm-4.6",
+                         api="openai", status=200, duration_s=0.8, bytes_in=2000, client="c", model="glm-4.6",
                          bytes_out=5000, ttft_s=0.2, upstream_s=0.79, queue_wait_s=0.0,
                          usage=Usage(500, 200))
 
@@ -409,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": os.path.join(directory, "mp")}
         os.mkdir(env["PROMETHEUS_MULTIPROC_DIR"])
         child = subprocess.run(
-            [sys.executable, "-m", "bench.metrics_cost", "--multiprocess-child",
+            [sys.executable, "-m", "bench.micro.metrics_cost", "--multiprocess-child",
              "--iterations", str(args.iterations), "--repeat", str(args.repeat)],
             env=env, capture_output=True, text=True, check=True)
         results = {

@@ -2,7 +2,7 @@
 
 Run it from the repository root::
 
-    .venv/bin/python -m bench.ledger_cost [--iterations 200000] [--twin-iterations 20000]
+    .venv/bin/python -m bench.micro.ledger_cost [--iterations 200000] [--twin-iterations 20000]
 
 It prints nanoseconds per call (the best of ``--repeat`` timed loops, each of
 ``time.perf_counter_ns`` around a plain ``for`` loop, so the loop's own overhead

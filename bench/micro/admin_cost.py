@@ -2,7 +2,7 @@
 
 Run it from the repository root::
 
-    .venv/bin/python -m bench.admin_cost [--requests 300] [--calls 50]
+    .venv/bin/python -m bench.micro.admin_cost [--requests 300] [--calls 50]
 
 It starts ``zaiproxy serve --demo --workers 1`` on a free port (history in a temp dir),
 sends ``--requests`` chat completions (a mix of 200, 400, 429-by-key and 500 answers so
@@ -33,7 +33,7 @@ import orjson
 
 from zaiproxy.observe import snapshot
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODELS = ["glm-4.6"] * 7 + ["mock-status-500", "mock-status-400", "mock-zai-1302"]
 
 

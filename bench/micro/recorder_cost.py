@@ -2,7 +2,7 @@
 
 Run it from the repository root::
 
-    .venv/bin/python -m bench.recorder_cost [--records 100000] [--repeat 3]
+    .venv/bin/python -m bench.micro.recorder_cost [--records 100000] [--repeat 3]
 
 Every number is the best of ``--repeat`` timed runs (least disturbed by other work on
 a shared machine), on one core:
@@ -43,7 +43,7 @@ from zaiproxy.observe.recorder.store import HistoryStore, db_row
 from zaiproxy.observe.recorder.supervise import make_channel
 
 RECORD = RequestRecord(
-    request_id="a1b2c3d400000001", method="POST", route="/v1/messages", status=200,
+    request_id="a1b2c3d400000001", method="POST", route="/v1/messages", api="anthropic", status=200,
     duration_s=1.234, bytes_in=52_311, client="127.0.0.1", model="glm-4.6", stream=True,
     upstream_status=200, upstream_ttfb_s=0.412, bytes_out=18_220, result="ok",
     usage=Usage(12_034, 611, 9_000, 0), key_alias="agent-7", prompt_estimate=11_980)

@@ -2,7 +2,7 @@
 
 Run it from the repository root::
 
-    .venv/bin/python -m bench.token_cost [--repeat 5]
+    .venv/bin/python -m bench.micro.token_cost [--repeat 5]
 
 Every number is the best of ``--repeat`` timed runs (the least disturbed by other
 work on a shared machine), in microseconds of one core:

@@ -1,0 +1,55 @@
+"""The segment's cell map: every scalar, row key and counter word the proxy uses, in one place.
+
+The ledger (``_native/README.md`` has the byte layout) offers scalars, rows of 7 counter
+words keyed by bytes, and rolling windows. Which cell means what is decided here; the
+modules that read or write them import the names (workers, the supervisor's rate
+controller, metrics, the admin API).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# ---- scalars (Segment.scalar_*); the supervisor owns the adaptive rate ------------------
+SC_ADAPTIVE_MRPS: Final = 0  # current adaptive rate in milli-requests/s; 0 = no adaptive limit
+SC_ADAPTIVE_RESET: Final = 1  # generation counter: bumped by POST /admin/reset-rate-limit
+SC_ADAPTIVE_CEILING_MRPS: Final = 2  # learned ceiling (for /metrics and /health), 0 = none
+SC_ADJUST_UP: Final = 3
+SC_ADJUST_DOWN: Final = 4
+SC_ADAPTIVE_THROTTLED_AT_MS: Final = 5  # wall time (unix ms) of the last throttle evidence, 0 = none
+SC_ADAPTIVE_REASON: Final = 6  # what the last evidence was mostly (ADAPTIVE_REASONS index), 0 = none
+SC_ADAPTIVE_EPOCH: Final = 7  # evidence events so far: a request's throttle counts once per epoch
+
+# SC_ADAPTIVE_REASON values: the class of Z.AI 429 behind the last decrease.
+ADAPTIVE_REASONS: Final = (None, "concurrency", "frequency", "unknown")
+
+# ---- a worker's upstream-activity row (one row per worker: its own cache line) ----------
+W_UPSTREAM_REQUESTS: Final = 1  # every upstream answer (each attempt of a request)
+W_UPSTREAM_THROTTLED: Final = 2  # account-throttle answers (zai.feeds_adaptive): 1302, 1303, unknown
+# Requests among them, each counted once per evidence epoch however many of its attempts were
+# throttled: one request's retries are not independent evidence (adaptive.py, "Evidence").
+W_THROTTLED_REQUESTS: Final = 3
+W_THROTTLED_CONCURRENCY: Final = 4  # the account-throttle answers by class (a decrease's reason)
+W_THROTTLED_FREQUENCY: Final = 5
+W_THROTTLED_UNKNOWN: Final = 6
+THROTTLE_WORDS: Final = {"concurrency": W_THROTTLED_CONCURRENCY,
+                         "frequency": W_THROTTLED_FREQUENCY, "unknown": W_THROTTLED_UNKNOWN}
+
+
+def activity_key(worker: int) -> bytes:
+    """The row of one worker's upstream activity (the rate controller sums them)."""
+    return b"activity\0worker\0%d" % worker
+
+
+# ---- limit rows and windows ---------------------------------------------------------------
+ADAPTIVE_LIMIT_KEY: Final = b"limit\0adaptive"  # the GCRA row of the adaptive rate
+
+
+def limit_key(scope_id: bytes, name: str) -> bytes:
+    """The row (or window) of one limit of one scope, e.g. ``limit\\0key\\0alice\\0concurrency``."""
+    return b"limit\0" + scope_id + b"\0" + name.encode()
+
+
+# ---- per client key token totals (limits/key_usage.py) -------------------------------------
+def key_usage_key(alias: str) -> bytes:
+    return b"keyusage\0" + alias.encode()

@@ -1,0 +1,208 @@
+"""One upstream exchange: send the request, get the response head, retry Z.AI 429s per class.
+
+docs/architecture.md "One request", steps 5-7. The request goes out with its headers
+rewritten (:mod:`zaiproxy.upstream.forward`) on a pooled connection; a *reused* connection
+that fails before any response byte is retried once on a fresh one (the upstream closed it
+while idle and we raced its FIN). A Z.AI 429 has up to 32 KiB of its body read and
+classified (:mod:`zaiproxy.upstream.zai`); retryable classes wait (inside the caller's
+cancel scope, so a client that leaves ends the wait) and are admitted again through the
+``readmit`` the caller passes, then sent again. What comes back is the response head the
+client will get, with whatever body bytes were already read.
+
+Every answer is one frozen :class:`Attempt` in :attr:`Exchange.attempts`, appended as it
+arrives: the record reads them, also when the exchange ends in an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from zaiproxy.core.errors import Api, UpstreamError, UpstreamTimeout
+from zaiproxy.http.http11 import h11
+from zaiproxy.request.routing import Route
+from zaiproxy.upstream import zai
+from zaiproxy.upstream.forward import header_value, upstream_request_headers
+from zaiproxy.upstream.pool import Origin, UpstreamBroken, UpstreamConnection
+
+if TYPE_CHECKING:
+    from zaiproxy.request.context import WorkerContext
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One answer from upstream: its status, and for a Z.AI 429 its class and code."""
+
+    status: int
+    zai_class: str | None = None
+    zai_code: str | None = None
+    retried: bool = False  # the proxy waited and sent the request again
+
+
+@dataclass(frozen=True, slots=True)
+class Exchanged:
+    """The response the client gets: its head, on ``conn``, with the body bytes read so far."""
+
+    conn: UpstreamConnection
+    response: h11.Response
+    prefix: bytes  # body bytes already read (a relayed Z.AI 429's, read to classify it)
+    prefix_ended: bool
+    final_headers: Headers  # X-Zai-* (and a derived Retry-After) on a relayed Z.AI 429
+    started: float  # trio time the (first) request went upstream
+    ttfb: float  # seconds from then to this response head
+
+
+def upstream_request(ctx: WorkerContext, route: Route, request: h11.Request, body: bytes,
+                     client_ip: str) -> tuple[Origin, h11.Request]:
+    """The request as it goes upstream (headers rewritten, the key injected)."""
+    assert route.upstream is not None
+    origin = ctx.origins[route.upstream]
+    headers = upstream_request_headers(
+        request.headers,
+        host=origin.host_header,
+        client_ip=client_ip,
+        api_key=ctx.api_key,
+        anthropic_style=route.api is Api.ANTHROPIC,
+        body_length=len(body) if body or request.method == b"POST" else None,
+    )
+    return origin, h11.Request(method=request.method,
+                               target=(origin.base_path + route.upstream_path).encode(),
+                               headers=headers)
+
+
+class Exchange:
+    """Send one request upstream until a response head the client should get arrives."""
+
+    def __init__(self, ctx: WorkerContext, origin: Origin, request: h11.Request, body: bytes,
+                 readmit: Callable[[], Awaitable[None]], client_gone: Callable[[], bool]) -> None:
+        self.ctx = ctx
+        self.origin = origin
+        self.request = request
+        self.body = body
+        self._readmit = readmit
+        self._client_gone = client_gone
+        self.attempts: list[Attempt] = []
+        self.stale_retried = False  # a stale pooled connection was replaced once
+        self.started = 0.0
+
+    @property
+    def zai_retries(self) -> int:
+        return sum(a.retried for a in self.attempts)
+
+    @property
+    def last_zai(self) -> tuple[str | None, str | None]:
+        """Class and code of the last Z.AI 429 seen (the relayed one if the last answer)."""
+        for attempt in reversed(self.attempts):
+            if attempt.zai_class is not None:
+                return attempt.zai_class, attempt.zai_code
+        return None, None
+
+    async def run(self) -> Exchanged:
+        """The final response head; raises ProxyError (502/504, or the proxy's 429 from a
+        refused readmission) before any byte went to the client."""
+        ctx = self.ctx
+        pool = ctx.pool
+        attempts = self.attempts
+        self.started = start = trio.current_time()
+        throttle_epoch = -1  # this request counts once per evidence epoch as a throttled request
+        while True:
+            conn, response = await self._send()
+            if response.status_code != 429:
+                ctx.admitter.note_upstream()
+                attempts.append(Attempt(response.status_code))
+                return Exchanged(conn, response, b"", False, [], start,
+                                 trio.current_time() - start)
+            # Z.AI 429: read a bounded prefix of the body, classify, maybe retry.
+            try:
+                prefix, ended = await _read_prefix(conn, zai.MAX_BODY, ctx.config.body_idle_timeout)
+            except (trio.TooSlowError, UpstreamBroken):
+                await pool.discard(conn)
+                raise UpstreamError("upstream connection failed while sending a 429 body") from None
+            except BaseException:
+                await pool.discard(conn)
+                raise
+            wall = ctx.wall()
+            err = zai.classify(prefix, now=wall)
+            ctx.metrics.zai_error(err.cls.value, err.code)
+            # Only account throttles (1302, 1303, a 429 without a Z.AI code) are evidence for
+            # the adaptive rate; 1305/1312 (Z.AI's capacity) and quotas only shape this request.
+            throttle_epoch = ctx.admitter.note_upstream(
+                err.cls.value if zai.feeds_adaptive(err.cls) else None, throttle_epoch)
+            header_wait = zai.parse_retry_after(header_value(response.headers, b"retry-after"),
+                                                now=wall)
+            wait = ctx.retry_policy.next_wait(err, self.zai_retries, header_wait, now=wall,
+                                              rand=ctx.jitter())
+            if wait is None or self._client_gone():
+                attempts.append(Attempt(429, err.cls.value, err.code))
+                return Exchanged(conn, response, prefix, ended,
+                                 zai.final_headers(err, list(response.headers), now=wall),
+                                 start, trio.current_time() - start)
+            attempts.append(Attempt(429, err.cls.value, err.code, retried=True))
+            if ended:
+                await pool.release(conn)
+            else:
+                await pool.discard(conn)
+            ctx.metrics.retry(err.cls.value)
+            # Inside the caller's cancel scope: a client that leaves ends the wait.
+            await ctx.retry_sleep(wait)
+            await self._readmit()  # each retry is admitted again (may raise the proxy's 429)
+
+    async def _send(self) -> tuple[UpstreamConnection, h11.Response]:
+        """Send the request and wait for the response head (one retry on a stale connection)."""
+        ctx = self.ctx
+        cfg = ctx.config
+        pool = ctx.pool
+        for attempt in (0, 1):
+            conn, reused = await pool.acquire(self.origin, fresh=attempt > 0)
+            try:
+                await conn.send_request(self.request, self.body)
+                # A bare CancelScope: trio.fail_after wraps one in two generator-based context
+                # managers, ~3% of a small request's CPU (py-spy).
+                with trio.CancelScope(
+                        deadline=trio.current_time() + cfg.response_header_timeout) as waiting:
+                    event = await conn.next_event()
+                    while type(event) is h11.InformationalResponse:
+                        event = await conn.next_event()
+                if waiting.cancelled_caught:
+                    raise trio.TooSlowError
+            except trio.TooSlowError:
+                await pool.discard(conn)
+                raise UpstreamTimeout(
+                    f"upstream sent no response headers within {cfg.response_header_timeout:g} s"
+                ) from None
+            except UpstreamBroken as exc:
+                await pool.discard(conn)
+                if reused and conn.received_bytes == 0 and attempt == 0:
+                    self.stale_retried = True
+                    continue
+                raise UpstreamError(f"upstream connection failed before the response: {exc}") from None
+            except BaseException:
+                await pool.discard(conn)
+                raise
+            if type(event) is not h11.Response:
+                await pool.discard(conn)
+                raise UpstreamError("upstream closed the connection without a response")
+            return conn, event
+        raise AssertionError("unreachable")
+
+
+async def _read_prefix(conn: UpstreamConnection, limit: int, idle: float) -> tuple[bytes, bool]:
+    """Up to ``limit`` body bytes (more if one read brings more); True if the body ended."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        data, ended = conn.read_available()
+        if not data and not ended:
+            with trio.fail_after(idle):
+                data, ended = await conn.read_more()
+        if data:
+            parts.append(data)
+            size += len(data)
+        if ended:
+            return b"".join(parts), True
+    return b"".join(parts), False

@@ -382,7 +382,8 @@ class Child:
     """A server started as a child process; its URL comes from its first stdout line
     (``wait_listening``), stdout and stderr go to ``<log_dir>/<name>.std{out,err}.log``."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path,
+                 cwd: Path | None = None) -> None:
         self.name = name
         self.cmd = cmd
         self.stdout_path = log_dir / f"{name}.stdout.log"
@@ -390,7 +391,8 @@ class Child:
         self._stderr = self.stderr_path.open("w")
         self.started = time.monotonic()  # just before the spawn: start-up times count from here
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self._stderr, env=env, text=True, bufsize=1
+            cmd, stdout=subprocess.PIPE, stderr=self._stderr, env=env, text=True, bufsize=1,
+            cwd=cwd,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         # Keep draining stdout after the first line: a full pipe would block the child.

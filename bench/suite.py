@@ -4,7 +4,7 @@ Run it from the repository root (``make bench`` does)::
 
     python -m bench.suite [--duration 5] [--repeat 3] [--warmup 1] [--scenario NAME]...
                           [--target direct|proxy|proxy-mypyc|nginx]... [--proxy-workers 2]
-                          [--mock-workers 2]
+                          [--mock-workers 2] [--baseline DIR]
     python -m bench.suite --render bench/results/<stamp>     # rewrite results.md only
 
 What it does:
@@ -74,9 +74,12 @@ UPSTREAM_KEY = "bench-upstream-key"  # the mock's key: zaiproxy and nginx inject
 CLIENT_KEY = "bench-client-key"  # the one key of zaiproxy's keys file
 DIRECT_PATH = "/api/paas/v4/chat/completions"
 PUBLIC_PATH = "/v1/chat/completions"  # zaiproxy's, which nginx maps to DIRECT_PATH
-TARGETS = ("direct", "proxy", "proxy-mypyc", "nginx")
+TARGETS = ("direct", "proxy", "proxy-mypyc", "baseline", "nginx")
 DEFAULT_TARGETS = ("direct", "proxy", "nginx")  # proxy-mypyc: zaiproxy on h11-mypyc, opt-in
 PROXY_IMPLS = {"proxy": None, "proxy-mypyc": "h11-mypyc"}  # None: $ZAIPROXY_HTTP_IMPL or h11
+# "baseline": zaiproxy as built in another checkout (--baseline DIR), e.g. a worktree of the
+# commit before a change: measured in the same run, interleaved, beside "proxy".
+PROXY_TARGETS = (*PROXY_IMPLS, "baseline")
 READY_TIMEOUT = 60.0  # seconds from spawn to the first 200
 POLL_INTERVAL = 0.01  # seconds between start-up probes
 # A start-up probe waits this long for its answer (a connection waits in the accept queue until
@@ -250,7 +253,7 @@ class Suite:
     @staticmethod
     def checks_body(scenario: Scenario, target: Target) -> bool:
         """Whether the load generator compares bodies (NOTES["unchecked_bodies"]: why not)."""
-        return not (scenario.zai_code is not None and target.name in PROXY_IMPLS)
+        return not (scenario.zai_code is not None and target.name in PROXY_TARGETS)
 
     def load(self, scenario: Scenario, target: Target, expected: bytes,
              connections: int | None = None) -> dict[str, Any]:
@@ -469,10 +472,10 @@ def proxy_env(out_dir: Path, port: int, mock_port: int, workers: int,
     })
 
 
-def check_proxy_config(env: dict[str, str], out_dir: Path) -> None:
+def check_proxy_config(env: dict[str, str], out_dir: Path, cwd: Path | None = None) -> None:
     """``zaiproxy config check`` with the bench's environment; its output is kept."""
     check = subprocess.run([sys.executable, "-m", "zaiproxy", "config", "check"], env=env,
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, cwd=cwd)
     (out_dir / "proxy-config.txt").write_text(check.stdout + check.stderr)
     if check.returncode != 0:
         raise BenchError(f"zaiproxy config check rejected the bench's config:\n"
@@ -515,15 +518,23 @@ def start_targets(args: argparse.Namespace, out_dir: Path,
     targets = []
     if "direct" in args.targets:
         targets.append(Target("direct", mock_port, DIRECT_PATH, UPSTREAM_KEY, mock, mock_startup))
-    for name, impl in PROXY_IMPLS.items():
+    builds: dict[str, tuple[str | None, Path | None]] = {
+        name: (impl, None) for name, impl in PROXY_IMPLS.items()}
+    builds["baseline"] = (None, args.baseline)
+    for name, (impl, checkout) in builds.items():
         if name not in args.targets:
             continue
         port = free_port()
         home = out_dir if name == "proxy" else out_dir / name  # its own history and state
         home.mkdir(exist_ok=True)
         env = proxy_env(home, port, mock_port, args.proxy_workers, impl)
-        check_proxy_config(env, home)
-        proxy = children.add(Child(name, [python, "-m", "zaiproxy", "serve"], env, out_dir))
+        if checkout is not None:
+            # That checkout's package first on the path (it is also the working directory,
+            # which `python -m` puts first).
+            env["PYTHONPATH"] = str(checkout)
+        check_proxy_config(env, home, checkout)
+        proxy = children.add(Child(name, [python, "-m", "zaiproxy", "serve"], env, out_dir,
+                                   cwd=checkout))
         startup = first_200(proxy, port, PUBLIC_PATH, CLIENT_KEY,
                             lambda proxy=proxy: tail(proxy.stderr_path))
         proxy.wait_listening()
@@ -822,6 +833,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run only this scenario (repeatable; default: all)")
     parser.add_argument("--target", dest="targets", action="append", choices=TARGETS,
                         help="measure only this target (repeatable; default: all)")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also measure zaiproxy as built in the checkout DIR (target "
+                             "'baseline', e.g. `git worktree add DIR <commit>`), interleaved "
+                             "with the others")
     parser.add_argument("--proxy-workers", type=int, default=2,
                         help="zaiproxy serve --workers (default 2)")
     parser.add_argument("--mock-workers", type=int, default=2,
@@ -837,7 +852,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--duration must be > 0, --warmup >= 0, --repeat >= 1")
     if min(args.proxy_workers, args.mock_workers, args.nginx_workers) < 1:
         parser.error("worker counts must be >= 1")
-    args.targets = [t for t in TARGETS if t in (args.targets or DEFAULT_TARGETS)]
+    wanted = set(args.targets or DEFAULT_TARGETS)
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "zaiproxy" / "__main__.py").is_file():
+            parser.error(f"--baseline {args.baseline}: not a zaiproxy checkout")
+        wanted.add("baseline")
+    elif "baseline" in wanted:
+        parser.error("--target baseline needs --baseline DIR")
+    args.targets = [t for t in TARGETS if t in wanted]
     return args
 
 

@@ -1009,12 +1009,12 @@ DIFFERENCES = {
     "receive-data-bytes-like": "Connection.receive_data(bytearray(...)) or (memoryview(...)) "
     "works in h11 and raises TypeError('bytes object expected; got bytearray') in "
     "h11-mypyc (the compiled receive_data(self, data: bytes) checks its argument). zaiproxy's "
-    "server.py and upstream.py therefore feed it through zaiproxy.http.http11.as_bytes (the "
+    "http/connection.py and upstream/pool.py therefore feed it through zaiproxy.http.http11.as_bytes (the "
     "streams used today, FastSocketStream and trio.SSLStream, return bytes already; "
     "trio.testing memory streams return bytearray).",
     "sentinel-repr": "h11's Sentinel metaclass reprs a state as 'IDLE'; h11-mypyc's plain "
     "classes repr as \"<class 'h11_mypyc._state.IDLE'>\". Only cosmetic for zaiproxy: the "
-    "__repr__ of ClientConnection (server.py) and UpstreamConnection (upstream.py) embed "
+    "__repr__ of ClientConnection (http/connection.py) and UpstreamConnection (upstream/pool.py) embed "
     "our_state/their_state; the proxy compares states with `is` only.",
     "sentinel-type-is-itself": "h11 documents type(NEED_DATA) is NEED_DATA (the 'bonus "
     "property'); in h11-mypyc type(NEED_DATA) is `type`. zaiproxy tests `event is "

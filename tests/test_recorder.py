@@ -620,7 +620,7 @@ def test_series_per_variant(filled: HistoryStore) -> None:
 
 # What each row is: (status, upstream_status, latency ms, ttft ms, result, zai class, zai code,
 # zai retries). Ten rows in minute 0, latencies 100..1000 ms, as the proxy records them
-# (proxy.py, server.py): its own 429/502/504 have no upstream_status and result "ok".
+# (request/pipeline.py): its own 429/502/504 have no upstream_status and result "ok".
 PLOT_ROWS: list[tuple[Any, ...]] = [
     (200, 200, 100, 10, "ok", None, None, 0),
     (200, 200, 200, 20, "ok", None, None, 0),

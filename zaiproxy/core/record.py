@@ -1,8 +1,8 @@
 """The one plain record the hot path emits per finished request.
 
-Sinks consume it: the access log line today, the metrics and the DuckDB
-recorder later (vLLM's v1 metrics pattern: the request path builds one record,
-it does not call each sink with its own arguments). Frozen, slotted, plain
+Sinks consume it: the metrics, the history recorder and the access log (vLLM's v1
+metrics pattern: the request path builds one record, it does not call each sink with
+its own arguments). Frozen, slotted, plain
 values only, so it can cross a process boundary to the recorder unchanged.
 Never holds a key or a raw path: ``route`` is the route template.
 """

@@ -41,8 +41,7 @@ from zaiproxy.core.errors import (
 from zaiproxy.core.logs import get_logger
 from zaiproxy.http.framing import check_head, safe_protocol_message
 from zaiproxy.http.http11 import as_bytes, h11
-
-Headers = list[tuple[bytes, bytes]]
+from zaiproxy.http.sink import ClientGone, Headers, WorkerState
 
 # How much the reader may queue ahead of the handler (pipelined requests, a body being
 # read) before it stops reading: bounded, like everything else.
@@ -62,29 +61,6 @@ _REASONS = {
 }
 
 
-class ClientGone(Exception):
-    """The client connection broke while we were writing to it."""
-
-
-class ClientSink(Protocol):
-    """What the request path writes a response through (the relay sees nothing else)."""
-
-    request_id: bytes
-    gone: bool  # the client went away (EOF, reset or a failed write)
-
-    def queue_response(self, status: int, headers: Headers, reason: bytes = b"") -> None: ...
-
-    def queue_data(self, data: bytes) -> None: ...
-
-    def queue_end(self) -> None: ...
-
-    async def flush(self) -> None: ...  # raises ClientGone
-
-    async def send_data(self, data: bytes) -> None: ...
-
-    async def abort(self) -> None: ...
-
-
 class RequestHandler(Protocol):
     """The request path, as the shell sees it."""
 
@@ -93,10 +69,6 @@ class RequestHandler(Protocol):
 
     def refused(self, conn: ClientConnection, error: ProxyError, api: Api, method: str) -> None:
         """A head the shell answered itself (malformed, too large, ambiguous): record it."""
-
-
-class WorkerState(Protocol):
-    draining: bool
 
 
 class ClientConnection:
@@ -422,3 +394,4 @@ class ClientConnection:
         self.close_after = True
         await self.send_error(err, api)
         self.handler.refused(self, err, api, method)
+

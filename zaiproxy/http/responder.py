@@ -2,7 +2,7 @@
 
 For the fleet's own small APIs, where every request is read whole and answered with one
 document: the collector's admin API and the recorder's history endpoint. Proxied traffic
-does not come here (``request/server.py``: streaming bodies, limits, drain).
+does not come here (``http/connection.py``: streaming bodies, limits, drain).
 
 The handler is ``async (Request) -> Answer | Streamed``; this module does the HTTP:
 

@@ -12,7 +12,7 @@ refunding the difference). It is called from a ``finally``: a cancelled or
 failed request settles too.
 
 Decisions here are pure bookkeeping over the ledger; the HTTP side (429
-bodies, ``Retry-After``, the ``x-ratelimit-*`` headers) is in ``server.py``
+bodies, ``Retry-After``, the ``x-ratelimit-*`` headers) is in ``request/gate.py``
 using the values computed here.
 """
 

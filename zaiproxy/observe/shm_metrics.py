@@ -3,7 +3,7 @@
 Why not prometheus-client's multiprocess mode: it costs ~1-2 µs per observation (one
 mmap'd file per process and metric type, a dict lookup and a struct write behind a lock),
 leaves one file per pid to wipe and mark dead, and custom collectors do not work in it
-(``bench/metrics_cost.py`` measures both: 0.9 µs per
+(``bench/micro/metrics_cost.py`` measures both: 0.9 µs per
 ``Counter.inc``, 2.0 µs per ``Histogram.observe`` there). Here an observation is one or two
 atomic adds on ledger cells: ~85 ns per counter increment and ~320 ns per histogram
 observation from Python on the native ledger, and a scrape walks the row table once.

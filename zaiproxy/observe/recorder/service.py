@@ -132,10 +132,13 @@ class Recorder:
                  write_interval: float = WRITE_INTERVAL, write_batch: int = WRITE_BATCH,
                  max_pending: int = MAX_PENDING, cells: Cells | None = None,
                  prices: PriceTable | None = None, run: str | None = None,
-                 channel_bytes: int | None = None, hold: bool = True) -> None:
+                 channel_bytes: int | None = None, hold: bool = True,
+                 store: type[HistoryStore] = HistoryStore) -> None:
         """``run``: the channel's id (supervise.py makes one per `serve`; a random one
         here otherwise); ``channel_bytes``: its capacity as the senders' SO_SNDBUF reports
-        it; ``hold``: keep datagrams in the channel until written (channel.py)."""
+        it; ``hold``: keep datagrams in the channel until written (channel.py); ``store``:
+        the store class (a seam: tests give a store that fails the way DuckDB can)."""
+        self.store_class = store
         self.path = path
         self.variant = variant
         self.raw_days = raw_days
@@ -366,7 +369,7 @@ class Recorder:
             return True, result
 
     def _open(self) -> HistoryStore:
-        store = HistoryStore.open(self.path, variant=self.variant, raw_days=self.raw_days,
+        store = self.store_class.open(self.path, variant=self.variant, raw_days=self.raw_days,
                                   rollup_days=self.rollup_days, opened_at=self.wall(),
                                   run=self.run_id)
         self.stats.opens += 1

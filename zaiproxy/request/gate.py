@@ -35,6 +35,7 @@ from zaiproxy.limits.admission import (
     format_reset,
     ratelimit_headers,
 )
+from zaiproxy.limits.api import Limiter
 from zaiproxy.limits.keys import ClientKey, KeyTable, client_credential
 from zaiproxy.request import tokens
 from zaiproxy.request.routing import Route
@@ -108,7 +109,7 @@ async def admit(ctx: WorkerContext, route: Route, key: ClientKey | None,
     began = time.perf_counter()
     prompt, reserved, counted = await estimate(ctx, route, payload, body_len)
     counted_s = time.perf_counter() - began if counted else None
-    admitter = ctx.admitter
+    admitter: Limiter = ctx.admitter
     alias = key.alias if key is not None else None
     plan = admitter.plan(alias, key.limits if key is not None else None)
     result = admitter.admit(plan, reserved)
@@ -149,7 +150,7 @@ async def _wait(ctx: WorkerContext, plan: Plan, reserved: int, refusal: Refusal)
     queue = ctx.wait_queue
     if timeout <= 0 or not queue.try_enter():
         raise _refused(ctx, refusal, plan)
-    admitter = ctx.admitter
+    admitter: Limiter = ctx.admitter
     deadline = trio.current_time() + timeout
     try:
         while True:

@@ -21,11 +21,8 @@ class Api(enum.Enum):
 
 def api_for_path(path: str | bytes) -> Api:
     """The error shape for a request whose route is unknown (a best guess from its path)."""
-    prefixes = ("/v1/messages", "/api/anthropic")
-    if isinstance(path, bytes):
-        return Api.ANTHROPIC if path.startswith((b"/v1/messages", b"/api/anthropic")) \
-            else Api.OPENAI
-    return Api.ANTHROPIC if path.startswith(prefixes) else Api.OPENAI
+    text = path.decode("ascii", "replace") if isinstance(path, bytes) else path
+    return Api.ANTHROPIC if text.startswith(("/v1/messages", "/api/anthropic")) else Api.OPENAI
 
 
 class ProxyError(Exception):

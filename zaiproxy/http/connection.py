@@ -41,6 +41,7 @@ from zaiproxy.core.errors import (
 from zaiproxy.core.logs import get_logger
 from zaiproxy.http.framing import check_head, safe_protocol_message
 from zaiproxy.http.http11 import as_bytes, h11
+from zaiproxy.http.netstream import lingering_close
 from zaiproxy.http.sink import ClientGone, Headers, WorkerState
 
 # How much the reader may queue ahead of the handler (pipelined requests, a body being
@@ -314,7 +315,9 @@ class ClientConnection:
                     nursery.cancel_scope.cancel()
         finally:
             if self.close_after and not self.gone and self.conn.their_state is not h11.DONE:
-                await self._lingering_close()
+                # Request bytes are still unread: don't let our close reset the answer.
+                await lingering_close(self.stream, seconds=_LINGER_SECONDS,
+                                      max_bytes=_LINGER_MAX_BYTES)
             await trio.aclose_forcefully(self.stream)
 
     async def _serve_guarded(self) -> None:
@@ -328,27 +331,6 @@ class ClientConnection:
             # A bug must cost one connection, never the worker and its other clients.
             get_logger().error("connection_crashed", request_id=self.request_id.decode(),
                                error=repr(exc))
-
-    async def _lingering_close(self) -> None:
-        """Half-close, then drain what the client still sends, for a bounded while.
-
-        We answered (413, 400, ...) without reading the whole request. Closing a socket
-        with unread bytes makes the kernel send RST, and a client still sending can then
-        lose our response before reading it. RFC 9112 9.6's staged close, nginx's
-        ``lingering_close``: bounded in time and bytes.
-        """
-        drained = 0
-        with trio.move_on_after(_LINGER_SECONDS):
-            try:
-                if isinstance(self.stream, trio.abc.HalfCloseableStream):
-                    await self.stream.send_eof()
-                while drained < _LINGER_MAX_BYTES:
-                    data = await self.stream.receive_some(_READ_SIZE)
-                    if not data:
-                        break
-                    drained += len(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
     async def _serve(self) -> None:
         first = True

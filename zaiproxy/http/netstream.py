@@ -192,4 +192,27 @@ def _translate(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceEr
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
-__all__ = ["DEFAULT_RECEIVE_SIZE", "FAIR_EVERY", "FastSocketStream"]
+async def lingering_close(stream: trio.abc.Stream, *, seconds: float, max_bytes: int) -> None:
+    """Half-close, then read and drop what the peer still sends, bounded in time and bytes.
+
+    An answer sent before the whole request was read (413, 400, ...): closing a socket with
+    unread bytes makes the kernel send RST, and a peer still sending can then lose the
+    answer before reading it. RFC 9112 9.6's staged close, nginx's ``lingering_close``. The
+    caller closes the stream afterwards; a stream that cannot half-close is left as it is.
+    """
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        return
+    drained = 0
+    with trio.move_on_after(seconds):
+        try:
+            await stream.send_eof()
+            while drained < max_bytes:
+                data = await stream.receive_some(DEFAULT_RECEIVE_SIZE)
+                if not data:
+                    return
+                drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+__all__ = ["DEFAULT_RECEIVE_SIZE", "FAIR_EVERY", "FastSocketStream", "lingering_close"]

@@ -47,6 +47,7 @@ from zaiproxy.core.errors import (
 )
 from zaiproxy.core.logs import get_logger
 from zaiproxy.http.http11 import as_bytes, h11
+from zaiproxy.http.netstream import lingering_close
 
 READ_SIZE = 65536
 # After an error answer that closes: how long (and how much) the client may still send.
@@ -167,7 +168,7 @@ class Responder:
                     return
                 if not await self._send(conn, stream, answer, request.method == "HEAD", close):
                     if close:
-                        await _linger(stream)
+                        await lingering_close(stream, seconds=LINGER_S, max_bytes=LINGER_BYTES)
                     return
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return  # the client asked to close, or did not finish its request
@@ -178,7 +179,7 @@ class Responder:
                 answer = Answer(error.status, self.error_body(error), headers=error.headers)
                 try:
                     await self._send(conn, stream, answer, refused.head_only, True)
-                    await _linger(stream)
+                    await lingering_close(stream, seconds=LINGER_S, max_bytes=LINGER_BYTES)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -274,20 +275,6 @@ class Responder:
 
         await answer.body(write)
 
-
-async def _linger(stream: trio.abc.Stream) -> None:
-    """Half-close, then read and drop what the client still sends (bounded in time and
-    bytes), so that the close does not reset the connection under the answer just sent."""
-    if not isinstance(stream, trio.abc.HalfCloseableStream):
-        return
-    with trio.move_on_after(LINGER_S):
-        await stream.send_eof()
-        drained = 0
-        while drained < LINGER_BYTES:
-            data = await stream.receive_some(READ_SIZE)
-            if not data:
-                return
-            drained += len(data)
 
 
 def _protocol_error(exc: h11.RemoteProtocolError) -> ProxyError:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import h11
 import trio
 
-from zaiproxy.http.netstream import FastSocketStream
+from zaiproxy.http.netstream import FastSocketStream, lingering_close
 from zaiproxy.mock import payloads
 from zaiproxy.mock.behaviour import (
     MockOptions,
@@ -174,17 +174,7 @@ async def _finish(transport: FastSocketStream, conn: trio.abc.Stream, ending: En
         await transport.aclose()  # under TLS too: no close_notify, just the reset
         return
     if conn is transport:
-        try:
-            await transport.send_eof()
-            with trio.move_on_after(LINGER_SECONDS):
-                drained = 0
-                while drained < LINGER_MAX_BYTES:
-                    data = await transport.receive_some(RECEIVE_SIZE)
-                    if not data:
-                        break
-                    drained += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        await lingering_close(transport, seconds=LINGER_SECONDS, max_bytes=LINGER_MAX_BYTES)
     with trio.move_on_after(LINGER_SECONDS):
         await conn.aclose()  # if cancelled, aclose still closes (forcefully)
 

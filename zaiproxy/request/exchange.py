@@ -23,6 +23,7 @@ import trio
 
 from zaiproxy.core.errors import Api, UpstreamError, UpstreamTimeout
 from zaiproxy.http.http11 import h11
+from zaiproxy.http.sink import ClientSink
 from zaiproxy.request.routing import Route
 from zaiproxy.upstream import zai
 from zaiproxy.upstream.forward import header_value, upstream_request_headers
@@ -79,13 +80,13 @@ class Exchange:
     """Send one request upstream until a response head the client should get arrives."""
 
     def __init__(self, ctx: WorkerContext, origin: Origin, request: h11.Request, body: bytes,
-                 readmit: Callable[[], Awaitable[None]], client_gone: Callable[[], bool]) -> None:
+                 readmit: Callable[[], Awaitable[None]], client: ClientSink) -> None:
         self.ctx = ctx
         self.origin = origin
         self.request = request
         self.body = body
         self._readmit = readmit
-        self._client_gone = client_gone
+        self._client = client  # read only: has it gone (then a 429 is relayed, not retried)
         self.attempts: list[Attempt] = []
         self.stale_retried = False  # a stale pooled connection was replaced once
         self.started = 0.0
@@ -137,7 +138,7 @@ class Exchange:
                                                 now=wall)
             wait = ctx.retry_policy.next_wait(err, self.zai_retries, header_wait, now=wall,
                                               rand=ctx.jitter())
-            if wait is None or self._client_gone():
+            if wait is None or self._client.gone:
                 attempts.append(Attempt(429, err.cls.value, err.code))
                 return Exchanged(conn, response, prefix, ended,
                                  zai.final_headers(err, list(response.headers), now=wall),

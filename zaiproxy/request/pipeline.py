@@ -152,21 +152,15 @@ class Pipeline:
                         admitted = await gate.readmit(ctx, admitted)
 
                     # 7. Exchange.
-                    strip_usage = False
-                    if (ctx.config.openai_include_usage and route.api is Api.OPENAI
-                            and route.reads_json):
-                        # Ask for usage on streams; the extra chunk is stripped for the client.
-                        rewritten = add_include_usage(body)
-                        if rewritten is not None:
-                            body_up, strip_usage = rewritten, True
-                        else:
-                            body_up = body
-                    else:
-                        body_up = body
+                    # With openai_include_usage, streams ask upstream for usage; the extra
+                    # chunk is stripped for the client (strip_usage).
+                    rewritten = (add_include_usage(body) if ctx.config.openai_include_usage
+                                 and route.api is Api.OPENAI and route.reads_json else None)
+                    strip_usage = rewritten is not None
+                    body_up = rewritten if rewritten is not None else body
                     origin, up_request = upstream_request(ctx, route, request, body_up,
                                                           conn.client_ip)
-                    exchange = Exchange(ctx, origin, up_request, body_up, readmit,
-                                        lambda: conn.gone)
+                    exchange = Exchange(ctx, origin, up_request, body_up, readmit, conn)
                     exchanged = await exchange.run()
                     # 8. Relay.
                     relay = Relay(ctx, conn, route, exchanged, extra, strip_usage=strip_usage,

@@ -29,10 +29,15 @@ run: $(STAMP)
 	fi
 
 # Debian packages the tests use: prometheus + promtool (alert rule tests, canary-check against
-# a real Prometheus). Installed once when missing (the package's service is not started).
+# a real Prometheus) and redis-server + redis-tools (the fleet limits: tests start their own
+# server on a free port). Installed once when missing (the packages' services are not used).
 debian-deps:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@missing=""; \
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing="$$missing redis-server redis-tools"; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 # The whole suite: lint, types, import contracts, tests (against both HTTP implementations,
 # see zaiproxy/http/http11.py). CI runs exactly this (.ci/run).

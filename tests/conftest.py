@@ -4,6 +4,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness import UPSTREAM_KEY, ProcessServer, start_process
+from tests.redis_server import RedisServer
 from zaiproxy.core import logs
 
 
@@ -29,3 +30,11 @@ def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
                            env=None, stderr_path=tmp_path_factory.mktemp("mock") / "mock.log")
     yield server
     assert server.stop() == 0
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests that share it use their own key prefix."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()

@@ -88,6 +88,7 @@ async def start_proxy(nursery: trio.Nursery, config: Config, *,
 
         ctx.retry_sleep = virtual_sleep
         ctx.jitter = lambda: 1.0
+    await nursery.start(ctx.admitter.run)
     await nursery.start(worker.run)
     return proxy
 

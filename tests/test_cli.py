@@ -95,6 +95,8 @@ def every_variable(tmp_path: Path) -> dict[str, str]:
         "admin_token": "admin-token-0123456789", "known_models": "glm-4.6,glm-4.5",
         "price_file": str(prices), "history_path": str(tmp_path / "history.duckdb"),
         "concurrency": 1000, "upstream_concurrency": 1000,
+        "redis_url": "redis://127.0.0.1:6379/0", "redis_password": "redis-password-0123",
+        "redis_password_file": str(keys),
     }
     env: dict[str, str] = {}
     for f in fields(Config):

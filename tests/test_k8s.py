@@ -6,9 +6,10 @@ below, a small renderer of exactly the kustomize features k8s/ uses (it refuses 
 a manifest change cannot silently render differently). When both exist, the test
 ``test_fallback_renderer_matches_kubectl`` keeps them equal.
 
-Non-CRD objects are validated with kubernetes-validate (offline schemas, strict: unknown
-fields are errors). CRD kinds (ServiceMonitor, PrometheusRule, AnalysisTemplate) have no
-schema there; their apiVersion, kind and required fields are checked by hand.
+Non-CRD objects (the limits' Redis StatefulSet and NetworkPolicy included) are validated
+with kubernetes-validate (offline schemas, strict: unknown fields are errors). CRD kinds
+(ServiceMonitor, PrometheusRule, AnalysisTemplate) have no schema there; their apiVersion,
+kind and required fields are checked by hand.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -37,6 +39,10 @@ KUBECTL = shutil.which("kubectl")
 CRD_GROUPS = ("monitoring.coreos.com", "argoproj.io")
 DUMMY_KEY = "zai-test-key-0123456789abcdef"
 DUMMY_TOKEN = "admin-token-0123456789abcdef"
+DUMMY_REDIS_PASSWORD = "redis-password-0123456789abcdef"
+# The limits' Redis (k8s/base/redis): its StatefulSet, Service and NetworkPolicy, and the
+# Secret with its password that the server and the proxies read.
+REDIS = "zaiproxy-redis"
 
 Obj = dict[str, Any]
 
@@ -189,13 +195,16 @@ def configmap_env(objects: list[Obj]) -> dict[str, str]:
     return env
 
 
-SECRETS = {"zai-api-key": DUMMY_KEY, "admin-token": DUMMY_TOKEN}
+# Secret name -> key -> value: what the operator creates (k8s/README.md).
+SECRETS = {"zaiproxy": {"zai-api-key": DUMMY_KEY, "admin-token": DUMMY_TOKEN},
+           REDIS: {"password": DUMMY_REDIS_PASSWORD}}
 
 
-def pod_env(objects: list[Obj], secrets: dict[str, str]) -> dict[str, str]:
+def pod_env(objects: list[Obj], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
     """The environment the kubelet would give the proxy: envFrom ConfigMaps, then env (label
     fieldRefs resolved against the pod template, Secret keys from ``secrets``; an optional
-    key that is missing leaves the variable unset, as in Kubernetes)."""
+    key that is missing is skipped, as in Kubernetes: the variable keeps the value envFrom
+    gave it, or stays unset)."""
     env = configmap_env(objects)
     labels = deployment(objects)["spec"]["template"]["metadata"]["labels"]
     for var in container(objects).get("env", []):
@@ -209,10 +218,12 @@ def pod_env(objects: list[Obj], secrets: dict[str, str]) -> dict[str, str]:
             env[var["name"]] = labels.get(m.group(1), "")
         elif "secretKeyRef" in source:
             ref = source["secretKeyRef"]
-            if ref["key"] in secrets:
-                env[var["name"]] = secrets[ref["key"]]
+            value = secrets.get(ref["name"], {}).get(ref["key"])
+            if value is not None:
+                env[var["name"]] = value
             else:
-                assert ref.get("optional") is True, f"{var['name']}: required key {ref['key']}"
+                assert ref.get("optional") is True, (
+                    f"{var['name']}: required key {ref['key']} of Secret {ref['name']}")
         else:
             pytest.fail(f"unexpected env source {source}")
     return env
@@ -256,8 +267,10 @@ def test_overlays_render_the_expected_objects(rendered):
         ("ConfigMap", "zaiproxy-production"), ("Deployment", "zaiproxy-production"),
         ("PodDisruptionBudget", "zaiproxy-production"), ("Service", "zaiproxy-production"),
         ("Service", "zaiproxy"), ("ServiceMonitor", "zaiproxy"), ("PrometheusRule", "zaiproxy"),
+        ("StatefulSet", REDIS), ("Service", REDIS), ("NetworkPolicy", REDIS),
     ])
-    # The canary owns nothing fleet-wide: deleting it leaves the split Service and monitoring.
+    # The canary owns nothing fleet-wide: deleting it leaves the split Service, monitoring and
+    # the limits' Redis (which both variants use: one server, applied once).
     assert names["canary"] == sorted([
         ("ConfigMap", "zaiproxy-canary"), ("Deployment", "zaiproxy-canary"),
         ("PodDisruptionBudget", "zaiproxy-canary"), ("Service", "zaiproxy-canary"),
@@ -268,7 +281,8 @@ def test_overlays_render_the_expected_objects(rendered):
 
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: nothing to compare with")
-@pytest.mark.parametrize("directory", ["overlays/production", "overlays/canary", "argo", "base"])
+@pytest.mark.parametrize("directory", ["overlays/production", "overlays/canary", "argo", "base",
+                                       "base/redis"])
 def test_fallback_renderer_matches_kubectl(directory):
     def key(o: Obj) -> tuple[str, str]:
         return o["kind"], o["metadata"]["name"]
@@ -294,7 +308,7 @@ def test_non_crd_objects_validate_against_the_kubernetes_schema(rendered):
             if not is_crd(obj):
                 kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
                 checked += 1
-    assert checked == 9
+    assert checked == 12
 
 
 def test_the_schema_validation_catches_mistakes(rendered):
@@ -401,7 +415,7 @@ def test_secrets_come_from_a_secret(rendered, overlay):
     secret_names = {"ZAI_API_KEY", "ZAIPROXY_ADMIN_TOKEN"}
     assert not secret_names & set(configmap_env(objs)), "secrets in the ConfigMap"
     with pytest.raises(AssertionError, match="required key admin-token"):
-        pod_env(objs, {"zai-api-key": DUMMY_KEY})
+        pod_env(objs, {**SECRETS, "zaiproxy": {"zai-api-key": DUMMY_KEY}})
     config, _ = load_config(env=pod_env(objs, SECRETS))
     assert config.api_key == DUMMY_KEY and config.admin_token == DUMMY_TOKEN
     assert not is_loopback(config.host)
@@ -457,9 +471,15 @@ def test_variants_differ_only_where_they_should(rendered):
     assert images[0] != images[1] and all(i.startswith("zaiproxy:") for i in images)
     for overlay in OVERLAYS:
         for obj in rendered[overlay]:
-            if obj["metadata"]["name"] != "zaiproxy":  # the fleet-wide objects
-                assert obj["metadata"]["labels"]["variant"] == overlay, obj["metadata"]
-            assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "zaiproxy"
+            labels = obj["metadata"]["labels"]
+            if obj["metadata"]["name"] not in ("zaiproxy", REDIS):  # the fleet-wide objects
+                assert labels["variant"] == overlay, obj["metadata"]
+            else:
+                assert "variant" not in labels, obj["metadata"]
+            if obj["metadata"]["name"] == REDIS:  # Valkey, a part of zaiproxy
+                assert labels["app.kubernetes.io/part-of"] == "zaiproxy"
+            else:
+                assert labels["app.kubernetes.io/name"] == "zaiproxy"
     a, b = (copy.deepcopy(d["spec"]["template"]["spec"]) for d in (prod, canary))
     for spec in (a, b):
         spec["containers"][0]["image"] = spec["containers"][0]["envFrom"] = None
@@ -477,6 +497,7 @@ def test_services_select_their_variant_and_the_split_one_both(rendered):
     pods = {o: pod_labels(rendered[o]) for o in OVERLAYS}
     services = {**by_kind(rendered["production"], "Service"),
                 **by_kind(rendered["canary"], "Service")}
+    del services[REDIS]  # not the proxy's: test_redis_pods_are_apart_from_every_proxy_selector
     assert set(services) == {"zaiproxy", "zaiproxy-production", "zaiproxy-canary"}
     split = services["zaiproxy"]["spec"]["selector"]
     assert "variant" not in split and all(selects(split, p) for p in pods.values())
@@ -518,6 +539,274 @@ def test_service_monitor_scrapes_each_variant_once_keeping_variant(rendered):
     for relabel in endpoint.get("relabelings", []) + endpoint.get("metricRelabelings", []):
         assert "variant" not in str(relabel), relabel
     assert "metadata" not in str(monitor["spec"].get("namespaceSelector", {}))
+
+
+# ---- the limits' Redis -------------------------------------------------------------------
+
+
+def redis_objects(objs: list[Obj]) -> tuple[Obj, Obj, Obj]:
+    """The limits' Redis: its StatefulSet, Service and NetworkPolicy."""
+    return tuple(by_kind(objs, kind)[REDIS] for kind in ("StatefulSet", "Service", "NetworkPolicy"))
+
+
+def redis_container(objs: list[Obj]) -> Obj:
+    [c] = redis_objects(objs)[0]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def redis_pod_labels(objs: list[Obj]) -> dict[str, str]:
+    return redis_objects(objs)[0]["spec"]["template"]["metadata"]["labels"]
+
+
+def test_the_limits_redis_is_one_server_for_both_variants(rendered):
+    """Applied once, with the fleet-wide objects of production; the canary owns no part of it
+    (so deleting the canary keeps it) and reaches the same server."""
+    prod = rendered["production"]
+    assert REDIS not in by_kind(rendered["canary"], "StatefulSet")
+    assert REDIS not in by_kind(rendered["canary"], "Service")
+    assert REDIS not in by_kind(rendered["canary"], "NetworkPolicy")
+    sts, svc, policy = redis_objects(prod)
+    # k8s/base renders the same objects (production takes them from there, unchanged).
+    base = {(o["kind"], o["metadata"]["name"]): o for o in render(K8S / "base")}
+    for obj in (sts, svc, policy):
+        assert base[(obj["kind"], REDIS)] == obj
+    assert sts["spec"]["replicas"] == 1 and sts["spec"]["serviceName"] == REDIS
+    assert selects(sts["spec"]["selector"], redis_pod_labels(prod))
+    # The Service sends its port to the server's port.
+    [port] = svc["spec"]["ports"]
+    [container_port] = redis_container(prod)["ports"]
+    assert port["port"] == container_port["containerPort"] == 6379
+    assert port["targetPort"] in (container_port["name"], container_port["containerPort"])
+    assert selects(svc["spec"]["selector"], redis_pod_labels(prod))
+    for overlay in OVERLAYS:  # the proxies' namespace: the Service's short name resolves there
+        namespace = deployment(rendered[overlay])["metadata"]["namespace"]
+        assert namespace == svc["metadata"]["namespace"]
+
+
+def test_redis_pods_are_apart_from_every_proxy_selector(rendered, argo):
+    """Redis pods must never get proxy traffic (split or variant Services), count in a proxy
+    PDB or spread constraint, or be scraped as a proxy; and the Redis Service selects Redis."""
+    redis_pod = redis_pod_labels(rendered["production"])
+    services = {**by_kind(rendered["production"], "Service"),
+                **by_kind(rendered["canary"], "Service")}
+    selectors = [svc["spec"]["selector"] for name, svc in services.items() if name != REDIS]
+    for overlay in OVERLAYS:
+        objs = rendered[overlay]
+        pod = deployment(objs)["spec"]["template"]["spec"]
+        selectors.append(deployment(objs)["spec"]["selector"])
+        selectors += [p["spec"]["selector"] for p in by_kind(objs, "PodDisruptionBudget").values()]
+        selectors += [t["labelSelector"] for t in pod["topologySpreadConstraints"]]
+        anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        selectors += [t["podAffinityTerm"]["labelSelector"] for t in anti]
+    assert len(selectors) >= 10
+    assert not [s for s in selectors if selects(s, redis_pod)]
+    redis_svc = services[REDIS]
+    assert not [o for o in OVERLAYS
+                if selects(redis_svc["spec"]["selector"], pod_labels(rendered[o]))]
+    monitor = by_kind(rendered["production"], "ServiceMonitor")["zaiproxy"]
+    assert not selects(monitor["spec"]["selector"], redis_svc["metadata"]["labels"])
+    job = analysis_job_metric(argo)["provider"]["job"]
+    assert not selects(redis_svc["spec"]["selector"], job["spec"]["template"]["metadata"]["labels"])
+
+
+def test_redis_network_policy_admits_the_proxy_pods_of_both_variants_only(rendered, argo):
+    prod = rendered["production"]
+    _, svc, policy = redis_objects(prod)
+    redis_pod = redis_pod_labels(prod)
+    proxies = {o: pod_labels(rendered[o]) for o in OVERLAYS}
+    spec = policy["spec"]
+    assert policy["metadata"]["namespace"] == svc["metadata"]["namespace"]
+    # It applies to the Redis pods, and to no proxy pod.
+    assert selects(spec["podSelector"], redis_pod)
+    assert not [o for o, p in proxies.items() if selects(spec["podSelector"], p)]
+    assert "Ingress" in spec["policyTypes"]
+    [rule] = spec["ingress"]
+    # Pods of this namespace only: no namespaceSelector, no ipBlock.
+    peers = rule["from"]
+    assert peers and all(set(peer) == {"podSelector"} for peer in peers), peers
+
+    def admitted(labels: dict[str, str]) -> bool:
+        return any(selects(peer["podSelector"], labels) for peer in peers)
+
+    assert {o for o, p in proxies.items() if admitted(p)} == set(OVERLAYS)
+    # Not the analysis Job's pods (they run a zaiproxy image, but are no proxy), not Redis.
+    job = analysis_job_metric(argo)["provider"]["job"]
+    assert not admitted(job["spec"]["template"]["metadata"]["labels"])
+    assert not admitted(redis_pod)
+    assert not admitted({"app.kubernetes.io/name": "something-else"})
+    # The server's port only, the one the Service sends to.
+    assert rule["ports"] == [{"port": svc["spec"]["ports"][0]["port"], "protocol": "TCP"}]
+    assert rule["ports"][0]["port"] == 6379
+    # Redis opens no connection of its own.
+    if "Egress" in spec["policyTypes"]:
+        assert not spec.get("egress")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_proxy_pods_keep_their_limits_in_the_fleet_redis(rendered, overlay):
+    objs = rendered[overlay]
+    config, sources = load_config(env=pod_env(objs, SECRETS))
+    assert config.limits_backend == "redis"
+    _, svc, _ = redis_objects(rendered["production"])
+    url = urlsplit(config.redis_url)
+    assert url.scheme == "redis" and url.hostname == svc["metadata"]["name"]
+    assert url.port == svc["spec"]["ports"][0]["port"] and url.path == "/0"
+    # The password comes from the Secret, never from the URL (a ConfigMap value) or a literal.
+    assert url.username is None and url.password is None
+    assert config.redis_password == DUMMY_REDIS_PASSWORD
+    assert sources["limits.redis_password"] == "env:ZAIPROXY_REDIS_PASSWORD"
+    env = {v["name"]: v for v in container(objs)["env"]}
+    password = env["ZAIPROXY_REDIS_PASSWORD"]
+    assert "value" not in password
+    ref = password["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": REDIS, "key": "password"}  # required (no `optional`)
+    with pytest.raises(AssertionError, match=f"required key password of Secret {REDIS}"):
+        pod_env(objs, {**SECRETS, REDIS: {}})
+    # The server requires that same key.
+    server_env = {v["name"]: v for v in redis_container(rendered["production"])["env"]}
+    assert any(v.get("valueFrom", {}).get("secretKeyRef") == ref for v in server_env.values())
+    cm = configmap_env(objs)
+    assert not {"ZAIPROXY_REDIS_PASSWORD", "ZAIPROXY_REDIS_PASSWORD_FILE"} & set(cm)
+    # Redis away: each pod keeps serving on its local share (ZAIPROXY_LIMITS_LOCAL_SHARE).
+    assert config.limits_fail == "local"
+    # Readiness does not wait for Redis: /ready (which checks no Redis), nothing before start.
+    assert container(objs)["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert "initContainers" not in deployment(objs)["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_an_external_redis_url_in_the_secret_replaces_the_in_cluster_one(rendered, overlay):
+    """k8s/README.md: the key `url` of the Secret wins over the ConfigMap's URL (env over
+    envFrom); without it the in-cluster Service is used."""
+    objs = rendered[overlay]
+    external = "rediss://redis.example.net:6380/0"
+    secrets = {**SECRETS, REDIS: {**SECRETS[REDIS], "url": external}}
+    config, sources = load_config(env=pod_env(objs, secrets))
+    assert sources["limits.redis_url"] == "env:ZAIPROXY_REDIS_URL"
+    assert config.redis_url == external and config.redis_password == DUMMY_REDIS_PASSWORD
+    url = {v["name"]: v for v in container(objs)["env"]}["ZAIPROXY_REDIS_URL"]
+    assert url["valueFrom"]["secretKeyRef"] == {"name": REDIS, "key": "url", "optional": True}
+    config, _ = load_config(env=pod_env(objs, SECRETS))
+    assert config.redis_url == configmap_env(objs)["ZAIPROXY_REDIS_URL"]
+
+
+def test_production_and_canary_spend_one_budget(rendered):
+    envs = {o: pod_env(rendered[o], SECRETS) for o in OVERLAYS}
+    configs = {o: load_config(env=env)[0] for o, env in envs.items()}
+    # One server, one key prefix (both set alike, or both left to the default).
+    assert len({c.redis_url for c in configs.values()}) == 1
+    assert len({env.get("ZAIPROXY_REDIS_KEY_PREFIX") for env in envs.values()}) == 1
+    assert len({c.redis_key_prefix for c in configs.values()}) == 1
+    # Redis away: every pod's local share of the limits adds up to about one budget.
+    total = sum(configs[o].limits_local_share * deployment(rendered[o])["spec"]["replicas"]
+                for o in OVERLAYS)
+    assert total == pytest.approx(1.0)
+
+
+def test_no_secret_is_a_literal(rendered):
+    """Passwords, tokens and keys come from secretKeyRefs, in the proxies and in Redis."""
+    containers = [container(rendered[o]) for o in OVERLAYS]
+    containers.append(redis_container(rendered["production"]))
+    secretish = re.compile(r"PASSWORD|TOKEN|API_KEY")
+    named = [var for c in containers for var in c["env"] if secretish.search(var["name"])]
+    assert len(named) == 7, named
+    for var in named:
+        assert set(var) == {"name", "valueFrom"} and "secretKeyRef" in var["valueFrom"], var
+    for overlay in OVERLAYS:
+        assert not [k for k in configmap_env(rendered[overlay]) if secretish.search(k)]
+
+
+def redis_args(objs: list[Obj]) -> list[str]:
+    c = redis_container(objs)
+    return (c.get("command") or []) + (c.get("args") or [])
+
+
+def arg_after(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def test_redis_runs_non_root_with_its_data_on_a_volume_claim(rendered):
+    prod = rendered["production"]
+    sts = redis_objects(prod)[0]
+    pod = sts["spec"]["template"]["spec"]
+    c = redis_container(prod)
+    ctx = {**pod["securityContext"], **c["securityContext"]}
+    assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] != 0
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx.get("privileged", False) is False
+    assert ctx["capabilities"]["drop"] == ["ALL"] and not ctx["capabilities"].get("add")
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    # Its data directory (the only writable path) is a PersistentVolumeClaim of its own.
+    args = redis_args(prod)
+    data_dir = arg_after(args, "--dir") or "/data"
+    claims = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+    writable = {m["mountPath"]: m["name"] for m in c["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {data_dir: writable[data_dir]} and writable[data_dir] in claims
+    assert not [v for v in pod.get("volumes", []) if v["name"] == writable[data_dir]]
+    claim = claims[writable[data_dir]]["spec"]
+    assert claim["accessModes"] == ["ReadWriteOnce"]
+    assert quantity(claim["resources"]["requests"]["storage"]) >= 256 * 2**20
+    assert "fsGroup" in pod["securityContext"]  # the fresh volume is writable by the user
+    # Persistent (append-only file), never evicting a window or quota to make room.
+    assert arg_after(args, "--appendonly") == "yes"
+    assert arg_after(args, "--maxmemory-policy") == "noeviction"
+    res = c["resources"]
+    maxmemory = quantity(arg_after(args, "--maxmemory").replace("mb", "Mi"))
+    assert 0 < maxmemory < quantity(res["limits"]["memory"])
+    assert quantity(res["requests"]["memory"]) > 0 and quantity(res["requests"]["cpu"]) > 0
+    # A pinned image: a full version, not a moving tag.
+    pinned = r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?"
+    assert re.fullmatch(pinned, c["image"]), c["image"]
+    assert pod["enableServiceLinks"] is False
+
+
+def test_redis_requires_the_password_from_the_secret(rendered):
+    c = redis_container(rendered["production"])
+    env = {v["name"]: v for v in c["env"]}
+    password = arg_after(redis_args(rendered["production"]), "--requirepass")
+    # Kubernetes substitutes $(NAME) only for a variable of the container's env: otherwise
+    # the literal "$(NAME)" would be the password.
+    m = re.fullmatch(r"\$\((\w+)\)", password or "")
+    assert m and m.group(1) in env, password
+    assert env[m.group(1)]["valueFrom"]["secretKeyRef"] == {"name": REDIS, "key": "password"}
+
+
+def run_probe(command: list[str], reply: str, tmp_path: Path) -> int:
+    """Run an exec probe with a fake valkey-cli that answers ``reply`` to an authenticated
+    PING (and "NOAUTH" otherwise), as the real one prints it to a pipe."""
+    fake = tmp_path / "valkey-cli"
+    fake.write_text(f"""#!/bin/sh
+if [ "$1" = -a ] && [ "$2" = "{DUMMY_REDIS_PASSWORD}" ] && [ "$3" = --no-auth-warning ] \\
+   && [ "$4" = ping ]; then
+  printf '%s\\n' "{reply}"
+else
+  echo "NOAUTH Authentication required."
+fi
+""")
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "REDIS_PASSWORD": DUMMY_REDIS_PASSWORD}
+    return subprocess.run(command, env=env, timeout=10).returncode
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no POSIX shell")
+def test_redis_probes_authenticate_and_tell_loading_from_dead(rendered, tmp_path):
+    c = redis_container(rendered["production"])
+    env = {v["name"] for v in c["env"]}
+    ready, alive = c["readinessProbe"]["exec"]["command"], c["livenessProbe"]["exec"]["command"]
+    for command in (ready, alive):
+        assert command[:2] == ["sh", "-c"] and "$REDIS_PASSWORD" in command[2]
+        assert "REDIS_PASSWORD" in env
+    replies = {"PONG": (0, 0), "LOADING Valkey is loading the dataset in memory": (1, 0),
+               "": (1, 1), "ERR something else": (1, 1)}
+    for reply, (ready_rc, alive_rc) in replies.items():
+        assert run_probe(ready, reply, tmp_path) == ready_rc, reply
+        assert run_probe(alive, reply, tmp_path) == alive_rc, reply
+    # A wrong password (the fake answers NOAUTH) is neither ready nor alive.
+    wrong = [arg.replace("$REDIS_PASSWORD", "$NOPE") for arg in ready]
+    assert run_probe(wrong, "PONG", tmp_path) == 1
+    assert c["livenessProbe"]["periodSeconds"] * c["livenessProbe"]["failureThreshold"] >= 20
 
 
 # ---- Argo Rollouts -----------------------------------------------------------------------

@@ -369,6 +369,9 @@ class KeysReport:
     adaptive: Adaptive | None
     targets: int = 0  # a fleet's targets, asked or not
     targets_failed: tuple[str, ...] = ()  # a fleet's targets that did not answer: "url: error"
+    # "host": one host's ledger; "fleet": every proxy's shared budget in Redis (fleet-wide
+    # numbers); "mixed": a collector whose targets disagree (a rollout between backends).
+    scope: str = "host"
 
 
 def _limits(doc: Any) -> tuple[LimitState, ...]:
@@ -427,7 +430,8 @@ def parse_keys(doc: Any) -> KeysReport:
                    if not t.get("ok"))
     return KeysReport(mode=str(doc.get("mode") or "open"), keys=tuple(rows),
                       limits=_limits(doc.get("global")), adaptive=adaptive,
-                      targets=len(targets), targets_failed=failed)
+                      targets=len(targets), targets_failed=failed,
+                      scope=str(doc.get("scope") or "host"))
 
 
 # ---- time series arithmetic --------------------------------------------------------------

@@ -121,7 +121,8 @@ def _short(text: str, width: int = 48) -> str:
 
 
 # What the proxy's warning codes mean, short enough for the status line.
-WARNINGS = {"admin_api_open": "ADMIN API OPEN (no token)"}
+WARNINGS = {"admin_api_open": "ADMIN API OPEN (no token)",
+            "limits_redis_unavailable": "LIMITS: REDIS UNREACHABLE (fail policy in force)"}
 
 
 def status_view(d: Dashboard, now: float) -> list[Segment]:
@@ -596,10 +597,18 @@ def keys_message(d: Dashboard) -> str | None:
     if d.keys is None:
         return d.keys_error
     if d.keys.mode == "open":
-        return "open mode: no keys file, every client key is accepted"
+        text = "open mode: no keys file, every client key is accepted"
+        return text + "; limits fleet-wide (Redis)" if d.keys.scope == "fleet" else text
     if d.keys.mode == "fleet":
-        text = f"fleet: {d.keys.targets} targets, usage summed, tightest limit shown"
+        if d.keys.scope == "fleet":
+            text = f"fleet: {d.keys.targets} targets sharing one budget (Redis): fleet-wide"
+        else:
+            text = f"fleet: {d.keys.targets} targets, usage summed, tightest limit shown"
+            if d.keys.scope == "mixed":
+                text += " (some targets share a Redis budget)"
         if d.keys.targets_failed:
             text += f"; {len(d.keys.targets_failed)} failed: {d.keys.targets_failed[0]}"
         return text
+    if d.keys.scope == "fleet":
+        return "limits shared by the fleet (Redis): every number is fleet-wide"
     return None

@@ -190,6 +190,46 @@ class Config:
         None, "limits", ("ZAIPROXY_LEDGER_PATH",), values.file_path(must_exist=False)
     )
     ledger_rows: int = _setting(4096, "limits", ("ZAIPROXY_LEDGER_ROWS",), values.integer(64, 1 << 20))
+    # Where the limits live: "shm" (this host's shared memory, the default) or "redis" (one
+    # budget for every proxy sharing the server: docs/decisions/fleet-limits.md).
+    limits_backend: str = _setting(
+        "shm", "limits", ("ZAIPROXY_LIMITS_BACKEND",), values.choice("shm", "redis")
+    )
+    redis_url: str | None = _setting(
+        None, "limits", ("ZAIPROXY_REDIS_URL",), values.redis_url, secret=True
+    )
+    # Overrides a password in the URL; the file (a mounted Secret, its first line) is read at
+    # start when no redis_password is set.
+    redis_password: str | None = _setting(
+        None, "limits", ("ZAIPROXY_REDIS_PASSWORD",), values.secret, secret=True
+    )
+    redis_password_file: str | None = _setting(
+        None, "limits", ("ZAIPROXY_REDIS_PASSWORD_FILE",), values.file_path(must_exist=True)
+    )
+    # Every proxy with the same prefix shares one budget: production and canary spend the same
+    # Z.AI account, so the default is the same for both.
+    redis_key_prefix: str = _setting(
+        "zaiproxy", "limits", ("ZAIPROXY_REDIS_KEY_PREFIX",), values.key_prefix
+    )
+    redis_connect_timeout: float = _setting(
+        0.05, "limits", ("ZAIPROXY_REDIS_CONNECT_TIMEOUT",), values.seconds
+    )
+    redis_command_timeout: float = _setting(
+        0.05, "limits", ("ZAIPROXY_REDIS_COMMAND_TIMEOUT",), values.seconds
+    )
+    # A concurrency lease lives this long unless its holder renews it (every third of it):
+    # the bound on how long a dead pod's slots stay taken.
+    redis_lease_ttl: float = _setting(
+        15.0, "limits", ("ZAIPROXY_REDIS_LEASE_TTL",), values.number(1.0, 3600.0)
+    )
+    # Redis unreachable or slow: "local" (this host's ledger with every limit scaled by
+    # limits_local_share), "closed" (503) or "open" (no limits).
+    limits_fail: str = _setting(
+        "local", "limits", ("ZAIPROXY_LIMITS_FAIL",), values.choice("local", "closed", "open")
+    )
+    limits_local_share: float = _setting(
+        1.0, "limits", ("ZAIPROXY_LIMITS_LOCAL_SHARE",), values.share
+    )
     # [auth]
     keys_file: str | None = _setting(
         None, "auth", ("ZAIPROXY_KEYS_FILE",), values.file_path(must_exist=True)
@@ -485,6 +525,12 @@ def load_config(
         layers.problems.append(
             f"limits.adaptive_forget_after: must be longer than the {ADAPTIVE_RECOVERY_STEP_S:g} s "
             "recovery step"
+        )
+    if (merged["limits_backend"] == "redis" and merged["redis_url"] is None
+            and not layers.failed & {"limits_backend", "redis_url"}):
+        layers.problems.append(
+            "limits.redis_url: missing: limits.limits_backend is \"redis\"; set "
+            "ZAIPROXY_REDIS_URL (redis://host:6379/0, rediss://… or unix:///path)"
         )
     if layers.problems:
         raise ConfigError(layers.problems)

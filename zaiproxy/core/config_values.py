@@ -199,6 +199,55 @@ def url(raw: object, text: bool) -> str:
     return s.rstrip("/")
 
 
+def redis_url(raw: object, text: bool) -> str:
+    """``redis://[user:password@]host[:port][/db]``, ``rediss://`` (TLS) or ``unix:///path``.
+
+    A password in the URL is accepted (the field is secret: never shown, never logged)."""
+    s = string(raw)
+    if not s or any(c.isspace() or not c.isprintable() for c in s):
+        raise Invalid("must be a URL without whitespace or control characters", redact=True)
+    try:
+        parts = urlsplit(s)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise Invalid("not a valid URL", redact=True) from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise Invalid("scheme must be redis, rediss or unix", redact=True)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise Invalid("unix:// needs a socket path (unix:///run/redis.sock)", redact=True)
+    else:
+        if not parts.hostname:
+            raise Invalid("has no host", redact=True)
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise Invalid("the path must be a database number (/0)", redact=True)
+    return s
+
+
+def key_prefix(raw: object, text: bool) -> str:
+    s = string(raw)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", s):
+        raise Invalid("must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$ (no braces: it is the "
+                      "Redis Cluster hash tag)")
+    return s
+
+
+def share(raw: object, text: bool) -> float:
+    """A fraction in (0, 1]: ``0.25`` or ``1/4``."""
+    if text and isinstance(raw, str) and "/" in raw:
+        num, _, den = raw.partition("/")
+        try:
+            value = float(num.strip()) / float(den.strip())
+        except (ValueError, ZeroDivisionError):
+            raise Invalid("not a fraction (e.g. 0.25 or 1/4)") from None
+    else:
+        value = float(number(0.0, 1.0)(raw, text))  # type: ignore[arg-type]
+    if not 0.0 < value <= 1.0:
+        raise Invalid("must be in (0, 1]")
+    return value
+
+
 def ca_file(raw: object, text: bool) -> str:
     path = os.path.expanduser(string(raw))
     if not path:

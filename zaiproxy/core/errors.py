@@ -146,6 +146,12 @@ class PoolExhausted(ServiceUnavailable):
     code = "upstream_pool_exhausted"
 
 
+class LimitsUnavailable(ServiceUnavailable):
+    """The fleet's limits (Redis) cannot be reached and ``limits_fail`` is ``closed``."""
+
+    code = "rate_limiter_unavailable"
+
+
 class Unauthorized(ProxyError):
     status = 401
     openai_type = "invalid_request_error"

@@ -70,7 +70,7 @@ from zaiproxy.core.durations import parse_duration
 from zaiproxy.core.errors import MethodNotAllowed, NotFound, ServiceUnavailable
 from zaiproxy.core.logs import get_logger
 from zaiproxy.fleet.collector_store import Store, row_of
-from zaiproxy.fleet.fleet_keys import keys_error, merge_keys
+from zaiproxy.fleet.fleet_keys import keys_error, merge_keys, merge_scope
 from zaiproxy.http import client
 from zaiproxy.http.responder import Answer, Request, Responder, Streamed
 from zaiproxy.observe import snapshot
@@ -439,7 +439,7 @@ class Collector:
                     nursery.start_soon(self._target_keys, state.target, results, i)
         reports = [r for r in results if isinstance(r, dict)]
         keys, global_ = merge_keys(reports)
-        return {"mode": "fleet", "source": "collector",
+        return {"mode": "fleet", "source": "collector", "scope": merge_scope(reports),
                 "targets": [{"target": s.target.url, "ok": isinstance(r, dict),
                              "error": None if isinstance(r, dict) else r}
                             for s, r in zip(self.states, results, strict=True)],

@@ -32,29 +32,46 @@ def _merge_limits(reports: list[Any]) -> dict[str, dict[str, Any]]:
     return {name: _tightest(states) for name, states in by_name.items()}
 
 
+def merge_scope(reports: list[dict[str, Any]]) -> str:
+    """``fleet`` when every answer is already fleet-wide (the Redis backend), ``host`` when
+    none is, ``mixed`` in between (a rollout from one backend to the other)."""
+    scopes = {r.get("scope", "host") for r in reports}
+    return "fleet" if scopes == {"fleet"} else "host" if "fleet" not in scopes else "mixed"
+
+
 def merge_keys(reports: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The proxies' ``/admin/keys`` answers as one (``keys``, ``global``), pure.
 
-    Per alias: usage summed (each proxy counts its own traffic), enabled if enabled on any
-    target, limited_by the union and the state from it (``limits_report.key_state``);
-    per limit, here and in ``global``, the tightest state: the target a client is most
-    likely to be refused on decides what the fleet shows.
+    Per alias: usage summed over the targets that count their own traffic (``scope``
+    ``host``); targets answering with fleet-wide totals (``scope`` ``fleet``: they share one
+    budget in Redis, each reports the same counters) count once, the largest (latest) of
+    their answers. Enabled if enabled on any target, limited_by the union and the state from
+    it (``limits_report.key_state``); per limit, here and in ``global``, the tightest state:
+    the target a client is most likely to be refused on decides what the fleet shows (with
+    the fleet backend every target reads the same budget, so they agree up to the instant).
     """
     rows: dict[str, list[dict[str, Any]]] = {}
     for report in reports:
+        scope = report.get("scope", "host")
         for key in report.get("keys") or ():
             if isinstance(key, dict) and isinstance(key.get("alias"), str):
-                rows.setdefault(key["alias"], []).append(key)
+                rows.setdefault(key["alias"], []).append({**key, "_scope": scope})
     keys = []
     for alias, seen in rows.items():
         enabled = any(k.get("enabled", True) for k in seen)
         limited = list(dict.fromkeys(str(n) for k in seen if isinstance(k.get("limited_by"), list)
                                      for n in k["limited_by"]))
         usage: dict[str, Any] = {}
-        for k in seen:
+        shared: dict[str, Any] = {}  # fleet-wide totals: the same counters, read once
+        for k, fleet in ((k, k.get("_scope") == "fleet") for k in seen):
             for name, value in _dict(k.get("usage")).items():
                 if isinstance(value, int | float):
-                    usage[name] = usage.get(name, 0) + value
+                    if fleet:
+                        shared[name] = max(shared.get(name, 0), value)
+                    else:
+                        usage[name] = usage.get(name, 0) + value
+        for name, value in shared.items():
+            usage[name] = usage.get(name, 0) + value
         limits: dict[str, Any] = {}
         for k in seen:
             for name, value in _dict(k.get("limits")).items():

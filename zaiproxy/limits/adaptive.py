@@ -433,6 +433,14 @@ class AdaptiveRate:
             return cls(settings), f"no saved adaptive state; {start}"
         except OSError as exc:
             return cls(settings), f"saved adaptive state unreadable ({exc.strerror or exc}); {start}"
+        return cls.from_document(raw, settings, now_wall, key)
+
+    @classmethod
+    def from_document(cls, raw: bytes, settings: AdaptiveSettings, now_wall: float,
+                      key: str) -> tuple[AdaptiveRate, str]:
+        """:meth:`load` from the document's bytes (the state file's format, also what the
+        fleet's leader keeps in Redis: limits/fleet_rate.py); never raises."""
+        start = f"starting at {settings.initial_rps:g} rps"
         problem, state = _parse_state(raw)
         if state is None:
             return cls(settings), f"saved adaptive state ignored ({problem}); {start}"
@@ -467,6 +475,17 @@ class AdaptiveRate:
         )
 
 
+def state_document(rates: Mapping[str, SavedRate | None], now_wall: float) -> bytes:
+    """The saved state of every upstream key as JSON (keys with nothing learned left out)."""
+    keys = {
+        key: {"rate": r.rate, "ceiling": r.ceiling, "throttled_at": r.throttled_at,
+              "hold_steps": r.hold_steps, "reason": r.reason}
+        for key, r in rates.items() if r is not None
+    }
+    return json.dumps({"version": STATE_VERSION, "saved_at": now_wall, "keys": keys},
+                      allow_nan=False).encode()
+
+
 def save_state(path: str | os.PathLike[str], rates: Mapping[str, SavedRate | None],
                now_wall: float) -> None:
     """Write the state of every upstream key atomically (temp file in the same dir, fsync,
@@ -475,13 +494,7 @@ def save_state(path: str | os.PathLike[str], rates: Mapping[str, SavedRate | Non
     Raises OSError; the caller logs it and carries on (a lost save costs a re-learn).
     """
     path = os.fspath(path)
-    keys = {
-        key: {"rate": r.rate, "ceiling": r.ceiling, "throttled_at": r.throttled_at,
-              "hold_steps": r.hold_steps, "reason": r.reason}
-        for key, r in rates.items() if r is not None
-    }
-    data = json.dumps({"version": STATE_VERSION, "saved_at": now_wall, "keys": keys},
-                      allow_nan=False).encode()
+    data = state_document(rates, now_wall)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:

@@ -21,11 +21,14 @@ from __future__ import annotations
 import enum
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 from zaiproxy.core.limitspec import FIVE_HOURS_NS, MINUTE_NS, WEEK_NS, Limits
+from zaiproxy.core.record import Usage
 from zaiproxy.limits.cells import (
     ADAPTIVE_LIMIT_KEY,
     SC_ADAPTIVE_EPOCH,
@@ -38,6 +41,7 @@ from zaiproxy.limits.cells import (
     activity_key,
     limit_key,
 )
+from zaiproxy.limits.key_usage import KeyUsage
 from zaiproxy.limits.segment import LedgerImpl, Segment
 
 SECOND_NS = 1_000_000_000
@@ -64,6 +68,7 @@ class LimitOp:
     scope: str  # "global" | "upstream" | "key"
     name: str  # the setting, e.g. "requests_per_minute"
     adaptive: bool = False
+    key: str = ""  # the fleet backend's Redis key of this limit ("" in the ledger's plans)
 
 
 @dataclass(eq=False)
@@ -78,6 +83,7 @@ class Plan:
     alias: str | None = None
     # The per-minute GCRA ops reported in x-ratelimit-* headers: (index, limit, period, weighted).
     reported: tuple[tuple[int, int, int, bool], ...] = ()
+    backend: Any = None  # what a backend other than the ledger keeps per plan (limits/fleet.py)
 
     def __repr__(self) -> str:
         names = ", ".join(f"{op.scope}.{op.name}={op.limit}" for op in self.ops)
@@ -92,6 +98,7 @@ class Admission:
     tokens: int  # reserved tokens (the weighted ops' cost)
     epochs: tuple[int, ...]  # per op: the window bucket epoch of a quota reservation
     settled: bool = False
+    backend: Any = None  # what a backend other than the ledger holds (limits/fleet.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +115,22 @@ class Refusal:
         if self.retry_ns <= 0:
             return 1
         return max(1, -(-self.retry_ns // SECOND_NS))
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaUse:
+    """One configured rolling-window limit now: ``used`` of ``limit``."""
+
+    scope: str  # "global" | "upstream"
+    name: str  # as the config spells it (``report.report_name``)
+    used: int
+    limit: int
+
+    @property
+    def ratio(self) -> float:
+        # Capped at 1 as /admin/keys caps ``remaining`` at 0: settling a request's real
+        # tokens may charge a window past its limit, and either way nothing is left.
+        return min(1.0, self.used / self.limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +181,7 @@ class Admitter:
         self._plans: dict[str | None, Plan] = {}
         self._adaptive_mrps = -1
         self.activity_row = ledger.row(activity_key(worker))
+        self.key_usage = KeyUsage(ledger)
 
     # --- plans ---------------------------------------------------------------
 
@@ -220,7 +244,12 @@ class Admitter:
 
     # --- admit / settle ------------------------------------------------------
 
-    def admit(self, plan: Plan, tokens: int) -> Admission | Refusal:
+    async def admit(self, plan: Plan, tokens: int) -> Admission | Refusal:
+        """:meth:`admit_now` for the request path (the Limiter interface is async: a fleet
+        backend waits for Redis; this one never waits)."""
+        return self.admit_now(plan, tokens)
+
+    def admit_now(self, plan: Plan, tokens: int) -> Admission | Refusal:
         """Take every limit of ``plan`` for one request reserving ``tokens``, or none of them."""
         n = len(plan.ops)
         if n == 0:
@@ -275,6 +304,37 @@ class Admitter:
             else:
                 ledger.window_give(op.index, -delta, admission.epochs[i], op.period_ns, now)
 
+    # --- life and reports (the Limiter interface; nothing to run for the ledger) ---------
+
+    fleet = False  # limits of this host only
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
+    async def aclose(self) -> None:
+        return None
+
+    async def limit_states(self, ops: Sequence[LimitOp]) -> list[dict[str, Any]]:
+        """The state object of each op at one instant (limits/report.py has the shapes)."""
+        now = self.clock()
+        return [limit_state(self, op, now) for op in ops]
+
+    def add_usage(self, alias: str, usage: Usage) -> None:
+        self.key_usage.add(alias, usage)
+
+    async def usage_totals(self, aliases: Sequence[str]) -> list[dict[str, int]]:
+        return [self.key_usage.totals(alias) for alias in aliases]
+
+    def quota_use(self) -> list[QuotaUse]:
+        """The proxy-wide and upstream-key rolling windows now (``zai_proxy_quota_used_ratio``)."""
+        now = self.clock()
+        uses = []
+        for op in self.plan(None, None).ops:
+            if op.kind == self.impl.KIND_WINDOW and op.scope in SHARED_SCOPES and not op.adaptive:
+                state = limit_state(self, op, now)
+                uses.append(QuotaUse(op.scope, report_name(op), state["used"], state["limit"]))
+        return uses
+
     # --- reporting -----------------------------------------------------------
 
     def rate_states(self, plan: Plan) -> tuple[RateState | None, RateState | None]:
@@ -316,6 +376,32 @@ class Admitter:
         if epoch != counted_epoch:
             ledger.counter_add(row, W_THROTTLED_REQUESTS, 1)
         return epoch
+
+
+KEY_SCOPES = frozenset(("key",))  # a key's own limits (the shared ones are in "global")
+SHARED_SCOPES = frozenset(("global", "upstream"))  # every plan's: proxy-wide and upstream key
+
+
+def limit_state(admitter: Admitter, op: LimitOp, now: int) -> dict[str, Any]:
+    """The state object of one limit at ``now`` (see the module docstring for the shapes)."""
+    ledger = admitter.ledger
+    impl = admitter.impl
+    if op.kind == impl.KIND_GCRA:
+        remaining, reset_ns = ledger.gcra_state(op.index, op.limit, op.period_ns, now)
+        return {"limit": op.limit, "remaining": remaining, "reset_s": round(reset_ns / 1e9, 3)}
+    if op.kind == impl.KIND_CONCURRENCY:
+        in_use = ledger.in_use(op.index)
+        return {"limit": op.limit, "in_use": in_use, "remaining": max(0, op.limit - in_use)}
+    used = ledger.window_used(op.index, op.period_ns, now)
+    release_ns, releases = ledger.window_next_release(op.index, op.period_ns, now)
+    return {"limit": op.limit, "used": used, "remaining": max(0, op.limit - used),
+            "reset_s": round(release_ns / 1e9, 3), "releases": releases}
+
+
+def report_name(op: LimitOp) -> str:
+    """The limit's name as the config spells it: upstream-key limits are ``upstream_*``."""
+    return "upstream_" + op.name if op.scope == "upstream" else op.name
+
 
 
 def format_reset(ns: int) -> str:

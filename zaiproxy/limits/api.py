@@ -9,26 +9,47 @@ refunds the difference between the reservation and the real usage. The request p
 
 :class:`~zaiproxy.limits.admission.Admitter` is the host's backend: the shared-memory ledger
 (native or its pure twin, both behind :class:`~zaiproxy.limits.segment.Segment`). A backend
-shared by a fleet (Redis: one server-side script to admit, one to settle) implements this
-same Protocol; its ``Plan`` carries what its script needs instead of the ledger's op buffer.
-The ``/admin/keys`` report still reads the shared-memory backend's rows directly
-(``limits/report.py``).
+shared by a fleet, :class:`~zaiproxy.limits.fleet.FleetLimiter` (Redis: one server-side
+script call to admit, batched calls to settle), implements this same Protocol; its ``Plan``
+carries what its script needs (``Plan.backend``) instead of the ledger's op buffer.
+Reports (``/admin/keys``, the quota gauges) go through the same interface, so they show the
+fleet's numbers when the backend is the fleet's.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import trio
 
 from zaiproxy.core.limitspec import Limits
-from zaiproxy.limits.admission import Admission, Admitter, Plan, RateState, Refusal
+from zaiproxy.core.record import Usage
+from zaiproxy.limits.admission import (
+    Admission,
+    Admitter,
+    LimitOp,
+    Plan,
+    QuotaUse,
+    RateState,
+    Refusal,
+)
+from zaiproxy.limits.fleet import FleetLimiter
 
 
 class Limiter(Protocol):
+    @property
+    def fleet(self) -> bool:
+        """True when the limits are the fleet's (shared through Redis), False for this host."""
+
     def plan(self, alias: str | None, key_limits: Limits | None) -> Plan:
         """The limits of one caller (client key alias, or None in open mode), built once."""
 
-    def admit(self, plan: Plan, tokens: int) -> Admission | Refusal:
-        """Take every limit of ``plan`` for a request reserving ``tokens``, or none."""
+    async def admit(self, plan: Plan, tokens: int) -> Admission | Refusal:
+        """Take every limit of ``plan`` for a request reserving ``tokens``, or none.
+
+        May raise :class:`~zaiproxy.core.errors.LimitsUnavailable` (fleet backend, Redis
+        away, ``limits_fail = "closed"``)."""
 
     def settle(self, admission: Admission, used_tokens: int | None) -> None:
         """Release the lease; reconcile the reservation with ``used_tokens`` (None = keep)."""
@@ -42,6 +63,24 @@ class Limiter(Protocol):
     def forget_plans(self) -> None:
         """The client keys changed: plans are built again on first use."""
 
+    def add_usage(self, alias: str, usage: Usage) -> None:
+        """Add a settled request's usage to the client key's token totals."""
 
-def _conforms(backend: Admitter) -> Limiter:
-    return backend  # mypy checks here that the shared-memory backend satisfies the Protocol
+    def quota_use(self) -> list[QuotaUse]:
+        """The proxy-wide and upstream-key rolling windows, for ``/metrics`` (no waiting)."""
+
+    async def limit_states(self, ops: Sequence[LimitOp]) -> list[dict[str, Any]]:
+        """The state object of each op at one instant (``limits/report.py``: the shapes)."""
+
+    async def usage_totals(self, aliases: Sequence[str]) -> list[dict[str, int]]:
+        """Token totals per client key alias."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The backend's background work for the worker's lifetime (started before serving)."""
+
+    async def aclose(self) -> None:
+        """Send what is still queued before the worker exits."""
+
+
+def _conforms(host: Admitter, fleet: FleetLimiter) -> tuple[Limiter, Limiter]:
+    return host, fleet  # mypy checks here that both backends satisfy the Protocol

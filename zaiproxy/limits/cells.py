@@ -20,6 +20,16 @@ SC_ADAPTIVE_THROTTLED_AT_MS: Final = 5  # wall time (unix ms) of the last thrott
 SC_ADAPTIVE_REASON: Final = 6  # what the last evidence was mostly (ADAPTIVE_REASONS index), 0 = none
 SC_ADAPTIVE_EPOCH: Final = 7  # evidence events so far: a request's throttle counts once per epoch
 
+# The fleet backend (limits/fleet.py) on this host: whether Redis is reachable, and counts.
+SC_FLEET_STATE: Final = 8  # 0 = Redis answers (or backend shm), 1 = some worker cannot reach it
+SC_FLEET_SINCE_MS: Final = 9  # wall time (unix ms) the current degraded spell began, 0 = none
+SC_FLEET_SWITCHES: Final = 10  # times a worker lost Redis (switched to the fail policy)
+SC_FLEET_ERRORS: Final = 11  # Redis calls that failed or timed out
+SC_FLEET_LOCAL: Final = 12  # requests decided by the host's ledger (fail = "local")
+SC_FLEET_OPEN: Final = 13  # requests admitted without limits (fail = "open")
+SC_FLEET_CLOSED: Final = 14  # requests refused with 503 (fail = "closed")
+SC_FLEET_DROPPED: Final = 15  # settles / reconcile charges dropped (the bounded queue was full)
+
 # SC_ADAPTIVE_REASON values: the class of Z.AI 429 behind the last decrease.
 ADAPTIVE_REASONS: Final = (None, "concurrency", "frequency", "unknown")
 
@@ -32,6 +42,7 @@ W_THROTTLED_REQUESTS: Final = 3
 W_THROTTLED_CONCURRENCY: Final = 4  # the account-throttle answers by class (a decrease's reason)
 W_THROTTLED_FREQUENCY: Final = 5
 W_THROTTLED_UNKNOWN: Final = 6
+W_FLEET_DOWN: Final = 7  # 1 while this worker cannot reach Redis (limits/fleet.py)
 THROTTLE_WORDS: Final = {"concurrency": W_THROTTLED_CONCURRENCY,
                          "frequency": W_THROTTLED_FREQUENCY, "unknown": W_THROTTLED_UNKNOWN}
 

@@ -83,15 +83,20 @@ class KeyRate:
 
 
 class RateController:
-    def __init__(self, ledger: Segment, config: Config, state_file: str, *,
+    def __init__(self, ledger: Segment, config: Config, state_file: str | None, *,
                  wall: Any = time.time) -> None:
+        """``state_file`` None: nothing is loaded or saved here (the fleet's rate lives in
+        Redis: limits/fleet_rate.py uses this controller for the host's bookkeeping)."""
         self.ledger = ledger
         self.state_file = state_file
         self.wall = wall
         self.log = logs.get_logger()
         key = upstream_key_id(config.api_key)
-        rate, reason = AdaptiveRate.load(state_file, settings_from(config), wall(), key)
-        self.log.info("adaptive_rate_loaded", state_file=state_file, reason=reason)
+        if state_file is None:
+            rate = AdaptiveRate(settings_from(config))
+        else:
+            rate, reason = AdaptiveRate.load(state_file, settings_from(config), wall(), key)
+            self.log.info("adaptive_rate_loaded", state_file=state_file, reason=reason)
         self.rows = [ledger.row(activity_key(i)) for i in range(config.workers)]
         self.upstream = KeyRate(key, rate, self._sums())
         self.reset_generation = ledger.scalar_get(SC_ADAPTIVE_RESET)
@@ -161,6 +166,8 @@ class RateController:
 
     def save(self, now: float | None = None, wall: float | None = None) -> None:
         """Persist the state: on change, and on exit (no arguments: as of the last tick)."""
+        if self.state_file is None:
+            return
         if now is None or wall is None:
             now = self.last_tick if self.last_tick is not None else 0.0
             wall = self.last_wall

@@ -23,7 +23,13 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from zaiproxy.limits.admission import LimitOp
+from zaiproxy.limits.admission import (
+    KEY_SCOPES,
+    SHARED_SCOPES,
+    LimitOp,
+    limit_state,
+    report_name,
+)
 from zaiproxy.limits.cells import (
     ADAPTIVE_REASONS,
     SC_ADAPTIVE_CEILING_MRPS,
@@ -32,37 +38,23 @@ from zaiproxy.limits.cells import (
     SC_ADAPTIVE_THROTTLED_AT_MS,
     SC_ADJUST_DOWN,
     SC_ADJUST_UP,
+    SC_FLEET_CLOSED,
+    SC_FLEET_DROPPED,
+    SC_FLEET_ERRORS,
+    SC_FLEET_LOCAL,
+    SC_FLEET_OPEN,
+    SC_FLEET_SINCE_MS,
+    SC_FLEET_SWITCHES,
 )
+from zaiproxy.limits.fleet import degraded_workers
 from zaiproxy.limits.segment import Segment
 
 if TYPE_CHECKING:
     from zaiproxy.core.config import Config
     from zaiproxy.limits.admission import Admitter
 
-NS_PER_S = 1e9
-KEY_SCOPES = frozenset(("key",))  # a key's own limits (the shared ones are in "global")
-SHARED_SCOPES = frozenset(("global", "upstream"))  # every plan's: proxy-wide and upstream key
-
-
-def limit_state(admitter: Admitter, op: LimitOp, now: int) -> dict[str, Any]:
-    """The state object of one limit at ``now`` (see the module docstring for the shapes)."""
-    ledger = admitter.ledger
-    impl = admitter.impl
-    if op.kind == impl.KIND_GCRA:
-        remaining, reset_ns = ledger.gcra_state(op.index, op.limit, op.period_ns, now)
-        return {"limit": op.limit, "remaining": remaining, "reset_s": round(reset_ns / NS_PER_S, 3)}
-    if op.kind == impl.KIND_CONCURRENCY:
-        in_use = ledger.in_use(op.index)
-        return {"limit": op.limit, "in_use": in_use, "remaining": max(0, op.limit - in_use)}
-    used = ledger.window_used(op.index, op.period_ns, now)
-    release_ns, releases = ledger.window_next_release(op.index, op.period_ns, now)
-    return {"limit": op.limit, "used": used, "remaining": max(0, op.limit - used),
-            "reset_s": round(release_ns / NS_PER_S, 3), "releases": releases}
-
-
-def report_name(op: LimitOp) -> str:
-    """The limit's name as the config spells it: upstream-key limits are ``upstream_*``."""
-    return "upstream_" + op.name if op.scope == "upstream" else op.name
+# The state objects live beside the ledger's algorithms (admission.py); re-exported here.
+__all__ = ["KEY_SCOPES", "SHARED_SCOPES", "limit_state", "report_name"]
 
 
 def limit_states(admitter: Admitter, ops: Iterable[LimitOp], now: int,
@@ -87,6 +79,31 @@ def key_state(enabled: bool, limited: list[str]) -> str:
     if not enabled:
         return "disabled"
     return "limited" if limited else "ok"
+
+
+def backend_state(config: Config, ledger: Segment) -> dict[str, Any]:
+    """Where the limits live and whether that works now (``/health``, ``/admin/status``).
+
+    ``backend``: ``shm`` (this host) or ``redis`` (the fleet). With Redis: ``state`` is ``ok``
+    or ``degraded`` (some worker of this host cannot reach it and decides by ``fail``),
+    ``degraded_workers``, ``since`` (unix s of the current spell, else None), and counters:
+    ``switches`` (times a worker lost Redis), ``errors`` (failed calls), ``local`` /
+    ``open`` / ``closed`` (requests decided by the fail policy), ``dropped`` (settles lost
+    to the bounded queue)."""
+    if config.limits_backend != "redis":
+        return {"backend": "shm", "state": "ok"}
+    degraded = degraded_workers(ledger, ledger.workers)
+    since = ledger.scalar_get(SC_FLEET_SINCE_MS)
+    return {
+        "backend": "redis", "state": "degraded" if degraded else "ok", "fail": config.limits_fail,
+        "local_share": config.limits_local_share, "degraded_workers": degraded,
+        "since": since / 1000 if degraded and since else None,
+        "switches": ledger.scalar_get(SC_FLEET_SWITCHES),
+        "errors": ledger.scalar_get(SC_FLEET_ERRORS),
+        "local": ledger.scalar_get(SC_FLEET_LOCAL), "open": ledger.scalar_get(SC_FLEET_OPEN),
+        "closed": ledger.scalar_get(SC_FLEET_CLOSED),
+        "dropped": ledger.scalar_get(SC_FLEET_DROPPED),
+    }
 
 
 def adaptive_state(config: Config, ledger: Segment, now_wall: float | None = None) -> dict[str, Any]:

@@ -48,7 +48,7 @@ Gauges, computed at scrape time:
   rolling-window limit used now (``used / limit``, 0..1), ``limit`` spelled as in the config
   and ``GET /admin/keys`` (``requests_per_5h`` … ``tokens_per_week``, upstream-key ones
   ``upstream_*``). Read from this host's ledger windows at the scrape exactly as
-  ``/admin/keys`` reads them (:func:`window_quota_use`); no series for a limit not set, and
+  ``/admin/keys`` reads them (``Limiter.quota_use``); no series for a limit not set, and
   none for client keys (their aliases are labels only with ``auth.alias_metrics``).
 
 A worker's gauges are words of its own ledger row, zeroed when it starts; a dead worker's
@@ -76,8 +76,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -93,14 +92,21 @@ from zaiproxy import __version__
 from zaiproxy.core.labels import model_label
 from zaiproxy.core.pricing import DEFAULT_PRICES, DIRECTIONS, PriceTable, cost_nano, split_tokens
 from zaiproxy.core.record import RequestRecord, input_includes_cache
-from zaiproxy.limits import report as limits_report
+from zaiproxy.limits.admission import QuotaUse
 from zaiproxy.limits.cells import (
     SC_ADAPTIVE_CEILING_MRPS,
     SC_ADAPTIVE_MRPS,
     SC_ADAPTIVE_THROTTLED_AT_MS,
     SC_ADJUST_DOWN,
     SC_ADJUST_UP,
+    SC_FLEET_CLOSED,
+    SC_FLEET_DROPPED,
+    SC_FLEET_ERRORS,
+    SC_FLEET_LOCAL,
+    SC_FLEET_OPEN,
+    SC_FLEET_SWITCHES,
 )
+from zaiproxy.limits.fleet import degraded_workers
 from zaiproxy.limits.ledger import load as load_ledger
 from zaiproxy.limits.segment import Segment
 from zaiproxy.observe.shm_metrics import (
@@ -199,38 +205,6 @@ REC_LOST = 3
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "-"})
 
 
-if TYPE_CHECKING:
-    from zaiproxy.limits.admission import Admitter
-
-
-@dataclass(frozen=True, slots=True)
-class QuotaUse:
-    """One configured rolling-window limit at a scrape: ``used`` of ``limit``."""
-
-    scope: str  # "global" | "upstream"
-    name: str  # as the config spells it (``limits_report.report_name``)
-    used: int
-    limit: int
-
-    @property
-    def ratio(self) -> float:
-        # Capped at 1 as /admin/keys caps ``remaining`` at 0: settling a request's real
-        # tokens may charge a window past its limit, and either way nothing is left.
-        return min(1.0, self.used / self.limit)
-
-
-def window_quota_use(admitter: Admitter) -> list[QuotaUse]:
-    """The proxy-wide and upstream-key windows now, read as ``GET /admin/keys`` reads them
-    (``limits_report.limit_state`` on the ops of the plan without a client key)."""
-    now = admitter.clock()
-    window = admitter.impl.KIND_WINDOW
-    uses = []
-    for op in admitter.plan(None, None).ops:
-        if op.kind == window and op.scope in limits_report.SHARED_SCOPES and not op.adaptive:
-            state = limits_report.limit_state(admitter, op, now)
-            uses.append(QuotaUse(op.scope, limits_report.report_name(op), state["used"],
-                                 state["limit"]))
-    return uses
 
 
 class _ControlCells:
@@ -284,14 +258,15 @@ class WorkerMetrics:
                  wall: Callable[[], float] = time.time,
                  concurrency_limit: int | None = None,
                  upstream_concurrency_limit: int | None = None,
-                 quota: Callable[[], Iterable[QuotaUse]] | None = None) -> None:
+                 quota: Callable[[], Iterable[QuotaUse]] | None = None,
+                 limits_backend: str = "shm") -> None:
         """``ledger``: the implementation's name; ``segment``: the attached Ledger;
         ``shared``: False for a private segment (no other process reads it; its file is
         already unlinked), whose names table is then an anonymous mapping;
         ``concurrency_limit``/``upstream_concurrency_limit``: the configured global limits
         (None = not set), exposed as ``zai_proxy_concurrency_limit``;
         ``quota``: the configured rolling windows now, read at each scrape
-        (:func:`window_quota_use`), exposed as ``zai_proxy_quota_used_ratio``."""
+        (``Limiter.quota_use``), exposed as ``zai_proxy_quota_used_ratio``."""
         self.variant = variant
         self.segment = segment
         self.workers = workers
@@ -307,6 +282,7 @@ class WorkerMetrics:
                                               ("upstream", upstream_concurrency_limit))
             if limit is not None}
         self._quota = quota
+        self.limits_backend = limits_backend
         module = load_ledger(segment.implementation)
         layout = module.segment_size(segment.rows, segment.windows, segment.workers)
         self.names = NamesFile(segment.path if shared else None, segment.rows, layout)
@@ -557,6 +533,8 @@ class _Collector:
             for use in uses:
                 quota.add_metric([use.scope, use.name, variant], use.ratio)
             yield quota
+        if m.limits_backend == "redis":
+            yield from _fleet_families(seg, variant, m.workers)
         dropped = CounterMetricFamily("zai_proxy_metrics_series_dropped",
                                       "Series refused (over the series budget or too long); "
                                       "counted once per worker that refused each.",
@@ -590,6 +568,35 @@ class _Collector:
                                    labels=["implementation", "variant"])
         ledger.add_metric([m._impl, variant], 1)
         yield ledger
+
+
+def _fleet_families(seg: Segment, variant: str, workers: int) -> Iterator[Metric]:
+    """The fleet backend's health on this host (limits_backend = "redis": limits/fleet.py)."""
+    degraded = degraded_workers(seg, workers)
+    yield _gauge("zai_proxy_limits_backend_up",
+                 "1 while every worker of this host reaches the fleet's Redis, else 0.",
+                 variant, 0 if degraded else 1)
+    yield _gauge("zai_proxy_limits_backend_degraded_workers",
+                 "Workers of this host deciding by the fail policy (Redis unreachable).",
+                 variant, degraded)
+    for name, doc, cell in (
+            ("zai_proxy_limits_backend_switches",
+             "Times a worker lost Redis and switched to the fail policy.", SC_FLEET_SWITCHES),
+            ("zai_proxy_limits_backend_errors",
+             "Redis calls of the limits backend that failed or timed out.", SC_FLEET_ERRORS),
+            ("zai_proxy_limits_backend_dropped",
+             "Settles and reconcile charges dropped: the bounded queue was full.",
+             SC_FLEET_DROPPED)):
+        counter = CounterMetricFamily(name, doc, labels=["variant"])
+        counter.add_metric([variant], seg.scalar_get(cell))
+        yield counter
+    decided = CounterMetricFamily("zai_proxy_limits_fail_policy_decisions",
+                                  "Requests decided without Redis, by fail policy.",
+                                  labels=["policy", "variant"])
+    for policy, cell in (("local", SC_FLEET_LOCAL), ("open", SC_FLEET_OPEN),
+                         ("closed", SC_FLEET_CLOSED)):
+        decided.add_metric([policy, variant], seg.scalar_get(cell))
+    yield decided
 
 
 def _bounds(family: Family) -> list[str]:

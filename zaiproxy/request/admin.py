@@ -70,30 +70,51 @@ def _is_variant(value: str) -> bool:
             and all(c.islower() or c.isdigit() or c in "_-" for c in value))
 
 
-def keys_report(ctx: WorkerContext) -> dict[str, Any]:
+async def keys_report(ctx: WorkerContext) -> dict[str, Any]:
     """Limits now: proxy-wide (``global``), the adaptive rate, and per client key its limits,
     used and remaining, state and token totals. Aliases only, never keys.
 
-    Every state object is read at one ``now``; their shapes are in ``limits_report.py``.
+    Every state object is read at one instant (one call to the limits backend: with the fleet
+    backend, one script call reading Redis on its clock); their shapes are in
+    ``limits_report.py``. ``scope`` says whose numbers they are: ``host`` (this host's ledger)
+    or ``fleet`` (every proxy sharing the Redis budget).
     """
-    admitter = ctx.admitter
-    now = admitter.clock()
-    report: dict[str, Any] = {"mode": "open" if ctx.keys is None else "keys", "keys": [],
-                              "global": limits_report.global_states(admitter, now),
-                              "adaptive": limits_report.adaptive_state(ctx.config, ctx.ledger)}
-    for key in ctx.keys or ():
-        states = limits_report.limit_states(admitter, admitter.plan(key.alias, key.limits).ops,
-                                            now, limits_report.KEY_SCOPES)
-        limited = limits_report.limited_by(states)
+    limiter = ctx.admitter
+    keys = list(ctx.keys or ())
+    shared = [op for op in limiter.plan(None, None).ops
+              if op.scope in limits_report.SHARED_SCOPES and not op.adaptive]
+    own = [[op for op in limiter.plan(key.alias, key.limits).ops
+            if op.scope in limits_report.KEY_SCOPES and not op.adaptive] for key in keys]
+    states = await limiter.limit_states(shared + [op for ops in own for op in ops])
+    totals = await limiter.usage_totals([key.alias for key in keys])
+    by_op = iter(states)
+    report: dict[str, Any] = {
+        "mode": "open" if ctx.keys is None else "keys", "keys": [],
+        "scope": "fleet" if limiter.fleet else "host",
+        "global": {limits_report.report_name(op): next(by_op) for op in shared},
+        "adaptive": limits_report.adaptive_state(ctx.config, ctx.ledger),
+    }
+    for key, ops, usage in zip(keys, own, totals, strict=True):
+        key_states = {limits_report.report_name(op): next(by_op) for op in ops}
+        limited = limits_report.limited_by(key_states)
         configured = {name: getattr(key.limits, name) for name in LIMIT_NAMES
                       if getattr(key.limits, name) is not None}
         report["keys"].append({
             "alias": key.alias, "enabled": key.enabled,
             "state": limits_report.key_state(key.enabled, limited), "limited_by": limited,
             "models": sorted(key.models) if key.models else None,
-            "limits": configured, "now": states, "usage": ctx.key_usage.totals(key.alias),
+            "limits": configured, "now": key_states, "usage": usage,
         })
     return report
+
+
+def warnings(ctx: WorkerContext) -> list[str]:
+    """What an operator must see: ``admin_api_open`` (admin_access.py) and
+    ``limits_redis_unavailable`` (a worker of this host decides by the fail policy)."""
+    out = security_warnings(ctx.config.host, ctx.config.admin_token)
+    if limits_report.backend_state(ctx.config, ctx.ledger)["state"] == "degraded":
+        out = [*out, "limits_redis_unavailable"]
+    return out
 
 
 def status_report(ctx: WorkerContext) -> dict[str, Any]:
@@ -112,7 +133,8 @@ def status_snapshots(ctx: WorkerContext) -> tuple[dict[str, Any], dict[str, Vari
         "worker": ctx.worker_index,
         "ledger": ctx.ledger_impl,
         # e.g. "admin_api_open" (admin_access.py): the TUI shows it on its status line.
-        "warnings": security_warnings(ctx.config.host, ctx.config.admin_token),
+        "warnings": warnings(ctx),
+        "limits": limits_report.backend_state(ctx.config, ctx.ledger),
         "variants": {name: snap.to_json() for name, snap in variants.items()},
     }, variants
 

@@ -21,8 +21,8 @@ import trio
 
 from zaiproxy.core.config import Config
 from zaiproxy.core.labels import model_label
-from zaiproxy.limits.admission import Admitter, WaitQueue
-from zaiproxy.limits.key_usage import KeyUsage
+from zaiproxy.limits.admission import WaitQueue
+from zaiproxy.limits.api import Limiter
 from zaiproxy.limits.keys import KeyTable
 from zaiproxy.limits.segment import Segment
 from zaiproxy.request.routing import Upstream
@@ -70,8 +70,7 @@ class WorkerContext:
     metrics: WorkerMetrics
     ledger: Segment  # the attached shared-memory segment
     ledger_impl: str
-    admitter: Admitter
-    key_usage: KeyUsage
+    admitter: Limiter  # the limits backend: this host's ledger or the fleet's (Redis)
     keys: KeyTable | None  # None = open mode (no keys file); replaced on SIGHUP
     api_key: bytes | None
     wait_queue: WaitQueue

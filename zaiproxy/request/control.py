@@ -19,7 +19,7 @@ from zaiproxy.http.http11 import h11
 from zaiproxy.limits import report as limits_report
 from zaiproxy.limits.cells import SC_ADAPTIVE_MRPS, SC_ADAPTIVE_RESET
 from zaiproxy.request import admin
-from zaiproxy.request.admin_access import check_admin, security_warnings
+from zaiproxy.request.admin_access import check_admin
 from zaiproxy.request.routing import Control
 
 if TYPE_CHECKING:
@@ -40,7 +40,9 @@ async def serve(ctx: WorkerContext, conn: ClientConnection, control: Control,
             # Why the rate is capped (a Z.AI throttle class) and when the cap is gone.
             "adaptive_reason": adaptive["reason"],
             "adaptive_free_in_s": adaptive["free_in_s"],
-            "warnings": security_warnings(ctx.config.host, ctx.config.admin_token),
+            "warnings": admin.warnings(ctx),
+            # Where the limits live; with Redis, whether this host reaches it now.
+            "limits": limits_report.backend_state(ctx.config, ctx.ledger),
         })
         await conn.send_simple(200, body, head=head)
     elif control is Control.READY:
@@ -63,7 +65,7 @@ async def serve(ctx: WorkerContext, conn: ClientConnection, control: Control,
         if control is Control.STATUS:
             await conn.send_simple(200, orjson.dumps(admin.status_report(ctx)))
         elif control is Control.KEYS:
-            await conn.send_simple(200, orjson.dumps(admin.keys_report(ctx)))
+            await conn.send_simple(200, orjson.dumps(await admin.keys_report(ctx)))
         elif control is Control.HISTORY:
             query = request.target.partition(b"?")[2].decode("ascii", "replace")
             range_, variant = admin.parse_history_params(query)

@@ -112,7 +112,7 @@ async def admit(ctx: WorkerContext, route: Route, key: ClientKey | None,
     admitter: Limiter = ctx.admitter
     alias = key.alias if key is not None else None
     plan = admitter.plan(alias, key.limits if key is not None else None)
-    result = admitter.admit(plan, reserved)
+    result = await admitter.admit(plan, reserved)
     waited = 0.0
     if isinstance(result, Refusal):
         waiting = trio.current_time()
@@ -133,7 +133,7 @@ async def readmit(ctx: WorkerContext, admitted: Admitted) -> Admitted:
     """
     old = admitted.admission
     ctx.admitter.settle(old, 0 if admitted.counted else None)
-    result = ctx.admitter.admit(old.plan, old.tokens)
+    result = await ctx.admitter.admit(old.plan, old.tokens)
     if isinstance(result, Refusal):
         result = await _wait(ctx, old.plan, old.tokens, result)
     return dataclasses.replace(admitted, admission=result)
@@ -161,7 +161,7 @@ async def _wait(ctx: WorkerContext, plan: Plan, reserved: int, refusal: Refusal)
             # A client that disconnects cancels the scope around us: it leaves the queue.
             with trio.move_on_after(wait_s):
                 await ctx.released.wait()
-            result = admitter.admit(plan, reserved)
+            result = await admitter.admit(plan, reserved)
             if not isinstance(result, Refusal):
                 return result
             refusal = result
@@ -225,5 +225,5 @@ def settle(ctx: WorkerContext, admitted: Admitted, api: str, usage: StreamUsage 
         ctx.released.set()  # wake the queued: a slot may be free
         ctx.released = trio.Event()
     if charged is not None and admitted.counted and admitted.alias is not None:
-        ctx.key_usage.add(admitted.alias, charged)
+        ctx.admitter.add_usage(admitted.alias, charged)
     return Settled(charged, estimated)

@@ -50,6 +50,7 @@ from zaiproxy.core import logs
 from zaiproxy.core.backoff import Backoff
 from zaiproxy.core.config import Config
 from zaiproxy.http.http11 import ENV as HTTP_IMPL_ENV
+from zaiproxy.limits.fleet_rate import FleetRate
 from zaiproxy.limits.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.limits.ledger import LedgerUnavailable
 from zaiproxy.limits.ledger import load as load_ledger
@@ -88,6 +89,7 @@ class Supervisor:
         self.keys: KeyTable | None = None  # the client keys in force (None = open mode)
         self.segment: Segment | None = None  # the shared-memory ledger, made by run()
         self.rates: RateController | None = None
+        self.fleet_rate: FleetRate | None = None
         self.exit_code = 0  # 1 when start-up failed; the drain keeps it
         self.recorder: RecorderHandle | None = None  # the history recorder (None: history off)
         self.log = logs.get_logger()
@@ -197,7 +199,11 @@ class Supervisor:
             return 1
         self.log.info("ledger_created", path=path, implementation=ledger.IMPLEMENTATION,
                       rows=cfg.ledger_rows, workers=cfg.workers)
-        if cfg.adaptive_rate:
+        if cfg.adaptive_rate and cfg.limits_backend == "redis":
+            # One rate for the fleet, decided by one pod (limits/fleet_rate.py).
+            self.fleet_rate = FleetRate(self.segment, cfg)
+            self.fleet_rate.start()
+        elif cfg.adaptive_rate:
             state_file = cfg.state_file or os.path.join(
                 tempfile.gettempdir(), f"zaiproxy-adaptive-{port}.json")
             self.rates = RateController(self.segment, cfg, state_file)
@@ -230,6 +236,8 @@ class Supervisor:
             self._stop_mock()
             if self.rates is not None:
                 self.rates.save()
+            if self.fleet_rate is not None:
+                self.fleet_rate.stop()
             self.segment.close()
             self.segment.unlink()
             self.log.flush()

@@ -28,11 +28,13 @@ from zaiproxy.http import http11
 from zaiproxy.http.connection import ClientConnection
 from zaiproxy.http.netstream import FastSocketStream
 from zaiproxy.limits.admission import Admitter, WaitQueue
-from zaiproxy.limits.key_usage import KeyUsage
+from zaiproxy.limits.api import Limiter
+from zaiproxy.limits.fleet import FleetKeys, FleetLimiter, make_client, scaled
 from zaiproxy.limits.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.limits.ledger import load as load_ledger
+from zaiproxy.limits.ratecontrol import upstream_key_id
 from zaiproxy.limits.segment import LedgerImpl, Segment
-from zaiproxy.observe.metrics import WorkerMetrics, window_quota_use
+from zaiproxy.observe.metrics import WorkerMetrics
 from zaiproxy.observe.recorder.client import HistoryClient
 from zaiproxy.observe.recorder.sink import RecordSink
 from zaiproxy.request import tokens
@@ -64,6 +66,33 @@ def open_ledger(impl: LedgerImpl, config: Config, path: str | None) -> Segment:
     return ledger
 
 
+def build_limiter(config: Config, segment: Segment, ledger: LedgerImpl, worker_index: int,
+                  api_key: bytes | None) -> Limiter:
+    """The limits backend: this host's ledger, or the fleet's in Redis (with the ledger as
+    its ``limits_fail = "local"`` fallback, every limit scaled by ``limits_local_share``)."""
+    fleet = config.limits_backend == "redis"
+    share = config.limits_local_share if fleet else 1.0
+    host = Admitter(
+        segment, ledger, worker=worker_index,
+        global_limits=scaled(config.global_limits(), share),
+        upstream_limits=scaled(config.upstream_limits(), share),
+        # The upstream key's scope is named by a hash of the key, never the key itself.
+        upstream_id=b"upstream\0%x" % ledger.stable_hash(api_key or b""),
+        adaptive=config.adaptive_rate,
+    )
+    if not fleet:
+        return host
+    return FleetLimiter(
+        client=make_client(config), local=host,
+        keys=FleetKeys(config.redis_key_prefix, upstream_key_id(config.api_key)),
+        segment=segment, global_limits=config.global_limits(),
+        upstream_limits=config.upstream_limits(), adaptive=config.adaptive_rate,
+        worker=worker_index, lease_ttl_s=config.redis_lease_ttl,
+        command_timeout_s=config.redis_command_timeout, fail=config.limits_fail,
+        share=config.limits_local_share,
+    )
+
+
 def load_key_table(path: str | None) -> KeyTable | None:
     return load_keys(path) if path is not None else None
 
@@ -91,13 +120,7 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
     )
     segment = open_ledger(ledger, config, ledger_path)
     api_key = config.api_key.encode() if config.api_key else None
-    admitter = Admitter(
-        segment, ledger, worker=worker_index, global_limits=config.global_limits(),
-        upstream_limits=config.upstream_limits(),
-        # The upstream key's scope is named by a hash of the key, never the key itself.
-        upstream_id=b"upstream\0%x" % ledger.stable_hash(api_key or b""),
-        adaptive=config.adaptive_rate,
-    )
+    admitter = build_limiter(config, segment, ledger, worker_index, api_key)
     metrics = WorkerMetrics(
         variant=config.deployment_variant, ledger=ledger.IMPLEMENTATION, workers=config.workers,
         segment=segment, worker_index=worker_index,
@@ -108,12 +131,11 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         prices=load_prices(config.price_file) if config.price_file else DEFAULT_PRICES,
         concurrency_limit=config.concurrency,
         upstream_concurrency_limit=config.upstream_concurrency,
-        quota=lambda: window_quota_use(admitter),
+        quota=admitter.quota_use, limits_backend=config.limits_backend,
     )
     return WorkerContext(
         config=config, pool=pool, origins=origins, metrics=metrics,
         ledger=segment, ledger_impl=ledger.IMPLEMENTATION, admitter=admitter,
-        key_usage=KeyUsage(segment),
         keys=keys if keys is not None else load_key_table(config.keys_file),
         api_key=api_key,
         wait_queue=WaitQueue(config.queue_max),
@@ -294,6 +316,7 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
             nursery.start_soon(worker.watch_reload)
             if ctx.record_sink is not None:
                 nursery.start_soon(ctx.record_sink.run)
+            await nursery.start(ctx.admitter.run)
             await nursery.start(worker.run)
             if early_sigterm:
                 worker.drain_requested.set()
@@ -303,6 +326,7 @@ def worker_main(index: int, sock: socket.socket, config: Config, state_cell: Any
                 ready.send(("ready", os.getpid()))
                 ready.close()
             await worker.finished.wait()  # run() has drained
+            await ctx.admitter.aclose()  # the drained requests' last settles
             nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -1,0 +1,665 @@
+"""Limits shared by a fleet of proxies: the Redis backend of :class:`~zaiproxy.limits.api.Limiter`.
+
+Every proxy (every worker of every pod) with the same ``redis_key_prefix`` takes from one
+budget. ``docs/decisions/fleet-limits.md`` has the reasoning and the numbers; in short:
+
+- **One round trip to admit.** :meth:`FleetLimiter.admit` makes one ``EVALSHA`` of
+  ``fleet.lua``, which checks every limit of the request (client key, upstream key, global;
+  requests/min and tokens/min as GCRA, concurrency leases, 5-hour and weekly windows, the
+  adaptive upstream rate) on the server's clock and takes all of them or none. The answer
+  carries the refusing limit and its exact wait, or the window epochs and the fleet-wide
+  ``x-ratelimit-*`` values.
+- **Settles are batched.** :meth:`FleetLimiter.settle` is synchronous (it runs in a
+  ``finally``): it queues the lease release and the token difference, and the worker's
+  flusher sends everything queued in one call, at once when idle, batched under load. Usage
+  totals per client key ride in the same calls.
+- **Leases expire unless renewed.** A concurrency lease is a sorted-set member scored by its
+  expiry (``redis_lease_ttl``, default 15 s); each worker renews all of its live leases in
+  one call every third of that. A SIGKILLed pod's slots come back within the TTL.
+- **Redis unavailable or slow** (a call failed, or took longer than
+  ``redis_command_timeout``): the worker switches to ``limits_fail`` at once and probes Redis
+  twice a second. ``local`` decides with this host's ledger, every limit scaled by
+  ``limits_local_share``; ``closed`` answers 503; ``open`` admits. What was admitted without
+  Redis is charged to the fleet's counters when Redis answers again (reconcile). The switch
+  and the return are logged once per host (cells ``SC_FLEET_*``), counted, and shown in
+  ``/health``, ``/admin/status`` and ``/metrics``.
+
+Nothing secret reaches Redis: a limit's key names its scope by the client key's alias or by
+a digest of the upstream key; values are numbers and lease ids (pod, worker, counter).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from zaiproxy.core import logs
+from zaiproxy.core.errors import LimitsUnavailable
+from zaiproxy.core.limitspec import FIVE_HOURS_NS, MINUTE_NS, WEEK_NS, Limits
+from zaiproxy.core.record import Usage
+from zaiproxy.limits.admission import (
+    Admission,
+    Admitter,
+    LimitKind,
+    LimitOp,
+    Plan,
+    QuotaUse,
+    RateState,
+    Refusal,
+    report_name,
+)
+from zaiproxy.limits.cells import (
+    SC_FLEET_CLOSED,
+    SC_FLEET_DROPPED,
+    SC_FLEET_ERRORS,
+    SC_FLEET_LOCAL,
+    SC_FLEET_OPEN,
+    SC_FLEET_SINCE_MS,
+    SC_FLEET_STATE,
+    SC_FLEET_SWITCHES,
+    W_FLEET_DOWN,
+    activity_key,
+)
+from zaiproxy.limits.segment import Segment
+
+if TYPE_CHECKING:
+    from zaiproxy.core.config import Config
+
+SCRIPT: Final = (Path(__file__).with_name("fleet.lua")).read_text()
+
+# Op kinds of fleet.lua.
+GCRA: Final = 1
+CONC: Final = 2
+WINDOW: Final = 3
+ADAPTIVE: Final = 4
+COUNTERS: Final = 5
+
+US_PER_NS: Final = 1000
+SECOND_US: Final = 1_000_000
+_COUNTER_FIELDS: Final = ("requests", "input_tokens", "output_tokens", "cache_read_tokens",
+                          "cache_write_tokens")
+
+# (Limits field, what, period in µs, weighted, script kind), in the ledger plan's order.
+_SPECS: Final = (
+    ("requests_per_minute", LimitKind.REQUESTS, MINUTE_NS // US_PER_NS, False, GCRA),
+    ("tokens_per_minute", LimitKind.TOKENS, MINUTE_NS // US_PER_NS, True, GCRA),
+    ("concurrency", LimitKind.CONCURRENCY, 0, False, CONC),
+    ("requests_per_5h", LimitKind.QUOTA, FIVE_HOURS_NS // US_PER_NS, False, WINDOW),
+    ("tokens_per_5h", LimitKind.QUOTA, FIVE_HOURS_NS // US_PER_NS, True, WINDOW),
+    ("requests_per_week", LimitKind.QUOTA, WEEK_NS // US_PER_NS, False, WINDOW),
+    ("tokens_per_week", LimitKind.QUOTA, WEEK_NS // US_PER_NS, True, WINDOW),
+)
+
+# Settles and reconcile charges waiting for Redis: bounded (when full the oldest go, counted
+# in SC_FLEET_DROPPED; their leases still expire). One call carries at most this many.
+MAX_PENDING: Final = 50_000
+MAX_BATCH: Final = 512
+# Admissions of one worker waiting for Redis at once; more are decided by the fail policy
+# (a slow Redis never grows a queue).
+MAX_IN_FLIGHT: Final = 1024
+PROBE_S: Final = 0.5
+
+
+class FleetKeys:
+    """The Redis key names of one deployment: every name carries the hash tag ``{prefix}``,
+    so all of a deployment's keys live in one Redis Cluster slot (one call = one slot)."""
+
+    def __init__(self, prefix: str, upstream_id: str) -> None:
+        self.tag = "{" + prefix + "}"
+        self.upstream_id = upstream_id
+
+    def limit(self, scope: str, alias: str | None, name: str) -> str:
+        if scope == "key":
+            return f"{self.tag}:limit:key:{alias}:{name}"
+        if scope == "upstream":
+            return f"{self.tag}:limit:upstream:{self.upstream_id}:{name}"
+        return f"{self.tag}:limit:global:{name}"
+
+    @property
+    def adaptive_gcra(self) -> str:
+        return f"{self.tag}:adaptive:{self.upstream_id}:gcra"
+
+    @property
+    def adaptive_state(self) -> str:
+        """The fleet's published adaptive rate (``mrps``…), written by the rate's leader."""
+        return f"{self.tag}:adaptive:{self.upstream_id}"
+
+    def usage(self, alias: str) -> str:
+        return f"{self.tag}:usage:{alias}"
+
+    @property
+    def activity(self) -> str:
+        """Every pod's upstream answers and Z.AI throttles, summed (limits/fleet_rate.py)."""
+        return f"{self.tag}:adaptive:{self.upstream_id}:activity"
+
+    @property
+    def leader(self) -> str:
+        """Which pod decides the fleet's adaptive rate (a lease renewed every tick)."""
+        return f"{self.tag}:adaptive:{self.upstream_id}:leader"
+
+
+def scaled(limits: Limits, share: float) -> Limits:
+    """Each set limit times ``share`` (rounded up, at least 1): a host's part of the fleet's."""
+    if share >= 1.0:
+        return limits
+    values = {name: (None if getattr(limits, name) is None
+                     else max(1, math.ceil(getattr(limits, name) * share)))
+              for name in limits.__dataclass_fields__}
+    return replace(limits, **values)
+
+
+@dataclass(eq=False, slots=True)
+class FleetPlan:
+    """What a fleet plan adds to :class:`Plan`: the script's keys and argument template."""
+
+    keys: list[str]
+    args: list[Any]  # ["admit", "", lease id, ttl, n, n * (kind, limit, period, cost)]
+    weighted_args: tuple[int, ...]  # positions in args of the weighted ops' cost
+    conc_keys: tuple[str, ...]
+    kinds: tuple[int, ...]
+    local: Plan | None  # the same caller's plan in the host's ledger (fail = "local")
+    states: tuple[RateState | None, RateState | None] = (None, None)
+
+
+@dataclass(slots=True)
+class FleetHold:
+    """What an admitted request holds: a lease id in Redis, or a local admission."""
+
+    member: str  # "" = no lease in Redis
+    local: Admission | None = None
+    remote: bool = True  # admitted by Redis (else: by the fail policy)
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One settle or reconcile charge: a lease to drop and (key, kind, limit, period, delta,
+    epoch) ops, sent in the next batch."""
+
+    member: str
+    ops: list[tuple[str, int, int, int, int, int]] = field(default_factory=list)
+
+
+class RedisUnavailable(Exception):
+    """A Redis call failed or timed out (the message never holds the URL or a password)."""
+
+
+class FleetLimiter:
+    """One worker's side of the fleet limits (see the module docstring)."""
+
+    fleet = True
+
+    def __init__(self, *, client: Any, local: Admitter, keys: FleetKeys, segment: Segment,
+                 global_limits: Limits, upstream_limits: Limits, adaptive: bool, worker: int,
+                 lease_ttl_s: float, command_timeout_s: float, fail: str, share: float,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.client = client
+        self.local = local
+        self.keys = keys
+        self.segment = segment
+        self.worker = worker
+        self.fail = fail
+        self.share = share
+        self.wall = wall
+        self._global = global_limits
+        self._upstream = upstream_limits
+        self._adaptive = adaptive
+        self._ttl_us = int(lease_ttl_s * SECOND_US)
+        self._renew_s = lease_ttl_s / 3
+        self._timeout = command_timeout_s
+        # The hard bound on one call: the client's own timeouts should fire first.
+        self._deadline = command_timeout_s * 2 + 0.05
+        self._plans: dict[str | None, Plan] = {}
+        self._script: Any = client.register_script(SCRIPT) if client is not None else None
+        self._lease_prefix = f"{socket.gethostname()[:32]}:{os.getpid()}:{worker}:"
+        self._lease_seq = 0
+        self._leases: dict[str, tuple[str, ...]] = {}
+        self._pending: deque[_Entry] = deque()
+        self._wake = trio.Event()
+        self._in_flight = 0
+        self.up = True
+        self._row = segment.row(activity_key(worker))
+        segment.counter_set(self._row, W_FLEET_DOWN, 0)
+        self._quota: list[QuotaUse] = []
+        self.log = logs.get_logger()
+        # Tests only: the script's `now` in microseconds from this clock instead of Redis's
+        # TIME (a virtual clock shared with a reference model). The product never sets it.
+        self.test_clock: Callable[[], int] | None = None
+
+    # ---- plans --------------------------------------------------------------------------
+
+    def plan(self, alias: str | None, key_limits: Limits | None) -> Plan:
+        plan = self._plans.get(alias)
+        if plan is None:
+            plan = self._plans[alias] = self._build(alias, key_limits)
+        return plan
+
+    def forget_plans(self) -> None:
+        self._plans.clear()
+        self.local.forget_plans()
+
+    def _build(self, alias: str | None, key_limits: Limits | None) -> Plan:
+        ops: list[LimitOp] = []
+        scopes: list[tuple[str, Limits]] = [("global", self._global), ("upstream", self._upstream)]
+        if alias is not None and key_limits is not None:
+            scopes.insert(0, ("key", key_limits))
+        args: list[Any] = ["admit", "", "", self._ttl_us, 0]
+        keys: list[str] = []
+        weighted: list[int] = []
+        kinds: list[int] = []
+        for scope, limits in scopes:
+            for name, what, period_us, is_weighted, kind in _SPECS:
+                value = getattr(limits, name)
+                if value is None:
+                    continue
+                key = self.keys.limit(scope, alias, name)
+                ops.append(LimitOp(kind, len(ops), value, period_us * US_PER_NS, is_weighted,
+                                   what, scope, name, key=key))
+                keys.append(key)
+                kinds.append(kind)
+                if is_weighted:
+                    weighted.append(len(args) + 3)
+                args.extend((kind, value, period_us, 1))
+        adaptive: int | None = None
+        if self._adaptive:
+            adaptive = len(ops)
+            ops.append(LimitOp(ADAPTIVE, adaptive, 1, SECOND_US * US_PER_NS, False,
+                               LimitKind.REQUESTS, "global", "adaptive_rate", adaptive=True,
+                               key=self.keys.adaptive_gcra))
+            keys.append(self.keys.adaptive_gcra)
+            kinds.append(ADAPTIVE)
+            args.extend((ADAPTIVE, 0, 0, 1))
+            keys.append(self.keys.adaptive_state)  # KEYS[n + 1]
+        args[4] = len(ops)
+        local = None
+        if self.fail == "local":
+            local = self.local.plan(alias, None if key_limits is None
+                                    else scaled(key_limits, self.share))
+        backend = FleetPlan(keys=keys, args=args, weighted_args=tuple(weighted),
+                            conc_keys=tuple(op.key for op in ops if op.kind == CONC),
+                            kinds=tuple(kinds), local=local)
+        return Plan(
+            ops=tuple(ops), buf=None,
+            weighted=tuple(i for i, op in enumerate(ops) if op.weighted),
+            has_concurrency=bool(backend.conc_keys), adaptive=adaptive, alias=alias,
+            reported=tuple((op.index, op.limit, op.period_ns, op.weighted) for op in ops
+                           if op.kind == GCRA),
+            backend=backend,
+        )
+
+    # ---- admit ---------------------------------------------------------------------------
+
+    async def admit(self, plan: Plan, tokens: int) -> Admission | Refusal:
+        fp: FleetPlan = plan.backend
+        n = len(plan.ops)
+        if n == 0:
+            return Admission(plan, tokens, (), backend=FleetHold(""))
+        if not self.up or self._in_flight >= MAX_IN_FLIGHT:
+            return self._without_redis(plan, tokens)
+        args = fp.args.copy()
+        for pos in fp.weighted_args:
+            args[pos] = tokens
+        member = ""
+        if fp.conc_keys:
+            self._lease_seq += 1
+            member = args[2] = f"{self._lease_prefix}{self._lease_seq}"
+        self._in_flight += 1
+        try:
+            # Shielded and bounded: a client that leaves must not leave a lease behind that
+            # nobody knows of (it would still expire, but only after the TTL).
+            with trio.CancelScope(shield=True):
+                result = await self._call(fp.keys, args)
+        except RedisUnavailable as exc:
+            self._lost(exc)
+            return self._without_redis(plan, tokens)
+        finally:
+            self._in_flight -= 1
+        failed, retry = int(result[0]), int(result[1])
+        fp.states = self._rate_states(plan, result)
+        if failed >= 0:
+            op = plan.ops[failed]
+            return Refusal(op, retry * US_PER_NS if retry > 0 else retry,
+                           tokens if op.weighted else 1)
+        epochs = tuple(int(result[2 + 3 * i]) for i in range(n))
+        admission = Admission(plan, tokens, epochs, backend=FleetHold(member))
+        if member:
+            self._leases[member] = fp.conc_keys
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except trio.Cancelled:
+            self.settle(admission, 0)  # taken for a request that is gone: give it back
+            raise
+        return admission
+
+    def _rate_states(self, plan: Plan,
+                     result: Sequence[Any]) -> tuple[RateState | None, RateState | None]:
+        requests: RateState | None = None
+        toks: RateState | None = None
+        for index, limit, _period, weighted in plan.reported:
+            base = 2 + 3 * index
+            state = RateState(limit, int(result[base + 1]), int(result[base + 2]) * US_PER_NS)
+            if weighted:
+                if toks is None or state.remaining < toks.remaining:
+                    toks = state
+            elif requests is None or state.remaining < requests.remaining:
+                requests = state
+        return requests, toks
+
+    def _without_redis(self, plan: Plan, tokens: int) -> Admission | Refusal:
+        """The fail policy decides (Redis is unreachable, slow, or this worker is saturated)."""
+        if self.fail == "closed":
+            self.segment.scalar_add(SC_FLEET_CLOSED, 1)
+            raise LimitsUnavailable(
+                "the proxy's fleet rate limiter (Redis) is unavailable and the proxy is "
+                "configured to refuse requests it cannot count (limits_fail = \"closed\"); "
+                "retry shortly")
+        if self.fail == "open":
+            self.segment.scalar_add(SC_FLEET_OPEN, 1)
+            return Admission(plan, tokens, (), backend=FleetHold("", None, remote=False))
+        self.segment.scalar_add(SC_FLEET_LOCAL, 1)
+        fp: FleetPlan = plan.backend
+        assert fp.local is not None
+        result = self.local.admit_now(fp.local, tokens)
+        if isinstance(result, Refusal):
+            return result
+        return Admission(plan, tokens, result.epochs,
+                         backend=FleetHold("", result, remote=False))
+
+    # ---- settle ----------------------------------------------------------------------------
+
+    def settle(self, admission: Admission, used_tokens: int | None) -> None:
+        if admission.settled:
+            return
+        admission.settled = True
+        hold: FleetHold | None = admission.backend
+        if hold is None or not admission.plan.ops:
+            return
+        plan = admission.plan
+        if not hold.remote:
+            if hold.local is not None:
+                self.local.settle(hold.local, used_tokens)
+            self._reconcile(plan, admission.tokens if used_tokens is None else used_tokens)
+            return
+        entry = _Entry(hold.member)
+        if hold.member:
+            self._leases.pop(hold.member, None)
+            entry.ops.extend((key, CONC, 0, 0, 0, 0) for key in plan.backend.conc_keys)
+        if used_tokens is not None and used_tokens != admission.tokens:
+            delta = used_tokens - admission.tokens
+            for i in plan.weighted:
+                op = plan.ops[i]
+                entry.ops.append((op.key, op.kind, op.limit, op.period_ns // US_PER_NS, delta,
+                                  admission.epochs[i]))
+        if entry.ops:
+            self._queue(entry)
+
+    def _reconcile(self, plan: Plan, used: int) -> None:
+        """Charge the fleet with a request admitted without Redis (sent when it answers)."""
+        entry = _Entry("")
+        for op in plan.ops:
+            if op.kind in (GCRA, WINDOW):
+                cost = used if op.weighted else 1
+                if cost > 0:
+                    entry.ops.append((op.key, op.kind, op.limit, op.period_ns // US_PER_NS,
+                                      cost, 0))
+        if entry.ops:
+            self._queue(entry)
+
+    def add_usage(self, alias: str, usage: Usage) -> None:
+        """Add a settled request's usage to the client key's fleet-wide totals."""
+        key = self.keys.usage(alias)
+        values = (1, usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
+                  usage.cache_write_tokens)
+        self._queue(_Entry("", [(key, COUNTERS, i + 1, 0, v, 0)
+                                for i, v in enumerate(values) if v]))
+
+    def _queue(self, entry: _Entry) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.popleft()
+            self.segment.scalar_add(SC_FLEET_DROPPED, 1)
+        self._pending.append(entry)
+        if self.up:
+            self._wake.set()
+
+    # ---- what the request path reads --------------------------------------------------------
+
+    def rate_states(self, plan: Plan) -> tuple[RateState | None, RateState | None]:
+        """The fleet-wide values the last admission of this plan (in this worker) saw."""
+        fp: FleetPlan = plan.backend
+        return fp.states
+
+    def note_upstream(self, throttle: str | None = None, counted_epoch: int = -1) -> int:
+        # Counted on this host; the supervisor adds the host's counts to the fleet's.
+        return self.local.note_upstream(throttle, counted_epoch)
+
+    def quota_use(self) -> list[QuotaUse]:
+        """The fleet's windows as of the last refresh (every renew interval)."""
+        return self._quota
+
+    # ---- reports ---------------------------------------------------------------------------
+
+    async def limit_states(self, ops: Sequence[LimitOp]) -> list[dict[str, Any]]:
+        """Fleet-wide state objects of ``ops`` at one instant of the server's clock."""
+        ops = [op for op in ops if not op.adaptive]
+        if not ops:
+            return []
+        args: list[Any] = ["state", "", len(ops)]
+        for op in ops:
+            args.extend((op.kind, op.limit, op.period_ns // US_PER_NS))
+        result = await self._report_call([op.key for op in ops], args)
+        out = []
+        for i, op in enumerate(ops):
+            a, b, c = (int(v) for v in result[1 + 3 * i:4 + 3 * i])
+            if op.kind == GCRA:
+                out.append({"limit": op.limit, "remaining": a, "reset_s": round(b / 1e6, 3)})
+            elif op.kind == CONC:
+                out.append({"limit": op.limit, "in_use": a, "remaining": max(0, op.limit - a)})
+            else:
+                out.append({"limit": op.limit, "used": a, "remaining": max(0, op.limit - a),
+                            "reset_s": round(b / 1e6, 3), "releases": c})
+        return out
+
+    async def usage_totals(self, aliases: Sequence[str]) -> list[dict[str, int]]:
+        if not aliases:
+            return []
+        args: list[Any] = ["state", "", len(aliases)]
+        for _ in aliases:
+            args.extend((COUNTERS, 0, 0))
+        result = await self._report_call([self.keys.usage(a) for a in aliases], args)
+        out = []
+        pos = 1
+        for _ in aliases:
+            out.append({name: int(result[pos + j]) for j, name in enumerate(_COUNTER_FIELDS)})
+            pos += len(_COUNTER_FIELDS)
+        return out
+
+    async def _report_call(self, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._call(keys, args)
+        except RedisUnavailable as exc:
+            self._lost(exc)
+            raise LimitsUnavailable(
+                "the fleet's limits live in Redis, which does not answer now; this host "
+                f"decides by limits_fail = \"{self.fail}\" until it does") from None
+
+    async def _refresh_quota(self) -> None:
+        ops = [op for op in self.plan(None, None).ops if op.kind == WINDOW]
+        if not ops:
+            return
+        states = await self.limit_states(ops)
+        self._quota = [QuotaUse(op.scope, report_name(op), s["used"], s["limit"])
+                       for op, s in zip(ops, states, strict=True)]
+
+    # ---- Redis calls, health ---------------------------------------------------------------
+
+    async def _call(self, keys: list[str], args: list[Any]) -> Any:
+        """One script call, bounded in time; raises :class:`RedisUnavailable`."""
+        if self.test_clock is not None:
+            args[1] = self.test_clock()
+        try:
+            with trio.fail_after(self._deadline):
+                return await self._script(keys=keys, args=args)
+        except trio.TooSlowError:
+            self.segment.scalar_add(SC_FLEET_ERRORS, 1)
+            raise RedisUnavailable(f"no answer within {self._deadline:g} s") from None
+        except Exception as exc:
+            if type(exc).__name__ in ("ResponseError",) and "zaiproxy fleet script" in str(exc):
+                raise  # our own bug, not an outage
+            self.segment.scalar_add(SC_FLEET_ERRORS, 1)
+            raise RedisUnavailable(_describe(exc)) from None
+
+    def _lost(self, exc: Exception) -> None:
+        if not self.up:
+            return
+        self.up = False
+        segment = self.segment
+        segment.counter_set(self._row, W_FLEET_DOWN, 1)
+        segment.scalar_add(SC_FLEET_SWITCHES, 1)
+        if segment.scalar_cas(SC_FLEET_STATE, 0, 1):  # the first worker to notice says it
+            segment.scalar_set(SC_FLEET_SINCE_MS, int(self.wall() * 1000))
+            self.log.error("limits_redis_unavailable", error=str(exc), fail=self.fail,
+                           local_share=self.share if self.fail == "local" else None)
+
+    def _back(self) -> None:
+        if self.up:
+            return
+        self.up = True
+        segment = self.segment
+        segment.counter_set(self._row, W_FLEET_DOWN, 0)
+        self._wake.set()
+        if self._degraded_workers() == 0 and segment.scalar_cas(SC_FLEET_STATE, 1, 0):
+            since = segment.scalar_get(SC_FLEET_SINCE_MS)
+            segment.scalar_set(SC_FLEET_SINCE_MS, 0)
+            self.log.warning("limits_redis_recovered",
+                             down_s=round(self.wall() - since / 1000, 3) if since else None,
+                             reconcile=len(self._pending))
+
+    def _degraded_workers(self) -> int:
+        return degraded_workers(self.segment, self.segment.workers)
+
+    # ---- the worker's background tasks ------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the client open; flush settles; renew leases; probe Redis while it is away."""
+        async with self.client, trio.open_nursery() as nursery:
+            nursery.start_soon(self._flusher)
+            nursery.start_soon(self._maintain)
+            task_status.started()
+
+    async def aclose(self) -> None:
+        """Send what is queued (a draining worker's last settles), within one deadline."""
+        with trio.move_on_after(self._deadline * 4):
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send every queued settle now (while Redis answers)."""
+        while self._pending and self.up:
+            await self._flush_once()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self.flush()
+
+    async def _flush_once(self) -> None:
+        batch = [self._pending.popleft() for _ in range(min(MAX_BATCH, len(self._pending)))]
+        keys, args = encode_settle(batch)
+        try:
+            await self._call(keys, args)
+        except RedisUnavailable as exc:
+            self._pending.extendleft(reversed(batch))  # sent again when Redis answers
+            self._lost(exc)
+
+    async def _maintain(self) -> None:
+        while True:
+            if not self.up:
+                await trio.sleep(PROBE_S)
+                try:
+                    with trio.fail_after(self._deadline):
+                        await self.client.ping()
+                except Exception:
+                    continue
+                self._back()
+                continue
+            await trio.sleep(self._renew_s)
+            try:
+                await self._renew()
+                await self._refresh_quota()
+            except RedisUnavailable as exc:
+                self._lost(exc)
+            except LimitsUnavailable:
+                pass  # _report_call already switched
+
+    async def _renew(self) -> None:
+        if not self._leases:
+            return
+        index: dict[str, int] = {}
+        args: list[Any] = ["renew", "", self._ttl_us]
+        for member, keys in list(self._leases.items()):
+            for key in keys:
+                args.extend((index.setdefault(key, len(index) + 1), member))
+        await self._call(list(index), args)
+
+
+def encode_settle(entries: Iterable[_Entry]) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of one ``settle`` call carrying ``entries``."""
+    index: dict[str, int] = {}
+    args: list[Any] = ["settle", "", 0]
+    count = 0
+    for entry in entries:
+        count += 1
+        args.append(entry.member)
+        args.append(len(entry.ops))
+        for key, kind, limit, period, delta, epoch in entry.ops:
+            args.extend((index.setdefault(key, len(index) + 1), kind, limit, period, delta,
+                         epoch))
+    args[2] = count
+    return list(index), args
+
+
+def degraded_workers(segment: Segment, workers: int) -> int:
+    """Workers of this host that cannot reach Redis now."""
+    get = segment.counter_get
+    return sum(get(segment.row(activity_key(w)), W_FLEET_DOWN) for w in range(workers))
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for the log: its class and message, cut short (no URL, no password: the
+    client's messages name host:port at most)."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def resolve_password(config: Config) -> str | None:
+    """The Redis password: ``redis_password``, else the file's first line, else the URL's."""
+    if config.redis_password is not None:
+        return config.redis_password
+    if config.redis_password_file is not None:
+        with open(config.redis_password_file, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n") or None
+    return None
+
+
+def make_client(config: Config) -> Any:
+    """A coredis client for ``redis_url`` (imported here: the shm backend never loads it)."""
+    import coredis
+
+    assert config.redis_url is not None
+    kwargs: dict[str, Any] = {
+        "connect_timeout": config.redis_connect_timeout,
+        "stream_timeout": config.redis_command_timeout,
+        "decode_responses": False,
+    }
+    password = resolve_password(config)
+    if password is not None:
+        kwargs["password"] = password
+    return coredis.Redis.from_url(config.redis_url, **kwargs)

@@ -652,12 +652,16 @@ def resolve_password(config: Config) -> str | None:
 def make_client(config: Config) -> Any:
     """A coredis client for ``redis_url`` (imported here: the shm backend never loads it)."""
     import coredis
+    from coredis.retry import NoRetryPolicy
 
     assert config.redis_url is not None
     kwargs: dict[str, Any] = {
         "connect_timeout": config.redis_connect_timeout,
         "stream_timeout": config.redis_command_timeout,
         "decode_responses": False,
+        # Never resend: an admission is not idempotent (coredis retries a timed-out command
+        # twice by default, which would take the limits of one request three times).
+        "retry_policy": NoRetryPolicy(),
     }
     password = resolve_password(config)
     if password is not None:

@@ -47,7 +47,8 @@ local function tat_set(key, tat)
   if tat <= now then
     redis.call('DEL', key) -- equivalent: every reader takes max(TAT, now)
   else
-    redis.call('SET', key, fmt(tat), 'PX', fmt(math.ceil((tat - now) / 1000) + 1000))
+    -- A minute of slack past the TAT: the key outlives every reader that could still see it.
+    redis.call('SET', key, fmt(tat), 'PX', fmt(math.ceil((tat - now) / 1000) + 60000))
   end
 end
 

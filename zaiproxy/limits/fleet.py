@@ -228,6 +228,10 @@ class FleetLimiter:
         self.up = True
         self._row = segment.row(activity_key(worker))
         segment.counter_set(self._row, W_FLEET_DOWN, 0)
+        if self._degraded_workers() == 0:
+            # A worker that died while it could not reach Redis left the host's state at
+            # "degraded": nobody is now, so the next loss is logged again.
+            segment.scalar_cas(SC_FLEET_STATE, 1, 0)
         self._quota: list[QuotaUse] = []
         self.log = logs.get_logger()
         # Tests only: the script's `now` in microseconds from this clock instead of Redis's

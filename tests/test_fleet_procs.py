@@ -138,9 +138,9 @@ async def test_a_request_limit_is_exact_across_two_proxies(
     print(f"\n{limit_name}: E={elapsed:.3f}s admitted={admitted} per proxy="
           f"{[c[200] for c in per_proxy]}")
     assert statuses[200] + statuses[429] == CLIENTS, statuses
-    # One budget: each proxy alone got 500 requests, five times the limit.
+    # One budget: each proxy alone got 500 requests, five times the limit (per-pod limits
+    # would have admitted 2 x LIMIT); which proxy's requests came first is the scheduler's.
     assert LIMIT <= admitted <= LIMIT + refill, (admitted, elapsed)
-    assert all(c[200] > 0 for c in per_proxy), per_proxy
     for resp in responses:
         if resp.status == 429:
             assert_proxy_429(resp, limit_name)
@@ -208,8 +208,9 @@ async def test_a_killed_pods_leases_come_back_within_the_lease_ttl(
         await client.aclose()
 
     async def whole_again() -> bool:
-        resp = await request(b.port, "POST", "/v1/chat/completions", [JSON], CHAT)
-        return resp.status == 200
+        # Both of A's leases (held by its two workers, each renewing on its own schedule).
+        report = (await request(b.port, "GET", "/admin/keys")).json()
+        return report["global"]["concurrency"]["in_use"] == 0
 
     await wait_until(whole_again)
     returned_after = time.monotonic() - killed_at
@@ -387,28 +388,41 @@ async def test_redis_killed_mid_load_and_restarted_under_each_fail_policy(
 async def test_a_stalled_redis_is_a_timeout_then_a_recovery(mock: ProcessServer,
                                                              tmp_path: Path) -> None:
     """SIGSTOP: connections stay open and nothing answers (a Redis stuck in a fork or swap).
-    Each admission waits at most the command timeout's bound, then the policy decides; when
-    Redis answers again, the answers it owed must not be mistaken for newer ones."""
+    Each admission waits at most the command timeout's bound and the policy decides it; a
+    PING unanswered for a second confirms the outage and the worker switches (no more
+    waiting). When Redis answers again, the answers it owed are not mistaken for newer ones."""
     redis = RedisServer(tmp_path / "redis")
     fleet = Fleet(mock, redis, tmp_path)
     try:
-        proxy = await fleet.start(1, ZAIPROXY_REQUESTS_PER_MINUTE="6",
+        proxy = await fleet.start(1, ZAIPROXY_REQUESTS_PER_5H="1000",
                                   ZAIPROXY_LIMITS_LOCAL_SHARE="1/2",
                                   ZAIPROXY_REDIS_COMMAND_TIMEOUT="0.05")
         assert (await request(proxy.port, "POST", "/v1/chat/completions", [JSON],
                               CHAT)).status == 200
         redis.kill(signal.SIGSTOP)
-        times = []
-        statuses: Counter[int] = Counter()
-        for _ in range(5):
+        stalled_at = time.monotonic()
+        waits = []
+        while (await health(proxy))["limits"]["state"] == "ok":
             began = time.monotonic()
             resp = await request(proxy.port, "POST", "/v1/chat/completions", [JSON], CHAT)
-            times.append(time.monotonic() - began)
-            statuses[resp.status] += 1
-        print(f"\nstalled: {dict(statuses)}, {[round(t * 1000) for t in times]} ms")
-        # The first waits for the timeout (0.05 s; bound 2x + 50 ms), then the switch is made.
-        assert times[0] < 0.5 and max(times[1:]) < 0.1
-        assert statuses == {200: 3, 429: 2}  # 6/min halved on this host
+            waits.append(time.monotonic() - began)
+            assert resp.status == 200  # decided by this host's ledger (500 per 5 h)
+            assert time.monotonic() - stalled_at < 5
+        switched_after = time.monotonic() - stalled_at
+        fast = []
+        for _ in range(3):
+            began = time.monotonic()
+            assert (await request(proxy.port, "POST", "/v1/chat/completions", [JSON],
+                                  CHAT)).status == 200
+            fast.append(time.monotonic() - began)
+        print(f"\nstalled: {len(waits)} requests waited {[round(w * 1000) for w in waits]} ms, "
+              f"switched after {switched_after:.2f} s, then {[round(f * 1000) for f in fast]} ms")
+        # Each wait is bounded by the 0.05 s timeout (plus a loaded machine's slack); the
+        # switch comes when the confirming PING got nothing for 0.25 s.
+        assert waits and max(waits) < 0.5
+        assert switched_after < 3
+        assert max(fast) < 0.1
+        local = len(waits) + len(fast)
         redis.kill(signal.SIGCONT)
 
         async def recovered() -> bool:
@@ -416,19 +430,18 @@ async def test_a_stalled_redis_is_a_timeout_then_a_recovery(mock: ProcessServer,
 
         await wait_until(recovered)
 
-        # The fleet's minute: 1 before + 3 reconciled, + 1 if Redis ran the admission that
-        # timed out once it woke up (sent, so it may: it takes its slot, never twice).
-        async def reconciled() -> bool:
+        # The fleet's window: 1 before + the requests decided locally after the switch
+        # (queued, reconciled) + at most once each call that timed out if Redis ran it when
+        # it woke up (an admission and the settles it carried: never resent, never twice).
+        async def used() -> int:
             report = (await request(proxy.port, "GET", "/admin/keys")).json()
-            return report["global"]["requests_per_minute"]["remaining"] <= 2
+            return int(report["global"]["requests_per_5h"]["used"])
+
+        async def reconciled() -> bool:
+            return await used() >= 1 + len(fast)
 
         await wait_until(reconciled)
-        remaining = (await request(proxy.port, "GET", "/admin/keys")).json()["global"][
-            "requests_per_minute"]["remaining"]
-        assert remaining in (1, 2)
-        got = [(await request(proxy.port, "POST", "/v1/chat/completions", [JSON], CHAT)).status
-               for _ in range(3)]
-        assert got == [200] * remaining + [429] * (3 - remaining)
+        assert 1 + len(fast) <= await used() <= 1 + local + len(waits)
     finally:
         redis.kill(signal.SIGCONT)
         codes = fleet.stop_all()

@@ -184,12 +184,53 @@ local GCRA, CONC, WIN, ADAPTIVE, COUNTERS = 1, 2, 3, 4, 5
 local COUNTER_FIELDS = {'requests', 'input_tokens', 'output_tokens', 'cache_read_tokens',
                         'cache_write_tokens'}
 
--- admit: ARGV[3] lease id, ARGV[4] lease ttl, ARGV[5] n, then n * (kind, limit, period, cost).
--- KEYS[i] is op i's key; an adaptive op's state hash is KEYS[n + 1].
+-- Settles (and reconcile charges), from ARGV[pos] on: the number of entries, then each entry:
+-- lease id, m, then m * (key index, kind, limit, period, delta, epoch); key index i names
+-- KEYS[base + i]. A lease id releases the entry's concurrency ops ("" = none held); delta > 0
+-- charges, < 0 refunds (GCRA, window); COUNTERS adds delta to field `limit` (1..5) of a usage
+-- hash. Returns the number of entries.
+local function apply_settles(pos, base)
+  local entries = tonumber(ARGV[pos])
+  pos = pos + 1
+  for _ = 1, entries do
+    local member, m = ARGV[pos], tonumber(ARGV[pos + 1])
+    pos = pos + 2
+    for _ = 1, m do
+      local key = KEYS[base + tonumber(ARGV[pos])]
+      local kind, limit, period = tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2]),
+          tonumber(ARGV[pos + 3])
+      local delta, epoch = tonumber(ARGV[pos + 4]), tonumber(ARGV[pos + 5])
+      pos = pos + 6
+      if kind == CONC then
+        if member ~= '' then redis.call('ZREM', key, member) end
+      elseif kind == GCRA then
+        if delta > 0 then gcra_charge(key, delta, limit, period)
+        elseif delta < 0 then gcra_give(key, -delta, limit, period) end
+      elseif kind == WIN then
+        if delta > 0 then win_charge(key, delta, period)
+        elseif delta < 0 then win_give(key, -delta, epoch, period) end
+      elseif kind == COUNTERS then
+        if delta ~= 0 then redis.call('HINCRBY', key, COUNTER_FIELDS[limit], delta) end
+      end
+    end
+  end
+  return entries
+end
+
+-- settle: ARGV[3..] the settles (apply_settles), key indexes from KEYS[1].
+local function settle() return apply_settles(3, 0) end
+
+-- admit: ARGV[3] lease id, ARGV[4] lease ttl, ARGV[5] n, then n * (kind, limit, period, cost);
+-- then, optionally, the worker's queued settles carried along (one round trip for both):
+-- their key base, then apply_settles' arguments. They are applied first (a lease they give
+-- back is free for this admission). KEYS[i] is op i's key; an adaptive op's state hash is
+-- KEYS[n + 1]; the settles' keys follow.
 -- Returns {-1, 0, per op: epoch, remaining, reset} when everything was taken, or
 -- {refused op (0-based), retry, per op: 0, remaining, reset} when nothing was.
 local function admit()
   local member, ttl, n = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  local carried = 6 + 4 * n
+  if ARGV[carried] then apply_settles(carried + 1, tonumber(ARGV[carried])) end
   local aux, lim, per = {}, {}, {}
   local failed, retry = -1, 0
   for i = 1, n do
@@ -242,38 +283,6 @@ local function admit()
     out[#out + 1] = reset
   end
   return out
-end
-
--- settle (and reconcile): ARGV[3] number of entries; each entry: lease id, m, then
--- m * (key index, kind, limit, period, delta, epoch). A lease id releases the entry's
--- concurrency ops ("" = none held); delta > 0 charges, < 0 refunds (GCRA, window);
--- COUNTERS adds delta to field `limit` (1..5) of a usage hash.
-local function settle()
-  local pos = 4
-  local entries = tonumber(ARGV[3])
-  for _ = 1, entries do
-    local member, m = ARGV[pos], tonumber(ARGV[pos + 1])
-    pos = pos + 2
-    for _ = 1, m do
-      local key = KEYS[tonumber(ARGV[pos])]
-      local kind, limit, period = tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2]),
-          tonumber(ARGV[pos + 3])
-      local delta, epoch = tonumber(ARGV[pos + 4]), tonumber(ARGV[pos + 5])
-      pos = pos + 6
-      if kind == CONC then
-        if member ~= '' then redis.call('ZREM', key, member) end
-      elseif kind == GCRA then
-        if delta > 0 then gcra_charge(key, delta, limit, period)
-        elseif delta < 0 then gcra_give(key, -delta, limit, period) end
-      elseif kind == WIN then
-        if delta > 0 then win_charge(key, delta, period)
-        elseif delta < 0 then win_give(key, -delta, epoch, period) end
-      elseif kind == COUNTERS then
-        if delta ~= 0 then redis.call('HINCRBY', key, COUNTER_FIELDS[limit], delta) end
-      end
-    end
-  end
-  return entries
 end
 
 -- renew: ARGV[3] ttl, then pairs (key index, lease id): live leases get a new expiry (XX:

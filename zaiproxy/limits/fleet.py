@@ -16,9 +16,11 @@ budget. ``docs/decisions/fleet-limits.md`` has the reasoning and the numbers; in
 - **Leases expire unless renewed.** A concurrency lease is a sorted-set member scored by its
   expiry (``redis_lease_ttl``, default 15 s); each worker renews all of its live leases in
   one call every third of that. A SIGKILLed pod's slots come back within the TTL.
-- **Redis unavailable or slow** (a call failed, or took longer than
-  ``redis_command_timeout``): the worker switches to ``limits_fail`` at once and probes Redis
-  twice a second. ``local`` decides with this host's ledger, every limit scaled by
+- **Redis unavailable or slow.** A call that fails (connection refused, reset) switches the
+  worker to ``limits_fail`` at once; a call unanswered within ``redis_command_timeout`` is
+  decided by the policy, and the worker switches when a PING confirms (no answer within
+  max(0.25 s, 5 x the timeout): a lagging event loop alone does not switch a host). Away,
+  it probes Redis twice a second. ``local`` decides with this host's ledger, every limit scaled by
   ``limits_local_share``; ``closed`` answers 503; ``open`` admits. What was admitted without
   Redis is charged to the fleet's counters when Redis answers again (reconcile). The switch
   and the return are logged once per host (cells ``SC_FLEET_*``), counted, and shown in
@@ -107,6 +109,16 @@ MAX_BATCH: Final = 512
 # (a slow Redis never grows a queue).
 MAX_IN_FLIGHT: Final = 1024
 PROBE_S: Final = 0.5
+# How long queued settles wait for an admission to carry them before the flusher sends them.
+SETTLE_LINGER_S: Final = 0.002
+# A call that timed out makes Redis *suspect*: this request is decided by the fail policy,
+# and a PING must answer within max(CONFIRM_MIN_S, CONFIRM_FACTOR x redis_command_timeout)
+# or the worker switches; the same bound decides the return. A timeout alone can be the
+# worker's own loop lagging under load (measured: 50 ms is exceeded at c=64 on 2 busy cores),
+# which must not send a whole host to the fail policy; a Redis that needs longer than that
+# for a PING is as good as away.
+CONFIRM_MIN_S: Final = 0.25
+CONFIRM_FACTOR: Final = 5
 
 
 class FleetKeys:
@@ -191,6 +203,10 @@ class _Entry:
 class RedisUnavailable(Exception):
     """A Redis call failed or timed out (the message never holds the URL or a password)."""
 
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
 
 class FleetLimiter:
     """One worker's side of the fleet limits (see the module docstring)."""
@@ -214,9 +230,10 @@ class FleetLimiter:
         self._adaptive = adaptive
         self._ttl_us = int(lease_ttl_s * SECOND_US)
         self._renew_s = lease_ttl_s / 3
-        self._timeout = command_timeout_s
-        # The hard bound on one call: the client's own timeouts should fire first.
-        self._deadline = command_timeout_s * 2 + 0.05
+        # The bound on one call: past it, the fail policy decides that request (and a PING
+        # decides whether the worker switches: CONFIRM_MIN_S).
+        self._deadline = command_timeout_s
+        self._confirm = max(CONFIRM_MIN_S, CONFIRM_FACTOR * command_timeout_s)
         self._plans: dict[str | None, Plan] = {}
         self._script: Any = client.register_script(SCRIPT) if client is not None else None
         self._lease_prefix = f"{socket.gethostname()[:32]}:{os.getpid()}:{worker}:"
@@ -224,6 +241,7 @@ class FleetLimiter:
         self._leases: dict[str, tuple[str, ...]] = {}
         self._pending: deque[_Entry] = deque()
         self._wake = trio.Event()
+        self._suspect = trio.Event()
         self._in_flight = 0
         self.up = True
         self._row = segment.row(activity_key(worker))
@@ -315,14 +333,24 @@ class FleetLimiter:
         if fp.conc_keys:
             self._lease_seq += 1
             member = args[2] = f"{self._lease_prefix}{self._lease_seq}"
+        keys = fp.keys
+        carried: list[_Entry] = []
+        # Queued settles ride along (applied first, in the same call), unless Redis is suspect:
+        # a call that times out is never resent, so it should carry as little as possible.
+        if self._pending and not self._suspect.is_set():
+            carried = self._take_batch()
+            keys = fp.keys.copy()
+            args.append(len(fp.keys))
+            args.extend(encode_settles(carried, keys))
         self._in_flight += 1
         try:
             # Shielded and bounded: a client that leaves must not leave a lease behind that
             # nobody knows of (it would still expire, but only after the TTL).
             with trio.CancelScope(shield=True):
-                result = await self._call(fp.keys, args)
+                result = await self._call(keys, args)
         except RedisUnavailable as exc:
-            self._lost(exc)
+            self._put_back(carried, exc)
+            self._failed(exc)
             return self._without_redis(plan, tokens)
         finally:
             self._in_flight -= 1
@@ -489,7 +517,7 @@ class FleetLimiter:
         try:
             return await self._call(keys, args)
         except RedisUnavailable as exc:
-            self._lost(exc)
+            self._failed(exc)
             raise LimitsUnavailable(
                 "the fleet's limits live in Redis, which does not answer now; this host "
                 f"decides by limits_fail = \"{self.fail}\" until it does") from None
@@ -513,12 +541,22 @@ class FleetLimiter:
                 return await self._script(keys=keys, args=args)
         except trio.TooSlowError:
             self.segment.scalar_add(SC_FLEET_ERRORS, 1)
-            raise RedisUnavailable(f"no answer within {self._deadline:g} s") from None
+            raise RedisUnavailable(f"no answer within {self._deadline:g} s",
+                                   timeout=True) from None
         except Exception as exc:
             if type(exc).__name__ in ("ResponseError",) and "zaiproxy fleet script" in str(exc):
                 raise  # our own bug, not an outage
             self.segment.scalar_add(SC_FLEET_ERRORS, 1)
-            raise RedisUnavailable(_describe(exc)) from None
+            # The client's own response timeout (stream_timeout) is a timeout like ours.
+            raise RedisUnavailable(_describe(exc), timeout=isinstance(exc, TimeoutError)) from None
+
+    def _failed(self, exc: RedisUnavailable) -> None:
+        """A call failed: an error means Redis is away (switch now); a timeout makes it
+        suspect (the maintenance task confirms with a PING within self._confirm)."""
+        if exc.timeout:
+            self._suspect.set()
+        else:
+            self._lost(exc)
 
     def _lost(self, exc: Exception) -> None:
         if not self.up:
@@ -559,8 +597,8 @@ class FleetLimiter:
             task_status.started()
 
     async def aclose(self) -> None:
-        """Send what is queued (a draining worker's last settles), within one deadline."""
-        with trio.move_on_after(self._deadline * 4):
+        """Send what is queued (a draining worker's last settles), within a second."""
+        with trio.move_on_after(1.0):
             await self.flush()
 
     async def flush(self) -> None:
@@ -572,36 +610,74 @@ class FleetLimiter:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
+            # A moment for the next admission to carry them (one round trip for both); an
+            # idle worker sends them itself, SETTLE_LINGER_S after the request ended.
+            await trio.sleep(SETTLE_LINGER_S)
             await self.flush()
 
+    def _take_batch(self) -> list[_Entry]:
+        return [self._pending.popleft() for _ in range(min(MAX_BATCH, len(self._pending)))]
+
+    def _put_back(self, batch: list[_Entry], exc: RedisUnavailable) -> None:
+        """A call carrying ``batch`` failed. An error (refused, reset): first in line again,
+        sent when Redis answers. A timeout: the call was sent and Redis may still run it, so
+        only what is idempotent is sent again, the lease releases (a second ``ZREM`` does
+        nothing); the charges and refunds are dropped and counted (at most once, like an
+        admission: applied twice they would charge or refund twice)."""
+        if exc.timeout:
+            dropped = 0
+            again = []
+            for entry in batch:
+                releases = [op for op in entry.ops if op[1] == CONC]
+                if len(releases) < len(entry.ops):
+                    dropped += 1
+                if releases:
+                    again.append(_Entry(entry.member, releases))
+            if dropped:
+                self.segment.scalar_add(SC_FLEET_DROPPED, dropped)
+            batch = again
+        self._pending.extendleft(reversed(batch))
+
     async def _flush_once(self) -> None:
-        batch = [self._pending.popleft() for _ in range(min(MAX_BATCH, len(self._pending)))]
-        keys, args = encode_settle(batch)
+        batch = self._take_batch()
+        keys: list[str] = []
+        args: list[Any] = ["settle", "", *encode_settles(batch, keys)]
         try:
             await self._call(keys, args)
         except RedisUnavailable as exc:
-            self._pending.extendleft(reversed(batch))  # sent again when Redis answers
-            self._lost(exc)
+            self._put_back(batch, exc)
+            self._failed(exc)
 
     async def _maintain(self) -> None:
         while True:
             if not self.up:
                 await trio.sleep(PROBE_S)
-                try:
-                    with trio.fail_after(self._deadline):
-                        await self.client.ping()
-                except Exception:
-                    continue
-                self._back()
+                if await self._ping(self._confirm):
+                    self._back()
                 continue
-            await trio.sleep(self._renew_s)
+            with trio.move_on_after(self._renew_s):
+                await self._suspect.wait()
+            if self._suspect.is_set():
+                self._suspect = trio.Event()
+                if not await self._ping(self._confirm):
+                    self._lost(RedisUnavailable(
+                        f"calls timed out and a PING got no answer within {self._confirm:g} s"))
+                continue
             try:
                 await self._renew()
                 await self._refresh_quota()
             except RedisUnavailable as exc:
-                self._lost(exc)
+                self._failed(exc)
             except LimitsUnavailable:
-                pass  # _report_call already switched
+                pass  # _report_call already said so
+
+    async def _ping(self, within: float) -> bool:
+        try:
+            with trio.fail_after(within):
+                await self.client.ping()
+        except Exception:  # any failure: not answering
+            return False
+        return True
 
     async def _renew(self) -> None:
         if not self._leases:
@@ -614,20 +690,26 @@ class FleetLimiter:
         await self._call(list(index), args)
 
 
-def encode_settle(entries: Iterable[_Entry]) -> tuple[list[str], list[Any]]:
-    """The keys and arguments of one ``settle`` call carrying ``entries``."""
+def encode_settles(entries: Iterable[_Entry], keys: list[str]) -> list[Any]:
+    """The script's arguments for ``entries`` (``apply_settles`` in fleet.lua): their keys are
+    appended to ``keys`` (each once) and named by index from the end of what it held."""
+    base = len(keys)
     index: dict[str, int] = {}
-    args: list[Any] = ["settle", "", 0]
+    args: list[Any] = [0]
     count = 0
     for entry in entries:
         count += 1
         args.append(entry.member)
         args.append(len(entry.ops))
         for key, kind, limit, period, delta, epoch in entry.ops:
-            args.extend((index.setdefault(key, len(index) + 1), kind, limit, period, delta,
-                         epoch))
-    args[2] = count
-    return list(index), args
+            position = index.get(key)
+            if position is None:
+                position = index[key] = len(index) + 1
+                keys.append(key)
+            args.extend((position, kind, limit, period, delta, epoch))
+    args[0] = count
+    assert len(keys) == base + len(index)
+    return args
 
 
 def degraded_workers(segment: Segment, workers: int) -> int:
@@ -661,7 +743,9 @@ def make_client(config: Config) -> Any:
     assert config.redis_url is not None
     kwargs: dict[str, Any] = {
         "connect_timeout": config.redis_connect_timeout,
-        "stream_timeout": config.redis_command_timeout,
+        # The client's own response timeout only backs up ours (FleetLimiter._call): long
+        # enough for the confirming PING.
+        "stream_timeout": max(CONFIRM_MIN_S, CONFIRM_FACTOR * config.redis_command_timeout),
         "decode_responses": False,
         # Never resend: an admission is not idempotent (coredis retries a timed-out command
         # twice by default, which would take the limits of one request three times).

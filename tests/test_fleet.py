@@ -97,3 +97,32 @@ async def test_closed_answers_503_in_the_callers_api_shape(nursery, upstream, tm
         assert keys.status == 503  # the fleet's numbers are in Redis: no guess from this host
     finally:
         redis.stop()
+
+
+def test_the_redis_password_comes_from_its_variable_its_file_or_the_url(tmp_path):
+    from zaiproxy.core.config import load_config, render_check
+    from zaiproxy.limits.fleet import resolve_password
+
+    secret_file = tmp_path / "redis-password"
+    secret_file.write_text("from-the-file\n")  # a mounted Secret ends with a newline
+    base = {"ZAIPROXY_LIMITS_BACKEND": "redis",
+            "ZAIPROXY_REDIS_URL": "redis://:in-the-url-pw@127.0.0.1:6379/0"}
+    config, sources = load_config(env=base, require_api_key=False)
+    assert resolve_password(config) is None  # coredis takes the URL's
+    config, _ = load_config(env={**base, "ZAIPROXY_REDIS_PASSWORD_FILE": str(secret_file)},
+                            require_api_key=False)
+    assert resolve_password(config) == "from-the-file"
+    config, _ = load_config(env={**base, "ZAIPROXY_REDIS_PASSWORD_FILE": str(secret_file),
+                                 "ZAIPROXY_REDIS_PASSWORD": "from-the-variable"},
+                            require_api_key=False)
+    assert resolve_password(config) == "from-the-variable"
+    shown = render_check(config, sources) + repr(config) + orjson.dumps(config.masked()).decode()
+    for secret in ("in-the-url-pw", "from-the-variable"):
+        assert secret not in shown
+    with pytest.raises(Exception) as refused:
+        load_config(env={"ZAIPROXY_LIMITS_BACKEND": "redis"}, require_api_key=False)
+    assert "limits.redis_url: missing" in str(refused.value)
+    with pytest.raises(Exception) as bad:
+        load_config(env={"ZAIPROXY_REDIS_URL": "http://:leak-me@host/0"}, require_api_key=False)
+    assert "scheme must be redis, rediss or unix" in str(bad.value)
+    assert "leak-me" not in str(bad.value)

@@ -60,6 +60,10 @@ from zaiproxy.limits.admission import Admission, Admitter, RateState, Refusal
 from zaiproxy.limits.fleet import FleetKeys, FleetLimiter
 from zaiproxy.limits.segment import LedgerImpl, Segment
 
+# No HTTP here at all: `make test`'s second run (h11-mypyc) has nothing new to find.
+pytestmark = pytest.mark.skipif(os.environ.get("ZAIPROXY_HTTP_IMPL") == "h11-mypyc",
+                                reason="no HTTP in this file: run once, with h11")
+
 IMPLEMENTATIONS = ["native", "python"]
 
 SECOND_US = 1_000_000

@@ -177,7 +177,6 @@ class FleetPlan:
     args: list[Any]  # ["admit", "", lease id, ttl, n, n * (kind, limit, period, cost)]
     weighted_args: tuple[int, ...]  # positions in args of the weighted ops' cost
     conc_keys: tuple[str, ...]
-    kinds: tuple[int, ...]
     local: Plan | None  # the same caller's plan in the host's ledger (fail = "local")
     states: tuple[RateState | None, RateState | None] = (None, None)
 
@@ -276,7 +275,6 @@ class FleetLimiter:
         args: list[Any] = ["admit", "", "", self._ttl_us, 0]
         keys: list[str] = []
         weighted: list[int] = []
-        kinds: list[int] = []
         for scope, limits in scopes:
             for name, what, period_us, is_weighted, kind in _SPECS:
                 value = getattr(limits, name)
@@ -286,7 +284,6 @@ class FleetLimiter:
                 ops.append(LimitOp(kind, len(ops), value, period_us * US_PER_NS, is_weighted,
                                    what, scope, name, key=key))
                 keys.append(key)
-                kinds.append(kind)
                 if is_weighted:
                     weighted.append(len(args) + 3)
                 args.extend((kind, value, period_us, 1))
@@ -297,7 +294,6 @@ class FleetLimiter:
                                LimitKind.REQUESTS, "global", "adaptive_rate", adaptive=True,
                                key=self.keys.adaptive_gcra))
             keys.append(self.keys.adaptive_gcra)
-            kinds.append(ADAPTIVE)
             args.extend((ADAPTIVE, 0, 0, 1))
             keys.append(self.keys.adaptive_state)  # KEYS[n + 1]
         args[4] = len(ops)
@@ -307,7 +303,7 @@ class FleetLimiter:
                                     else scaled(key_limits, self.share))
         backend = FleetPlan(keys=keys, args=args, weighted_args=tuple(weighted),
                             conc_keys=tuple(op.key for op in ops if op.kind == CONC),
-                            kinds=tuple(kinds), local=local)
+                            local=local)
         return Plan(
             ops=tuple(ops), buf=None,
             weighted=tuple(i for i, op in enumerate(ops) if op.weighted),

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import duckdb
 
 from zaiproxy.observe import snapshot
+from zaiproxy.observe.recorder.schema import connect
 from zaiproxy.observe.snapshot import COUNT_NAMES, Counts, Histogram, Rates
 
 T = TypeVar("T")
@@ -63,7 +64,7 @@ class Store:
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         if self.con is None:
-            con = duckdb.connect(self.path)
+            con = connect(self.path)  # the history's storage format: the stock CLI reads it
             try:
                 con.execute(_SCHEMA)
                 for migration in _MIGRATIONS:

@@ -31,6 +31,21 @@ import duckdb
 
 from zaiproxy.observe.snapshot import LEGACY_CONTROL_PATHS, LEGACY_CONTROL_PREFIX
 
+# The DuckDB storage format files are created in: the newest that the current stable DuckDB
+# command-line tool reads (duckdb-cli 1.5.x reads storage versions 64 to 68; the Python
+# package 2.x writes 69 by default, which that CLI refuses). DuckDB keeps a file in the format
+# it was created with, so this decides only at creation. `make test` opens a history file
+# the recorder wrote with the stock CLI (tests/test_history_cli.py).
+STORAGE_COMPATIBILITY: Final = "v1.5.0"
+
+
+def connect(path: str, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A connection to a DuckDB file of this project (history or collector): a file created
+    here is in :data:`STORAGE_COMPATIBILITY`'s format."""
+    if read_only:
+        return duckdb.connect(path, read_only=True)
+    return duckdb.connect(path, config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
+
 
 class SchemaError(Exception):
     """The file's schema cannot be used by this version (it is newer)."""

@@ -41,6 +41,7 @@ from zaiproxy.observe.recorder.schema import (
     SNAPSHOT_COLUMNS,
     TOTALS_COLUMNS,
     SchemaError,
+    connect,
     current_version,
     migrate,
 )
@@ -213,7 +214,7 @@ class HistoryStore:
     @classmethod
     def open(cls, path: str, *, read_only: bool = False, **kwargs: Any) -> HistoryStore:
         """Open (and migrate) a history file; raises duckdb.Error / OSError / SchemaError."""
-        con = duckdb.connect(path, read_only=read_only)
+        con = connect(path, read_only=read_only)
         try:
             if read_only:
                 # An older file is read as it is (nothing may migrate it read-only): v2 only

@@ -1,0 +1,113 @@
+"""The history file as users query it: the stock DuckDB command-line tool (``duckdb-cli`` from
+PyPI, installed by ``make test``) opens a file the recorder wrote and runs every SQL example
+of ``zaiproxy/observe/recorder/README.md``; the collector's database opens the same way.
+
+The Python package writes DuckDB's newest storage format unless told otherwise, which the
+current stable CLI refuses ("can only read versions between 64 and 68"); the files are created
+in ``schema.STORAGE_COMPATIBILITY``'s format instead.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import trio
+
+from tests.harness import REPO, ProcessServer, request, start_process, upstream_env
+from zaiproxy.fleet.collector_store import Store
+
+JSON = ("content-type", "application/json")
+CHAT = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
+MESSAGES = orjson.dumps({"model": "glm-4.6", "max_tokens": 16,
+                         "messages": [{"role": "user", "content": "hi"}]})
+README = REPO / "zaiproxy" / "observe" / "recorder" / "README.md"
+
+
+def duckdb_cli() -> str:
+    found = shutil.which("duckdb", path=str(Path(sys.executable).parent)) or shutil.which("duckdb")
+    assert found, "the DuckDB CLI (pip install duckdb-cli; make test installs it) is missing"
+    return found
+
+
+def cli(database: Path, sql: str, cwd: Path) -> list[dict]:
+    done = subprocess.run([duckdb_cli(), "-readonly", "-json", str(database), "-c", sql],
+                          capture_output=True, text=True, cwd=cwd, timeout=60)
+    assert done.returncode == 0, f"{sql}\n{done.stderr}"
+    assert "Error" not in done.stderr, done.stderr
+    return orjson.loads(done.stdout) if done.stdout.strip() else []
+
+
+def cli_memory(sql: str, cwd: Path) -> list[dict]:
+    """The CLI without a database file (a Parquet export is queried by its path)."""
+    done = subprocess.run([duckdb_cli(), "-json", "-c", sql], capture_output=True, text=True,
+                          cwd=cwd, timeout=60)
+    assert done.returncode == 0, f"{sql}\n{done.stderr}"
+    return orjson.loads(done.stdout)
+
+
+def readme_queries() -> list[str]:
+    """Every statement of the README's SQL examples (its ```sql block)."""
+    block = re.search(r"```sql\n(.*?)```", README.read_text(), re.S)
+    assert block is not None
+    body = "\n".join(line for line in block[1].splitlines() if not line.startswith("--"))
+    return [stmt.strip() for stmt in body.split(";") if stmt.strip()]
+
+
+@pytest.mark.slow
+async def test_the_stock_duckdb_cli_runs_the_documented_queries_on_a_recorded_history(
+        mock: ProcessServer, tmp_path: Path) -> None:
+    proxy = start_process(["serve", "--port", "0"],
+                          env=upstream_env(mock, ZAIPROXY_WORKERS="1"),
+                          stderr_path=tmp_path / "proxy.log")
+    history = tmp_path / "proxy.history.duckdb"
+    try:
+        for _ in range(3):
+            assert (await request(proxy.url, "POST", "/v1/chat/completions", [JSON],
+                                  CHAT)).status == 200
+        assert (await request(proxy.url, "POST", "/v1/messages", [JSON], MESSAGES)).status == 200
+        # The README's export, made the documented way while the proxy runs (the recorder
+        # writes in batches: again until the four rows are in it, bounded).
+        deadline = time.monotonic() + 15
+        while True:
+            export = await trio.run_process(
+                [sys.executable, "-m", "zaiproxy", "history", "--export", "parquet",
+                 "last-day.parquet"], cwd=tmp_path, capture_stdout=True, capture_stderr=True,
+                check=False, env={"PATH": "/usr/bin:/bin", "ZAIPROXY_HISTORY_PATH": str(history)})
+            assert export.returncode == 0, export.stderr
+            rows = await trio.to_thread.run_sync(
+                cli_memory, "SELECT count(*) AS n FROM 'last-day.parquet'", tmp_path)
+            if rows[0]["n"] == 4 or time.monotonic() > deadline:
+                break
+            await trio.sleep(0.2)
+    finally:
+        assert proxy.stop() == 0
+    queries = readme_queries()
+    assert len(queries) == 4
+    results = [cli(history, sql, tmp_path) for sql in queries]
+    per_model, per_key_day, per_variant, exported = results
+    assert sum(row["requests"] for row in per_model) == 4
+    assert {row["model"] for row in per_model} == {"glm-4.6"}
+    # The 1-minute rollups hold finished minutes only: this minute's requests are not in
+    # them yet, so the query ran (cli() checks it) on rows older than this test, if any.
+    assert all({"day", "key_alias", "input", "output"} <= row.keys() for row in per_key_day)
+    assert sum(row["requests"] for row in per_variant) == 4
+    assert sum(row["count_star()"] for row in exported) == 4
+    # The README's other doorway (an interactive session) opens the same file.
+    version = cli(history, "SELECT max(version) AS v FROM schema_version", tmp_path)
+    assert version[0]["v"] >= 1
+
+
+def test_the_collectors_database_opens_in_the_stock_cli(tmp_path: Path) -> None:
+    path = tmp_path / "collector.duckdb"
+    store = Store(str(path))
+    store.query("SELECT 1")  # creates the file and its schema
+    store.close()
+    tables = cli(path, "SHOW TABLES", tmp_path)
+    assert tables, "the collector's schema is missing"

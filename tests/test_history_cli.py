@@ -111,3 +111,44 @@ def test_the_collectors_database_opens_in_the_stock_cli(tmp_path: Path) -> None:
     store.close()
     tables = cli(path, "SHOW TABLES", tmp_path)
     assert tables, "the collector's schema is missing"
+
+
+@pytest.mark.slow
+async def test_history_takes_the_admin_token_like_the_tui(mock: ProcessServer,
+                                                          tmp_path: Path) -> None:
+    token = "adm-history-token-0123"
+    proxy = start_process(["serve", "--port", "0"],
+                          env=upstream_env(mock, ZAIPROXY_WORKERS="1",
+                                           ZAIPROXY_ADMIN_TOKEN=token),
+                          stderr_path=tmp_path / "proxy.log")
+    history = tmp_path / "proxy.history.duckdb"
+
+    async def zaiproxy_history(*args: str) -> subprocess.CompletedProcess[bytes]:
+        # The shell of an operator: no ZAIPROXY_ADMIN_TOKEN in it.
+        return await trio.run_process(
+            [sys.executable, "-m", "zaiproxy", "history", "--path", str(history), "--json",
+             "--range", "1h", *args], capture_stdout=True, capture_stderr=True, check=False,
+            env={"PATH": "/usr/bin:/bin"})
+
+    try:
+        assert (await request(proxy.url, "POST", "/v1/chat/completions", [JSON],
+                              CHAT)).status == 200
+        deadline = time.monotonic() + 15
+        while not await trio.Path(f"{history}.endpoint").exists():
+            assert time.monotonic() < deadline, "the recorder wrote no endpoint file"
+            await trio.sleep(0.05)
+        refused = await zaiproxy_history()
+        assert refused.returncode != 0
+        assert b"401" in refused.stderr or b"token" in refused.stderr.lower(), refused.stderr
+        assert token.encode() not in refused.stderr + refused.stdout
+        while True:
+            answered = await zaiproxy_history("--token", token)
+            assert answered.returncode == 0, answered.stderr
+            docs = orjson.loads(answered.stdout)
+            if docs[0]["total"]["requests"] == 1 or time.monotonic() > deadline:
+                break
+            await trio.sleep(0.1)  # the recorder writes in batches
+        assert docs[0]["total"]["requests"] == 1
+        assert token.encode() not in answered.stderr + answered.stdout
+    finally:
+        assert proxy.stop() == 0

@@ -34,6 +34,9 @@ def add_parser(sub: Any) -> None:
                    help="write the raw rows of the range to FILE (FORMAT: parquet)")
     p.add_argument("--path", help="history file (default: history_path from the config)")
     p.add_argument("--url", help="a recorder endpoint to ask (default: from <path>.endpoint)")
+    p.add_argument("--token", default=None,
+                   help="admin token for the recorder's endpoint, like `zaiproxy tui --token` "
+                        "(default: the config's admin_token, env ZAIPROXY_ADMIN_TOKEN)")
     p.add_argument("--config", help="TOML config file (also ZAIPROXY_CONFIG)")
 
 
@@ -169,7 +172,7 @@ def run(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stde
         return 2
     path = os.path.abspath(ns.path or config.history_path)
     url = ns.url or _endpoint_url(path)
-    source = _Source(path, url, config.admin_token, config.history_raw_days)
+    source = _Source(path, url, ns.token or config.admin_token, config.history_raw_days)
     groups = ns.group_by or list(DEFAULT_GROUPS)
     try:
         return _run(ns, source, range_s, groups, out, err)

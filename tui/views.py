@@ -125,6 +125,21 @@ WARNINGS = {"admin_api_open": "ADMIN API OPEN (no token)",
             "limits_redis_unavailable": "LIMITS: REDIS UNREACHABLE (fail policy in force)"}
 
 
+def freshness(d: Dashboard, variant: str) -> str | None:
+    """A collector's word on one variant's targets: ``DOWN`` (none answers), ``STALE 1/3``
+    (some stopped answering), or None (all fresh, or a proxy: it reports only itself)."""
+    latest = d.latest
+    if latest is None or latest.source != "collector":
+        return None
+    v = latest.variants.get(variant)
+    if v is None or v.stale_targets <= 0:
+        return None
+    total = max(v.targets or 0, v.stale_targets)  # the variant's targets, fresh or not
+    if v.stale_targets >= total:
+        return "DOWN"
+    return f"STALE {v.stale_targets}/{total}"
+
+
 def status_view(d: Dashboard, now: float) -> list[Segment]:
     c = d.connection
     out: list[Segment] = []
@@ -146,6 +161,10 @@ def status_view(d: Dashboard, now: float) -> list[Segment]:
         for warning in d.latest.warnings:
             out.append((f" ⚠ {WARNINGS.get(warning, warning)}", "error"))
     out.append((f"  {'+'.join(d.variants()) if d.mode != 'both' else 'prod+canary'}", "accent"))
+    for variant in d.variants():
+        badge = freshness(d, variant)
+        if badge is not None:  # a dead canary must not look like an idle one
+            out.append((f" {'prod' if variant == PRODUCTION else variant} {badge}", "error"))
     out.append((f" {d.range}", "accent"))
     p = latest_point(d)
     if p is not None:
@@ -344,6 +363,10 @@ def panel_views(d: Dashboard, now: float) -> list[PanelView]:
             summary_parts: list[Segment] = []
             for v in shown:
                 last = _last(lines[v], d, v)
+                badge = freshness(d, v)
+                if badge is not None:
+                    summary_parts += [(f"{v[:4]} ", v), (f"{badge}  ", "error")]
+                    continue
                 if last is None:
                     summary_parts += [(f"{v[:4]} ", v), ("no data  ", "muted")]
                     continue

@@ -334,3 +334,20 @@ def test_a_fleet_keys_report_says_what_it_merged_and_who_failed() -> None:
         assert panel.query_one(DataTable).row_count == 4
 
     run(make_app(FixtureSource(keys=doc)), body)
+
+
+def test_a_dead_canary_shows_down_not_idle() -> None:
+    """The canary's proxy stopped: the collector has its one target stale. On screen (both
+    variants) the status line and the canary's panel summaries say DOWN."""
+    doc = metrics_doc(NOW)
+    doc["variants"]["canary"].update(targets=1, stale_targets=1, stale=True)
+
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await pilot.press("v", "v")  # production -> canary -> both
+        await settle(pilot)
+        line = status(app)
+        assert "prod+canary" in line and "canary DOWN" in line
+        assert "cana DOWN" in summary(app, "rate")
+        assert "prod 25.3/s" in summary(app, "rate")
+
+    run(make_app(FixtureSource(events=[doc])), body)

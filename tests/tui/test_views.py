@@ -424,3 +424,36 @@ def test_fmt_usd(value: float | None, text: str) -> None:
     (1234.0, "$1,234")])
 def test_fmt_usd_axis(value: float, text: str) -> None:
     assert fmt_usd_axis(value) == text
+
+
+def stale_canary(targets: int, stale: int) -> Dashboard:
+    """Both variants through a collector whose canary targets stopped answering."""
+    d = Dashboard("http://fleet:9100", range_="15m", mode="both")
+    d.apply(Connected(2.0, None), NOW)
+    doc = metrics_doc(NOW)
+    doc["variants"]["canary"].update(targets=targets, stale_targets=stale,
+                                     stale=stale == targets)
+    d.apply(parse_snapshot(doc), NOW)
+    d.set_history(parse_history(history_doc("15m", ("production", "canary")), "15m", NOW))
+    return d
+
+
+def test_a_dead_canary_is_down_on_the_status_line_and_its_panels() -> None:
+    """Its proxy stopped: the collector marks its only target stale; an idle canary must
+    not be what the operator sees ("cana 0/s 5xx 0%")."""
+    d = stale_canary(targets=1, stale=1)
+    status = status_view(d, NOW)
+    assert (" canary DOWN", "error") in status
+    assert all("prod " not in text for text, _ in status)  # production is fresh: no badge
+    for panel in panel_views(d, NOW):
+        parts = texts(panel.summary)
+        assert "cana " in parts and after(panel.summary, "cana ") == ("DOWN  ", "error")
+        assert after(panel.summary, "prod ")[1] != "error"
+
+
+def test_a_canary_with_some_stale_targets_says_how_many() -> None:
+    d = stale_canary(targets=3, stale=1)
+    assert (" canary STALE 1/3", "error") in status_view(d, NOW)
+    fresh = stale_canary(targets=3, stale=0)
+    assert not [text for text, role in status_view(fresh, NOW) if "STALE" in text
+                or "DOWN" in text]

@@ -66,6 +66,11 @@ class Point:
     zai_errors: float | None = None
     upstream_errors: float | None = None
     rejections: float | None = None
+    # What failed for the clients, by kind, per second: the proxy's own 429s, Z.AI's 429s
+    # relayed, other 4xx (the server's definition: its rates' ``failure_shares``).
+    proxy_429: float | None = None
+    zai_429: float | None = None
+    other_4xx: float | None = None
 
     @property
     def error_rate(self) -> float | None:
@@ -76,7 +81,8 @@ class Point:
 
 
 RATE_FIELDS: Final = ("requests", "r2xx", "r4xx", "r429", "r5xx", "tokens_in", "tokens_out",
-                      "cost", "retries", "zai_errors", "upstream_errors", "rejections")
+                      "cost", "retries", "zai_errors", "upstream_errors", "rejections",
+                      "proxy_429", "zai_429", "other_4xx")
 
 
 def _num(value: Any) -> float | None:
@@ -124,6 +130,12 @@ def point_from_rates(t: float, rates: Mapping[str, Any]) -> Point:
     retries = (_sum_breakdown(breakdown, "retries") if isinstance(breakdown, Mapping)
                else None)
     seconds = _num(rates.get("seconds")) or 0.0
+    shares = rates.get("failure_shares")
+
+    def failed(kind: str) -> float | None:
+        share = _num(shares.get(kind)) if isinstance(shares, Mapping) else None
+        return None if share is None or requests is None else share * requests
+
     return Point(
         t=t, seconds=seconds, requests=requests, r2xx=r2xx, r4xx=r4xx, r429=r429, r5xx=r5xx,
         latency_p50=_num(rates.get("latency_p50_s")),
@@ -140,6 +152,7 @@ def point_from_rates(t: float, rates: Mapping[str, Any]) -> Point:
         zai_errors=_num(rates.get("zai_errors_per_s")),
         upstream_errors=_num(rates.get("upstream_errors_per_s")),
         rejections=_num(rates.get("rejections_per_s")),
+        proxy_429=failed("proxy_429"), zai_429=failed("zai_429"), other_4xx=failed("other_4xx"),
     )
 
 

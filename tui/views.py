@@ -170,9 +170,18 @@ def status_view(d: Dashboard, now: float) -> list[Segment]:
     if p is not None:
         out.append(("  req ", "muted"))
         out.append((fmt_rate(p.requests), None))
-        out.append(("  err ", "muted"))
+        out.append(("  5xx ", "muted"))
         rate = p.error_rate
         out.append((fmt_pct(rate), "error" if rate and rate > 0.05 else None))
+        # The other ways a request failed for its client, when they happen: the proxy's own
+        # refusals (limits, the adaptive rate), Z.AI's 429s, other 4xx. A proxy refusing most
+        # requests must not read as "5xx 0%".
+        for label, value in (("refused", p.proxy_429), ("z.ai 429", p.zai_429),
+                             ("4xx", p.other_4xx)):
+            if value and p.requests:
+                share = value / p.requests
+                out.append((f"  {label} ", "muted"))
+                out.append((fmt_pct(share), "error" if share > 0.05 else "warn"))
         out.append(("  p50 ", "muted"))
         out.append((fmt_seconds(p.latency_p50), None))
         out.append(("  tok ", "muted"))
@@ -195,7 +204,7 @@ def latest_point(d: Dashboard) -> Point | None:
         return points[0]
     combined: dict[str, Any] = {}
     for name in ("requests", "r2xx", "r4xx", "r429", "r5xx", "tokens_in", "tokens_out",
-                 "cost", "in_flight"):
+                 "cost", "in_flight", "proxy_429", "zai_429", "other_4xx"):
         values = [getattr(p, name) for p in points if getattr(p, name) is not None]
         combined[name] = sum(values) if values else None
     return Point(t=max(p.t for p in points), seconds=points[0].seconds,

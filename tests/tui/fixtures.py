@@ -43,6 +43,8 @@ def _rates(variant: str, t: float, seconds: float) -> dict[str, Any]:
         "client_errors_per_s": req * 0.04, "rate_limited_per_s": req * 0.02,
         "upstream_errors_per_s": req * err * 0.5, "rejections_per_s": req * 0.015,
         "zai_errors_per_s": req * 0.005,
+        # The server's split of what failed for the clients (snapshot.failure_shares).
+        "failure_shares": {"5xx": err, "proxy_429": 0.015, "zai_429": 0.005, "other_4xx": 0.02},
         "tokens_in_per_s": req * 1200.0, "tokens_out_per_s": req * 180.0,
         "tokens_cache_per_s": req * 300.0, "cost_usd_per_s": req * 0.0009,
         "latency_p50_s": p50, "latency_p95_s": p50 * (3.0 if canary else 2.0),

@@ -69,7 +69,7 @@ def test_status_connected_shows_the_newest_rates() -> None:
     assert seg[0] == ("● connected", "ok")
     assert ("  production", "accent") in seg and (" 15m", "accent") in seg
     assert after(seg, "  req ") == ("25.3/s", None)
-    assert after(seg, "  err ") == ("1.0%", None)
+    assert after(seg, "  5xx ") == ("1.0%", None)
     assert after(seg, "  p50 ") == ("666ms", None)
     assert after(seg, "  tok ") == ("34.9k/s", None)
     assert after(seg, "  in-flight ") == ("20/64", None)
@@ -80,13 +80,13 @@ def test_status_both_variants_are_combined() -> None:
     seg = status_view(dashboard("both"), NOW)
     assert ("  prod+canary", "accent") in seg
     assert after(seg, "  req ") == ("27.6/s", None)  # 25.28 + 2.33
-    assert after(seg, "  err ") == ("1.4%", None)  # (0.253 + 0.140) / 27.6
+    assert after(seg, "  5xx ") == ("1.4%", None)  # (0.253 + 0.140) / 27.6
     assert after(seg, "  in-flight ") == ("22/80", None)
 
 
 def test_status_canary_error_rate_over_5_percent_is_an_error() -> None:
     seg = status_view(dashboard("canary"), NOW)
-    assert after(seg, "  err ") == ("6.0%", "error")
+    assert after(seg, "  5xx ") == ("6.0%", "error")
     assert after(seg, "  in-flight ") == ("2/16", None)
 
 
@@ -457,3 +457,23 @@ def test_a_canary_with_some_stale_targets_says_how_many() -> None:
     fresh = stale_canary(targets=3, stale=0)
     assert not [text for text, role in status_view(fresh, NOW) if "STALE" in text
                 or "DOWN" in text]
+
+
+def test_the_status_line_splits_what_failed_for_the_clients() -> None:
+    """Refusals are part of the headline: the proxy's own 429s, Z.AI's, other 4xx, beside
+    the 5xx share the canary runbook watches."""
+    seg = status_view(dashboard(), NOW)
+    assert after(seg, "  5xx ") == ("1.0%", None)
+    assert after(seg, "  refused ") == ("1.5%", "warn")
+    assert after(seg, "  z.ai 429 ") == ("0.5%", "warn")
+    assert after(seg, "  4xx ") == ("2.0%", "warn")
+    # A proxy refusing 88 % of requests (the adaptive rate after Z.AI throttling) says so.
+    d = Dashboard("http://proxy:8080", range_="15m", mode="production")
+    d.apply(Connected(2.0, None), NOW)
+    doc = metrics_doc(NOW, ("production",))
+    doc["variants"]["production"]["rates"]["failure_shares"] = {
+        "5xx": 0.0, "proxy_429": 0.88, "zai_429": 0.0, "other_4xx": 0.0}
+    d.apply(parse_snapshot(doc), NOW)
+    seg = status_view(d, NOW)
+    assert after(seg, "  refused ") == ("88%", "error")
+    assert "  z.ai 429 " not in texts(seg)  # a kind that did not happen takes no room

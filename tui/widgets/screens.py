@@ -12,9 +12,12 @@ from textual.widgets import Input, Static
 
 PANELS_HELP = (
     ("Status line", "connection (reconnects with backoff), STALE when the newest snapshot is "
-                    "older than 3 intervals, variant and range shown, req/s, p50, tokens/s, "
-                    "5xx %, in-flight/max; ⚠ ADMIN API OPEN when the proxy listens beyond "
-                    "loopback without an admin token"),
+                    "older than 3 intervals, a variant DOWN / STALE n/m when a collector's "
+                    "targets of it stopped answering, variant and range shown, req/s, 5xx %, "
+                    "and when they happen the proxy's refusals, Z.AI 429s and other 4xx as "
+                    "shares of requests, p50, tokens/s, in-flight/max; ⚠ ADMIN API OPEN when "
+                    "the proxy listens beyond loopback without an admin token, ⚠ LIMITS: "
+                    "REDIS UNREACHABLE while the fleet's limits fall back"),
     ("Requests/s", "by status class (2xx, 4xx, 429, 5xx); in both mode: req/s per variant"),
     ("Latency / TTFT", "p50/p95/p99 of the whole request and of the first token"),
     ("Tokens/s, cost", "throughput in/out and the estimated cost, with totals over the range"),

@@ -196,6 +196,27 @@ class Counts:
 
 COUNT_NAMES = tuple(f.name for f in fields(Counts))
 
+# What failed for the client, by kind: every API answer that was not a success falls in one
+# (a 5xx, the proxy's own 429, Z.AI's 429 relayed, any other 4xx). One definition for the
+# proxy's /admin/status, the collector and every screen that shows them.
+FAILURE_KINDS = ("5xx", "proxy_429", "zai_429", "other_4xx")
+
+
+def failures(c: Counts) -> dict[str, float]:
+    """Failed answers of ``c`` by kind (counts, or increases, or rates: linear in ``c``).
+
+    The proxy's 429s are its rejections (``zai_proxy_rate_limit_rejections_total``); Z.AI's
+    are the other 429 answers (relayed after the retries); ``other_4xx`` excludes every 429.
+    """
+    return {"5xx": c.responses_5xx, "proxy_429": c.rejections,
+            "zai_429": max(0.0, c.responses_429 - c.rejections),
+            "other_4xx": max(0.0, c.responses_4xx - c.responses_429)}
+
+
+def failure_shares(c: Counts) -> dict[str, float]:
+    """:func:`failures` as shares of the requests (0 with no requests)."""
+    return {k: (v / c.requests if c.requests > 0 else 0.0) for k, v in failures(c).items()}
+
 
 def _add_counts(a: Counts, b: Counts, scale: float = 1.0) -> Counts:
     return Counts(*(getattr(a, n) + getattr(b, n) * scale for n in COUNT_NAMES))
@@ -259,6 +280,8 @@ class VariantSnapshot:
             "in_flight": self.in_flight, "streams_in_flight": self.streams_in_flight,
             "adaptive_rate": self.adaptive_rate, "concurrency_limit": self.concurrency_limit,
             "workers": self.workers, "breakdown": _breakdown_json(self.breakdown),
+            # Since the counters began: what failed for the clients, by kind (and shares).
+            "failures": failures(self.counts), "failure_shares": failure_shares(self.counts),
             "latency_seconds": self.latency.to_json(), "ttft_seconds": self.ttft.to_json(),
             "versions": list(self.versions), "commits": list(self.commits),
         }
@@ -311,6 +334,7 @@ class Rates:
             "tokens_cache_per_s": ps("tokens_cache"),
             "cost_usd_per_s": ps("cost_usd"),
             "usage_missing_per_s": ps("usage_missing"),
+            "failure_shares": failure_shares(self.increase),
             "breakdown_per_s": _breakdown_json(self.breakdown, self.seconds),
         }
         for q in QUANTILES:

@@ -72,7 +72,7 @@ REQUESTS_COLUMNS: Final = (
     ("status", "SMALLINT"),  # what the client got; 499 = it left first
     ("upstream_status", "SMALLINT"),
     ("result", "VARCHAR"),  # ok | client_disconnected | upstream_cut | ...; NULL: not proxied
-    ("error_class", "VARCHAR"),  # Z.AI 429 class (frequency, quota_5h, ...)
+    ("error_class", "VARCHAR"),  # Z.AI 429 class (concurrency, frequency, overload, quota, ...)
     ("error_code", "VARCHAR"),  # Z.AI business code (1302, 1308, ...)
     ("error", "VARCHAR"),  # the proxy's own error message (truncated)
     ("latency_ms", "DOUBLE"),  # whole request, as the client saw it

@@ -423,7 +423,9 @@ def _no_data(d: Dashboard, missing: Sequence[str]) -> str:
 LIMIT_LABELS = {"requests_per_minute": "req/min", "tokens_per_minute": "tok/min",
                 "concurrency": "concurrency", "requests_per_5h": "req/5h",
                 "tokens_per_5h": "tok/5h", "requests_per_week": "req/week",
-                "tokens_per_week": "tok/week"}
+                "tokens_per_week": "tok/week",
+                # The proxy's refusals by the rate it learned from Z.AI's throttling.
+                "adaptive_rate": "adaptive upstream rate"}
 
 
 def limit_label(name: str) -> str:
@@ -557,8 +559,10 @@ def error_rows(d: Dashboard, now: float) -> tuple[list[ErrorRow], str]:
 
 
 def _rejection_label(name: str) -> str:
-    """``key:requests_per_minute`` -> ``key req/min``."""
+    """``key:requests_per_minute`` -> ``key req/min``; the adaptive rate by its own name."""
     scope, _, limit = name.partition(":")
+    if limit == "adaptive_rate":
+        return limit_label(limit)
     return f"{scope} {limit_label(limit)}" if limit else limit_label(scope)
 
 

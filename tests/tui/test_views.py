@@ -477,3 +477,18 @@ def test_the_status_line_splits_what_failed_for_the_clients() -> None:
     seg = status_view(d, NOW)
     assert after(seg, "  refused ") == ("88%", "error")
     assert "  z.ai 429 " not in texts(seg)  # a kind that did not happen takes no room
+
+
+def test_a_refusal_by_the_adaptive_rate_is_labelled_as_such() -> None:
+    d = dashboard()
+    doc = metrics_doc(NOW, ("production",))
+    variant = doc["variants"]["production"]
+    variant["breakdown"]["rejections"] = {"global:adaptive_rate": 500.0,
+                                          "key:requests_per_minute": 100.0}
+    variant["rates"]["breakdown_per_s"]["rejections"] = {"global:adaptive_rate": 5.0,
+                                                         "key:requests_per_minute": 1.0}
+    d.apply(parse_snapshot(doc), NOW)
+    labels = [row.label for row in error_rows(d, NOW)[0]]
+    assert "  limit adaptive upstream rate" in labels
+    assert "  limit key req/min" in labels
+    assert not any("global requests" in label for label in labels)

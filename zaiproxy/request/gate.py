@@ -171,7 +171,10 @@ async def _wait(ctx: WorkerContext, plan: Plan, reserved: int, refusal: Refusal)
 
 def _refused(ctx: WorkerContext, refusal: Refusal, plan: Plan) -> RateLimited:
     op = refusal.op
-    ctx.metrics.rejection(op.what.value, "key" if op.scope == "key" else "global")
+    # The limit that refused, by its name (``requests_per_minute`` … ``adaptive_rate``) and
+    # scope (``key``, ``upstream``, ``global``): bounded label values, and what an operator
+    # needs to read, not "requests" when the adaptive rate refused.
+    ctx.metrics.rejection(op.name, op.scope)
     retry_s = refusal.retry_after_s if op.what is not LimitKind.CONCURRENCY else 1
     reset = (format_reset(refusal.retry_ns) if op.what is not LimitKind.CONCURRENCY
              else "when a request in flight finishes")

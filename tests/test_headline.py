@@ -44,3 +44,31 @@ async def test_a_relayed_zai_429_is_not_a_proxy_refusal(nursery, upstream):
         "production"]
     assert production["failures"]["zai_429"] == 1.0
     assert production["failures"]["proxy_429"] == 0.0
+
+
+async def test_a_window_younger_than_its_length_says_since_when(nursery, upstream):
+    """The host's ledger began at the proxy's start: its 5-hour window counts nothing from
+    before, and says so instead of a confident "0 % used"."""
+    import time
+
+    started = time.time()
+    proxy = await start_proxy(nursery, make_config(upstream, requests_per_5h=100,
+                                                   requests_per_minute=100))
+    report = (await request(proxy.port, "GET", "/admin/keys")).json()
+    window = report["global"]["requests_per_5h"]
+    assert started - 1 <= window["since"] <= time.time()
+    assert "since" not in report["global"]["requests_per_minute"]  # a rate, not a window
+
+
+def test_the_tui_shows_a_restarted_window_as_since_when() -> None:
+    import datetime as dt
+
+    from zaiproxy_tui.model import LimitState
+    from zaiproxy_tui.views import limit_rows
+
+    since = dt.datetime(2026, 12, 6, 14, 5, tzinfo=dt.UTC).timestamp()
+    restarted, whole = limit_rows([
+        LimitState("requests_per_5h", 100, 100, 0, 0.0, since),
+        LimitState("tokens_per_week", 1000, 900, 100, 3600.0)], dt.UTC)
+    assert restarted.resets == "since 14:05 (restart)"
+    assert whole.resets == "1h"  # a window older than the restart: when it next releases

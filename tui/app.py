@@ -217,7 +217,7 @@ class ZaiproxyTui(App[None]):
             return
         for view in panel_views(d, now):
             self._plots[view.key].show(view)
-        self._limiter.show(limiter_view(d))
+        self._limiter.show(limiter_view(d, self.tz))
         rows, note = error_rows(d, now)
         self._errors.show(rows, note)
         self._keys.show(key_lines(d, *self._sort), keys_message(d))

@@ -337,6 +337,9 @@ class LimitState:
     remaining: float
     used: float | None = None
     reset_s: float | None = None  # GCRA: until full again; window: until its oldest use leaves
+    # A window younger than its length (the proxy's host restarted inside it, unix s): it
+    # counts nothing from before then, so "0 % used" would be a guess.
+    since: float | None = None
 
     @property
     def used_share(self) -> float:
@@ -402,7 +405,8 @@ def _limits(doc: Any) -> tuple[LimitState, ...]:
             remaining = _num(st.get("remaining"))
             if remaining is None:
                 remaining = max(0.0, limit - (used or 0.0))
-            out.append(LimitState(str(name), limit, remaining, used, _num(st.get("reset_s"))))
+            out.append(LimitState(str(name), limit, remaining, used, _num(st.get("reset_s")),
+                                  _num(st.get("since"))))
     return tuple(out)
 
 

@@ -8,6 +8,7 @@ so this module decides *what* is shown and the widgets only *how*.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -445,12 +446,16 @@ class LimitRow:
     limited: bool
 
 
-def limit_rows(limits: Sequence[LimitState]) -> list[LimitRow]:
+def limit_rows(limits: Sequence[LimitState], tz: dt.tzinfo | None = None) -> list[LimitRow]:
     rows = []
     for s in limits:
         used = s.used if s.used is not None else s.limit - s.remaining
         share = s.used_share
-        if s.name.endswith("concurrency"):
+        if s.since is not None:
+            # The window restarted with its host: say what it covers, not a confident 0 %.
+            clock = dt.datetime.fromtimestamp(s.since, tz).strftime("%H:%M")
+            resets = f"since {clock} (restart)"
+        elif s.name.endswith("concurrency"):
             resets = "–"
         elif s.reset_s:
             resets = fmt_duration(s.reset_s)
@@ -469,7 +474,7 @@ class LimiterView:
     rows: list[LimitRow]
 
 
-def limiter_view(d: Dashboard) -> LimiterView:
+def limiter_view(d: Dashboard, tz: dt.tzinfo | None = None) -> LimiterView:
     adaptive: list[Segment] = []
     if d.latest is not None:
         rates = [v.adaptive_rate for name, v in d.latest.variants.items() if name in d.variants()]
@@ -496,7 +501,7 @@ def limiter_view(d: Dashboard) -> LimiterView:
         why = a.reason if a.free_in_s is None else \
             f"{a.reason}, gone ≤ {fmt_duration(a.free_in_s)}"
         adaptive.append((f"  ({why})", "muted"))
-    rows = limit_rows(d.keys.limits)
+    rows = limit_rows(d.keys.limits, tz)
     message = None if rows else "no proxy-wide limits configured"
     return LimiterView(message, adaptive, rows)
 

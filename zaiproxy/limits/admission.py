@@ -40,6 +40,7 @@ from zaiproxy.limits.cells import (
     W_UPSTREAM_THROTTLED,
     activity_key,
     limit_key,
+    started_s,
 )
 from zaiproxy.limits.key_usage import KeyUsage
 from zaiproxy.limits.segment import LedgerImpl, Segment
@@ -315,9 +316,21 @@ class Admitter:
         return None
 
     async def limit_states(self, ops: Sequence[LimitOp]) -> list[dict[str, Any]]:
-        """The state object of each op at one instant (limits/report.py has the shapes)."""
+        """The state object of each op at one instant (limits/report.py has the shapes).
+
+        A rolling window younger than its length (the segment began inside it: the host
+        restarted) also says ``since`` (unix s): it counts nothing from before then."""
         now = self.clock()
-        return [limit_state(self, op, now) for op in ops]
+        began = started_s(self.ledger)
+        young = None if began is None else time.time() - began
+        states = []
+        for op in ops:
+            state = limit_state(self, op, now)
+            if (op.kind == self.impl.KIND_WINDOW and young is not None
+                    and young < op.period_ns / 1e9):
+                state["since"] = round(began or 0.0, 3)
+            states.append(state)
+        return states
 
     def add_usage(self, alias: str, usage: Usage) -> None:
         self.key_usage.add(alias, usage)

@@ -8,7 +8,10 @@ controller, metrics, the admin API).
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from zaiproxy.limits.segment import Segment
 
 # ---- scalars (Segment.scalar_*); the supervisor owns the adaptive rate ------------------
 SC_ADAPTIVE_MRPS: Final = 0  # current adaptive rate in milli-requests/s; 0 = no adaptive limit
@@ -64,3 +67,19 @@ def limit_key(scope_id: bytes, name: str) -> bytes:
 # ---- per client key token totals (limits/key_usage.py) -------------------------------------
 def key_usage_key(alias: str) -> bytes:
     return b"keyusage\0" + alias.encode()
+
+
+# ---- when this segment began (the windows it holds cover nothing before) ------------------
+STARTED_KEY: Final = b"meta\0started"  # word 1: unix ms when the segment was created
+
+
+def mark_started(segment: Segment, wall_s: float) -> None:
+    """Record when the segment was created (by its creator: the supervisor, or a private one)."""
+    segment.counter_set(segment.row(STARTED_KEY), 1, int(wall_s * 1000))
+
+
+def started_s(segment: Segment) -> float | None:
+    """When the segment was created (unix s), None when its creator did not say."""
+    row = segment.row_find(STARTED_KEY)
+    ms = segment.counter_get(row, 1) if row >= 0 else 0
+    return ms / 1000 if ms > 0 else None

@@ -50,6 +50,7 @@ from zaiproxy.core import logs
 from zaiproxy.core.backoff import Backoff
 from zaiproxy.core.config import Config
 from zaiproxy.http.http11 import ENV as HTTP_IMPL_ENV
+from zaiproxy.limits.cells import mark_started
 from zaiproxy.limits.fleet_rate import FleetRate
 from zaiproxy.limits.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.limits.ledger import LedgerUnavailable
@@ -197,6 +198,7 @@ class Supervisor:
                 sock.close()
             self._stop_mock()
             return 1
+        mark_started(self.segment, time.time())  # the host's windows cover nothing before
         self.log.info("ledger_created", path=path, implementation=ledger.IMPLEMENTATION,
                       rows=cfg.ledger_rows, workers=cfg.workers)
         if cfg.adaptive_rate and cfg.limits_backend == "redis":

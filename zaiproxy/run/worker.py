@@ -16,6 +16,7 @@ import itertools
 import os
 import signal
 import socket
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -29,6 +30,7 @@ from zaiproxy.http.connection import ClientConnection
 from zaiproxy.http.netstream import FastSocketStream
 from zaiproxy.limits.admission import Admitter, WaitQueue
 from zaiproxy.limits.api import Limiter
+from zaiproxy.limits.cells import mark_started
 from zaiproxy.limits.fleet import FleetKeys, FleetLimiter, make_client, scaled
 from zaiproxy.limits.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.limits.ledger import load as load_ledger
@@ -63,6 +65,7 @@ def open_ledger(impl: LedgerImpl, config: Config, path: str | None) -> Segment:
     ledger = impl.Ledger(private, create=True, rows=config.ledger_rows,
                          workers=max(1, config.workers))
     ledger.unlink()
+    mark_started(ledger, time.time())
     return ledger
 
 

@@ -15,11 +15,14 @@ kind and required fields are checked by hand.
 from __future__ import annotations
 
 import copy
+import hashlib
+import posixpath
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,6 +33,8 @@ import yaml
 from tests.harness import REPO
 from zaiproxy.cli import build_parser
 from zaiproxy.core.config import Config, ConfigError, load_config
+from zaiproxy.core.durations import parse_duration
+from zaiproxy.limits.keys import load_keys
 from zaiproxy.request.admin_access import is_loopback, security_warnings
 
 K8S = REPO / "k8s"
@@ -50,7 +55,11 @@ Obj = dict[str, Any]
 # ---- the fallback renderer -------------------------------------------------------------
 
 SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "nameSuffix", "labels",
-             "replicas", "images"}
+             "replicas", "images", "replacements"}
+# An object with this annotation is an input of the build (a replacement's source), never part
+# of its output: kustomize drops it at the end of the top-level build, unless the value is
+# exactly "false" (a kustomization that includes another still sees the other's).
+LOCAL_CONFIG = "config.kubernetes.io/local-config"
 
 # Where `labels: [{includeSelectors: true}]` writes, per kind (kustomize's commonLabels field
 # specs for these kinds; paths that do not exist are only created where kustomize does).
@@ -94,7 +103,104 @@ def _label_pod_selectors(pod_spec: Obj, labels: dict[str, str]) -> None:
             constraint["labelSelector"]["matchLabels"].update(labels)
 
 
+def _only(mapping: Obj, allowed: set[str], what: str) -> None:
+    if not isinstance(mapping, dict) or set(mapping) - allowed:
+        raise UnsupportedKustomization(f"{what}: {mapping}")
+
+
+def _select(objects: list[Obj], kind: str, name: str, what: str) -> list[Obj]:
+    """Objects by kind and *current* name. kustomize also matches a name an object had before
+    a nameSuffix of an included kustomization renamed it; this renderer keeps no such history,
+    so a selector that matches nothing by its current name is refused, not guessed."""
+    hits = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    if not hits:
+        raise UnsupportedKustomization(f"{what}: no {kind} named {name}")
+    return hits
+
+
+def _field_nodes(node: Any, path: list[str]) -> list[tuple[Any, str | int]]:
+    """The (parent, key) of every field a replacement path names. ``*`` is every element of a
+    list, a number one element; a path that runs into a missing field yields nothing there
+    (without ``create``, kustomize changes only fields that exist)."""
+    if not path:
+        return []
+    head, rest = path[0], path[1:]
+    if re.search(r"[\[\]=]", head):
+        raise UnsupportedKustomization(f"replacement field path element {head!r}")
+    keys: list[str | int]
+    if isinstance(node, list):
+        if head == "*":
+            keys = list(range(len(node)))
+        elif head.isdigit():
+            keys = [int(head)] if int(head) < len(node) else []
+        else:
+            raise UnsupportedKustomization(f"{head!r} on a list")
+    elif head == "*":
+        raise UnsupportedKustomization("`*` on something that is not a list")
+    elif isinstance(node, dict):
+        keys = [head] if head in node else []
+    else:
+        keys = []
+    if not rest:
+        return [(node, k) for k in keys]
+    return [hit for k in keys for hit in _field_nodes(node[k], rest)]
+
+
+def _replace(objects: list[Obj], rep: Obj) -> None:
+    """One entry of ``replacements``: a value from one object's field into fields of others.
+    With ``options.delimiter`` the target (a string) is split on it and ``index`` replaces that
+    part; an index < 0 puts the value in front (joined by the delimiter), an index past the
+    last part after it (kustomize's filters/replacement)."""
+    _only(rep, {"source", "targets"}, "replacements")
+    source = rep["source"]
+    _only(source, {"kind", "name", "fieldPath"}, "replacement source")
+    found = _select(objects, source["kind"], source["name"], "replacement source")
+    if len(found) != 1:
+        raise ValueError(f"replacement source {source}: {len(found)} objects")
+    hits = _field_nodes(found[0], source["fieldPath"].split("."))
+    if len(hits) != 1:
+        raise ValueError(f"replacement source {source}: fieldPath is missing")
+    parent, key = hits[0]
+    value = parent[key]
+    for target in rep["targets"]:
+        _only(target, {"select", "fieldPaths", "options"}, "replacement target")
+        _only(target["select"], {"kind", "name"}, "replacement select")
+        options = target.get("options", {})
+        _only(options, {"delimiter", "index"}, "replacement options")
+        for obj in _select(objects, target["select"]["kind"], target["select"]["name"],
+                           "replacement target"):
+            for field_path in target["fieldPaths"]:
+                fields = _field_nodes(obj, field_path.split("."))
+                if not fields:  # kustomize: "unable to find field … in replacement target"
+                    raise ValueError(f"replacement target {obj['metadata']['name']}: "
+                                     f"no field {field_path}")
+                for parent, key in fields:
+                    if "delimiter" not in options:
+                        parent[key] = copy.deepcopy(value)
+                        continue
+                    delimiter, index = options["delimiter"], options.get("index", 0)
+                    if not isinstance(parent[key], str) or not isinstance(value, str):
+                        raise UnsupportedKustomization("a delimiter on a value that is no string")
+                    parts = parent[key].split(delimiter)
+                    if index < 0:
+                        parts.insert(0, value)
+                    elif index >= len(parts):
+                        parts.append(value)
+                    else:
+                        parts[index] = value
+                    parent[key] = delimiter.join(parts)
+
+
+def is_local_config(obj: Obj) -> bool:
+    annotations = obj["metadata"].get("annotations") or {}
+    return LOCAL_CONFIG in annotations and annotations[LOCAL_CONFIG] != "false"
+
+
 def render_fallback(directory: Path) -> list[Obj]:
+    return [o for o in _render(directory) if not is_local_config(o)]
+
+
+def _render(directory: Path) -> list[Obj]:
     kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
     unknown = set(kust) - SUPPORTED
     if unknown:
@@ -103,7 +209,7 @@ def render_fallback(directory: Path) -> list[Obj]:
     for entry in kust.get("resources", []):
         path = (directory / entry).resolve()
         if path.is_dir():
-            objects += render_fallback(path)
+            objects += _render(path)
         else:
             objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
     objects = copy.deepcopy(objects)
@@ -151,6 +257,9 @@ def render_fallback(directory: Path) -> list[Obj]:
                 name, _, tag = c["image"].partition(":")
                 if name == image["name"]:
                     c["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
+    # After the kustomization's other transformers, as kustomize runs them.
+    for rep in kust.get("replacements", []):
+        _replace(objects, rep)
     return objects
 
 
@@ -195,12 +304,18 @@ def configmap_env(objects: list[Obj]) -> dict[str, str]:
     return env
 
 
+# The client keys: the Secret "zaiproxy-keys", its key `keys.toml` mounted as the keys file.
+KEYS = "zaiproxy-keys"
+DUMMY_CLIENT_KEY = "zp-test-client-0123456789abcdef"
+KEYS_TOML = ('[[keys]]\nalias = "ci-client"\n'
+             f'key_sha256 = "{hashlib.sha256(DUMMY_CLIENT_KEY.encode()).hexdigest()}"\n')
 # Secret name -> key -> value: what the operator creates (k8s/README.md).
 SECRETS = {"zaiproxy": {"zai-api-key": DUMMY_KEY, "admin-token": DUMMY_TOKEN},
-           REDIS: {"password": DUMMY_REDIS_PASSWORD}}
+           REDIS: {"password": DUMMY_REDIS_PASSWORD},
+           KEYS: {"keys.toml": KEYS_TOML}}
 
 
-def pod_env(objects: list[Obj], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+def container_env(objects: list[Obj], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
     """The environment the kubelet would give the proxy: envFrom ConfigMaps, then env (label
     fieldRefs resolved against the pod template, Secret keys from ``secrets``; an optional
     key that is missing is skipped, as in Kubernetes: the variable keeps the value envFrom
@@ -226,6 +341,56 @@ def pod_env(objects: list[Obj], secrets: dict[str, dict[str, str]]) -> dict[str,
                     f"{var['name']}: required key {ref['key']} of Secret {ref['name']}")
         else:
             pytest.fail(f"unexpected env source {source}")
+    return env
+
+
+def secret_mounts(objects: list[Obj]) -> dict[str, Obj]:
+    """The proxy container's Secret volumes: mountPath -> (the mount, the volume's ``secret``)."""
+    volumes = {v["name"]: v for v in deployment(objects)["spec"]["template"]["spec"]["volumes"]}
+    return {m["mountPath"]: {"mount": m, "secret": volumes[m["name"]]["secret"]}
+            for m in container(objects).get("volumeMounts", [])
+            if "secret" in volumes[m["name"]]}
+
+
+def secret_files(objects: list[Obj], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The files the kubelet mounts into the proxy container from Secrets, by their path in
+    the container: the volume's ``items`` (key -> path), or else one file per key. A missing
+    Secret, or a missing key an item names, keeps the pod from starting (it waits in
+    ContainerCreating) unless the volume is ``optional``: an AssertionError here."""
+    files: dict[str, str] = {}
+    for mount_path, found in secret_mounts(objects).items():
+        mount, source = found["mount"], found["secret"]
+        # A subPath mount is a copy the kubelet never updates; this harness does not model it.
+        assert "subPath" not in mount and "subPathExpr" not in mount, mount
+        name, optional = source["secretName"], source.get("optional") is True
+        data = secrets.get(name)
+        if data is None:
+            assert optional, f"required Secret {name} (volume {mount['name']})"
+            continue
+        items = source.get("items") or [{"key": key, "path": key} for key in data]
+        for item in items:
+            if item["key"] not in data:
+                assert optional, f"required key {item['key']} of Secret {name}"
+                continue
+            files[posixpath.join(mount_path, item["path"])] = data[item["key"]]
+    return files
+
+
+def pod_env(objects: list[Obj], secrets: dict[str, dict[str, str]], root: Path) -> dict[str, str]:
+    """``container_env``, ready for ``load_config`` here: the files the pod mounts from
+    Secrets (``secret_files``) are written under ``root`` (at root/<path in the container>),
+    and every variable naming a path inside such a mount is pointed there. The config's checks
+    (a keys file must exist) then see what the pod would see: a file the mount does not
+    provide is missing here too."""
+    env = container_env(objects, secrets)
+    for path, content in secret_files(objects, secrets).items():
+        local = root / path.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(content)
+    mounts = list(secret_mounts(objects))
+    for name, value in env.items():
+        if value.startswith("/") and any(Path(value).is_relative_to(m) for m in mounts):
+            env[name] = str(root / value.lstrip("/"))
     return env
 
 
@@ -296,6 +461,89 @@ def test_fallback_renderer_refuses_features_it_does_not_implement(tmp_path):
         "resources: []\npatches:\n  - path: patch.yaml\n")
     with pytest.raises(UnsupportedKustomization, match="patches"):
         render_fallback(tmp_path)
+
+
+def write_kustomization(directory: Path, kustomization: Obj, objects: list[Obj]) -> None:
+    directory.mkdir(parents=True)
+    (directory / "objects.yaml").write_text(yaml.safe_dump_all(objects))
+    (directory / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": ["objects.yaml"], **kustomization}))
+
+
+def replacement_fixture(tmp_path: Path, targets: list[Obj]) -> Path:
+    """A local-config ConfigMap and a rule-like object in child/, the replacements in parent/
+    (which sees the child's local-config objects; the output of neither has them)."""
+    setting = {"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "setting", "annotations": {LOCAL_CONFIG: "true"}},
+               "data": {"base": "https://runbooks.example/r", "word": "new"}}
+    kept = {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "kept", "annotations": {LOCAL_CONFIG: "false"}},
+            "data": {"x": "y"}}
+    rule = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+            "metadata": {"name": "rules"},
+            "spec": {"groups": [
+                {"name": "a", "rules": [
+                    {"record": "r1", "expr": "1"},
+                    {"alert": "A1", "expr": "1", "annotations": {"url": "docs/x.md#a1",
+                                                                 "tag": "one#two"}}]},
+                {"name": "b", "rules": [
+                    {"alert": "B1", "expr": "1", "annotations": {"url": "docs/x.md#b1",
+                                                                 "tag": "three"}}]}]}}
+    write_kustomization(tmp_path / "child", {}, [setting, kept, rule])
+    write_kustomization(tmp_path / "parent", {"replacements": [
+        {"source": {"kind": "ConfigMap", "name": "setting", "fieldPath": f"data.{field}"},
+         "targets": [{"select": {"kind": "PrometheusRule", "name": "rules"}, **target}]}
+        for field, target in targets]}, [])
+    kust = yaml.safe_load((tmp_path / "parent" / "kustomization.yaml").read_text())
+    kust["resources"] = ["../child"]
+    (tmp_path / "parent" / "kustomization.yaml").write_text(yaml.safe_dump(kust))
+    return tmp_path / "parent"
+
+
+def test_fallback_renderer_replacements_and_local_config(tmp_path):
+    parent = replacement_fixture(tmp_path, [
+        ("base", {"fieldPaths": ["spec.groups.*.rules.*.annotations.url"],
+                  "options": {"delimiter": "/", "index": -1}}),   # in front
+        ("word", {"fieldPaths": ["spec.groups.*.rules.*.annotations.tag"],
+                  "options": {"delimiter": "#", "index": 0}}),    # one part
+        ("word", {"fieldPaths": ["spec.groups.1.rules.0.annotations.tag"],
+                  "options": {"delimiter": "#", "index": 5}}),    # past the end: after it
+        ("word", {"fieldPaths": ["spec.groups.0.name"]}),         # the whole value
+    ])
+    objs = render_fallback(parent)
+    assert sorted(o["metadata"]["name"] for o in objs) == ["kept", "rules"]
+    [rule] = [o for o in objs if o["kind"] == "PrometheusRule"]
+    groups = rule["spec"]["groups"]
+    assert groups[0]["name"] == "new" and groups[0]["rules"][0] == {"record": "r1", "expr": "1"}
+    assert groups[0]["rules"][1]["annotations"] == {"url": "https://runbooks.example/r/docs/x.md#a1",
+                                                    "tag": "new#two"}
+    assert groups[1]["rules"][0]["annotations"] == {"url": "https://runbooks.example/r/docs/x.md#b1",
+                                                    "tag": "new#new"}
+    assert [o["metadata"]["name"] for o in render_fallback(tmp_path / "child")] == ["kept", "rules"]
+    if KUBECTL is not None:
+        assert sorted(render(parent), key=str) == sorted(objs, key=str)
+        assert sorted(render(tmp_path / "child"), key=str) == sorted(
+            render_fallback(tmp_path / "child"), key=str)
+
+
+def test_fallback_renderer_fails_on_a_replacement_that_finds_no_field(tmp_path):
+    parent = replacement_fixture(tmp_path, [
+        ("base", {"fieldPaths": ["spec.groups.*.rules.*.labels.url"]})])
+    with pytest.raises(ValueError, match="no field"):
+        render_fallback(parent)
+    if KUBECTL is not None:
+        with pytest.raises(subprocess.CalledProcessError):
+            render(parent)
+
+
+@pytest.mark.parametrize("target", [
+    {"fieldPaths": ["spec.groups.[name=a].name"]},
+    {"fieldPaths": ["spec.groups.0.name"], "options": {"create": True}},
+    {"fieldPaths": ["spec.groups.0.name"], "reject": [{"kind": "ConfigMap"}]},
+])
+def test_fallback_renderer_refuses_replacement_features_it_does_not_implement(tmp_path, target):
+    with pytest.raises(UnsupportedKustomization):
+        render_fallback(replacement_fixture(tmp_path, [("word", target)]))
 
 
 # ---- schemas -----------------------------------------------------------------------------
@@ -382,12 +630,12 @@ def test_pod_runs_non_root_with_a_read_only_root(rendered, overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_path_the_proxy_writes_is_a_writable_volume(rendered, overlay):
+def test_every_path_the_proxy_writes_is_a_writable_volume(rendered, overlay, tmp_path):
     objs = rendered[overlay]
     volumes = {v["name"]: v for v in deployment(objs)["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in container(objs)["volumeMounts"]
               if not m.get("readOnly")}
-    config, _ = load_config(env=pod_env(objs, SECRETS))
+    config, _ = load_config(env=pod_env(objs, SECRETS, tmp_path))
 
     def volume_of(path: str) -> Obj | None:
         return next((v for mount, v in mounts.items()
@@ -403,7 +651,7 @@ def test_every_path_the_proxy_writes_is_a_writable_volume(rendered, overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_secrets_come_from_a_secret(rendered, overlay):
+def test_secrets_come_from_a_secret(rendered, overlay, tmp_path):
     objs = rendered[overlay]
     env = {v["name"]: v for v in container(objs)["env"]}
     key = env["ZAI_API_KEY"]["valueFrom"]["secretKeyRef"]
@@ -415,17 +663,17 @@ def test_secrets_come_from_a_secret(rendered, overlay):
     secret_names = {"ZAI_API_KEY", "ZAIPROXY_ADMIN_TOKEN"}
     assert not secret_names & set(configmap_env(objs)), "secrets in the ConfigMap"
     with pytest.raises(AssertionError, match="required key admin-token"):
-        pod_env(objs, {**SECRETS, "zaiproxy": {"zai-api-key": DUMMY_KEY}})
-    config, _ = load_config(env=pod_env(objs, SECRETS))
+        pod_env(objs, {**SECRETS, "zaiproxy": {"zai-api-key": DUMMY_KEY}}, tmp_path)
+    config, _ = load_config(env=pod_env(objs, SECRETS, tmp_path))
     assert config.api_key == DUMMY_KEY and config.admin_token == DUMMY_TOKEN
     assert not is_loopback(config.host)
     assert security_warnings(config.host, config.admin_token) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_pod_env_is_a_valid_config_for_its_variant(rendered, overlay):
+def test_pod_env_is_a_valid_config_for_its_variant(rendered, overlay, tmp_path):
     objs = rendered[overlay]
-    env = pod_env(objs, SECRETS)
+    env = pod_env(objs, SECRETS, tmp_path)
     config, sources = load_config(env=env)
     assert config.deployment_variant == overlay
     assert sources["server.deployment_variant"] == "env:DEPLOYMENT_VARIANT"
@@ -433,11 +681,11 @@ def test_pod_env_is_a_valid_config_for_its_variant(rendered, overlay):
     assert config.demo is False
 
 
-def test_service_links_would_break_the_config_so_they_are_off(rendered):
+def test_service_links_would_break_the_config_so_they_are_off(rendered, tmp_path):
     """Kubernetes injects <SERVICE>_PORT=tcp://ip:port for every Service of the namespace;
     for the Service "zaiproxy" that is ZAIPROXY_PORT, which the proxy cannot parse."""
     objs = rendered["canary"]
-    env = pod_env(objs, SECRETS)
+    env = pod_env(objs, SECRETS, tmp_path)
     del env["ZAIPROXY_PORT"]  # the ConfigMap's would win; an operator may well remove it
     links = {"ZAIPROXY_PORT": "tcp://10.96.0.12:8080", "ZAIPROXY_SERVICE_HOST": "10.96.0.12",
              "ZAIPROXY_CANARY_SERVICE_PORT_HTTP": "8080"}
@@ -456,7 +704,7 @@ def test_resources_fit_the_configured_workers(rendered, overlay):
     needed = (workers * 60 + 130 + 50) * 2**20
     assert quantity(res["requests"]["memory"]) >= needed
     volumes = deployment(objs)["spec"]["template"]["spec"]["volumes"]
-    shm = next(v["emptyDir"] for v in volumes if v["emptyDir"].get("medium") == "Memory")
+    shm = next(v["emptyDir"] for v in volumes if v.get("emptyDir", {}).get("medium") == "Memory")
     # A memory-backed emptyDir is charged to the container's memory limit.
     assert quantity(res["limits"]["memory"]) >= needed + quantity(shm["sizeLimit"])
     assert quantity(res["requests"]["cpu"]) > 0
@@ -484,6 +732,219 @@ def test_variants_differ_only_where_they_should(rendered):
     for spec in (a, b):
         spec["containers"][0]["image"] = spec["containers"][0]["envFrom"] = None
     assert yaml.safe_dump(a).replace("production", "V") == yaml.safe_dump(b).replace("canary", "V")
+
+
+# ---- the client keys file ------------------------------------------------------------------
+
+
+def keys_env_path(objs: list[Obj]) -> str:
+    env = {v["name"]: v for v in container(objs)["env"]}
+    assert set(env["ZAIPROXY_KEYS_FILE"]) == {"name", "value"}, "a literal path"
+    path: str = env["ZAIPROXY_KEYS_FILE"]["value"]
+    return path
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_keys_file_is_a_secret_mounted_read_only_where_the_variable_points(rendered, overlay):
+    objs = rendered[overlay]
+    pod = deployment(objs)["spec"]["template"]["spec"]
+    path = PurePosixPath(keys_env_path(objs))
+    assert path.is_absolute() and "ZAIPROXY_KEYS_FILE" not in configmap_env(objs)
+    # The path lies in exactly one mount, a Secret volume of the Secret zaiproxy-keys.
+    holders = [m for m in (c["mountPath"] for c in container(objs)["volumeMounts"])
+               if path.is_relative_to(m)]
+    assert len(holders) == 1, holders
+    found = secret_mounts(objs)[holders[0]]
+    mount, source = found["mount"], found["secret"]
+    assert mount["readOnly"] is True
+    # The whole directory, so the kubelet's updates of the Secret reach the file.
+    assert "subPath" not in mount and "subPathExpr" not in mount
+    assert source["secretName"] == KEYS
+    # The file the variable names is the volume's one item: the Secret's key of that name.
+    relative = path.relative_to(holders[0]).as_posix()
+    assert source["items"] == [{"key": path.name, "path": relative}] and path.name == "keys.toml"
+    assert set(secret_files(objs, SECRETS)) == {str(path)}
+    # Readable by the pod's group only (a Secret volume's files belong to fsGroup), by nobody
+    # else, writable by nobody; the proxy runs with that group.
+    mode = source["defaultMode"]
+    assert mode & 0o040 and not mode & 0o007 and not mode & 0o222, oct(mode)
+    ctx = pod["securityContext"]
+    assert ctx["fsGroup"] == ctx["runAsGroup"]
+    # Not a path the proxy writes (the writable volumes are elsewhere).
+    writable = [m["mountPath"] for m in container(objs)["volumeMounts"] if not m.get("readOnly")]
+    assert not [m for m in writable if path.is_relative_to(m)]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_keys_secret_is_required_and_the_proxy_loads_the_mounted_file(rendered, overlay,
+                                                                          tmp_path):
+    """Required: without the Secret, or its key keys.toml, the pod does not start (it waits
+    in ContainerCreating) rather than run open; with them the proxy loads that file."""
+    objs = rendered[overlay]
+    source = secret_mounts(objs)[str(PurePosixPath(keys_env_path(objs)).parent)]["secret"]
+    assert source.get("optional", False) is False
+    with pytest.raises(AssertionError, match=f"required Secret {KEYS}"):
+        pod_env(objs, {n: v for n, v in SECRETS.items() if n != KEYS}, tmp_path)
+    with pytest.raises(AssertionError, match=f"required key keys.toml of Secret {KEYS}"):
+        pod_env(objs, {**SECRETS, KEYS: {"keys": KEYS_TOML}}, tmp_path)
+    config, sources = load_config(env=pod_env(objs, SECRETS, tmp_path))
+    assert sources["auth.keys_file"] == "env:ZAIPROXY_KEYS_FILE"
+    assert config.keys_file == str(tmp_path / keys_env_path(objs).lstrip("/"))
+    table = load_keys(config.keys_file)
+    assert table.aliases == ("ci-client",)
+    assert table.lookup(DUMMY_CLIENT_KEY.encode()) is not None
+    # The harness is faithful: a variable naming a file the mount does not provide fails the
+    # configuration here, as the proxy would fail to start in the pod.
+    broken = copy.deepcopy(objs)
+    for var in container(broken)["env"]:
+        if var["name"] == "ZAIPROXY_KEYS_FILE":
+            var["value"] = var["value"].replace("keys.toml", "other.toml")
+    with pytest.raises(ConfigError, match="ZAIPROXY_KEYS_FILE"):
+        load_config(env=pod_env(broken, SECRETS, tmp_path / "broken"))
+
+
+def test_the_keys_file_example_of_the_k8s_readme_is_valid(tmp_path):
+    [example] = re.findall(r"```toml\n(.*?)```", (K8S / "README.md").read_text(), re.S)
+    (tmp_path / "keys.toml").write_text(example)
+    table = load_keys(tmp_path / "keys.toml")
+    assert len(table) == 1 and "key_sha256" in example  # digests: no client secret in it
+
+
+# ---- the alerts' runbook links -------------------------------------------------------------
+
+
+RUNBOOK = REPO / "docs" / "operations" / "canary.md"
+RUNBOOK_SETTING = K8S / "overlays" / "production" / "runbook.yaml"
+
+
+def github_anchor(heading: str, seen: dict[str, int]) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, every character but letters, digits,
+    `_`, `-` and spaces dropped, spaces turned into `-`; a repeated one gets -1, -2, …"""
+    anchor = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+    n = seen.get(anchor, 0)
+    seen[anchor] = n + 1
+    return anchor if n == 0 else f"{anchor}-{n}"
+
+
+def runbook_anchors() -> set[str]:
+    text = re.sub(r"```.*?```", "", RUNBOOK.read_text(), flags=re.S)  # no headings in code
+    seen: dict[str, int] = {}
+    return {github_anchor(h, seen) for h in re.findall(r"^#{1,6} +(.+?)[ #]*$", text, re.M)}
+
+
+def runbook_base_url(directory: Path = K8S / "overlays" / "production") -> str:
+    [setting] = [o for o in iter_yaml([directory / "runbook.yaml"])]
+    assert is_local_config(setting)
+    base: str = setting["data"]["runbook_base_url"]
+    return base
+
+
+def alert_rules(objs: list[Obj]) -> list[Obj]:
+    rule = by_kind(objs, "PrometheusRule")["zaiproxy"]
+    return [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+
+
+def test_github_anchors_are_computed_like_github():
+    seen: dict[str, int] = {}
+    assert github_anchor("ZaiproxyCanaryHighErrorRate", seen) == "zaiproxycanaryhigherrorrate"
+    assert github_anchor("Canary deployments: deploy, watch", seen) == "canary-deployments-deploy-watch"
+    assert github_anchor("Alert links: runbook_base_url", seen) == "alert-links-runbook_base_url"
+    assert github_anchor("ZaiproxyCanaryHighErrorRate", seen) == "zaiproxycanaryhigherrorrate-1"
+
+
+def test_every_alert_links_to_its_runbook_section_by_an_absolute_url(rendered):
+    base = runbook_base_url()
+    parts = urlsplit(base)
+    assert parts.scheme == "https" and parts.netloc, base
+    assert not (parts.query or parts.fragment or base.endswith("/")), base
+    anchors = runbook_anchors()
+    alerts = alert_rules(rendered["production"])
+    assert len(alerts) >= 10
+    page = f"{base}/{RUNBOOK.relative_to(REPO).as_posix()}"
+    for alert in alerts:
+        url = alert["annotations"]["runbook_url"]
+        assert url.startswith("https://"), url
+        assert url.partition("#")[0] == page, url
+        anchor = url.partition("#")[2]
+        assert anchor == alert["alert"].lower() and anchor in anchors, url
+    # The replacement touches the alerts only: the recording rules get no annotations.
+    rule = by_kind(rendered["production"], "PrometheusRule")["zaiproxy"]
+    assert not [r for g in rule["spec"]["groups"] for r in g["rules"]
+                if "record" in r and "annotations" in r]
+    # Rendered alone, base keeps the repository path (tests/test_alerts.py checks that form).
+    for alert in alert_rules(render(K8S / "base")):
+        assert alert["annotations"]["runbook_url"] == (
+            f"{RUNBOOK.relative_to(REPO).as_posix()}#{alert['alert'].lower()}")
+
+
+def test_the_runbook_base_url_is_one_setting(tmp_path):
+    """Changing runbook.yaml alone changes every alert's link (and nothing else)."""
+    copy_of_k8s = tmp_path / "k8s"
+    shutil.copytree(K8S, copy_of_k8s)
+    setting = copy_of_k8s / "overlays" / "production" / "runbook.yaml"
+    other = "https://docs.internal.example/ops/zaiproxy/tree/v9.9.9"
+    setting.write_text(setting.read_text().replace(runbook_base_url(), other))
+    before = render(K8S / "overlays" / "production")
+    after = render(copy_of_k8s / "overlays" / "production")
+    for alert in alert_rules(after):
+        assert alert["annotations"]["runbook_url"].startswith(f"{other}/docs/operations/canary.md#")
+
+    def without_links(objs: list[Obj]) -> list[Obj]:
+        objs = copy.deepcopy(objs)
+        for alert in alert_rules(objs):
+            del alert["annotations"]["runbook_url"]
+        return objs
+
+    assert without_links(before) == without_links(after)
+
+
+# ---- the runbook keeps the canary's history ------------------------------------------------
+
+
+def runbook_section(title: str) -> str:
+    return RUNBOOK.read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def sh_lines(text: str) -> list[str]:
+    """The command lines of a text's ``sh`` blocks (continuations joined, comments dropped)."""
+    lines: list[str] = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        lines += [line.strip() for line in block.replace("\\\n", " ").splitlines()
+                  if line.strip() and not line.strip().startswith("#")]
+    return lines
+
+
+def test_the_runbook_exports_the_canarys_history_before_scaling_it_to_zero(rendered, tmp_path):
+    objs = rendered["canary"]
+    config, _ = load_config(env=pod_env(objs, SECRETS, tmp_path))
+    # The history file is on an emptyDir: deleting the pod (scaling to 0) deletes it.
+    volumes = {v["name"]: v for v in deployment(objs)["spec"]["template"]["spec"]["volumes"]}
+    [holder] = [m for m in container(objs)["volumeMounts"]
+                if Path(config.history_path).is_relative_to(m["mountPath"])]
+    assert "emptyDir" in volumes[holder["name"]]
+    lines = sh_lines(runbook_section("Roll back"))
+    exports = [i for i, line in enumerate(lines) if " -- zaiproxy history " in line]
+    scales = [i for i, line in enumerate(lines)
+              if re.search(r"scale deployment/zaiproxy-canary --replicas=0\b", line)]
+    assert exports and scales and max(exports) < min(scales), lines
+    canary = deployment(objs)["metadata"]["name"]
+    for i in exports:
+        argv = shlex.split(lines[i])
+        redirect = argv[argv.index(">") + 1] if ">" in argv else None
+        argv = argv[:argv.index(">")] if redirect else argv
+        kubectl, inside = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+        assert kubectl[:3] == ["kubectl", "-n", deployment(objs)["metadata"]["namespace"]]
+        assert "exec" in kubectl and f"deployment/{canary}" in kubectl
+        # What runs in the pod parses with the real CLI, exports Parquet, covers every raw row
+        # the pod keeps, and lands on the operator's machine.
+        assert inside[0] == "zaiproxy"
+        ns = build_parser().parse_args(inside[1:])
+        assert ns.command == "history" and ns.export[0] == "parquet"
+        assert parse_duration(ns.range) >= config.history_raw_days * 86400
+        assert ns.export[1] == "/dev/stdout" and redirect and not redirect.startswith("/dev/")
+    # Promoting deletes the canary's pods too: the runbook says to export before that.
+    promote = runbook_section("Promote")
+    assert promote.index("export") < promote.index("kubectl delete -k k8s/overlays/canary")
 
 
 # ---- services, PDB, ServiceMonitor --------------------------------------------------------
@@ -643,9 +1104,9 @@ def test_redis_network_policy_admits_the_proxy_pods_of_both_variants_only(render
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_proxy_pods_keep_their_limits_in_the_fleet_redis(rendered, overlay):
+def test_proxy_pods_keep_their_limits_in_the_fleet_redis(rendered, overlay, tmp_path):
     objs = rendered[overlay]
-    config, sources = load_config(env=pod_env(objs, SECRETS))
+    config, sources = load_config(env=pod_env(objs, SECRETS, tmp_path))
     assert config.limits_backend == "redis"
     _, svc, _ = redis_objects(rendered["production"])
     url = urlsplit(config.redis_url)
@@ -661,7 +1122,7 @@ def test_proxy_pods_keep_their_limits_in_the_fleet_redis(rendered, overlay):
     ref = password["valueFrom"]["secretKeyRef"]
     assert ref == {"name": REDIS, "key": "password"}  # required (no `optional`)
     with pytest.raises(AssertionError, match=f"required key password of Secret {REDIS}"):
-        pod_env(objs, {**SECRETS, REDIS: {}})
+        pod_env(objs, {**SECRETS, REDIS: {}}, tmp_path)
     # The server requires that same key.
     server_env = {v["name"]: v for v in redis_container(rendered["production"])["env"]}
     assert any(v.get("valueFrom", {}).get("secretKeyRef") == ref for v in server_env.values())
@@ -675,23 +1136,23 @@ def test_proxy_pods_keep_their_limits_in_the_fleet_redis(rendered, overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_an_external_redis_url_in_the_secret_replaces_the_in_cluster_one(rendered, overlay):
+def test_an_external_redis_url_in_the_secret_replaces_the_in_cluster_one(rendered, overlay, tmp_path):
     """k8s/README.md: the key `url` of the Secret wins over the ConfigMap's URL (env over
     envFrom); without it the in-cluster Service is used."""
     objs = rendered[overlay]
     external = "rediss://redis.example.net:6380/0"
     secrets = {**SECRETS, REDIS: {**SECRETS[REDIS], "url": external}}
-    config, sources = load_config(env=pod_env(objs, secrets))
+    config, sources = load_config(env=pod_env(objs, secrets, tmp_path))
     assert sources["limits.redis_url"] == "env:ZAIPROXY_REDIS_URL"
     assert config.redis_url == external and config.redis_password == DUMMY_REDIS_PASSWORD
     url = {v["name"]: v for v in container(objs)["env"]}["ZAIPROXY_REDIS_URL"]
     assert url["valueFrom"]["secretKeyRef"] == {"name": REDIS, "key": "url", "optional": True}
-    config, _ = load_config(env=pod_env(objs, SECRETS))
+    config, _ = load_config(env=pod_env(objs, SECRETS, tmp_path))
     assert config.redis_url == configmap_env(objs)["ZAIPROXY_REDIS_URL"]
 
 
-def test_production_and_canary_spend_one_budget(rendered):
-    envs = {o: pod_env(rendered[o], SECRETS) for o in OVERLAYS}
+def test_production_and_canary_spend_one_budget(rendered, tmp_path):
+    envs = {o: pod_env(rendered[o], SECRETS, tmp_path) for o in OVERLAYS}
     configs = {o: load_config(env=env)[0] for o, env in envs.items()}
     # One server, one key prefix (both set alike, or both left to the default).
     assert len({c.redis_url for c in configs.values()}) == 1
@@ -888,11 +1349,21 @@ def iter_yaml(paths: list[Path]) -> Iterator[Obj]:
 
 
 def test_every_manifest_file_is_rendered_somewhere(rendered, argo):
-    """A manifest file left out of every kustomization would never be applied."""
+    """A manifest file left out of every kustomization would never be applied. A local-config
+    object is never applied: the kustomization next to it lists it and a replacement of that
+    kustomization reads it (else it would be a setting that sets nothing)."""
     files = [p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"]
     keys = {(o["kind"], o["metadata"]["name"]) for objs in (*rendered.values(), argo)
             for o in objs}
-    raw = [(o["kind"], o["metadata"]["name"]) for o in iter_yaml(files)]
+    local = [(path, o) for path in files for o in iter_yaml([path]) if is_local_config(o)]
+    assert local, "k8s/overlays/production/runbook.yaml is a local-config ConfigMap"
+    for path, obj in local:
+        kust = yaml.safe_load((path.parent / "kustomization.yaml").read_text())
+        assert path.name in kust.get("resources", []), path
+        sources = {(r["source"]["kind"], r["source"]["name"]) for r in kust.get("replacements", [])}
+        assert (obj["kind"], obj["metadata"]["name"]) in sources, path
+        assert (obj["kind"], obj["metadata"]["name"]) not in keys, "a local-config object rendered"
+    raw = [(o["kind"], o["metadata"]["name"]) for o in iter_yaml(files) if not is_local_config(o)]
     missing = {(k, n) for k, n in raw
                if (k, n) not in keys and not any((k, f"{n}-{v}") in keys for v in OVERLAYS)}
     assert not missing and len(raw) >= 8, (missing, raw)

@@ -5,6 +5,7 @@ Every test passes ``env=`` explicitly so the real environment never leaks in.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from dataclasses import fields
@@ -15,17 +16,24 @@ import pytest
 
 from zaiproxy.core.config import (
     CHECK_COMMENT_COLUMN,
+    DEMO_HISTORY_FILE,
     KNOWN_ENV,
     OTHER_ENV,
     Config,
     ConfigError,
     load_config,
     render_check,
+    state_dir,
 )
 from zaiproxy.core.limitspec import Limits
 
 SECRET = "sk-live-0123456789abcdef"
 DEMO = {"ZAIPROXY_DEMO": "1"}
+
+
+def demo_config() -> Config:
+    """``Config(demo=True)`` as loaded: demo traffic has a history file of its own."""
+    return Config(demo=True, history_path=os.path.join(state_dir(), DEMO_HISTORY_FILE))
 MISSING_KEY = (
     "upstream.api_key: missing: set ZAI_API_KEY, or run with --demo to use the built-in mock upstream"
 )
@@ -48,7 +56,7 @@ def problems_of(**kwargs: object) -> list[str]:
 
 def test_defaults() -> None:
     config, sources = load_config(env=DEMO)
-    assert config == Config(demo=True)
+    assert config == demo_config()
     assert config.port == 8080
     assert config.max_body_bytes == 32 * 1024 * 1024
     assert config.max_header_bytes == 64 * 1024
@@ -102,7 +110,7 @@ def test_each_layer_overrides_the_one_below(
 ) -> None:
     key = f"{section}.{name}"
     path = write_toml(tmp_path, f"[{section}]\n{name} = {toml}\n")
-    default = getattr(Config(), name)
+    default = getattr(demo_config(), name)
 
     config, sources = load_config(env=DEMO)
     assert (getattr(config, name), sources[key]) == (default, "default")
@@ -475,7 +483,7 @@ def test_variables_of_other_commands_are_not_unknown() -> None:
     others = {name: "x" for name in OTHER_ENV}
     assert {"ZAIPROXY_TARGET_ADMIN_TOKEN", "ZAIPROXY_URL", "ZAIPROXY_COMMIT"} <= others.keys()
     config, sources = load_config(env={**DEMO, **others})
-    assert config == Config(demo=True)
+    assert config == demo_config()
     assert {k for k, v in sources.items() if v != "default"} == {"server.demo"}
     # A typo of one is still a typo, with the hint (and a token is never echoed).
     assert problems_of(env={**DEMO, "ZAIPROXY_TARGET_ADMIN_TOKENS": SECRET}) == [
@@ -514,7 +522,7 @@ def test_every_documented_variable_is_known() -> None:
 def test_zaiproxy_config_is_not_an_unknown_variable(tmp_path: Path) -> None:
     path = write_toml(tmp_path, "")
     config, _ = load_config(env={**DEMO, "ZAIPROXY_CONFIG": path})
-    assert config == Config(demo=True)
+    assert config == demo_config()
 
 
 def test_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
@@ -717,7 +725,9 @@ def test_admin_token_is_secret() -> None:
 def test_history_defaults() -> None:
     config, _ = load_config(env=DEMO)
     assert config.history is True
-    assert config.history_path == "./zaiproxy-history.duckdb"
+    # DEMO: demo traffic has a file of its own, in the user's state directory.
+    home = os.path.expanduser("~")
+    assert config.history_path == f"{home}/.local/state/zaiproxy/demo-history.duckdb"
     assert (config.history_raw_days, config.history_rollup_days) == (7.0, 90.0)
 
 
@@ -761,3 +771,15 @@ def test_price_file_is_checked_when_the_config_loads(tmp_path: Path) -> None:
     assert problems_of(env={**DEMO, "ZAIPROXY_PRICE_FILE": str(tmp_path / "none.toml")}) == [
         f"tokens.price_file (env:ZAIPROXY_PRICE_FILE): '{tmp_path / 'none.toml'}': "
         "not an existing file"]
+
+
+def test_the_history_lives_in_a_state_directory_never_the_current_one() -> None:
+    """$XDG_STATE_HOME/zaiproxy (default ~/.local/state/zaiproxy); demo traffic apart; an
+    explicit path wins (the image sets /var/lib/zaiproxy/history.duckdb)."""
+    real, _ = load_config(env={"ZAI_API_KEY": "k" * 20, "XDG_STATE_HOME": "/srv/state"})
+    assert real.history_path == "/srv/state/zaiproxy/history.duckdb"
+    demo, _ = load_config(env={"ZAIPROXY_DEMO": "true", "HOME": "/home/ann"})
+    assert demo.history_path == "/home/ann/.local/state/zaiproxy/demo-history.duckdb"
+    explicit, sources = load_config(env={**DEMO, "ZAIPROXY_HISTORY_PATH": "/data/h.duckdb"})
+    assert explicit.history_path == "/data/h.duckdb"
+    assert sources["history.history_path"] == "env:ZAIPROXY_HISTORY_PATH"

@@ -152,3 +152,23 @@ async def test_history_takes_the_admin_token_like_the_tui(mock: ProcessServer,
         assert token.encode() not in answered.stderr + answered.stdout
     finally:
         assert proxy.stop() == 0
+
+
+def test_history_demo_reads_the_demo_file_from_the_state_directory(tmp_path: Path) -> None:
+    """`make run` without a key writes demo traffic to its own file in the state directory;
+    `zaiproxy history --demo` reads that one, plain `zaiproxy history` the real one."""
+    from zaiproxy.observe.recorder.store import HistoryStore
+
+    state = tmp_path / "state"
+    (state / "zaiproxy").mkdir(parents=True)
+    HistoryStore.open(str(state / "zaiproxy" / "demo-history.duckdb")).close()
+    env = {"PATH": "/usr/bin:/bin", "XDG_STATE_HOME": str(state)}
+    demo = subprocess.run([sys.executable, "-m", "zaiproxy", "history", "--demo", "--json"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert demo.returncode == 0, demo.stderr
+    assert orjson.loads(demo.stdout)[0]["total"]["requests"] == 0
+    real = subprocess.run([sys.executable, "-m", "zaiproxy", "history", "--json"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert real.returncode != 0  # no real history yet: said, not silently empty
+    assert "zaiproxy/history.duckdb" in real.stderr and "demo-history" not in real.stderr
+    assert not list(tmp_path.glob("*.duckdb"))  # nothing in the current directory

@@ -63,6 +63,23 @@ class ConfigError(Exception):
         return "\n".join(self.problems)
 
 
+HISTORY_FILE: Final = "history.duckdb"
+DEMO_HISTORY_FILE: Final = "demo-history.duckdb"
+
+
+def state_dir(env: Mapping[str, str] | None = None) -> str:
+    """Where a user's zaiproxy keeps state: ``$XDG_STATE_HOME/zaiproxy`` (default
+    ``~/.local/state/zaiproxy``). The container sets its paths to ``/var/lib/zaiproxy``."""
+    env = os.environ if env is None else env
+    home = env.get("HOME") or os.path.expanduser("~")
+    base = env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    return os.path.join(base, "zaiproxy")
+
+
+def _default_history_path() -> str:
+    return os.path.join(state_dir(), HISTORY_FILE)
+
+
 def _default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 256))
 
@@ -275,9 +292,11 @@ class Config:
     # [history]  The DuckDB request history (zaiproxy/recorder): one recorder process writes
     # it; workers hand it one record per request and drop (and count) when it falls behind.
     history: bool = _setting(True, "history", ("ZAIPROXY_HISTORY",), values.boolean)
+    # Default: the user's state directory (state_dir()), demo-history.duckdb in demo mode so
+    # demo and real traffic never share a file; the image sets /var/lib/zaiproxy/.
     history_path: str = _setting(
-        "./zaiproxy-history.duckdb", "history", ("ZAIPROXY_HISTORY_PATH",),
-        values.file_path(must_exist=False),
+        None, "history", ("ZAIPROXY_HISTORY_PATH",), values.file_path(must_exist=False),
+        factory=_default_history_path,
     )
     # Raw rows (one per request) and snapshots are kept this many days, 1-minute rollups longer.
     history_raw_days: float = _setting(
@@ -534,6 +553,10 @@ def load_config(
         )
     if layers.problems:
         raise ConfigError(layers.problems)
+    if sources["history.history_path"] == "default":
+        # Computed from the environment given (tests pass their own), demo traffic apart.
+        merged["history_path"] = os.path.join(
+            state_dir(env), DEMO_HISTORY_FILE if merged["demo"] else HISTORY_FILE)
     return Config(**merged), sources
 
 

@@ -33,6 +33,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "FILE"),
                    help="write the raw rows of the range to FILE (FORMAT: parquet)")
     p.add_argument("--path", help="history file (default: history_path from the config)")
+    p.add_argument("--demo", action="store_true",
+                   help="the demo proxy's history (`zaiproxy serve --demo`, `make run` without "
+                        "ZAI_API_KEY): it keeps its own file")
     p.add_argument("--url", help="a recorder endpoint to ask (default: from <path>.endpoint)")
     p.add_argument("--token", default=None,
                    help="admin token for the recorder's endpoint, like `zaiproxy tui --token` "
@@ -161,7 +164,8 @@ def run(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stde
     from zaiproxy.core.durations import DurationError, parse_duration
 
     try:
-        config, _ = load_config({}, path=ns.config, require_api_key=False)
+        config, _ = load_config({"demo": True} if ns.demo else {}, path=ns.config,
+                                require_api_key=False)
     except ConfigError as exc:
         err.write(f"zaiproxy: invalid configuration:\n{exc}\n")
         return 2

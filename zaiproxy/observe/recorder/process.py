@@ -94,6 +94,10 @@ def recorder_main(channel: socket.socket, config: Config, ready: Connection | No
     logs.configure(config.level, proc="recorder")
     log = logs.get_logger()
     path = config.history_path
+    # The default location is a state directory that may not exist yet (owner-only: the
+    # history names client key aliases and models).
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     segment, cells = _attach_metrics(config, ledger_path)
     recorder = Recorder(path, variant=config.deployment_variant, raw_days=config.history_raw_days,
                         rollup_days=config.history_rollup_days, channel=channel, cells=cells,

@@ -171,3 +171,34 @@ def test_a_file_of_schema_v1_is_read_as_it_is(tmp_path: Path) -> None:
     con = duckdb.connect(p, read_only=True)
     assert current_version(con) == 1  # read, not migrated
     con.close()
+
+
+def test_history_splits_what_failed_for_the_clients(tmp_path: Path) -> None:
+    """Beside err% (5xx and cut streams): the proxy's refusals, Z.AI's 429s, other 4xx."""
+    p = str(tmp_path / "f.duckdb")
+    now = time.time()
+    store = HistoryStore.open(p)
+    rows = []
+    for i, (status, upstream_status) in enumerate([
+            (200, 200), (200, 200), (429, None), (429, None), (429, None),  # 3 refused
+            (429, 429), (400, None), (502, None)]):
+        rec = RequestRecord(request_id=f"f{i}", method="POST", route="/v1/messages",
+                            status=status, duration_s=0.1, bytes_in=10, client="-",
+                            model="glm-4.6", upstream_status=upstream_status)
+        rows.append(db_row("production", 0, list(wire.row_of(rec, now - 10 * i))))
+    store.write(rows)
+    store.close()
+    code, out, err = history("--path", p, "--json", "--by", "model", "--range", "1h")
+    assert code == 0, err
+    total = orjson.loads(out)[0]["total"]
+    assert (total["requests"], total["errors"]) == (8, 1)
+    assert (total["proxy_429"], total["zai_429"], total["other_4xx"]) == (3, 1, 1)
+    assert total["proxy_429_rate"] == 0.375
+    code, out, err = history("--path", p, "--by", "model", "--range", "1h")
+    assert code == 0, err
+    header, *_, last = out.split("\n\n")[1].splitlines()
+    assert "refused%" in header and "zai429%" in header and "4xx%" in header
+    total_cells = last.split()
+    assert total_cells[0] == "TOTAL"
+    # err% 12.50 (the 502), refused% 37.50, zai429% 12.50, 4xx% 12.50, in that order.
+    assert total_cells[3:7] == ["12.50", "37.50", "12.50", "12.50"]

@@ -125,6 +125,10 @@ def _fmt_int(v: int) -> str:
     return f"{v:,}"
 
 
+def _fmt_pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
 def _fmt_ms(v: float | None) -> str:
     return "-" if v is None else f"{v:,.1f}"
 
@@ -133,6 +137,10 @@ _COLUMNS: tuple[tuple[str, str, Callable[[dict[str, Any]], str]], ...] = (
     ("requests", "requests", lambda r: _fmt_int(r["requests"])),
     ("errors", "errors", lambda r: _fmt_int(r["errors"])),
     ("err%", "error_rate", lambda r: f"{100 * r['error_rate']:.2f}"),
+    # What else failed for the clients: the proxy's refusals, Z.AI's 429s, other 4xx.
+    ("refused%", "proxy_429_rate", lambda r: _fmt_pct(r.get("proxy_429_rate"))),
+    ("zai429%", "zai_429_rate", lambda r: _fmt_pct(r.get("zai_429_rate"))),
+    ("4xx%", "other_4xx_rate", lambda r: _fmt_pct(r.get("other_4xx_rate"))),
     ("avg ms", "latency_ms_avg", lambda r: _fmt_ms(r["latency_ms_avg"])),
     ("p95 ms", "latency_ms_p95", lambda r: _fmt_ms(r["latency_ms_p95"])),
     ("max ms", "latency_ms_max", lambda r: _fmt_ms(r["latency_ms_max"])),

@@ -68,32 +68,54 @@ def _params(start: float, end: float, variant: str | None) -> list[Any]:
     return [start, end] + ([variant] if variant is not None else [])
 
 
+# What else failed for the clients, by kind (the proxy's /admin/status splits the same way:
+# observe/snapshot.failures): the proxy's own 429s (no upstream answer), Z.AI's 429s relayed,
+# and the other 4xx. The 1-minute rollups keep status classes only: null there.
+FAILURE_SQL: Final = """
+    count(*) FILTER (WHERE status = 429 AND upstream_status IS NULL) AS proxy_429,
+    count(*) FILTER (WHERE status = 429 AND upstream_status IS NOT NULL) AS zai_429,
+    count(*) FILTER (WHERE status BETWEEN 400 AND 499 AND status <> 429) AS other_4xx"""
 _RAW_AGG: Final = f"""
     count(*) AS requests, count(*) FILTER (WHERE {ERROR_SQL}) AS errors,
     avg(latency_ms), quantile_cont(latency_ms, 0.95), max(latency_ms),
     coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0),
     coalesce(sum(cache_read_tokens), 0), coalesce(sum(cache_write_tokens), 0),
-    coalesce(sum(cost_usd), 0)"""
+    coalesce(sum(cost_usd), 0), {FAILURE_SQL}"""
 _ROLLUP_AGG: Final = """
     sum(requests) AS requests, sum(errors) AS errors,
     sum(latency_ms_sum) / sum(requests), sum(latency_ms_p95 * requests) / sum(requests),
     max(latency_ms_max), sum(input_tokens), sum(output_tokens),
-    sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_usd)"""
+    sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_usd),
+    NULL::BIGINT, NULL::BIGINT, NULL::BIGINT"""
+FAILURE_NAMES: Final = ("proxy_429", "zai_429", "other_4xx")
 _AGG_NAMES: Final = ("requests", "errors", "latency_ms_avg", "latency_ms_p95", "latency_ms_max",
                      "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-                     "cost_usd")
+                     "cost_usd", *FAILURE_NAMES)
+
+
+_BASE_NAMES: Final = _AGG_NAMES[:-len(FAILURE_NAMES)]  # what a series point aggregates
 
 
 def _agg(values: tuple[Any, ...] | list[Any]) -> dict[str, Any]:
+    """A summary row (every name of _AGG_NAMES) or a series point's base (_BASE_NAMES)."""
+    names = _AGG_NAMES if len(values) == len(_AGG_NAMES) else _BASE_NAMES
     out: dict[str, Any] = {}
-    for name, value in zip(_AGG_NAMES, values, strict=True):
+    for name, value in zip(names, values, strict=True):
         if name.startswith("latency"):
             out[name] = round(float(value), 3) if value is not None else None
         elif name == "cost_usd":
             out[name] = round(float(value or 0), 6)
+        elif name in FAILURE_NAMES:
+            out[name] = None if value is None else int(value)
         else:
             out[name] = int(value or 0)
-    out["error_rate"] = round(out["errors"] / out["requests"], 6) if out["requests"] else 0.0
+    requests = out["requests"]
+    out["error_rate"] = round(out["errors"] / requests, 6) if requests else 0.0
+    for name in FAILURE_NAMES if names is _AGG_NAMES else ():
+        # Shares, as error_rate; None where the rollups cannot tell.
+        count = out[name]
+        out[f"{name}_rate"] = (None if count is None
+                               else round(count / requests, 6) if requests else 0.0)
     return out
 
 
@@ -188,7 +210,7 @@ FIELDS_NULL_IN_ROLLUP: Final = ("latency_ms_p50", "latency_ms_p99", "ttft_ms_p50
 
 
 def _point(values: tuple[Any, ...]) -> dict[str, Any]:
-    n = len(_AGG_NAMES)
+    n = len(_BASE_NAMES)
     out = _agg(values[:n])
     for name, value in zip(_EXTRA_NAMES, values[n:], strict=True):
         if value is None:

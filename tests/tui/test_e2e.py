@@ -121,7 +121,14 @@ def test_tui_shows_live_traffic_history_and_keys_of_a_real_proxy(proxy: ProcessS
                 await pilot.pause(0.25)
             assert app.dashboard.history is not None and app.dashboard.history.range == "15m"
             assert app.dashboard.history.series.get("production")
-            assert any(ch in "".join(plot_lines(app, "rate")) for ch in "⠁⠂⠄⡀⠈⠐⠠⢀⣀⠤⠒⠉")
+
+            def drawn() -> bool:
+                return any(ch in "".join(plot_lines(app, "rate")) for ch in "⠁⠂⠄⡀⠈⠐⠠⢀⣀⠤⠒⠉")
+
+            # The plots redraw on the app's next refresh after the history arrived.
+            while time.monotonic() < deadline and not drawn():
+                await pilot.pause(0.25)
+            assert drawn()
         await api.aclose()
 
     try:

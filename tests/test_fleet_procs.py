@@ -28,7 +28,10 @@ from tests.harness import UPSTREAM_KEY, ProcessServer, RawClient, request, start
 from tests.redis_server import RedisServer
 from tests.test_limits_procs import (
     CHAT,
+    CLIENTS,
     JSON,
+    LIMIT,
+    REQUEST_LIMITS,
     assert_proxy_429,
     burst,
     close_clients,
@@ -114,14 +117,7 @@ async def health(proxy: ProcessServer) -> dict:
 
 # ---- exact across proxies -------------------------------------------------------------------
 
-CLIENTS = 1000
-LIMIT = 100
-
-
-@pytest.mark.parametrize(("setting", "limit_name", "refill_s"), [
-    ("ZAIPROXY_REQUESTS_PER_MINUTE", "global:requests_per_minute", 60 / LIMIT),
-    ("ZAIPROXY_REQUESTS_PER_5H", "global:requests_per_5h", math.inf),
-], ids=["gcra_per_minute", "window_per_5h"])
+@REQUEST_LIMITS
 async def test_a_request_limit_is_exact_across_two_proxies(
         fleet: Fleet, mock: ProcessServer, setting: str, limit_name: str,
         refill_s: float) -> None:

@@ -180,11 +180,16 @@ CLIENTS = 1000
 LIMIT = 100
 
 
-@pytest.mark.parametrize(("setting", "limit_name", "refill_s"), [
+# (setting, the 429's x-zaiproxy-limit, seconds GCRA takes to admit one more); shared with
+# the fleet's test (test_fleet_procs.py), which spreads the same burst over two proxies.
+REQUEST_LIMITS = pytest.mark.parametrize(("setting", "limit_name", "refill_s"), [
     ("ZAIPROXY_REQUESTS_PER_MINUTE", "global:requests_per_minute", 60 / LIMIT),
     # A 5-hour rolling window: nothing can come back during the test.
     ("ZAIPROXY_REQUESTS_PER_5H", "global:requests_per_5h", math.inf),
 ], ids=["gcra_per_minute", "window_per_5h"])
+
+
+@REQUEST_LIMITS
 async def test_a_request_limit_is_exact_across_workers(
         start_proxy: StartProxy, mock: ProcessServer, setting: str, limit_name: str,
         refill_s: float) -> None:

@@ -143,8 +143,9 @@ class RateState:
     reset_ns: int
 
 
-_SPECS: tuple[tuple[str, LimitKind, int, bool, str], ...] = (
-    # (Limits field, kind, period, weighted, ledger kind name)
+# Every limit a scope can set, in plan order: the one table both backends build from.
+LIMIT_SPECS: tuple[tuple[str, LimitKind, int, bool, str], ...] = (
+    # (Limits field, kind, period, weighted, algorithm)
     ("requests_per_minute", LimitKind.REQUESTS, MINUTE_NS, False, "gcra"),
     ("tokens_per_minute", LimitKind.TOKENS, MINUTE_NS, True, "gcra"),
     ("concurrency", LimitKind.CONCURRENCY, 0, False, "concurrency"),
@@ -206,7 +207,7 @@ class Admitter:
             scopes.insert(0, ("key", b"key\0" + alias.encode(), key_limits))
         impl = self.impl
         for scope, ident, limits in scopes:
-            for name, what, period, weighted, kind in _SPECS:
+            for name, what, period, weighted, kind in LIMIT_SPECS:
                 value = getattr(limits, name)
                 if value is None:
                     continue

@@ -46,9 +46,10 @@ import trio
 
 from zaiproxy.core import logs
 from zaiproxy.core.errors import LimitsUnavailable
-from zaiproxy.core.limitspec import FIVE_HOURS_NS, MINUTE_NS, WEEK_NS, Limits
+from zaiproxy.core.limitspec import Limits
 from zaiproxy.core.record import Usage
 from zaiproxy.limits.admission import (
+    LIMIT_SPECS,
     Admission,
     Admitter,
     LimitKind,
@@ -90,16 +91,10 @@ SECOND_US: Final = 1_000_000
 _COUNTER_FIELDS: Final = ("requests", "input_tokens", "output_tokens", "cache_read_tokens",
                           "cache_write_tokens")
 
-# (Limits field, what, period in µs, weighted, script kind), in the ledger plan's order.
-_SPECS: Final = (
-    ("requests_per_minute", LimitKind.REQUESTS, MINUTE_NS // US_PER_NS, False, GCRA),
-    ("tokens_per_minute", LimitKind.TOKENS, MINUTE_NS // US_PER_NS, True, GCRA),
-    ("concurrency", LimitKind.CONCURRENCY, 0, False, CONC),
-    ("requests_per_5h", LimitKind.QUOTA, FIVE_HOURS_NS // US_PER_NS, False, WINDOW),
-    ("tokens_per_5h", LimitKind.QUOTA, FIVE_HOURS_NS // US_PER_NS, True, WINDOW),
-    ("requests_per_week", LimitKind.QUOTA, WEEK_NS // US_PER_NS, False, WINDOW),
-    ("tokens_per_week", LimitKind.QUOTA, WEEK_NS // US_PER_NS, True, WINDOW),
-)
+# The ledger's table of limits (admission.LIMIT_SPECS) with periods in µs and script kinds.
+_SCRIPT_KINDS: Final = {"gcra": GCRA, "concurrency": CONC, "window": WINDOW}
+_SPECS: Final = tuple((name, what, period // US_PER_NS, weighted, _SCRIPT_KINDS[algorithm])
+                      for name, what, period, weighted, algorithm in LIMIT_SPECS)
 
 # Settles and reconcile charges waiting for Redis: bounded (when full the oldest go, counted
 # in SC_FLEET_DROPPED; their leases still expire). One call carries at most this many.
@@ -706,6 +701,18 @@ def encode_settles(entries: Iterable[_Entry], keys: list[str]) -> list[Any]:
     args[0] = count
     assert len(keys) == base + len(index)
     return args
+
+
+_COUNTER_CELLS: Final = (("switches", SC_FLEET_SWITCHES), ("errors", SC_FLEET_ERRORS),
+                         ("local", SC_FLEET_LOCAL), ("open", SC_FLEET_OPEN),
+                         ("closed", SC_FLEET_CLOSED), ("dropped", SC_FLEET_DROPPED))
+
+
+def fleet_counters(segment: Segment) -> dict[str, int]:
+    """This host's counts of the fleet backend (cells SC_FLEET_*): ``switches`` (times a
+    worker lost Redis), ``errors`` (failed calls), ``local`` / ``open`` / ``closed``
+    (requests the fail policy decided), ``dropped`` (settles the bounded queue lost)."""
+    return {name: segment.scalar_get(cell) for name, cell in _COUNTER_CELLS}
 
 
 def degraded_workers(segment: Segment, workers: int) -> int:

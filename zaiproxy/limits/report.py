@@ -38,15 +38,9 @@ from zaiproxy.limits.cells import (
     SC_ADAPTIVE_THROTTLED_AT_MS,
     SC_ADJUST_DOWN,
     SC_ADJUST_UP,
-    SC_FLEET_CLOSED,
-    SC_FLEET_DROPPED,
-    SC_FLEET_ERRORS,
-    SC_FLEET_LOCAL,
-    SC_FLEET_OPEN,
     SC_FLEET_SINCE_MS,
-    SC_FLEET_SWITCHES,
 )
-from zaiproxy.limits.fleet import degraded_workers
+from zaiproxy.limits.fleet import degraded_workers, fleet_counters
 from zaiproxy.limits.segment import Segment
 
 if TYPE_CHECKING:
@@ -98,11 +92,7 @@ def backend_state(config: Config, ledger: Segment) -> dict[str, Any]:
         "backend": "redis", "state": "degraded" if degraded else "ok", "fail": config.limits_fail,
         "local_share": config.limits_local_share, "degraded_workers": degraded,
         "since": since / 1000 if degraded and since else None,
-        "switches": ledger.scalar_get(SC_FLEET_SWITCHES),
-        "errors": ledger.scalar_get(SC_FLEET_ERRORS),
-        "local": ledger.scalar_get(SC_FLEET_LOCAL), "open": ledger.scalar_get(SC_FLEET_OPEN),
-        "closed": ledger.scalar_get(SC_FLEET_CLOSED),
-        "dropped": ledger.scalar_get(SC_FLEET_DROPPED),
+        **fleet_counters(ledger),
     }
 
 

@@ -99,14 +99,8 @@ from zaiproxy.limits.cells import (
     SC_ADAPTIVE_THROTTLED_AT_MS,
     SC_ADJUST_DOWN,
     SC_ADJUST_UP,
-    SC_FLEET_CLOSED,
-    SC_FLEET_DROPPED,
-    SC_FLEET_ERRORS,
-    SC_FLEET_LOCAL,
-    SC_FLEET_OPEN,
-    SC_FLEET_SWITCHES,
 )
-from zaiproxy.limits.fleet import degraded_workers
+from zaiproxy.limits.fleet import degraded_workers, fleet_counters
 from zaiproxy.limits.ledger import load as load_ledger
 from zaiproxy.limits.segment import Segment
 from zaiproxy.observe.shm_metrics import (
@@ -573,29 +567,29 @@ class _Collector:
 def _fleet_families(seg: Segment, variant: str, workers: int) -> Iterator[Metric]:
     """The fleet backend's health on this host (limits_backend = "redis": limits/fleet.py)."""
     degraded = degraded_workers(seg, workers)
+    counts = fleet_counters(seg)
     yield _gauge("zai_proxy_limits_backend_up",
                  "1 while every worker of this host reaches the fleet's Redis, else 0.",
                  variant, 0 if degraded else 1)
     yield _gauge("zai_proxy_limits_backend_degraded_workers",
                  "Workers of this host deciding by the fail policy (Redis unreachable).",
                  variant, degraded)
-    for name, doc, cell in (
+    for name, doc, key in (
             ("zai_proxy_limits_backend_switches",
-             "Times a worker lost Redis and switched to the fail policy.", SC_FLEET_SWITCHES),
+             "Times a worker lost Redis and switched to the fail policy.", "switches"),
             ("zai_proxy_limits_backend_errors",
-             "Redis calls of the limits backend that failed or timed out.", SC_FLEET_ERRORS),
+             "Redis calls of the limits backend that failed or timed out.", "errors"),
             ("zai_proxy_limits_backend_dropped",
-             "Settles and reconcile charges dropped: the bounded queue was full.",
-             SC_FLEET_DROPPED)):
+             "Settles and reconcile charges dropped: the bounded queue was full, or their call "
+             "timed out.", "dropped")):
         counter = CounterMetricFamily(name, doc, labels=["variant"])
-        counter.add_metric([variant], seg.scalar_get(cell))
+        counter.add_metric([variant], counts[key])
         yield counter
     decided = CounterMetricFamily("zai_proxy_limits_fail_policy_decisions",
                                   "Requests decided without Redis, by fail policy.",
                                   labels=["policy", "variant"])
-    for policy, cell in (("local", SC_FLEET_LOCAL), ("open", SC_FLEET_OPEN),
-                         ("closed", SC_FLEET_CLOSED)):
-        decided.add_metric([policy, variant], seg.scalar_get(cell))
+    for policy in ("local", "open", "closed"):
+        decided.add_metric([policy, variant], counts[policy])
     yield decided
 
 

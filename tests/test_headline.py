@@ -1,11 +1,15 @@
 """What failed for the clients, by kind, in ``/admin/status`` (and so in the collector and the
 TUI, which read the same snapshot): one definition (``snapshot.failures``) of 5xx, the proxy's
-own 429s, Z.AI's 429s and other 4xx."""
+own 429s, Z.AI's 429s and other 4xx; and one meaning of "Z.AI errors" and "retries" on a
+proxy, in its history and from a collector."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
+import trio
 
 from tests.harness import make_config, request, start_mock, start_proxy
 
@@ -72,3 +76,81 @@ def test_the_tui_shows_a_restarted_window_as_since_when() -> None:
         LimitState("tokens_per_week", 1000, 900, 100, 3600.0)], dt.UTC)
     assert restarted.resets == "since 14:05 (restart)"
     assert whole.resets == "1h"  # a window older than the restart: when it next releases
+
+
+# ---- one meaning of "Z.AI errors" and "retries": proxy, its history, a collector ----------
+
+
+class _Records:
+    """The proxy's record sink, kept in memory (written to a history file by the test)."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def submit(self, record: Any) -> None:
+        self.records.append(record)
+
+
+async def test_zai_errors_and_retries_mean_the_same_on_proxy_history_and_collector(
+        nursery, upstream, tmp_path):
+    """Z.AI errors = every Z.AI 429 answer (retried or relayed), retries = the retried ones:
+    the proxy's /admin/status, its history (the recorder's SQL over the rows) and a
+    collector's history (scraped counters), each as the TUI reads it, count the same."""
+    import time
+
+    from tests.test_collector import options
+    from zaiproxy.fleet.collector import Collector
+    from zaiproxy.observe.recorder import wire
+    from zaiproxy.observe.recorder.queries import history_series
+    from zaiproxy.observe.recorder.store import HistoryStore, db_row
+    from zaiproxy_tui.model import parse_history, total
+
+    proxy = await start_proxy(nursery, make_config(upstream, max_retries=3, adaptive_rate=False))
+    sink = _Records()
+    proxy.worker.ctx.record_sink = sink
+    collector = Collector(options(tmp_path, proxy.url))
+    await nursery.start(collector.run)
+    await collector.scrape_all()  # the baseline: history holds what changed after it
+
+    # Two Z.AI 429s waited out, then a 200; four 429s (three retries, the last relayed);
+    # a plain 200.
+    sent = [(200, [("x-mock-zai-code", "1302"), ("x-mock-fail-key", "twice"),
+                   ("x-mock-fail-times", "2")]),
+            (429, [("x-mock-zai-code", "1303")]),
+            (200, [])]
+    for expected, headers in sent:
+        resp = await request(proxy.port, "POST", "/v1/chat/completions", [JSON, *headers], CHAT)
+        assert resp.status == expected
+    zai_errors, retries = 2 + 4, 2 + 3
+
+    production = (await request(proxy.port, "GET", "/admin/status")).json()["variants"][
+        "production"]
+    assert (production["zai_errors"], production["retries"]) == (zai_errors, retries)
+
+    # The proxy's history: its rows, queried by the recorder's SQL, parsed by the TUI.
+    now = time.time()
+    store = HistoryStore.open(str(tmp_path / "h.duckdb"))
+    try:
+        store.write([db_row("production", 0, list(wire.row_of(r, now - 1)))
+                     for r in sink.records])
+        series = history_series(store, 900, resolution_s=10, now=now + 1)
+    finally:
+        store.close()
+    assert [r.zai_retries for r in sink.records if r.api] == [2, 3, 0]
+    recorded = parse_history({"series": series}, "15m", now + 1).series["production"]
+    assert total(recorded, "zai_errors") == pytest.approx(zai_errors)
+    assert total(recorded, "retries") == pytest.approx(retries)
+
+    # A collector scraping the same proxy: its stored increases, parsed by the TUI.
+    await collector.scrape_all()
+
+    async def collected() -> Any:
+        doc = await collector.history("15m", "production")
+        return parse_history(doc, "15m", time.time()).series.get("production", ())
+
+    with trio.fail_after(10):
+        while not (points := await collected()) or total(points, "requests") < len(sent) - 0.5:
+            await trio.sleep(0.05)
+    assert total(points, "requests") == pytest.approx(len(sent))
+    assert total(points, "zai_errors") == pytest.approx(zai_errors)
+    assert total(points, "retries") == pytest.approx(retries)

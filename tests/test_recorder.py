@@ -665,7 +665,9 @@ def test_raw_series_points_carry_what_a_dashboard_plots(plotted: HistoryStore) -
     assert (first["ttft_ms_p50"], first["ttft_ms_p95"], first["ttft_ms_p99"]) == (
         25.0, 38.5, 39.7)
     assert first["retries"] == 3
-    assert first["zai_errors"] == 2  # the one without a code counts too (error_class)
+    # Z.AI's 429 answers: 2 retried + 1 relayed, and 1 retried (a body without a code counts
+    # too), as zai_proxy_zai_errors_total counts them.
+    assert first["zai_errors"] == 4
     assert first["upstream_errors"] == 3  # cut, the proxy's 502 and 504; not a relayed 502
     assert first["rejections"] == 1  # the relayed Z.AI 429 is not the proxy's
     assert (second["requests"], second["responses_2xx"], second["rejections"]) == (2, 2, 0)

@@ -127,8 +127,11 @@ def point_from_rates(t: float, rates: Mapping[str, Any]) -> Point:
         r2xx = max(0.0, requests - r4xx - r5xx)
     else:
         r2xx = None
-    retries = (_sum_breakdown(breakdown, "retries") if isinstance(breakdown, Mapping)
-               else None)
+    # One count on a proxy and a collector (snapshot.Counts.retries); an older source has only
+    # the breakdown by reason (live), or neither (a collector's history before it stored them).
+    retries = _num(rates.get("retries_per_s"))
+    if retries is None and isinstance(breakdown, Mapping):
+        retries = _sum_breakdown(breakdown, "retries")
     seconds = _num(rates.get("seconds")) or 0.0
     shares = rates.get("failure_shares")
 
@@ -220,8 +223,11 @@ def parse_history(doc: Any, range_: str, fetched_at: float) -> History:
                     if t is None:
                         continue
                     assert isinstance(p, Mapping)
+                    # The time the rates were measured over (a partial bucket is shorter
+                    # than the step); an older collector does not say: the step.
+                    seconds = _num(p.get("seconds")) or step
                     out.append(replace(point_from_rates(min(t + step, fetched_at), p),
-                                       seconds=step))
+                                       seconds=seconds))
                 series[str(variant)] = tuple(out)
         end = _num(doc.get("to")) or fetched_at
         start = _num(doc.get("from")) or end - seconds

@@ -36,7 +36,7 @@ _SCHEMA = (
 # Counters added after the first schema: a file written by an older collector gets the
 # column on open (old rows read 0). DuckDB cannot add a NOT NULL column IF NOT EXISTS;
 # every insert names the column, so no NULL is ever written.
-_ADDED_COUNTS = ("usage_missing",)
+_ADDED_COUNTS = ("usage_missing", "retries")
 _MIGRATIONS = tuple(f"ALTER TABLE snapshots ADD COLUMN IF NOT EXISTS {c} DOUBLE DEFAULT 0"
                     for c in _ADDED_COUNTS)
 _COLUMNS = ("ts", "target", "variant", "seconds", "reset", *_SCALARS, *_QUANTILE_COLS,
@@ -137,7 +137,9 @@ def _history(con: duckdb.DuckDBPyConnection, since: float, step: float,
     out: dict[str, list[dict[str, Any]]] = {}
     for (k, v), items in sorted(grouped.items()):
         point = snapshot.combine(v, items).to_json()
-        for name in ("variant", "versions", "seconds", "requests"):
+        # ``seconds``: the time the bucket's rates were measured over (the first and the
+        # current bucket are partial), so a reader's rate x seconds is the bucket's increase.
+        for name in ("variant", "versions", "requests"):
             point.pop(name, None)
         out.setdefault(v, []).append({"t": k * step, "targets": len(items), **point})
     return out

@@ -182,6 +182,11 @@ class Counts:
     responses_429: float = 0.0
     upstream_errors: float = 0.0
     rejections: float = 0.0
+    # Z.AI's 429 answers received, each attempt counted, retried or relayed
+    # (zai_proxy_zai_errors_total); ``retries``: the ones the proxy waited out and sent
+    # again (zai_proxy_retry_attempts_total, every reason). The recorder's history counts
+    # the same two from its rows (recorder/queries.py ZAI_ERRORS_SQL): one meaning for the
+    # words "Z.AI errors" and "retries" on a proxy, its history and a collector.
     zai_errors: float = 0.0
     tokens_in: float = 0.0
     tokens_out: float = 0.0
@@ -189,6 +194,7 @@ class Counts:
     cost_usd: float = 0.0
     # 2xx answers whose upstream sent no usage (tokens estimated): token-count health.
     usage_missing: float = 0.0
+    retries: float = 0.0  # last: a collector's rows add columns in this order
 
     def to_json(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -329,6 +335,7 @@ class Rates:
             "upstream_errors_per_s": ps("upstream_errors"),
             "rejections_per_s": ps("rejections"),
             "zai_errors_per_s": ps("zai_errors"),
+            "retries_per_s": ps("retries"),
             "tokens_in_per_s": ps("tokens_in"),
             "tokens_out_per_s": ps("tokens_out"),
             "tokens_cache_per_s": ps("tokens_cache"),
@@ -355,6 +362,7 @@ _COUNTERS = {
     "zai_proxy_zai_errors_total": "zai_errors",
     "zai_proxy_estimated_cost_usd_total": "cost_usd",
     "zai_proxy_usage_missing_total": "usage_missing",
+    "zai_proxy_retry_attempts_total": "retries",
 }
 _GAUGES_SUMMED = {"zai_proxy_concurrent_requests": "in_flight",
                   "zai_proxy_streams_in_flight": "streams_in_flight",

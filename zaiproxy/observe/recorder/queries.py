@@ -157,9 +157,13 @@ UPSTREAM_ERROR_SQL: Final = ("(result IN ('upstream_cut', 'upstream_idle_timeout
 # The proxy's own 429s (gate.RateLimited, at admission or when a Z.AI retry is readmitted):
 # a Z.AI 429 that is relayed has upstream_status 429.
 REJECTION_SQL: Final = "(status = 429 AND upstream_status IS NULL)"
-# A Z.AI 429 seen (retried or relayed): error_class is set for every one, error_code only
-# when the body named a code (a non-JSON body has class 'unknown' and no code).
-ZAI_ERROR_SQL: Final = "(error_class IS NOT NULL)"
+# Z.AI's 429 answers, each attempt counted: the ones retried (``retries``) plus the one
+# relayed (``upstream_status`` 429; a client that left before it is still counted). The same
+# count as zai_proxy_zai_errors_total (snapshot.Counts.zai_errors), so "Z.AI errors" reads
+# the same on a proxy's screen, in its history and from a collector. ``error_class`` (the
+# last 429's class) says which kind, not how many.
+ZAI_ERRORS_SQL: Final = ("(coalesce(sum(retries), 0) "
+                         "+ count(*) FILTER (WHERE upstream_status = 429))")
 # A success whose upstream sent no usage (the proxy estimated the tokens): what
 # zai_proxy_usage_missing_total counts (metrics.py), so canary-check reads the same share
 # from a proxy's history as from /metrics. Rollups keep no tokens_estimated: null there.
@@ -177,7 +181,7 @@ _RAW_SERIES_AGG: Final = f"""
     count(*) FILTER (WHERE status // 100 = 5) AS r5, count(*) FILTER (WHERE status = 429) AS r429,
     quantile_cont(ttft_ms, [0.5, 0.95, 0.99]) AS ttft_q,  -- NULLs skipped; NULL if none
     coalesce(sum(retries), 0) AS retries,
-    count(*) FILTER (WHERE {ZAI_ERROR_SQL}) AS zai_errors,
+    {ZAI_ERRORS_SQL} AS zai_errors,
     count(*) FILTER (WHERE {UPSTREAM_ERROR_SQL}) AS upstream_errors,
     count(*) FILTER (WHERE {REJECTION_SQL}) AS rejections,
     count(*) FILTER (WHERE {USAGE_MISSING_SQL}) AS usage_missing"""

@@ -24,6 +24,7 @@ from textual.containers import Grid, VerticalScroll
 from textual.timer import Timer
 from textual.widgets import Footer
 
+from zaiproxy_tui.headline import headline_view
 from zaiproxy_tui.messages import FeedReported, HistoryFailed, HistoryLoaded, KeysFailed, KeysLoaded
 from zaiproxy_tui.model import RANGES
 from zaiproxy_tui.source import (
@@ -48,7 +49,7 @@ from zaiproxy_tui.views import (
 )
 from zaiproxy_tui.widgets.panels import ErrorsPanel, KeysPanel, LimiterPanel, PlotPanel
 from zaiproxy_tui.widgets.screens import HelpScreen, TokenScreen
-from zaiproxy_tui.widgets.status import StatusLine
+from zaiproxy_tui.widgets.status import Headline, StatusLine
 
 KEYS_REFRESH_S = 5.0
 HELP = {
@@ -106,12 +107,14 @@ class ZaiproxyTui(App[None]):
         # Held, not queried on every tick: a timer or message that comes in while the app
         # closes finds its widget detached (and does nothing) instead of raising NoMatches.
         self._status = StatusLine(id="status")
+        self._headline = Headline(id="headline")
         self._plots = {m.key: PlotPanel(m.key, y_format=Y_FORMATS[m.y_format], tz=self.tz)
                        for m in METRICS}
         self._limiter = LimiterPanel(id="limiter")
         self._errors = ErrorsPanel(id="errors")
         self._keys = KeysPanel()
         yield self._status
+        yield self._headline
         with VerticalScroll(id="main"):
             with Grid(id="plots"):
                 yield from self._plots.values()
@@ -215,6 +218,7 @@ class ZaiproxyTui(App[None]):
         self._status.show(status_view(d, now))
         if d.paused:
             return
+        self._headline.show(headline_view(d, now, self.tz))
         for view in panel_views(d, now):
             self._plots[view.key].show(view)
         self._limiter.show(limiter_view(d, self.tz))

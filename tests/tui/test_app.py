@@ -21,7 +21,7 @@ from zaiproxy_tui.app import ZaiproxyTui
 from zaiproxy_tui.source import NotServed, Unreachable
 from zaiproxy_tui.widgets.panels import ErrorsPanel, KeysPanel, LimiterPanel, PlotPanel
 from zaiproxy_tui.widgets.screens import HelpScreen, TokenScreen
-from zaiproxy_tui.widgets.status import StatusLine
+from zaiproxy_tui.widgets.status import Headline, StatusLine
 from zaiproxy_tui.widgets.timeplot import TimePlot
 
 UTC = dt.UTC
@@ -288,6 +288,32 @@ def test_works_at_80x24_and_every_panel_is_reachable() -> None:
         assert keys.region.y < 24 and keys.query_one(DataTable).has_focus
 
     run(make_app(), body, size=(80, 24))
+
+
+def test_the_first_80x24_screen_shows_quota_left_and_what_failed() -> None:
+    """Above the plots: the proxy-wide limits, least left first, and the range's failures by
+    kind (the limiter and errors panels are below the fold at this size)."""
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        headline = app.query_one(Headline)
+        assert headline.display and headline.region.y == 1  # under the status line
+        assert headline.region.bottom <= app.query_one("#panel-rate").region.y
+        quota, failed = text(headline).splitlines()
+        # tok/week is the tightest (7.8 % left), then req/5h (60 % left, resets in 2h 13m).
+        assert quota.index("upstream tok/week 7.8% left 3d") < quota.index("req/5h 60% left")
+        assert "2h 13m" in quota
+        assert failed.split() == ["failed", "15m", "5xx", "1.0%", "refused", "1.5%", "z.ai",
+                                  "429", "0.5%", "4xx", "2.0%", "retried", "–"]
+        assert app.query_one(LimiterPanel).region.y >= 24  # the full panel: below the fold
+
+    run(make_app(), body, size=(80, 24))
+
+
+def test_a_tall_screen_shows_the_panels_instead_of_the_headline() -> None:
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        assert not app.query_one(Headline).display
+        assert app.query_one(LimiterPanel).region.y < 48
+
+    run(make_app(), body, size=(160, 48))
 
 
 def test_the_tick_keeps_running_under_the_help_and_token_screens() -> None:

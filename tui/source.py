@@ -17,7 +17,9 @@ A stream that sends nothing, not even a heartbeat, for ``idle_timeout`` is
 taken as dead.
 
 Anything with ``events``/``history``/``keys`` of these shapes is a
-:class:`Source` — the tests' fixture source is one.
+:class:`Source` — the tests' fixture source is one, and so is
+:class:`~zaiproxy_tui.prometheus_source.PrometheusSource` (a fleet's metrics in
+Prometheus, which shares this module's error kinds and HTTP status reading).
 """
 
 from __future__ import annotations
@@ -130,8 +132,8 @@ class AdminApi:
         try:
             resp = await self._client.get(path, params=params, headers=self._headers())
         except httpx.HTTPError as exc:
-            raise Unreachable(_transport_error(self.url, exc)) from None
-        _check(resp.status_code, resp.content, path)
+            raise Unreachable(transport_error(self.url, exc)) from None
+        check_status(resp.status_code, resp.content, path)
         try:
             return orjson.loads(resp.content)
         except orjson.JSONDecodeError:
@@ -159,18 +161,19 @@ class AdminApi:
                                            timeout=timeout) as resp:
                 if resp.status_code != 200:
                     body = await resp.aread()
-                    _check(resp.status_code, body, "/admin/events")
+                    check_status(resp.status_code, body, "/admin/events")
                     raise BadAnswer(f"/admin/events answered {resp.status_code}")
                 async for name, data in _sse(resp.aiter_lines()):
                     event = _event(name, data)
                     if event is not None:
                         yield event
         except httpx.HTTPError as exc:
-            raise Unreachable(_transport_error(self.url, exc)) from None
+            raise Unreachable(transport_error(self.url, exc)) from None
         raise Unreachable(f"{self.url} closed the events stream")
 
 
-def _transport_error(url: str, exc: httpx.HTTPError) -> str:
+def transport_error(url: str, exc: httpx.HTTPError) -> str:
+    """What went wrong on the way, in words (every source)."""
     if isinstance(exc, httpx.ConnectError):
         return f"cannot connect to {url}"
     if isinstance(exc, httpx.TimeoutException):
@@ -181,7 +184,8 @@ def _transport_error(url: str, exc: httpx.HTTPError) -> str:
 
 
 def _message(body: bytes) -> str:
-    """The error message of either API shape, else a short excerpt."""
+    """The error message of the admin API's shapes or Prometheus' (``"error": "..."``),
+    else a short excerpt."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -190,17 +194,21 @@ def _message(body: bytes) -> str:
         err = doc.get("error")
         if isinstance(err, dict) and isinstance(err.get("message"), str):
             return str(err["message"])
+        if isinstance(err, str):
+            return err
         if isinstance(doc.get("message"), str):
             return str(doc["message"])
     return ""
 
 
-def _check(status: int, body: bytes, path: str) -> None:
+def check_status(status: int, body: bytes, path: str, *,
+                 needs_token: str = "the admin API needs a token") -> None:
+    """An HTTP error status as the :class:`SourceError` the screen explains (every source)."""
     if status < 400:
         return
     message = _message(body)
     if status in (401, 403):
-        raise Unauthorized(message or "the admin API needs a token")
+        raise Unauthorized(message or needs_token)
     if status in (404, 405, 501):
         raise NotServed(f"{path} is not served here" + (f" ({message})" if message else ""))
     if status == 503:

@@ -44,7 +44,7 @@ class Dashboard:
         self.mode = mode
         self.paused = False
         self.connection = Connection("connecting")
-        self.source_kind: str | None = None  # proxy | collector
+        self.source_kind: str | None = None  # proxy | collector | prometheus
         self.interval = DEFAULT_INTERVAL
         self.latest: Snapshot | None = None
         self.received_at: float | None = None  # local clock: stale is judged on it, not on

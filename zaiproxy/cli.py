@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_canary_parser(sub)
     sub.add_parser("tui", add_help=False,
-                   help="the terminal UI of a proxy or collector (zaiproxy tui --help)")
+                   help="the terminal UI of a proxy, a collector or a fleet's Prometheus "
+                        "(zaiproxy tui --help)")
     return parser
 
 

@@ -3,7 +3,8 @@ of the proxies themselves (one per ``--url``), or Prometheus, each reduced to on
 :class:`Window` per variant (``zaiproxy/fleet/canary.py`` decides).
 
 Pure adapters (:func:`from_collector`, :func:`from_proxies`, :func:`from_prometheus` and
-the PromQL of :func:`prometheus_queries`) and the blocking HTTP that feeds them
+the PromQL of :func:`prometheus_queries`, whose text and answer reading are
+:mod:`zaiproxy.fleet.promql`'s, shared with the TUI) and the blocking HTTP that feeds them
 (``http/client.py``'s ``request_sync``: a CLI with no event loop, one request after the
 other, each bounded by ``--timeout`` from connect to last byte); every failure to reach or
 read a source is a :class:`SourceError`, and :class:`Unreachable` when nothing answered.
@@ -21,19 +22,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from zaiproxy.fleet import promql
+
 if TYPE_CHECKING:
     from zaiproxy.http import client
 
 _T = TypeVar("_T")
-QUANTILE = 0.95
-# Not API traffic (as snapshot.CONTROL_PATHS / CONTROL_PREFIX): scrapes, probes, admin.
-_API_PATHS = 'path!~"/metrics|/health|/ready|/admin.*"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,35 +180,9 @@ def from_proxies(answers: Sequence[ProxyAnswer], window_s: float,
 
 
 def prometheus_queries(window_s: float, names: Sequence[str]) -> dict[str, str]:
-    """PromQL over the proxy's metric names, one instant vector by ``variant`` each."""
-    w = f"{round(window_s * 1000)}ms"
-    v = 'variant=~"' + "|".join(names) + '"'  # names are [a-z0-9_-]: nothing to escape
-    api = f"{v},{_API_PATHS}"
-
-    def increase(selector: str, metric: str = "zai_proxy_requests_total") -> str:
-        return f"sum by (variant) (increase({metric}{{{selector}}}[{w}]))"
-
-    def p95(metric: str, selector: str) -> str:
-        return (f"histogram_quantile({QUANTILE}, sum by (variant, le) "
-                f"(rate({metric}_bucket{{{selector}}}[{w}])))")
-
-    return {
-        "requests": increase(api),
-        "ok": increase(f'{api},status=~"2.."'),
-        "server_errors": increase(f'{api},status=~"5.."'),
-        "rate_limited": increase(f'{api},status="429"'),
-        "usage_missing": increase(v, "zai_proxy_usage_missing_total"),
-        "latency_p95": p95("zai_proxy_request_duration_seconds", api),
-        "ttft_p95": p95("zai_proxy_time_to_first_token_seconds", v),
-        # Targets labelled with their variant by the scrape config (a ServiceMonitor
-        # relabelling a pod label) ...
-        "up": f"up{{{v}}}",
-        # ... else each target's variant from its last build_info in the window, joined
-        # with `up` (0 = the last scrape failed); a target gone from discovery has no `up`.
-        "targets": (f"max by (variant, instance, job) (last_over_time(zai_proxy_build_info"
-                    f"{{{v}}}[{w}])) * on (instance, job) group_left () "
-                    "max by (instance, job) (up)"),
-    }
+    """PromQL over the proxy's metric names, one instant vector by ``variant`` each (the
+    text lives in :mod:`zaiproxy.fleet.promql`, shared with ``zaiproxy tui --prometheus``)."""
+    return promql.canary_queries(window_s, names)
 
 
 def from_prometheus(answers: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -218,18 +191,12 @@ def from_prometheus(answers: Mapping[str, Sequence[Mapping[str, Any]]],
     fields: dict[str, dict[str, Any]] = {n: {} for n in names}
     for key in ("requests", "ok", "server_errors", "rate_limited", "usage_missing",
                 "latency_p95", "ttft_p95"):
-        for item in answers[key]:
-            variant = item["metric"].get("variant")
-            value = float(item["value"][1])
-            if variant in fields and math.isfinite(value):  # NaN: no observation
-                fields[variant][key] = value
-    rows = [r for r in answers["up"] if r["metric"].get("variant")] or answers["targets"]
-    for row in rows:
-        variant = row["metric"].get("variant")
+        for variant, values in promql.by_variant(answers[key]).items():
+            if variant in fields:
+                fields[variant][key] = values[""]
+    for variant, found in promql.count_targets(answers["up"], answers["targets"]).items():
         if variant in fields:
-            into = fields[variant]
-            into["targets"] = into.get("targets", 0) + 1
-            into["targets_down"] = into.get("targets_down", 0) + (float(row["value"][1]) < 1)
+            fields[variant].update(targets=found.total, targets_down=len(found.down))
     return {name: Window(**f) for name, f in fields.items()}
 
 
@@ -362,13 +329,14 @@ def read_prometheus(url: str, window_s: float, names: Sequence[str], *, token: s
                     timeout: float) -> dict[str, Window]:
     answers: dict[str, Any] = {}
     for key, query in prometheus_queries(window_s, names).items():
-        doc = get_json(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": query}),
+        doc = get_json(f"{url}{promql.QUERY_PATH}?"
+                       + urllib.parse.urlencode(promql.instant_params(query)),
                        token=token, timeout=timeout)
-        if not isinstance(doc, dict) or doc.get("status") != "success":
-            why = doc.get("error") if isinstance(doc, dict) else f"{doc!r:.80}"
-            raise SourceError(f"{url}: Prometheus did not answer the {key} query: {why}")
-        data = doc.get("data")
-        answers[key] = data.get("result") if isinstance(data, dict) else None
+        try:
+            answers[key] = promql.result(doc, "vector")
+        except promql.AnswerError as exc:
+            raise SourceError(f"{url}: Prometheus did not answer the {key} query: "
+                              f"{exc}") from None
     return _reading(url, from_prometheus, answers, names)
 
 

@@ -88,6 +88,12 @@ async def test_keys_report_shows_aliases_limits_and_usage(nursery, upstream, tmp
         == {"limit": 100, "used": 3, "remaining": 97}
     assert alice["usage"]["requests"] == 3
     assert alice["usage"]["input_tokens"] > 0
+    # Every request by outcome (the names of /admin/status's failure kinds), then the tokens.
+    assert list(alice["usage"]) == ["requests", "ok", "proxy_429", "zai_429", "other_4xx", "5xx",
+                                    "charged_requests", "input_tokens", "output_tokens",
+                                    "cache_read_tokens", "cache_write_tokens"]
+    assert (alice["usage"]["ok"], alice["usage"]["charged_requests"]) == (3, 3)
+    assert bob["usage"]["requests"] == 0
     text = orjson.dumps(report).decode()
     assert "zp-alice-1" not in text and "zp-bob-1" not in text
 

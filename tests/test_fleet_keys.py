@@ -3,6 +3,8 @@ answers that already hold fleet-wide numbers, and the TUI's words for them (pure
 
 from __future__ import annotations
 
+from typing import Any
+
 from tests.tui.fixtures import NOW, keys_doc, metrics_doc
 from zaiproxy.fleet.fleet_keys import merge_keys, merge_scope
 from zaiproxy_tui.model import parse_keys, parse_snapshot
@@ -10,7 +12,7 @@ from zaiproxy_tui.state import Dashboard
 from zaiproxy_tui.views import keys_message, status_view
 
 
-def answer(scope: str, requests: int, remaining: int) -> dict:
+def answer(scope: str, requests: int, remaining: int) -> dict[str, Any]:
     return {"mode": "keys", "scope": scope, "global": {
         "requests_per_minute": {"limit": 100, "remaining": remaining, "reset_s": 3.0}},
         "keys": [{"alias": "alice", "enabled": True, "limited_by": [], "limits": {},
@@ -34,6 +36,28 @@ def test_fleet_wide_usage_counts_once_and_host_usage_adds_up() -> None:
                           answer("host", 50, 90)])
     assert keys[0]["usage"]["requests"] == 351
     assert merge_scope([answer("fleet", 1, 1), answer("host", 1, 1)]) == "mixed"
+
+
+def test_every_outcome_is_merged_like_the_request_count() -> None:
+    """The collector sums (host) or takes the latest (fleet) of each outcome as of
+    ``requests``: the fleet's rows still add up, and its TUI row shows them."""
+    def outcomes(scope: str, ok: int, refused: int, r5xx: int) -> dict[str, Any]:
+        doc = answer(scope, ok + refused + r5xx, 50)
+        doc["keys"][0]["usage"].update({"ok": ok, "proxy_429": refused, "zai_429": 0,
+                                        "other_4xx": 0, "5xx": r5xx, "charged_requests": ok})
+        return doc
+
+    keys, _ = merge_keys([outcomes("host", 90, 30, 1), outcomes("host", 10, 5, 0)])
+    usage = keys[0]["usage"]
+    assert (usage["requests"], usage["ok"], usage["proxy_429"], usage["5xx"]) == (136, 100, 35, 1)
+    keys, _ = merge_keys([outcomes("fleet", 90, 30, 1), outcomes("fleet", 91, 30, 1),
+                          outcomes("host", 4, 0, 2)])
+    usage = keys[0]["usage"]
+    assert (usage["requests"], usage["ok"], usage["proxy_429"], usage["5xx"]) == (128, 95, 30, 3)
+    assert usage["requests"] == sum(usage[k] for k in ("ok", "proxy_429", "zai_429",
+                                                       "other_4xx", "5xx"))
+    (row,) = parse_keys({"mode": "fleet", "keys": keys}).keys
+    assert (row.requests, row.refused, row.r4xx, row.r5xx) == (128, 30, 0, 3)
 
 
 def dashboard() -> Dashboard:

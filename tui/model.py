@@ -225,9 +225,9 @@ def parse_history(doc: Any, range_: str, fetched_at: float) -> History:
                     assert isinstance(p, Mapping)
                     # The time the rates were measured over (a partial bucket is shorter
                     # than the step); an older collector does not say: the step.
-                    seconds = _num(p.get("seconds")) or step
+                    measured = _num(p.get("seconds")) or step
                     out.append(replace(point_from_rates(min(t + step, fetched_at), p),
-                                       seconds=seconds))
+                                       seconds=measured))
                 series[str(variant)] = tuple(out)
         end = _num(doc.get("to")) or fetched_at
         start = _num(doc.get("from")) or end - seconds
@@ -361,10 +361,26 @@ class KeyRow:
     enabled: bool
     state: str  # ok | limited | disabled
     limited_by: tuple[str, ...]
+    # Every request the key sent (a proxy older than the outcomes counted only the charged
+    # ones: its outcomes below are None, unknown, and this is that count).
     requests: int
     input_tokens: int
     output_tokens: int
     limits: tuple[LimitState, ...]
+    # ``requests`` by outcome (/admin/keys ``usage``): answered, refused by the proxy's
+    # limits (its 429), Z.AI's 429 relayed, any other 4xx (499: the client left), 5xx.
+    ok: int | None = None
+    refused: int | None = None
+    zai_429: int | None = None
+    other_4xx: int | None = None
+    r5xx: int | None = None
+
+    @property
+    def r4xx(self) -> int | None:
+        """The 4xx a client got other than the proxy's refusals (Z.AI's 429s included)."""
+        if self.zai_429 is None or self.other_4xx is None:
+            return None
+        return self.zai_429 + self.other_4xx
 
     @property
     def tightest(self) -> LimitState | None:
@@ -416,6 +432,12 @@ def _limits(doc: Any) -> tuple[LimitState, ...]:
     return tuple(out)
 
 
+def _count(value: Any) -> int | None:
+    """A count of the keys report; None when the answer has none (an older proxy)."""
+    v = _num(value)
+    return None if v is None else int(v)
+
+
 def parse_keys(doc: Any) -> KeysReport:
     if not isinstance(doc, Mapping):
         raise AnswerError("keys answer is not a JSON object")
@@ -436,7 +458,10 @@ def parse_keys(doc: Any) -> KeysReport:
             alias=k["alias"], enabled=enabled, state=state, limited_by=limited_by,
             requests=int(_num(usage.get("requests")) or 0),
             input_tokens=int(_num(usage.get("input_tokens")) or 0),
-            output_tokens=int(_num(usage.get("output_tokens")) or 0), limits=limits))
+            output_tokens=int(_num(usage.get("output_tokens")) or 0), limits=limits,
+            ok=_count(usage.get("ok")), refused=_count(usage.get("proxy_429")),
+            zai_429=_count(usage.get("zai_429")), other_4xx=_count(usage.get("other_4xx")),
+            r5xx=_count(usage.get("5xx"))))
     adaptive = None
     a = doc.get("adaptive")
     if isinstance(a, Mapping):

@@ -127,10 +127,11 @@ WARNINGS = {"admin_api_open": "ADMIN API OPEN (no token)",
 
 
 def freshness(d: Dashboard, variant: str) -> str | None:
-    """A collector's word on one variant's targets: ``DOWN`` (none answers), ``STALE 1/3``
-    (some stopped answering), or None (all fresh, or a proxy: it reports only itself)."""
+    """A collector's (or Prometheus') word on one variant's targets: ``DOWN`` (none answers),
+    ``STALE 1/3`` (some stopped answering), or None (all fresh, or a proxy: it reports only
+    itself)."""
     latest = d.latest
-    if latest is None or latest.source != "collector":
+    if latest is None or latest.source not in ("collector", "prometheus"):
         return None
     v = latest.variants.get(variant)
     if v is None or v.stale_targets <= 0:
@@ -146,6 +147,8 @@ def status_view(d: Dashboard, now: float) -> list[Segment]:
     out: list[Segment] = []
     if c.kind == "connected":
         out.append(("● connected", "ok"))
+        if d.source_kind == "prometheus":  # the fleet as Prometheus scraped it
+            out.append((" via Prometheus", "muted"))
     elif c.kind == "connecting":
         out.append(("◌ connecting", "warn"))
     elif c.kind == "reconnecting":
@@ -580,9 +583,13 @@ def _sum_attr(points: Sequence[Point], name: str) -> float | None:
     return sum(values) if values else None
 
 
+# The keys table: (header, sort key) per column. Nine columns fit the 76 an 80-column
+# terminal leaves inside the panel (each column is its widest text plus a space each side)
+# with aliases of 13 characters: counts take at most four (fmt_short_count), and the key's
+# state is the colour of its "left" cell (a disabled key's says so), not a column.
 KEY_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("alias", "key"), ("state", "state"), ("requests", "requests"), ("tok in", "in"),
-    ("tok out", "out"), ("left", "left"), ("resets", "resets"))
+    ("alias", "key"), ("req", "requests"), ("refused", "refused"), ("4xx", "4xx"),
+    ("5xx", "5xx"), ("in", "in"), ("out", "out"), ("left", "left"), ("resets", "resets"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,22 +597,62 @@ class KeyLine:
     alias: str
     state: str
     state_role: str
-    requests: int
+    requests: int  # every request the key sent
     tokens_in: int
     tokens_out: int
     left_share: float | None
     left: str
     resets: str
     resets_s: float | None
+    # Of the requests: refused by the proxy's limits (its 429s), the other 4xx (Z.AI's 429s
+    # relayed, 499s), the 5xx. None: not known (a proxy older than these counts).
+    refused: int | None = None
+    r4xx: int | None = None
+    r5xx: int | None = None
 
     def sort_key(self, column: str) -> tuple[float | str, str]:
         values: dict[str, float | str] = {
             "key": self.alias, "state": self.state, "requests": self.requests,
+            "refused": _known(self.refused), "4xx": _known(self.r4xx), "5xx": _known(self.r5xx),
             "in": self.tokens_in, "out": self.tokens_out,
             "left": self.left_share if self.left_share is not None else 2.0,
             "resets": self.resets_s if self.resets_s is not None else math.inf,
         }
         return values[column], self.alias
+
+    def cells(self) -> tuple[tuple[str, str | None], ...]:
+        """The row's text per column of KEY_COLUMNS, each with its palette role (None =
+        plain): the "left" cell carries the key's state (limited: the error colour)."""
+        disabled = self.state == "disabled"
+        return ((self.alias, None), (fmt_short_count(self.requests), None),
+                (fmt_short_count(self.refused), None), (fmt_short_count(self.r4xx), None),
+                (fmt_short_count(self.r5xx), None), (fmt_short_count(self.tokens_in), None),
+                (fmt_short_count(self.tokens_out), None),
+                ("disabled" if disabled else self.left,
+                 None if self.state_role == "ok" else self.state_role),
+                (self.resets, None))
+
+
+def _known(count: int | None) -> float:
+    """A count to sort by: an unknown one below every known one (0 included)."""
+    return -1.0 if count is None else float(count)
+
+
+def fmt_short_count(value: int | None) -> str:
+    """A count in at most four characters, for the keys table's six count columns: exact
+    below 10,000 (``9870``), then two or three digits and a unit (``48k``, ``431k``,
+    ``1.2M``, ``58M``); "–" when unknown."""
+    if value is None:
+        return "–"
+    if value < 10_000:
+        return str(value)
+    for scale, suffix in ((1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T")):
+        x = value / scale
+        if x < 9.95:
+            return f"{x:.1f}{suffix}"
+        if round(x) < 1000:  # else 999.6k reads 1.0M, not 1000k
+            return f"{x:.0f}{suffix}"
+    return f"{value:.0e}"
 
 
 def key_lines(d: Dashboard, sort: str = "requests", reverse: bool = True) -> list[KeyLine]:
@@ -628,7 +675,8 @@ def key_lines(d: Dashboard, sort: str = "requests", reverse: bool = True) -> lis
             resets_s = tight.reset_s if tight.reset_s else None
             resets = fmt_duration(resets_s) if resets_s else "–"
         out.append(KeyLine(k.alias, state, role, k.requests, k.input_tokens, k.output_tokens,
-                           share, left, resets, resets_s))
+                           share, left, resets, resets_s, refused=k.refused, r4xx=k.r4xx,
+                           r5xx=k.r5xx))
     out.sort(key=lambda line: line.sort_key(sort), reverse=reverse)
     return out
 

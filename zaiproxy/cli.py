@@ -75,9 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "mock-upstream":
         return _mock(ns)
     if ns.command == "history":
+        # A collector's database is read by the collector's own code (fleet/), which the
+        # recorder's CLI (observe/, a lower wing) may not import: handed in from here.
+        from zaiproxy.fleet.collector_store import read_summary
         from zaiproxy.observe.recorder.cli import run as history
 
-        return history(ns)
+        return history(ns, collector_summary=read_summary)
     if ns.command == "collect":
         from zaiproxy.fleet.collector import main as collect
 

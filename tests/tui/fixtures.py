@@ -116,8 +116,12 @@ def keys_doc() -> dict[str, Any]:
         return {"limit": limit, "used": used, "remaining": max(0, limit - used),
                 "reset_s": reset, "releases": used // 10}
 
-    def usage(req: int) -> dict[str, Any]:
-        return {"requests": req, "input_tokens": req * 1200, "output_tokens": req * 180,
+    def usage(req: int, refused: int = 0, zai_429: int = 0, other_4xx: int = 0,
+              r5xx: int = 0) -> dict[str, Any]:
+        ok = req - refused - zai_429 - other_4xx - r5xx
+        return {"requests": req, "ok": ok, "proxy_429": refused, "zai_429": zai_429,
+                "other_4xx": other_4xx, "5xx": r5xx, "charged_requests": ok,
+                "input_tokens": ok * 1200, "output_tokens": ok * 180,
                 "cache_read_tokens": 0, "cache_write_tokens": 0}
 
     return {
@@ -127,17 +131,17 @@ def keys_doc() -> dict[str, Any]:
              "limits": {"requests_per_minute": 600, "tokens_per_5h": 5_000_000},
              "now": {"requests_per_minute": gcra(600, 412, 18.2),
                      "tokens_per_5h": window(5_000_000, 3_100_000, 7_980.0)},
-             "usage": usage(48_211), "state": "ok", "limited_by": []},
+             "usage": usage(48_211, 210, 12, 31, 8), "state": "ok", "limited_by": []},
             {"alias": "ci-bot", "enabled": True, "models": ["glm-4.6"],
              "limits": {"requests_per_minute": 60, "concurrency": 4},
              "now": {"requests_per_minute": gcra(60, 0, 42.0),
                      "concurrency": {"limit": 4, "in_use": 4, "remaining": 0}},
-             "usage": usage(9_870), "state": "limited",
+             "usage": usage(9_870, 4_120, 0, 2, 0), "state": "limited",
              "limited_by": ["requests_per_minute", "concurrency"]},
             {"alias": "alice", "enabled": True, "models": None,
              "limits": {"requests_per_week": 20_000},
              "now": {"requests_per_week": window(20_000, 2_400, 310_000.0)},
-             "usage": usage(2_400), "state": "ok", "limited_by": []},
+             "usage": usage(2_400, 0, 3, 0, 1), "state": "ok", "limited_by": []},
             {"alias": "old-laptop", "enabled": False, "models": None, "limits": {}, "now": {},
              "usage": usage(0), "state": "disabled", "limited_by": []},
         ],

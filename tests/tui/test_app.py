@@ -178,7 +178,10 @@ def test_keys_table_sorts_by_column() -> None:
             return [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
 
         assert aliases() == ["agent-fleet-a", "ci-bot", "alice", "old-laptop"]  # requests ↓
-        await pilot.press("s", "s", "s", "s")  # requests -> in -> out -> left -> resets
+        await pilot.press("s")  # -> refused ↓
+        await settle(pilot)
+        assert aliases()[0] == "ci-bot"  # 4120 refused by the proxy's limits
+        await pilot.press("s", "s", "s", "s", "s", "s")  # 4xx, 5xx, in, out, left, resets
         await settle(pilot)
         assert "resets" in str(app.query_one(KeysPanel).border_title)
         assert aliases()[0] == "ci-bot"  # 42 s: the soonest reset
@@ -186,7 +189,8 @@ def test_keys_table_sorts_by_column() -> None:
         await settle(pilot)
         assert aliases() == ["agent-fleet-a", "alice", "ci-bot", "old-laptop"]
         ci_bot = [str(cell) for cell in table.get_row_at(2)]
-        assert ci_bot[1] == "limited" and ci_bot[5] == "0% req/min" and ci_bot[6] == "42s"
+        assert ci_bot[1:5] == ["9870", "4120", "2", "0"]  # requests, refused, 4xx, 5xx
+        assert ci_bot[7] == "0% req/min" and ci_bot[8] == "42s"  # the state is its colour
 
     run(make_app(), body)
 

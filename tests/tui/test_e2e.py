@@ -98,7 +98,8 @@ def test_tui_shows_live_traffic_history_and_keys_of_a_real_proxy(proxy: ProcessS
             table = app.query_one(KeysPanel).query_one(DataTable)
 
             def requests_of() -> dict[str, int]:
-                return {str(table.get_row_at(i)[0]): int(str(table.get_row_at(i)[2])
+                # alias, req (every request the key sent), refused, 4xx, 5xx, ...
+                return {str(table.get_row_at(i)[0]): int(str(table.get_row_at(i)[1])
                                                          .replace(",", ""))
                         for i in range(table.row_count)}
 

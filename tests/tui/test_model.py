@@ -298,6 +298,33 @@ def test_proxy_keys_answer() -> None:
     assert report.adaptive.adjustments == {"up": 0.0, "down": 0.0}
 
 
+def test_keys_answer_with_every_request_by_outcome() -> None:
+    """A proxy that counts every request of a key by outcome (captured from a real worker
+    against the mock, the tests' harness: alice, allowed 5 requests a minute, got 3 answers,
+    a 503, a relayed Z.AI 1308 and 2 refusals; bob is disabled)."""
+    alice, bob = parse_keys(load("proxy_keys_outcomes.json")).keys
+    assert (alice.requests, alice.ok, alice.refused, alice.zai_429, alice.other_4xx,
+            alice.r5xx) == (7, 3, 2, 1, 0, 1)
+    assert alice.r4xx == 1  # Z.AI's 429 is a 4xx the client got, not a refusal
+    assert (alice.input_tokens, alice.output_tokens) == (69, 30)
+    assert (bob.requests, bob.refused, bob.r4xx, bob.r5xx) == (0, 0, 0, 0)
+
+
+def test_keys_answer_of_an_older_proxy_has_no_outcomes() -> None:
+    """Before the outcomes a proxy counted only the charged requests: they stay "requests",
+    the outcomes are unknown (None, shown "–"), never 0."""
+    alice, _ = parse_keys(load("proxy_keys.json")).keys
+    assert alice.requests == 5
+    assert (alice.ok, alice.refused, alice.zai_429, alice.other_4xx, alice.r5xx,
+            alice.r4xx) == (None,) * 6
+    partial = load("proxy_keys_outcomes.json")
+    usage = partial["keys"][0]["usage"]
+    del usage["zai_429"]
+    usage["5xx"] = "many"  # not a number: unknown, not a crash
+    alice = parse_keys(partial).keys[0]
+    assert (alice.refused, alice.other_4xx, alice.r4xx, alice.r5xx) == (2, 0, None, None)
+
+
 def test_open_mode_keys_answer() -> None:
     doc = {"mode": "open", "keys": [], "global": {},
            "adaptive": {"enabled": True, "rate_rps": 12.5, "min_rps": 0.5, "max_rps": 1000.0,

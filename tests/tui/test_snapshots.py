@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.tui.fixtures import NOW, FixtureSource
+from tests.tui.fixtures import NOW, FixtureSource, metrics_doc
 from zaiproxy_tui.app import ZaiproxyTui
 
 
@@ -31,3 +31,13 @@ def test_main_screen(snap_compare: Any, mode: str, dark: bool, size: tuple[int, 
 
 def test_help_overlay(snap_compare: Any) -> None:
     assert snap_compare(_app("production", True), terminal_size=(80, 24), press=["?"])
+
+
+def test_a_dead_canary(snap_compare: Any) -> None:
+    """The canary's only target stopped answering (a collector's view): DOWN on the status
+    line and in the canary's panel summaries, at the smallest size."""
+    doc = metrics_doc(NOW)
+    doc["variants"]["canary"].update(targets=1, stale_targets=1, stale=True)
+    app = ZaiproxyTui(FixtureSource(events=[doc]), url="http://fleet:9090", clock=lambda: NOW,
+                      tz=dt.UTC, mode="both", dark=True)
+    assert snap_compare(app, terminal_size=(80, 24))

@@ -18,6 +18,7 @@ from zaiproxy_tui.model import LimitState, parse_history, parse_keys, parse_snap
 from zaiproxy_tui.source import AuthRequired, Connected, Connecting, Reconnecting
 from zaiproxy_tui.state import Dashboard
 from zaiproxy_tui.views import (
+    KEY_COLUMNS,
     Segment,
     error_rows,
     fmt_count,
@@ -25,6 +26,7 @@ from zaiproxy_tui.views import (
     fmt_pct,
     fmt_rate,
     fmt_seconds,
+    fmt_short_count,
     fmt_si,
     fmt_usd,
     fmt_usd_axis,
@@ -295,6 +297,8 @@ def test_key_lines_show_state_and_the_tightest_limit() -> None:
     lines = {k.alias: k for k in key_lines(keys_dashboard())}
     agent = lines["agent-fleet-a"]
     assert (agent.state, agent.state_role, agent.requests) == ("ok", "ok", 48_211)
+    # Of every request: refused by the proxy, other 4xx (Z.AI's 429s with them), 5xx.
+    assert (agent.refused, agent.r4xx, agent.r5xx) == (210, 12 + 31, 8)
     assert (agent.left, agent.resets, agent.resets_s) == ("38% tok/5h", "2h 13m", 7980.0)
     ci = lines["ci-bot"]
     assert ci.state.startswith("limited") and ci.state_role == "error"
@@ -308,6 +312,9 @@ def test_key_lines_show_state_and_the_tightest_limit() -> None:
 @pytest.mark.parametrize(("column", "ascending"), [
     ("key", ["agent-fleet-a", "alice", "ci-bot", "old-laptop"]),
     ("requests", ["old-laptop", "alice", "ci-bot", "agent-fleet-a"]),
+    ("refused", ["alice", "old-laptop", "agent-fleet-a", "ci-bot"]),  # ties: by alias
+    ("4xx", ["old-laptop", "ci-bot", "alice", "agent-fleet-a"]),
+    ("5xx", ["ci-bot", "old-laptop", "alice", "agent-fleet-a"]),
     ("in", ["old-laptop", "alice", "ci-bot", "agent-fleet-a"]),
     ("out", ["old-laptop", "alice", "ci-bot", "agent-fleet-a"]),
     ("left", ["ci-bot", "agent-fleet-a", "alice", "old-laptop"]),  # no limits: last
@@ -318,6 +325,53 @@ def test_key_lines_sort_by_each_column_and_reverse(column: str, ascending: list[
     d = keys_dashboard()
     assert [k.alias for k in key_lines(d, column, reverse=False)] == ascending
     assert [k.alias for k in key_lines(d, column, reverse=True)] == ascending[::-1]
+
+
+def test_key_cells_fill_every_column_and_fit_80_columns() -> None:
+    """One cell per column, the state in the colour of "left"; and the table as the panel
+    draws it (each column as wide as its widest text plus one space each side) fits the
+    76 columns an 80-column terminal leaves inside the panel's border."""
+    lines = key_lines(keys_dashboard(), "key", reverse=False)
+    rows = {line.alias: line.cells() for line in lines}
+    assert all(len(cells) == len(KEY_COLUMNS) for cells in rows.values())
+    headers = [label for label, _ in KEY_COLUMNS]
+    assert headers[:5] == ["alias", "req", "refused", "4xx", "5xx"]
+    assert [text for text, _ in rows["ci-bot"]] == [
+        "ci-bot", "9870", "4120", "2", "0", "6.9M", "1.0M", "0% req/min", "42s"]
+    assert [text for text, _ in rows["agent-fleet-a"]][:7] == [
+        "agent-fleet-a", "48k", "210", "43", "8", "58M", "8.6M"]
+    roles = {alias: dict(zip(headers, (role for _, role in cells), strict=True))
+             for alias, cells in rows.items()}
+    assert roles["ci-bot"]["left"] == "error" and roles["agent-fleet-a"]["left"] is None
+    assert rows["old-laptop"][7] == ("disabled", "muted")
+    assert all(role is None for alias in rows for column, role in roles[alias].items()
+               if column != "left")
+    widths = [max(len(header), *(len(cells[i][0]) for cells in rows.values())) + 2
+              for i, header in enumerate(headers)]
+    assert sum(widths) <= 76, dict(zip(headers, widths, strict=True))
+
+
+def test_key_lines_of_an_older_proxy_show_unknown_outcomes_and_sort_them_last() -> None:
+    doc = keys_doc()
+    for key in doc["keys"][1:]:
+        for name in ("ok", "proxy_429", "zai_429", "other_4xx", "5xx"):
+            del key["usage"][name]
+    d = dashboard()
+    d.set_keys(parse_keys(doc))
+    lines = key_lines(d, "refused")
+    assert [k.alias for k in lines] == ["agent-fleet-a", "old-laptop", "ci-bot", "alice"]
+    unknown = {k.alias: k.cells() for k in lines}["ci-bot"]
+    assert [text for text, _ in unknown[2:5]] == ["–", "–", "–"]
+    assert unknown[1][0] == "9870"  # the requests it did count
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (None, "–"), (0, "0"), (999, "999"), (9_999, "9999"), (10_000, "10k"), (431_300, "431k"),
+    (999_499, "999k"), (999_500, "1.0M"), (9_949_999, "9.9M"), (9_950_000, "10M"),
+    (57_540_000, "58M"), (2_000_000_000, "2.0G"), (5 * 10**12, "5.0T"),
+])
+def test_key_counts_take_four_characters_at_most(value: int | None, text: str) -> None:
+    assert fmt_short_count(value) == text and len(text) <= 4
 
 
 def test_key_lines_default_is_most_requests_first_and_empty_without_keys() -> None:

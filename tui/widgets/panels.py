@@ -223,9 +223,8 @@ class KeysPanel(Vertical):
         table = self.query_one(DataTable)
         cursor = table.cursor_row
         table.clear()
-        for line in lines:
-            table.add_row(line.alias, Text(line.state, style=style(line.state_role, dark)),
-                          f"{line.requests:,}", fmt_count(line.tokens_in),
-                          fmt_count(line.tokens_out), line.left, line.resets, key=line.alias)
+        for line in lines:  # the cells of KEY_COLUMNS, as the view made them
+            table.add_row(*(Text(text, style=style(role, dark)) if role else text
+                            for text, role in line.cells()), key=line.alias)
         if lines:
             table.move_cursor(row=min(cursor, len(lines) - 1))

@@ -24,7 +24,8 @@ PANELS_HELP = (
     ("Concurrency", "requests in flight against the configured limit"),
     ("Limiter & quotas", "the adaptive upstream rate and every proxy-wide limit"),
     ("Errors & retries", "by class and Z.AI code; counts over the range"),
-    ("Keys", "per client key: state, usage, the quota it has least of (s or click to sort)"),
+    ("Keys", "per client key: requests, refused / 4xx / 5xx, tokens, the quota it has least "
+             "of (its colour: the key's state; s or click to sort)"),
 )
 
 

@@ -45,10 +45,15 @@ def merge_keys(reports: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dic
     Per alias: usage summed over the targets that count their own traffic (``scope``
     ``host``); targets answering with fleet-wide totals (``scope`` ``fleet``: they share one
     budget in Redis, each reports the same counters) count once, the largest (latest) of
-    their answers. Enabled if enabled on any target, limited_by the union and the state from
-    it (``limits_report.key_state``); per limit, here and in ``global``, the tightest state:
-    the target a client is most likely to be refused on decides what the fleet shows (with
-    the fleet backend every target reads the same budget, so they agree up to the instant).
+    their answers. Every number of ``usage`` is merged so, field by field, whatever its name
+    (``requests`` and its outcomes ``ok`` … ``5xx``, the token totals): a sum of sums stays
+    the sum of its parts, and one Redis answer reads all its fields at one instant, so the
+    latest is the largest in each. (A proxy older than the outcomes sends none of them and
+    counts only its charged requests in ``requests``.) Enabled if enabled on any target,
+    limited_by the union and the state from it (``limits_report.key_state``); per limit,
+    here and in ``global``, the tightest state: the target a client is most likely to be
+    refused on decides what the fleet shows (with the fleet backend every target reads the
+    same budget, so they agree up to the instant).
     """
     rows: dict[str, list[dict[str, Any]]] = {}
     for report in reports:

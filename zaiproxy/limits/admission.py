@@ -336,6 +336,9 @@ class Admitter:
     def add_usage(self, alias: str, usage: Usage) -> None:
         self.key_usage.add(alias, usage)
 
+    def count_outcome(self, alias: str, outcome: int) -> None:
+        self.key_usage.count(alias, outcome)
+
     async def usage_totals(self, aliases: Sequence[str]) -> list[dict[str, int]]:
         return [self.key_usage.totals(alias) for alias in aliases]
 

@@ -66,6 +66,11 @@ class Limiter(Protocol):
     def add_usage(self, alias: str, usage: Usage) -> None:
         """Add a settled request's usage to the client key's token totals."""
 
+    def count_outcome(self, alias: str, outcome: int) -> None:
+        """Count one ended request of the client key ``alias`` by its outcome (an index of
+        ``key_usage.OUTCOMES``, from ``key_usage.outcome_of``). Called for every request of a
+        known key, so it must not block or allocate: queued or added in place."""
+
     def quota_use(self) -> list[QuotaUse]:
         """The proxy-wide and upstream-key rolling windows, for ``/metrics`` (no waiting)."""
 
@@ -73,7 +78,8 @@ class Limiter(Protocol):
         """The state object of each op at one instant (``limits/report.py``: the shapes)."""
 
     async def usage_totals(self, aliases: Sequence[str]) -> list[dict[str, int]]:
-        """Token totals per client key alias."""
+        """Per client key alias its requests by outcome and token totals (the ``usage``
+        object of ``/admin/keys``: ``key_usage.usage_report``)."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The backend's background work for the worker's lifetime (started before serving)."""

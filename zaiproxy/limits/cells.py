@@ -64,9 +64,15 @@ def limit_key(scope_id: bytes, name: str) -> bytes:
     return b"limit\0" + scope_id + b"\0" + name.encode()
 
 
-# ---- per client key token totals (limits/key_usage.py) -------------------------------------
+# ---- per client key totals (limits/key_usage.py: what each word holds) ---------------------
 def key_usage_key(alias: str) -> bytes:
+    """The row of one key's token totals (added when a request is settled with usage)."""
     return b"keyusage\0" + alias.encode()
+
+
+def key_outcome_key(alias: str) -> bytes:
+    """The row of one key's requests by outcome (added when any of its requests ends)."""
+    return b"keyoutcome\0" + alias.encode()
 
 
 # ---- when this segment began (the windows it holds cover nothing before) ------------------

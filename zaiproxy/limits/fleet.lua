@@ -181,14 +181,17 @@ end
 
 -- Op kinds (limits/fleet.py): 1 GCRA, 2 concurrency, 3 window, 4 adaptive GCRA, 5 counters.
 local GCRA, CONC, WIN, ADAPTIVE, COUNTERS = 1, 2, 3, 4, 5
+-- The fields of a key's usage hash, numbered from 1 (fleet.py's _COUNTER_FIELDS, the same list):
+-- the token totals ('requests' = the requests charged), then the requests by outcome.
 local COUNTER_FIELDS = {'requests', 'input_tokens', 'output_tokens', 'cache_read_tokens',
-                        'cache_write_tokens'}
+                        'cache_write_tokens', 'ok', 'proxy_429', 'zai_429', 'other_4xx', '5xx'}
 
 -- Settles (and reconcile charges), from ARGV[pos] on: the number of entries, then each entry:
 -- lease id, m, then m * (key index, kind, limit, period, delta, epoch); key index i names
 -- KEYS[base + i]. A lease id releases the entry's concurrency ops ("" = none held); delta > 0
--- charges, < 0 refunds (GCRA, window); COUNTERS adds delta to field `limit` (1..5) of a usage
--- hash. Returns the number of entries.
+-- charges, < 0 refunds (GCRA, window); COUNTERS adds delta to field `limit` (1..#COUNTER_FIELDS)
+-- of a usage hash, and fails the call on any other field number (a caller's bug, not data to
+-- drop quietly). Returns the number of entries.
 local function apply_settles(pos, base)
   local entries = tonumber(ARGV[pos])
   pos = pos + 1
@@ -210,7 +213,11 @@ local function apply_settles(pos, base)
         if delta > 0 then win_charge(key, delta, period)
         elseif delta < 0 then win_give(key, -delta, epoch, period) end
       elseif kind == COUNTERS then
-        if delta ~= 0 then redis.call('HINCRBY', key, COUNTER_FIELDS[limit], delta) end
+        local name = COUNTER_FIELDS[limit]
+        if not name then
+          error('zaiproxy fleet script: no counter field ' .. tostring(limit))
+        end
+        if delta ~= 0 then redis.call('HINCRBY', key, name, delta) end
       end
     end
   end
@@ -300,7 +307,7 @@ end
 
 -- state: ARGV[3] n, then n * (kind, limit, period); KEYS[i] op i's key (an adaptive op is
 -- not reported). Returns per op three numbers: GCRA remaining, reset; CONC in use, 0;
--- WIN used, next release, releases; COUNTERS the five fields (five numbers).
+-- WIN used, next release, releases; COUNTERS every field of COUNTER_FIELDS (ten numbers).
 local function state()
   local n = tonumber(ARGV[3])
   local out = {now}

@@ -11,8 +11,9 @@ budget. ``docs/decisions/fleet-limits.md`` has the reasoning and the numbers; in
   ``x-ratelimit-*`` values.
 - **Settles are batched.** :meth:`FleetLimiter.settle` is synchronous (it runs in a
   ``finally``): it queues the lease release and the token difference, and the worker's
-  flusher sends everything queued in one call, at once when idle, batched under load. Usage
-  totals per client key ride in the same calls.
+  flusher sends everything queued in one call, at once when idle, batched under load. The
+  totals per client key (tokens, requests by outcome: ``key_usage.py``) ride in the same
+  calls.
 - **Leases expire unless renewed.** A concurrency lease is a sorted-set member scored by its
   expiry (``redis_lease_ttl``, default 15 s); each worker renews all of its live leases in
   one call every third of that. A SIGKILLed pod's slots come back within the TTL.
@@ -72,6 +73,7 @@ from zaiproxy.limits.cells import (
     W_FLEET_DOWN,
     activity_key,
 )
+from zaiproxy.limits.key_usage import OUTCOMES, TOKEN_FIELDS, usage_report
 from zaiproxy.limits.segment import Segment
 
 if TYPE_CHECKING:
@@ -88,8 +90,13 @@ COUNTERS: Final = 5
 
 US_PER_NS: Final = 1000
 SECOND_US: Final = 1_000_000
+# The fields of a key's usage hash ({p}:usage:<alias>), numbered from 1 in this order (fleet.lua's
+# COUNTER_FIELDS, the same list): the token totals (key_usage.TOKEN_FIELDS; the hash calls the
+# charged requests "requests", its name from before the outcomes were counted, so the totals a
+# fleet already has keep counting), then the requests by outcome (key_usage.OUTCOMES).
 _COUNTER_FIELDS: Final = ("requests", "input_tokens", "output_tokens", "cache_read_tokens",
-                          "cache_write_tokens")
+                          "cache_write_tokens", *OUTCOMES)
+_OUTCOME_FIELD: Final = 1 + len(TOKEN_FIELDS)  # the field number of OUTCOMES[0]
 
 # The ledger's table of limits (admission.LIMIT_SPECS) with periods in µs and script kinds.
 _SCRIPT_KINDS: Final = {"gcra": GCRA, "concurrency": CONC, "window": WINDOW}
@@ -187,8 +194,9 @@ class FleetHold:
 
 @dataclass(slots=True)
 class _Entry:
-    """One settle or reconcile charge: a lease to drop and (key, kind, limit, period, delta,
-    epoch) ops, sent in the next batch."""
+    """One settle, reconcile charge or count: a lease to drop and (key, kind, limit, period,
+    delta, epoch) ops, sent in the next batch. Never changed once queued (a failed batch is
+    put back as it was, or as new entries): one entry may be queued several times."""
 
     member: str
     ops: list[tuple[str, int, int, int, int, int]] = field(default_factory=list)
@@ -229,6 +237,9 @@ class FleetLimiter:
         self._deadline = command_timeout_s
         self._confirm = max(CONFIRM_MIN_S, CONFIRM_FACTOR * command_timeout_s)
         self._plans: dict[str | None, Plan] = {}
+        # Per alias, per outcome: the one queued entry that counts a request (built once and
+        # queued as often as needed: an entry is never changed once queued).
+        self._outcomes: dict[str, tuple[_Entry, ...]] = {}
         self._script: Any = client.register_script(SCRIPT) if client is not None else None
         self._lease_prefix = f"{socket.gethostname()[:32]}:{os.getpid()}:{worker}:"
         self._lease_seq = 0
@@ -444,6 +455,17 @@ class FleetLimiter:
         self._queue(_Entry("", [(key, COUNTERS, i + 1, 0, v, 0)
                                 for i, v in enumerate(values) if v]))
 
+    def count_outcome(self, alias: str, outcome: int) -> None:
+        """Count one ended request of ``alias`` fleet-wide (queued like a settle; nothing is
+        allocated per request: the entry of each outcome is made once per alias)."""
+        entries = self._outcomes.get(alias)
+        if entries is None:
+            key = self.keys.usage(alias)
+            entries = self._outcomes[alias] = tuple(
+                _Entry("", [(key, COUNTERS, _OUTCOME_FIELD + i, 0, 1, 0)])
+                for i in range(len(OUTCOMES)))
+        self._queue(entries[outcome])
+
     def _queue(self, entry: _Entry) -> None:
         if len(self._pending) >= MAX_PENDING:
             self._pending.popleft()
@@ -498,10 +520,10 @@ class FleetLimiter:
             args.extend((COUNTERS, 0, 0))
         result = await self._report_call([self.keys.usage(a) for a in aliases], args)
         out = []
-        pos = 1
-        for _ in aliases:
-            out.append({name: int(result[pos + j]) for j, name in enumerate(_COUNTER_FIELDS)})
-            pos += len(_COUNTER_FIELDS)
+        n = len(_COUNTER_FIELDS)
+        for pos in range(1, 1 + n * len(aliases), n):
+            values = [int(v) for v in result[pos:pos + n]]
+            out.append(usage_report(values[_OUTCOME_FIELD - 1:], values[:_OUTCOME_FIELD - 1]))
         return out
 
     async def _report_call(self, keys: list[str], args: list[Any]) -> Any:

@@ -5,7 +5,7 @@
 - ``GET /admin/history?range=5m|15m|1h|6h|24h|7d&variant=production|canary|all``:
   JSON series from the recorder (the only process that may open the DuckDB file);
 - ``GET /admin/keys``: per client key (aliases only) its limits, what is used and
-  what remains, and its token totals;
+  what remains, its requests by outcome and its token totals;
 - ``GET /admin/events``: server-sent events: one ``connected`` event, then a
   ``metrics`` snapshot every interval and ``: heartbeat`` comments; a consumer
   too slow to take an event within the send timeout is dropped, never waited for;
@@ -72,7 +72,14 @@ def _is_variant(value: str) -> bool:
 
 async def keys_report(ctx: WorkerContext) -> dict[str, Any]:
     """Limits now: proxy-wide (``global``), the adaptive rate, and per client key its limits,
-    used and remaining, state and token totals. Aliases only, never keys.
+    used and remaining, state and ``usage``. Aliases only, never keys.
+
+    ``usage`` (``key_usage.usage_report``): ``requests``, every request the key sent, and
+    that number by outcome: ``ok``, then ``/admin/status``'s failure kinds ``proxy_429``
+    (refused by the proxy's limits), ``zai_429`` (Z.AI's, relayed), ``other_4xx`` (with 499,
+    the client gone) and ``5xx``; then the token totals: ``charged_requests`` (the requests
+    whose usage was charged), ``input_tokens``, ``output_tokens``, ``cache_read_tokens``,
+    ``cache_write_tokens``.
 
     Every state object is read at one instant (one call to the limits backend: with the fleet
     backend, one script call reading Redis on its clock); their shapes are in

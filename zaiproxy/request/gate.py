@@ -71,17 +71,27 @@ class Settled:
     estimated: bool
 
 
-def authenticate(keys: KeyTable | None, headers: Iterable[tuple[bytes, bytes]],
-                 model: str | None) -> ClientKey | None:
-    """The caller's client key, or None in open mode; raises Unauthorized / Forbidden."""
+def identify(keys: KeyTable | None, headers: Iterable[tuple[bytes, bytes]]) -> ClientKey | None:
+    """The client key the caller presented, known to the table (disabled ones too), or None
+    (open mode, none presented, unknown). Never raises: it runs as soon as the head is in, so
+    every request of a known key is counted for it, whatever fails next (a body too large,
+    bad JSON, the key disabled, a model it may not use)."""
     if keys is None:
         return None
     presented = client_credential(headers)
-    if presented is None:
-        raise Unauthorized("missing client key: send it as `Authorization: Bearer <key>` "
-                           "or `x-api-key: <key>`")
-    key = keys.lookup(presented)
+    return keys.lookup(presented) if presented is not None else None
+
+
+def authenticate(keys: KeyTable | None, key: ClientKey | None,
+                 headers: Iterable[tuple[bytes, bytes]], model: str | None) -> ClientKey | None:
+    """The caller's client key (``key``: what :func:`identify` found), or None in open mode;
+    raises Unauthorized / Forbidden."""
+    if keys is None:
+        return None
     if key is None:
+        if client_credential(headers) is None:
+            raise Unauthorized("missing client key: send it as `Authorization: Bearer <key>` "
+                               "or `x-api-key: <key>`")
         raise Unauthorized("invalid client key")
     if not key.enabled:
         raise Unauthorized(f"client key {key.alias!r} is disabled")

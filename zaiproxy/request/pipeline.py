@@ -41,6 +41,7 @@ from zaiproxy.core.logs import get_logger
 from zaiproxy.core.record import Ending, RequestRecord
 from zaiproxy.http.connection import ClientConnection
 from zaiproxy.http.http11 import h11
+from zaiproxy.limits.key_usage import outcome_of
 from zaiproxy.request import control, gate, tokens
 from zaiproxy.request.exchange import Exchange, Exchanged, upstream_request
 from zaiproxy.request.relay import Relay, RelayOutcome, with_ratelimit
@@ -48,6 +49,7 @@ from zaiproxy.request.routing import Route, resolve, safe_method
 from zaiproxy.request.usage_rewrite import add_include_usage
 
 if TYPE_CHECKING:
+    from zaiproxy.limits.keys import ClientKey
     from zaiproxy.request.context import WorkerContext
 
 
@@ -106,9 +108,12 @@ class Pipeline:
                     body = await conn.read_body(request)
                 raise
             api = route.api
+            known: ClientKey | None = None
             if route.control is None:
                 ctx.metrics.request_started()
                 in_flight = True
+                known = gate.identify(ctx.keys, request.headers)
+                key_alias = known.alias if known is not None else None
             # 2. Body; control routes are answered here.
             body = await conn.read_body(request)
             if route.control is not None:
@@ -129,8 +134,7 @@ class Pipeline:
             if ctx.draining:
                 raise ServiceUnavailable("the proxy is shutting down")
             # 4. Authenticate.
-            key = gate.authenticate(ctx.keys, request.headers, model)
-            key_alias = key.alias if key is not None else None
+            key = gate.authenticate(ctx.keys, known, request.headers, model)
             # 5. count_tokens, locally.
             if payload is not None and route.count_tokens and ctx.config.count_tokens_locally:
                 est = await tokens.estimate(route.api.value, payload, len(body))
@@ -242,9 +246,14 @@ class Pipeline:
             error=error.message))
 
     def emit(self, record: RequestRecord) -> None:
-        """Hand the finished request's record to its sinks (metrics, history, access log)."""
+        """Hand the finished request's record to its sinks (metrics, history, access log) and
+        count it for its client key: every request of a known key ends here, whatever became
+        of it, so ``/admin/keys`` counts all of them by outcome (``limits/key_usage.py``)."""
         ctx = self.ctx
         ctx.metrics.observe(record)
+        if record.key_alias is not None:
+            ctx.admitter.count_outcome(record.key_alias,
+                                       outcome_of(record.status, record.upstream_status))
         if ctx.record_sink is not None:
             ctx.record_sink.submit(record)  # never blocks: drops and counts when full
         if ctx.config.access_log:

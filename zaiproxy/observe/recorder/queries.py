@@ -43,6 +43,7 @@ GROUPS: Final = {
     "route": ("route", "nullif(route, '')"),
 }
 MAX_POINTS: Final = 5000
+EXPORT_PREFIX: Final = "zaiproxy-export-"  # an export's temporary directory
 
 
 def _iso(epoch: float) -> str:
@@ -277,9 +278,13 @@ def export_parquet(store: HistoryStore, range_s: float, path: str, *,
 
 
 def export_parquet_bytes(store: HistoryStore, range_s: float, *, variant: str | None = None,
-                         now: float) -> tuple[bytes, int]:
-    """The Parquet file as bytes (the endpoint sends it; the client writes the file)."""
-    with tempfile.TemporaryDirectory(prefix="zaiproxy-export-") as tmp:
+                         now: float, directory: str | None = None) -> tuple[bytes, int]:
+    """The Parquet file as bytes (the endpoint sends it; the client writes the file).
+
+    ``directory``: where the temporary file goes (the recorder's instance may write only in
+    its export directory, recorder/sql.py's ``lock_down``); None: the system's.
+    """
+    with tempfile.TemporaryDirectory(prefix=EXPORT_PREFIX, dir=directory) as tmp:
         path = os.path.join(tmp, "export.parquet")
         count = export_parquet(store, range_s, path, variant=variant, now=now)
         with open(path, "rb") as fh:

@@ -12,6 +12,15 @@ Tasks (one nursery):
   60 s), on trio's clock; the values they write use ``wall`` (injectable).
 * the query endpoint (:mod:`zaiproxy.observe.recorder.endpoint`).
 
+Users' own SQL (``POST /history/sql``, :meth:`Recorder.sql`) does not go through the DuckDB
+thread: it runs on a cursor of the writer's connection (a connection of its own to the same
+DuckDB instance), in a read-only transaction, in a thread of its own (at most
+:data:`SQL_CONCURRENCY` at a time), stopped at its time limit (recorder/sql.py). A slow query
+then delays no write, and a refused or failing one is the user's error, never the storage's.
+When the recorder opens the file it turns off DuckDB's file, network and extension access for
+the instance (:func:`~zaiproxy.observe.recorder.sql.lock_down`), keeping one directory for
+its Parquet exports' temporary files (``<history_path>.exports``, :attr:`Recorder.export_dir`).
+
 Every DuckDB call goes through :meth:`Recorder.with_store`: one at a time (one
 thread, one lock), and any error there — an unwritable path, a corrupt file,
 a file locked by another process, a full disk — is logged, counted, the
@@ -35,7 +44,9 @@ docs/decisions/recorder-loss.md.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -43,13 +54,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import duckdb
+import orjson
 import trio
 
 from zaiproxy.core import logs
 from zaiproxy.core.pricing import PriceTable
 from zaiproxy.observe.recorder.channel import ChannelReader
+from zaiproxy.observe.recorder.queries import EXPORT_PREFIX
 from zaiproxy.observe.recorder.schema import SchemaError
 from zaiproxy.observe.recorder.sequence import Chunk, Progress, Settlement, SourceKey, settle
+from zaiproxy.observe.recorder.sql import Query, SqlError, lock_down
 from zaiproxy.observe.recorder.store import BadRow, DbRow, HistoryStore, db_row
 from zaiproxy.observe.recorder.wire import STOP, WireError, decode_batch
 
@@ -80,6 +94,7 @@ FINISH_TIMEOUT = 3.0  # the final flush's retries (supervise.STOP_TIMEOUT is lon
 # holding (consumes; the rows are then at risk in its memory, and counted if it dies).
 WAKE_SHARE = 8  # 1/8
 HOLD_SHARE = 2  # 1/2
+SQL_CONCURRENCY = 2  # users' queries running at once (each in its own thread)
 # Errors that say "the data is bad", not "the storage is bad": retrying cannot help.
 _DATA_ERRORS: tuple[type[BaseException], ...] = (
     duckdb.DataError, duckdb.IntegrityError, duckdb.InvalidInputException, TypeError)
@@ -114,6 +129,36 @@ class Written:
     settlement: Settlement
     progress: dict[SourceKey, Progress]  # the file's progress after it
     kept: bool  # False: the rows were refused as data, only their numbers were written
+
+
+def _clear_exports(directory: str) -> None:
+    """Remove the temporary export directories (queries.export_parquet_bytes) a recorder
+    left in ``directory``, and nothing else."""
+    for name in os.listdir(directory):
+        if name.startswith(EXPORT_PREFIX):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _answer_of(job: Query) -> bytes | SqlError:
+    """The job's answer as JSON, or its error. In the job's thread: encoding 100,000 rows
+    takes long enough to be kept off the loop that reads the channel; the cursor is closed
+    there too."""
+    try:
+        return orjson.dumps(job.run())
+    except SqlError as exc:
+        return exc
+    finally:
+        with contextlib.suppress(duckdb.Error):
+            job.con.close()
+
+
+async def _cancel_on_cancel(job: Query) -> None:
+    """Interrupt ``job`` when this task is cancelled (its thread cannot be: trio waits
+    for it, and the job's watchdog makes that wait short)."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        job.cancel()
 
 
 def _writer(chunks: list[Chunk], now: float,
@@ -173,6 +218,11 @@ class Recorder:
         self._lock = trio.Lock()
         self._flush_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(1)
+        self._sql_limiter = trio.CapacityLimiter(SQL_CONCURRENCY)
+        # The private directory the locked-down instance may write exports to (created
+        # with the first open); ``sql_ready``: access outside it is off, users' SQL may run.
+        self.export_dir: str | None = None
+        self.sql_ready = False
         self._backoff = BACKOFF_INITIAL
         self._retry_at = 0.0
         self._writing = 0  # rows taken from ``pending`` by the write in progress
@@ -374,7 +424,31 @@ class Recorder:
                                   run=self.run_id)
         self.stats.opens += 1
         self.log.info("history_opened", path=self.path, rows=self._count(store))
+        self._lock_down(store)
         return store
+
+    def _lock_down(self, store: HistoryStore) -> None:
+        """Users' SQL may run only on an instance that reaches nothing but the file; a
+        failure here turns that off and nothing else (the writer needs no lockdown).
+
+        The one directory left open is ``<history_path>.exports``, beside the file (its
+        disk, its owner-only state directory, one name per file: a recorder that was killed
+        leaves no stray directory behind, the next one clears what it left in it).
+        """
+        if self.export_dir is None:
+            directory = self.path + ".exports"
+            try:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                _clear_exports(directory)
+            except OSError as exc:
+                self.log.error("history_sql_unavailable", error=f"export directory: {exc}")
+                self.sql_ready = False
+                return
+            self.export_dir = directory
+        self.sql_ready = lock_down(store.con, [self.export_dir])
+        if not self.sql_ready:
+            self.log.error("history_sql_unavailable",
+                           error="could not turn off DuckDB's external access")
 
     @staticmethod
     def _count(store: HistoryStore) -> int:
@@ -551,6 +625,43 @@ class Recorder:
         """Run a read query (the endpoint); data errors propagate to the caller."""
         return await self.with_store("query", fn, passthrough=QUERY_ERRORS)
 
+    async def sql(self, text: str, *, limit_s: float, max_rows: int,
+                  ) -> tuple[bool, bytes | None]:
+        """A user's query (``POST /history/sql``), stopped after ``limit_s`` seconds (DuckDB's
+        interrupt, recorder/sql.py), at most ``max_rows`` rows: (True, the answer as JSON),
+        (False, None) when the file is not open; :class:`~zaiproxy.observe.recorder.sql.SqlError` when refused, invalid,
+        too slow, or when SQL is off (the lockdown failed).
+
+        Only the cursor is made in the DuckDB thread (under the store's lock); the query runs
+        in a thread of its own, so writes go on meanwhile. Cancelled (the recorder stopping,
+        the client gone), it is interrupted and this returns once DuckDB has let go of it:
+        the file is closed after, never under a running query.
+        """
+        ok, cursor = await self.with_store(
+            "sql", lambda s: s.con.cursor() if self.sql_ready else None)
+        if not ok:
+            return False, None
+        if cursor is None:
+            raise SqlError("unavailable", "SQL is off in this recorder: it could not turn off "
+                                          "DuckDB's file access (see its log)")
+        job = Query(cursor, text, timeout=limit_s, max_rows=max_rows)
+        answer: list[bytes | SqlError] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_cancel, job)
+                try:
+                    answer.append(await trio.to_thread.run_sync(_answer_of, job,
+                                                                 limiter=self._sql_limiter))
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            if not answer:  # cancelled before its thread began: the cursor is idle
+                with contextlib.suppress(duckdb.Error):
+                    cursor.close()
+        if isinstance(answer[0], SqlError):
+            raise answer[0]  # outside the nursery: not wrapped in an exception group
+        return True, answer[0]
+
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def run(self, serve: Callable[..., Any] | None = None, *,
@@ -607,6 +718,11 @@ class Recorder:
                     await trio.to_thread.run_sync(store.close, limiter=self._limiter)
                 except _STORE_ERRORS as exc:
                     self.log.error("history_close_failed", error=str(exc))
+        if self.export_dir is not None:
+            with contextlib.suppress(OSError):
+                _clear_exports(self.export_dir)
+                os.rmdir(self.export_dir)  # only when nothing else is in it
+            self.export_dir = None
         st = self.stats
         self.log.info("recorder_stopped", rows_written=st.rows_written,
                       rows_received=st.rows_received, duplicates=st.duplicates,

@@ -284,32 +284,12 @@ def _one(values: Mapping[str, Mapping[str, float]], name: str) -> float | None:
     return values.get(name, {}).get("")
 
 
-def _sum(values: Mapping[str, Mapping[str, float]], name: str,
-         keep: Callable[[str], bool] = lambda _: True) -> float:
-    return sum(v for k, v in values.get(name, {}).items() if keep(k))
-
-
 def _counts(values: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """The admin API's counters (``observe/snapshot.py`` ``Counts``) and gauges, from
-    either the rates or the totals: a family Prometheus has no series of reads as 0."""
-    status = values.get("status", {})
-    tokens = values.get("tokens", {})
+    """The admin API's counters (``promql.counts``) and gauges, from either the rates or
+    the totals: a family Prometheus has no series of reads as 0."""
     limits = values.get("concurrency_limit", {})
     return {
-        "requests": sum(status.values()),
-        "responses_2xx": _sum(values, "status", lambda k: k.startswith("2")),
-        "responses_4xx": _sum(values, "status", lambda k: k.startswith("4")),
-        "responses_5xx": _sum(values, "status", lambda k: k.startswith("5")),
-        "responses_429": status.get("429", 0.0),
-        "upstream_errors": _sum(values, "upstream_errors"),
-        "rejections": _sum(values, "rejections"),
-        "zai_errors": _sum(values, "zai_errors"),
-        "retries": _sum(values, "retries"),
-        "tokens_in": tokens.get("input", 0.0),
-        "tokens_out": tokens.get("output", 0.0),
-        "tokens_cache": sum(v for k, v in tokens.items() if k.startswith("cache")),
-        "cost_usd": _one(values, "cost") or 0.0,
-        "usage_missing": _one(values, "usage_missing") or 0.0,
+        **promql.counts(values),
         "in_flight": _one(values, "in_flight") or 0.0,
         "streams_in_flight": _one(values, "streams_in_flight") or 0.0,
         # The proxy's own limit is what its in-flight count runs into first (as snapshot.py).

@@ -75,12 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "mock-upstream":
         return _mock(ns)
     if ns.command == "history":
-        # A collector's database is read by the collector's own code (fleet/), which the
-        # recorder's CLI (observe/, a lower wing) may not import: handed in from here.
+        # A collector's database and a fleet's Prometheus are read by the fleet wing's code,
+        # which the recorder's CLI (observe/, a lower wing) may not import: handed in here.
+        from zaiproxy.fleet import prom_summary
         from zaiproxy.fleet.collector_store import read_summary
         from zaiproxy.observe.recorder.cli import run as history
 
-        return history(ns, collector_summary=read_summary)
+        return history(ns, collector_summary=read_summary,
+                       prometheus_summary=prom_summary.read_summary)
     if ns.command == "collect":
         from zaiproxy.fleet.collector import main as collect
 

@@ -298,6 +298,42 @@ def test_the_scrape_interval_comes_from_the_targets_api(fleet: Fleet) -> None:
     assert run(with_source(fleet.prometheus, use)) == 1.0
 
 
+def test_history_summarises_the_fleet_from_prometheus(fleet: Fleet, capsys: Any) -> None:
+    """``zaiproxy history --prometheus``: per variant, the range's counts (increase():
+    estimates, extrapolated to the range's ends), the failures by kind as the admin API
+    splits them, quantiles and the targets, through the same PromQL as the TUI."""
+    import orjson
+
+    from zaiproxy.cli import main
+
+    assert main(["history", "--prometheus", fleet.prometheus, "--range", "5m", "--json"]) == 0
+    doc = orjson.loads(capsys.readouterr().out)
+    assert doc["source"] == "prometheus" and doc["range"]["seconds"] == 300
+    rows = {r["variant"]: r for r in doc["variants"]}
+    prod, canary = rows[PRODUCTION], rows[CANARY]
+    # Counted traffic 36 and 12 (the warm-up is mostly in the series' first samples).
+    assert prod["requests"] == pytest.approx(36, rel=0.35)
+    assert canary["requests"] == pytest.approx(12, rel=0.35)
+    # Every series of a target is extrapolated by the same factor: the shares hold.
+    assert prod["failure_shares"] == pytest.approx(
+        {"5xx": 4 / 36, "proxy_429": 6 / 36, "zai_429": 4 / 36, "other_4xx": 2 / 36}, rel=0.25)
+    assert canary["failure_shares"]["5xx"] == pytest.approx(2 / 12, rel=0.25)
+    assert 100 <= prod["latency_ms_p95"] <= 250  # every upstream answer waited 100 ms
+    assert prod["tokens_in"] > 0 and prod["cost_usd"] > 0
+    if fleet.canary_alive:
+        assert (prod["targets"], canary["targets"]) == (1, 1)
+    assert doc["total"]["requests"] == pytest.approx(prod["requests"] + canary["requests"])
+
+    assert main(["history", "--prometheus", fleet.prometheus, "--range", "5m",
+                 "--variant", CANARY]) == 0
+    printed = capsys.readouterr().out
+    assert "source: prometheus" in printed and CANARY in printed
+    assert PRODUCTION not in printed  # only the variant asked for
+    # Options of a proxy's history make no sense here: refused, not ignored.
+    assert main(["history", "--prometheus", fleet.prometheus, "--by", "key"]) == 2
+    assert "--prometheus summarises a fleet" in capsys.readouterr().err
+
+
 def text(widget: Widget) -> str:
     width, height = widget.outer_size
     return "\n".join(s.text for s in widget.render_lines(Region(0, 0, width, height)))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -175,6 +175,47 @@ def dashboard_rates(names: Sequence[str], window_s: float) -> dict[str, Signal]:
         out[f"latency_p{round(q * 100)}"] = Signal(quantile(q, DURATION, api(names), window_s))
         out[f"ttft_p{round(q * 100)}"] = Signal(quantile(q, TTFT, v, window_s))
     return out
+
+
+def range_summary(names: Sequence[str], window_s: float) -> dict[str, Signal]:
+    """A summary of the last ``window_s`` (``zaiproxy history --prometheus``): each counter's
+    increase over the window and the latency and TTFT quantiles over all of it, keyed as
+    :func:`dashboard_rates`."""
+    v = variants(names)
+    out = {name: Signal(increase(metric, api(names) if metric == REQUESTS else v, window_s,
+                                 labels), labels)
+           for name, (metric, labels) in COUNTERS.items()}
+    for q in QUANTILES:
+        out[f"latency_p{round(q * 100)}"] = Signal(quantile(q, DURATION, api(names), window_s))
+        out[f"ttft_p{round(q * 100)}"] = Signal(quantile(q, TTFT, v, window_s))
+    return out
+
+
+def counts(values: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The admin API's counters (``observe/snapshot.py`` ``Counts``, by name) from one
+    variant's :data:`COUNTERS` signals, whether rates, increases or totals: a family
+    Prometheus has no series of reads as 0."""
+    def summed(name: str, keep: Callable[[str], bool] = lambda _: True) -> float:
+        return sum(v for k, v in values.get(name, {}).items() if keep(k))
+
+    status = values.get("status", {})
+    tokens = values.get("tokens", {})
+    return {
+        "requests": sum(status.values()),
+        "responses_2xx": summed("status", lambda k: k.startswith("2")),
+        "responses_4xx": summed("status", lambda k: k.startswith("4")),
+        "responses_5xx": summed("status", lambda k: k.startswith("5")),
+        "responses_429": status.get("429", 0.0),
+        "upstream_errors": summed("upstream_errors"),
+        "rejections": summed("rejections"),
+        "zai_errors": summed("zai_errors"),
+        "retries": summed("retries"),
+        "tokens_in": tokens.get("input", 0.0),
+        "tokens_out": tokens.get("output", 0.0),
+        "tokens_cache": summed("tokens", lambda k: k.startswith("cache")),
+        "cost_usd": summed("cost"),
+        "usage_missing": summed("usage_missing"),
+    }
 
 
 def dashboard_totals(names: Sequence[str]) -> dict[str, Signal]:

@@ -39,6 +39,8 @@ SQL_MARGIN = 30.0
 CELL_WIDTH = 80  # a table cell longer than this is cut (csv and json have it whole)
 # (database path, range in seconds, variant or None, now) -> the summary document
 CollectorSummary = Callable[[str, float, str | None, float], dict[str, Any]]
+# (Prometheus URL, range in seconds, variant or None, now, token=) -> the same shape
+PrometheusSummary = Callable[..., dict[str, Any]]
 
 
 def _source_args(p: argparse.ArgumentParser, *, sub: bool = False) -> None:
@@ -73,6 +75,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "FILE"),
                    help="write the raw rows of the range to FILE (FORMAT: parquet)")
     _source_args(p)
+    p.add_argument("--prometheus", metavar="URL",
+                   help="a fleet's summaries from the Prometheus that scrapes it (per variant; "
+                        "counts are Prometheus' increase() estimates); --token is sent to it")
     commands = p.add_subparsers(dest="history_command", metavar="{sql}")
     q = commands.add_parser(
         "sql", help="run one read-only SQL query (live through the recorder, time-limited)",
@@ -280,14 +285,23 @@ def render_fleet_summary(doc: dict[str, Any], out: TextIO) -> None:
     """A collector's summary (fleet/collector_store.py's ``read_summary``): per variant with
     the fleet's total, then per target."""
     rng = doc["range"]
+    where = (f"prometheus ({doc['prometheus']}; counts are increase() estimates)"
+             if doc["source"] == "prometheus" else f"collector ({doc['db']}, read-only)")
     out.write(f"{rng['start']} .. {rng['end']}  variant: {doc['variant'] or 'all'}  "
-              f"source: collector ({doc['db']}, read-only)\n\n")
+              f"source: {where}\n\n")
     titles = [title for title, _ in _FLEET_COLUMNS]
     table = [["by variant", *titles]]
     table += [[row["variant"], *(fmt(row) for _, fmt in _FLEET_COLUMNS)]
               for row in doc["variants"]]
     table.append(["TOTAL", *(fmt(doc["total"]) for _, fmt in _FLEET_COLUMNS)])
     _aligned(table, out)
+    if "targets" not in doc:  # Prometheus: the targets it scrapes now, down ones named
+        down = doc["total"].get("targets_down") or []
+        if down:
+            out.write(f"\ntargets down now: {', '.join(down)}\n")
+        if not doc["variants"]:
+            out.write("\nno series of the proxy's in this Prometheus for the range\n")
+        return
     table = [["by target", *titles[1:]]]  # one target a row: no "targets" column
     table += [[f"{row['target']} ({row['variant']})",
                *(fmt(row) for _, fmt in _FLEET_COLUMNS[1:])] for row in doc["targets"]]
@@ -345,10 +359,14 @@ def write_csv(doc: dict[str, Any], out: TextIO) -> None:
 
 
 def run(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr, *,
-        collector_summary: CollectorSummary | None = None) -> int:
+        collector_summary: CollectorSummary | None = None,
+        prometheus_summary: PrometheusSummary | None = None) -> int:
     """``zaiproxy history``; ``collector_summary``: how ``--db`` reads a collector's database
-    (``fleet.collector_store.read_summary``, passed in by the command line: the fleet wing
-    is above this one)."""
+    (``fleet.collector_store.read_summary``), ``prometheus_summary``: how ``--prometheus``
+    reads a fleet's (``fleet.prom_summary.read_summary``); both passed in by the command
+    line: the fleet wing is above this one."""
+    if getattr(ns, "prometheus", None) is not None:
+        return _run_prometheus(ns, out, err, prometheus_summary)
     if getattr(ns, "db", None) is not None:
         return _run_db(ns, out, err, collector_summary)
     from zaiproxy.core.config import ConfigError, load_config
@@ -495,6 +513,42 @@ def _run_db(ns: argparse.Namespace, out: TextIO, err: TextIO,
         err.write(f"zaiproxy history: {_file_error(exc, path, 'collector')}\n")
         return 1
     except SchemaError as exc:
+        err.write(f"zaiproxy history: {exc}\n")
+        return 1
+    if ns.json:
+        out.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        render_fleet_summary(doc, out)
+    return 0
+
+
+def _run_prometheus(ns: argparse.Namespace, out: TextIO, err: TextIO,
+                    prometheus_summary: PrometheusSummary | None) -> int:
+    """``--prometheus URL``: a fleet's summaries per variant from its Prometheus."""
+    from zaiproxy.core.durations import DurationError, parse_duration
+
+    given = [flag for flag, value in (("--path", getattr(ns, "path", None)),
+                                      ("--url", getattr(ns, "url", None)),
+                                      ("--db", getattr(ns, "db", None)),
+                                      ("--demo", getattr(ns, "demo", False))) if value]
+    if given or getattr(ns, "history_command", None) == "sql" or ns.export or ns.group_by:
+        what = ", ".join(given) or "sql, --by and --export"
+        err.write(f"zaiproxy history: --prometheus summarises a fleet per variant; {what} "
+                  "are for a proxy's history or a collector's database\n")
+        return 2
+    if prometheus_summary is None:
+        err.write("zaiproxy history: --prometheus needs the fleet's reader (the `zaiproxy` "
+                  "command passes it)\n")
+        return 2
+    try:
+        range_s = parse_duration(ns.range)
+    except DurationError as exc:
+        err.write(f"zaiproxy history: {exc}\n")
+        return 2
+    try:
+        doc = prometheus_summary(ns.prometheus, range_s, ns.variant, time.time(),
+                                 token=ns.token)
+    except Exception as exc:  # the reader's SourceError: one line, exit 1 (as canary-check)
         err.write(f"zaiproxy history: {exc}\n")
         return 1
     if ns.json:

@@ -1,11 +1,12 @@
-"""Builds the Cython extension in _native/.
+"""Builds the Cython extensions in _native/.
 
 Everything else about the package lives in pyproject.toml; setup.py exists
-only because the extension needs a build step (docs/architecture.md).
+only because the extensions need a build step (docs/architecture.md).
 
 The folder _native/ is installed as the package zaiproxy._native (pyproject.toml's
-package-dir), so the extension's module name is zaiproxy._native._ledger; the built .so lands
-in _native/ for the editable install and in zaiproxy/_native/ in a wheel.
+package-dir), so the extensions' module names are zaiproxy._native._ledger and
+zaiproxy._native._relay; the built .so files land in _native/ for the editable install and
+in zaiproxy/_native/ in a wheel.
 """
 
 from Cython.Build import cythonize
@@ -19,7 +20,13 @@ extensions = [
         include_dirs=["_native"],
         depends=["_native/_atomic.h"],
         extra_compile_args=["-O2"],
-    )
+    ),
+    # The stream scanner of the relay (zaiproxy/request/scanner.py chooses it).
+    Extension(
+        "zaiproxy._native._relay",
+        ["_native/_relay.pyx"],
+        extra_compile_args=["-O2"],
+    ),
 ]
 
 setup(

@@ -8,6 +8,7 @@ splits its writes (one write, byte by byte, random sizes, one large write).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import h11
 import orjson
@@ -15,10 +16,20 @@ import pytest
 import trio
 
 from tests.harness import UPSTREAM_KEY, RawClient, make_config, request, start_mock, start_proxy
+from zaiproxy.request import scanner
 
 OPENAI = ("/v1/chat/completions", "/api/paas/v4/chat/completions", "authorization",
           f"Bearer {UPSTREAM_KEY}")
 ANTHROPIC = ("/v1/messages", "/api/anthropic/v1/messages", "x-api-key", UPSTREAM_KEY)
+
+
+@pytest.fixture(scope="module", autouse=True, params=["python", "native"])
+def relay_scanner(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs with the native stream scanner and with its pure-Python twin
+    (zaiproxy/request/scanner.py chooses the class the relay uses)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scanner, "Tracker", scanner.load(request.param))
+        yield request.param
 
 
 def body_for(stream: bool, anthropic: bool) -> bytes:

@@ -20,11 +20,24 @@ from zaiproxy.core.record import Usage
 from zaiproxy.http.sse import SSEEvent, SSEParser
 from zaiproxy.mock import payloads
 from zaiproxy.request import tokens
+from zaiproxy.request.scanner import load
 from zaiproxy.request.tokens import count_text
 from zaiproxy.request.usage import StreamUsage, UsageTracker, stream_usage, usage_from_body
 from zaiproxy.request.usage_rewrite import UsageChunkStripper, add_include_usage
 
 E = SSEEvent
+
+
+@pytest.fixture(scope="module", params=["python", "native"])
+def tracker_impl(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The tracker tests (``@both``) run on the pure-Python tracker and on the native scanner
+    (zaiproxy/request/scanner.py): ``UsageTracker`` in this module is the one under test."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(globals(), "UsageTracker", load(request.param))
+        yield request.param
+
+
+both = pytest.mark.usefixtures("tracker_impl")
 
 
 def parse(chunks: list[bytes], **kwargs: Any) -> list[SSEEvent]:
@@ -374,6 +387,7 @@ _event_names = st.sampled_from(
 )
 
 
+@both
 @settings(max_examples=300)
 @given(
     api=st.sampled_from(["openai", "anthropic"]),
@@ -399,6 +413,7 @@ def test_tracker_never_raises(
             usage_from_body(api, orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS))
 
 
+@both
 @given(api=st.sampled_from(["openai", "anthropic"]), stream=_garbage)
 def test_tracker_garbage_never_raises(api: Literal["openai", "anthropic"], stream: bytes) -> None:
     tracker = UsageTracker(api)
@@ -495,6 +510,7 @@ FEEDS: dict[str, Callable[[bytes], list[bytes]]] = {
 }
 
 
+@both
 @pytest.mark.parametrize("feed", FEEDS.values(), ids=FEEDS.keys())
 @pytest.mark.parametrize(
     ("api", "stream", "usage", "events"),
@@ -524,6 +540,7 @@ def test_tracker_streams(
     assert tracker.at_event_boundary
 
 
+@both
 def test_tracker_before_usage_and_mid_event() -> None:
     tracker = UsageTracker("anthropic")
     assert tracker.usage is None
@@ -554,6 +571,7 @@ def openai_stream(deltas: int) -> list[bytes]:
     return chunks
 
 
+@both
 def test_ordinary_deltas_cost_no_json_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     parsed: list[object] = []
     real_loads = orjson.loads
@@ -576,6 +594,7 @@ def test_ordinary_deltas_cost_no_json_parse(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(parsed) == 2  # message_start and message_delta only
 
 
+@both
 def test_openai_latest_usage_wins() -> None:
     # vLLM's continuous_usage_stats puts running totals on every chunk.
     tracker = UsageTracker("openai")
@@ -586,6 +605,7 @@ def test_openai_latest_usage_wins() -> None:
     assert not tracker.done
 
 
+@both
 def test_openai_usage_bad_values_ignored() -> None:
     tracker = UsageTracker("openai")
     tracker.feed(b'data: {"usage":{"prompt_tokens":true,"completion_tokens":"5"}}\n\n')
@@ -596,6 +616,7 @@ def test_openai_usage_bad_values_ignored() -> None:
     assert tracker.usage == Usage(7, 0)
 
 
+@both
 @pytest.mark.parametrize(
     "stream",
     [
@@ -614,6 +635,7 @@ def test_openai_error(stream: bytes) -> None:
     assert tracker.usage is None
 
 
+@both
 def test_anthropic_error_mid_stream() -> None:
     start = ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"event: content_block_start")]
     tracker = UsageTracker("anthropic")
@@ -627,6 +649,7 @@ def test_anthropic_error_mid_stream() -> None:
     assert tracker.events == 2
 
 
+@both
 def test_anthropic_merge_ignores_nulls_and_bad_values() -> None:
     tracker = UsageTracker("anthropic")
     tracker.feed(
@@ -637,6 +660,7 @@ def test_anthropic_merge_ignores_nulls_and_bad_values() -> None:
     assert tracker.usage == Usage(10, 41, 3, 0)
 
 
+@both
 def test_tracker_reports_overflow() -> None:
     tracker = UsageTracker("openai")
     tracker.feed(b"data: " + b"x" * (1 << 20))
@@ -646,6 +670,7 @@ def test_tracker_reports_overflow() -> None:
     assert tracker.events == 0
 
 
+@both
 def test_tracker_rejects_unknown_api() -> None:
     with pytest.raises(ValueError):
         UsageTracker("gemini")  # type: ignore[arg-type]
@@ -753,6 +778,7 @@ def test_mock_text_is_split_mid_word() -> None:
     assert sum(count_text(d) for d in deltas) > count_text(mock_text())
 
 
+@both
 @pytest.mark.parametrize(
     "builder", [payloads.chat_events, payloads.text_completion_events], ids=["chat", "completions"]
 )
@@ -767,6 +793,7 @@ def test_openai_stream_without_usage_counts_deltas(builder: Any) -> None:
     assert expected.with_input(42) == Usage(42, count_text(mock_text()))
 
 
+@both
 @pytest.mark.parametrize(
     "builder", [payloads.chat_events, payloads.text_completion_events], ids=["chat", "completions"]
 )
@@ -784,6 +811,7 @@ def anthropic_without_final(events: list[bytes]) -> bytes:
     return b"".join(e for e in events if not e.startswith(b"event: message_delta"))
 
 
+@both
 def test_anthropic_stream_without_final_usage() -> None:
     # message_start reports input (kept) and output_tokens 1 (replaced by the count).
     stream = anthropic_without_final(payloads.anthropic_events("r1", "glm-4.6", *MOCK_DELTAS, 33))
@@ -795,6 +823,7 @@ def test_anthropic_stream_without_final_usage() -> None:
     assert expected.with_input(5) == expected.usage
 
 
+@both
 def test_anthropic_stream_with_usage_reports_upstream() -> None:
     stream = b"".join(payloads.anthropic_events("r1", "glm-4.6", *MOCK_DELTAS, 33))
     for chunks in all_feeds(stream):
@@ -802,6 +831,7 @@ def test_anthropic_stream_with_usage_reports_upstream() -> None:
         assert tracker.usage_estimated() == StreamUsage(Usage(33, 7), False, True)
 
 
+@both
 def test_realistic_streams_report_upstream_usage() -> None:
     for api, stream, usage in [
         ("openai", OPENAI_STREAM, Usage(1117, 46, 1024, 0)),
@@ -813,6 +843,7 @@ def test_realistic_streams_report_upstream_usage() -> None:
         assert tracker.usage_estimated() == StreamUsage(usage, False, True)
 
 
+@both
 def test_zai_stream_cut_before_usage_counts_reasoning_and_content() -> None:
     cut = ZAI_STREAM.index(b'data: {"id":"20250915113012a1b2c3d4e5f64789","created":1757907012,"object":"chat.completion.chunk","model":"glm-4.6","choices":[{"index":0,"finish_reason"')
     for chunks in all_feeds(ZAI_STREAM[:cut]):
@@ -821,6 +852,7 @@ def test_zai_stream_cut_before_usage_counts_reasoning_and_content() -> None:
         assert tracker.usage_estimated() == StreamUsage(Usage(0, count_text(text)), True, False)
 
 
+@both
 def test_zai_anthropic_zero_input_is_not_reported_input() -> None:
     cut = ZAI_ANTHROPIC_STREAM.index(b"event: message_delta")
     tracker = feed_all(UsageTracker("anthropic"), [ZAI_ANTHROPIC_STREAM[:cut]])
@@ -847,6 +879,7 @@ ANTHROPIC_MIXED = b"".join(
 )
 
 
+@both
 def test_anthropic_thinking_text_and_tool_json_all_count() -> None:
     text = "Let me think about it. I'll checkget_weather" + '{"city": "Paris"}'
     for chunks in all_feeds(ANTHROPIC_MIXED):
@@ -854,6 +887,7 @@ def test_anthropic_thinking_text_and_tool_json_all_count() -> None:
         assert tracker.usage_estimated() == StreamUsage(Usage(50, count_text(text)), True, True)
 
 
+@both
 def test_openai_tool_call_deltas_count() -> None:
     def chunk(delta: dict[str, Any]) -> bytes:
         return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": delta}]}) + b"\n\n"
@@ -869,6 +903,7 @@ def test_openai_tool_call_deltas_count() -> None:
     assert tracker.output_estimate() == count_text('get_weather{"city": "Paris"}')
 
 
+@both
 def test_cumulative_usage_latest_wins_and_stops_counting() -> None:
     # vLLM's continuous_usage_stats: running totals on every chunk. They are
     # final counts as far as they go: nothing to count, never summed.
@@ -887,6 +922,7 @@ def test_cumulative_usage_latest_wins_and_stops_counting() -> None:
     assert tracker.usage_estimated() == StreamUsage(Usage(9, 2), False, True)
 
 
+@both
 def test_usage_without_completion_count_is_not_final() -> None:
     tracker = UsageTracker("openai")
     tracker.feed(b'data: {"choices":[{"delta":{"content":"Hello world"}}],"usage":{"prompt_tokens":4}}\n\n')
@@ -894,6 +930,7 @@ def test_usage_without_completion_count_is_not_final() -> None:
     assert tracker.usage_estimated() == StreamUsage(Usage(4, 2), True, True)
 
 
+@both
 @pytest.mark.parametrize("api", ["openai", "anthropic"])
 def test_cancelled_stream_counts_what_came(api: Literal["openai", "anthropic"]) -> None:
     # Closed mid-way: the complete delta events so far count; a partial one doesn't.
@@ -917,6 +954,7 @@ def test_cancelled_stream_counts_what_came(api: Literal["openai", "anthropic"]) 
         assert result.usage.output_tokens == count_text("".join(deltas[:n]))
 
 
+@both
 def test_nothing_to_go_on() -> None:
     tracker = feed_all(UsageTracker("openai"), [b'data: {"choices":[{"delta":{"content":"x"'])
     assert tracker.usage_estimated() is None
@@ -924,6 +962,7 @@ def test_nothing_to_go_on() -> None:
     assert tracker.usage_estimated() is None
 
 
+@both
 def test_delta_counting_can_be_turned_off() -> None:
     stream = b"".join(without_usage(payloads.chat_events("r1", "m", *MOCK_DELTAS, 10)))
     tracker = feed_all(UsageTracker("openai", count_deltas=False), [stream])
@@ -932,6 +971,7 @@ def test_delta_counting_can_be_turned_off() -> None:
     assert tracker.usage_estimated() == StreamUsage(Usage(0, 0), True, False)
 
 
+@both
 def test_deltas_are_parsed_only_at_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
     parsed: list[object] = []
     real_loads = orjson.loads
@@ -954,6 +994,7 @@ def test_deltas_are_parsed_only_at_the_end(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(parsed) == 49
 
 
+@both
 def test_bounded_buffer_gives_the_same_count() -> None:
     chunks, size = 2000, 7
     stream = b"".join(without_usage(payloads.chat_events("r1", "m", chunks, size, 10)))
@@ -979,6 +1020,7 @@ _piece = st.sampled_from(
 )
 
 
+@both
 @settings(max_examples=150, deadline=None)
 @given(deltas=st.lists(st.lists(_piece, max_size=4).map("".join), max_size=60), cap=st.integers(1, 400))
 def test_random_deltas_any_cap_same_count(deltas: list[str], cap: int) -> None:
@@ -1005,6 +1047,7 @@ _delta_json = st.recursive(
 )
 
 
+@both
 @settings(max_examples=300)
 @given(
     api=st.sampled_from(["openai", "anthropic"]),
@@ -1027,6 +1070,7 @@ def test_delta_fallback_never_raises(
     assert result is None or result.usage.output_tokens >= 0
 
 
+@both
 def test_cjk_without_cut_points_stays_bounded() -> None:
     # No safe cut in a run of CJK letters: the carry is counted once it grows
     # past its own bound (off by at most a token at that seam), not kept forever.
@@ -1040,6 +1084,7 @@ def test_cjk_without_cut_points_stays_bounded() -> None:
     assert abs(tracker.output_estimate() - count_text(delta * 2000)) <= 2000 * 64 // 4096 + 1
 
 
+@both
 async def test_stream_usage_in_a_thread_equals_inline() -> None:
     stream = b"".join(without_usage(payloads.chat_events("r1", "m", 400, 9, 10)))
     big = feed_all(UsageTracker("openai"), [stream])

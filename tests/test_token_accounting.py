@@ -10,6 +10,7 @@ The mock's ``x-mock-usage`` control makes it behave like each kind of upstream:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -18,6 +19,7 @@ from tests.harness import make_config, request, start_mock, start_proxy
 from zaiproxy.core.logs import get_logger
 from zaiproxy.http.sse import SSEParser
 from zaiproxy.mock.payloads import expected_text
+from zaiproxy.request import scanner
 from zaiproxy.request.tokens import count_text, estimate_anthropic, estimate_openai
 from zaiproxy.request.usage_rewrite import add_include_usage
 
@@ -28,6 +30,15 @@ MESSAGES = {"model": "glm-4.6", "stream": True, "max_tokens": 256,
             "messages": [{"role": "user", "content": "tell me a story"}]}
 CHUNKS = 40
 SIZE = 16
+
+
+@pytest.fixture(scope="module", autouse=True, params=["python", "native"])
+def relay_scanner(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs with the native stream scanner and with its pure-Python twin
+    (zaiproxy/request/scanner.py chooses the class the relay uses)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scanner, "Tracker", scanner.load(request.param))
+        yield request.param
 
 
 def counters(log_buffer, ctx, model: str, estimated: bool) -> tuple[int, int, int]:

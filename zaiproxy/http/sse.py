@@ -2,7 +2,10 @@
 
 The relay forwards every upstream body chunk to the client unchanged and also hands
 it to a ``zaiproxy.request.usage.UsageTracker``, which only *observes* the stream through
-this parser. That sets the design:
+this parser. That tracker is the pure-Python twin: by default the relay uses the native
+scanner (``zaiproxy._native._relay``, chosen in ``zaiproxy.request.scanner``), which finds
+lines and events by exactly these rules in C; tests/test_relay_native.py holds the two
+equal. This parser sets the rules, and its design:
 
 * Sans-I/O, like h11: :class:`SSEParser` turns bytes into :class:`SSEEvent` values and
   never touches a socket, so it is tested with plain byte strings.

@@ -253,7 +253,7 @@ class WorkerMetrics:
                  concurrency_limit: int | None = None,
                  upstream_concurrency_limit: int | None = None,
                  quota: Callable[[], Iterable[QuotaUse]] | None = None,
-                 limits_backend: str = "shm") -> None:
+                 limits_backend: str = "shm", relay: str = "python") -> None:
         """``ledger``: the implementation's name; ``segment``: the attached Ledger;
         ``shared``: False for a private segment (no other process reads it; its file is
         already unlinked), whose names table is then an anonymous mapping;
@@ -265,6 +265,7 @@ class WorkerMetrics:
         self.segment = segment
         self.workers = workers
         self._impl = ledger
+        self._relay = relay  # the stream scanner's implementation (request/scanner.py)
         self._commit = commit
         self._alias_metrics = alias_metrics
         self._known_models = known_models
@@ -562,6 +563,11 @@ class _Collector:
                                    labels=["implementation", "variant"])
         ledger.add_metric([m._impl, variant], 1)
         yield ledger
+        relay = GaugeMetricFamily("zai_proxy_relay_info",
+                                  "Which stream scanner is loaded (native or python).",
+                                  labels=["implementation", "variant"])
+        relay.add_metric([m._relay, variant], 1)
+        yield relay
 
 
 def _fleet_families(seg: Segment, variant: str, workers: int) -> Iterator[Metric]:

@@ -18,7 +18,7 @@ from zaiproxy.http.connection import ClientConnection
 from zaiproxy.http.http11 import h11
 from zaiproxy.limits import report as limits_report
 from zaiproxy.limits.cells import SC_ADAPTIVE_MRPS, SC_ADAPTIVE_RESET
-from zaiproxy.request import admin
+from zaiproxy.request import admin, scanner
 from zaiproxy.request.admin_access import check_admin
 from zaiproxy.request.routing import Control
 
@@ -34,7 +34,8 @@ async def serve(ctx: WorkerContext, conn: ClientConnection, control: Control,
         adaptive = limits_report.adaptive_state(ctx.config, ctx.ledger)
         body = orjson.dumps({
             "status": "ok", "version": __version__, "variant": ctx.config.deployment_variant,
-            "ledger": ctx.ledger_impl, "http": ctx.http_impl, "worker": ctx.worker_index,
+            "ledger": ctx.ledger_impl, "http": ctx.http_impl, "relay": scanner.IMPLEMENTATION,
+            "worker": ctx.worker_index,
             "pid": os.getpid(), "keys": len(ctx.keys) if ctx.keys is not None else None,
             "adaptive_rate_rps": adaptive["rate_rps"],
             # Why the rate is capped (a Z.AI throttle class) and when the cap is gone.

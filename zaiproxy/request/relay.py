@@ -5,7 +5,9 @@ docs/architecture.md "One request", steps 8-10:
 - each network read from upstream becomes one client write: chunks that arrive apart stay
   apart, nothing is buffered whole, and a slow client slows the upstream reads down (TCP
   backpressure; one read in flight);
-- the SSE usage tracker watches the bytes (usage) without changing them;
+- the SSE usage tracker watches the bytes (usage) without changing them, or takes out the
+  usage chunk ``include_usage`` added for a client that did not ask for it: one call per
+  read (zaiproxy/request/scanner.py chooses the native scanner or its pure-Python twin);
 - upstream lost mid-stream: SSE bodies end with an error event in the caller's API shape,
   then the client connection is closed without the final chunk, so a cut stream never
   looks like a short answer;
@@ -29,10 +31,10 @@ import trio
 from zaiproxy.core.errors import Api, sse_error_event
 from zaiproxy.core.record import Ending, Usage
 from zaiproxy.http.sink import ClientGone, ClientSink
+from zaiproxy.request import scanner
 from zaiproxy.request.exchange import Exchanged
 from zaiproxy.request.routing import Route
-from zaiproxy.request.usage import StreamUsage, UsageTracker, stream_usage, usage_from_body
-from zaiproxy.request.usage_rewrite import UsageChunkStripper
+from zaiproxy.request.usage import StreamTracker, StreamUsage, stream_usage, usage_from_body
 from zaiproxy.upstream.forward import client_response_headers, header_value
 from zaiproxy.upstream.pool import UpstreamBroken
 
@@ -83,9 +85,9 @@ class Relay:
         self.extra_headers = extra_headers
         content_type = header_value(exchanged.response.headers, b"content-type") or b""
         self.is_sse = content_type.startswith(b"text/event-stream")
-        self.tracker = (UsageTracker(route.api.value, count_deltas=ctx.config.token_counting)
-                        if self.is_sse else None)
-        self.stripper = UsageChunkStripper() if self.is_sse and strip_usage else None
+        self.tracker: StreamTracker | None = (
+            scanner.Tracker(route.api.value, count_deltas=ctx.config.token_counting,
+                            strip_usage=strip_usage) if self.is_sse else None)
         self.keep_json = keep_json and not self.is_sse and exchanged.response.status_code == 200
         self.ending = Ending.OK
         self.bytes_out = 0
@@ -109,7 +111,7 @@ class Relay:
         pool = ctx.pool
         ex = self.exchanged
         conn = ex.conn
-        tracker, stripper = self.tracker, self.stripper
+        tracker = self.tracker
         kept: list[bytes] = []
         kept_len = 0
         keep = self.keep_json
@@ -127,17 +129,25 @@ class Relay:
             # The idle timeout: the pool's watchdog closes the connection when the deadline
             # set before each wait passes (UpstreamPool.watch_idle; no cancel scope per event).
             pool.watch(conn)
+            # h11 holds no body bytes: read_available and read_more return only once h11
+            # needs more data (or the body ended), so after them the next step is a wait,
+            # not another call into h11 (one per upstream read saved).
+            drained = False
             while True:
                 try:
                     if prefix or prefix_ended:
                         data, ended, prefix, prefix_ended = prefix, prefix_ended, b"", False
                     else:
-                        data, ended = conn.read_available()
-                    if not data and not ended:
-                        await sink.flush()  # a slow client is not an idle upstream: no deadline
-                        conn.idle_deadline = trio.current_time() + idle
-                        data, ended = await conn.read_more()
-                        conn.idle_deadline = math.inf
+                        data, ended = (b"", False) if drained else conn.read_available()
+                        if not data and not ended:
+                            # Whatever is queued goes out before the wait: one client write
+                            # per upstream read. A slow client is not an idle upstream: the
+                            # deadline starts after the write.
+                            await sink.flush()
+                            conn.idle_deadline = trio.current_time() + idle
+                            data, ended = await conn.read_more()
+                            conn.idle_deadline = math.inf
+                        drained = True
                 except UpstreamBroken as exc:
                     if conn.idle_expired:
                         self.ending = Ending.UPSTREAM_IDLE
@@ -155,9 +165,7 @@ class Relay:
                     await pool.release(conn)
                 if data:
                     if tracker is not None:
-                        tracker.feed(data)
-                        if stripper is not None:
-                            data = stripper.feed(data)
+                        data = tracker.feed(data)  # the bytes to send on
                     elif keep and kept_len < USAGE_BODY_LIMIT:
                         kept.append(data)
                         kept_len += len(data)
@@ -167,14 +175,13 @@ class Relay:
                         self.bytes_out += len(data)
                         sink.queue_data(data)
                 if ended:
-                    if stripper is not None:
-                        tail = stripper.close()
+                    if tracker is not None:
+                        tail = tracker.close()  # what the stripper held: not an event
                         if tail:
                             self.bytes_out += len(tail)
                             sink.queue_data(tail)
                     sink.queue_end()
                     break
-                await sink.flush()
         except ClientGone:
             self.ending = Ending.CLIENT_GONE
             await pool.discard(conn)
@@ -188,7 +195,6 @@ class Relay:
             raise
 
         if tracker is not None:
-            tracker.close()
             # Upstream's report, else the deltas counted (only when token counting is on).
             self._usage = (await stream_usage(tracker) if ctx.config.token_counting
                            else tracker.usage)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -20,8 +20,16 @@ from zaiproxy.core.record import Usage
 from zaiproxy.http.sse import Bytes, SSEEvent, SSEParser
 from zaiproxy.request import tokens
 from zaiproxy.request.tokens import count_text
+from zaiproxy.request.usage_rewrite import UsageChunkStripper
 
-__all__ = ["StreamUsage", "UsageTracker", "stream_usage", "usage_from_body"]
+__all__ = [
+    "Accounting",
+    "StreamTracker",
+    "StreamUsage",
+    "UsageTracker",
+    "stream_usage",
+    "usage_from_body",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +54,148 @@ class StreamUsage:
         return replace(self.usage, input_tokens=prompt_tokens)
 
 
+class StreamTracker(Protocol):
+    """What the relay and :func:`stream_usage` use of a tracker; :class:`UsageTracker` (pure
+    Python) and ``zaiproxy.request.scanner.NativeUsageTracker`` (the native scanner) both are
+    one, and zaiproxy/request/scanner.py chooses which the relay uses."""
+
+    @property
+    def usage(self) -> Usage | None: ...
+    @property
+    def events(self) -> int: ...
+    @property
+    def done(self) -> bool: ...
+    @property
+    def error(self) -> bool: ...
+    @property
+    def at_event_boundary(self) -> bool: ...
+    @property
+    def overflowed(self) -> bool: ...
+    @property
+    def pending_bytes(self) -> int: ...
+    def feed(self, data: Bytes) -> bytes: ...
+    def close(self) -> bytes: ...
+    def output_estimate(self) -> int: ...
+    def usage_estimated(self) -> StreamUsage | None: ...
+
+
+# What Accounting.openai_event answers, or-ed (the native scanner has the same constants).
+HOLD = 1  # hold the event's data for counting, if still collecting
+FINAL = 2  # the upstream's final usage: stop collecting, drop what is held
+ERROR = 4  # the event reports an error
+
+
+class Accounting:
+    """The part of a tracker that parses JSON: usage reports and the counting of held deltas.
+
+    Both trackers find events and decide which ones matter themselves (the pure one with
+    :class:`~zaiproxy.http.sse.SSEParser`, the native one in C) and hand only those here,
+    so the two report the same usage and the same estimates by construction.
+    """
+
+    __slots__ = ("_api", "_carry", "_carry_tokens", "_counted", "_fields", "final", "usage")
+
+    def __init__(self, api: Literal["openai", "anthropic"]) -> None:
+        self._api = api
+        # The merged Anthropic counts (input, output, cache read, cache write).
+        self._fields: list[int | None] = [None, None, None, None]
+        self.usage: Usage | None = None
+        self.final = False  # the upstream reported its output count
+        self._carry = ""  # delta text parsed but not yet counted (the tail after a cut)
+        self._carry_tokens: int | None = 0
+        self._counted = 0  # tokens of the delta text before the carry
+
+    @property
+    def carry_chars(self) -> int:
+        return len(self._carry)
+
+    def openai_event(self, data: str | bytes, has_usage: bool, has_error: bool) -> int:
+        """An OpenAI event with a non-null ``"usage"`` or an ``"error"`` key: HOLD, FINAL, ERROR."""
+        obj = _loads(_text(data))
+        if not isinstance(obj, dict):
+            return 0
+        flags = HOLD  # Z.AI puts usage on a chunk with a delta; rare enough to reparse
+        if has_error and obj.get("error") is not None:
+            flags |= ERROR
+        if has_usage:
+            # Each usage chunk carries the totals so far: the latest replaces.
+            raw = obj.get("usage")
+            usage = _openai_usage(raw)
+            if usage is not None:
+                self.usage = usage
+                if _count(raw, "completion_tokens") is not None:
+                    self.final = True
+                    flags |= FINAL
+        return flags
+
+    def anthropic_start(self, data: str | bytes) -> None:
+        obj = _loads(_text(data))
+        message = obj.get("message") if isinstance(obj, dict) else None
+        self._fields = [None, None, None, None]
+        self._merge(message.get("usage") if isinstance(message, dict) else None)
+
+    def anthropic_delta(self, data: str | bytes) -> bool:
+        """A message_delta with ``"usage"``; True when it is the final count."""
+        obj = _loads(_text(data))
+        if not self._merge(obj.get("usage") if isinstance(obj, dict) else None):
+            return False
+        self.final = True
+        return True
+
+    def _merge(self, usage: object) -> bool:
+        """Merge a usage object; return whether it carried an output count."""
+        # output_tokens in message_delta is cumulative, and Z.AI also puts the
+        # final input and cache counts there. A later non-null count overrides.
+        fields = _anthropic_fields(usage)
+        for i, value in enumerate(fields):
+            if value is not None:
+                self._fields[i] = value
+        if any(value is not None for value in self._fields):
+            inp, out, read, write = (value or 0 for value in self._fields)
+            self.usage = Usage(inp, out, read, write)
+        return fields[1] is not None
+
+    def flush(self, held: list[str]) -> None:
+        """Parse held events' data; count their text up to the last safe cut."""
+        parts = [self._carry]
+        extract = _openai_texts if self._api == "openai" else _anthropic_texts
+        for data in held:
+            extract(_loads(data), parts)
+        text = "".join(parts)
+        cut = _safe_cut(text)
+        if cut:
+            self._counted += count_text(text[:cut])
+        self._carry = text[cut:]
+        self._carry_tokens = None
+
+    def flush_raw(self, raw: bytes) -> None:
+        """:meth:`flush` for the native scanner's held data: events separated by CR (SSE data
+        never contains one), decoded as :class:`~zaiproxy.http.sse.SSEParser` decodes them
+        (one decode of the whole is the same: CR ends any broken UTF-8 sequence)."""
+        self.flush(raw.decode("utf-8", "replace").split("\r"))
+
+    def output_estimate(self) -> int:
+        """Tokens of everything flushed so far (the caller flushes what it holds first)."""
+        if self._carry_tokens is None:
+            self._carry_tokens = count_text(self._carry)
+        return self._counted + self._carry_tokens
+
+    def usage_estimated(self, events: int) -> StreamUsage | None:
+        """See :meth:`UsageTracker.usage_estimated` (the caller flushes what it holds first)."""
+        usage = self.usage
+        if self.final and usage is not None:
+            return StreamUsage(usage, estimated=False, input_reported=True)
+        if usage is None and events == 0:
+            return None
+        output = self.output_estimate()
+        # Anthropic reports input in message_start; Z.AI sends zeros there.
+        if usage is not None and usage.input_tokens > 0:
+            return StreamUsage(replace(usage, output_tokens=output), True, True)
+        return StreamUsage(Usage(0, output), estimated=True, input_reported=False)
+
+
 class UsageTracker:
-    """Feeds an SSE response body of one API flavour and keeps its final usage.
+    """Feeds an SSE response body of one API flavour and keeps its final usage (pure Python).
 
     ``usage`` is only ever what the upstream reported (the latest report; counts
     are cumulative, never summed). For streams that end without a final report,
@@ -67,24 +215,25 @@ class UsageTracker:
     not delta by delta: a word split over two deltas is one token, not two. The
     running count is exact too, because each flush stops at a point where the
     tokenizer's pre-split puts a boundary whatever follows (:func:`_safe_cut`).
+
+    With ``strip_usage``, :meth:`feed` also takes the usage chunk that
+    ``include_usage`` added back out of the bytes it returns
+    (:class:`~zaiproxy.request.usage_rewrite.UsageChunkStripper`), and :meth:`close`
+    returns what that still held. This is the twin of the native scanner
+    (``zaiproxy.request.scanner``): the same results, byte for byte.
     """
 
     __slots__ = (
-        "_api",
-        "_carry",
-        "_carry_tokens",
+        "_acct",
         "_collect",
-        "_counted",
-        "_fields",
-        "_final",
         "_max_pending",
         "_parser",
         "_pending",
         "_pending_bytes",
+        "_stripper",
         "done",
         "error",
         "events",
-        "usage",
     )
 
     def __init__(
@@ -93,25 +242,25 @@ class UsageTracker:
         *,
         count_deltas: bool = True,
         max_pending_bytes: int = 256 * 1024,
+        strip_usage: bool = False,
+        max_line_bytes: int = 1 << 20,
     ) -> None:
         if api not in ("openai", "anthropic"):
             raise ValueError(f"api must be 'openai' or 'anthropic', not {api!r}")
-        self._api = api
-        self._parser = SSEParser()
-        # The merged Anthropic counts (input, output, cache read, cache write).
-        self._fields: list[int | None] = [None, None, None, None]
-        self.usage: Usage | None = None
+        self._acct = Accounting(api)
+        self._parser = SSEParser(max_line_bytes)
+        self._stripper = UsageChunkStripper() if strip_usage else None
         self.events = 0
         self.done = False
         self.error = False
-        self._final = False  # the upstream reported its output count
         self._collect = count_deltas
         self._max_pending = max_pending_bytes
         self._pending: list[str] = []  # raw data of delta events, not yet parsed
         self._pending_bytes = 0
-        self._carry = ""  # delta text parsed but not yet counted (the tail after a cut)
-        self._carry_tokens: int | None = 0
-        self._counted = 0  # tokens of the delta text before the carry
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._acct.usage
 
     @property
     def at_event_boundary(self) -> bool:
@@ -124,18 +273,22 @@ class UsageTracker:
     @property
     def pending_bytes(self) -> int:
         """Characters of delta data held but not yet counted (~bytes: SSE JSON is mostly ASCII)."""
-        return self._pending_bytes + len(self._carry)
+        return self._pending_bytes + self._acct.carry_chars
 
-    def feed(self, data: Bytes) -> None:
+    def feed(self, data: Bytes) -> bytes:
+        """Watch one read of the body; return the bytes to send on (``data`` unless stripping)."""
+        on_event = self._on_openai if self._acct._api == "openai" else self._on_anthropic
         for event in self._parser.feed(data):
             self.events += 1
-            if self._api == "openai":
-                self._on_openai(event)
-            else:
-                self._on_anthropic(event)
+            on_event(event)
+        if self._stripper is not None:
+            return self._stripper.feed(data)
+        return data if type(data) is bytes else bytes(data)
 
-    def close(self) -> None:
+    def close(self) -> bytes:
+        """End of stream; returns what the stripper still held (an unterminated event)."""
         self._parser.close()
+        return self._stripper.close() if self._stripper is not None else b""
 
     def output_estimate(self) -> int:
         """Output tokens counted from the deltas so far (counting what is still held).
@@ -145,9 +298,7 @@ class UsageTracker:
         """
         if self._pending:
             self._flush()
-        if self._carry_tokens is None:
-            self._carry_tokens = count_text(self._carry)
-        return self._counted + self._carry_tokens
+        return self._acct.output_estimate()
 
     def usage_estimated(self) -> StreamUsage | None:
         """The upstream's final usage if it came, else the output counted from the deltas.
@@ -155,16 +306,9 @@ class UsageTracker:
         None when there is nothing to go on: no event and no usage at all (a
         stream cut before its first event, or not SSE of this API).
         """
-        usage = self.usage
-        if self._final and usage is not None:
-            return StreamUsage(usage, estimated=False, input_reported=True)
-        if usage is None and self.events == 0:
-            return None
-        output = self.output_estimate()
-        # Anthropic reports input in message_start; Z.AI sends zeros there.
-        if usage is not None and usage.input_tokens > 0:
-            return StreamUsage(replace(usage, output_tokens=output), True, True)
-        return StreamUsage(Usage(0, output), estimated=True, input_reported=False)
+        if self._pending:
+            self._flush()
+        return self._acct.usage_estimated(self.events)
 
     def _hold(self, data: str) -> None:
         self._pending.append(data)
@@ -173,22 +317,11 @@ class UsageTracker:
             self._flush()
 
     def _flush(self) -> None:
-        """Parse the held events; count their text up to the last safe cut."""
-        parts = [self._carry]
-        extract = _openai_texts if self._api == "openai" else _anthropic_texts
-        for data in self._pending:
-            extract(_loads(data), parts)
-        self._pending = []
+        pending, self._pending = self._pending, []
         self._pending_bytes = 0
-        text = "".join(parts)
-        cut = _safe_cut(text)
-        if cut:
-            self._counted += count_text(text[:cut])
-        self._carry = text[cut:]
-        self._carry_tokens = None
+        self._acct.flush(pending)
 
     def _set_final(self) -> None:
-        self._final = True
         self._collect = False
         self._pending = []
         self._pending_bytes = 0
@@ -208,21 +341,13 @@ class UsageTracker:
             if self._collect:
                 self._hold(data)
             return
-        obj = _loads(data)
-        if not isinstance(obj, dict):
-            return
-        if has_error and obj.get("error") is not None:
+        flags = self._acct.openai_event(data, has_usage, has_error)
+        if flags & ERROR:
             self.error = True
-        if has_usage:
-            # Each usage chunk carries the totals so far: the latest replaces.
-            raw = obj.get("usage")
-            usage = _openai_usage(raw)
-            if usage is not None:
-                self.usage = usage
-                if _count(raw, "completion_tokens") is not None:
-                    self._set_final()
-        if self._collect:
-            self._hold(data)  # Z.AI puts usage on a chunk with a delta; rare enough to reparse
+        if flags & FINAL:
+            self._set_final()
+        if flags & HOLD and self._collect:
+            self._hold(data)
 
     def _on_anthropic(self, event: SSEEvent) -> None:
         kind = event.event
@@ -230,35 +355,17 @@ class UsageTracker:
             if self._collect:
                 self._hold(event.data)
         elif kind == "message_start":
-            obj = _loads(event.data)
-            message = obj.get("message") if isinstance(obj, dict) else None
-            self._fields = [None, None, None, None]
-            self._merge(message.get("usage") if isinstance(message, dict) else None)
+            self._acct.anthropic_start(event.data)
         elif kind == "content_block_start":
             if self._collect:
                 self._hold(event.data)  # a tool_use block's name is output too
         elif kind == "message_delta":
-            if '"usage"' in event.data:
-                obj = _loads(event.data)
-                if self._merge(obj.get("usage") if isinstance(obj, dict) else None):
-                    self._set_final()
+            if '"usage"' in event.data and self._acct.anthropic_delta(event.data):
+                self._set_final()
         elif kind == "message_stop":
             self.done = True
         elif kind == "error":
             self.error = True
-
-    def _merge(self, usage: object) -> bool:
-        """Merge a usage object; return whether it carried an output count."""
-        # output_tokens in message_delta is cumulative, and Z.AI also puts the
-        # final input and cache counts there. A later non-null count overrides.
-        fields = _anthropic_fields(usage)
-        for i, value in enumerate(fields):
-            if value is not None:
-                self._fields[i] = value
-        if any(value is not None for value in self._fields):
-            inp, out, read, write = (value or 0 for value in self._fields)
-            self.usage = Usage(inp, out, read, write)
-        return fields[1] is not None
 
 
 def _openai_texts(obj: object, out: list[str]) -> None:
@@ -351,6 +458,11 @@ def usage_from_body(api: Literal["openai", "anthropic"], body: bytes) -> Usage |
     return Usage(inp, out, read, write)
 
 
+def _text(data: str | bytes) -> str:
+    """As the pure tracker sees event data: decoded with ``errors="replace"``."""
+    return data if isinstance(data, str) else data.decode("utf-8", "replace")
+
+
 def _loads(data: str | Bytes) -> Any:
     try:
         return orjson.loads(data)
@@ -408,7 +520,7 @@ def _has_non_null(data: str, key: str) -> bool:
     return False
 
 
-async def stream_usage(tracker: UsageTracker) -> StreamUsage | None:
+async def stream_usage(tracker: StreamTracker) -> StreamUsage | None:
     """``tracker.usage_estimated()``, in a worker thread when a big count is still pending.
 
     The caller must not feed the tracker while this runs (it is done with the

@@ -13,7 +13,7 @@ import orjson
 
 from zaiproxy.http.sse import Bytes
 
-__all__ = ["UsageChunkStripper", "add_include_usage"]
+__all__ = ["UsageChunkStripper", "add_include_usage", "is_usage_chunk"]
 
 _LF = 0x0A
 
@@ -23,8 +23,6 @@ def _loads(data: Bytes) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
-
-
 
 
 def add_include_usage(body: bytes) -> bytes | None:
@@ -173,7 +171,7 @@ class UsageChunkStripper:
     def _end_event(self, blank: bytes, out: bytearray) -> None:
         held = self._held
         held += blank
-        if self._mode == _HOLD and self._may_be_usage() and _is_usage_chunk(held):
+        if self._mode == _HOLD and self._may_be_usage() and is_usage_chunk(held):
             self.stripped += 1
             self._drop_lf = self._after_cr
         else:
@@ -201,7 +199,10 @@ class UsageChunkStripper:
         return _CHOICES_NOT_EMPTY.search(held) is None
 
 
-def _is_usage_chunk(event: bytearray) -> bool:
+def is_usage_chunk(event: bytes | bytearray) -> bool:
+    """Whether a held event (one ``data:`` line and its blank line, which
+    ``_may_be_usage`` let through) is the usage chunk: ``"choices": []`` and a usage.
+    The native scanner asks this too, for the same few events."""
     line = event.splitlines()[0]
     obj = _loads(line[6:] if line.startswith(b" ", 5) else line[5:])
     return isinstance(obj, dict) and obj.get("choices") == [] and obj.get("usage") is not None

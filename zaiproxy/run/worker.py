@@ -39,7 +39,7 @@ from zaiproxy.limits.segment import LedgerImpl, Segment
 from zaiproxy.observe.metrics import WorkerMetrics
 from zaiproxy.observe.recorder.client import HistoryClient
 from zaiproxy.observe.recorder.sink import RecordSink
-from zaiproxy.request import tokens
+from zaiproxy.request import scanner, tokens
 from zaiproxy.request.context import SharedState, WorkerContext
 from zaiproxy.request.pipeline import Pipeline
 from zaiproxy.request.routing import Upstream
@@ -135,6 +135,7 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         concurrency_limit=config.concurrency,
         upstream_concurrency_limit=config.upstream_concurrency,
         quota=admitter.quota_use, limits_backend=config.limits_backend,
+        relay=scanner.IMPLEMENTATION,
     )
     return WorkerContext(
         config=config, pool=pool, origins=origins, metrics=metrics,

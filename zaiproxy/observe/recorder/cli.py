@@ -477,8 +477,6 @@ def _file_error(exc: BaseException, path: str, holder: str) -> str:
 def _run_db(ns: argparse.Namespace, out: TextIO, err: TextIO,
             collector_summary: CollectorSummary | None) -> int:
     """``--db FILE``: a collector's database, read-only (summaries, or ``sql``)."""
-    from zaiproxy.core.durations import DurationError, parse_duration
-
     path = os.path.abspath(ns.db)
     given = [flag for flag, value in (("--path", getattr(ns, "path", None)),
                                       ("--url", getattr(ns, "url", None)),
@@ -498,10 +496,8 @@ def _run_db(ns: argparse.Namespace, out: TextIO, err: TextIO,
         err.write("zaiproxy history: --db needs the collector's reader (the `zaiproxy` "
                   "command passes it)\n")
         return 2
-    try:
-        range_s = parse_duration(ns.range)
-    except DurationError as exc:
-        err.write(f"zaiproxy history: {exc}\n")
+    range_s = _range_s(ns, err)
+    if range_s is None:
         return 2
     import duckdb
 
@@ -515,6 +511,21 @@ def _run_db(ns: argparse.Namespace, out: TextIO, err: TextIO,
     except SchemaError as exc:
         err.write(f"zaiproxy history: {exc}\n")
         return 1
+    return _print_fleet(ns, doc, out)
+
+
+def _range_s(ns: argparse.Namespace, err: TextIO) -> float | None:
+    """``--range`` in seconds, or None after saying why it is not one."""
+    from zaiproxy.core.durations import DurationError, parse_duration
+
+    try:
+        return parse_duration(ns.range)
+    except DurationError as exc:
+        err.write(f"zaiproxy history: {exc}\n")
+        return None
+
+
+def _print_fleet(ns: argparse.Namespace, doc: dict[str, Any], out: TextIO) -> int:
     if ns.json:
         out.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -525,8 +536,6 @@ def _run_db(ns: argparse.Namespace, out: TextIO, err: TextIO,
 def _run_prometheus(ns: argparse.Namespace, out: TextIO, err: TextIO,
                     prometheus_summary: PrometheusSummary | None) -> int:
     """``--prometheus URL``: a fleet's summaries per variant from its Prometheus."""
-    from zaiproxy.core.durations import DurationError, parse_duration
-
     given = [flag for flag, value in (("--path", getattr(ns, "path", None)),
                                       ("--url", getattr(ns, "url", None)),
                                       ("--db", getattr(ns, "db", None)),
@@ -540,10 +549,8 @@ def _run_prometheus(ns: argparse.Namespace, out: TextIO, err: TextIO,
         err.write("zaiproxy history: --prometheus needs the fleet's reader (the `zaiproxy` "
                   "command passes it)\n")
         return 2
-    try:
-        range_s = parse_duration(ns.range)
-    except DurationError as exc:
-        err.write(f"zaiproxy history: {exc}\n")
+    range_s = _range_s(ns, err)
+    if range_s is None:
         return 2
     try:
         doc = prometheus_summary(ns.prometheus, range_s, ns.variant, time.time(),
@@ -551,11 +558,7 @@ def _run_prometheus(ns: argparse.Namespace, out: TextIO, err: TextIO,
     except Exception as exc:  # the reader's SourceError: one line, exit 1 (as canary-check)
         err.write(f"zaiproxy history: {exc}\n")
         return 1
-    if ns.json:
-        out.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        render_fleet_summary(doc, out)
-    return 0
+    return _print_fleet(ns, doc, out)
 
 
 def _run(ns: argparse.Namespace, source: _Source, range_s: float, groups: list[str],

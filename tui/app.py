@@ -72,7 +72,7 @@ class ZaiproxyTui(App[None]):
     TITLE = "zaiproxy"
     ENABLE_COMMAND_PALETTE = False
     CSS_PATH = "tui.tcss"
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide"), (160, "-xwide")]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide"), (180, "-xwide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("v", "cycle_variant", "Variant"),

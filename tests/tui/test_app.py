@@ -320,6 +320,21 @@ def test_a_tall_screen_shows_the_panels_instead_of_the_headline() -> None:
     run(make_app(), body, size=(160, 48))
 
 
+def test_the_keys_table_fits_every_layout() -> None:
+    """The keys table (74 columns: counts by outcome) is never cut: the whole width below
+    120 columns, its own row from 120, beside limits and errors from 180, where the limits
+    keep room for their labels."""
+    for size, same_row in (((80, 24), False), ((160, 48), False), ((200, 50), True)):
+        async def body(pilot: Pilot[None], app: ZaiproxyTui, same_row: bool = same_row) -> None:
+            keys, limiter = app.query_one(KeysPanel), app.query_one(LimiterPanel)
+            table = keys.query_one(DataTable)
+            assert table.virtual_size.width <= table.size.width  # no horizontal scroll
+            assert (keys.region.y == limiter.region.y) is same_row
+            assert "upstream tok/week" in text(limiter)
+
+        run(make_app(), body, size=size)
+
+
 def test_the_tick_keeps_running_under_the_help_and_token_screens() -> None:
     """The 1 s tick updates the main screen's status line while a modal screen is active."""
     source = FixtureSource(token="s3cret")

@@ -340,6 +340,9 @@ OTHER_ENV: Final[Mapping[str, str]] = MappingProxyType({
     TARGET_ADMIN_TOKEN_ENV: "zaiproxy collect (--target-token)",
     URL_ENV: "zaiproxy tui (--url)",
     COMMIT_ENV: "zaiproxy serve: the commit label of zai_proxy_build_info",
+    # Read when the relay's modules are imported (request/scanner.py), before any config:
+    # native or python, anything else stops the worker at start-up with the variable named.
+    "ZAIPROXY_RELAY": "zaiproxy serve: the stream scanner and body framing (native, python)",
     "ZAIPROXY_NAMESPACE": "k8s/scripts/rollback-readiness.sh",
     "ZAIPROXY_PRODUCTION_DEPLOYMENT": "k8s/scripts/rollback-readiness.sh",
     "ZAIPROXY_CANARY_DEPLOYMENT": "k8s/scripts/rollback-readiness.sh",

@@ -407,8 +407,10 @@ def thresholds_of(ns: argparse.Namespace) -> Thresholds:
                       max_usage_missing=ns.max_usage_missing, min_requests=ns.min_requests)
 
 
-def run(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run(ns: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """``zaiproxy canary-check``: read the source, decide, print; the verdict's exit code."""
+    out = sys.stdout if out is None else out  # per call: a redirected stdout is obeyed
+    err = sys.stderr if err is None else err
     names = (ns.production, ns.canary)
     if ns.production == ns.canary:
         err.write("zaiproxy canary-check: --production and --canary must name two variants\n")

@@ -506,8 +506,9 @@ class Collector:
 # ---- command line -------------------------------------------------------------------
 
 
-def main(ns: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def main(ns: argparse.Namespace, out: TextIO | None = None) -> int:
     """``zaiproxy collect`` (arguments declared in cli.py); runs until SIGTERM/SIGINT."""
+    out = sys.stdout if out is None else out  # per call: a redirected stdout is obeyed
     from zaiproxy.core import logs
 
     try:

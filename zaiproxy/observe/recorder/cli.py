@@ -358,13 +358,16 @@ def write_csv(doc: dict[str, Any], out: TextIO) -> None:
         writer.writerow(["" if v is None else _text(v) for v in row])
 
 
-def run(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr, *,
+def run(ns: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None, *,
         collector_summary: CollectorSummary | None = None,
         prometheus_summary: PrometheusSummary | None = None) -> int:
     """``zaiproxy history``; ``collector_summary``: how ``--db`` reads a collector's database
     (``fleet.collector_store.read_summary``), ``prometheus_summary``: how ``--prometheus``
     reads a fleet's (``fleet.prom_summary.read_summary``); both passed in by the command
     line: the fleet wing is above this one."""
+    # Looked up per call, not bound at import: a caller that redirected them is obeyed.
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     if getattr(ns, "prometheus", None) is not None:
         return _run_prometheus(ns, out, err, prometheus_summary)
     if getattr(ns, "db", None) is not None:

@@ -75,6 +75,32 @@ def _is_secret_key(key: object) -> bool:
     return isinstance(key, str) and _is_secret_name(key)
 
 
+# Names seen to be neither a credential's nor the envelope's (``Logger.info_fields``):
+# bounded like the ``_is_secret_name`` cache; names are code-defined.
+_safe_names: set[str] = set()
+_SAFE_NAMES_MAX: Final = 1024
+
+
+def _unscrubbed(fields: Mapping[str, object]) -> bool:
+    """Whether :func:`_scrub` and the renaming of reserved names would leave ``fields`` as
+    they are: every name safe, every value plain or a dict of plain values under safe
+    names. Safe names are remembered: the next check of one is a set lookup."""
+    safe = _safe_names
+    for name, value in fields.items():
+        if name not in safe:
+            if not isinstance(name, str) or name in _RESERVED or _is_secret_name(name):
+                return False
+            if len(safe) < _SAFE_NAMES_MAX:
+                safe.add(name)
+        if type(value) not in _PLAIN:
+            if type(value) is not dict or not _unscrubbed(value):
+                return False
+            for inner in value.values():
+                if type(inner) not in _PLAIN:
+                    return False
+    return True
+
+
 def _scrub(value: object, depth: int = 0) -> object:
     """Redact credential-named entries inside mappings and (name, value) pair sequences.
 
@@ -265,6 +291,31 @@ class Logger:
     def error(self, event: str, **fields: object) -> None:
         if self._threshold <= _ERROR:
             self._emit("error", event, fields)
+
+    def info_fields(self, event: str, fields: dict[str, object]) -> None:
+        """``info(event, **fields)`` for a dict of code-built fields: the same bytes, cheaper.
+
+        For the access log (one line per request): the caller's dict is not unpacked into
+        keyword arguments and rebuilt field by field; when scrubbing would change nothing
+        (:func:`_unscrubbed`: safe names, plain values or a dict of them, as the request
+        record's are) the line is the envelope and the fields in one ``orjson.dumps``.
+        Anything else (a credential's name, a header list, a value orjson refuses) takes
+        :meth:`_emit`'s path, so the bytes are those ``info`` would write.
+        """
+        if self._threshold > _INFO:
+            return
+        if not _unscrubbed(fields):
+            self._emit("info", event, fields)
+            return
+        try:
+            line = orjson.dumps({"ts": _timestamp(time.time()), "level": "info", "event": event,
+                                 "proc": self._proc, "pid": self._pid, **fields},
+                                default=_default, option=_OPTIONS)
+        except TypeError:
+            self._emit("info", event, fields)
+            return
+        if not self._writer.put(line):
+            self._dropped += 1
 
     def _emit(self, level: str, event: str, fields: dict[str, object]) -> None:
         record: dict[str, object] = {

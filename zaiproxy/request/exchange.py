@@ -59,12 +59,14 @@ class Exchanged:
 
 
 def upstream_request(ctx: WorkerContext, route: Route, request: h11.Request, body: bytes,
-                     client_ip: str) -> tuple[Origin, h11.Request]:
-    """The request as it goes upstream (headers rewritten, the key injected)."""
+                     client_ip: str,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> tuple[Origin, h11.Request]:
+    """The request as it goes upstream (headers rewritten, the key injected); ``headers``:
+    ``request.headers`` as a list, when the caller has it already."""
     assert route.upstream is not None
     origin = ctx.origins[route.upstream]
-    headers = upstream_request_headers(
-        request.headers,
+    out = upstream_request_headers(
+        request.headers if headers is None else headers,
         host=origin.host_header,
         client_ip=client_ip,
         api_key=ctx.api_key,
@@ -73,7 +75,7 @@ def upstream_request(ctx: WorkerContext, route: Route, request: h11.Request, bod
     )
     return origin, h11.Request(method=request.method,
                                target=(origin.base_path + route.upstream_path).encode(),
-                               headers=headers)
+                               headers=out)
 
 
 class Exchange:

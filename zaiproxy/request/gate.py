@@ -100,14 +100,28 @@ def authenticate(keys: KeyTable | None, key: ClientKey | None,
     return key
 
 
-async def estimate(ctx: WorkerContext, route: Route, payload: dict[str, object] | None,
-                   body_len: int) -> tuple[int, int, bool]:
-    """(prompt tokens, reservation, counted) for a request."""
+def estimate_now(ctx: WorkerContext, route: Route, payload: dict[str, object] | None,
+                 body_len: int) -> tuple[int, int, bool] | None:
+    """:func:`estimate` when it needs no thread (nothing to count, or a small body with the
+    encoding loaded), else None: the common request is estimated without a coroutine."""
     if not ctx.config.token_counting or payload is None:
         return 0, 0, False
     est = tokens.estimate_now(route.api.value, payload, body_len)
-    if est is None:
-        est = await tokens.estimate(route.api.value, payload, body_len)
+    return None if est is None else _counts(ctx, route, est)
+
+
+async def estimate(ctx: WorkerContext, route: Route, payload: dict[str, object] | None,
+                   body_len: int) -> tuple[int, int, bool]:
+    """(prompt tokens, reservation, counted) for a request."""
+    counts = estimate_now(ctx, route, payload, body_len)
+    if counts is not None:
+        return counts
+    assert payload is not None
+    return _counts(ctx, route, await tokens.estimate(route.api.value, payload, body_len))
+
+
+def _counts(ctx: WorkerContext, route: Route,
+            est: tokens.PromptEstimate) -> tuple[int, int, bool]:
     if route.generates_output:
         return est.prompt_tokens, tokens.reservation(est, ctx.config.default_max_output_tokens), True
     return est.prompt_tokens, est.prompt_tokens, True
@@ -117,7 +131,10 @@ async def admit(ctx: WorkerContext, route: Route, key: ClientKey | None,
                 payload: dict[str, object] | None, body_len: int, model_label: str) -> Admitted:
     """Estimate and admit one request; raises RateLimited (429) when a limit refuses."""
     began = time.perf_counter()
-    prompt, reserved, counted = await estimate(ctx, route, payload, body_len)
+    counts = estimate_now(ctx, route, payload, body_len)
+    if counts is None:
+        counts = await estimate(ctx, route, payload, body_len)
+    prompt, reserved, counted = counts
     counted_s = time.perf_counter() - began if counted else None
     admitter: Limiter = ctx.admitter
     alias = key.alias if key is not None else None

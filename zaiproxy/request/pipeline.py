@@ -95,8 +95,11 @@ class Pipeline:
         in_flight = False  # counted in zai_proxy_concurrent_requests
         try:
             # 1. Route.
+            # The head's (name, value) pairs, listed once: h11's Headers is a Sequence whose
+            # iteration goes through __getitem__, and the gate and the forwarding read them too.
+            headers = list(request.headers)
             try:
-                for name, value in request.headers:
+                for name, value in headers:
                     if name == b"host" and (b"@" in value or b"/" in value):
                         raise BadRequest("invalid Host header")
                 route = resolve(method, target)
@@ -112,7 +115,7 @@ class Pipeline:
             if route.control is None:
                 ctx.metrics.request_started()
                 in_flight = True
-                known = gate.identify(ctx.keys, request.headers)
+                known = gate.identify(ctx.keys, headers)
                 key_alias = known.alias if known is not None else None
             # 2. Body; control routes are answered here.
             body = await conn.read_body(request)
@@ -134,7 +137,7 @@ class Pipeline:
             if ctx.draining:
                 raise ServiceUnavailable("the proxy is shutting down")
             # 4. Authenticate.
-            key = gate.authenticate(ctx.keys, known, request.headers, model)
+            key = gate.authenticate(ctx.keys, known, headers, model)
             # 5. count_tokens, locally.
             if payload is not None and route.count_tokens and ctx.config.count_tokens_locally:
                 est = await tokens.estimate(route.api.value, payload, len(body))
@@ -163,7 +166,7 @@ class Pipeline:
                     strip_usage = rewritten is not None
                     body_up = rewritten if rewritten is not None else body
                     origin, up_request = upstream_request(ctx, route, request, body_up,
-                                                          conn.client_ip)
+                                                          conn.client_ip, headers)
                     exchange = Exchange(ctx, origin, up_request, body_up, readmit, conn)
                     exchanged = await exchange.run()
                     # 8. Relay.
@@ -259,4 +262,4 @@ class Pipeline:
         if ctx.config.access_log:
             log = get_logger()
             if log.enabled("info"):
-                log.info("request", **record.log_fields())
+                log.info_fields("request", record.log_fields())

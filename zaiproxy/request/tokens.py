@@ -220,18 +220,28 @@ def estimate_openai(payload: dict[str, Any]) -> PromptEstimate:
     """
     if not isinstance(payload, dict):
         return PromptEstimate(0, None)
+    # Absent fields cost nothing here (a small chat request sets none of the optional ones):
+    # the helpers are called only for the keys present, a loop instead of a generator.
     total = 0
-    messages = payload.get("messages")
+    get = payload.get
+    messages = get("messages")
     if isinstance(messages, list):
-        total += _PRIMING + sum(_openai_message(m) for m in messages)
-    total += _functions(payload.get("tools")) + _functions(payload.get("functions"))
-    total += _token_input(payload.get("prompt"), 0) + _token_input(payload.get("input"), 0)
-    cap = _cap(payload.get("max_completion_tokens"))
-    if cap is None:
-        cap = _cap(payload.get("max_tokens"))
-    if cap is None:
-        cap = _cap(payload.get("max_output_tokens"))  # the Responses API's name
-    n = payload.get("n")
+        total += _PRIMING
+        for message in messages:
+            total += _openai_message(message)
+    for name in ("tools", "functions"):
+        if name in payload:
+            total += _functions(payload[name])
+    for name in ("prompt", "input"):
+        if name in payload:
+            total += _token_input(payload[name], 0)
+    cap = None
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):  # Responses API
+        if name in payload:
+            cap = _cap(payload[name])
+            if cap is not None:
+                break
+    n = get("n")
     if cap is not None and type(n) is int and n > 1:
         cap *= n  # max_tokens caps each choice
     return PromptEstimate(total, cap)
@@ -241,7 +251,11 @@ def _openai_message(message: object) -> int:
     if not isinstance(message, dict):
         return 0
     get = message.get
-    tokens = _PER_MESSAGE + _role(get("role")) + _openai_content(get("content"))
+    content = get("content")
+    tokens = _PER_MESSAGE + _role(get("role")) + (
+        count_text(content) if type(content) is str else _openai_content(content))
+    if len(message) <= 2 and "role" in message and "content" in message:
+        return tokens  # a plain {role, content} turn: nothing else to look up
     name = get("name")
     if isinstance(name, str):
         tokens += count_text(name) + _PER_NAME

@@ -4,9 +4,9 @@ Everything else about the package lives in pyproject.toml; setup.py exists
 only because the extensions need a build step (docs/architecture.md).
 
 The folder _native/ is installed as the package zaiproxy._native (pyproject.toml's
-package-dir), so the extensions' module names are zaiproxy._native._ledger and
-zaiproxy._native._relay; the built .so files land in _native/ for the editable install and
-in zaiproxy/_native/ in a wheel.
+package-dir), so the extensions' module names are zaiproxy._native._ledger,
+zaiproxy._native._relay and zaiproxy._native._framing; the built .so files land in _native/
+for the editable install and in zaiproxy/_native/ in a wheel.
 """
 
 from Cython.Build import cythonize
@@ -25,6 +25,12 @@ extensions = [
     Extension(
         "zaiproxy._native._relay",
         ["_native/_relay.pyx"],
+        extra_compile_args=["-O2"],
+    ),
+    # Chunked framing of the relayed body, both sides (zaiproxy/http/netstream.py chooses it).
+    Extension(
+        "zaiproxy._native._framing",
+        ["_native/_framing.pyx"],
         extra_compile_args=["-O2"],
     ),
 ]

@@ -259,6 +259,70 @@ async def test_sequential_requests_reuse_one_connection(nursery):
     assert proxy.pool.idle_count == 1
 
 
+SSE_EVENTS = [b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n',
+              b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"lo"}}]}\n\n',
+              b"data: [DONE]\n\n"]
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n")
+
+
+def chunked(events: list[bytes], *, trailer: bytes = b"") -> bytes:
+    """The events as chunks with extensions and upper-case sizes, then the last chunk."""
+    body = b"".join(b"%X;n=%d\r\n%b\r\n" % (len(e), i, e) for i, e in enumerate(events))
+    return body + b"0;end\r\n" + trailer + b"\r\n"
+
+
+async def test_natively_dechunked_body_leaves_the_connection_reusable(nursery):
+    """A chunked body decoded outside h11 (head and first chunk in one read, the last chunk
+    split over writes, trailers) still ends h11's message: the connection is reused, and
+    the client gets the same bytes, framed again."""
+    seen_connections = []
+
+    async def handler(stream: trio.SocketStream, index: int) -> None:
+        seen_connections.append(index)
+        buf = bytearray()
+        while await read_request(stream, buf):
+            raw = SSE_HEAD + chunked(SSE_EVENTS, trailer=b"X-Trailer: 1\r\n")
+            cut = len(SSE_HEAD) + 30  # head and part of the first chunk together
+            for piece in (raw[:cut], raw[cut:-12], raw[-12:-5], raw[-5:]):
+                await stream.send_all(piece)
+                await trio.sleep(0.005)
+
+    upstream = await scripted_upstream(nursery, handler)
+    proxy = await start_proxy(nursery, make_config(upstream))
+    for _ in range(3):
+        resp = await request(proxy.port, "POST", "/v1/chat/completions", JSON, CHAT_STREAM)
+        assert resp.status == 200 and resp.complete
+        assert resp.body == b"".join(SSE_EVENTS)
+    assert proxy.pool.opened == 1 and seen_connections == [0]
+    assert proxy.pool.idle_count == 1
+    conn = proxy.pool.idle_connections()[0]
+    assert conn.requests == 3
+
+
+@pytest.mark.parametrize("bad", [b"zz\r\n", b"5\nhello", b"-1\r\n", b"3\r\nabcXY"])
+async def test_bad_chunk_framing_cuts_the_stream(nursery, bad):
+    """Framing h11 refuses is refused by the native decoder too: the stream is cut (an SSE
+    error event, no final chunk) and the connection is not pooled."""
+    async def handler(stream: trio.SocketStream, index: int) -> None:
+        buf = bytearray()
+        assert await read_request(stream, buf)
+        await stream.send_all(SSE_HEAD + chunked(SSE_EVENTS[:1])[:-len(b"0;end\r\n\r\n")])
+        await trio.sleep(0.01)
+        await stream.send_all(bad)
+        await trio.sleep_forever()
+
+    upstream = await scripted_upstream(nursery, handler)
+    proxy = await start_proxy(nursery, make_config(upstream))
+    resp = await request(proxy.port, "POST", "/v1/chat/completions", JSON, CHAT_STREAM)
+    assert resp.status == 200
+    assert not resp.complete
+    assert resp.body.startswith(SSE_EVENTS[0])
+    err = orjson.loads(resp.body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1][len(b"data: "):])
+    assert err["error"]["code"] == "upstream_stream_cut"
+    assert proxy.pool.idle_count == 0 and proxy.pool.active == 0
+
+
 def request_log(log_buffer) -> list[dict]:
     from zaiproxy.core import logs
 
@@ -504,3 +568,101 @@ async def test_slow_client_backpressures_the_upstream(nursery):
     # stall; a relay that buffered would instead take the whole 256 MiB.)
     assert sent - stalled_at < 8 << 20, (stalled_at, sent)
     await client.aclose()
+
+
+# ---- UpstreamConnection against h11 alone ------------------------------------------------
+
+UPSTREAM_CORPUS: dict[str, tuple[str, bytes]] = {
+    "sse": ("POST", SSE_HEAD + chunked(SSE_EVENTS) + b"HTTP/1.1 200 OK\r\n"),
+    "trailers": ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3;x=y\r\nabc\r\n00\r\nX-Checksum: 1\r\n\r\n"),
+    "bare-lf-head": ("GET", b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n1\r\na\r\n0\r\n\r\n"),
+    "cl": ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloextra"),
+    "1xx": ("POST", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+    "head-chunked": ("HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+    "204-chunked": ("GET", b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n"),
+    "te-and-cl": ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked"
+                  b"\r\n\r\n1\r\nz\r\n0\r\n\r\n"),
+    "bad-size": ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\nZ\r\n"),
+    "bad-footer": ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\naX"),
+    "bad-trailer": ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nBad T: 1\r\n\r\n"),
+    "eof-in-chunk": ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhe"),
+}
+
+
+def _h11_reference(method: str, raw: bytes) -> tuple[int, bytes, bool, bytes]:
+    """h11 alone on the whole response: status, body, whether it ended, bytes left after."""
+    from zaiproxy.http.http11 import h11
+
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=65536)
+    conn.send(h11.Request(method=method, target="/", headers=[("Host", "x"),
+                                                               ("Content-Length", "0")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(raw)
+    conn.receive_data(b"")
+    status, body = 0, b""
+    try:
+        while True:
+            event = conn.next_event()
+            if type(event) is h11.Response:
+                status = event.status_code
+            elif type(event) is h11.Data:
+                body += event.data
+            elif type(event) is h11.EndOfMessage:
+                return status, body, True, conn.trailing_data[0]
+            elif type(event) is not h11.InformationalResponse:
+                return status, body, False, b""
+    except h11.RemoteProtocolError:
+        return status, body, False, b""
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAM_CORPUS))
+@pytest.mark.parametrize("split", [1, 2, 5, 13, 4096])
+async def test_upstream_connection_reads_what_h11_reads(name, split):
+    """Heads through h11, chunked bodies through the native decoder, the last chunk back to
+    h11: status, body, the verdict, h11's final state and the bytes after the message are
+    those of h11 reading everything, however the response is split."""
+    from zaiproxy.http.http11 import h11
+    from zaiproxy.upstream.pool import Origin, UpstreamBroken, UpstreamConnection
+
+    method, raw = UPSTREAM_CORPUS[name]
+    status, body, ended, after = _h11_reference(method, raw)
+    ours, theirs = trio.testing.memory_stream_pair()
+    conn = UpstreamConnection(ours, Origin.parse("http://x"))
+    await conn.send_request(h11.Request(method=method, target="/", headers=[
+        ("Host", "x"), ("Content-Length", "0")]), b"")
+
+    async def upstream() -> None:
+        for i in range(0, len(raw), split):
+            await theirs.send_all(raw[i:i + split])
+            await trio.sleep(0.001)
+        await theirs.send_eof()
+
+    got, got_ended, got_status = b"", False, 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(upstream)
+        try:
+            event = await conn.next_event()
+            while type(event) is h11.InformationalResponse:
+                event = await conn.next_event()
+            if type(event) is h11.Response:
+                got_status = event.status_code
+                data, got_ended = conn.read_available()
+                got += data
+                while not got_ended:
+                    data, got_ended = await conn.read_more()
+                    got += data
+        except UpstreamBroken:
+            pass
+    assert (got_status, got_ended) == (status, ended)
+    assert got == body if ended else body.startswith(got)
+    assert conn.reusable() == ended
+    if ended:
+        assert conn.conn.their_state is h11.DONE
+        # What followed the message stays in h11's buffer, as much of it as was read by
+        # then (all of it when the response came in one read).
+        held = conn.conn.trailing_data[0]
+        assert after.startswith(held)
+        if split >= len(raw):
+            assert held == after

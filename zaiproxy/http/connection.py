@@ -41,7 +41,7 @@ from zaiproxy.core.errors import (
 from zaiproxy.core.logs import get_logger
 from zaiproxy.http.framing import check_head, safe_protocol_message
 from zaiproxy.http.http11 import as_bytes, h11
-from zaiproxy.http.netstream import lingering_close
+from zaiproxy.http.netstream import framing, lingering_close
 from zaiproxy.http.sink import ClientGone, Headers, WorkerState
 
 # How much the reader may queue ahead of the handler (pipelined requests, a body being
@@ -90,6 +90,8 @@ class ClientConnection:
         self.response_status: int | None = None
         self.close_after = False
         self._pending = b""  # framed response bytes not yet written
+        self._method = b""  # the current request's (h11's body-framing rule)
+        self._chunked = False  # the response under way is chunked: queue_data frames natively
         # Reader -> handler queue of raw reads (b"" = EOF), bounded by _MAX_READAHEAD.
         self._chunks: deque[bytes | bytearray] = deque()
         self._queued = 0
@@ -109,13 +111,32 @@ class ClientConnection:
         if self.state.draining or self.close_after:
             headers = [*headers, (b"connection", b"close")]
         self.response_status = status
-        self._pending += self.conn.send(h11.Response(
+        head = self.conn.send(h11.Response(
             status_code=status, headers=headers, reason=reason or _REASONS.get(status, b""))) or b""
+        self._pending += head
+        # h11 frames the body in chunks exactly when it wrote this header itself (it
+        # title-cases the name and drops any Content-Length) and the body is not empty by
+        # rule (HEAD, 204, 304: its writer then takes no data at all).
+        self._chunked = (b"\r\nTransfer-Encoding: chunked\r\n" in head
+                         and self._method != b"HEAD" and status not in (204, 304))
 
     def queue_data(self, data: bytes) -> None:
-        self._pending += self.conn.send(h11.Data(data=data)) or b""
+        """Frame ``data`` as one chunk of the body.
+
+        A chunked body is framed natively (``framing.frame_chunk``: the bytes h11's
+        ``ChunkedWriter`` writes, ~3 µs less per relayed read): h11's ``send(Data)`` changes
+        no state in ``SEND_BODY`` (its state machine maps Data to the same state and the
+        chunked writer keeps no count), so h11 is told only of the end (:meth:`queue_end`),
+        which writes the last chunk and moves ``our_state`` to ``DONE``. A Content-Length
+        body goes through h11, which counts its bytes.
+        """
+        if self._chunked:
+            self._pending += framing.frame_chunk(data)
+        else:
+            self._pending += self.conn.send(h11.Data(data=data)) or b""
 
     def queue_end(self) -> None:
+        self._chunked = False
         self._pending += self.conn.send(h11.EndOfMessage()) or b""
 
     async def flush(self) -> None:
@@ -364,6 +385,8 @@ class ClientConnection:
             first = False
             self.request_id = self._request_ids()
             self.response_status = None
+            self._method = request.method
+            self._chunked = False
             await self.handler.handle(self, request)
             if (self.gone or self.state.draining or conn.our_state is not h11.DONE
                     or conn.their_state is not h11.DONE):

@@ -37,9 +37,22 @@ plain stdlib socket (TCP only; TLS goes on top with ``trio.SSLStream``).
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 import trio
+
+# The chunked framing of relayed bodies, both ways: upstream/pool.py decodes an upstream's
+# chunked body with ``framing.Dechunker`` (h11 reads only heads and the last chunk),
+# http/connection.py frames the client's chunks with ``framing.frame_chunk``. Chosen here,
+# once, by the stream scanner's switch (zaiproxy/request/scanner.py): native unless
+# ZAIPROXY_RELAY=python, never a silent fallback (a broken build fails at import, i.e. at
+# worker start-up). Both implementations are tested against h11 in
+# tests/test_framing_native.py.
+if os.environ.get("ZAIPROXY_RELAY", "").lower() == "python":
+    from zaiproxy._native import _framing_py as framing
+else:
+    from zaiproxy._native import _framing as framing  # type: ignore[no-redef]
 
 DEFAULT_RECEIVE_SIZE = 65536
 FAIR_EVERY = 16  # immediate completions in a row before one real yield
@@ -215,4 +228,4 @@ async def lingering_close(stream: trio.abc.Stream, *, seconds: float, max_bytes:
             pass
 
 
-__all__ = ["DEFAULT_RECEIVE_SIZE", "FAIR_EVERY", "FastSocketStream", "lingering_close"]
+__all__ = ["DEFAULT_RECEIVE_SIZE", "FAIR_EVERY", "FastSocketStream", "framing", "lingering_close"]

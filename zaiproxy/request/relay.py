@@ -129,9 +129,10 @@ class Relay:
             # The idle timeout: the pool's watchdog closes the connection when the deadline
             # set before each wait passes (UpstreamPool.watch_idle; no cancel scope per event).
             pool.watch(conn)
-            # h11 holds no body bytes: read_available and read_more return only once h11
-            # needs more data (or the body ended), so after them the next step is a wait,
-            # not another call into h11 (one per upstream read saved).
+            # Nothing holds undecoded body bytes: read_available and read_more return only
+            # once h11 (or the pool's native de-chunker) needs more data (or the body ended),
+            # so after them the next step is a wait, not another decoding call (one per
+            # upstream read saved).
             drained = False
             while True:
                 try:

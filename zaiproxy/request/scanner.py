@@ -10,6 +10,10 @@ Two implementations give the same bytes and the same usage:
 - ``ZAIPROXY_RELAY=python``: :class:`~zaiproxy.request.usage.UsageTracker`, the pure-Python
   twin (tests, debugging).
 
+The same switch chooses the chunked framing of the relayed body (``zaiproxy._native._framing``
+or its twin ``_framing_py``; made in ``zaiproxy/http/netstream.py``, below this layer, for
+the pool and the client connection), so one value runs the whole relay natively or in Python.
+
 :data:`Tracker` is the chosen class, fixed when this module is first imported (a worker
 imports it at start-up, through the relay).
 """

@@ -18,6 +18,7 @@ which belongs to the pool.
 from __future__ import annotations
 
 import math
+import re
 import select
 import socket
 import ssl
@@ -29,12 +30,17 @@ import trio
 
 from zaiproxy.core.errors import PoolExhausted, UpstreamError, UpstreamTimeout
 from zaiproxy.http.http11 import as_bytes, h11
-from zaiproxy.http.netstream import FastSocketStream
+from zaiproxy.http.netstream import FastSocketStream, framing
 
 # One read per network event; also the largest chunk relayed in one write.
 READ_SIZE = 65536
 # Response heads from LLM APIs are small; 64 KiB matches the request-side cap.
 MAX_RESPONSE_HEAD = 65536
+# Where h11 ends a head (ReceiveBuffer.maybe_extract_lines): the first LF, optional CR, LF.
+_HEAD_END = re.compile(b"\n\r?\n")
+# What h11 says when a chunked body is cut short (ChunkedReader.read_eof).
+_CHUNKED_EOF = ("peer closed connection without sending complete message body "
+                "(incomplete chunked read)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +122,31 @@ def _socket_of(stream: trio.abc.Stream) -> socket.socket | None:
 
 
 class UpstreamConnection:
-    """One HTTP/1.1 connection to an upstream origin."""
+    """One HTTP/1.1 connection to an upstream origin.
 
-    __slots__ = ("_stream", "checked_out", "closed", "conn", "idle_deadline", "idle_expired",
-                 "last_used", "origin", "received_bytes", "requests")
+    h11 owns the connection's state and parses every response head, but a chunked body is
+    decoded by ``framing.Dechunker`` (native or its twin), one call per read instead of
+    h11's ``receive_data`` and a ``next_event`` per chunk and per ``NEED_DATA`` (~7.4 µs of
+    a paced SSE event). So that h11 stays exactly where it would have been:
+
+    - while a head is awaited, h11 is fed the raw bytes only up to the end of the head
+      (the first LF CR? LF, where h11 itself cuts it); what follows is kept in ``_raw``;
+    - once the final head is a ``Response`` with a chunked body (h11's own rule:
+      Transfer-Encoding present, not HEAD, not 204/304, not a 2xx to CONNECT), the body
+      bytes go to the Dechunker; h11's chunked reader is left untouched at the start of the
+      body; any other body (Content-Length, read-until-close) is read through h11 as before;
+    - when the Dechunker reads the last chunk's size line, its ``tail`` (the raw bytes from
+      that line to the end of the read) is fed to h11, which reads the last chunk and the
+      trailers by its own rules and limits, gives ``EndOfMessage`` and moves to ``DONE``:
+      ``reusable`` and ``start_next_cycle`` work as ever, and bytes after the message stay
+      in h11's buffer, as they always did;
+    - refused framing raises :class:`UpstreamBroken`; h11 is then still in ``SEND_BODY``,
+      so the connection is never reused.
+    """
+
+    __slots__ = ("_dechunk", "_head_tail", "_method", "_raw", "_stream", "checked_out",
+                 "closed", "conn", "idle_deadline", "idle_expired", "last_used", "origin",
+                 "received_bytes", "requests")
 
     def __init__(self, stream: trio.abc.Stream, origin: Origin) -> None:
         self._stream = stream
@@ -134,6 +161,10 @@ class UpstreamConnection:
         # (UpstreamPool.watch_idle); math.inf otherwise. idle_expired: it did.
         self.idle_deadline = math.inf
         self.idle_expired = False
+        self._method = b""  # the request's, for h11's body-framing rule
+        self._raw = b""  # read from the socket, given to neither h11 nor the Dechunker yet
+        self._head_tail = b""  # the last bytes fed to h11 of an incomplete head
+        self._dechunk: framing.Dechunker | None = None  # decoding a chunked body
 
     def __repr__(self) -> str:
         return (f"<UpstreamConnection {self.origin.host}:{self.origin.port} "
@@ -157,6 +188,9 @@ class UpstreamConnection:
         """Send the whole request in one write (head + body): one syscall, one TCP segment burst."""
         self.requests += 1
         self.received_bytes = 0
+        self._method = bytes(request.method)
+        self._head_tail = b""
+        self._dechunk = None
         out = self.conn.send(request) or b""
         if body:
             out += self.conn.send(h11.Data(data=body)) or b""
@@ -167,17 +201,69 @@ class UpstreamConnection:
             raise _broken(exc) from None
 
     async def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        """The next h11 event, reading from the network as needed (one read at a time)."""
+        """The next h11 event of a response head, reading from the network as needed (one
+        read at a time); after the final ``Response``, read the body with
+        :meth:`read_available` and :meth:`read_more`."""
+        conn = self.conn
         try:
             while True:
-                event = self.conn.next_event()
+                event = conn.next_event()
                 if event is not h11.NEED_DATA:
+                    if type(event) is h11.Response:
+                        self._start_body(event)
                     return event
-                data = await self._stream.receive_some(READ_SIZE)
-                self.received_bytes += len(data)
-                self.conn.receive_data(as_bytes(data))
+                data = self._raw
+                if data:
+                    self._raw = b""
+                else:
+                    data = as_bytes(await self._stream.receive_some(READ_SIZE))
+                    self.received_bytes += len(data)
+                    if not data:
+                        conn.receive_data(b"")
+                        continue
+                self._feed_head(data)
         except _TRANSPORT_ERRORS as exc:
             raise _broken(exc) from None
+
+    def _feed_head(self, data: bytes) -> None:
+        """Give h11 the bytes of the head being read, up to its end (the rest waits in
+        ``_raw``): h11 never holds body bytes, so a chunked body can go to the Dechunker."""
+        buf = self._head_tail + data if self._head_tail else data
+        found = _HEAD_END.search(buf)
+        if found is None:
+            self.conn.receive_data(data)
+            self._head_tail = buf[-2:]
+            return
+        cut = found.end() - len(self._head_tail)
+        self._head_tail = b""
+        self._raw = data[cut:]
+        self.conn.receive_data(data[:cut] if self._raw else data)
+
+    def _start_body(self, response: h11.Response) -> None:
+        """The final head is in: decode a chunked body natively, hand anything else to h11."""
+        status = response.status_code
+        method = self._method
+        if (status not in (204, 304) and method != b"HEAD"
+                and not (method == b"CONNECT" and 200 <= status < 300)
+                and any(name == b"transfer-encoding" for name, _ in response.headers)):
+            # h11 accepted the head, so its Transfer-Encoding is exactly "chunked".
+            self._dechunk = framing.Dechunker(MAX_RESPONSE_HEAD)
+        elif self._raw:
+            self.conn.receive_data(self._raw)
+            self._raw = b""
+
+    def _decode(self, dechunk: framing.Dechunker, data: bytes) -> tuple[bytes, bool]:
+        """Body bytes of one read through the Dechunker; at the last chunk, h11 takes over."""
+        try:
+            body = dechunk.feed(data)
+        except framing.FramingError as exc:
+            raise UpstreamBroken(str(exc)) from None
+        if not dechunk.ended:
+            return body, False
+        self._dechunk = None
+        self.conn.receive_data(dechunk.tail)
+        more, ended = self.read_available()  # EndOfMessage, or NEED_DATA inside the trailers
+        return (body + more if more else body), ended
 
     async def read_more(self) -> tuple[bytes, bool]:
         """Body bytes from ONE network read (all Data events it produced), and whether the
@@ -190,16 +276,29 @@ class UpstreamConnection:
         data, ended = b"", False
         while not data and not ended:
             try:
-                chunk = await self._stream.receive_some(READ_SIZE)
+                chunk = as_bytes(await self._stream.receive_some(READ_SIZE))
             except _TRANSPORT_ERRORS as exc:
                 raise _broken(exc) from None
             self.received_bytes += len(chunk)
-            self.conn.receive_data(as_bytes(chunk))
-            data, ended = self.read_available()
+            dechunk = self._dechunk
+            if dechunk is not None:
+                if not chunk:
+                    raise UpstreamBroken(_CHUNKED_EOF)
+                data, ended = self._decode(dechunk, chunk)
+            else:
+                self.conn.receive_data(chunk)
+                data, ended = self.read_available()
         return data, ended
 
     def read_available(self) -> tuple[bytes, bool]:
-        """Body bytes h11 already holds (no I/O), and whether the body ended."""
+        """Body bytes already read (no I/O), and whether the body ended."""
+        dechunk = self._dechunk
+        if dechunk is not None:
+            data = self._raw
+            if not data:
+                return b"", False
+            self._raw = b""
+            return self._decode(dechunk, data)
         parts: list[bytes] = []
         conn = self.conn
         while True:

@@ -1,0 +1,16 @@
+# Stubs for the Cython module zaiproxy._native._framing (built from _native/_framing.pyx). Its
+# pure-Python twin is zaiproxy._native._framing_py; zaiproxy.http.netstream chooses between them.
+from typing import Final
+
+IMPLEMENTATION: Final[str]
+
+class FramingError(ValueError): ...
+
+class Dechunker:
+    tail: bytes
+    def __init__(self, max_line: int = 65536) -> None: ...
+    @property
+    def ended(self) -> bool: ...
+    def feed(self, data: bytes) -> bytes: ...
+
+def frame_chunk(data: bytes | bytearray | memoryview) -> bytes: ...

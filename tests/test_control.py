@@ -91,7 +91,9 @@ async def test_client_chosen_paths_and_methods_add_no_series(proxy):
     for i in range(50):
         from tests.harness import send_raw
 
-        await send_raw(proxy.port, f"M{i} /x HTTP/1.1\r\nhost: x\r\n\r\n".encode(), read_timeout=1)
+        # connection: close, or the answered connection stays open until read_timeout.
+        await send_raw(proxy.port, f"M{i} /x HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+                       .encode(), read_timeout=1)
     after = samples((await request(proxy.port, "GET", "/metrics")).body)
     new = [k for k in after if k[0] == "zai_proxy_requests_total"]
     paths = {dict(k[1])["path"] for k in new}

@@ -112,6 +112,18 @@ cdef inline Py_ssize_t find(const char* h, Py_ssize_t n, const char* s, Py_ssize
     return -1
 
 
+cdef inline Py_ssize_t line_end(const char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Where the line starting at ``p[i]`` ends: its first CR or LF (an SSE line ends at
+    either, CRLF being a CR followed by the LF that belongs to it), or -1 when ``p[i:n]``
+    holds neither (the line goes on in the next read)."""
+    cdef const char* lf = <const char*>memchr(p + i, b'\n', n - i)
+    cdef Py_ssize_t lim = lf - p if lf != NULL else n
+    cdef const char* cr = <const char*>memchr(p + i, b'\r', lim - i)
+    if cr != NULL:
+        return cr - p
+    return lim if lf != NULL else -1
+
+
 cdef inline bint is_space(char c) noexcept nogil:
     # str.lstrip(" \t\r\n") in UsageTracker's usage test.
     return c == b' ' or c == b'\t' or c == b'\r' or c == b'\n'
@@ -387,9 +399,7 @@ cdef class Scanner:
     # ---- SSE ---------------------------------------------------------------------------
 
     cdef int _scan(self, const char* p, Py_ssize_t n) except -1:
-        cdef Py_ssize_t i = 0, j, k, t, lim
-        cdef const char* lf
-        cdef const char* cr
+        cdef Py_ssize_t i = 0, j, k, t
         if self.at_start:
             t = self.bom_len
             k = 0
@@ -414,14 +424,8 @@ cdef class Scanner:
             if p[i] == b'\n':
                 i += 1
         while i < n:
-            lf = <const char*>memchr(p + i, b'\n', n - i)
-            lim = lf - p if lf != NULL else n
-            cr = <const char*>memchr(p + i, b'\r', lim - i)
-            if cr != NULL:
-                j = cr - p
-            elif lf != NULL:
-                j = lim
-            else:
+            j = line_end(p, i, n)
+            if j < 0:
                 if self.line.n + (n - i) > self.max_line:
                     self._overflow()
                     return 0
@@ -656,9 +660,7 @@ cdef class Scanner:
         return 0
 
     cdef object _strip(self, bytes b, const char* p, Py_ssize_t n):
-        cdef Py_ssize_t i = 0, j, end, lim
-        cdef const char* lf
-        cdef const char* cr
+        cdef Py_ssize_t i = 0, j, end
         cdef bint blank
         self.src = p
         self.ident = True
@@ -674,19 +676,13 @@ cdef class Scanner:
                     self._emit(0, 1)
         self.s_drop_lf = False
         while i < n:
-            lf = <const char*>memchr(p + i, b'\n', n - i)
-            lim = lf - p if lf != NULL else n
-            cr = <const char*>memchr(p + i, b'\r', lim - i)
-            if cr != NULL:
-                j = cr - p
-            elif lf != NULL:
-                j = lim
-            else:
+            j = line_end(p, i, n)
+            if j < 0:
                 self._take(i, n)
                 self.s_line_start = False
                 break
             end = j + 1
-            if cr != NULL:
+            if p[j] == b'\r':
                 if end == n:
                     self.s_after_cr = True
                 elif p[end] == b'\n':

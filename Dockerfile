@@ -32,7 +32,7 @@ COPY --from=build /dist/ /tmp/dist/
 # native ledger does not import, as `make dev` does.
 RUN pip install /tmp/dist/zaiproxy-*.whl \
  && rm -rf /tmp/dist \
- && python -c "import zaiproxy._native._ledger, zaiproxy._native._relay, zaiproxy._native._framing" \
+ && python -c "import zaiproxy._native._ledger, zaiproxy._native._relay, zaiproxy._native._framing, zaiproxy._native._pump" \
  && groupadd --system --gid 10001 zaiproxy \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/zaiproxy --no-create-home \
       --shell /usr/sbin/nologin zaiproxy \

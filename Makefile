@@ -11,11 +11,11 @@ ARGS ?=
 
 .PHONY: run test check lint typecheck bench dev clean debian-deps
 
-$(STAMP): pyproject.toml setup.py _native/_ledger.pyx _native/_atomic.h _native/_relay.pyx _native/_framing.pyx
+$(STAMP): pyproject.toml setup.py _native/_ledger.pyx _native/_atomic.h _native/_relay.pyx _native/_framing.pyx _native/_pump.pyx
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -c "import zaiproxy._native._ledger, zaiproxy._native._relay, zaiproxy._native._framing"  # fail here, not at start-up, if the build broke
+	$(BIN)/python -c "import zaiproxy._native._ledger, zaiproxy._native._relay, zaiproxy._native._framing, zaiproxy._native._pump"  # fail here, not at start-up, if the build broke
 	touch $(STAMP)
 
 dev: $(STAMP)

@@ -33,6 +33,12 @@ extensions = [
         ["_native/_framing.pyx"],
         extra_compile_args=["-O2"],
     ),
+    # The relay's inner loop for chunked SSE bodies between plain sockets (request/relay.py).
+    Extension(
+        "zaiproxy._native._pump",
+        ["_native/_pump.pyx"],
+        extra_compile_args=["-O2"],
+    ),
 ]
 
 setup(

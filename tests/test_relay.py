@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from tests.harness import UPSTREAM_KEY, RawClient, make_config, request, start_mock, start_proxy
+from zaiproxy.http import netstream
 from zaiproxy.request import scanner
 
 OPENAI = ("/v1/chat/completions", "/api/paas/v4/chat/completions", "authorization",
@@ -25,10 +26,13 @@ ANTHROPIC = ("/v1/messages", "/api/anthropic/v1/messages", "x-api-key", UPSTREAM
 
 @pytest.fixture(scope="module", autouse=True, params=["python", "native"])
 def relay_scanner(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test here runs with the native stream scanner and with its pure-Python twin
-    (zaiproxy/request/scanner.py chooses the class the relay uses)."""
+    """Every test here runs with the native stream scanner and pump and with their pure-Python
+    twins (zaiproxy/request/scanner.py chooses the scanner, netstream.PUMP says whether the
+    relay uses the pump)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(scanner, "Tracker", scanner.load(request.param))
+        if request.param == "python":
+            patch.setattr(netstream, "PUMP", False)
         yield request.param
 
 

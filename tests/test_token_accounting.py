@@ -17,6 +17,7 @@ import pytest
 
 from tests.harness import make_config, request, start_mock, start_proxy
 from zaiproxy.core.logs import get_logger
+from zaiproxy.http import netstream
 from zaiproxy.http.sse import SSEParser
 from zaiproxy.mock.payloads import expected_text
 from zaiproxy.request import scanner
@@ -34,10 +35,13 @@ SIZE = 16
 
 @pytest.fixture(scope="module", autouse=True, params=["python", "native"])
 def relay_scanner(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test here runs with the native stream scanner and with its pure-Python twin
-    (zaiproxy/request/scanner.py chooses the class the relay uses)."""
+    """Every test here runs with the native stream scanner and pump and with their pure-Python
+    twins (zaiproxy/request/scanner.py chooses the scanner, netstream.PUMP says whether the
+    relay uses the pump)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(scanner, "Tracker", scanner.load(request.param))
+        if request.param == "python":
+            patch.setattr(netstream, "PUMP", False)
         yield request.param
 
 

@@ -21,6 +21,7 @@ knows nothing of routes, keys or upstreams: it hands each parsed request to a
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -41,7 +42,7 @@ from zaiproxy.core.errors import (
 from zaiproxy.core.logs import get_logger
 from zaiproxy.http.framing import check_head, safe_protocol_message
 from zaiproxy.http.http11 import as_bytes, h11
-from zaiproxy.http.netstream import framing, lingering_close
+from zaiproxy.http.netstream import FastSocketStream, framing, lingering_close
 from zaiproxy.http.sink import ClientGone, Headers, WorkerState
 
 # How much the reader may queue ahead of the handler (pipelined requests, a body being
@@ -134,6 +135,16 @@ class ClientConnection:
             self._pending += framing.frame_chunk(data)
         else:
             self._pending += self.conn.send(h11.Data(data=data)) or b""
+
+    def chunked_socket(self) -> socket.socket | None:
+        """The client's socket while the response under way is chunked and nothing is queued:
+        the stream pump frames the chunks (as :meth:`queue_data` does) and writes them to it
+        directly, until :meth:`queue_end`. h11 stays consistent for the same reason as with
+        :meth:`queue_data`: it is told of no ``Data`` in ``SEND_BODY`` either way."""
+        stream = self.stream
+        if not self._chunked or self._pending or self.gone or type(stream) is not FastSocketStream:
+            return None
+        return stream.socket
 
     def queue_end(self) -> None:
         self._chunked = False

@@ -49,10 +49,18 @@ import trio
 # ZAIPROXY_RELAY=python, never a silent fallback (a broken build fails at import, i.e. at
 # worker start-up). Both implementations are tested against h11 in
 # tests/test_framing_native.py.
+#
+# The same switch loads the stream pump (``zaiproxy._native._pump``), the relay's inner loop
+# in C for a chunked body between two plain sockets: PUMP says whether the relay uses it.
+# With ZAIPROXY_RELAY=python the relay's own loop, the pump's twin, does that work
+# (zaiproxy/request/relay.py).
 if os.environ.get("ZAIPROXY_RELAY", "").lower() == "python":
     from zaiproxy._native import _framing_py as framing
+    PUMP = False
 else:
     from zaiproxy._native import _framing as framing  # type: ignore[no-redef]
+    from zaiproxy._native import _pump  # noqa: F401  (loaded at start-up: a broken build fails there)
+    PUMP = True
 
 DEFAULT_RECEIVE_SIZE = 65536
 FAIR_EVERY = 16  # immediate completions in a row before one real yield

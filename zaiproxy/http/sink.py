@@ -6,6 +6,7 @@ relay sees only a ``ClientSink``: a native relay can write to any object with th
 
 from __future__ import annotations
 
+import socket
 from typing import Protocol
 
 Headers = list[tuple[bytes, bytes]]
@@ -26,6 +27,11 @@ class ClientSink(Protocol):
     def queue_data(self, data: bytes) -> None: ...
 
     def queue_end(self) -> None: ...
+
+    # The client's socket, for a writer that frames and sends the body's chunks itself (the
+    # stream pump) until queue_end; None unless the response under way is chunked, nothing
+    # is queued and the connection is a plain socket.
+    def chunked_socket(self) -> socket.socket | None: ...
 
     async def flush(self) -> None: ...  # raises ClientGone
 

@@ -8,6 +8,9 @@ docs/architecture.md "One request", steps 8-10:
 - the SSE usage tracker watches the bytes (usage) without changing them, or takes out the
   usage chunk ``include_usage`` added for a client that did not ask for it: one call per
   read (zaiproxy/request/scanner.py chooses the native scanner or its pure-Python twin);
+- a chunked SSE body between plain sockets goes through the native stream pump once its first
+  read is relayed (:meth:`Relay._pump`): the same steps in one C call per wait, the loop
+  below being its pure-Python twin (``ZAIPROXY_RELAY=python``);
 - upstream lost mid-stream: SSE bodies end with an error event in the caller's API shape,
   then the client connection is closed without the final chunk, so a cut stream never
   looks like a short answer;
@@ -23,6 +26,7 @@ This is the seam the native stream relay plugs into: it reads from an
 from __future__ import annotations
 
 import math
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,13 +34,14 @@ import trio
 
 from zaiproxy.core.errors import Api, sse_error_event
 from zaiproxy.core.record import Ending, Usage
+from zaiproxy.http import netstream
 from zaiproxy.http.sink import ClientGone, ClientSink
 from zaiproxy.request import scanner
 from zaiproxy.request.exchange import Exchanged
 from zaiproxy.request.routing import Route
 from zaiproxy.request.usage import StreamTracker, StreamUsage, stream_usage, usage_from_body
 from zaiproxy.upstream.forward import client_response_headers, header_value
-from zaiproxy.upstream.pool import UpstreamBroken
+from zaiproxy.upstream.pool import UpstreamBroken, UpstreamConnection
 
 if TYPE_CHECKING:
     from zaiproxy.request.context import WorkerContext
@@ -134,6 +139,9 @@ class Relay:
             # so after them the next step is a wait, not another decoding call (one per
             # upstream read saved).
             drained = False
+            # The stream pump takes over an SSE body once the loop below reaches its first
+            # wait with the body chunked on both sides and both connections plain sockets.
+            pump = netstream.PUMP and tracker is not None
             while True:
                 try:
                     if prefix or prefix_ended:
@@ -145,9 +153,15 @@ class Relay:
                             # per upstream read. A slow client is not an idle upstream: the
                             # deadline starts after the write.
                             await sink.flush()
-                            conn.idle_deadline = trio.current_time() + idle
-                            data, ended = await conn.read_more()
-                            conn.idle_deadline = math.inf
+                            up = conn.chunked_body() if pump else None
+                            down = sink.chunked_socket() if up is not None else None
+                            if up is not None and down is not None:
+                                pump = False
+                                data, ended = await self._pump(conn, *up, down)
+                            else:
+                                conn.idle_deadline = trio.current_time() + idle
+                                data, ended = await conn.read_more()
+                                conn.idle_deadline = math.inf
                         drained = True
                 except UpstreamBroken as exc:
                     if conn.idle_expired:
@@ -206,6 +220,62 @@ class Relay:
             await sink.flush()
         except ClientGone:
             self.ending = Ending.CLIENT_GONE
+
+    async def _pump(self, conn: UpstreamConnection, up: socket.socket,
+                    dechunk: netstream.framing.Dechunker,
+                    down: socket.socket) -> tuple[bytes, bool]:
+        """The rest of a chunked SSE body through the native stream pump (_native/_pump.pyx):
+        each ``step()`` reads what upstream sent, decodes, scans and frames it and writes it
+        to the client, one write per read, and says what to wait for. Returns what
+        :meth:`UpstreamConnection.read_more` would at the body's end; raises as it does
+        (``UpstreamBroken``), and ``ClientGone`` when the client's socket failed.
+
+        Backpressure, idle timeout and cancellation are the loop's: a full client socket is
+        waited on before the next upstream read, the pool's watchdog closes an upstream that
+        passes its idle deadline (set before each wait for it, not while the client is slow),
+        and every wait is a trio checkpoint; ``burst`` reads in a row yield to the scheduler.
+        """
+        from zaiproxy._native import _pump  # loaded at start-up (netstream)
+
+        assert self.tracker is not None
+        p = _pump.Pump(up, down, dechunk, self.tracker.feed)
+        step = p.step
+        idle = self.ctx.config.body_idle_timeout
+        wait_readable = trio.lowlevel.wait_readable
+        try:
+            while True:
+                try:
+                    what = step()
+                except _pump.ClientFailed as exc:
+                    self.sink.gone = True
+                    raise ClientGone() from exc
+                except (_pump.UpstreamFailed, netstream.framing.FramingError) as exc:
+                    raise conn.body_failed(exc) from None
+                if self.first_byte is None and p.body_bytes:
+                    self.first_byte = trio.current_time()
+                if what == _pump.READ:
+                    conn.idle_deadline = trio.current_time() + idle
+                    try:
+                        await wait_readable(up)
+                    except (trio.ClosedResourceError, OSError) as exc:
+                        raise conn.body_failed(exc) from None
+                    conn.idle_deadline = math.inf
+                elif what == _pump.WRITE:
+                    try:
+                        await trio.lowlevel.wait_writable(down)
+                    except (trio.ClosedResourceError, OSError) as exc:
+                        self.sink.gone = True
+                        raise ClientGone() from exc
+                elif what == _pump.YIELD:
+                    await trio.lowlevel.checkpoint()
+                elif what == _pump.END:
+                    return conn.end_chunked()
+                else:
+                    raise conn.body_failed(None)
+        finally:
+            conn.idle_deadline = math.inf
+            self.bytes_out += p.body_bytes
+            conn.received_bytes += p.received
 
     async def _cut(self, message: str) -> None:
         """Upstream failed after the response started: tell SSE clients, then close without

@@ -260,10 +260,41 @@ class UpstreamConnection:
             raise UpstreamBroken(str(exc)) from None
         if not dechunk.ended:
             return body, False
+        more, ended = self.end_chunked()
+        return (body + more if more else body), ended
+
+    def chunked_body(self) -> tuple[socket.socket, framing.Dechunker] | None:
+        """The plain socket and the Dechunker of the chunked body being read, when the
+        stream pump (zaiproxy/request/relay.py) may read the rest of it from the socket:
+        not TLS, nothing read and not yet decoded. Until :meth:`end_chunked` only the pump
+        reads the socket."""
+        dechunk = self._dechunk
+        stream = self._stream
+        if dechunk is None or self._raw or self.closed or type(stream) is not FastSocketStream:
+            return None
+        return stream.socket, dechunk
+
+    def body_failed(self, exc: BaseException | None) -> UpstreamBroken:
+        """What a reader of :meth:`chunked_body` raises when the socket failed (``exc``: a
+        socket error, trio's ``ClosedResourceError``, the Dechunker's ``FramingError``) or
+        upstream closed it before the last chunk (``exc`` None): the pool's own words for
+        each, as :meth:`read_more` would say them."""
+        if exc is None:
+            return UpstreamBroken(_CHUNKED_EOF)
+        if isinstance(exc, framing.FramingError):
+            return UpstreamBroken(str(exc))
+        return _broken(exc)
+
+    def end_chunked(self) -> tuple[bytes, bool]:
+        """The Dechunker read the last chunk's size line: h11 reads the rest of the message
+        (its ``tail``: the last chunk, the trailers) by its own rules, as if it had read the
+        whole body. Returns body bytes after it (none) and whether the message ended
+        (``EndOfMessage``; not yet when the trailers are still coming)."""
+        dechunk = self._dechunk
+        assert dechunk is not None and dechunk.ended
         self._dechunk = None
         self.conn.receive_data(dechunk.tail)
-        more, ended = self.read_available()  # EndOfMessage, or NEED_DATA inside the trailers
-        return (body + more if more else body), ended
+        return self.read_available()
 
     async def read_more(self) -> tuple[bytes, bool]:
         """Body bytes from ONE network read (all Data events it produced), and whether the

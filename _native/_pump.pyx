@@ -1,0 +1,185 @@
+# cython: language_level=3
+"""The relay's inner loop in C: a chunked upstream body to a chunked client response.
+
+One ``Pump.step()`` call does, for as many upstream reads as are ready (at most ``burst``):
+``recv`` into a reused buffer -> the Dechunker -> the stream scanner -> the chunk framing ->
+``send``, one client write per upstream read, and returns what to wait for next. The caller
+(zaiproxy/request/relay.py) only waits (``trio.lowlevel.wait_readable`` /
+``wait_writable``) and calls ``step()`` again: per paced SSE event the proxy runs one
+Python-level loop iteration instead of a chain of coroutines, an ``EAGAIN`` exception, and
+three bytes objects handed between layers (docs/architecture.md, "The stream pump").
+
+It works on two plain TCP sockets only (never TLS) and holds no h11 state: h11 has parsed the
+upstream head and written the client head before, and is handed the dechunker's ``tail``
+and writes the client's last chunk after (``END``). Its pure-Python twin is the relay's own
+loop (``ZAIPROXY_RELAY=python``); both give byte-identical client output
+(tests/test_pump_native.py, and every relay test runs on both).
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.errno cimport EAGAIN, EBADF, EINTR, errno
+from libc.string cimport memcpy
+
+cdef extern from "sys/socket.h" nogil:
+    ssize_t recv(int fd, void* buf, size_t n, int flags)
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int MSG_DONTWAIT
+    int MSG_NOSIGNAL
+
+IMPLEMENTATION = "native"
+
+# What step() asks the caller to do next.
+READ = 0   # wait until upstream is readable, then step() again
+WRITE = 1  # wait until the client can take more, then step() again
+YIELD = 2  # ``burst`` reads went through at once: let the scheduler run, then step() again
+END = 3    # the last chunk's size line was read: the dechunker's ``tail`` goes to h11
+EOF = 4    # upstream closed the connection inside the body
+
+DEF READ_SIZE = 65536
+
+# One receive buffer for the process: step() never yields, so no two pumps use it at once,
+# and an open stream holds no receive buffer of its own.
+cdef char _buf[READ_SIZE]
+cdef const char* _HEX = b"0123456789abcdef"
+
+
+class UpstreamFailed(OSError):
+    """``recv`` on the upstream socket failed (``errno`` says why)."""
+
+
+class ClientFailed(OSError):
+    """``send`` on the client socket failed (``errno`` says why)."""
+
+
+cdef class Pump:
+    """Relays one chunked body from the socket ``up`` to the socket ``down``.
+
+    ``dechunk`` is a ``zaiproxy._native._framing.Dechunker`` (its ``feed`` and ``ended``);
+    ``scan`` is called with each non-empty decoded piece and returns the bytes to send (the
+    stream scanner's ``feed``). The pump owns neither socket: each ``step()`` takes their
+    file descriptors afresh, so a socket closed by another task (the pool's idle watchdog)
+    is an error (``EBADF``), never a read from whatever reused its number.
+    """
+
+    cdef object up_sock
+    cdef object down_sock
+    cdef int up
+    cdef int down
+    cdef object dechunk
+    cdef object scan
+    cdef bytes pending  # a framed chunk the client's socket has not taken yet
+    cdef Py_ssize_t pending_off
+    cdef int burst
+    cdef readonly long long body_bytes  # decoded body bytes handed to the client (unframed)
+    cdef readonly long long received  # raw bytes read from upstream
+
+    def __init__(self, up, down, dechunk, scan, int burst=16):
+        if burst < 1:
+            raise ValueError("burst must be >= 1")
+        self.up_sock = up
+        self.down_sock = down
+        self.up = -1
+        self.down = -1
+        self.dechunk = dechunk
+        self.scan = scan
+        self.pending = None
+        self.pending_off = 0
+        self.burst = burst
+        self.body_bytes = 0
+        self.received = 0
+
+    @property
+    def pending_bytes(self):
+        """Framed bytes queued for the client (waiting for ``WRITE``)."""
+        if self.pending is None:
+            return 0
+        return PyBytes_GET_SIZE(self.pending) - self.pending_off
+
+    cdef bint _flush(self) except -1:
+        """True when everything is out, False when the client's socket is full."""
+        cdef Py_ssize_t left = PyBytes_GET_SIZE(self.pending) - self.pending_off
+        cdef const char* p = PyBytes_AS_STRING(self.pending) + self.pending_off
+        cdef ssize_t sent
+        while left > 0:
+            sent = send(self.down, p, left, MSG_DONTWAIT | MSG_NOSIGNAL)
+            if sent < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return False
+                raise ClientFailed(errno, "client send failed")
+            left -= sent
+            p += sent
+            self.pending_off += sent
+        self.pending = None
+        self.pending_off = 0
+        return True
+
+    def step(self):
+        """Relay what is ready; returns READ, WRITE, YIELD, END or EOF.
+
+        Raises ``UpstreamFailed`` / ``ClientFailed`` for a socket error and whatever the
+        dechunker (``FramingError``) or the scanner raise; the pump is then unusable.
+        """
+        cdef ssize_t got
+        cdef int reads = 0, k, i
+        cdef Py_ssize_t n, m
+        cdef bytes body, framed
+        cdef char* o
+        self.up = self.up_sock.fileno()
+        if self.up < 0:
+            raise UpstreamFailed(EBADF, "upstream socket closed")
+        self.down = self.down_sock.fileno()
+        if self.down < 0:
+            raise ClientFailed(EBADF, "client socket closed")
+        if self.pending is not None:
+            if not self._flush():
+                return WRITE
+            if self.dechunk.ended:  # the last read's chunk is out
+                return END
+        while True:
+            if reads == self.burst:
+                return YIELD
+            got = recv(self.up, _buf, READ_SIZE, MSG_DONTWAIT)
+            if got < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return READ
+                raise UpstreamFailed(errno, "upstream recv failed")
+            if got == 0:
+                return EOF
+            reads += 1
+            self.received += got
+            body = self.dechunk.feed(PyBytes_FromStringAndSize(_buf, got))
+            if PyBytes_GET_SIZE(body):
+                body = self.scan(body)
+            n = PyBytes_GET_SIZE(body)
+            if n:
+                # One chunk, framed as h11's ChunkedWriter (and frame_chunk) does:
+                # lowercase hex size, CRLF, data, CRLF.
+                self.body_bytes += n
+                k = 0
+                m = n
+                while m:
+                    k += 1
+                    m >>= 4
+                framed = PyBytes_FromStringAndSize(NULL, k + 4 + n)
+                o = PyBytes_AS_STRING(framed)
+                m = n
+                i = k
+                while i:
+                    i -= 1
+                    o[i] = _HEX[m & 15]
+                    m >>= 4
+                o[k] = 13
+                o[k + 1] = 10
+                memcpy(o + k + 2, PyBytes_AS_STRING(body), n)
+                o[k + 2 + n] = 13
+                o[k + 3 + n] = 10
+                self.pending = framed
+                self.pending_off = 0
+                if not self._flush():
+                    return WRITE
+            if self.dechunk.ended:
+                return END

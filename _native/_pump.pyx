@@ -18,7 +18,28 @@ loop (``ZAIPROXY_RELAY=python``); both give byte-identical client output
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.errno cimport EAGAIN, EBADF, EINTR, errno
+from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport close
+
+cdef extern from "sys/epoll.h" nogil:
+    ctypedef union epoll_data_t:
+        void* ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    int EPOLL_CLOEXEC
+    int EPOLL_CTL_ADD
+    int EPOLL_CTL_DEL
+    int EPOLLIN
+    int EPOLLRDHUP
 
 cdef extern from "sys/socket.h" nogil:
     ssize_t recv(int fd, void* buf, size_t n, int flags)
@@ -34,6 +55,7 @@ WRITE = 1  # wait until the client can take more, then step() again
 YIELD = 2  # ``burst`` reads went through at once: let the scheduler run, then step() again
 END = 3    # the last chunk's size line was read: the dechunker's ``tail`` goes to h11
 EOF = 4    # upstream closed the connection inside the body
+FAILED = 5  # (Hub only) step() raised: the exception is in ``error``
 
 DEF READ_SIZE = 65536
 
@@ -72,6 +94,13 @@ cdef class Pump:
     cdef int burst
     cdef readonly long long body_bytes  # decoded body bytes handed to the client (unframed)
     cdef readonly long long received  # raw bytes read from upstream
+    cdef readonly double last_read  # CLOCK_MONOTONIC (time.monotonic()) of the last read
+    cdef readonly double first_sent  # ... of the first body byte handed to the client; 0: none
+    # While in a Hub: its id there, and what the Hub sets when it gives the pump back.
+    cdef uint64_t hub_id
+    cdef public object waker  # the caller's; the Hub leaves it to the caller to wake
+    cdef readonly int result
+    cdef public object error
 
     def __init__(self, up, down, dechunk, scan, int burst=16):
         if burst < 1:
@@ -87,6 +116,12 @@ cdef class Pump:
         self.burst = burst
         self.body_bytes = 0
         self.received = 0
+        self.last_read = _monotonic()
+        self.first_sent = 0.0
+        self.hub_id = 0
+        self.waker = None
+        self.result = READ
+        self.error = None
 
     @property
     def pending_bytes(self):
@@ -121,6 +156,12 @@ cdef class Pump:
         Raises ``UpstreamFailed`` / ``ClientFailed`` for a socket error and whatever the
         dechunker (``FramingError``) or the scanner raise; the pump is then unusable.
         """
+        return self._step(False)
+
+    cdef int _step(self, bint level) except -1:
+        """``level``: called by a Hub, whose level-triggered epoll reports a socket with data
+        left again on its next run: a short read (less than the buffer) is taken as having
+        drained the socket, which saves the ``recv`` that would only say ``EAGAIN``."""
         cdef ssize_t got
         cdef int reads = 0, k, i
         cdef Py_ssize_t n, m
@@ -151,6 +192,7 @@ cdef class Pump:
                 return EOF
             reads += 1
             self.received += got
+            self.last_read = _monotonic()
             body = self.dechunk.feed(PyBytes_FromStringAndSize(_buf, got))
             if PyBytes_GET_SIZE(body):
                 body = self.scan(body)
@@ -158,6 +200,8 @@ cdef class Pump:
             if n:
                 # One chunk, framed as h11's ChunkedWriter (and frame_chunk) does:
                 # lowercase hex size, CRLF, data, CRLF.
+                if self.body_bytes == 0:
+                    self.first_sent = _monotonic()
                 self.body_bytes += n
                 k = 0
                 m = n
@@ -183,3 +227,118 @@ cdef class Pump:
                     return WRITE
             if self.dechunk.ended:
                 return END
+            if level and got < READ_SIZE:
+                return READ
+
+
+cdef inline double _monotonic() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+DEF MAX_EVENTS = 256
+
+
+cdef class Hub:
+    """Many pumps waiting for their upstream with one wait (per worker, zaiproxy/http/pumphub.py).
+
+    The Hub has an epoll set of its own, whose descriptor (``fileno()``) the caller waits on
+    in trio. ``run()`` takes what is ready and steps each ready pump, in C, without a
+    Python frame per event: a pump stays in the Hub while its step says ``READ`` (or
+    ``YIELD``: level-triggered, it is ready again next run); any other result (``WRITE``,
+    ``END``, ``EOF``, or ``FAILED`` with the exception in ``error``) takes it out, sets its
+    ``result`` and returns it to the caller, who wakes the pump's task.
+    """
+
+    cdef int epfd
+    cdef dict pumps  # hub id -> Pump
+    cdef uint64_t next_id
+    cdef epoll_event events[MAX_EVENTS]
+
+    def __cinit__(self):
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self.pumps = {}
+        self.next_id = 1
+
+    def __dealloc__(self):
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    def fileno(self):
+        return self.epfd
+
+    def __len__(self):
+        return len(self.pumps)
+
+    def add(self, Pump pump not None):
+        """Watch ``pump``'s upstream socket; ready reads are relayed by ``run()``."""
+        cdef epoll_event ev
+        cdef int fd
+        if self.epfd < 0:
+            raise ValueError("the hub is closed")
+        if pump.hub_id:
+            raise ValueError("this pump is already in a hub")
+        fd = pump.up_sock.fileno()
+        if fd < 0:
+            raise UpstreamFailed(EBADF, "upstream socket closed")
+        ev.events = EPOLLIN | EPOLLRDHUP
+        ev.data.u64 = self.next_id
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl(ADD) failed")
+        pump.hub_id = self.next_id
+        pump.result = READ
+        pump.error = None
+        self.pumps[self.next_id] = pump
+        self.next_id += 1
+
+    def discard(self, Pump pump not None):
+        """Stop watching ``pump`` (nothing if it is not in this hub); before its socket closes."""
+        cdef epoll_event ev
+        cdef int fd
+        if not pump.hub_id or self.pumps.get(pump.hub_id) is not pump:
+            return
+        del self.pumps[pump.hub_id]
+        pump.hub_id = 0
+        fd = pump.up_sock.fileno()
+        if fd >= 0 and self.epfd >= 0:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, &ev)  # ENOENT/EBADF: gone already
+
+    def run(self):
+        """Step every pump whose upstream is ready; returns the pumps given back (a list)."""
+        cdef int n, i, r
+        cdef Pump pump
+        cdef list given_back = []
+        if self.epfd < 0:
+            return given_back
+        n = epoll_wait(self.epfd, self.events, MAX_EVENTS, 0)
+        if n < 0:
+            if errno == EINTR:
+                return given_back
+            raise OSError(errno, "epoll_wait failed")
+        for i in range(n):
+            pump = self.pumps.get(self.events[i].data.u64)
+            if pump is None:  # discarded after the event was queued
+                continue
+            try:
+                r = pump._step(True)
+            except Exception as exc:
+                pump.error = exc
+                r = FAILED
+            if r == READ or r == YIELD:
+                continue
+            self.discard(pump)
+            pump.result = r
+            given_back.append(pump)
+        return given_back
+
+    def close(self):
+        """Close the epoll set; pumps still in it are forgotten (their tasks are not woken)."""
+        for pump in self.pumps.values():
+            (<Pump>pump).hub_id = 0
+        self.pumps.clear()
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1

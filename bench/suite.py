@@ -500,9 +500,11 @@ class Children:
         log(f"children stopped: exit codes {self.exit_codes}")
 
 
-def start_targets(args: argparse.Namespace, out_dir: Path,
-                  children: Children) -> tuple[Child, int, list[Target], dict[str, str]]:
-    """Start the mock and the selected targets; each is timed from spawn to its first 200."""
+def start_targets(args: argparse.Namespace, out_dir: Path, children: Children,
+                  proxy_extra_env: dict[str, str] | None = None,
+                  ) -> tuple[Child, int, list[Target], dict[str, str]]:
+    """Start the mock and the selected targets; each is timed from spawn to its first 200.
+    ``proxy_extra_env`` is added to every zaiproxy target's environment."""
     python = sys.executable
     lines: dict[str, str] = {}
     mock_port = free_port()
@@ -527,7 +529,7 @@ def start_targets(args: argparse.Namespace, out_dir: Path,
         port = free_port()
         home = out_dir if name == "proxy" else out_dir / name  # its own history and state
         home.mkdir(exist_ok=True)
-        env = proxy_env(home, port, mock_port, args.proxy_workers, impl)
+        env = proxy_env(home, port, mock_port, args.proxy_workers, impl) | (proxy_extra_env or {})
         if checkout is not None:
             # That checkout's package first on the path (it is also the working directory,
             # which `python -m` puts first).

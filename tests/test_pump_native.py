@@ -31,12 +31,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zaiproxy._native import _framing, _framing_py, _pump
 
-from tests.harness import RawClient, make_config, request, start_mock, start_proxy
+from tests.harness import UPSTREAM_KEY, RawClient, make_config, request, start_mock, start_proxy
 from tests.test_relay_native import ENDINGS, STREAMS, Api, cut, stream_bytes
 from zaiproxy.http import netstream
 from zaiproxy.request import relay as relay_module
 from zaiproxy.request.scanner import NativeUsageTracker
 from zaiproxy.request.usage import UsageTracker
+
+needs_pump = pytest.mark.skipif(not netstream.PUMP, reason="ZAIPROXY_RELAY=python: no pump")
 
 
 def test_the_pump_is_loaded_with_the_native_relay() -> None:
@@ -262,9 +264,127 @@ def test_a_client_gone_is_a_client_error(pair: Pair) -> None:
     assert gone.value.errno in (errno.EPIPE, errno.ECONNRESET)
 
 
+# ---- the hub: many pumps, one wait -----------------------------------------------------------
+
+
+def test_the_hub_relays_every_ready_stream_in_one_call() -> None:
+    pairs = [Pair() for _ in range(3)]
+    hub = _pump.Hub()
+    try:
+        pumps = [_pump.Pump(p.up, p.down, _framing.Dechunker(), lambda b: b) for p in pairs]
+        for pump in pumps:
+            hub.add(pump)
+        assert len(hub) == 3
+        assert hub.run() == []  # nothing ready
+        pairs[0].upstream.sendall(b"3\r\nabc\r\n")
+        pairs[2].upstream.sendall(b"2\r\nxy\r\n0\r\n\r\n")
+        given_back = hub.run()
+        assert given_back == [pumps[2]]
+        assert pumps[2].result == _pump.END
+        assert len(hub) == 2  # the ended one left; the others wait on
+        assert drain(pairs[0].client) == b"3\r\nabc\r\n"
+        assert drain(pairs[2].client) == b"2\r\nxy\r\n"
+        assert drain(pairs[1].client) == b""
+        with pytest.raises(ValueError, match="already in a hub"):
+            hub.add(pumps[0])
+        hub.discard(pumps[0])
+        hub.discard(pumps[0])  # twice: nothing
+        pairs[0].upstream.sendall(b"1\r\nz\r\n")
+        assert hub.run() == []
+        assert drain(pairs[0].client) == b""  # discarded: not relayed
+        assert len(hub) == 1
+    finally:
+        hub.close()
+        for p in pairs:
+            p.close()
+
+
+def test_the_hub_takes_what_is_left_on_its_next_run() -> None:
+    # Level-triggered: a read that filled the buffer is followed by another in the same
+    # run; a short one ends the pump's turn, and what came after it is read next run.
+    p = Pair()
+    for s in (p.upstream, p.down):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    for s in (p.up, p.client):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    hub = _pump.Hub()
+    try:
+        pump = _pump.Pump(p.up, p.down, _framing.Dechunker(), lambda b: b)
+        hub.add(pump)
+        block = b"q" * 50000
+        wire = b"%x\r\n%s\r\n" % (len(block), block) * 4
+        p.upstream.sendall(wire)
+        assert hub.run() == []
+        assert pump.received == len(wire)  # 64 KiB, 64 KiB, then the short rest
+        p.upstream.sendall(b"1\r\nz\r\n")
+        assert hub.run() == []
+        assert _framing_py.Dechunker().feed(drain(p.client)) == block * 4 + b"z"
+    finally:
+        hub.close()
+        p.close()
+
+
+def test_the_hub_gives_back_a_full_client_and_a_failure() -> None:
+    full, broken = Pair(), Pair()
+    hub = _pump.Hub()
+    try:
+        full.down.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stalled = _pump.Pump(full.up, full.down, _framing.Dechunker(), lambda b: b)
+        failing = _pump.Pump(broken.up, broken.down, _framing.Dechunker(), lambda b: b)
+        hub.add(stalled)
+        hub.add(failing)
+        block = b"w" * 60000
+        full.upstream.sendall(b"%x\r\n%s\r\n" % (len(block), block))
+        broken.client.close()
+        broken.upstream.sendall(b"1\r\na\r\n")
+        given_back = {id(x): x for x in hub.run()}
+        assert set(given_back) == {id(stalled), id(failing)}
+        assert stalled.result == _pump.WRITE and stalled.pending_bytes > 0
+        assert failing.result == _pump.FAILED
+        assert isinstance(failing.error, _pump.ClientFailed)
+        assert len(hub) == 0
+    finally:
+        hub.close()
+        full.close()
+        broken.close()
+
+
+async def test_a_hub_wait_ends_idle_cancelled_or_given_back() -> None:
+    from zaiproxy.http.pumphub import IDLE, PumpHub
+
+    hub = PumpHub()
+    p = Pair()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run)
+            await trio.testing.wait_all_tasks_blocked()
+            pump = _pump.Pump(p.up, p.down, _framing.Dechunker(), lambda b: b)
+            started = trio.current_time()
+            assert await hub.wait(pump, 0.2) == IDLE
+            assert 0.2 <= trio.current_time() - started < 1.0
+            assert len(hub) == 0
+            with trio.move_on_after(0.05):
+                await hub.wait(pump, 10)
+            assert len(hub) == 0  # cancelled: it left the hub
+            p.upstream.sendall(b"2\r\nhi\r\n0\r\n\r\n")
+            assert await hub.wait(pump, 10) == _pump.END
+            assert drain(p.client) == b"2\r\nhi\r\n"
+            p2 = Pair()
+            try:
+                failing = _pump.Pump(p2.up, p2.down, _framing.Dechunker(), lambda b: b)
+                p2.upstream.sendall(b"zz\r\n")
+                with pytest.raises(_framing.FramingError):
+                    await hub.wait(failing, 10)
+            finally:
+                p2.close()
+            nursery.cancel_scope.cancel()
+        assert not hub.running
+    finally:
+        p.close()
+
+
 # ---- through a real proxy ------------------------------------------------------------------
 
-needs_pump = pytest.mark.skipif(not netstream.PUMP, reason="ZAIPROXY_RELAY=python: no pump")
 
 JSON = ("content-type", "application/json")
 CHAT = orjson.dumps({"model": "glm-4.6", "stream": True,
@@ -305,6 +425,34 @@ async def test_streams_through_the_pump_equal_the_twins(nursery: trio.Nursery, p
     assert via_pump.complete and via_twin.complete
     assert via_pump.body == via_twin.body
     assert via_pump.body.endswith(b"data: [DONE]\n\n")
+
+
+@needs_pump
+async def test_a_paced_stream_waits_in_the_workers_hub(nursery: trio.Nursery) -> None:
+    upstream = await start_mock(nursery)
+    proxy = await start_proxy(nursery, make_config(upstream))
+    hub = proxy.worker.ctx.pump_hub
+    assert hub is not None
+    await trio.testing.wait_all_tasks_blocked()
+    assert hub.running
+    headers = [JSON, ("x-mock-seed", "5"), ("x-mock-chunks", "12"),
+               ("x-mock-chunk-delay", "0.05")]
+    seen: list[int] = []
+    result: list[Any] = []
+
+    async def one() -> None:
+        result.append(await request(proxy.port, "POST", "/v1/chat/completions", headers, CHAT))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(one)
+        while not result:
+            seen.append(len(hub))
+            await trio.sleep(0.01)
+    assert max(seen) == 1  # the stream waited in the hub, not on its socket
+    assert len(hub) == 0
+    direct = await request(upstream, "POST", "/api/paas/v4/chat/completions",
+                           [*headers, ("authorization", f"Bearer {UPSTREAM_KEY}")], CHAT)
+    assert result[0].body == direct.body
 
 
 @needs_pump

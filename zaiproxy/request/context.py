@@ -30,6 +30,7 @@ from zaiproxy.upstream.pool import Origin, UpstreamPool
 from zaiproxy.upstream.zai import RetryPolicy
 
 if TYPE_CHECKING:
+    from zaiproxy.http.pumphub import PumpHub
     from zaiproxy.observe.metrics import WorkerMetrics
     from zaiproxy.observe.recorder.sink import RecordSink
 
@@ -86,6 +87,9 @@ class WorkerContext:
     # GET /admin/history asks the recorder through this (observe/recorder/client.py).
     history_query: Callable[[str, str], Awaitable[dict[str, Any]]] | None = None
     events: EventsTiming = EventsTiming()
+    # The native stream pump's hub (zaiproxy/http/pumphub.py), run by Worker.run; None with
+    # ZAIPROXY_RELAY=python (no pump) or before it runs: pumped streams then wait alone.
+    pump_hub: PumpHub | None = None
     # Seams for tests (a virtual clock): the Z.AI retry wait, wall time, the jitter factor.
     retry_sleep: Callable[[float], Awaitable[None]] = trio.sleep
     wall: Callable[[], float] = time.time

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import socket
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -226,37 +227,45 @@ class Relay:
                     down: socket.socket) -> tuple[bytes, bool]:
         """The rest of a chunked SSE body through the native stream pump (_native/_pump.pyx):
         each ``step()`` reads what upstream sent, decodes, scans and frames it and writes it
-        to the client, one write per read, and says what to wait for. Returns what
-        :meth:`UpstreamConnection.read_more` would at the body's end; raises as it does
-        (``UpstreamBroken``), and ``ClientGone`` when the client's socket failed.
+        to the client, one write per read, and says what to wait for. While upstream has
+        nothing to read, the pump waits in the worker's hub (zaiproxy/http/pumphub.py), which
+        relays every ready stream of the worker in one native call, so this task wakes only
+        when the stream needs it. Returns what :meth:`UpstreamConnection.read_more` would at
+        the body's end; raises as it does (``UpstreamBroken``), and ``ClientGone`` when the
+        client's socket failed.
 
         Backpressure, idle timeout and cancellation are the loop's: a full client socket is
-        waited on before the next upstream read, the pool's watchdog closes an upstream that
-        passes its idle deadline (set before each wait for it, not while the client is slow),
-        and every wait is a trio checkpoint; ``burst`` reads in a row yield to the scheduler.
+        waited on (here, out of the hub) before the next upstream read; ``idle`` counts from
+        the last upstream read or the end of a wait for the client, whichever is later (the
+        hub's wait, or the pool's watchdog when no hub runs); every wait is a trio checkpoint.
         """
         from zaiproxy._native import _pump  # loaded at start-up (netstream)
+        from zaiproxy.http.pumphub import IDLE
 
         assert self.tracker is not None
         p = _pump.Pump(up, down, dechunk, self.tracker.feed)
+        hub = self.ctx.pump_hub
+        if hub is not None and not hub.running:
+            hub = None
         step = p.step
         idle = self.ctx.config.body_idle_timeout
-        wait_readable = trio.lowlevel.wait_readable
         try:
             while True:
                 try:
                     what = step()
+                    if what == _pump.READ and hub is not None:
+                        what = await hub.wait(p, idle)
                 except _pump.ClientFailed as exc:
                     self.sink.gone = True
                     raise ClientGone() from exc
                 except (_pump.UpstreamFailed, netstream.framing.FramingError) as exc:
                     raise conn.body_failed(exc) from None
                 if self.first_byte is None and p.body_bytes:
-                    self.first_byte = trio.current_time()
+                    self.first_byte = trio.current_time() - (time.monotonic() - p.first_sent)
                 if what == _pump.READ:
                     conn.idle_deadline = trio.current_time() + idle
                     try:
-                        await wait_readable(up)
+                        await trio.lowlevel.wait_readable(up)
                     except (trio.ClosedResourceError, OSError) as exc:
                         raise conn.body_failed(exc) from None
                     conn.idle_deadline = math.inf
@@ -270,6 +279,9 @@ class Relay:
                     await trio.lowlevel.checkpoint()
                 elif what == _pump.END:
                     return conn.end_chunked()
+                elif what == IDLE:
+                    conn.idle_expired = True
+                    raise UpstreamBroken("idle")
                 else:
                     raise conn.body_failed(None)
         finally:

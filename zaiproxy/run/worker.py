@@ -25,7 +25,7 @@ import trio
 from zaiproxy.core import logs
 from zaiproxy.core.config import COMMIT_ENV, Config
 from zaiproxy.core.pricing import DEFAULT_PRICES, load_prices
-from zaiproxy.http import http11
+from zaiproxy.http import http11, netstream
 from zaiproxy.http.connection import ClientConnection
 from zaiproxy.http.netstream import FastSocketStream
 from zaiproxy.limits.admission import Admitter, WaitQueue
@@ -137,7 +137,13 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         quota=admitter.quota_use, limits_backend=config.limits_backend,
         relay=scanner.IMPLEMENTATION,
     )
+    pump_hub = None
+    if netstream.PUMP:
+        from zaiproxy.http.pumphub import PumpHub  # imports the native pump: native relay only
+
+        pump_hub = PumpHub()
     return WorkerContext(
+        pump_hub=pump_hub,
         config=config, pool=pool, origins=origins, metrics=metrics,
         ledger=segment, ledger_impl=ledger.IMPLEMENTATION, admitter=admitter,
         keys=keys if keys is not None else load_key_table(config.keys_file),
@@ -167,6 +173,8 @@ class Worker:
         async with trio.open_nursery() as root:
             root.start_soon(ctx.pool.reap)
             root.start_soon(ctx.pool.watch_idle, ctx.config.body_idle_timeout)
+            if ctx.pump_hub is not None:
+                root.start_soon(ctx.pump_hub.run)
             async with trio.open_nursery() as conns:
                 accept_scope = trio.CancelScope()
 

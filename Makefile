@@ -11,7 +11,7 @@ ARGS ?=
 
 .PHONY: run test check lint typecheck bench dev clean debian-deps
 
-$(STAMP): pyproject.toml setup.py _native/_ledger.pyx _native/_atomic.h _native/_relay.pyx _native/_framing.pyx _native/_pump.pyx
+$(STAMP): pyproject.toml setup.py _native/_ledger.pyx _native/_atomic.h _native/_relay.pyx _native/_framing.pyx _native/_pump.pyx _native/_chunk.pxd
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -e '.[test]'

@@ -46,6 +46,9 @@ setup(
         extensions,
         language_level="3",
         compiler_directives={"boundscheck": False, "wraparound": False},
+        # _native/_chunk.pxd (the chunk framing both _framing and _pump inline) is cimported
+        # by its bare name.
+        include_path=["_native"],
         # The generated C goes under build/, not beside the .pyx: it stays out of the wheel
         # (2 MB) and a _ledger.c left by an older build (another module name) is never reused.
         build_dir="build/cython",

@@ -8,7 +8,8 @@ handed back to h11); ``frame_chunk`` frames one chunk of a response the way h11'
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memcpy
+
+from _chunk cimport framed
 
 IMPLEMENTATION = "native"
 
@@ -175,35 +176,12 @@ cdef class Dechunker:
         return S_DATA
 
 
-cdef char* _HEXCHARS = b"0123456789abcdef"
-
-
 def frame_chunk(data):
     """``data`` (any bytes-like) as one chunk: hex size, CRLF, data, CRLF (h11's
     ChunkedWriter); b"" for b""."""
     if type(data) is not bytes:
         data = bytes(data)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(data), k = 0, m = n, pos
-    cdef char head[20]
-    cdef bytes out
-    cdef char* o
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     if n == 0:
         return b""
-    while m:
-        k += 1
-        m >>= 4
-    m = n
-    pos = k
-    while pos:
-        pos -= 1
-        head[pos] = _HEXCHARS[m & 15]
-        m >>= 4
-    out = PyBytes_FromStringAndSize(NULL, k + 2 + n + 2)
-    o = PyBytes_AS_STRING(out)
-    memcpy(o, head, k)
-    o[k] = 13
-    o[k + 1] = 10
-    memcpy(o + k + 2, PyBytes_AS_STRING(data), n)
-    o[k + 2 + n] = 13
-    o[k + 3 + n] = 10
-    return out
+    return framed(PyBytes_AS_STRING(data), n)

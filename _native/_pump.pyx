@@ -19,9 +19,10 @@ loop (``ZAIPROXY_RELAY=python``); both give byte-identical client output
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.errno cimport EAGAIN, EBADF, EINTR, errno
 from libc.stdint cimport uint32_t, uint64_t
-from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close
+
+from _chunk cimport framed
 
 cdef extern from "sys/epoll.h" nogil:
     ctypedef union epoll_data_t:
@@ -62,7 +63,6 @@ DEF READ_SIZE = 65536
 # One receive buffer for the process: step() never yields, so no two pumps use it at once,
 # and an open stream holds no receive buffer of its own.
 cdef char _buf[READ_SIZE]
-cdef const char* _HEX = b"0123456789abcdef"
 
 
 class UpstreamFailed(OSError):
@@ -163,10 +163,9 @@ cdef class Pump:
         left again on its next run: a short read (less than the buffer) is taken as having
         drained the socket, which saves the ``recv`` that would only say ``EAGAIN``."""
         cdef ssize_t got
-        cdef int reads = 0, k, i
-        cdef Py_ssize_t n, m
-        cdef bytes body, framed
-        cdef char* o
+        cdef int reads = 0
+        cdef Py_ssize_t n
+        cdef bytes body
         self.up = self.up_sock.fileno()
         if self.up < 0:
             raise UpstreamFailed(EBADF, "upstream socket closed")
@@ -198,30 +197,10 @@ cdef class Pump:
                 body = self.scan(body)
             n = PyBytes_GET_SIZE(body)
             if n:
-                # One chunk, framed as h11's ChunkedWriter (and frame_chunk) does:
-                # lowercase hex size, CRLF, data, CRLF.
                 if self.body_bytes == 0:
                     self.first_sent = _monotonic()
                 self.body_bytes += n
-                k = 0
-                m = n
-                while m:
-                    k += 1
-                    m >>= 4
-                framed = PyBytes_FromStringAndSize(NULL, k + 4 + n)
-                o = PyBytes_AS_STRING(framed)
-                m = n
-                i = k
-                while i:
-                    i -= 1
-                    o[i] = _HEX[m & 15]
-                    m >>= 4
-                o[k] = 13
-                o[k + 1] = 10
-                memcpy(o + k + 2, PyBytes_AS_STRING(body), n)
-                o[k + 2 + n] = 13
-                o[k + 3 + n] = 10
-                self.pending = framed
+                self.pending = framed(PyBytes_AS_STRING(body), n)
                 self.pending_off = 0
                 if not self._flush():
                     return WRITE

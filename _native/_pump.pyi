@@ -2,6 +2,7 @@
 # pure-Python twin is the relay's own loop (zaiproxy/request/relay.py); zaiproxy.http.netstream
 # loads it, or not (ZAIPROXY_RELAY=python).
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
@@ -17,9 +18,18 @@ YIELD: Final[int]
 END: Final[int]
 EOF: Final[int]
 FAILED: Final[int]
+HANDOFF: Final[int]
 
 class UpstreamFailed(OSError): ...
 class ClientFailed(OSError): ...
+
+class _TLS(Protocol):  # zaiproxy.http.tlsstream.TLSStream
+    @property
+    def ssl_object(self) -> ssl.SSLObject: ...
+    @property
+    def incoming(self) -> ssl.MemoryBIO: ...
+    @property
+    def outgoing(self) -> ssl.MemoryBIO: ...
 
 class Pump:
     body_bytes: int
@@ -30,7 +40,8 @@ class Pump:
     result: int  # what the Hub gave it back with
     error: BaseException | None  # ... when that was FAILED
     def __init__(self, up: socket.socket, down: socket.socket, dechunk: _Dechunker,
-                 scan: Callable[[bytes], bytes], burst: int = 16) -> None: ...
+                 scan: Callable[[bytes], bytes], burst: int = 16,
+                 tls: _TLS | None = None) -> None: ...
     @property
     def pending_bytes(self) -> int: ...
     def step(self) -> int: ...

@@ -2,18 +2,17 @@
 """The relay's inner loop in C: a chunked upstream body to a chunked client response.
 
 One ``Pump.step()`` call does, for as many upstream reads as are ready (at most ``burst``):
-``recv`` into a reused buffer -> the Dechunker -> the stream scanner -> the chunk framing ->
-``send``, one client write per upstream read, and returns what to wait for next. The caller
-(zaiproxy/request/relay.py) only waits (``trio.lowlevel.wait_readable`` /
-``wait_writable``) and calls ``step()`` again: per paced SSE event the proxy runs one
-Python-level loop iteration instead of a chain of coroutines, an ``EAGAIN`` exception, and
-three bytes objects handed between layers (docs/architecture.md, "The stream pump").
+``recv`` into a reused buffer -> (HTTPS: the ``ssl.SSLObject``) -> the Dechunker -> the
+stream scanner -> the chunk framing -> ``send``, one client write per upstream read (per TLS
+record), and returns what to wait for next. A stream waiting for upstream waits in its
+worker's ``Hub`` (below, driven by zaiproxy/http/pumphub.py), which steps every ready pump in
+one call; zaiproxy/request/relay.py only waits and calls again (docs/architecture.md, "The
+stream pump and its hub").
 
-It works on two plain TCP sockets only (never TLS) and holds no h11 state: h11 has parsed the
-upstream head and written the client head before, and is handed the dechunker's ``tail``
-and writes the client's last chunk after (``END``). Its pure-Python twin is the relay's own
-loop (``ZAIPROXY_RELAY=python``); both give byte-identical client output
-(tests/test_pump_native.py, and every relay test runs on both).
+It holds no h11 state: h11 has parsed the upstream head and written the client head before,
+and is handed the dechunker's ``tail`` and writes the client's last chunk after (``END``).
+Its pure-Python twin is the relay's own loop (``ZAIPROXY_RELAY=python``); both give
+byte-identical client output (tests/test_pump_native.py, and every relay test runs on both).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -57,6 +56,12 @@ YIELD = 2  # ``burst`` reads went through at once: let the scheduler run, then s
 END = 3    # the last chunk's size line was read: the dechunker's ``tail`` goes to h11
 EOF = 4    # upstream closed the connection inside the body
 FAILED = 5  # (Hub only) step() raised: the exception is in ``error``
+HANDOFF = 6  # TLS wants to send (a KeyUpdate's answer): the caller relays the rest itself
+
+import ssl as _ssl
+
+_SSLWantRead = _ssl.SSLWantReadError
+_SSLEnded = (_ssl.SSLZeroReturnError, _ssl.SSLEOFError)
 
 DEF READ_SIZE = 65536
 
@@ -77,6 +82,9 @@ cdef class Pump:
     """Relays one chunked body from the socket ``up`` to the socket ``down``.
 
     ``dechunk`` is a ``zaiproxy._native._framing.Dechunker`` (its ``feed`` and ``ended``);
+    ``tls``, for a TLS upstream, has the session's ``ssl_object``, ``incoming`` and
+    ``outgoing`` (zaiproxy.http.tlsstream.TLSStream): what is received is decrypted here,
+    and the caller hands the pump over only when nothing decrypted is waiting;
     ``scan`` is called with each non-empty decoded piece and returns the bytes to send (the
     stream scanner's ``feed``). The pump owns neither socket: each ``step()`` takes their
     file descriptors afresh, so a socket closed by another task (the pool's idle watchdog)
@@ -92,6 +100,9 @@ cdef class Pump:
     cdef bytes pending  # a framed chunk the client's socket has not taken yet
     cdef Py_ssize_t pending_off
     cdef int burst
+    cdef object ssl_object  # TLS: the session's ssl.SSLObject and its two memory BIOs
+    cdef object incoming
+    cdef object outgoing
     cdef readonly long long body_bytes  # decoded body bytes handed to the client (unframed)
     cdef readonly long long received  # raw bytes read from upstream
     cdef readonly double last_read  # CLOCK_MONOTONIC (time.monotonic()) of the last read
@@ -102,9 +113,12 @@ cdef class Pump:
     cdef readonly int result
     cdef public object error
 
-    def __init__(self, up, down, dechunk, scan, int burst=16):
+    def __init__(self, up, down, dechunk, scan, int burst=16, tls=None):
         if burst < 1:
             raise ValueError("burst must be >= 1")
+        self.ssl_object = None if tls is None else tls.ssl_object
+        self.incoming = None if tls is None else tls.incoming
+        self.outgoing = None if tls is None else tls.outgoing
         self.up_sock = up
         self.down_sock = down
         self.up = -1
@@ -151,21 +165,63 @@ cdef class Pump:
         return True
 
     def step(self):
-        """Relay what is ready; returns READ, WRITE, YIELD, END or EOF.
+        """Relay what is ready; returns READ, WRITE, YIELD, END, EOF or HANDOFF.
 
         Raises ``UpstreamFailed`` / ``ClientFailed`` for a socket error and whatever the
-        dechunker (``FramingError``) or the scanner raise; the pump is then unusable.
+        dechunker (``FramingError``), the scanner or TLS (``ssl.SSLError``) raise; the pump
+        is then unusable.
         """
         return self._step(False)
+
+    cdef int _relay(self, bytes data) except -1:
+        """Body bytes of ``data`` (raw chunked body) to the client: 0 when all is out and
+        the body goes on, WRITE when the client's socket is full, END at the last chunk."""
+        cdef Py_ssize_t n
+        cdef bytes body = self.dechunk.feed(data)
+        if PyBytes_GET_SIZE(body):
+            body = self.scan(body)
+        n = PyBytes_GET_SIZE(body)
+        if n:
+            if self.body_bytes == 0:
+                self.first_sent = _monotonic()
+            self.body_bytes += n
+            self.pending = framed(PyBytes_AS_STRING(body), n)
+            self.pending_off = 0
+            if not self._flush():
+                return WRITE
+        if self.dechunk.ended:
+            return END
+        return 0
+
+    cdef int _decrypted(self) except -2:
+        """TLS: relay what the SSLObject can decrypt from what was received (-1 when it
+        wants more bytes, else the result to return). Whatever it wants to send meanwhile
+        (a KeyUpdate's answer) is the caller's: HANDOFF."""
+        cdef int r
+        cdef bytes plain
+        while True:
+            try:
+                plain = self.ssl_object.read(READ_SIZE)
+            except _SSLWantRead:
+                break
+            except _SSLEnded:
+                return EOF
+            if not plain:
+                return EOF
+            r = self._relay(plain)
+            if r:
+                return r
+        if self.outgoing.pending:
+            return HANDOFF
+        return -1
 
     cdef int _step(self, bint level) except -1:
         """``level``: called by a Hub, whose level-triggered epoll reports a socket with data
         left again on its next run: a short read (less than the buffer) is taken as having
         drained the socket, which saves the ``recv`` that would only say ``EAGAIN``."""
         cdef ssize_t got
-        cdef int reads = 0
-        cdef Py_ssize_t n
-        cdef bytes body
+        cdef int reads = 0, r
+        cdef bint tls = self.ssl_object is not None
         self.up = self.up_sock.fileno()
         if self.up < 0:
             raise UpstreamFailed(EBADF, "upstream socket closed")
@@ -178,6 +234,12 @@ cdef class Pump:
             if self.dechunk.ended:  # the last read's chunk is out
                 return END
         while True:
+            if tls:
+                # Nothing decrypted is left behind before a wait: the socket's readiness
+                # is then all there is to wait for.
+                r = self._decrypted()
+                if r >= 0:
+                    return r
             if reads == self.burst:
                 return YIELD
             got = recv(self.up, _buf, READ_SIZE, MSG_DONTWAIT)
@@ -188,24 +250,23 @@ cdef class Pump:
                     return READ
                 raise UpstreamFailed(errno, "upstream recv failed")
             if got == 0:
+                if tls:
+                    self.incoming.write_eof()
+                    r = self._decrypted()
+                    return r if r >= 0 else EOF
                 return EOF
             reads += 1
             self.received += got
             self.last_read = _monotonic()
-            body = self.dechunk.feed(PyBytes_FromStringAndSize(_buf, got))
-            if PyBytes_GET_SIZE(body):
-                body = self.scan(body)
-            n = PyBytes_GET_SIZE(body)
-            if n:
-                if self.body_bytes == 0:
-                    self.first_sent = _monotonic()
-                self.body_bytes += n
-                self.pending = framed(PyBytes_AS_STRING(body), n)
-                self.pending_off = 0
-                if not self._flush():
-                    return WRITE
-            if self.dechunk.ended:
-                return END
+            if tls:
+                self.incoming.write(PyBytes_FromStringAndSize(_buf, got))
+                r = self._decrypted()
+                if r >= 0:
+                    return r
+            else:
+                r = self._relay(PyBytes_FromStringAndSize(_buf, got))
+                if r:
+                    return r
             if level and got < READ_SIZE:
                 return READ
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,13 +28,16 @@ import orjson
 import pytest
 import trio
 import trio.testing
+import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zaiproxy._native import _framing, _framing_py, _pump
 
 from tests.harness import UPSTREAM_KEY, RawClient, make_config, request, start_mock, start_proxy
 from tests.test_relay_native import ENDINGS, STREAMS, Api, cut, stream_bytes
+from tests.test_tlsstream import tls_pair
 from zaiproxy.http import netstream
+from zaiproxy.http.tlsstream import TLSStream
 from zaiproxy.request import relay as relay_module
 from zaiproxy.request.scanner import NativeUsageTracker
 from zaiproxy.request.usage import UsageTracker
@@ -262,6 +266,88 @@ def test_a_client_gone_is_a_client_error(pair: Pair) -> None:
     with pytest.raises(_pump.ClientFailed) as gone:
         pump.step()
     assert gone.value.errno in (errno.EPIPE, errno.ECONNRESET)
+
+
+# ---- over TLS ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def tls_session(ca: trustme.CA) -> tuple[TLSStream, TLSStream]:
+    client, server = tls_pair(ca)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    return client, server
+
+
+@pytest.mark.parametrize("name", ["openai-include-usage", "zai-anthropic"])
+async def test_tls_records_relayed_as_the_twin_relays_them(ca: trustme.CA, name: str) -> None:
+    # Each record the server sends is decrypted by the pump and relayed as one chunk, as
+    # the relay's loop (TLSStream.receive_some, one record per read) does.
+    api = STREAMS[name][0]
+    raw = chunk_body(stream_bytes(name, b"\n", False), [50, 7, 300], ext=False,
+                     trailer=b"x-t: 1\r\n")
+    pieces = cut(raw, list(range(13, len(raw), 97)))
+    client, server = await tls_session(ca)
+    down, reader = socket.socketpair()
+    try:
+        native, twin = NativeUsageTracker(api), UsageTracker(api)
+        dechunk, twin_dechunk = _framing.Dechunker(), _framing_py.Dechunker()
+        pump = _pump.Pump(client.transport_stream.socket, down, dechunk, native.feed, tls=client)
+        what = _pump.READ
+        for piece in pieces:
+            await server.send_all(piece)
+            body = twin_dechunk.feed(piece)
+            want = _framing_py.frame_chunk(twin.feed(body) if body else b"")
+            got = b""
+            with trio.fail_after(5):
+                while len(got) < len(want) or (twin_dechunk.ended and what != _pump.END):
+                    what = pump.step()
+                    got += drain(reader)
+                    if what == _pump.READ:
+                        await trio.sleep(0.001)
+            assert got == want
+            if twin_dechunk.ended:
+                break
+        assert what == _pump.END and dechunk.tail == twin_dechunk.tail
+        assert not client.buffered()
+        assert (native.usage, native.events) == (twin.usage, twin.events)
+    finally:
+        down.close()
+        reader.close()
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_tls_output_while_reading_hands_the_stream_back(ca: trustme.CA) -> None:
+    # Whatever the session wants to send while reading (a KeyUpdate's answer) is the
+    # caller's: the pump relays what it decrypted, then says HANDOFF.
+    client, server = await tls_session(ca)
+    down, reader = socket.socketpair()
+    try:
+        pump = _pump.Pump(client.transport_stream.socket, down, _framing.Dechunker(),
+                          lambda b: b, tls=client)
+        await server.send_all(b"3\r\nabc\r\n")
+        await trio.sleep(0.05)
+        assert pump.step() == _pump.READ
+        assert drain(reader) == b"3\r\nabc\r\n"
+        await server.send_all(b"3\r\ndef\r\n")
+        await trio.sleep(0.05)
+        client.outgoing.write(b"pending TLS bytes")
+        assert pump.step() == _pump.HANDOFF
+        assert drain(reader) == b""  # the rest is the caller's, still in the socket
+        assert client.ssl_object.pending() == 0
+        sock = client.transport_stream.socket
+        assert sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # unread record
+    finally:
+        down.close()
+        reader.close()
+        await client.aclose()
+        await server.aclose()
 
 
 # ---- the hub: many pumps, one wait -----------------------------------------------------------
@@ -509,3 +595,36 @@ async def test_a_client_that_stops_reading_stalls_the_upstream(nursery: trio.Nur
     assert 0 < stalled_at < 48 << 20, stalled_at
     assert sent - stalled_at < 8 << 20, (stalled_at, sent)
     await client.aclose()
+
+
+@needs_pump
+async def test_tls_upstream_streams_are_pumped_too(nursery: trio.Nursery, pumped: list[int],
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   ca: trustme.CA, tmp_path: Any) -> None:
+    # An HTTPS upstream (Z.AI itself): the stream is decrypted by the pump, waits in the
+    # hub, and reaches the client as the twin relays it; a stall and a cut end as in plain.
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(server_ctx)
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    upstream = await start_mock(nursery, ssl_context=server_ctx)
+    proxy = await start_proxy(nursery, make_config(upstream, ca_file=str(ca_path),
+                                                   body_idle_timeout=0.3))
+    headers = [JSON, ("x-mock-seed", "9"), ("x-mock-chunks", "20"), ("x-mock-chunk-size", "30"),
+               ("x-mock-chunk-delay", "0.005"), ("x-mock-write-split", "random")]
+    via_pump = await request(proxy.port, "POST", "/v1/chat/completions", headers, CHAT)
+    assert len(pumped) == 1
+    with trio.fail_after(10):
+        stalled = await request(proxy.port, "POST", "/v1/chat/completions",
+                                [JSON, ("x-mock-fault", "stall")], CHAT)
+        cut_off = await request(proxy.port, "POST", "/v1/chat/completions",
+                                [JSON, ("x-mock-fault", "close-mid-body")], CHAT)
+    assert len(pumped) == 3
+    assert not stalled.complete and b"sent nothing for 0.3 s" in stalled.body
+    assert not cut_off.complete and b"upstream connection lost mid-response" in cut_off.body
+    monkeypatch.setattr(netstream, "PUMP", False)
+    via_twin = await request(proxy.port, "POST", "/v1/chat/completions", headers, CHAT)
+    assert len(pumped) == 3
+    assert via_pump.complete and via_twin.complete
+    assert via_pump.body == via_twin.body
+    assert proxy.pool.active == 0

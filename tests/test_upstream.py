@@ -438,7 +438,8 @@ async def test_tls_upstream_with_private_ca(nursery, ca, tmp_path):
 
 
 async def test_tls_idle_stream_is_cut_too(nursery, ca, tmp_path):
-    """The watchdog closes the socket under trio's SSLStream: the relay sees it as well."""
+    """An idle stream under TLS is cut as well (the pump's hub, or the pool's watchdog when
+    the relay's loop reads through the TLSStream)."""
     ca_path = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_path))
     upstream = await start_mock(nursery, ssl_context=server_context(ca))

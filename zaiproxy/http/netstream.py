@@ -31,7 +31,8 @@ that yield when the syscall did all the work:
 streams (``trio.testing.check_half_closeable_stream``) against it, with
 ``fair_every=1``: that suite asserts that every call yields, which is exactly
 what the default trades away; everything else it checks holds. It wraps a
-plain stdlib socket (TCP only; TLS goes on top with ``trio.SSLStream``).
+plain stdlib socket (TCP only; the pool's TLS goes on top with
+:class:`zaiproxy.http.tlsstream.TLSStream`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import trio
 # tests/test_framing_native.py.
 #
 # The same switch loads the stream pump (``zaiproxy._native._pump``), the relay's inner loop
-# in C for a chunked body between two plain sockets: PUMP says whether the relay uses it.
+# in C for a chunked body (plain or TLS upstream): PUMP says whether the relay uses it.
 # With ZAIPROXY_RELAY=python the relay's own loop, the pump's twin, does that work
 # (zaiproxy/request/relay.py).
 if os.environ.get("ZAIPROXY_RELAY", "").lower() == "python":
@@ -88,7 +89,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         tsock = stream.socket
         return cls(socket.socket(tsock.family, tsock.type, tsock.proto, fileno=tsock.detach()))
 
-    async def _done_at_once(self) -> None:
+    async def done_at_once(self) -> None:
         """The schedule point of a call that did not wait: cheap, except every FAIR_EVERY th."""
         self._streak += 1
         if self._streak >= self._fair_every:
@@ -118,7 +119,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise _translate(exc) from exc
             if sent == total:
-                await self._done_at_once()
+                await self.done_at_once()
                 return
             self._streak = 0
             with memoryview(data) as view:
@@ -180,7 +181,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise _translate(exc) from exc
             else:
-                await self._done_at_once()
+                await self.done_at_once()
                 return data
             self._streak = 0
             while True:

@@ -8,7 +8,7 @@ docs/architecture.md "One request", steps 8-10:
 - the SSE usage tracker watches the bytes (usage) without changing them, or takes out the
   usage chunk ``include_usage`` added for a client that did not ask for it: one call per
   read (zaiproxy/request/scanner.py chooses the native scanner or its pure-Python twin);
-- a chunked SSE body between plain sockets goes through the native stream pump once its first
+- a chunked SSE body (plain or HTTPS upstream) goes through the native stream pump once its first
   read is relayed (:meth:`Relay._pump`): the same steps in one C call per wait, the loop
   below being its pure-Python twin (``ZAIPROXY_RELAY=python``);
 - upstream lost mid-stream: SSE bodies end with an error event in the caller's API shape,
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ from zaiproxy.core.errors import Api, sse_error_event
 from zaiproxy.core.record import Ending, Usage
 from zaiproxy.http import netstream
 from zaiproxy.http.sink import ClientGone, ClientSink
+from zaiproxy.http.tlsstream import TLSStream
 from zaiproxy.request import scanner
 from zaiproxy.request.exchange import Exchanged
 from zaiproxy.request.routing import Route
@@ -141,7 +143,8 @@ class Relay:
             # upstream read saved).
             drained = False
             # The stream pump takes over an SSE body once the loop below reaches its first
-            # wait with the body chunked on both sides and both connections plain sockets.
+            # wait with the body chunked on both sides, nothing read and left undecoded (or
+            # decrypted and unread) upstream, and the client's connection a plain socket.
             pump = netstream.PUMP and tracker is not None
             while True:
                 try:
@@ -223,7 +226,7 @@ class Relay:
             self.ending = Ending.CLIENT_GONE
 
     async def _pump(self, conn: UpstreamConnection, up: socket.socket,
-                    dechunk: netstream.framing.Dechunker,
+                    dechunk: netstream.framing.Dechunker, tls: TLSStream | None,
                     down: socket.socket) -> tuple[bytes, bool]:
         """The rest of a chunked SSE body through the native stream pump (_native/_pump.pyx):
         each ``step()`` reads what upstream sent, decodes, scans and frames it and writes it
@@ -243,7 +246,7 @@ class Relay:
         from zaiproxy.http.pumphub import IDLE
 
         assert self.tracker is not None
-        p = _pump.Pump(up, down, dechunk, self.tracker.feed)
+        p = _pump.Pump(up, down, dechunk, self.tracker.feed, tls=tls)
         hub = self.ctx.pump_hub
         if hub is not None and not hub.running:
             hub = None
@@ -258,7 +261,8 @@ class Relay:
                 except _pump.ClientFailed as exc:
                     self.sink.gone = True
                     raise ClientGone() from exc
-                except (_pump.UpstreamFailed, netstream.framing.FramingError) as exc:
+                except (_pump.UpstreamFailed, netstream.framing.FramingError,
+                        ssl.SSLError) as exc:
                     raise conn.body_failed(exc) from None
                 if self.first_byte is None and p.body_bytes:
                     self.first_byte = trio.current_time() - (time.monotonic() - p.first_sent)
@@ -279,6 +283,10 @@ class Relay:
                     await trio.lowlevel.checkpoint()
                 elif what == _pump.END:
                     return conn.end_chunked()
+                elif what == _pump.HANDOFF:
+                    # TLS has something to send (a KeyUpdate's answer): the loop, reading
+                    # through the TLSStream, relays the rest of the body.
+                    return b"", False
                 elif what == IDLE:
                     conn.idle_expired = True
                     raise UpstreamBroken("idle")

@@ -9,7 +9,8 @@ reaper. Errors from the transport are mapped once, here: connecting raises
 ``UpstreamError``/``UpstreamTimeout`` (answered to the client as 502/504), and a
 connection that fails mid-exchange raises :class:`UpstreamBroken` (reset, closed, TLS or
 HTTP protocol error); the exchange and the relay never see OSError, ssl.SSLError, trio's
-stream errors or h11's.
+stream errors or h11's (the stream pump's socket, framing and TLS errors are translated here
+too: ``UpstreamConnection.body_failed``).
 
 Timeouts are cancel scopes in the caller (trio's habit) except connect,
 which belongs to the pool.
@@ -31,6 +32,7 @@ import trio
 from zaiproxy.core.errors import PoolExhausted, UpstreamError, UpstreamTimeout
 from zaiproxy.http.http11 import as_bytes, h11
 from zaiproxy.http.netstream import FastSocketStream, framing
+from zaiproxy.http.tlsstream import TLSStream
 
 # One read per network event; also the largest chunk relayed in one write.
 READ_SIZE = 65536
@@ -111,7 +113,7 @@ def _broken(exc: BaseException) -> UpstreamBroken:
 
 def _tcp_stream(stream: trio.abc.Stream) -> FastSocketStream | None:
     """The TCP stream under any TLS layers (every connection the pool opens has one)."""
-    while isinstance(stream, trio.SSLStream):
+    while isinstance(stream, TLSStream):
         stream = stream.transport_stream
     return stream if isinstance(stream, FastSocketStream) else None
 
@@ -263,16 +265,20 @@ class UpstreamConnection:
         more, ended = self.end_chunked()
         return (body + more if more else body), ended
 
-    def chunked_body(self) -> tuple[socket.socket, framing.Dechunker] | None:
-        """The plain socket and the Dechunker of the chunked body being read, when the
-        stream pump (zaiproxy/request/relay.py) may read the rest of it from the socket:
-        not TLS, nothing read and not yet decoded. Until :meth:`end_chunked` only the pump
-        reads the socket."""
+    def chunked_body(self) -> tuple[socket.socket, framing.Dechunker, TLSStream | None] | None:
+        """The socket, the Dechunker and (for HTTPS) the TLS session of the chunked body
+        being read, when the stream pump (zaiproxy/request/relay.py) may read the rest of it
+        from the socket: nothing read and not yet decoded, nothing decrypted and not yet
+        read. Until :meth:`end_chunked` only the pump reads the socket."""
         dechunk = self._dechunk
         stream = self._stream
-        if dechunk is None or self._raw or self.closed or type(stream) is not FastSocketStream:
+        if dechunk is None or self._raw or self.closed:
             return None
-        return stream.socket, dechunk
+        if type(stream) is FastSocketStream:
+            return stream.socket, dechunk, None
+        if type(stream) is TLSStream and not stream.buffered():
+            return stream.transport_stream.socket, dechunk, stream
+        return None
 
     def body_failed(self, exc: BaseException | None) -> UpstreamBroken:
         """What a reader of :meth:`chunked_body` raises when the socket failed (``exc``: a
@@ -444,8 +450,8 @@ class UpstreamPool:
                     await trio.open_tcp_stream(origin.host, origin.port))
                 if origin.tls:
                     assert self.ssl_context is not None
-                    tls = trio.SSLStream(stream, self.ssl_context, server_hostname=origin.host,
-                                         https_compatible=True)
+                    assert isinstance(stream, FastSocketStream)
+                    tls = TLSStream(stream, self.ssl_context, server_hostname=origin.host)
                     try:
                         await tls.do_handshake()
                     except BaseException:

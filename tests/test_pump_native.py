@@ -142,6 +142,17 @@ def test_every_stream_read_by_read(name: str, strip: bool) -> None:
     run_both(api, cut(raw, list(range(7, len(raw), 61))), strip)
 
 
+@pytest.mark.parametrize("name", ["openai-include-usage", "anthropic"])
+def test_a_cut_at_every_byte(name: str) -> None:
+    # Two reads, the second starting at each byte of the chunked body in turn (chunk size
+    # lines, extensions, data, CRLFs, the last chunk and the trailers all get split).
+    api = STREAMS[name][0]
+    raw = chunk_body(stream_bytes(name, b"\r\n", False), [64, 9], ext=True,
+                     trailer=b"x-t: 1\r\n")
+    for at in range(1, len(raw)):
+        run_both(api, [raw[:at], raw[at:]], strip=name.startswith("openai"))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(sorted(STREAMS)), ending=st.sampled_from(sorted(ENDINGS)),
        sizes=st.lists(st.integers(1, 400), min_size=1, max_size=6), ext=st.booleans(),

@@ -91,22 +91,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         from zaiproxy.fleet.canary import run as canary_check
 
         return canary_check(ns)
-    from zaiproxy.core.config import ConfigError, load_config, render_check
+    from zaiproxy.core.config import ConfigError, load_config, original_notes, render_check
 
     try:
         config, sources = load_config(_cli_overrides(ns), path=ns.config)
     except ConfigError as exc:
         sys.stderr.write(f"zaiproxy: invalid configuration:\n{exc}\n")
         return 2
+    notes = original_notes()
     if ns.command == "config":
-        sys.stdout.write(render_check(config, sources))
-        if not render_check(config, sources).endswith("\n"):
-            sys.stdout.write("\n")
+        sys.stdout.write(render_check(config, sources, notes))
         return 0
     from zaiproxy.core import logs
     from zaiproxy.run.supervisor import Supervisor
 
     logs.configure(config.level, proc="supervisor")
+    log = logs.get_logger()
+    for name, note in notes:  # once, by the supervisor (workers do not repeat it)
+        log.warning("original_variable", variable=name, note=note)
     return Supervisor(config).run()
 
 

@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from zaiproxy.core import config_values as values
-from zaiproxy.core import pricing
+from zaiproxy.core import original_env, pricing
 from zaiproxy.core.limitspec import LIMIT_MAX, LIMIT_NAMES, Limits
 
 # One recovery step of the adaptive upstream rate per this long without throttling
@@ -477,6 +477,28 @@ def _read_env(env: Mapping[str, str], layers: _Layers) -> None:
             )
 
 
+def _read_original(env: Mapping[str, str], layers: _Layers) -> None:
+    """The original service's variables (core/original_env.py): checked by its rules, and those
+    with a setting here set it unless zaiproxy's own variable for it is set too."""
+    found, problems = original_env.parsed(env)
+    layers.problems.extend(problems)
+    for name, (var, value) in found.items():
+        if var.field is None:
+            continue
+        f = _BY_NAME[var.field]
+        if not layers.sources.get(_key(f), "").startswith("env:"):
+            layers.values[f.name] = value
+            layers.sources[_key(f)] = f"env:{name}"
+
+
+def original_notes(env: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """How zaiproxy reads each of the original service's variables set in ``env`` (where its
+    meaning differs, or zaiproxy's own variable wins): logged once at start-up, shown by
+    ``config check``."""
+    env = os.environ if env is None else env
+    return original_env.notes(env, {f.name: f.metadata["env"] for f in _FIELDS})
+
+
 def _read_cli(cli: Mapping[str, object], layers: _Layers) -> None:
     for name, raw in cli.items():
         if raw is None:  # argparse default: the option was not given
@@ -513,6 +535,7 @@ def load_config(
     if path is not None:
         _read_file(path, layers)
     _read_env(env, layers)
+    _read_original(env, layers)
     _read_cli(cli or {}, layers)
 
     defaults = Config()
@@ -610,7 +633,8 @@ def _check_lines(name: str, value: object, secret: bool) -> list[str]:
     return [*lines, f"{prefix}]"]
 
 
-def render_check(config: Config, sources: dict[str, str]) -> str:
+def render_check(config: Config, sources: dict[str, str],
+                 notes: list[tuple[str, str]] | None = None) -> str:
     """Text for ``zaiproxy config check``: each effective value by section with its source.
 
     The output is itself a valid TOML config file: unset values and secrets
@@ -629,5 +653,10 @@ def render_check(config: Config, sources: dict[str, str]) -> str:
         for lines, source in section_rows:
             out.append(f"{lines[0].ljust(width)}  # {source}")
             out.extend(lines[1:])
+        blocks.append("\n".join(out))
+    if notes:
+        # The original service's variables whose meaning differs here (docs/migration.md).
+        out = ["# Variables of the original service (jedarden/zai-proxy), as zaiproxy reads them:"]
+        out.extend(f"#   {name}: {note}" for name, note in notes)
         blocks.append("\n".join(out))
     return "\n\n".join(blocks) + "\n"

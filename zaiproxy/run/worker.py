@@ -128,7 +128,8 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         variant=config.deployment_variant, ledger=ledger.IMPLEMENTATION, workers=config.workers,
         segment=segment, worker_index=worker_index,
         shared=ledger_path is not None,
-        commit=os.environ.get(COMMIT_ENV, "unknown"),
+        # The original service's ZAI_PROXY_COMMIT when ours is not set (core/original_env.py).
+        commit=os.environ.get(COMMIT_ENV) or os.environ.get("ZAI_PROXY_COMMIT") or "unknown",
         pool_stats=lambda: (pool.active, pool.idle_count),
         alias_metrics=config.alias_metrics, known_models=frozenset(config.known_models),
         prices=load_prices(config.price_file) if config.price_file else DEFAULT_PRICES,

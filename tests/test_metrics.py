@@ -53,7 +53,13 @@ def parse(text: bytes) -> Samples:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset({"variant": "canary", **labels}.items()))]
+    """The samples of ``name`` with these labels, summed over the labels not named (PromQL's
+    ``sum``): e.g. a histogram by method and path whatever its ``status_code``."""
+    want = {"variant": "canary", **labels}.items()
+    found = [v for (n, got), v in samples.items() if n == name and want <= got]
+    if not found:
+        raise KeyError((name, labels))
+    return sum(found)
 
 
 def series_of(samples: Samples) -> set[tuple[str, frozenset[tuple[str, str]]]]:
@@ -277,6 +283,32 @@ def test_concurrency_limit_gauge_only_for_configured_limits(
     assert ({dict(labels)["variant"] for (name, labels) in got
              if name == "zai_proxy_concurrency_limit"} == ({"canary"} if expected else set()))
     assert (b"zai_proxy_concurrency_limit" in body) == bool(expected)
+
+
+def test_the_original_services_label_sets(host: Host) -> None:
+    # Its dashboards and the canary runbook query status_code on these families; requests
+    # keep our status beside it (the same value: no extra series).
+    w = host.worker(0)
+    for status, n in ((200, 7), (502, 2), (429, 1)):
+        for _ in range(n):
+            w.observe(rec(status=status, bytes_out=1200))
+    got = scrape(w)
+    label_sets = {name: set(labels) for (name, labels) in
+                  ((n, frozenset(k for k, _ in ls)) for n, ls in got)}
+    assert label_sets["zai_proxy_requests_total"] == {"method", "path", "status", "status_code",
+                                                      "variant"}
+    assert label_sets["zai_proxy_request_duration_seconds_bucket"] == {
+        "method", "path", "status_code", "variant", "le"}
+    assert label_sets["zai_proxy_response_size_bytes_sum"] == {"method", "path", "status_code",
+                                                               "variant"}
+    assert label_sets["zai_proxy_request_size_bytes_sum"] == {"method", "path", "variant"}
+    requests = [dict(labels) for (name, labels) in got if name == "zai_proxy_requests_total"]
+    assert all(r["status"] == r["status_code"] for r in requests) and len(requests) == 3
+    # The runbook's 5xx share, as its PromQL computes it.
+    five = sum(v for (n, ls), v in got.items() if n == "zai_proxy_requests_total"
+               and dict(ls)["status_code"].startswith("5"))
+    assert five / value(got, "zai_proxy_requests_total") == pytest.approx(0.2)
+    assert value(got, "zai_proxy_request_duration_seconds_count", status_code="502") == 2
 
 
 def test_histogram_edges(host: Host) -> None:

@@ -126,16 +126,20 @@ _WAIT = (.001, .005, .01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 _TOKEN_COUNT = (.0001, .0005, .001, .005, .01, .05, .1, .5, 1)
 
 # Codes are part of the keys in shared memory: never change or reuse one.
+# The original service's label sets (its dashboards and alerts query them): the request
+# families carry method, path and status_code as it did; zai_proxy_requests_total also keeps
+# our "status" (the same value: no extra series), which everything of ours reads.
 REQUESTS = Family("rq", "zai_proxy_requests", COUNTER,
                   "API requests answered, by all workers (control routes: "
                   "zai_proxy_control_requests).", ("method", "path", "status"))
 DURATION = Family("rd", "zai_proxy_request_duration_seconds", HISTOGRAM,
                   "Time from the request head to the end of the response (API requests).",
-                  ("method", "path"), _LATENCY, NS)
+                  ("method", "path", "status_code"), _LATENCY, NS)
 REQUEST_SIZE = Family("qs", "zai_proxy_request_size_bytes", HISTOGRAM,
-                      "Request body sizes.", ("path",), _SIZE)
+                      "Request body sizes.", ("method", "path"), _SIZE)
 RESPONSE_SIZE = Family("ps", "zai_proxy_response_size_bytes", HISTOGRAM,
-                       "Response body bytes relayed from upstream.", ("path",), _SIZE)
+                       "Response body bytes relayed from upstream.",
+                       ("method", "path", "status_code"), _SIZE)
 UPSTREAM_ERRORS = Family("ue", "zai_proxy_upstream_errors", COUNTER,
                          "Upstream failures (connect, timeout, protocol, stream cut).",
                          ("error_type",))
@@ -327,14 +331,14 @@ class WorkerMetrics:
         cells = self._by_route.get((method, route, r.status))
         if cells is None:
             cells = self._by_route[(method, route, r.status)] = _RouteCells(
-                cell(REQUESTS, (method, route, r.status)), cell(DURATION, (method, route)),
-                cell(REQUEST_SIZE, (route,)))
+                cell(REQUESTS, (method, route, r.status)),
+                cell(DURATION, (method, route, r.status)), cell(REQUEST_SIZE, (method, route)))
         cells.requests.inc()
         cells.duration.observe(r.duration_s)
         cells.request_size.observe(r.bytes_in)
         if r.bytes_out is not None:
             if cells.response_size is None:
-                cells.response_size = cell(RESPONSE_SIZE, (route,))
+                cells.response_size = cell(RESPONSE_SIZE, (method, route, r.status))
             cells.response_size.observe(r.bytes_out)
         if r.ttft_s is not None:
             cell(TTFT, (model_label(r.model, self._known_models),)).observe(r.ttft_s)
@@ -468,7 +472,13 @@ class _Collector:
                 continue
             labels = [*family.labels, "variant"]
             found = series.get(family, {})
-            if family.kind == COUNTER:
+            if family is REQUESTS:  # status_code beside status: the original's name
+                counter = CounterMetricFamily(family.name, family.doc,
+                                              labels=[*family.labels, "status_code", "variant"])
+                for values, cells in sorted(found.items()):
+                    counter.add_metric([*values, values[2], variant], cells[0])
+                yield counter
+            elif family.kind == COUNTER:
                 counter = CounterMetricFamily(family.name, family.doc, labels=labels)
                 for values, cells in sorted(found.items()):
                     counter.add_metric([*values, variant], cells[0] / family.scale)

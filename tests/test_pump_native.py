@@ -557,15 +557,22 @@ async def test_idle_and_cut_streams_end_with_the_error_event(nursery: trio.Nurse
                                                             pumped: list[int]) -> None:
     upstream = await start_mock(nursery)
     proxy = await start_proxy(nursery, make_config(upstream, body_idle_timeout=0.3))
+    await stall_and_cut(proxy.port, pumped)
+    assert proxy.pool.active == 0
+
+
+async def stall_and_cut(port: int, pumped: list[int]) -> None:
+    """A stream whose upstream stalls (body_idle_timeout 0.3 s) and one whose upstream closes
+    mid-body, both through the pump, end with the SSE error event and no clean end."""
+    before = len(pumped)
     with trio.fail_after(10):
-        stalled = await request(proxy.port, "POST", "/v1/chat/completions",
+        stalled = await request(port, "POST", "/v1/chat/completions",
                                 [JSON, ("x-mock-fault", "stall")], CHAT)
-        cut_off = await request(proxy.port, "POST", "/v1/chat/completions",
+        cut_off = await request(port, "POST", "/v1/chat/completions",
                                 [JSON, ("x-mock-fault", "close-mid-body")], CHAT)
-    assert len(pumped) == 2
+    assert len(pumped) == before + 2
     assert not stalled.complete and b"sent nothing for 0.3 s" in stalled.body
     assert not cut_off.complete and b"upstream connection lost mid-response" in cut_off.body
-    assert proxy.pool.active == 0
 
 
 @needs_pump
@@ -625,14 +632,7 @@ async def test_tls_upstream_streams_are_pumped_too(nursery: trio.Nursery, pumped
                ("x-mock-chunk-delay", "0.005"), ("x-mock-write-split", "random")]
     via_pump = await request(proxy.port, "POST", "/v1/chat/completions", headers, CHAT)
     assert len(pumped) == 1
-    with trio.fail_after(10):
-        stalled = await request(proxy.port, "POST", "/v1/chat/completions",
-                                [JSON, ("x-mock-fault", "stall")], CHAT)
-        cut_off = await request(proxy.port, "POST", "/v1/chat/completions",
-                                [JSON, ("x-mock-fault", "close-mid-body")], CHAT)
-    assert len(pumped) == 3
-    assert not stalled.complete and b"sent nothing for 0.3 s" in stalled.body
-    assert not cut_off.complete and b"upstream connection lost mid-response" in cut_off.body
+    await stall_and_cut(proxy.port, pumped)
     monkeypatch.setattr(netstream, "PUMP", False)
     via_twin = await request(proxy.port, "POST", "/v1/chat/completions", headers, CHAT)
     assert len(pumped) == 3

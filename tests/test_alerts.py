@@ -119,14 +119,14 @@ def test_a_wrong_expectation_fails_with_promtools_output(promtool: str, rules_fi
                       'path="/v1/chat/completions",status="200",variant="canary"}',
             "values": "0+60x30"}],
         # Wrong on purpose: a healthy canary does not page.
-        "alert_rule_test": [{"eval_time": "20m", "alertname": "ZaiproxyCanaryHighErrorRate",
+        "alert_rule_test": [{"eval_time": "20m", "alertname": "ZaiProxyCanaryHighErrorRate",
                              "exp_alerts": [{"exp_labels": {"severity": "critical"}}]}],
     }]}))
     with pytest.raises(AssertionError, match="exited 1") as failure:
         run_promtool(promtool, "test", "rules",
                      str(with_rule_file(healthy, rules_file, tmp_path)))
     assert "FAILED" in str(failure.value)
-    assert "alertname: ZaiproxyCanaryHighErrorRate, time: 20m" in str(failure.value)
+    assert "alertname: ZaiProxyCanaryHighErrorRate, time: 20m" in str(failure.value)
     # And a broken expression fails `check rules` the same way.
     broken = tmp_path / "broken.rules.yaml"
     broken.write_text(yaml.safe_dump({"groups": [{"name": "broken", "rules": [

@@ -846,10 +846,10 @@ def alert_rules(objs: list[Obj]) -> list[Obj]:
 
 def test_github_anchors_are_computed_like_github():
     seen: dict[str, int] = {}
-    assert github_anchor("ZaiproxyCanaryHighErrorRate", seen) == "zaiproxycanaryhigherrorrate"
+    assert github_anchor("ZaiProxyCanaryHighErrorRate", seen) == "zaiproxycanaryhigherrorrate"
     assert github_anchor("Canary deployments: deploy, watch", seen) == "canary-deployments-deploy-watch"
     assert github_anchor("Alert links: runbook_base_url", seen) == "alert-links-runbook_base_url"
-    assert github_anchor("ZaiproxyCanaryHighErrorRate", seen) == "zaiproxycanaryhigherrorrate-1"
+    assert github_anchor("ZaiProxyCanaryHighErrorRate", seen) == "zaiproxycanaryhigherrorrate-1"
 
 
 def test_every_alert_links_to_its_runbook_section_by_an_absolute_url(rendered):

@@ -71,11 +71,14 @@ async def test_metrics_count_requests_with_variant(proxy):
     assert resp.status == 200
     assert resp.header(b"content-type").startswith(b"text/plain")
     got = samples(resp.body)
+    # status_code (the original service's label) beside our status, with the same value.
     key = ("zai_proxy_requests_total", (("method", "GET"), ("path", "/v1/models"),
-                                        ("status", "200"), ("variant", "canary")))
+                                        ("status", "200"), ("status_code", "200"),
+                                        ("variant", "canary")))
     assert got[key] == 3
     assert got[("zai_proxy_requests_total", (("method", "GET"), ("path", "other"),
-                                             ("status", "404"), ("variant", "canary")))] == 1
+                                             ("status", "404"), ("status_code", "404"),
+                                             ("variant", "canary")))] == 1
     info = [k for k in got if k[0] == "zai_proxy_build_info"]
     assert info and dict(info[0][1])["version"] == __version__
     for name, labels in got:

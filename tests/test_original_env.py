@@ -18,6 +18,11 @@ from zaiproxy.core import original_env
 from zaiproxy.core.config import ConfigError, load_config, original_notes, render_check
 from zaiproxy.core.original_env import ORIGINAL, go_duration
 
+# `make test` runs the suite twice (h11, then h11-mypyc); configuration is independent of the
+# HTTP implementation: run once.
+pytestmark = pytest.mark.skipif(os.environ.get("ZAIPROXY_HTTP_IMPL") == "h11-mypyc",
+                                reason="independent of the HTTP implementation")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Every variable of the original's configuration table, as a production manifest set them.

@@ -9,6 +9,7 @@ end, and ``buffered()``, which says whether the stream pump may read the socket 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 
@@ -19,6 +20,11 @@ import trustme
 
 from zaiproxy.http.netstream import FastSocketStream
 from zaiproxy.http.tlsstream import TLSStream
+
+# `make test` runs the suite twice (h11, then h11-mypyc); TLS is independent of the HTTP
+# implementation: run once.
+pytestmark = pytest.mark.skipif(os.environ.get("ZAIPROXY_HTTP_IMPL") == "h11-mypyc",
+                                reason="independent of the HTTP implementation")
 
 
 @pytest.fixture(scope="module")

@@ -450,7 +450,7 @@ apikey = "sk-top-secret"
     )
     assert problems_of(env=DEMO, path=path) == [
         f"port (file {path}): 1: settings go in a section: put it under [server]",
-        f"serverr (file {path}): <table>: unknown section (known: server, upstream, limits, auth, tokens, log, history)",
+        f"serverr (file {path}): <table>: unknown section (known: server, upstream, limits, quota, auth, tokens, log, history)",
         f"server.prot (file {path}): 1: unknown key in [server]; did you mean port?",
         f"server.level (file {path}): 'debug': unknown key in [server]; it belongs in [log]",
         f"upstream.apikey (file {path}): <redacted>: unknown key in [upstream]; did you mean "
@@ -556,7 +556,7 @@ def test_secret_never_shown() -> None:
 
 def test_masked_shape() -> None:
     masked = Config(demo=True).masked()
-    assert list(masked) == ["server", "upstream", "limits", "auth", "tokens", "log", "history"]
+    assert list(masked) == ["server", "upstream", "limits", "quota", "auth", "tokens", "log", "history"]
     assert masked["upstream"]["api_key"] is None
     assert masked["server"]["port"] == 8080
     assert masked["log"] == {"level": "info", "access_log": True}
@@ -568,7 +568,7 @@ def test_render_check() -> None:
     )
     text = render_check(config, sources)
     lines = text.splitlines()
-    assert [line for line in lines if line.startswith("[")] == ["[server]", "[upstream]", "[limits]", "[auth]", "[tokens]", "[log]", "[history]"]
+    assert [line for line in lines if line.startswith("[")] == ["[server]", "[upstream]", "[limits]", "[quota]", "[auth]", "[tokens]", "[log]", "[history]"]
     # One line per field, each with its source.
     assert len([line for line in lines if " = " in line]) == len(fields(Config))
 

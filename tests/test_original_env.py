@@ -48,6 +48,10 @@ ALL = {
     "QUOTA_STALE_AFTER": "15m",
     "ZAI_QUOTA_BASE_URL": "https://api.z.ai",
     "QUOTA_MAX_RESPONSE_BYTES": "65536",
+    "QUOTA_ENFORCEMENT_ENABLED": "true",
+    "QUOTA_RESERVE_FRACTION": "0.1",
+    "QUOTA_RATE_ALPHA": "0.3",
+    "QUOTA_RATE_MAX_INCREASE": "0.25",
     "ZAI_PROXY_VERSION": "1.4.2",
     "ZAI_PROXY_COMMIT": "abc1234",
     "ZAI_PROXY_BUILD_TIME": "2026-01-02T03:04:05Z",
@@ -73,6 +77,15 @@ def test_every_original_variable_sets_what_it_means() -> None:
     assert config.state_file == "/var/lib/zai-proxy/ceiling.json"
     assert (config.state_max_age, sources["limits.state_max_age"]) == (
         5400.0, "env:RATE_LIMIT_STATE_MAX_AGE")
+    assert (config.quota_poll, sources["quota.quota_poll"]) == (True, "env:QUOTA_POLL_ENABLED")
+    assert (config.quota_interval, config.quota_timeout, config.quota_stale_after) == (
+        60.0, 5.0, 900.0)
+    assert config.quota_base_url == "https://api.z.ai"
+    assert config.quota_max_response_bytes == 65536
+    assert (config.quota_pacing, sources["quota.quota_pacing"]) == (
+        True, "env:QUOTA_ENFORCEMENT_ENABLED")
+    assert (config.quota_reserve, config.quota_cost_alpha, config.quota_max_increase) == (
+        0.1, 0.3, 0.25)
     # Nothing else moved: the OpenAI base and the limits keep their defaults.
     defaults, _ = load_config(env={"ZAI_API_KEY": "x"})
     assert config.openai_base_url == defaults.openai_base_url
@@ -84,7 +97,9 @@ def test_each_difference_is_said_once() -> None:
     # The same meaning says nothing; every other variable set has its note.
     assert set(notes) == {v.name for v in ORIGINAL if v.note}
     assert "starts at RATE_LIMIT_MAX" in notes["RATE_LIMIT_INITIAL"]
-    assert "does not poll Z.AI's quota" in notes["QUOTA_POLL_ENABLED"]
+    assert "one pod polls for the fleet" in notes["QUOTA_POLL_ENABLED"]
+    assert "never built" in notes["QUOTA_ENFORCEMENT_ENABLED"]
+    assert "QUOTA_POLL_INTERVAL" not in notes
     assert "ZAIPROXY_OPENAI_BASE_URL" in notes["ZAI_TARGET_URL"]
     assert "RATE_LIMIT_MIN" not in notes
     text = render_check(*load_config(env=ALL), original_notes(ALL))
@@ -114,6 +129,8 @@ def test_zaiproxys_own_variable_wins_and_says_so() -> None:
     ("RATE_LIMIT_STATE_MAX_AGE", "6 hours", "not a Go duration"),
     ("QUOTA_POLL_INTERVAL", "90", "not a Go duration"),
     ("QUOTA_POLL_ENABLED", "maybe", ""),
+    ("QUOTA_RESERVE_FRACTION", "1.5", "must be between"),
+    ("QUOTA_STALE_AFTER", "15", "not a Go duration"),
     ("ZAI_QUOTA_BASE_URL", "api.z.ai", ""),
     ("MAX_WORKERS", "-1", ""),
     ("ZAI_TARGET_URL", "not a url", ""),
@@ -160,7 +177,8 @@ def test_config_check_lists_them_and_serve_would_log_them(tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-m", "zaiproxy", "config", "check"], env=env,
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "adaptive_max_rps = 7.0" in out and "# env:RATE_LIMIT_MAX" in out
-    assert "#   QUOTA_POLL_ENABLED: not built yet" in out
+    assert "#   QUOTA_POLL_ENABLED: as in the original" in out
+    assert "quota_poll = true" in out and "# env:QUOTA_POLL_ENABLED" in out
     assert "sk-x" not in out
     bad = subprocess.run([sys.executable, "-m", "zaiproxy", "config", "check"],
                          env={**env, "RATE_LIMIT_MAX": "seven"}, capture_output=True, text=True,

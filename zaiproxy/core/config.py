@@ -41,7 +41,7 @@ ADAPTIVE_RECOVERY_STEP_S: Final = 10.0
 
 MASK: Final = "********"
 REDACTED: Final = "<redacted>"
-SECTIONS: Final = ("server", "upstream", "limits", "auth", "tokens", "log", "history")
+SECTIONS: Final = ("server", "upstream", "limits", "quota", "auth", "tokens", "log", "history")
 CONFIG_ENV: Final = "ZAIPROXY_CONFIG"
 _ENV_PREFIX: Final = "ZAIPROXY_"
 _MISSING_KEY: Final = (
@@ -246,6 +246,29 @@ class Config:
     )
     limits_local_share: float = _setting(
         1.0, "limits", ("ZAIPROXY_LIMITS_LOCAL_SHARE",), values.share
+    )
+    # [quota]  Z.AI's own 5-hour and weekly quota, polled (limits/quota.py; the original's
+    # QUOTA_* variables map here: docs/migration.md). Off by default (zero-burn, but it is a
+    # call to Z.AI the operator did not ask for); --demo and the k8s base turn it on.
+    quota_poll: bool = _setting(False, "quota", ("ZAIPROXY_QUOTA_POLL",), values.boolean)
+    # The origin of Z.AI's quota API (default: native_base_url's origin).
+    quota_base_url: str | None = _setting(None, "quota", ("ZAIPROXY_QUOTA_BASE_URL",), values.url)
+    quota_interval: float = _setting(60.0, "quota", ("ZAIPROXY_QUOTA_INTERVAL",), values.seconds)
+    quota_timeout: float = _setting(5.0, "quota", ("ZAIPROXY_QUOTA_TIMEOUT",), values.seconds)
+    # A sample older than this is shown as stale and never tightens pacing.
+    quota_stale_after: float = _setting(900.0, "quota", ("ZAIPROXY_QUOTA_STALE_AFTER",), values.seconds)
+    quota_max_response_bytes: int = _setting(
+        65536, "quota", ("ZAIPROXY_QUOTA_MAX_RESPONSE_BYTES",), values.integer(1024, 16 << 20)
+    )
+    # Pace admission so the remaining quota lasts until its reset (limits/quota.py).
+    quota_pacing: bool = _setting(False, "quota", ("ZAIPROXY_QUOTA_PACING",), values.boolean)
+    # The share of each window kept back: at it, requests get 429 until the window resets.
+    quota_reserve: float = _setting(0.05, "quota", ("ZAIPROXY_QUOTA_RESERVE",), values.number(0.0, 0.9))
+    # Weight of the newest measurement in the cost-per-request average.
+    quota_cost_alpha: float = _setting(0.2, "quota", ("ZAIPROXY_QUOTA_COST_ALPHA",), values.number(0.01, 1.0))
+    # The paced rate rises by at most this share per new sample (it falls at once).
+    quota_max_increase: float = _setting(
+        0.2, "quota", ("ZAIPROXY_QUOTA_MAX_INCREASE",), values.number(0.01, 10.0)
     )
     # [auth]
     keys_file: str | None = _setting(

@@ -112,15 +112,25 @@ ORIGINAL: Final[tuple[OriginalVar, ...]] = (
         "zaiproxy writes its own format there; a ceiling file the original wrote is not restored"),
     OriginalVar("RATE_LIMIT_STATE_MAX_AGE", "state_max_age", go_duration, ""),
     OriginalVar(
-        "QUOTA_POLL_ENABLED", None, values.boolean,
-        "not built yet: zaiproxy does not poll Z.AI's quota; the 5-hour and weekly windows are "
-        "the proxy's own counts (ZAIPROXY_*_PER_5H, ZAIPROXY_*_PER_WEEK)"),
-    OriginalVar("QUOTA_POLL_INTERVAL", None, go_duration, "not built yet (see QUOTA_POLL_ENABLED)"),
-    OriginalVar("QUOTA_POLL_TIMEOUT", None, go_duration, "not built yet (see QUOTA_POLL_ENABLED)"),
-    OriginalVar("QUOTA_STALE_AFTER", None, go_duration, "not built yet (see QUOTA_POLL_ENABLED)"),
-    OriginalVar("ZAI_QUOTA_BASE_URL", None, values.url, "not built yet (see QUOTA_POLL_ENABLED)"),
-    OriginalVar("QUOTA_MAX_RESPONSE_BYTES", None, _POSITIVE_INT,
-                "not built yet (see QUOTA_POLL_ENABLED)"),
+        "QUOTA_POLL_ENABLED", "quota_poll", values.boolean,
+        "as in the original, plus: with ZAIPROXY_LIMITS_BACKEND=redis one pod polls for the "
+        "fleet; the sample is also in /admin/keys, the TUI and ZAIPROXY_QUOTA_PACING"),
+    OriginalVar("QUOTA_POLL_INTERVAL", "quota_interval", go_duration, ""),
+    OriginalVar("QUOTA_POLL_TIMEOUT", "quota_timeout", go_duration, ""),
+    OriginalVar("QUOTA_STALE_AFTER", "quota_stale_after", go_duration, ""),
+    OriginalVar("ZAI_QUOTA_BASE_URL", "quota_base_url", values.url, ""),
+    OriginalVar("QUOTA_MAX_RESPONSE_BYTES", "quota_max_response_bytes",
+                values.integer(1024, 16 << 20),
+                "honoured by the poller (the original's poller ignored it and kept 64 KiB)"),
+    OriginalVar(
+        "QUOTA_ENFORCEMENT_ENABLED", "quota_pacing", values.boolean,
+        "planned by the original, never built: zaiproxy paces admission so the quota lasts "
+        "to its reset and answers 429 at the reserve (docs/architecture.md, quota)"),
+    OriginalVar("QUOTA_RESERVE_FRACTION", "quota_reserve", values.number(0.0, 0.9), ""),
+    OriginalVar("QUOTA_RATE_ALPHA", "quota_cost_alpha", values.number(0.01, 1.0),
+                "the weight of the newest cost-per-request measurement"),
+    OriginalVar("QUOTA_RATE_MAX_INCREASE", "quota_max_increase", values.number(0.01, 10.0),
+                "the paced rate's largest rise per new sample"),
     OriginalVar(
         "ZAI_PROXY_VERSION", None, _free,
         "no equivalent: zaiproxy reports its own version (zaiproxy version, zai_proxy_build_info)"),

@@ -24,8 +24,9 @@ from zaiproxy.limits.cells import (
     SC_ADAPTIVE_RESET,
     SC_ADAPTIVE_THROTTLED_AT_MS,
     SC_ADJUST_DOWN,
+    upstream_key_id,
 )
-from zaiproxy.limits.ratecontrol import RateController, upstream_key_id
+from zaiproxy.limits.ratecontrol import RateController
 from zaiproxy.limits.report import adaptive_state
 from zaiproxy.run.worker import open_ledger
 

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from tests.harness import UPSTREAM_KEY, ProcessServer, request, start_process, wait_until
-from zaiproxy.limits.ratecontrol import upstream_key_id
+from zaiproxy.limits.cells import upstream_key_id
 
 JSON = ("content-type", "application/json")
 CHAT = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})

@@ -8,6 +8,7 @@ controller, metrics, the admin API).
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
@@ -89,3 +90,8 @@ def started_s(segment: Segment) -> float | None:
     row = segment.row_find(STARTED_KEY)
     ms = segment.counter_get(row, 1) if row >= 0 else 0
     return ms / 1000 if ms > 0 else None
+
+
+def upstream_key_id(api_key: str | None) -> str:
+    """The name of an upstream key in state files and Redis keys: a digest, never the key."""
+    return "sha256:" + hashlib.sha256((api_key or "").encode()).hexdigest()[:16]

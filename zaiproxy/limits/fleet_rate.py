@@ -47,13 +47,15 @@ from zaiproxy.limits.cells import (
     SC_ADAPTIVE_THROTTLED_AT_MS,
     SC_ADJUST_DOWN,
     SC_ADJUST_UP,
+    upstream_key_id,
 )
 from zaiproxy.limits.fleet import SCRIPT, FleetKeys, make_client
-from zaiproxy.limits.ratecontrol import TICK_S, RateController, settings_from, upstream_key_id
+from zaiproxy.limits.ratecontrol import TICK_S, RateController, settings_from
 
 if TYPE_CHECKING:
     from zaiproxy.core.config import Config
     from zaiproxy.limits.segment import Segment
+    from zaiproxy.limits.zai_quota import QuotaPoller
 
 LEADER_TTL_S: Final = 5.0
 
@@ -62,7 +64,8 @@ class FleetRate:
     """The supervisor's side of the fleet's adaptive rate (see the module docstring)."""
 
     def __init__(self, segment: Segment, config: Config, *, client: Any = None,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 quota: QuotaPoller | None = None) -> None:
         self.segment = segment
         self.config = config
         self.wall = wall
@@ -73,7 +76,9 @@ class FleetRate:
         self.pod = f"{socket.gethostname()[:32]}:{os.getpid()}:{os.urandom(3).hex()}"
         # The host's bookkeeping as on one host: the activity rows' sums, publishing a rate
         # into the scalars, the reset generation (nothing saved to a file: Redis keeps it).
-        self.local = RateController(segment, config, None, wall=wall)
+        # With quota_pacing the leader also paces on the fleet's answers (limits/zai_quota.py);
+        # followers get the gate from the quota poller's copy of the leader's decision.
+        self.local = RateController(segment, config, None, wall=wall, quota=quota)
         self.leader = False
         self.fleet_reset = -1  # the fleet's reset generation the leader has acted on
         self.baseline: tuple[int, ...] | None = None  # the fleet totals at the leader's last tick
@@ -160,6 +165,7 @@ class FleetRate:
             self.rate.reset()
             self.log.warning("adaptive_rate_reset", rate_rps=self.rate.rate, scope="fleet")
             changed = True
+        changed = local.pace(wall, totals[0]) or changed
         before, ceiling_before = self.rate.rate, self.rate.ceiling
         step = Tick(*(max(0, t - b) for t, b in zip(totals, self.baseline, strict=True)))
         self.baseline = totals

@@ -25,7 +25,6 @@ the rate.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -48,8 +47,10 @@ from zaiproxy.limits.cells import (
     W_THROTTLED_UNKNOWN,
     W_UPSTREAM_REQUESTS,
     activity_key,
+    upstream_key_id,
 )
 from zaiproxy.limits.segment import Segment
+from zaiproxy.limits.zai_quota import PaceBoard, PaceSettings, QuotaPacer, QuotaPoller
 
 if TYPE_CHECKING:
     from zaiproxy.core.config import Config
@@ -58,11 +59,6 @@ TICK_S = 1.0
 # The activity-row words summed into a Tick, in Tick's field order.
 _WORDS = (W_UPSTREAM_REQUESTS, W_THROTTLED_CONCURRENCY, W_THROTTLED_FREQUENCY,
           W_THROTTLED_UNKNOWN, W_THROTTLED_REQUESTS)
-
-
-def upstream_key_id(api_key: str | None) -> str:
-    """The name of an upstream key in the state file: a digest, never the key."""
-    return "sha256:" + hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
 
 
 def settings_from(config: Config) -> AdaptiveSettings:
@@ -84,10 +80,20 @@ class KeyRate:
 
 class RateController:
     def __init__(self, ledger: Segment, config: Config, state_file: str | None, *,
-                 wall: Any = time.time) -> None:
+                 wall: Any = time.time, quota: QuotaPoller | None = None) -> None:
         """``state_file`` None: nothing is loaded or saved here (the fleet's rate lives in
-        Redis: limits/fleet_rate.py uses this controller for the host's bookkeeping)."""
+        Redis: limits/fleet_rate.py uses this controller for the host's bookkeeping).
+        ``quota``: the Z.AI quota poller whose samples pace admission (``quota_pacing``)."""
         self.ledger = ledger
+        self.adaptive_on = config.adaptive_rate
+        self.max_rps = config.adaptive_max_rps
+        self.quota = quota
+        self.pacer = (QuotaPacer(PaceSettings.of(config))
+                      if config.quota_pacing and quota is not None else None)
+        self.pace_board = PaceBoard(ledger) if self.pacer is not None else None
+        self.pace_rate: float | None = None
+        self.pace_closed: tuple[float, str | None] | None = None
+        self.seen_sample = 0
         self.state_file = state_file
         self.wall = wall
         self.log = logs.get_logger()
@@ -120,8 +126,7 @@ class RateController:
         ``SC_ADAPTIVE_MRPS`` 0 = not limiting (nothing learned, at max)."""
         rate = self.rate
         ledger = self.ledger
-        ledger.scalar_set(SC_ADAPTIVE_MRPS,
-                          max(1, round(rate.rate * 1000)) if rate.limiting else 0)
+        ledger.scalar_set(SC_ADAPTIVE_MRPS, self.effective_mrps())
         ceiling = rate.ceiling
         ledger.scalar_set(SC_ADAPTIVE_CEILING_MRPS, 0 if ceiling is None else round(ceiling * 1000))
         adjustments = rate.adjustments
@@ -133,6 +138,47 @@ class RateController:
         ledger.scalar_set(SC_ADAPTIVE_REASON, ADAPTIVE_REASONS.index(rate.reason))
         # Last: a worker that sees the new epoch counts its requests again against it.
         ledger.scalar_set(SC_ADAPTIVE_EPOCH, rate.evidence_count)
+
+    def effective_mrps(self) -> int:
+        """What admission's rate op enforces: min(the adaptive rate while it limits, the
+        quota's paced rate capped at the configured maximum); 0 = no limit."""
+        rate = self.rate
+        adaptive = (max(1, round(rate.rate * 1000))
+                    if self.adaptive_on and rate.limiting else 0)
+        if self.pace_rate is None:
+            return adaptive
+        paced = max(1, round(min(self.pace_rate, self.max_rps) * 1000))
+        return paced if adaptive == 0 else min(adaptive, paced)
+
+    def pace(self, wall: float, answers: int) -> bool:
+        """One pacing decision from the newest quota sample (``answers``: upstream answers so
+        far, this host's or the fleet's); True when the paced rate changed."""
+        if self.pacer is None or self.quota is None or self.pace_board is None:
+            return False
+        latest = self.quota.latest  # written by the poller's thread: one reference read
+        if latest is not None and latest.sequence != self.seen_sample:
+            self.seen_sample = latest.sequence
+            self.pacer.on_sample(latest.sample, latest.sampled_at, answers)
+        decision = self.pacer.decide(wall, answers)
+        self.pace_board.write(decision, self.pacer.cost)
+        closed = ((decision.closed_until, decision.window)
+                  if decision.closed_until is not None else None)
+        if closed != self.pace_closed:
+            if closed is not None:
+                self.log.warning("zai_quota_reserve_reached", window=closed[1],
+                                 reopens_at=round(closed[0], 3),
+                                 reserve=self.pacer.settings.reserve)
+            else:
+                self.log.info("zai_quota_reserve_released")
+            self.pace_closed = closed
+        old, self.pace_rate = self.pace_rate, decision.rate_rps
+        if (old is None) != (decision.rate_rps is None) or (
+                old is not None and decision.rate_rps is not None
+                and abs(decision.rate_rps - old) > 0.1 * old):
+            self.log.info("zai_quota_paced", rate_rps=None if decision.rate_rps is None
+                          else round(decision.rate_rps, 4), window=decision.window,
+                          cost_per_request=self.pacer.cost)
+        return old != decision.rate_rps
 
     def tick(self, now: float) -> None:
         if self.last_tick is not None and now - self.last_tick < TICK_S:
@@ -151,6 +197,7 @@ class RateController:
         # Rows outlive workers and only grow; max(0, ...) keeps a bug from making a negative.
         delta = [max(0, new - old) for new, old in zip(sums, upstream.sums, strict=True)]
         upstream.sums = sums
+        paced = self.pace(wall, sums[0])
         before, ceiling_before = self.rate.rate, self.rate.ceiling
         if self.rate.on_tick(now, Tick(*delta)):
             rate = self.rate
@@ -163,6 +210,8 @@ class RateController:
                     throttled_requests=delta[4], answers=delta[0])
             self.publish(now, wall)
             self.save(now, wall)
+        elif paced:  # the quota's rate moved: nothing of the adaptive state to save
+            self.publish(now, wall)
 
     def save(self, now: float | None = None, wall: float | None = None) -> None:
         """Persist the state: on change, and on exit (no arguments: as of the last tick)."""

@@ -103,6 +103,8 @@ from zaiproxy.limits.cells import (
 from zaiproxy.limits.fleet import degraded_workers, fleet_counters
 from zaiproxy.limits.ledger import load as load_ledger
 from zaiproxy.limits.segment import Segment
+from zaiproxy.limits.zai_quota import PaceView, QuotaView
+from zaiproxy.observe import quota_metrics
 from zaiproxy.observe.shm_metrics import (
     COUNTER,
     HISTOGRAM,
@@ -182,9 +184,15 @@ CONTROL_DURATION = Family("cd", "zai_proxy_control_request_duration_seconds", HI
                           "Time from the request head to the end of the response of the "
                           "proxy's own routes (an /admin/events stream lasts as long as its "
                           "client).", ("method", "path"), _LATENCY, NS)
+# Model fallback on 1312 (request/fallback.py): both labels are names of the configured
+# upstream.model_fallback, never the client's spelling, so the series are bounded by it.
+FALLBACKS = Family("mf", "zai_proxy_model_fallbacks", COUNTER,
+                   "Requests sent on to another model after Z.AI answered 1312 (model "
+                   "congestion), by the congested model and the next one.",
+                   ("from_model", "to_model"))
 FAMILIES: Final = (REQUESTS, DURATION, REQUEST_SIZE, RESPONSE_SIZE, UPSTREAM_ERRORS, WAIT,
                    REJECTIONS, RETRIES, TOKENS, COST, TOKEN_COUNT, TTFT, OVERHEAD, ZAI_ERRORS,
-                   KEY_REQUESTS, USAGE_MISSING, CONTROL_REQUESTS, CONTROL_DURATION)
+                   KEY_REQUESTS, USAGE_MISSING, CONTROL_REQUESTS, CONTROL_DURATION, FALLBACKS)
 
 # Words of a worker's gauge row (shm_metrics.claim_gauge_row; only that worker writes them).
 W_IN_FLIGHT = 1
@@ -257,15 +265,20 @@ class WorkerMetrics:
                  concurrency_limit: int | None = None,
                  upstream_concurrency_limit: int | None = None,
                  quota: Callable[[], Iterable[QuotaUse]] | None = None,
-                 limits_backend: str = "shm", relay: str = "python") -> None:
+                 limits_backend: str = "shm", relay: str = "python",
+                 zai_quota: Callable[[], tuple[QuotaView, PaceView | None]] | None = None,
+                 ) -> None:
         """``ledger``: the implementation's name; ``segment``: the attached Ledger;
         ``shared``: False for a private segment (no other process reads it; its file is
         already unlinked), whose names table is then an anonymous mapping;
         ``concurrency_limit``/``upstream_concurrency_limit``: the configured global limits
         (None = not set), exposed as ``zai_proxy_concurrency_limit``;
         ``quota``: the configured rolling windows now, read at each scrape
-        (``Limiter.quota_use``), exposed as ``zai_proxy_quota_used_ratio``."""
+        (``Limiter.quota_use``), exposed as ``zai_proxy_quota_used_ratio``;
+        ``zai_quota``: Z.AI's own quota as the host's poller shares it, and the pacing
+        decision (None: not polled), exposed by ``observe/quota_metrics.py``."""
         self.variant = variant
+        self.zai_quota = zai_quota
         self.segment = segment
         self.workers = workers
         self._impl = ledger
@@ -385,6 +398,10 @@ class WorkerMetrics:
 
     def retry(self, reason: str) -> None:
         self._cell(RETRIES, (reason,)).inc()
+
+    def model_fallback(self, from_model: str, to_model: str) -> None:
+        """A request sent on to ``to_model`` after a 1312 (both configured names)."""
+        self._cell(FALLBACKS, (from_model, to_model)).inc()
 
     # ---- this worker's gauges ------------------------------------------------------------
 
@@ -538,6 +555,8 @@ class _Collector:
             for use in uses:
                 quota.add_metric([use.scope, use.name, variant], use.ratio)
             yield quota
+        if m.zai_quota is not None:  # Z.AI's own quota, polled (observe/quota_metrics.py)
+            yield from quota_metrics.families(*m.zai_quota(), variant, time.time())
         if m.limits_backend == "redis":
             yield from _fleet_families(seg, variant, m.workers)
         dropped = CounterMetricFamily("zai_proxy_metrics_series_dropped",

@@ -112,7 +112,27 @@ async def keys_report(ctx: WorkerContext) -> dict[str, Any]:
             "models": sorted(key.models) if key.models else None,
             "limits": configured, "now": key_states, "usage": usage,
         })
+    report["zai_quota"] = zai_quota(ctx)
     return report
+
+
+def zai_quota(ctx: WorkerContext) -> list[dict[str, Any]]:
+    """Z.AI's own quota per upstream key, as the host's poller last read it, with the pacing
+    decision (``limits/zai_quota.py``; ``QuotaView.report`` has the shape); [] when not
+    polled. Beside it, ``global`` holds the proxy's own counts of its rolling windows."""
+    reader = ctx.metrics.zai_quota
+    if reader is None:
+        return []
+    view, pace = reader()
+    return [view.report(time.time(), pace)]
+
+
+def zai_quota_health(ctx: WorkerContext) -> dict[str, Any]:
+    """``/health``'s ``quota`` object, in the original service's shape."""
+    reader = ctx.metrics.zai_quota
+    if reader is None:
+        return {"enabled": False, "fresh": False}
+    return reader()[0].health(time.time())
 
 
 def warnings(ctx: WorkerContext) -> list[str]:
@@ -142,6 +162,7 @@ def status_snapshots(ctx: WorkerContext) -> tuple[dict[str, Any], dict[str, Vari
         # e.g. "admin_api_open" (admin_access.py): the TUI shows it on its status line.
         "warnings": warnings(ctx),
         "limits": limits_report.backend_state(ctx.config, ctx.ledger),
+        "zai_quota": zai_quota(ctx),
         "variants": {name: snap.to_json() for name, snap in variants.items()},
     }, variants
 

@@ -44,6 +44,8 @@ async def serve(ctx: WorkerContext, conn: ClientConnection, control: Control,
             "warnings": admin.warnings(ctx),
             # Where the limits live; with Redis, whether this host reaches it now.
             "limits": limits_report.backend_state(ctx.config, ctx.ledger),
+            # Z.AI's own quota, as the original's /health showed it (limits/zai_quota.py).
+            "quota": admin.zai_quota_health(ctx),
         })
         await conn.send_simple(200, body, head=head)
     elif control is Control.READY:

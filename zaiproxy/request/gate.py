@@ -18,10 +18,11 @@ them, nothing is filled in afterwards.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -36,12 +37,14 @@ from zaiproxy.limits.admission import (
     ratelimit_headers,
 )
 from zaiproxy.limits.api import Limiter
+from zaiproxy.limits.cells import SC_ADAPTIVE_MRPS
 from zaiproxy.limits.keys import ClientKey, KeyTable, client_credential
 from zaiproxy.request import tokens
 from zaiproxy.request.routing import Route
 from zaiproxy.request.usage import StreamUsage
 
 if TYPE_CHECKING:
+    from zaiproxy.limits.zai_quota import PaceBoard
     from zaiproxy.request.context import WorkerContext
 
 # A concurrency slot frees when some request finishes, on any worker: a waiting request
@@ -130,6 +133,11 @@ def _counts(ctx: WorkerContext, route: Route,
 async def admit(ctx: WorkerContext, route: Route, key: ClientKey | None,
                 payload: dict[str, object] | None, body_len: int, model_label: str) -> Admitted:
     """Estimate and admit one request; raises RateLimited (429) when a limit refuses."""
+    gate = ctx.quota_gate
+    if gate is not None:
+        until_ms = gate.closed_until_ms()  # one word of the ledger: open is 0
+        if until_ms > 0 and until_ms > ctx.wall() * 1000:
+            raise _reserve_reached(ctx, gate, until_ms)
     began = time.perf_counter()
     counts = estimate_now(ctx, route, payload, body_len)
     if counts is None:
@@ -196,6 +204,24 @@ async def _wait(ctx: WorkerContext, plan: Plan, reserved: int, refusal: Refusal)
         queue.leave()
 
 
+_WINDOW_NAMES: Final = {"five_hour": "5-hour", "weekly": "weekly"}
+
+
+def _reserve_reached(ctx: WorkerContext, gate: PaceBoard, until_ms: int) -> RateLimited:
+    """Quota pacing's reserve (limits/zai_quota.py): 429 at once until the window resets."""
+    window = gate.gate_window() or "five_hour"
+    ctx.metrics.rejection(f"zai_quota_{window}", "upstream")
+    left_s = max(0.0, until_ms / 1000 - ctx.wall())
+    reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until_ms / 1000))
+    return RateLimited(
+        f"quota reserve reached: Z.AI's {_WINDOW_NAMES.get(window, window)} quota is down to "
+        f"the reserve this proxy keeps (quota_reserve={ctx.config.quota_reserve:g} of the "
+        f"window); it resets at {reset}, retry in {format_reset(round(left_s * 1e9))}",
+        headers=((b"retry-after", b"%d" % max(1, math.ceil(left_s))),
+                 (b"x-zaiproxy-limit", f"upstream:zai_quota_{window}".encode()),
+                 (b"x-zai-rate-limit-reset", reset.encode())))
+
+
 def _refused(ctx: WorkerContext, refusal: Refusal, plan: Plan) -> RateLimited:
     op = refusal.op
     # The limit that refused, by its name (``requests_per_minute`` … ``adaptive_rate``) and
@@ -205,7 +231,12 @@ def _refused(ctx: WorkerContext, refusal: Refusal, plan: Plan) -> RateLimited:
     retry_s = refusal.retry_after_s if op.what is not LimitKind.CONCURRENCY else 1
     reset = (format_reset(refusal.retry_ns) if op.what is not LimitKind.CONCURRENCY
              else "when a request in flight finishes")
-    if op.adaptive:
+    paced = ctx.quota_gate.view(True).rate_rps if ctx.quota_gate is not None else None
+    if op.adaptive and paced is not None and round(paced * 1000) >= ctx.ledger.scalar_get(
+            SC_ADAPTIVE_MRPS):
+        what = ("the upstream rate paced so Z.AI's quota lasts until it resets "
+                f"({paced:.3g} requests/s)")
+    elif op.adaptive:
         what = "the adaptive upstream rate (backed off after Z.AI throttling)"
     else:
         what = f"the {op.scope} limit {op.name}={op.limit}"

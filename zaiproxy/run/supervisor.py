@@ -51,12 +51,14 @@ from zaiproxy.core.backoff import Backoff
 from zaiproxy.core.config import Config
 from zaiproxy.http.http11 import ENV as HTTP_IMPL_ENV
 from zaiproxy.limits.cells import mark_started
+from zaiproxy.limits.fleet import make_client
 from zaiproxy.limits.fleet_rate import FleetRate
 from zaiproxy.limits.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.limits.ledger import LedgerUnavailable
 from zaiproxy.limits.ledger import load as load_ledger
 from zaiproxy.limits.ratecontrol import RateController
 from zaiproxy.limits.segment import Segment
+from zaiproxy.limits.zai_quota import QuotaPoller
 from zaiproxy.observe.recorder.supervise import RecorderHandle
 from zaiproxy.request.admin_access import ADMIN_API_OPEN, open_api_message, security_warnings
 from zaiproxy.request.context import STATE_DRAINING, STATE_RUNNING, STATE_STARTING
@@ -91,6 +93,7 @@ class Supervisor:
         self.segment: Segment | None = None  # the shared-memory ledger, made by run()
         self.rates: RateController | None = None
         self.fleet_rate: FleetRate | None = None
+        self.quota: QuotaPoller | None = None
         self.exit_code = 0  # 1 when start-up failed; the drain keeps it
         self.recorder: RecorderHandle | None = None  # the history recorder (None: history off)
         self.log = logs.get_logger()
@@ -126,6 +129,9 @@ class Supervisor:
             anthropic_base_url=f"{url}/api/anthropic",
             native_base_url=url,
             api_key=DEMO_UPSTREAM_KEY,
+            # The mock serves Z.AI's quota API and fills it with the traffic it answers.
+            quota_poll=True,
+            quota_base_url=None,
         )
 
     def _segment(self) -> Segment:
@@ -201,14 +207,27 @@ class Supervisor:
         mark_started(self.segment, time.time())  # the host's windows cover nothing before
         self.log.info("ledger_created", path=path, implementation=ledger.IMPLEMENTATION,
                       rows=cfg.ledger_rows, workers=cfg.workers)
-        if cfg.adaptive_rate and cfg.limits_backend == "redis":
-            # One rate for the fleet, decided by one pod (limits/fleet_rate.py).
-            self.fleet_rate = FleetRate(self.segment, cfg)
+        fleet = cfg.limits_backend == "redis"
+        # Pacing needs samples: it turns the poller on (limits/zai_quota.py).
+        polling = cfg.quota_poll or cfg.quota_pacing
+        if polling:
+            # One poller for the host; with Redis, only the pod leading the fleet's rate polls.
+            self.quota = QuotaPoller(
+                self.segment, cfg,
+                leader=(lambda: self.fleet_rate is not None and self.fleet_rate.leader)
+                if fleet else None,
+                redis=make_client(cfg) if fleet else None)
+        if fleet and (cfg.adaptive_rate or polling):
+            # One rate for the fleet, decided by one pod (limits/fleet_rate.py), which is
+            # also the pod that polls Z.AI's quota and paces on it.
+            self.fleet_rate = FleetRate(self.segment, cfg, quota=self.quota)
             self.fleet_rate.start()
-        elif cfg.adaptive_rate:
+        elif cfg.adaptive_rate or cfg.quota_pacing:
             state_file = cfg.state_file or os.path.join(
                 tempfile.gettempdir(), f"zaiproxy-adaptive-{port}.json")
-            self.rates = RateController(self.segment, cfg, state_file)
+            self.rates = RateController(self.segment, cfg, state_file, quota=self.quota)
+        if self.quota is not None:
+            self.quota.start()
 
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
@@ -240,6 +259,8 @@ class Supervisor:
                 self.rates.save()
             if self.fleet_rate is not None:
                 self.fleet_rate.stop()
+            if self.quota is not None:
+                self.quota.stop()
             self.segment.close()
             self.segment.unlink()
             self.log.flush()

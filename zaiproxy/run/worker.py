@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -30,12 +31,12 @@ from zaiproxy.http.connection import ClientConnection
 from zaiproxy.http.netstream import FastSocketStream
 from zaiproxy.limits.admission import Admitter, WaitQueue
 from zaiproxy.limits.api import Limiter
-from zaiproxy.limits.cells import mark_started
+from zaiproxy.limits.cells import mark_started, upstream_key_id
 from zaiproxy.limits.fleet import FleetKeys, FleetLimiter, make_client, scaled
 from zaiproxy.limits.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.limits.ledger import load as load_ledger
-from zaiproxy.limits.ratecontrol import upstream_key_id
 from zaiproxy.limits.segment import LedgerImpl, Segment
+from zaiproxy.limits.zai_quota import PaceBoard, PaceView, QuotaBoard, QuotaView
 from zaiproxy.observe.metrics import WorkerMetrics
 from zaiproxy.observe.recorder.client import HistoryClient
 from zaiproxy.observe.recorder.sink import RecordSink
@@ -81,7 +82,8 @@ def build_limiter(config: Config, segment: Segment, ledger: LedgerImpl, worker_i
         upstream_limits=scaled(config.upstream_limits(), share),
         # The upstream key's scope is named by a hash of the key, never the key itself.
         upstream_id=b"upstream\0%x" % ledger.stable_hash(api_key or b""),
-        adaptive=config.adaptive_rate,
+        # Quota pacing caps the same rate op (limits/zai_quota.py).
+        adaptive=config.adaptive_rate or config.quota_pacing,
     )
     if not fleet:
         return host
@@ -89,11 +91,23 @@ def build_limiter(config: Config, segment: Segment, ledger: LedgerImpl, worker_i
         client=make_client(config), local=host,
         keys=FleetKeys(config.redis_key_prefix, upstream_key_id(config.api_key)),
         segment=segment, global_limits=config.global_limits(),
-        upstream_limits=config.upstream_limits(), adaptive=config.adaptive_rate,
+        upstream_limits=config.upstream_limits(),
+        adaptive=config.adaptive_rate or config.quota_pacing,
         worker=worker_index, lease_ttl_s=config.redis_lease_ttl,
         command_timeout_s=config.redis_command_timeout, fail=config.limits_fail,
         share=config.limits_local_share,
     )
+
+
+def zai_quota_reader(config: Config, segment: Segment,
+                     ) -> Callable[[], tuple[QuotaView, PaceView | None]] | None:
+    """What ``/metrics``, ``/health`` and ``/admin/keys`` read of Z.AI's quota (None: not
+    polled): the rows the supervisor's poller writes (limits/zai_quota.py)."""
+    if not (config.quota_poll or config.quota_pacing):
+        return None
+    board = QuotaBoard(segment)
+    pace = PaceBoard(segment) if config.quota_pacing else None
+    return lambda: (board.view(config), pace.view(True) if pace is not None else None)
 
 
 def load_key_table(path: str | None) -> KeyTable | None:
@@ -136,6 +150,7 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         concurrency_limit=config.concurrency,
         upstream_concurrency_limit=config.upstream_concurrency,
         quota=admitter.quota_use, limits_backend=config.limits_backend,
+        zai_quota=zai_quota_reader(config, segment),
         relay=scanner.IMPLEMENTATION,
     )
     pump_hub = None
@@ -145,6 +160,7 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         pump_hub = PumpHub()
     return WorkerContext(
         pump_hub=pump_hub,
+        quota_gate=PaceBoard(segment) if config.quota_pacing else None,
         config=config, pool=pool, origins=origins, metrics=metrics,
         ledger=segment, ledger_impl=ledger.IMPLEMENTATION, admitter=admitter,
         keys=keys if keys is not None else load_key_table(config.keys_file),

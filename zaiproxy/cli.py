@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--chunk-size", type=int, default=16, help="text bytes per stream event")
     mock.add_argument("--first-byte-delay", type=float, default=0.0, help="seconds before headers")
     mock.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between events")
+    mock.add_argument("--quota-five-hour", type=int, default=4_000_000, metavar="TOKENS",
+                      help="each account's five-hour token allowance (the quota endpoint)")
+    mock.add_argument("--quota-weekly", type=int, default=40_000_000, metavar="TOKENS",
+                      help="each account's weekly token allowance (the quota endpoint)")
+    mock.add_argument("--quota-level", default="pro",
+                      help="the plan tier the quota endpoint reports")
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -135,7 +141,8 @@ def _mock(ns: argparse.Namespace) -> int:
     try:
         options = MockOptions(chunks=ns.chunks, chunk_size=ns.chunk_size,
                               first_byte_delay=ns.first_byte_delay, chunk_delay=ns.chunk_delay,
-                              api_key=ns.api_key)
+                              api_key=ns.api_key, quota_five_hour=ns.quota_five_hour,
+                              quota_weekly=ns.quota_weekly, quota_level=ns.quota_level)
     except ValueError as exc:
         sys.stderr.write(f"zaiproxy mock-upstream: {exc}\n")
         return 2

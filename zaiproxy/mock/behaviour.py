@@ -25,8 +25,10 @@ to the first N requests carrying K (Z.AI code 1302 when no status or code
 control says which failure); later ones get the normal answer, so a proxy's
 retry can be seen to succeed. Counting is state, so the server does it and
 passes the count in (``seen``); the decision stays a function of its inputs.
-The mock's own ``/mock/stats`` routes are answered by the server
-(:mod:`~zaiproxy.mock.stats`) before any of this.
+The mock's own ``/mock/stats`` routes, Z.AI's quota endpoint and ``/mock/quota``
+are answered by the server (:mod:`~zaiproxy.mock.stats`, :mod:`~zaiproxy.mock.quota`)
+before any of this; a 200 generation without a fault reports its tokens in
+``ResponsePlan.tokens`` for the server to charge to the sender's quota.
 
 Delays, faults and the write split from the controls then apply to whatever
 answer was chosen (so ``mock-slow-200`` also delays a 401).
@@ -37,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +76,8 @@ __all__ = [
 ]
 
 MAX_BODY_BYTES = 64 << 20
+MAX_QUOTA = 1 << 62  # tokens; the quota state keeps signed 64-bit counters
+QUOTA_LEVEL = re.compile(r"[A-Za-z0-9_.-]{1,24}")  # a plan tier fits the quota state's 24 bytes
 # The failure of an x-mock-fail-times request that names none: 1302 (concurrency)
 # is retried by the proxy and does not feed its adaptive rate limiter, so a retry
 # test is not slowed down by the faults it injects.
@@ -89,6 +94,11 @@ class MockOptions:
     chunk_delay: float = 0.0  # seconds between stream events
     api_key: str | None = None  # when set, requests must carry it (see module docstring)
     max_body_bytes: int = MAX_BODY_BYTES  # larger request bodies get 413
+    # The quota endpoint (zaiproxy.mock.quota): each account's token allowance per
+    # window and its plan tier, until POST /mock/quota changes them for one account.
+    quota_five_hour: int = 4_000_000
+    quota_weekly: int = 40_000_000
+    quota_level: str = "pro"
 
     def __post_init__(self) -> None:
         # Checked here so a bad CLI flag fails at start with its name, not per request.
@@ -105,6 +115,13 @@ class MockOptions:
             raise ValueError(f"max_body_bytes must be >= 0, got {self.max_body_bytes}")
         if self.api_key == "":
             raise ValueError("api_key must not be empty (use None for no authentication)")
+        for name in ("quota_five_hour", "quota_weekly"):
+            if not 1 <= getattr(self, name) <= MAX_QUOTA:
+                raise ValueError(f"{name} must be in [1, {MAX_QUOTA}], got {getattr(self, name)}")
+        if not QUOTA_LEVEL.fullmatch(self.quota_level):
+            raise ValueError(
+                f"quota_level must be 1 to 24 of [A-Za-z0-9_.-], got {self.quota_level!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -132,6 +149,9 @@ class ResponsePlan:
     seed: int = 0
     close: bool = False  # send `connection: close` and close after the response
     head_only: bool = False  # HEAD request: head with the body's framing, no body
+    # Tokens this answer bills to the sender's quota (zaiproxy.mock.quota): prompt +
+    # completion of a generation answered 200 with no fault; the server charges them.
+    tokens: int = 0
 
 
 _JSON = ((b"content-type", b"application/json"),)
@@ -192,9 +212,10 @@ def _generation(
 ) -> Handler:
     def handle(c: _Call) -> ResponsePlan:
         args = (c.rid, c.model, c.chunks, c.chunk_size, c.prompt, c.usage)
+        tokens = c.prompt + c.chunks  # what the usage reports (whatever x-mock-usage hides)
         if c.stream:
-            return ResponsePlan(200, _SSE, events=tuple(events(*args)))
-        return _json(200, whole(*args))
+            return ResponsePlan(200, _SSE, events=tuple(events(*args)), tokens=tokens)
+        return ResponsePlan(200, _JSON, whole(*args), tokens=tokens)
 
     return handle
 
@@ -417,4 +438,5 @@ def plan_response(request: MockRequest, options: MockOptions, *, seen: int = 1) 
         seed=c.seed or 0,
         close=_wants_close(request, headers),
         head_only=request.method == b"HEAD",
+        tokens=plan.tokens if c.fault is None else 0,
     )

@@ -48,6 +48,18 @@ class ZaiShape(enum.Enum):
     ANTHROPIC = "anthropic"  # {"type": "error", "error": {..., "message": "[1302] ..."}}
 
 
+class QuotaShape(enum.Enum):
+    """How the quota endpoint answers (``x-mock-quota-shape``, or per account through
+    ``POST /mock/quota``); see :mod:`zaiproxy.mock.quota`."""
+
+    OK = "ok"  # Z.AI's normal answer, the account's real usage
+    ERROR = "error"  # HTTP 200, {"code": 500, "msg": "internal error", "success": false}
+    MALFORMED = "malformed"  # HTTP 200, {"code": 200, "success": true, "data": {}}
+    HTTP500 = "http500"  # HTTP 500 with a text body
+    OVERSIZED = "oversized"  # valid JSON longer than 64 KiB
+    SLOW = "slow"  # the normal answer after 10 s (poll timeouts)
+
+
 class Usage(enum.Enum):
     """Where a stream reports token usage (``x-mock-usage``); see ``payloads``."""
 
@@ -83,6 +95,7 @@ class Controls:
     fault: Fault | None = None
     write_split: WriteSplit | None = None
     usage: Usage | None = None  # None = final
+    quota_shape: QuotaShape | None = None  # the quota endpoint's answer; None = the account's
     seed: int | None = None
     echo: bool = False
     # Fail the first fail_times requests carrying fail_key, then answer normally.
@@ -177,6 +190,8 @@ def parse_headers(headers: Mapping[bytes, bytes]) -> Controls:
             fields["write_split"] = _enum(WriteSplit, key, raw)
         elif name == b"x-mock-usage":
             fields["usage"] = _enum(Usage, key, raw)
+        elif name == b"x-mock-quota-shape":
+            fields["quota_shape"] = _enum(QuotaShape, key, raw)
         elif name == b"x-mock-seed":
             fields["seed"] = _int(key, raw, 0, 2**63 - 1)
         elif name == b"x-mock-echo":

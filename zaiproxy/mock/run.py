@@ -17,6 +17,11 @@ and ``run`` returns 0; a child that dies on its own takes the rest down and
 it). Workers watch the parent's sentinel and exit when it dies, even by SIGKILL,
 so no stray worker keeps the port.
 
+The workers share one thing: the accounts' quota usage
+(:class:`~zaiproxy.mock.quota.QuotaBook`), a shared-memory block the parent
+creates and hands to each child with its socket, so a poll answered by one
+worker counts the tokens another one served.
+
 Ctrl-C reaches the whole foreground process group. The children are started
 with SIGINT ignored (a disposition that survives exec, and Python keeps an
 inherited SIG_IGN for SIGINT), so only the parent reacts and nobody prints a
@@ -39,6 +44,7 @@ from multiprocessing.connection import Connection
 import trio
 
 from zaiproxy.mock.behaviour import MockOptions
+from zaiproxy.mock.quota import QuotaBook
 from zaiproxy.mock.server import serve_mock
 from zaiproxy.run.sockets import bind_reuseport, format_addr, trio_listener
 
@@ -98,6 +104,7 @@ async def _serve(
     *,
     parent_sentinel: int | None = None,
     ready: Connection | None = None,
+    quota: QuotaBook | None = None,
 ) -> None:
     """Serve until one of ``signals`` arrives or the parent (if any) dies."""
     async with trio.open_nursery() as nursery:
@@ -105,7 +112,7 @@ async def _serve(
             await nursery.start(_cancel_on_signal, nursery.cancel_scope, signals)
         if parent_sentinel is not None:
             nursery.start_soon(_cancel_when_readable, nursery.cancel_scope, parent_sentinel)
-        await nursery.start(functools.partial(serve_mock, listeners, options, context))
+        await nursery.start(functools.partial(serve_mock, listeners, options, context, quota=quota))
         if ready is not None:
             ready.send_bytes(b"ready")  # a few bytes into an empty pipe: never blocks
             ready.close()
@@ -137,6 +144,7 @@ def _child_main(
     certfile: str | None,
     keyfile: str | None,
     ready: Connection,
+    quota: QuotaBook,
 ) -> None:
     """Entry point of a spawned worker (module level, so spawn can import it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # belt and braces: the parent owns Ctrl-C
@@ -150,6 +158,7 @@ def _child_main(
         (signal.SIGTERM,),
         parent_sentinel=parent.sentinel if parent is not None else None,
         ready=ready,
+        quota=quota,
     )
     trio.run(serve)
 
@@ -172,6 +181,7 @@ def _supervise(
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     previous_wakeup = signal.set_wakeup_fd(wake_w.fileno())
     children: list[multiprocessing.process.BaseProcess] = []
+    quota = QuotaBook.from_options(options, shared=True)  # every child maps this block
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the children (see above)
         signal.signal(signal.SIGTERM, on_signal)
@@ -180,7 +190,7 @@ def _supervise(
             reader, writer = spawn.Pipe(duplex=False)
             child = spawn.Process(
                 target=_child_main,
-                args=(sock, options, certfile, keyfile, writer),
+                args=(sock, options, certfile, keyfile, writer, quota),
                 name=f"mock-upstream-{index}",
             )
             child.start()
@@ -216,3 +226,4 @@ def _supervise(
             signal.signal(signum, handler)
         wake_r.close()
         wake_w.close()
+        quota.close()

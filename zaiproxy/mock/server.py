@@ -18,8 +18,11 @@ advance its state would cost more than the rest of a small response.
 
 The only state (:mod:`~zaiproxy.mock.stats`) is one :class:`MockState` per
 ``serve_mock``: request statistics (``GET /mock/stats``, ``POST
-/mock/stats/reset``, answered here and never counted) and the per-key counts
-behind ``x-mock-fail-times``.
+/mock/stats/reset``, answered here and never counted), the per-key counts
+behind ``x-mock-fail-times`` and the accounts' quota usage
+(:mod:`~zaiproxy.mock.quota`: Z.AI's quota endpoint and ``/mock/quota``, also
+answered here and not counted as traffic; a generation's tokens are charged to
+its key's account when its answer is planned).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import traceback
 from collections.abc import Callable
 
 import h11
+import orjson
 import trio
 
 from zaiproxy.http.netstream import FastSocketStream, lingering_close
@@ -47,6 +51,8 @@ from zaiproxy.mock.behaviour import (
 )
 from zaiproxy.mock.controls import ControlError, fail_key
 from zaiproxy.mock.pacer import Pacer, next_due
+from zaiproxy.mock.quota import QuotaBook, account_key, is_quota_route
+from zaiproxy.mock.quota import handle as quota_reply
 from zaiproxy.mock.stats import STATS_PATH, STATS_RESET_PATH, MockState, MockStats, is_stats_path
 from zaiproxy.mock.wire import CONTINUE, Ending, Schedule, build_schedule
 from zaiproxy.run.sockets import bind_reuseport, format_addr, trio_listener
@@ -77,21 +83,27 @@ class ScheduleCache:
 
     def __init__(self, options: MockOptions) -> None:
         self.options = options
-        self._entries: dict[MockRequest, Schedule] = {}
+        self._entries: dict[MockRequest, tuple[Schedule, int]] = {}
 
     def schedule(self, request: MockRequest, seen: int | None = None) -> Schedule:
         """The schedule for ``request``; ``seen`` (its x-mock-fail-key count, see
         ``plan_response``) makes the answer depend on more than the request: no memo."""
+        return self.planned(request, seen)[0]
+
+    def planned(self, request: MockRequest, seen: int | None = None) -> tuple[Schedule, int]:
+        """The schedule and the tokens the answer bills (``ResponsePlan.tokens``)."""
         if seen is not None:
-            return build_schedule(plan_response(request, self.options, seen=seen))
-        schedule = self._entries.get(request)
-        if schedule is None:
-            schedule = build_schedule(plan_response(request, self.options))
-            if len(request.body) <= self.MAX_BODY and _size(schedule) <= self.MAX_RESPONSE:
+            plan = plan_response(request, self.options, seen=seen)
+            return build_schedule(plan), plan.tokens
+        entry = self._entries.get(request)
+        if entry is None:
+            plan = plan_response(request, self.options)
+            entry = build_schedule(plan), plan.tokens
+            if len(request.body) <= self.MAX_BODY and _size(entry[0]) <= self.MAX_RESPONSE:
                 if len(self._entries) >= self.MAX_ENTRIES:
                     del self._entries[next(iter(self._entries))]
-                self._entries[request] = schedule
-        return schedule
+                self._entries[request] = entry
+        return entry
 
 
 def _size(schedule: Schedule) -> int:
@@ -103,17 +115,26 @@ async def serve_mock(
     options: MockOptions,
     ssl_context: ssl.SSLContext | None = None,
     *,
+    quota: QuotaBook | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the mock on ``listeners`` until cancelled; reports the listeners when ready."""
+    """Serve the mock on ``listeners`` until cancelled; reports the listeners when ready.
+    ``quota``: the accounts' quota state (shared by the workers of ``run``; a test's
+    with its own clock); by default one of this server's own, from ``options``."""
     cache = ScheduleCache(options)
     pacer = Pacer()
+    own = quota is None
+    state = MockState(quota=QuotaBook.from_options(options) if quota is None else quota)
     handler = functools.partial(
-        _handle_connection, cache=cache, state=MockState(), pacer=pacer, ssl_context=ssl_context
+        _handle_connection, cache=cache, state=state, pacer=pacer, ssl_context=ssl_context
     )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pacer.run)
-        await trio.serve_listeners(handler, listeners, task_status=task_status)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pacer.run)
+            await trio.serve_listeners(handler, listeners, task_status=task_status)
+    finally:
+        if own:
+            state.quota.close()
 
 
 async def serve_mock_tcp(
@@ -122,6 +143,7 @@ async def serve_mock_tcp(
     port: int = 0,
     ssl_context: ssl.SSLContext | None = None,
     *,
+    quota: QuotaBook | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind ``host:port`` (0 = a free port), serve, and report ``(host, port)`` when ready."""
@@ -129,7 +151,9 @@ async def serve_mock_tcp(
     address = format_addr(sock)
     listener = trio_listener(sock)
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(serve_mock, [listener], options, ssl_context))
+        await nursery.start(
+            functools.partial(serve_mock, [listener], options, ssl_context, quota=quota)
+        )
         task_status.started(address)
 
 
@@ -192,8 +216,8 @@ class _InFlight:
 
     def head(self, target: bytes, headers: tuple[tuple[bytes, bytes], ...]) -> None:
         path = target.split(b"?", 1)[0]
-        if is_stats_path(path):
-            return  # reading the statistics must not change them
+        if is_stats_path(path) or is_quota_route(path):
+            return  # reading the statistics must not change them; quota polls are not traffic
         self.stats.started(path, _fail_key(headers))
         self.counted = True
 
@@ -243,22 +267,30 @@ async def _serve_requests(
 def _schedule(request: MockRequest, cache: ScheduleCache, state: MockState) -> Schedule:
     path = request.target.split(b"?", 1)[0]
     if is_stats_path(path):
-        return build_schedule(_stats_reply(request, path.rstrip(b"/"), state.stats))
+        return build_schedule(_stats_reply(request, path.rstrip(b"/"), state))
+    if is_quota_route(path):
+        return build_schedule(quota_reply(request, state.quota, cache.options))
     key = _fail_key(request.headers)
-    if key is None:
-        return cache.schedule(request)
-    return cache.schedule(request, state.failures.hit(key))
+    schedule, tokens = cache.planned(request, None if key is None else state.failures.hit(key))
+    if tokens:
+        state.quota.charge(account_key(request.headers), tokens)
+    return schedule
 
 
-def _stats_reply(request: MockRequest, path: bytes, stats: MockStats) -> ResponsePlan:
+def _stats_reply(request: MockRequest, path: bytes, state: MockState) -> ResponsePlan:
+    stats = state.stats
     if path == STATS_PATH and request.method in (b"GET", b"HEAD"):
-        return json_plan(request, 200, stats.to_json())
+        return json_plan(request, 200, _stats_json(state))
     if path == STATS_RESET_PATH and request.method == b"POST":
-        stats.reset()
-        return json_plan(request, 200, stats.to_json())
+        stats.reset()  # the quota's usage stays: it is the accounts' state, not a count
+        return json_plan(request, 200, _stats_json(state))
     allow = b"GET, HEAD" if path == STATS_PATH else b"POST"
     message = f"{request.method.decode('latin-1')} not allowed on {path.decode('latin-1')}"
     return json_plan(request, 405, payloads.openai_error(405, message), ((b"allow", allow),))
+
+
+def _stats_json(state: MockState) -> bytes:
+    return orjson.dumps({**state.stats.snapshot(), "quota": state.quota.snapshot()})
 
 
 async def _read_request(

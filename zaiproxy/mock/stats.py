@@ -1,4 +1,4 @@
-"""State of one mock server: request statistics and the per-key failure counters. No I/O.
+"""State of one mock server: request statistics, per-key failure counters, quota. No I/O.
 
 The rest of the mock is a pure function of the request; these two exist so that
 end-to-end tests can see what the proxy did to the upstream:
@@ -9,6 +9,12 @@ end-to-end tests can see what the proxy did to the upstream:
 - ``failures`` in :class:`MockState`: how many requests carried each
   ``x-mock-fail-key``, so ``x-mock-fail-times: N`` can fail the first N of them
   and let the retry succeed.
+
+- ``quota`` in :class:`MockState`: the accounts' token usage behind Z.AI's quota
+  endpoint (:class:`~zaiproxy.mock.quota.QuotaBook`), the ``quota`` section of
+  ``GET /mock/stats``. Unlike the rest it is shared by the workers of a
+  multi-process mock, and ``POST /mock/stats/reset`` leaves it alone
+  (``POST /mock/quota`` with ``{"reset": true}`` forgets one account).
 
 One :class:`MockState` belongs to one ``serve_mock`` call: one per process in
 ``zaiproxy.mock.run`` (with ``workers > 1`` each worker counts only what the
@@ -24,6 +30,8 @@ from collections import OrderedDict
 from typing import Any
 
 import orjson
+
+from zaiproxy.mock.quota import QuotaBook
 
 STATS_PATH = b"/mock/stats"
 STATS_RESET_PATH = b"/mock/stats/reset"
@@ -122,11 +130,12 @@ class MockStats:
 class MockState:
     """Everything a mock server remembers between requests."""
 
-    def __init__(self, max_keys: int = MAX_KEYS) -> None:
+    def __init__(self, max_keys: int = MAX_KEYS, quota: QuotaBook | None = None) -> None:
         self.stats = MockStats(max_keys)
         # Kept apart from stats.by_key: resetting the statistics between test
         # phases must not re-arm the failures of a key already used up.
         self.failures = BoundedCounter(max_keys)
+        self.quota = quota if quota is not None else QuotaBook()
 
     def __repr__(self) -> str:
-        return f"MockState({self.stats!r}, failures={self.failures!r})"
+        return f"MockState({self.stats!r}, failures={self.failures!r}, quota={self.quota!r})"

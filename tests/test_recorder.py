@@ -99,16 +99,20 @@ def test_wire_row_round_trip() -> None:
     assert len(row["error"]) == wire.MAX_ERROR_CHARS  # long messages are cut at the source
     assert (row["zai_retries"], row["zai_class"], row["zai_code"]) == (2, "frequency", "1302")
     assert row["api"] == "openai"
+    assert row["model"] == "glm-4.6" and row["requested_model"] is None
+    fell_back = wire.decode_batch(datagram([wire.row_of(
+        record(8, model="glm-4.5", requested_model="glm-4.6"), T0)])).rows[0]
+    assert dict(zip(wire.ROW_FIELDS, fell_back, strict=True))["requested_model"] == "glm-4.6"
 
 
 async def test_a_datagram_of_the_previous_wire_version_is_refused_and_counted(
         tmp_path: Path) -> None:
-    """Version 2 rows had no ``api``: a recorder cannot price or classify them, and workers
+    """Version 3 rows had no ``requested_model`` (version 2 not even ``api``), and workers
     and recorder are one build, so such a datagram is a stray writer's: refused whole."""
     row = list(wire.row_of(record(0), T0))
-    del row[wire.ROW_FIELDS.index("api")]
-    old = orjson.dumps([2, 0, 1, 0, "production", 0, 0, [row]])
-    with pytest.raises(wire.WireError, match="wire version 3"):
+    del row[wire.ROW_FIELDS.index("requested_model")]
+    old = orjson.dumps([3, 0, 1, 0, "production", 0, 0, [row]])
+    with pytest.raises(wire.WireError, match="wire version 4"):
         wire.decode_batch(old)
     rec = Recorder(str(tmp_path / "h.duckdb"), variant="production")
     assert rec.ingest(old) == 0
@@ -149,8 +153,15 @@ def test_db_row_maps_every_column() -> None:
         # glm-4.6 list prices per 1M: $0.60 in, $2.20 out, $0.11 cached; an OpenAI route
         # counts the cached tokens inside the input.
         "cost_usd": pytest.approx((700 * 0.60 + 2000 * 2.20 + 300 * 0.11) / 1e6),
-        "retries": 1, "stale_retry": True, "api": "openai",
+        "retries": 1, "stale_retry": True, "api": "openai", "requested_model": None,
     }
+    # After a 1312 fallback: the model that answered is priced, the client's is kept beside.
+    fell_back = db_row("canary", 2, list(wire.row_of(
+        record(5, model="glm-4.5", requested_model="glm-4.6", usage=Usage(1000, 2000, 0, 0)),
+        T0)), DEFAULT_PRICES)
+    named = dict(zip([c for c, _ in REQUESTS_COLUMNS], fell_back, strict=True))
+    assert (named["model"], named["requested_model"]) == ("glm-4.5", "glm-4.6")
+    assert named["cost_usd"] == pytest.approx((1000 * 0.60 + 2000 * 2.20) / 1e6)
     # The record's API decides which usage includes the cached tokens, not the route: an
     # Anthropic request's input excludes them (whatever its route template says).
     anthropic = db_row("canary", 2, list(wire.row_of(record(4, api="anthropic",
@@ -172,7 +183,7 @@ def test_db_row_rejects_wrong_types() -> None:
 
     good = list(wire.row_of(record(), T0))
     for name, bad in (("ts", "yesterday"), ("status", "200"), ("duration_s", "fast"),
-                      ("model", 42), ("stream", "yes"), ("api", 1)):
+                      ("model", 42), ("stream", "yes"), ("api", 1), ("requested_model", 7)):
         row = list(good)
         row[wire.ROW_FIELDS.index(name)] = bad
         with pytest.raises(BadRow):
@@ -442,11 +453,11 @@ def test_rollup_state_survives_a_reopen(tmp_path: Path) -> None:
 def test_a_new_file_gets_the_current_schema(tmp_path: Path) -> None:
     con = duckdb.connect(str(tmp_path / "h.duckdb"))
     assert current_version(con) == 0
-    assert migrate(con, now=lambda: T0) == [1, 2, 3]
+    assert migrate(con, now=lambda: T0) == [1, 2, 3, 4]
     assert migrate(con) == []  # once only
-    assert current_version(con) == SCHEMA_VERSION == 3
+    assert current_version(con) == SCHEMA_VERSION == 4
     assert con.execute("SELECT version, epoch(applied_at) FROM schema_version").fetchall() == [
-        (1, T0), (2, T0), (3, T0)]
+        (1, T0), (2, T0), (3, T0), (4, T0)]
     columns = [r[0] for r in con.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'requests' "
         "ORDER BY ordinal_position").fetchall()]
@@ -540,8 +551,8 @@ def test_v3_takes_control_routes_out_of_an_older_file(tmp_path: Path) -> None:
     control = [(*row[:5], route, *row[6:]) for row, route in zip(
         control, ("/admin/events", "/metrics", "/health", "/ready"), strict=True)]
     control[0] = (*control[0][:15], 694_907.0, *control[0][16:])  # latency_ms
-    with con.appender("requests") as app:  # v2's columns: no api yet
-        app.append_rows([row[:-1] for row in api_rows + control])
+    with con.appender("requests") as app:  # v2's columns: no api, no requested_model yet
+        app.append_rows([row[:-2] for row in api_rows + control])
     con.close()
     v2 = HistoryStore(duckdb.connect(path), version=2)  # what the store does for an old file
     v2.rollup(T0 + 120)
@@ -557,7 +568,7 @@ def test_v3_takes_control_routes_out_of_an_older_file(tmp_path: Path) -> None:
     assert [p["requests"] for p in series] == [19]
     old.close()
 
-    store = HistoryStore.open(path)  # the recorder opens it: migrated to v3
+    store = HistoryStore.open(path)  # the recorder opens it: migrated to v3 (and v4)
     routes = store.con.execute("SELECT DISTINCT route, api FROM requests").fetchall()
     assert routes == [("/v1/chat/completions", None)]  # written before v3: API unknown
     assert store.con.execute("SELECT DISTINCT route FROM requests_1m").fetchall() == [
@@ -567,6 +578,29 @@ def test_v3_takes_control_routes_out_of_an_older_file(tmp_path: Path) -> None:
                              ).fetchall() == [("anthropic",)]
     summary = history_summary(store, 300, group_by="route", now=T0 + 120)
     assert summary["total"]["requests"] == 20 and summary["total"]["latency_ms_p95"] == 100.0
+    store.close()
+
+
+def test_v4_adds_requested_model_to_a_v3_file(tmp_path: Path) -> None:
+    """A v3 file's rows keep their values and read NULL as requested_model (no request fell
+    back before v4); rows written after the migration carry it."""
+    path = str(tmp_path / "h.duckdb")
+    con = duckdb.connect(path)
+    assert migrate(con, MIGRATIONS[:3]) == [1, 2, 3]
+    with con.appender("requests") as app:  # v3's columns: no requested_model yet
+        app.append_rows([row[:-1] for row in rows_at([T0 + 1, T0 + 2])])
+    con.close()
+    old = HistoryStore.open(path, read_only=True)  # read as it is, not migrated
+    assert old.version == 3
+    assert history_summary(old, 300, now=T0 + 120)["total"]["requests"] == 2
+    old.close()
+
+    store = HistoryStore.open(path)
+    assert store.version == SCHEMA_VERSION == 4
+    store.write(rows_at([T0 + 3], model="glm-4.5", requested_model="glm-4.6"))
+    assert store.con.execute(
+        "SELECT model, requested_model, api FROM requests ORDER BY ts").fetchall() == [
+        ("glm-4.6", None, "openai"), ("glm-4.6", None, "openai"), ("glm-4.5", "glm-4.6", "openai")]
     store.close()
 
 

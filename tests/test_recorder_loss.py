@@ -53,10 +53,10 @@ def test_wire_header_byte_for_byte() -> None:
     row = wire.row_of(record(1), T0)
     data = wire.encode_batch(3, 4242, "canary", 2, [row], nonce=77, first=5)
     assert data.startswith(
-        b'[3,3,4242,77,"canary",2,5,[[1800000000.0,"req00000001","POST",'
+        b'[4,3,4242,77,"canary",2,5,[[1800000000.0,"req00000001","POST",'
         b'"/v1/chat/completions","openai",')
     heartbeat = wire.encode_batch(3, 4242, "canary", 2, [], nonce=77, first=6)
-    assert heartbeat == b'[3,3,4242,77,"canary",2,6,[]]'
+    assert heartbeat == b'[4,3,4242,77,"canary",2,6,[]]'
     batch = wire.decode_batch(data)
     assert (batch.source, batch.variant, batch.dropped_total, batch.first, len(batch.rows)) == (
         (3, 4242, 77), "canary", 2, 5, 1)
@@ -65,10 +65,11 @@ def test_wire_header_byte_for_byte() -> None:
 @pytest.mark.parametrize("doc", [
     [1, 0, 1, "p", 0, []],  # wire version 1: no sequence numbers
     [2, 0, 1, 7, "p", 0, 0, []],  # wire version 2: rows without their API
-    [3, 0, 1, 7, "p", 0, -1, []],  # a negative row number
-    [3, 0, 1, 7, "p", 3, 2, []],  # more rows dropped before row 2 than there are
-    [3, 0, 1, "7", "p", 0, 0, []],  # a nonce that is not a number
-    [3, 0, 1, 7, "p", 0, 0.5, []],
+    [3, 0, 1, 7, "p", 0, 0, []],  # wire version 3: rows without requested_model
+    [4, 0, 1, 7, "p", 0, -1, []],  # a negative row number
+    [4, 0, 1, 7, "p", 3, 2, []],  # more rows dropped before row 2 than there are
+    [4, 0, 1, "7", "p", 0, 0, []],  # a nonce that is not a number
+    [4, 0, 1, 7, "p", 0, 0.5, []],
 ])
 def test_wire_rejects_bad_sequence_headers(doc: list[Any]) -> None:
     with pytest.raises(wire.WireError):

@@ -162,6 +162,11 @@ class Config:
     )
     pool_idle_timeout: float = _setting(30.0, "upstream", ("ZAIPROXY_POOL_IDLE_TIMEOUT",), values.seconds)
     max_retries: int = _setting(3, "upstream", ("MAX_RETRIES",), values.integer(0, 10))
+    # Per requested model, the models a request is sent to, in order, when Z.AI answers 1312
+    # (model congestion; request/fallback.py). Each one is a retry of max_retries. Empty = none.
+    model_fallback: values.ModelFallback = _setting(  # noqa: RUF009 - a frozen value
+        values.ModelFallback(), "upstream", ("ZAIPROXY_MODEL_FALLBACK",), values.model_fallback
+    )
     # [limits]  Global limits (all traffic of this host), then per upstream key. Unset = no limit.
     requests_per_minute: int | None = _setting(None, "limits", ("ZAIPROXY_REQUESTS_PER_MINUTE",), _LIMIT)
     tokens_per_minute: int | None = _setting(None, "limits", ("ZAIPROXY_TOKENS_PER_MINUTE",), _LIMIT)
@@ -594,6 +599,16 @@ def load_config(
             f"limits.adaptive_forget_after: must be longer than the {ADAPTIVE_RECOVERY_STEP_S:g} s "
             "recovery step"
         )
+    if not layers.failed & {"model_fallback", "max_retries"}:
+        for model, chain in merged["model_fallback"].routes:
+            if len(chain) > merged["max_retries"]:
+                # Each fallback is one retry of the request: the list's tail could never be sent.
+                layers.problems.append(
+                    f"upstream.model_fallback: {model} lists {len(chain)} fallback "
+                    f"model{'s' if len(chain) > 1 else ''} but upstream.max_retries is "
+                    f"{merged['max_retries']} (each fallback is one retry): shorten the list "
+                    "or raise max_retries"
+                )
     if (merged["limits_backend"] == "redis" and merged["redis_url"] is None
             and not layers.failed & {"limits_backend", "redis_url"}):
         layers.problems.append(
@@ -625,6 +640,8 @@ def _render_value(value: object, secret: bool) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, values.ModelFallback):
+        return value.toml()
     return repr(value)
 
 

@@ -13,6 +13,7 @@ import os
 import re
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -329,3 +330,77 @@ def name_list(raw: object, text: bool) -> tuple[str, ...]:
         if not _NAME_RE.fullmatch(item):
             raise Invalid("names must match ^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
     return tuple(dict.fromkeys(items))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFallback:
+    """``upstream.model_fallback``: per requested model, the models to send a request to, in
+    order, when Z.AI answers 1312 (model congestion); see ``zaiproxy/request/fallback.py``.
+
+    Names compare case-insensitively, as Z.AI (and the keys file) compare them. Each list is
+    the whole route for a request that asked for its model: a fallback model's own list is
+    never followed, so lists may name each other (4.6 -> 4.5 and 4.5 -> 4.6) without a loop.
+    A tuple of pairs, not a dict: the Config stays hashable and picklable.
+    """
+
+    routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def lookup(self, model: str) -> tuple[str, tuple[str, ...]] | None:
+        """(``model`` as configured, the models after it in order), or None: it has none."""
+        wanted = model.lower()
+        for route in self.routes:
+            if route[0].lower() == wanted:
+                return route
+        return None
+
+    def toml(self) -> str:
+        """The value as a TOML inline table (``config check`` prints it)."""
+        # Names match _NAME_RE: nothing in them needs escaping in a TOML string.
+        entries = (f'"{name}" = [' + ", ".join(f'"{m}"' for m in chain) + "]"
+                   for name, chain in self.routes)
+        return "{" + ", ".join(entries) + "}"
+
+
+def model_fallback(raw: object, text: bool) -> ModelFallback:
+    """``MODEL=FALLBACK|FALLBACK,MODEL=FALLBACK`` as text (env), a table of arrays in TOML
+    (``{"glm-4.6" = ["glm-4.5"]}``). Every name is a model name (``name_list``'s grammar);
+    a list is not empty, does not name its own model or one model twice; no model has two
+    lists. A reason names the model whose list is wrong (once its name is known to be a
+    model name): a TOML table is shown as ``<table>``, so the reason is all the reader gets."""
+    pairs: list[tuple[object, object]]
+    if text:
+        pairs = []
+        for entry in str(raw).split(","):
+            if not entry.strip():
+                continue  # a trailing comma
+            name, sep, names = entry.partition("=")
+            if not sep:
+                raise Invalid("write MODEL=FALLBACK[|FALLBACK...], entries separated by ','")
+            pairs.append((name.strip(), [m.strip() for m in names.split("|")] if names.strip()
+                          else []))
+    elif isinstance(raw, dict):
+        pairs = list(raw.items())
+    else:
+        raise Invalid(f'not a table (got {type_name(raw)}): write {{"glm-4.6" = ["glm-4.5"]}}')
+    routes: list[tuple[str, tuple[str, ...]]] = []
+    seen: set[str] = set()
+    for model, chain in pairs:
+        if not isinstance(model, str) or not _NAME_RE.fullmatch(model):
+            raise Invalid(f"a model name must match ^{_NAME_RE.pattern}$")
+        if not isinstance(chain, list):
+            raise Invalid(f"{model}: not an array of model names (got {type_name(chain)})")
+        if not chain:
+            raise Invalid(f"{model}: no fallback model (leave the model out instead)")
+        for m in chain:
+            if not isinstance(m, str) or not _NAME_RE.fullmatch(m):
+                raise Invalid(f"{model}: a model name must match ^{_NAME_RE.pattern}$")
+        lowered = [m.lower() for m in chain]
+        if model.lower() in lowered:
+            raise Invalid(f"{model}: falls back to itself")
+        if len(set(lowered)) != len(lowered):
+            raise Invalid(f"{model}: names a fallback model twice")
+        if model.lower() in seen:
+            raise Invalid(f"{model}: has two fallback lists")
+        seen.add(model.lower())
+        routes.append((model, tuple(chain)))
+    return ModelFallback(tuple(routes))

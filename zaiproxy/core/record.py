@@ -61,7 +61,9 @@ class RequestRecord:
     # /metrics, /admin/*) and heads refused before routing: consumers count API traffic
     # by this, never by re-deriving it from the route.
     api: str | None = None
-    model: str | None = None  # as the client sent it, truncated to 128 characters
+    # The model that answered, truncated to 128 characters: the client's, or after a 1312
+    # fallback (upstream.model_fallback) the one the last attempt was sent to.
+    model: str | None = None
     stream: bool | None = None
     upstream_status: int | None = None
     upstream_ttfb_s: float | None = None
@@ -81,6 +83,8 @@ class RequestRecord:
     upstream_s: float | None = None  # request sent upstream -> its response ended
     queue_wait_s: float | None = None  # waited in the admission queue (0.0: admitted at once)
     token_count_s: float | None = None  # spent estimating the prompt's tokens (tiktoken)
+    # The model the client asked for, when a fallback sent the request to ``model`` instead.
+    requested_model: str | None = None
 
     def log_fields(self) -> dict[str, object]:
         """The access-log line's fields (absent values left out)."""
@@ -95,6 +99,8 @@ class RequestRecord:
         }
         if self.model is not None:
             fields["model"] = self.model
+        if self.requested_model is not None:
+            fields["requested_model"] = self.requested_model
         if self.stream is not None:
             fields["stream"] = self.stream
         if self.result is not None:

@@ -9,6 +9,11 @@ cancel scope, so a client that leaves ends the wait) and are admitted again thro
 ``readmit`` the caller passes, then sent again. What comes back is the response head the
 client will get, with whatever body bytes were already read.
 
+With a :class:`~zaiproxy.request.fallback.Fallback` (``upstream.model_fallback``), a 1312
+(model congestion) sends the request to the next model of the list at once instead of
+waiting, as one retry of the budget (``request/fallback.py`` has the rules); the answer then
+carries ``x-zaiproxy-model``, and :attr:`Exchange.fallback_model` says where it went.
+
 Every answer is one frozen :class:`Attempt` in :attr:`Exchange.attempts`, appended as it
 arrives: the record reads them, also when the exchange ends in an error.
 """
@@ -22,8 +27,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from zaiproxy.core.errors import Api, UpstreamError, UpstreamTimeout
+from zaiproxy.core.logs import get_logger
 from zaiproxy.http.http11 import h11
 from zaiproxy.http.sink import ClientSink
+from zaiproxy.request.fallback import Fallback
 from zaiproxy.request.routing import Route
 from zaiproxy.upstream import zai
 from zaiproxy.upstream.forward import header_value, upstream_request_headers
@@ -53,7 +60,9 @@ class Exchanged:
     response: h11.Response
     prefix: bytes  # body bytes already read (a relayed Z.AI 429's, read to classify it)
     prefix_ended: bool
-    final_headers: Headers  # X-Zai-* (and a derived Retry-After) on a relayed Z.AI 429
+    # X-Zai-* (and a derived Retry-After) on a relayed Z.AI 429; x-zaiproxy-model after a
+    # model fallback
+    final_headers: Headers
     started: float  # trio time the (first) request went upstream
     ttfb: float  # seconds from then to this response head
 
@@ -82,16 +91,22 @@ class Exchange:
     """Send one request upstream until a response head the client should get arrives."""
 
     def __init__(self, ctx: WorkerContext, origin: Origin, request: h11.Request, body: bytes,
-                 readmit: Callable[[], Awaitable[None]], client: ClientSink) -> None:
+                 readmit: Callable[[], Awaitable[None]], client: ClientSink,
+                 fallback: Fallback | None = None) -> None:
         self.ctx = ctx
         self.origin = origin
         self.request = request
         self.body = body
         self._readmit = readmit
         self._client = client  # read only: has it gone (then a 429 is relayed, not retried)
+        self._fallback = fallback
+        self._fallbacks_used = 0  # models of the fallback list already tried
         self.attempts: list[Attempt] = []
         self.stale_retried = False  # a stale pooled connection was replaced once
         self.started = 0.0
+        # The model the last attempt went to when a 1312 fallback changed it; None: the
+        # client's own.
+        self.fallback_model: str | None = None
 
     @property
     def zai_retries(self) -> int:
@@ -118,7 +133,7 @@ class Exchange:
             if response.status_code != 429:
                 ctx.admitter.note_upstream()
                 attempts.append(Attempt(response.status_code))
-                return Exchanged(conn, response, b"", False, [], start,
+                return Exchanged(conn, response, b"", False, self._model_header(), start,
                                  trio.current_time() - start)
             # Z.AI 429: read a bounded prefix of the body, classify, maybe retry.
             try:
@@ -136,6 +151,20 @@ class Exchange:
             # the adaptive rate; 1305/1312 (Z.AI's capacity) and quotas only shape this request.
             throttle_epoch = ctx.admitter.note_upstream(
                 err.cls.value if zai.feeds_adaptive(err.cls) else None, throttle_epoch)
+            step = (self._next_model() if err.cls is zai.ErrorClass.CONGESTION
+                    and self._fallback is not None and not self._client.gone
+                    and self.zai_retries < ctx.retry_policy.max_retries else None)
+            if step is not None:
+                # Sent to the next model at once: the backoff is for the congested one.
+                attempts.append(Attempt(429, err.cls.value, err.code, retried=True))
+                if ended:
+                    await pool.release(conn)
+                else:
+                    await pool.discard(conn)
+                ctx.metrics.retry(err.cls.value)
+                await self._readmit()  # admitted again like any retry (may raise the 429)
+                self._switch(*step, err)
+                continue
             header_wait = zai.parse_retry_after(header_value(response.headers, b"retry-after"),
                                                 now=wall)
             wait = ctx.retry_policy.next_wait(err, self.zai_retries, header_wait, now=wall,
@@ -143,7 +172,8 @@ class Exchange:
             if wait is None or self._client.gone:
                 attempts.append(Attempt(429, err.cls.value, err.code))
                 return Exchanged(conn, response, prefix, ended,
-                                 zai.final_headers(err, list(response.headers), now=wall),
+                                 [*zai.final_headers(err, list(response.headers), now=wall),
+                                  *self._model_header()],
                                  start, trio.current_time() - start)
             attempts.append(Attempt(429, err.cls.value, err.code, retried=True))
             if ended:
@@ -154,6 +184,38 @@ class Exchange:
             # Inside the caller's cancel scope: a client that leaves ends the wait.
             await ctx.retry_sleep(wait)
             await self._readmit()  # each retry is admitted again (may raise the proxy's 429)
+
+    def _next_model(self) -> tuple[str, h11.Request, bytes] | None:
+        """The next model of the fallback list and the request for it; None when the list is
+        used up (or the body cannot be rewritten): the usual 1312 handling applies."""
+        fallback = self._fallback
+        assert fallback is not None
+        if self._fallbacks_used >= len(fallback.models):
+            return None
+        to_model = fallback.models[self._fallbacks_used]
+        built = fallback.build(to_model)
+        if built is None:
+            self._fallbacks_used = len(fallback.models)  # the body, not the model: never
+            return None
+        self._fallbacks_used += 1
+        return to_model, *built
+
+    def _switch(self, to_model: str, request: h11.Request, body: bytes,
+                err: zai.ZaiError) -> None:
+        """The next attempt goes to ``to_model``: counted and logged (no key, no prompt)."""
+        assert self._fallback is not None
+        from_model = self.fallback_model or self._fallback.requested
+        self.request, self.body = request, body
+        self.fallback_model = to_model
+        self.ctx.metrics.model_fallback(from_model, to_model)
+        get_logger().info("model_fallback", request_id=self._client.request_id.decode(),
+                          from_model=from_model, to_model=to_model, zai_code=err.code,
+                          attempt=len(self.attempts))
+
+    def _model_header(self) -> Headers:
+        if self.fallback_model is None:
+            return []
+        return [(b"x-zaiproxy-model", self.fallback_model.encode())]
 
     async def _send(self) -> tuple[UpstreamConnection, h11.Response]:
         """Send the request and wait for the response head (one retry on a stale connection)."""

@@ -9,7 +9,8 @@ each parsed request to :meth:`Pipeline.handle`, which
 4. authenticates the client key (:mod:`.gate`);
 5. answers ``count_tokens`` locally when configured;
 6. estimates and admits it: every limit or none (:mod:`.gate`);
-7. exchanges it with upstream, retrying Z.AI 429s per class (:mod:`.exchange`);
+7. exchanges it with upstream, retrying Z.AI 429s per class, a 1312 on the next model of
+   ``upstream.model_fallback`` when it has one (:mod:`.exchange`, :mod:`.fallback`);
 8. relays the response as it arrives (:mod:`.relay`);
 9. settles: real usage against the reservation, the lease released (:mod:`.gate`);
 10. emits ONE :class:`~zaiproxy.core.record.RequestRecord`, built from the frozen values
@@ -44,6 +45,7 @@ from zaiproxy.http.http11 import h11
 from zaiproxy.limits.key_usage import outcome_of
 from zaiproxy.request import control, gate, tokens
 from zaiproxy.request.exchange import Exchange, Exchanged, upstream_request
+from zaiproxy.request.fallback import Fallback, body_for, fallback_models
 from zaiproxy.request.relay import Relay, RelayOutcome, with_ratelimit
 from zaiproxy.request.routing import Route, resolve, safe_method
 from zaiproxy.request.usage_rewrite import add_include_usage
@@ -167,7 +169,15 @@ class Pipeline:
                     body_up = rewritten if rewritten is not None else body
                     origin, up_request = upstream_request(ctx, route, request, body_up,
                                                           conn.client_ip, headers)
-                    exchange = Exchange(ctx, origin, up_request, body_up, readmit, conn)
+                    fallback = None
+                    if ctx.config.model_fallback.routes and payload is not None:
+                        requested, models = fallback_models(ctx.config.model_fallback, route,
+                                                            model, key)
+                        if requested is not None:
+                            fallback = self._fallback(conn, route, request, headers, payload,
+                                                      body, strip_usage, requested, models)
+                    exchange = Exchange(ctx, origin, up_request, body_up, readmit, conn,
+                                        fallback)
                     exchanged = await exchange.run()
                     # 8. Relay.
                     relay = Relay(ctx, conn, route, exchanged, extra, strip_usage=strip_usage,
@@ -196,6 +206,9 @@ class Pipeline:
             if scope is not None and scope.cancelled_caught and ending is Ending.OK:
                 ending = Ending.CLIENT_GONE  # the reader cancelled: the client left first
             zai_class, zai_code = exchange.last_zai if exchange is not None else (None, None)
+            # After a fallback the model that answered is the record's (metrics, tokens, cost,
+            # history), the client's beside it.
+            answered = exchange.fallback_model if exchange is not None else None
             self.emit(RequestRecord(
                 request_id=conn.request_id.decode(),
                 method=safe_method(method),
@@ -208,7 +221,7 @@ class Pipeline:
                 duration_s=trio.current_time() - started,
                 bytes_in=len(body),
                 client=conn.client_ip,
-                model=model[:128] if model is not None else None,
+                model=answered or (model[:128] if model is not None else None),
                 stream=stream,
                 upstream_status=relayed.status if relayed is not None else None,
                 upstream_ttfb_s=exchanged.ttfb if exchanged is not None else None,
@@ -229,7 +242,24 @@ class Pipeline:
                 upstream_s=relayed.upstream_s if relayed is not None else None,
                 queue_wait_s=admitted.queue_wait_s if admitted is not None else None,
                 token_count_s=admitted.token_count_s if admitted is not None else None,
+                requested_model=model[:128] if answered is not None and model is not None
+                else None,
             ))
+
+    def _fallback(self, conn: ClientConnection, route: Route, request: h11.Request,
+                  headers: list[tuple[bytes, bytes]], payload: dict[str, object], body: bytes,
+                  include_usage: bool, requested: str, models: tuple[str, ...]) -> Fallback:
+        """The exchange's way to another model: the body rewritten only when it is used."""
+        ctx = self.ctx
+
+        def build(to_model: str) -> tuple[h11.Request, bytes] | None:
+            new_body = body_for(payload, body, to_model, include_usage=include_usage)
+            if new_body is None:
+                return None
+            return upstream_request(ctx, route, request, new_body, conn.client_ip,
+                                    headers)[1], new_body
+
+        return Fallback(requested, models, build)
 
     async def _fail(self, conn: ClientConnection, exc: ProxyError, api: Api,
                     extra: list[tuple[bytes, bytes]]) -> None:

@@ -13,7 +13,7 @@ import orjson
 
 from zaiproxy.http.sse import Bytes
 
-__all__ = ["UsageChunkStripper", "add_include_usage", "is_usage_chunk"]
+__all__ = ["UsageChunkStripper", "add_include_usage", "is_usage_chunk", "reserialisable"]
 
 _LF = 0x0A
 
@@ -46,8 +46,8 @@ def add_include_usage(body: bytes) -> bytes | None:
         return None
     if "messages" not in obj and "prompt" not in obj:
         return None  # not chat/completions (the Responses API rejects stream_options)
-    if _LONG_DIGITS.search(body) and _has_big_float(obj, 0):
-        return None  # orjson reads integers past 64 bits as floats: re-serialising would change them
+    if not reserialisable(body, obj):
+        return None
     options = obj.get("stream_options")
     if options is None:
         obj["stream_options"] = {"include_usage": True}
@@ -61,6 +61,12 @@ def add_include_usage(body: bytes) -> bytes | None:
 
 
 _LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def reserialisable(body: bytes, obj: object) -> bool:
+    """Whether ``orjson.dumps(obj)`` keeps every number of ``body``, which ``obj`` was parsed
+    from: orjson reads integers past 64 bits as floats, and re-serialising would change them."""
+    return not (_LONG_DIGITS.search(body) and _has_big_float(obj, 0))
 
 
 def _has_big_float(value: object, depth: int) -> bool:

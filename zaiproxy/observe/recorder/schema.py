@@ -96,6 +96,9 @@ REQUESTS_COLUMNS: Final = (
     # openai | anthropic (v3, the record's API: which usage counts cached tokens inside the
     # input); NULL in rows written before v3.
     ("api", "VARCHAR"),
+    # v4: the model the client asked for when a 1312 fallback (upstream.model_fallback) sent
+    # the request to ``model`` instead; NULL otherwise.
+    ("requested_model", "VARCHAR"),
 )
 
 SNAPSHOT_COLUMNS: Final = (
@@ -181,7 +184,7 @@ def _table(name: str, columns: Sequence[tuple[str, str]], extra: str = "") -> st
 
 
 def _v1(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(_table("requests", REQUESTS_COLUMNS[:-1]))  # v1's columns; v3 adds api
+    con.execute(_table("requests", REQUESTS_COLUMNS[:-2]))  # v1's; v3 adds api, v4 requested_model
     con.execute(_table("snapshots", SNAPSHOT_COLUMNS[:-1]))  # v1's columns; v2 adds lost_total
     con.execute(_table("requests_1m", ROLLUP_COLUMNS,
                        f",\n  PRIMARY KEY ({', '.join(ROLLUP_KEY)})"))
@@ -225,12 +228,18 @@ def _v3(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"DELETE FROM requests_1m WHERE {LEGACY_CONTROL_SQL}")
 
 
+def _v4(con: duckdb.DuckDBPyConnection) -> None:
+    # NULL in the rows before: no request fell back to another model before v4.
+    con.execute("ALTER TABLE requests ADD COLUMN requested_model VARCHAR")
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "requests, snapshots, requests_1m, recorder_state", _v1),
     Migration(2, "sequence accounting: recorder_progress, recorder_totals, snapshots.lost_total",
               _v2),
     Migration(3, "requests.api; API traffic only: rows of /health, /ready, /metrics, /admin/* "
                  "deleted", _v3),
+    Migration(4, "requests.requested_model (model fallback on 1312)", _v4),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 

@@ -17,7 +17,8 @@ Order of decisions for one request:
 4. authentication when ``MockOptions.api_key`` is set, mirroring Z.AI;
 5. status / Z.AI-code controls from headers;
 6. JSON body parsed (malformed -> 400), model-name controls merged under the
-   headers, status / Z.AI-code controls from the model name;
+   headers, status / Z.AI-code controls from the model name (a model named by
+   ``x-mock-congested-models`` gets Z.AI's 1312);
 7. the route's normal answer.
 
 ``x-mock-fail-times: N`` with ``x-mock-fail-key: K`` makes steps 5-6 apply only
@@ -398,6 +399,8 @@ def _answer(
         check_text_size(chunks, size)
     except ControlError as exc:
         return _api_error(400, route.anthropic, str(exc)), controls
+    if controls.congested_models is not None and model in controls.congested_models:
+        controls = dataclasses.replace(controls, zai_code=1312)
     reply = _status_reply(controls, route.anthropic, seen, final=True)
     if reply is not None:
         return reply, controls

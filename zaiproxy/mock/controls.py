@@ -102,6 +102,9 @@ class Controls:
     # fail_key alone only counts requests (GET /mock/stats "by_key").
     fail_key: str | None = None
     fail_times: int | None = None
+    # Answer Z.AI's 1312 (model congestion) to requests for these models, and normally to
+    # others (x-mock-congested-models: glm-4.6,glm-4.7): a model fallback can be seen to work.
+    congested_models: frozenset[str] | None = None
 
     def overlay(self, under: Controls) -> Controls:
         """Fields given here win; the rest come from ``under``."""
@@ -196,6 +199,8 @@ def parse_headers(headers: Mapping[bytes, bytes]) -> Controls:
             fields["seed"] = _int(key, raw, 0, 2**63 - 1)
         elif name == b"x-mock-echo":
             fields["echo"] = raw.strip().lower() in (b"1", b"true", b"yes")
+        elif name == b"x-mock-congested-models":
+            fields["congested_models"] = congested_models(raw)
         else:
             raise ControlError(f"unknown control header {key}")
     if "fail_times" in fields and "fail_key" not in fields:
@@ -210,6 +215,14 @@ def fail_key(raw: bytes) -> str:
     if not 1 <= len(key) <= MAX_FAIL_KEY:
         raise ControlError(f"x-mock-fail-key must be 1 to {MAX_FAIL_KEY} characters")
     return key
+
+
+def congested_models(raw: bytes) -> frozenset[str]:
+    """The ``x-mock-congested-models`` list: model names, comma-separated."""
+    names = frozenset(n.strip() for n in raw.decode("latin-1").split(",") if n.strip())
+    if not names:
+        raise ControlError("x-mock-congested-models must name at least one model")
+    return names
 
 
 _MODEL = re.compile(

@@ -174,9 +174,13 @@ def test_a_stale_sample_never_tightens() -> None:
     pacer = QuotaPacer(PaceSettings(alpha=1.0, stale_after_s=900.0))
     pacer.on_sample(sample(0.10), T0, 0)
     pacer.on_sample(sample(0.20), T0 + 60, 1000)
-    assert pacer.decide(T0 + 60, 1000).rate_rps is not None
-    # No new sample for longer than stale_after: the cap is released, whatever the traffic.
-    assert pacer.decide(T0 + 60 + 901, 10**9) == Decision(None, None, None)
+    fresh = pacer.decide(T0 + 60, 1000)
+    assert fresh.rate_rps is not None
+    # No new sample for longer than stale_after: the last fresh cap is held as it was, not
+    # recomputed, whatever the traffic since (a projection would close the gate here) ...
+    assert pacer.decide(T0 + 60 + 901, 10**9) == fresh
+    # ... until its window resets.
+    assert pacer.decide(T0 + 5 * H + 1, 10**9) == Decision(None, None, None)
     # A stale sample that says "over the reserve" does not close the gate either.
     late = QuotaPacer(PaceSettings(stale_after_s=900.0))
     late.on_sample(sample(0.99), T0, 0)
@@ -215,3 +219,12 @@ def test_a_reset_relaxes_pacing() -> None:
     after = pacer.decide(T0 + 660, 1700)
     assert after.closed_until is None
     assert after.rate_rps == pytest.approx(0.95 / (5 * H - 60) / 1e-4)
+
+
+def test_a_fresh_sample_with_room_opens_the_gate_before_the_reset() -> None:
+    pacer = QuotaPacer(PaceSettings(reserve=0.05))
+    pacer.on_sample(sample(0.97), T0, 0)
+    assert pacer.decide(T0, 0).closed_until == T0 + 5 * H
+    pacer.on_sample(sample(0.40), T0 + 60, 0)  # e.g. Z.AI reset the account early
+    assert pacer.decide(T0 + 60, 0).closed_until is None
+

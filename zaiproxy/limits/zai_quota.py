@@ -53,9 +53,11 @@ quota, less a reserve, lasts until the window resets.
   ("quota reserve reached"), instead of letting the fleet spend the last of the quota and
   then meet Z.AI's 1308s.
 - **A stale sample never tightens**: once the sample is older than ``quota_stale_after``, no
-  new cap or closed gate comes from it; the cap is released and a gate already closed stays
-  closed only until its window's reset (the quota cannot have refilled earlier). A window
-  whose reset time has passed no longer constrains until a sample says where it stands.
+  new cap or closed gate comes from it (no projection on old data). The last cap decided on
+  fresh data is held as it was, and a gate already closed stays closed, each only until its
+  window's reset: a quota API that goes down neither tightens pacing nor lets a fleet burn
+  the quota it was pacing. A window whose reset time has passed no longer constrains until
+  a sample says where it stands.
 - Until a cost has been measured only the reserve gate applies (no rate from a guess).
 """
 
@@ -425,6 +427,7 @@ class QuotaPacer:
     cap: float | None = None  # the last paced rate
     rise_limit: float | None = None  # how high the cap may go until the next sample
     closed: tuple[float, str] | None = None
+    held: tuple[float, str, float] | None = None  # the last fresh cap, its window, its reset
 
     def on_sample(self, sample: zai.QuotaSample, sampled_at: float, answers: int) -> None:
         """A new sample (``sampled_at``: wall seconds it was taken; ``answers``: upstream
@@ -460,13 +463,20 @@ class QuotaPacer:
         if self.closed is not None and self.closed[0] <= now:
             self.closed = None
         if now - self.sampled_at > self.settings.stale_after_s:
-            # Old data never tightens: no cap; a closed gate holds until its reset only.
-            self.cap = None
-            return Decision(None, *self.closed) if self.closed else Decision(None, None, None)
+            # Old data never tightens: the last fresh cap is held as it was (not recomputed
+            # from projections on old data) until its window resets; a closed gate likewise.
+            held = self.held
+            if held is not None and held[2] <= now:
+                held = self.held = None
+            rate, window = (held[0], held[1]) if held is not None else (None, None)
+            self.cap = rate
+            if self.closed is not None:
+                return Decision(rate, *self.closed)
+            return Decision(rate, None, window)
         reserve = self.settings.reserve
         rate: float | None = None
         rate_window: str | None = None
-        closed = self.closed
+        closed: tuple[float, str] | None = None  # a fresh sample decides anew
         since = max(0, answers - self.answers_at_sample)
         for w in sample.windows:
             if w.reset_at is None or w.reset_at <= now:
@@ -486,6 +496,9 @@ class QuotaPacer:
         if rate is not None and self.rise_limit is not None and rate > self.rise_limit:
             rate = self.rise_limit
         self.cap = rate
+        reset_of = {w.window: w.reset_at for w in sample.windows}
+        self.held = (None if rate is None or rate_window is None
+                     else (rate, rate_window, reset_of.get(rate_window) or now))
         if closed is not None:
             return Decision(rate, closed[0], closed[1])
         return Decision(rate, None, rate_window)

@@ -158,3 +158,236 @@ async def test_near_the_reset_the_reserve_is_the_hard_stop(nursery: trio.Nursery
     # to the reserve, which closes only in the last minutes.
     assert run.first_closed is None or run.first_closed <= 300, run
 
+
+
+# ---- real proxies against the real mock ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quota_mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
+    """A mock whose 5-hour window is 2,000 tokens: each request moves Z.AI's percentage."""
+    server = start_process(["mock-upstream", "--port", "0", "--api-key", UPSTREAM_KEY,
+                            "--quota-five-hour", "2000"], env=None,
+                           stderr_path=tmp_path_factory.mktemp("qmock") / "mock.log")
+    yield server
+    assert server.stop() == 0
+
+
+AUTH = [("authorization", UPSTREAM_KEY)]
+
+
+async def mock_quota(mock: ProcessServer, **change: Any) -> dict[str, Any]:
+    """The mock's quota state (``change``: a ``POST /mock/quota`` for the upstream key)."""
+    if change:
+        r = await request(mock.url, "POST", "/mock/quota", AUTH, orjson.dumps(change))
+        assert r.status == 200, r.body
+    doc: dict[str, Any] = (await request(mock.url, "GET", "/mock/quota")).json()
+    return doc
+
+
+def proxy_env(mock: ProcessServer, **extra: str) -> dict[str, str]:
+    return {"ZAI_API_KEY": UPSTREAM_KEY,
+            "ZAIPROXY_OPENAI_BASE_URL": f"{mock.url}/api/paas/v4",
+            "ZAIPROXY_ANTHROPIC_BASE_URL": f"{mock.url}/api/anthropic",
+            "ZAIPROXY_NATIVE_BASE_URL": mock.url, "ZAIPROXY_WORKERS": "2",
+            "ZAIPROXY_QUOTA_POLL": "true", "ZAIPROXY_QUOTA_INTERVAL": "0.2",
+            "ZAIPROXY_TOKEN_COUNTING": "false", "ZAIPROXY_DRAIN_TIMEOUT": "5", **extra}
+
+
+async def start(env: dict[str, str], log: Path) -> ProcessServer:
+    return await trio.to_thread.run_sync(functools.partial(
+        start_process, ["serve", "--port", "0"], env=env, stderr_path=log))
+
+
+async def eventually(check: Any, limit: float = 10.0) -> Any:
+    """Await ``check()`` until it returns something truthy (bounded)."""
+    with trio.fail_after(limit):
+        while not (value := await check()):
+            await trio.sleep(0.05)
+    return value
+
+
+async def health_quota(proxy: ProcessServer) -> dict[str, Any]:
+    doc: dict[str, Any] = (await request(proxy.url, "GET", "/health")).json()["quota"]
+    return doc
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def chat(proxy: ProcessServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="client", max_retries=0)
+
+
+async def test_one_poller_per_host_and_every_report_shows_zais_numbers(
+        quota_mock: ProcessServer, tmp_path: Path) -> None:
+    await mock_quota(quota_mock, reset=True)
+    proxy = await start(proxy_env(quota_mock), tmp_path / "proxy.log")
+    try:
+        client = chat(proxy)
+        for _ in range(3):
+            await trio.to_thread.run_sync(lambda: client.chat.completions.create(
+                model="glm-4.6", messages=[{"role": "user", "content": "count my quota"}]))
+        account = next(iter((await mock_quota(quota_mock))["accounts"].values()))
+        pct = account["five_hour"]["percentage"]
+        assert 0 < pct < 100, account
+
+        async def shown() -> dict[str, Any] | None:
+            q = await health_quota(proxy)
+            five = [w for w in q.get("windows", ()) if w["window"] == "five_hour"]
+            return q if five and five[0]["used_fraction"] == pct / 100 else None
+
+        q = await eventually(shown)
+        assert q["enabled"] and q["fresh"] and q["last_outcome"] == "success"
+        assert q["plan_tier"] == "pro" and q["interval"] == "0.2s"
+        five = next(w for w in q["windows"] if w["window"] == "five_hour")
+        assert five["limit_type"] == "TOKENS_LIMIT" and five["reset_at"].endswith("Z")
+        text = (await request(proxy.url, "GET", "/metrics")).body.decode()
+        labels = {"window": "five_hour", "limit_type": "tokens_limit", "variant": "production"}
+        assert metric(text, "zai_proxy_quota_usage_ratio", **labels) == pct / 100
+        assert metric(text, "zai_proxy_quota_remaining_ratio", **labels) == pytest.approx(
+            1 - pct / 100)
+        assert (metric(text, "zai_proxy_quota_reset_time_seconds", **labels) or 0) > time.time()
+        assert (metric(text, "zai_proxy_quota_poll_total", result="success") or 0) >= 1
+        assert metric(text, "zai_proxy_quota_sample_age_seconds") is not None
+        keys = (await request(proxy.url, "GET", "/admin/keys")).json()
+        (entry,) = keys["zai_quota"]
+        assert entry["fresh"] and entry["windows"][0]["used_pct"] == pct
+        assert UPSTREAM_KEY not in text and UPSTREAM_KEY not in orjson.dumps(keys).decode()
+        # One poller for the host, not one per worker: ~5 polls a second, whatever the
+        # number of workers (2 here).
+        before = (await mock_quota(quota_mock))["polls"]
+        await trio.sleep(2.0)
+        polls = (await mock_quota(quota_mock))["polls"] - before
+        assert 5 <= polls <= 14, polls
+    finally:
+        assert proxy.stop() == 0, proxy.logs()[-3000:]
+    assert UPSTREAM_KEY not in proxy.logs()
+
+
+async def test_a_failing_quota_api_keeps_the_last_sample_and_says_so(
+        quota_mock: ProcessServer, tmp_path: Path) -> None:
+    await mock_quota(quota_mock, reset=True, used={"five_hour": 500})
+    proxy = await start(proxy_env(quota_mock, ZAIPROXY_QUOTA_STALE_AFTER="1"),
+                        tmp_path / "proxy.log")
+    try:
+        async def at_25() -> bool:
+            q = await health_quota(proxy)
+            return bool(q.get("windows")) and q["windows"][0]["used_fraction"] == 0.25
+
+        await eventually(at_25)
+        await mock_quota(quota_mock, shape="malformed")
+
+        async def stale() -> dict[str, Any] | None:
+            q = await health_quota(proxy)
+            return q if not q["fresh"] else None
+
+        q = await eventually(stale)
+        assert q["last_outcome"] == "malformed" and q["windows"][0]["used_fraction"] == 0.25
+        async def counted_stale() -> str | None:  # at the poller's next failure
+            text = (await request(proxy.url, "GET", "/metrics")).body.decode()
+            return text if metric(text, "zai_proxy_quota_poll_total", result="stale") else None
+
+        text = await eventually(counted_stale)
+        assert (metric(text, "zai_proxy_quota_poll_total", result="malformed") or 0) >= 1
+        await trio.sleep(0.5)  # more failures: still one transition into staleness
+        text = (await request(proxy.url, "GET", "/metrics")).body.decode()
+        assert metric(text, "zai_proxy_quota_poll_total", result="stale") == 1
+        assert (await request(proxy.url, "GET", "/admin/keys")).json()["zai_quota"][0]["stale"]
+    finally:
+        await mock_quota(quota_mock, shape="ok")
+        assert proxy.stop() == 0, proxy.logs()[-3000:]
+    assert '"event":"zai_quota_poll_failed"' in proxy.logs()
+
+
+async def test_the_reserve_answers_429_in_each_apis_shape_until_the_quota_has_room(
+        quota_mock: ProcessServer, tmp_path: Path) -> None:
+    reset_at = time.time() + 3000
+    await mock_quota(quota_mock, reset=True, used={"five_hour": 1940},
+                     reset_at_ms={"five_hour": int(reset_at * 1000)})  # 97 %
+    proxy = await start(proxy_env(quota_mock, ZAIPROXY_QUOTA_PACING="true"),
+                        tmp_path / "proxy.log")
+    try:
+        async def closed() -> bool:
+            keys = (await request(proxy.url, "GET", "/admin/keys")).json()
+            return bool(keys["zai_quota"][0]["pacing"]["reserve_reached"])
+
+        await eventually(closed)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await trio.to_thread.run_sync(lambda: chat(proxy).chat.completions.create(
+                model="glm-4.6", messages=[{"role": "user", "content": "hi"}]))
+        err = refused.value
+        assert "quota reserve reached" in err.message
+        retry_after = int(err.response.headers["retry-after"])
+        assert abs(retry_after - (reset_at - time.time())) <= 5
+        assert err.response.headers["x-zaiproxy-limit"] == "upstream:zai_quota_five_hour"
+        with pytest.raises(anthropic.RateLimitError) as refused_a:
+            await trio.to_thread.run_sync(lambda: anthropic.Anthropic(
+                base_url=proxy.url, api_key="client", max_retries=0).messages.create(
+                model="glm-4.6", max_tokens=16, messages=[{"role": "user", "content": "hi"}]))
+        body = refused_a.value.body
+        assert isinstance(body, dict) and body["type"] == "error"
+        assert "quota reserve reached" in body["error"]["message"]
+        text = (await request(proxy.url, "GET", "/metrics")).body.decode()
+        assert metric(text, "zai_proxy_quota_gate_open", window="five_hour") == 0.0
+        assert (metric(text, "zai_proxy_rate_limit_rejections_total",
+                       limit="zai_quota_five_hour") or 0) >= 2
+        requests_before = (await request(quota_mock.url, "GET", "/mock/stats")).json()
+        # Z.AI's window has room again: the next sample opens the gate.
+        await mock_quota(quota_mock, used={"five_hour": 200})
+
+        async def open_again() -> bool:
+            keys = (await request(proxy.url, "GET", "/admin/keys")).json()
+            return not keys["zai_quota"][0]["pacing"]["reserve_reached"]
+
+        await eventually(open_again)
+        answer = await trio.to_thread.run_sync(lambda: chat(proxy).chat.completions.create(
+            model="glm-4.6", messages=[{"role": "user", "content": "hi"}]))
+        assert answer.choices[0].message.content
+        requests_after = (await request(quota_mock.url, "GET", "/mock/stats")).json()
+        assert requests_after["requests"] == requests_before["requests"] + 1
+    finally:
+        assert proxy.stop() == 0, proxy.logs()[-3000:]
+    assert '"event":"zai_quota_reserve_reached"' in proxy.logs()
+
+
+@pytest.mark.slow
+async def test_one_poller_for_the_fleet_and_every_pod_paces_on_it(
+        quota_mock: ProcessServer, redis_server: RedisServer, tmp_path: Path) -> None:
+    reset_at = time.time() + 3000
+    await mock_quota(quota_mock, reset=True, used={"five_hour": 600},
+                     reset_at_ms={"five_hour": int(reset_at * 1000)})  # 30 %
+    prefix = f"q{os.getpid()}x{int(time.time())}"
+    env = proxy_env(quota_mock, ZAIPROXY_LIMITS_BACKEND="redis",
+                    ZAIPROXY_REDIS_URL=redis_server.url, ZAIPROXY_REDIS_KEY_PREFIX=prefix,
+                    ZAIPROXY_REDIS_COMMAND_TIMEOUT="2", ZAIPROXY_REDIS_CONNECT_TIMEOUT="2",
+                    ZAIPROXY_QUOTA_PACING="true", ZAIPROXY_ADAPTIVE_RATE="false")
+    pods = [await start(env, tmp_path / f"pod{i}.log") for i in range(2)]
+    try:
+        for pod in pods:
+            async def at_30(pod: ProcessServer = pod) -> bool:
+                q = await health_quota(pod)
+                return bool(q.get("windows")) and q["windows"][0]["used_fraction"] == 0.3
+
+            await eventually(at_30)
+        # One poller for the fleet: ~5 polls a second for two pods of two workers.
+        before = (await mock_quota(quota_mock))["polls"]
+        await trio.sleep(2.0)
+        polls = (await mock_quota(quota_mock))["polls"] - before
+        assert 5 <= polls <= 14, polls
+        # The reserve reached, as the leader sees it, closes every pod's gate.
+        await mock_quota(quota_mock, used={"five_hour": 1960})
+        for pod in pods:
+            async def closed(pod: ProcessServer = pod) -> bool:
+                r = await request(pod.url, "POST", "/v1/chat/completions",
+                                  [("content-type", "application/json")],
+                                  b'{"model":"glm-4.6","messages":[{"role":"user","content":"x"}]}')
+                return r.status == 429 and b"quota reserve reached" in r.body
+
+            await eventually(closed)
+    finally:
+        for pod in pods:
+            assert pod.stop() == 0, pod.logs()[-3000:]

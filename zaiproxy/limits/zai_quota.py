@@ -468,11 +468,11 @@ class QuotaPacer:
             held = self.held
             if held is not None and held[2] <= now:
                 held = self.held = None
-            rate, window = (held[0], held[1]) if held is not None else (None, None)
-            self.cap = rate
+            kept, window = (held[0], held[1]) if held is not None else (None, None)
+            self.cap = kept
             if self.closed is not None:
-                return Decision(rate, *self.closed)
-            return Decision(rate, None, window)
+                return Decision(kept, *self.closed)
+            return Decision(kept, None, window)
         reserve = self.settings.reserve
         rate: float | None = None
         rate_window: str | None = None
@@ -636,16 +636,22 @@ class QuotaPoller:
                 await self._stop.wait()
 
     async def _fleet_loop(self) -> None:
+        """The leader polls every interval and publishes the sample and its pacing decision
+        at every turn (the decision moves each second); the others copy them."""
         assert self._stop is not None and self.leader is not None
         next_poll = 0.0
+        outcome = "success"
         while not self._stop.is_set():
             now = trio.current_time()
-            if self.leader() and now >= next_poll:
-                next_poll = now + self.config.quota_interval
-                outcome = await self.poll_once()
+            if self.leader():
+                if now >= next_poll:
+                    next_poll = now + self.config.quota_interval
+                    outcome = await self.poll_once()
                 await self._publish(outcome)
-            await self._follow()
-            with trio.move_on_after(FLEET_READ_S):
+            else:
+                next_poll = 0.0  # a pod that becomes the leader polls at once
+                await self._follow()
+            with trio.move_on_after(min(FLEET_READ_S, self.config.quota_interval)):
                 await self._stop.wait()
 
     async def _publish(self, outcome: str) -> None:
@@ -660,12 +666,9 @@ class QuotaPoller:
             await self.redis.set(self.redis_key, orjson.dumps(doc),
                                  px=int(max(self.config.quota_stale_after, 60.0) * 4000))
 
-    async def publish_pace(self) -> None:
-        """The leader's pacing decision, each tick (followers copy it within a second)."""
-        await self._publish(self.board.view(self.config).last_outcome or "success")
-
     async def _follow(self) -> None:
-        """Every pod: the fleet's sample from Redis into this host's rows."""
+        """A follower: the leader's sample and pacing decision from Redis into this host's
+        rows (its polls are counted where they were made)."""
         raw = None
         with contextlib.suppress(Exception), trio.move_on_after(1.0):
             raw = await self.redis.get(self.redis_key)
@@ -679,16 +682,14 @@ class QuotaPoller:
             pace = [int(v) for v in doc.get("pace", ())]
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return
-        leading = self.leader is not None and self.leader()
         if sample is not None and (self.latest is None or sampled_at > self.latest.sampled_at):
-            if not leading:
-                self.board.record("success", sampled_at, sample, count=False)
+            self.board.record("success", sampled_at, sample, count=False)
             self._got(sample, sampled_at)
             self.stale = False
         outcome = doc.get("outcome")
-        if not leading and outcome in OUTCOMES and outcome != "success":
+        if outcome in OUTCOMES and outcome != "success":
             self.board.record(outcome, float(doc.get("at", 0.0)), count=False)
-        if not leading and len(pace) == 5:
+        if len(pace) == 5:
             self.pace.copy(pace)
         self.check_stale(self.wall())
 

@@ -28,6 +28,7 @@ import pytest
 from tests.test_metrics import IMPLEMENTATIONS, Host, rec, scrape
 from zaiproxy.cli import build_parser
 from zaiproxy.core.record import Usage
+from zaiproxy.fleet import promql
 from zaiproxy.fleet.canary import (
     EXIT_PROMOTE,
     EXIT_ROLL_BACK,
@@ -50,6 +51,7 @@ from zaiproxy.fleet.canary_sources import (
     from_proxies,
     prometheus_queries,
     proxy_variant,
+    variant_names,
 )
 from zaiproxy.fleet.collector_store import _SCHEMA, Store, row_of
 from zaiproxy.observe import snapshot
@@ -200,8 +202,9 @@ def test_defaults_are_the_runbooks() -> None:
                                            max_ttft_ratio=2.0, max_429_increase=0.05,
                                            max_targets_down=0.5, max_usage_missing=0.5,
                                            min_requests=50)
+    # canary None: the one variant besides production that the source has (variant_names).
     assert (ns.window, ns.production, ns.canary, ns.json, ns.timeout) == \
-        (600.0, "production", "canary", False, 10.0)
+        (600.0, "production", None, False, 10.0)
 
 
 @pytest.mark.parametrize(("flag", "value", "field", "expected", "flips"), [
@@ -611,10 +614,12 @@ def test_command_json(source: tuple[str, type[Scripted]]) -> None:
     assert handler.seen[0][1] == "Bearer t"
 
 
-def test_command_against_prometheus(source: tuple[str, type[Scripted]]) -> None:
-    url, handler = source
-    answers = prom_answers(ok=vec(production="990", canary="79"))
-    by_query = {q: k for k, q in prometheus_queries(60, ("production", "canary")).items()}
+def scripted_prometheus(handler: type[Scripted], answers: dict[str, Any],
+                        names: tuple[str, str], window_s: float = 60) -> list[str]:
+    """Prometheus' query API answering ``answers`` by query name: the variants it holds
+    (``answers["variants"]``), then the queries of ``names``; the names asked, in order."""
+    by_query = {q: k for k, q in prometheus_queries(window_s, names).items()}
+    by_query[promql.present(window_s)] = "variants"
     asked: list[str] = []
 
     def query(target: str) -> tuple[int, bytes]:
@@ -624,13 +629,151 @@ def test_command_against_prometheus(source: tuple[str, type[Scripted]]) -> None:
             "resultType": "vector", "result": answers[key]}}).encode()
 
     handler.routes["/api/v1/query"] = query
-    code, out, err = command("--prometheus", url, "--window", "1m", "--token", "p")
+    return asked
+
+
+def renamed(answers: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    """``answers`` with every series of variant ``old`` labelled ``new``."""
+    return json.loads(json.dumps(answers).replace(f'"variant": "{old}"', f'"variant": "{new}"'))
+
+
+def test_command_against_prometheus(source: tuple[str, type[Scripted]]) -> None:
+    url, handler = source
+    answers = prom_answers(ok=vec(production="990", canary="79"),
+                           variants=vec(production="3", canary="2", nightly="1"))
+    asked = scripted_prometheus(handler, answers, ("production", "canary"))
+    code, out, err = command("--prometheus", url, "--window", "1m", "--token", "p",
+                             "--canary", "canary")
     assert (code, err) == (1, "")
     assert out.splitlines()[0] == "ROLL BACK: bad: error_rate"
     assert out.splitlines()[1] == f"canary 'canary' vs production 'production' over 60s, " \
         f"from prometheus {url}"
-    assert sorted(asked) == sorted(by_query.values())
+    assert asked[0] == "variants" and sorted(asked[1:]) == sorted(prom_answers())
     assert {auth for _, auth in handler.seen} == {"Bearer p"}
+
+
+# ---- variant names: the canary by any name ------------------------------------------------
+# The original service's runbook calls its canary "test" (deployments also used "canary",
+# "v2", "stable"); DEPLOYMENT_VARIANT takes any label value.
+
+
+@pytest.mark.parametrize(("seen", "canary", "complete", "names"), [
+    ({"production", "canary"}, None, True, ("production", "canary")),
+    ({"production", "test"}, None, True, ("production", "test")),
+    ({"production"}, None, True, ("production", "canary")),  # nothing deployed yet: WAIT
+    (set(), None, True, ("production", "canary")),
+    ({"production", "test"}, "test", True, ("production", "test")),
+    # Others besides the two named are fine (a fleet runs several canaries at once).
+    ({"production", "test", "v2"}, "test", True, ("production", "test")),
+    # The named canary is not there and nothing else is: not deployed yet, or dead (WAIT,
+    # or ROLL BACK on its dead proxy URL).
+    ({"production"}, "test", True, ("production", "test")),
+    # Part of the source did not answer: a missing name may be the dead URL's variant.
+    ({"production", "canary"}, "test", False, ("production", "test")),
+])
+def test_variant_names(seen: set[str], canary: str | None, complete: bool,
+                       names: tuple[str, str]) -> None:
+    assert variant_names(seen, "production", canary, complete=complete) == names
+
+
+@pytest.mark.parametrize(("seen", "production", "canary", "message"), [
+    ({"production", "test", "v2"}, "production", None,
+     "which is the canary? besides production 'production' the source has the variants "
+     "'test', 'v2': name it with --canary"),
+    ({"stable", "test"}, "production", None,
+     "which is the canary? besides production 'production' the source has the variants 'stable', 'test': name it "
+     "with --canary (none is 'production': name production's with --production too)"),
+    ({"production", "test"}, "production", "canary",
+     "the source has no variant 'canary' (it has 'production', 'test'): name the canary "
+     "variant with --canary"),
+    ({"stable", "test"}, "production", "test",
+     "the source has no variant 'production' (it has 'stable', 'test'): name the production "
+     "variant with --production"),
+    ({"canary"}, "canary", None,
+     "the source has no variant besides production 'canary': name the canary with --canary"),
+])
+def test_variant_names_that_cannot_be_right(seen: set[str], production: str,
+                                            canary: str | None, message: str) -> None:
+    with pytest.raises(SourceError) as failed:
+        variant_names(seen, production, canary)
+    assert str(failed.value) == message
+
+
+def test_command_a_canary_named_test_against_prometheus(
+        source: tuple[str, type[Scripted]]) -> None:
+    url, handler = source
+    answers = renamed(prom_answers(ok=vec(production="990", canary="79")), "canary", "test")
+    answers["variants"] = vec(production="3", test="2")
+    for extra in ([], ["--canary", "test"]):  # found, or named
+        handler.seen.clear()
+        asked = scripted_prometheus(handler, answers, ("production", "test"))
+        code, out, err = command("--prometheus", url, "--window", "1m", "--json", *extra)
+        doc = json.loads(out)
+        assert (code, err, doc["verdict"], doc["reason"]) == (1, "", "ROLL BACK",
+                                                             "bad: error_rate")
+        assert (doc["canary"], doc["production"]) == ("test", "production")
+        assert doc["variants"]["test"]["server_errors"] == pytest.approx(20.1)
+        assert asked[0] == "variants" and len(asked) == len(prom_answers()) + 1
+    # Asked as "canary" while Prometheus has it as "test": inconclusive, and says so.
+    scripted_prometheus(handler, answers, ("production", "canary"))
+    code, out, err = command("--prometheus", url, "--window", "1m", "--canary", "canary")
+    assert (code, out) == (2, "")
+    assert err == ("zaiproxy canary-check: inconclusive: the source has no variant 'canary' "
+                   "(it has 'production', 'test'): name the canary variant with --canary\n")
+
+
+def test_command_several_canaries_need_a_name(source: tuple[str, type[Scripted]]) -> None:
+    url, handler = source
+    answers = prom_answers(variants=vec(production="3", canary="1", test="1"))
+    asked = scripted_prometheus(handler, answers, ("production", "canary"))
+    code, out, err = command("--prometheus", url, "--window", "1m")
+    assert (code, out, asked) == (2, "", ["variants"])
+    assert err == ("zaiproxy canary-check: inconclusive: which is the canary? besides "
+                   "production 'production' the source has the variants 'canary', 'test': "
+                   "name it with --canary\n")
+    code, out, err = command("--prometheus", url, "--canary", "canary", "--window", "1m")
+    assert (code, err) == (1, "") and out.startswith("ROLL BACK: bad: error_rate")
+
+
+@pytest.mark.parametrize("errors", [0.0, 1.0])
+def test_command_a_canary_named_test_against_a_collector(
+        source: tuple[str, type[Scripted]], errors: float) -> None:
+    url, handler = source
+    handler.routes.update({path: (code, body.replace(b'"canary"', b'"test"'))
+                           for path, (code, body) in collector_answers(errors).items()})
+    code, out, err = command("--url", url, "--window", "1m", "--token", "t", "--json")
+    doc = json.loads(out)
+    assert (code, err) == ((1, "") if errors else (0, ""))
+    assert (doc["canary"], doc["verdict"]) == ("test", "ROLL BACK" if errors else "PROMOTE")
+    assert doc["variants"]["test"]["requests"] == pytest.approx(120)
+    assert set(doc["variants"]) == {"production", "test"}
+
+
+def test_command_a_canary_named_test_against_two_proxies(scripted: Scripts) -> None:
+    (prod, prod_h), (canary, canary_h) = scripted(), scripted()
+    prod_h.routes.update(proxy_answers("production"))
+    canary_h.routes.update(proxy_answers("test", errors=5))
+    for extra in ([], ["--canary", "test"], ["--production", "production"]):
+        code, out, err = command("--url", prod, "--url", canary, "--window", "1m", *extra)
+        assert (code, err) == (1, ""), err
+        assert out.splitlines()[:2] == [
+            "ROLL BACK: bad: error_rate",
+            f"canary 'test' vs production 'production' over 60s, from proxies {prod} "
+            f"(production), {canary} (test)"]
+    code, out, err = command("--url", prod, "--url", canary, "--canary", "canary")
+    assert (code, out) == (2, "")
+    assert err == ("zaiproxy canary-check: inconclusive: the source has no variant 'canary' "
+                   "(it has 'production', 'test'): name the canary variant with --canary\n")
+
+
+def test_command_names_are_label_values(capsys: pytest.CaptureFixture[str]) -> None:
+    for flag in ("--canary", "--production"):
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args(["canary-check", "--prometheus", "http://p", flag,
+                                       'test"} or vector(1) #'])
+        assert exited.value.code == 2
+        assert f"argument {flag}: 'test\"}} or vector(1) #': must match " \
+            "^[a-z0-9][a-z0-9_-]{0,31}$" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("route", "answer", "message"), [
@@ -664,7 +807,13 @@ def test_command_prometheus_errors_are_inconclusive(source: tuple[str, type[Scri
     assert code == 2 and "HTTP 400: parse error at char 3" in err
     handler.routes["/api/v1/query"] = (200, b'{"status": "error", "error": "overloaded"}')
     code, _, err = command("--prometheus", url)
-    assert code == 2 and "Prometheus did not answer the requests query: overloaded" in err
+    assert code == 2 and "Prometheus did not answer the variants query: overloaded" in err
+    answers = prom_answers(variants=vec(production="1", canary="1"))
+    answers["requests"] = {"not": "a vector"}
+    scripted_prometheus(handler, answers, ("production", "canary"), 600)
+    code, _, err = command("--prometheus", url)
+    assert code == 2 and "Prometheus did not answer the requests query: a vector whose " \
+        "result is not a list of series" in err
 
 
 def test_command_unreachable_and_same_names(unused_port: int) -> None:

@@ -15,6 +15,10 @@ defaults, every one a flag:
   traffic);
 - promote otherwise.
 
+The canary is the variant ``--canary`` names or, without it, the one variant besides
+production that the source has (``canary``; ``test`` in the original's runbook; ``v2`` ...):
+:func:`~zaiproxy.fleet.canary_sources.variant_names`.
+
 Three layers, so the decision is tested without a socket: :func:`decide` is pure (two
 :class:`~zaiproxy.fleet.canary_sources.Window` aggregates in, a :class:`Decision` out); the
 source adapters in :mod:`zaiproxy.fleet.canary_sources` reduce what a fleet collector's admin
@@ -297,6 +301,11 @@ ttft_p95 (time to first token), rate_limited (429 share), usage_missing (share o
 whose upstream sent no usage, so tokens were only estimated).
 fractions are written 0.1 or 10%.
 
+variants: the canary is the variant --canary names, or else the one variant besides
+production (--production, default production) that the source has, whatever its name
+(canary, test, v2 ...); with several, name it. A name the source does not have while it
+has others (e.g. --canary canary when the canary is called test) is inconclusive.
+
 --url: one fleet collector, or one URL per proxy (repeat --url; each proxy serves the
 one variant its /admin/status names, and its history must be recorded). A proxy URL that
 does not answer (refused, timeout) is a down target of the variant that has no answering
@@ -374,8 +383,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="how far back to compare (default 10m)")
     p.add_argument("--production", type=_variant, default="production", metavar="NAME",
                    help="production's variant label (default production)")
-    p.add_argument("--canary", type=_variant, default="canary", metavar="NAME",
-                   help="the canary's variant label (default canary)")
+    p.add_argument("--canary", type=_variant, default=None, metavar="NAME",
+                   help="the canary's variant label, e.g. test (default: the one variant "
+                        "besides production that the source has; 'canary' when it has none)")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     p.add_argument("--timeout", type=_ratio_arg, default=10.0, metavar="SECONDS",
                    help="per HTTP request to the source (default 10)")
@@ -411,35 +421,35 @@ def run(ns: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = 
     """``zaiproxy canary-check``: read the source, decide, print; the verdict's exit code."""
     out = sys.stdout if out is None else out  # per call: a redirected stdout is obeyed
     err = sys.stderr if err is None else err
-    names = (ns.production, ns.canary)
     if ns.production == ns.canary:
         err.write("zaiproxy canary-check: --production and --canary must name two variants\n")
         return EXIT_WAIT
     try:
-        reading = _read(ns, names)
+        reading = _read(ns)
     except SourceError as exc:
         err.write(f"zaiproxy canary-check: inconclusive: {exc}\n")
         return EXIT_WAIT
     windows = reading.windows
+    production, canary = reading.names
     thresholds = thresholds_of(ns)
-    decision = decide(windows[ns.canary], windows[ns.production], thresholds)
+    decision = decide(windows[canary], windows[production], thresholds)
     if ns.json:
         meta = {"source": reading.source, "window_s": ns.window,
-                "canary": ns.canary, "production": ns.production,
+                "canary": canary, "production": production,
                 "thresholds": asdict(thresholds)}
         out.write(render_json(decision, meta, windows))
     else:
-        out.write(render_text(decision, f"canary {ns.canary!r} vs production "
-                              f"{ns.production!r} over {ns.window:g}s, from {reading.kind} "
+        out.write(render_text(decision, f"canary {canary!r} vs production "
+                              f"{production!r} over {ns.window:g}s, from {reading.kind} "
                               f"{reading.where}"))
     return decision.verdict.exit_code
 
 
-def _read(ns: argparse.Namespace, names: tuple[str, str]) -> Reading:
+def _read(ns: argparse.Namespace) -> Reading:
     if ns.url:
         urls = list(dict.fromkeys(u.rstrip("/") for u in ns.url))  # a URL given twice: once
         token = ns.token or os.environ.get("ZAIPROXY_ADMIN_TOKEN") or None
-        return read_admin(urls, ns.window, names, token=token, timeout=ns.timeout)
-    url = ns.prometheus.rstrip("/")
-    windows = read_prometheus(url, ns.window, names, token=ns.token, timeout=ns.timeout)
-    return Reading(windows, "prometheus", url, {"kind": "prometheus", "url": url})
+        return read_admin(urls, ns.window, ns.production, ns.canary, token=token,
+                          timeout=ns.timeout)
+    return read_prometheus(ns.prometheus.rstrip("/"), ns.window, ns.production, ns.canary,
+                           token=ns.token, timeout=ns.timeout)

@@ -9,6 +9,11 @@ the PromQL of :func:`prometheus_queries`, whose text and answer reading are
 other, each bounded by ``--timeout`` from connect to last byte); every failure to reach or
 read a source is a :class:`SourceError`, and :class:`Unreachable` when nothing answered.
 
+Which variant is the canary: the one ``--canary`` names, or else the one variant besides
+production that the source has (``canary``, ``test`` as the original service's runbook
+called it, ``v2`` ...: :func:`variant_names`). A collector's ``/admin/status`` and the
+proxies' own say which variants there are; Prometheus is asked (:func:`promql.present`).
+
 Which ``--url`` is what: each one's ``/admin/status`` says (``"source"``: ``collector`` or
 ``proxy``). One URL must be a collector (a proxy serves one variant: there is nothing to
 compare it with); several must all be proxies. A proxy serves the one variant its
@@ -60,6 +65,47 @@ class SourceError(Exception):
 
 class Unreachable(SourceError):
     """Nothing answered at the URL: connection refused or reset, or no answer in time."""
+
+
+# The canary's name when it is not given and the source has no variant besides production
+# (nothing deployed yet, or its only proxy URL is dead): what the verdict calls it.
+DEFAULT_CANARY = "canary"
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(map(repr, names))
+
+
+def variant_names(seen: Sequence[str] | set[str], production: str, canary: str | None, *,
+                  complete: bool = True) -> tuple[str, str]:
+    """(production, canary): the names given, the canary found among the variants the
+    source has (``seen``) when it is not. ``complete``: False when part of the source did
+    not answer (a dead proxy URL), so a name missing from ``seen`` may be that part's.
+
+    A SourceError when the names cannot be right: no canary given and several variants
+    besides production; or a name given that the source does not have while it has
+    variants that are neither (a canary called ``test`` asked for as ``canary``)."""
+    present = sorted(seen)
+    others = [v for v in present if v != production]
+    if canary is None:
+        if len(others) > 1:
+            hint = ("" if production in present else
+                    f" (none is {production!r}: name production's with --production too)")
+            raise SourceError(f"which is the canary? besides production {production!r} the "
+                              f"source has the variants {_listed(others)}: name it with "
+                              f"--canary{hint}")
+        canary = others[0] if others else DEFAULT_CANARY
+        if canary == production:  # --production canary, and nothing else there
+            raise SourceError(f"the source has no variant besides production {production!r}"
+                              ": name the canary with --canary")
+    strangers = [v for v in present if v not in (production, canary)]
+    if complete and strangers:
+        for flag, name in (("--production", production), ("--canary", canary)):
+            if name not in present:
+                raise SourceError(f"the source has no variant {name!r} (it has "
+                                  f"{_listed(present)}): name the {flag[2:]} variant with "
+                                  f"{flag}")
+    return production, canary
 
 
 def from_collector(status: Mapping[str, Any], history: Mapping[str, Any], window_s: float,
@@ -251,17 +297,19 @@ def _error_message(response: client.Response) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """What ``--url`` gave: the windows, and which source(s) they came from."""
+    """What the source gave: the windows, the names compared, and where they came from."""
 
     windows: dict[str, Window]
-    kind: str  # "collector" or "proxies"
+    kind: str  # "collector", "proxies" or "prometheus"
     where: str  # for the verdict's header line
     source: dict[str, Any]  # for --json
+    names: tuple[str, str] = ("production", DEFAULT_CANARY)  # (production, canary)
 
 
-def read_admin(urls: Sequence[str], window_s: float, names: Sequence[str], *,
+def read_admin(urls: Sequence[str], window_s: float, production: str, canary: str | None, *,
                token: str | None, timeout: float) -> Reading:
-    """One fleet collector, or one proxy per URL (see the module's docstring)."""
+    """One fleet collector, or one proxy per URL (see the module's docstring); ``canary``
+    None: the one variant besides production that they have (:func:`variant_names`)."""
     range_ = _history_range(window_s)
     statuses: dict[str, Any] = {}
     answers: list[ProxyAnswer] = []
@@ -281,8 +329,10 @@ def read_admin(urls: Sequence[str], window_s: float, names: Sequence[str], *,
         (url,) = urls
         history = get_json(f"{url}/admin/history?range={range_}&variant=all", token=token,
                            timeout=timeout)
+        seen = _reading(url, _collector_variants, statuses[url], history)
+        names = variant_names(seen, production, canary)
         windows = _reading(url, from_collector, statuses[url], history, window_s, names)
-        return Reading(windows, "collector", url, {"kind": "collector", "url": url})
+        return Reading(windows, "collector", url, {"kind": "collector", "url": url}, names)
     if len(urls) == 1:
         (url,) = urls
         served = _reading(url, proxy_variant, url, statuses[url])
@@ -295,6 +345,8 @@ def read_admin(urls: Sequence[str], window_s: float, names: Sequence[str], *,
                            token=token, timeout=timeout)
         answers.append(ProxyAnswer(url, variant, history))
     answers.sort(key=lambda a: list(urls).index(a.url))
+    names = variant_names({a.variant for a in answers if a.variant is not None}, production,
+                          canary, complete=all(a.variant is not None for a in answers))
     windows = _reading(", ".join(urls), from_proxies, answers, window_s, names)
     # A URL that did not answer was counted as a down target of this variant (the only one).
     orphan = next((n for n in names if windows[n].targets_down), None)
@@ -302,7 +354,12 @@ def read_admin(urls: Sequence[str], window_s: float, names: Sequence[str], *,
                | ({} if a.variant else {"error": a.why}) for a in answers]
     where = ", ".join(f"{p['url']} ({p['variant']}{'' if p['answered'] else ': did not answer'})"
                       for p in proxies)
-    return Reading(windows, "proxies", where, {"kind": "proxies", "proxies": proxies})
+    return Reading(windows, "proxies", where, {"kind": "proxies", "proxies": proxies}, names)
+
+
+def _collector_variants(status: Mapping[str, Any], history: Mapping[str, Any]) -> set[str]:
+    """The variants a collector knows: its targets' (fresh or stale) and its history's."""
+    return {str(v) for v in status["variants"]} | {str(v) for v in history["series"]}
 
 
 def _admin_kind(url: str, status: Any) -> str:
@@ -325,19 +382,25 @@ def _history_range(window_s: float) -> str:
     return fitting[0]
 
 
-def read_prometheus(url: str, window_s: float, names: Sequence[str], *, token: str | None,
-                    timeout: float) -> dict[str, Window]:
-    answers: dict[str, Any] = {}
-    for key, query in prometheus_queries(window_s, names).items():
+def read_prometheus(url: str, window_s: float, production: str, canary: str | None, *,
+                    token: str | None, timeout: float) -> Reading:
+    """Which variants Prometheus has (``canary`` None: the one besides production), then
+    their windows."""
+    def ask(key: str, query: str) -> list[Mapping[str, Any]]:
         doc = get_json(f"{url}{promql.QUERY_PATH}?"
                        + urllib.parse.urlencode(promql.instant_params(query)),
                        token=token, timeout=timeout)
         try:
-            answers[key] = promql.result(doc, "vector")
+            return promql.result(doc, "vector")
         except promql.AnswerError as exc:
             raise SourceError(f"{url}: Prometheus did not answer the {key} query: "
                               f"{exc}") from None
-    return _reading(url, from_prometheus, answers, names)
+
+    seen = _reading(url, promql.by_variant, ask("variants", promql.present(window_s)))
+    names = variant_names(set(seen), production, canary)
+    answers = {key: ask(key, query) for key, query in prometheus_queries(window_s, names).items()}
+    windows = _reading(url, from_prometheus, answers, names)
+    return Reading(windows, "prometheus", url, {"kind": "prometheus", "url": url}, names)
 
 
 def _reading(url: str, reduce: Callable[..., _T], *args: Any) -> _T:

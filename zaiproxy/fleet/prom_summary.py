@@ -24,7 +24,7 @@ from zaiproxy.observe import snapshot
 from zaiproxy.observe.snapshot import COUNT_NAMES, Counts
 
 # Every variant the fleet has (a regex matcher; names themselves are [a-z0-9_-]).
-ALL_VARIANTS = (".+",)
+ALL_VARIANTS = promql.ALL_VARIANTS
 
 
 def read_summary(url: str, range_s: float, variant: str | None, now: float, *,

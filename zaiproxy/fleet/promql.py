@@ -48,6 +48,10 @@ BUILD_INFO: Final = "zai_proxy_build_info"
 # Not API traffic (as snapshot.CONTROL_PATHS / CONTROL_PREFIX): scrapes, probes, admin. A
 # current proxy counts them in families of their own; an older one mixed them in.
 API_PATHS: Final = 'path!~"/metrics|/health|/ready|/admin.*"'
+# Every variant there is, whatever its name (a regex matcher, as :func:`variants` writes
+# one): what a reader asks when it does not know the names (``production`` and a canary
+# called ``canary``, ``test``, ``v2`` ...).
+ALL_VARIANTS: Final = (".+",)
 CANARY_QUANTILE: Final = 0.95
 QUANTILES: Final = (0.5, 0.95, 0.99)
 
@@ -66,7 +70,8 @@ def duration(seconds: float) -> str:
 
 
 def variants(names: Sequence[str]) -> str:
-    """The matcher of the variants asked for (names are [a-z0-9_-]: nothing to escape)."""
+    """The matcher of the variants asked for (names are [a-z0-9_-]: nothing to escape;
+    :data:`ALL_VARIANTS` matches all of them)."""
     return 'variant=~"' + "|".join(names) + '"'
 
 
@@ -115,6 +120,13 @@ def targets(names: Sequence[str], lookback_s: float) -> str:
     return (f"max by (variant, instance, job) (last_over_time({BUILD_INFO}"
             f"{{{variants(names)}}}[{duration(lookback_s)}])) * on (instance, job) "
             "group_left () max by (instance, job) (up)")
+
+
+def present(window_s: float) -> str:
+    """Every variant that had a target scraped within the window, whatever its name (each
+    target's ``zai_proxy_build_info``): what ``canary-check`` finds the canary among."""
+    return (f"count by (variant) (last_over_time({BUILD_INFO}{{{variants(ALL_VARIANTS)}}}"
+            f"[{duration(window_s)}]))")
 
 
 def canary_queries(window_s: float, names: Sequence[str]) -> dict[str, str]:

@@ -7,9 +7,16 @@ import argparse
 import os
 import sys
 
-from zaiproxy_tui.model import RANGES, VARIANT_MODES
+from zaiproxy_tui.model import RANGES, variant_mode
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _variant(text: str) -> str:
+    try:
+        return variant_mode(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,8 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with --prometheus, the bearer token Prometheus wants, if any (the "
                         "admin token is never sent there)")
     p.add_argument("--range", default="15m", choices=list(RANGES), help="initial time range")
-    p.add_argument("--variant", default="production", choices=list(VARIANT_MODES),
-                   help="initial variant view")
+    p.add_argument("--variant", default="production", type=_variant, metavar="VARIANT",
+                   help="initial variant view: production, canary (the variant named canary, "
+                        "else the only one besides production), both (production overlaid "
+                        "with the others), or a variant's name, e.g. test (default production)")
     p.add_argument("--light", action="store_true", help="start with the light theme")
     return p.parse_args(argv)
 

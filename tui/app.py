@@ -53,7 +53,7 @@ from zaiproxy_tui.widgets.status import Headline, StatusLine
 
 KEYS_REFRESH_S = 5.0
 HELP = {
-    "cycle_variant": "variant: production → canary → both (overlaid)",
+    "cycle_variant": "variant: production → each other variant → both (overlaid)",
     "step_range(1)": "longer time range (re-queries history)",
     "step_range(-1)": "shorter time range",
     "toggle_pause": "pause / resume the display (data keeps arriving)",

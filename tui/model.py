@@ -22,15 +22,33 @@ admin API's at all, so a version skew shows as blanks, never as a crash.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 RANGES: Final[dict[str, int]] = {"5m": 300, "15m": 900, "1h": 3600, "6h": 21600,
                                  "24h": 86400, "7d": 604800}
+# What ``--variant`` and the ``v`` key choose: production, "canary" (the variant named
+# canary, or else the only variant besides production the source reports), both (production
+# overlaid with every other variant), or any variant by its name.
 VARIANT_MODES: Final = ("production", "canary", "both")
 PRODUCTION: Final = "production"
 CANARY: Final = "canary"
+BOTH: Final = "both"
+# A variant's name is a label value of every metric (the proxy's DEPLOYMENT_VARIANT accepts
+# exactly these: zaiproxy/core/config_values.py ``variant``; tests/tui/test_model.py keeps
+# the two equal, since the UI may not import the proxy).
+VARIANT_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def variant_mode(text: str) -> str:
+    """``--variant``: one of :data:`VARIANT_MODES` or a variant name; ValueError otherwise."""
+    if text in VARIANT_MODES or VARIANT_NAME.fullmatch(text):
+        return text
+    raise ValueError(f"{text!r} is neither {', '.join(VARIANT_MODES)} nor a variant name "
+                     "(lower case letters, digits, '_' or '-', at most 32 characters, as "
+                     "DEPLOYMENT_VARIANT)")
 
 
 class AnswerError(ValueError):

@@ -46,8 +46,6 @@ import orjson
 
 from zaiproxy.fleet import promql
 from zaiproxy_tui.model import (
-    CANARY,
-    PRODUCTION,
     RANGES,
     History,
     KeysReport,
@@ -83,10 +81,12 @@ class NotInPrometheus(SourceError):
 
 
 class PrometheusSource:
-    """Both variants of a fleet, read from the Prometheus at ``url``."""
+    """The variants of a fleet, read from the Prometheus at ``url``: every variant it has
+    series of (production and a canary by whatever name: ``canary``, ``test`` ...), or
+    only ``names``."""
 
     def __init__(self, url: str, token: str | None = None, *,
-                 names: Sequence[str] = (PRODUCTION, CANARY), interval: float = REFRESH_S,
+                 names: Sequence[str] = promql.ALL_VARIANTS, interval: float = REFRESH_S,
                  timeout: float = 10.0, clock: Callable[[], float] = time.time) -> None:
         self.url = url.rstrip("/")
         self.token = token or None
@@ -97,6 +97,13 @@ class PrometheusSource:
         self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout,
                                          headers={"user-agent": "zaiproxy-tui"})
         self._slots = asyncio.Semaphore(MAX_QUERIES_IN_FLIGHT)
+
+    def _found(self, *answers: Mapping[str, Any]) -> list[str]:
+        """The variants to report: the names asked for, or (every variant asked for) those
+        any of the answers has."""
+        if self.names != promql.ALL_VARIANTS:
+            return list(self.names)
+        return sorted({name for answer in answers for name in answer})
 
     def __repr__(self) -> str:  # never the token
         return f"PrometheusSource({self.url!r}, token={'set' if self.token else 'unset'})"
@@ -200,7 +207,8 @@ class PrometheusSource:
             self._vectors(promql.dashboard_totals(self.names)),
             self._vector("versions", versions), self._targets())
         variants: dict[str, VariantLive] = {}
-        for name in self.names:
+        names = self._found(*rates.values(), *totals.values(), targets)
+        for name in names:
             r, n = _of(rates, name), _of(totals, name)
             found = targets.get(name)
             if not (r or n or found):
@@ -215,7 +223,7 @@ class PrometheusSource:
                 versions=tuple(sorted(builds.get(name, {}))),
                 targets=found.total if found else None,
                 stale_targets=len(found.down) if found else 0)
-        down = tuple(d for name in self.names if name in targets for d in targets[name].down)
+        down = tuple(d for name in names if name in targets for d in targets[name].down)
         return Snapshot(time=at, source="prometheus", variants=variants,
                         interval=self.interval, stale_targets=down)
 
@@ -229,11 +237,13 @@ class PrometheusSource:
         # points do not move between refreshes.
         end = math.floor(now / step) * step
         start = end - math.ceil(seconds / step) * step
-        names = self.names if variant not in self.names else (variant,)
-        signals = promql.dashboard_rates(names, window)
+        asked = self.names if variant == "all" else (variant,)
+        signals = promql.dashboard_rates(asked, window)
         answers = dict(zip(signals, await _all(
             *(self._matrix(n, s, start, end, step) for n, s in signals.items())), strict=True))
         series: dict[str, tuple[Point, ...]] = {}
+        names = (self._found(*answers.values()) if asked == promql.ALL_VARIANTS
+                 else list(asked))
         for name in names:
             by_signal = {k: a.get(name, {}) for k, a in answers.items()}
             instants = sorted({t for keys in by_signal.values() for ts in keys.values()
@@ -248,7 +258,8 @@ class PrometheusSource:
     async def keys(self) -> KeysReport:
         quota = await self._vector("quota", promql.quota_used(self.names))
         used = [f"{name} {limit.partition(':')[2]} {share:.0%}"
-                for name in self.names for limit, share in sorted(quota.get(name, {}).items())]
+                for name in self._found(quota)
+                for limit, share in sorted(quota.get(name, {}).items())]
         raise NotInPrometheus(
             "per-key usage and limits are not in Prometheus (zaiproxy tui --url a proxy shows "
             "them); " + ("quota windows used, busiest pod: " + ", ".join(used) if used

@@ -13,10 +13,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from zaiproxy_tui.model import (
+    BOTH,
     CANARY,
     PRODUCTION,
     RANGES,
-    VARIANT_MODES,
     History,
     KeysReport,
     Point,
@@ -106,9 +106,19 @@ class Dashboard:
     # ---- the operator's choices ----------------------------------------------------------
 
     def cycle_mode(self) -> str:
-        self.mode = VARIANT_MODES[(VARIANT_MODES.index(self.mode) + 1) % len(VARIANT_MODES)] \
-            if self.mode in VARIANT_MODES else PRODUCTION
+        """The next view: production, then each other variant the source reports, then
+        both (from a view that is none of these: production)."""
+        order = self.mode_cycle()
+        current = self.variants()[0] if self.mode == CANARY else self.mode
+        self.mode = (order[(order.index(current) + 1) % len(order)] if current in order
+                     else PRODUCTION)
         return self.mode
+
+    def mode_cycle(self) -> tuple[str, ...]:
+        """What ``v`` steps through, in order."""
+        named = () if self.mode in (PRODUCTION, CANARY, BOTH) else (self.mode,)
+        others = sorted(set(self.canaries()) | set(named))
+        return (PRODUCTION, *others, BOTH)
 
     def set_range(self, range_: str) -> bool:
         """True when it changed (history must be re-queried)."""
@@ -125,10 +135,20 @@ class Dashboard:
     # ---- derived ----------------------------------------------------------------------------
 
     def variants(self) -> tuple[str, ...]:
-        """The variants the screen shows: one, or production and canary overlaid."""
-        if self.mode == "both":
-            return (PRODUCTION, CANARY)
+        """The variants the screen shows: one, or production and the others overlaid."""
+        if self.mode == BOTH:
+            return (PRODUCTION, *self.canaries())
+        if self.mode == CANARY:
+            others = self.canaries()
+            # The variant named canary; a canary deployed under another name (the original
+            # service's runbook calls it "test") when it is the only other one.
+            return (others[0] if len(others) == 1 else CANARY,)
         return (self.mode,)
+
+    def canaries(self) -> tuple[str, ...]:
+        """The variants besides production that the source reports, by name; ("canary",)
+        while it reports none (its panels then say there is no data for it)."""
+        return tuple(sorted(self.known_variants() - {PRODUCTION})) or (CANARY,)
 
     def stale(self, now: float) -> bool:
         """The newest snapshot is older than three intervals (the proxy stopped updating)."""

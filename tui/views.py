@@ -18,6 +18,26 @@ from zaiproxy_tui.model import PRODUCTION, RANGES, LimitState, Point, timeline, 
 from zaiproxy_tui.state import Dashboard
 
 Segment = tuple[str, str | None]  # (text, role); role None = normal text
+# The colour roles of the variants besides production, in order of their names (the
+# palette has one colour for each; a fourth variant takes the first's again).
+OTHER_VARIANT_ROLES = ("canary", "variant-2", "variant-3")
+
+
+def variant_role(d: Dashboard, variant: str) -> str:
+    """A variant's colour: production's, else that of its place among the others."""
+    if variant == PRODUCTION:
+        return PRODUCTION
+    others = d.canaries()
+    i = others.index(variant) if variant in others else 0
+    return OTHER_VARIANT_ROLES[i % len(OTHER_VARIANT_ROLES)]
+
+
+def variants_label(d: Dashboard) -> str:
+    """The status line's word for what is shown: a variant, or ``prod+…`` overlaid."""
+    shown = d.variants()
+    if len(shown) == 1:
+        return shown[0]
+    return "+".join("prod" if v == PRODUCTION else v for v in shown)
 
 
 # ---- formatting ------------------------------------------------------------------------
@@ -164,7 +184,7 @@ def status_view(d: Dashboard, now: float) -> list[Segment]:
     if d.latest is not None:
         for warning in d.latest.warnings:
             out.append((f" ⚠ {WARNINGS.get(warning, warning)}", "error"))
-    out.append((f"  {'+'.join(d.variants()) if d.mode != 'both' else 'prod+canary'}", "accent"))
+    out.append((f"  {variants_label(d)}", "accent"))
     for variant in d.variants():
         badge = freshness(d, variant)
         if badge is not None:  # a dead canary must not look like an idle one
@@ -365,25 +385,27 @@ def panel_views(d: Dashboard, now: float) -> list[PanelView]:
             title = m.title
         else:
             fn = _main_value(m)
-            series = tuple(SeriesView(v, v, _series(lines[v], fn)) for v in shown)
+            roles = {v: variant_role(d, v) for v in shown}
+            series = tuple(SeriesView(v, roles[v], _series(lines[v], fn)) for v in shown)
             if m.key == "rate":
                 title = "Requests/s"
             elif len(m.parts) > 1:
                 title = f"{m.title} · {m.parts[m.main][0]}"
             else:
                 title = m.title
-            legend = tuple(("prod" if v == PRODUCTION else v, v) for v in shown)
+            legend = tuple(("prod" if v == PRODUCTION else v, roles[v]) for v in shown)
             summary_parts: list[Segment] = []
             for v in shown:
                 last = _last(lines[v], d, v)
                 badge = freshness(d, v)
+                name = (f"{v[:4]} ", roles[v])
                 if badge is not None:
-                    summary_parts += [(f"{v[:4]} ", v), (f"{badge}  ", "error")]
+                    summary_parts += [name, (f"{badge}  ", "error")]
                     continue
                 if last is None:
-                    summary_parts += [(f"{v[:4]} ", v), ("no data  ", "muted")]
+                    summary_parts += [name, ("no data  ", "muted")]
                     continue
-                summary_parts += [(f"{v[:4]} ", v), (_fmt_main(m, last), None)]
+                summary_parts += [name, (_fmt_main(m, last), None)]
                 if m.key == "rate":
                     rate = last.error_rate if last else None
                     summary_parts.append((f" 5xx {fmt_pct(rate)}",

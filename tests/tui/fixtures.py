@@ -31,7 +31,7 @@ STEPS = {"5m": 5, "15m": 15, "1h": 60, "6h": 300, "24h": 900, "7d": 3600}
 
 
 def _rates(variant: str, t: float, seconds: float) -> dict[str, Any]:
-    canary = variant == "canary"
+    canary = variant != "production"  # a canary by any name ("canary", "test" ...)
     wave = math.sin(t / 900.0)
     req = (2.0 + 0.5 * wave) if canary else (20.0 + 8.0 * wave)
     err = 0.06 if canary else 0.01

@@ -102,6 +102,35 @@ def test_variant_key_cycles_production_canary_both() -> None:
     run(make_app(), body)
 
 
+def test_a_canary_named_test_the_variant_key_and_the_flag() -> None:
+    """The original service's runbook calls its canary "test": the key cycles through the
+    variants the source has, and --variant canary finds the canary by any name."""
+    test_fleet = ("production", "test")
+
+    def source() -> FixtureSource:
+        return FixtureSource(events=[metrics_doc(variants=test_fleet)],
+                             history=lambda r, v: history_doc(r, variants=test_fleet))
+
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await pilot.press("v")
+        assert "  test 15m" in status(app) and "req 2.33/s" in status(app)
+        await pilot.press("v")
+        assert "prod+test" in status(app)
+        assert "━prod" in legend(app, "latency") and "━test" in legend(app, "latency")
+        assert "prod 25.3/s" in summary(app, "rate") and "test 2.33/s" in summary(app, "rate")
+        await pilot.press("v")
+        assert "production" in status(app) and "test" not in status(app)
+
+    run(make_app(source()), body)
+
+    async def canary(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        assert "  test 15m" in status(app) and "req 2.33/s" in status(app)
+        assert "no data" not in "".join(plot_lines(app, "latency"))
+
+    run(make_app(source(), mode="canary"), canary)
+    run(make_app(source(), mode="test"), canary)
+
+
 def test_range_keys_requery_history_for_the_new_range() -> None:
     source = FixtureSource()
 
@@ -147,7 +176,7 @@ def test_help_overlay_lists_every_binding_and_closes() -> None:
         await settle(pilot)
         assert isinstance(app.screen, HelpScreen)
         shown = "\n".join(text(w) for w in app.screen.query(Static))
-        for words in ("v  variant: production → canary → both", "r  longer time range",
+        for words in ("v  variant: production → each other variant → both", "r  longer time range",
                       "R  shorter", "1-6  range 5m / 15m / 1h / 6h / 24h / 7d", "p  pause",
                       "s  sort the keys", "t  light / dark", "a  enter the admin token",
                       "?  this help", "q  quit"):

@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from tests.tui.fixtures import NOW, history_doc, keys_doc, metrics_doc
+from zaiproxy_tui.__main__ import parse_args
 from zaiproxy_tui.model import (
+    VARIANT_NAME,
     AnswerError,
     History,
     LimitState,
@@ -28,6 +30,7 @@ from zaiproxy_tui.model import (
     parse_snapshot,
     timeline,
     total,
+    variant_mode,
     weighted,
 )
 
@@ -496,3 +499,44 @@ def test_fleet_keys_answer_lists_failed_targets() -> None:
     assert parse_keys(keys_doc()).targets_failed == ()
     doc["targets"] = doc["targets"][:1]
     assert (parse_keys(doc).targets, parse_keys(doc).targets_failed) == (1, ())
+
+
+# ---- variant names ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["production", "canary", "both", "test", "v2", "stable",
+                                  "canary-2", "a_b", "x" * 32])
+def test_variant_mode_takes_the_keywords_and_any_variant_name(text: str) -> None:
+    assert variant_mode(text) == text
+
+
+@pytest.mark.parametrize("text", ["", "Test", "-canary", "canary!", "a b", "x" * 33, ".+"])
+def test_variant_mode_refuses_what_is_no_label_value(text: str) -> None:
+    with pytest.raises(ValueError, match="neither production, canary, both nor a variant name"):
+        variant_mode(text)
+
+
+def test_variant_names_are_the_proxys_deployment_variants() -> None:
+    """The UI may not import the proxy (pyproject.toml's contracts): its copy of the rule
+    must stay the one DEPLOYMENT_VARIANT is checked with."""
+    from zaiproxy.core import config_values
+
+    assert VARIANT_NAME.pattern == config_values._VARIANT_RE.pattern
+    for text in ("test", "Test", "v2", "-x", "x" * 32, "x" * 33, "a.b"):
+        try:
+            config_values.variant(text, True)
+        except config_values.Invalid:
+            assert VARIANT_NAME.fullmatch(text) is None, text
+        else:
+            assert VARIANT_NAME.fullmatch(text), text
+
+
+def test_the_variant_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args([]).variant == "production"
+    for text in ("both", "canary", "test"):
+        assert parse_args(["--variant", text]).variant == text
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--variant", "Canary!"])
+    assert exited.value.code == 2
+    assert "argument --variant: 'Canary!' is neither production, canary, both nor a variant " \
+        "name" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from zaiproxy_tui.views import (
     panel_views,
     status_view,
 )
+from zaiproxy_tui.widgets import palette
 
 DATA = Path(__file__).parent / "data"
 PANELS = ["rate", "latency", "ttft", "tokens", "cost", "concurrency"]
@@ -90,6 +91,71 @@ def test_status_canary_error_rate_over_5_percent_is_an_error() -> None:
     seg = status_view(dashboard("canary"), NOW)
     assert after(seg, "  5xx ") == ("6.0%", "error")
     assert after(seg, "  in-flight ") == ("2/16", None)
+
+
+# ---- variants by any name -------------------------------------------------------------
+# The original service's canary runbook names the canary "test"; deployments used "canary",
+# "v2", "stable". The screen shows whatever the source reports.
+
+
+def test_a_canary_named_test_is_shown_under_its_name() -> None:
+    d = dashboard("both", variants=("production", "test"))
+    assert d.variants() == ("production", "test")
+    seg = status_view(d, NOW)
+    assert ("  prod+test", "accent") in seg
+    assert after(seg, "  req ") == ("27.6/s", None)  # the canary's numbers, as "canary"'s
+    rate = panel_views(d, NOW)[0]
+    assert [(s.label, s.role) for s in rate.series] == [("production", "production"),
+                                                        ("test", "canary")]
+    assert rate.legend == (("prod", "production"), ("test", "canary"))
+    assert after(rate.summary, "test ") == ("2.33/s", None)
+    d.mode = "test"
+    assert d.variants() == ("test",)
+    assert ("  test", "accent") in status_view(d, NOW)
+    assert all(v.message is None for v in panel_views(d, NOW))
+
+
+def test_mode_canary_is_the_only_other_variant_whatever_its_name() -> None:
+    assert dashboard("canary", variants=("production", "test")).variants() == ("test",)
+    assert dashboard("canary").variants() == ("canary",)
+    # Several others and none named canary: "canary" is no guess, its panels say no data.
+    several = dashboard("canary", variants=("production", "test", "v2"))
+    assert several.variants() == ("canary",)
+    assert panel_views(several, NOW)[0].message == "no data for canary in the last 15m"
+    # Nothing but production: the canary slot keeps its name.
+    assert dashboard("canary", variants=("production",)).variants() == ("canary",)
+
+
+@pytest.mark.parametrize(("variants", "cycle"), [
+    (("production", "canary"), ["canary", "both", "production"]),
+    (("production", "test"), ["test", "both", "production"]),
+    (("production",), ["canary", "both", "production"]),  # no other: "no data for canary"
+    (("production", "canary", "test", "v2"), ["canary", "test", "v2", "both", "production"]),
+])
+def test_v_cycles_production_each_other_variant_then_both(variants: tuple[str, ...],
+                                                           cycle: list[str]) -> None:
+    d = dashboard(variants=variants)
+    assert [d.cycle_mode() for _ in cycle] == cycle
+
+
+def test_cycling_from_canary_and_from_a_named_variant() -> None:
+    d = dashboard("canary", variants=("production", "test"))
+    assert d.cycle_mode() == "both"  # "canary" stood for test: both comes next
+    assert d.variants() == ("production", "test")
+    # --variant nightly before the source reports it: in the cycle, where its name sorts.
+    d = dashboard("nightly", variants=("production", "test"))
+    assert d.mode_cycle() == ("production", "nightly", "test", "both")
+    assert d.cycle_mode() == "test"
+
+
+def test_several_other_variants_overlaid_each_with_its_own_colour() -> None:
+    d = dashboard("both", variants=("production", "test", "v2"))
+    assert d.variants() == ("production", "test", "v2")
+    assert ("  prod+test+v2", "accent") in status_view(d, NOW)
+    legend = panel_views(d, NOW)[1].legend
+    assert legend == (("prod", "production"), ("test", "canary"), ("v2", "variant-2"))
+    assert all(palette.color(role, dark) for _, role in legend for dark in (True, False))
+    assert len({palette.color(role, True) for _, role in legend}) == 3
 
 
 def test_status_reconnecting_counts_down() -> None:

@@ -16,7 +16,7 @@ DARK: dict[str, str] = {
     "p50": "#4EBF71", "p95": "#E5C07B", "p99": "#FF5F6D",
     "in": "#61AFEF", "out": "#4EBF71", "cost": "#E5C07B",
     "in_flight": "#61AFEF", "limit": "#FF5F6D",
-    "production": "#61AFEF", "canary": "#FFA94D",
+    "production": "#61AFEF", "canary": "#FFA94D", "variant-2": "#56B6C2", "variant-3": "#C678DD",
     "ok": "#4EBF71", "warn": "#E5C07B", "error": "#FF5F6D", "accent": "#61AFEF",
 }
 LIGHT: dict[str, str] = {
@@ -24,7 +24,7 @@ LIGHT: dict[str, str] = {
     "p50": "#1A7F37", "p95": "#9A6700", "p99": "#CF222E",
     "in": "#0969DA", "out": "#1A7F37", "cost": "#7D4E00",
     "in_flight": "#0969DA", "limit": "#CF222E",
-    "production": "#0969DA", "canary": "#BC4C00",
+    "production": "#0969DA", "canary": "#BC4C00", "variant-2": "#1B7C83", "variant-3": "#8250DF",
     "ok": "#1A7F37", "warn": "#9A6700", "error": "#CF222E", "accent": "#0969DA",
 }
 

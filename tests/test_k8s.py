@@ -971,6 +971,102 @@ def test_services_select_their_variant_and_the_split_one_both(rendered):
         assert selects(deployment(rendered[overlay])["spec"]["selector"], pods[overlay])
 
 
+# ---- the canary's variant name ---------------------------------------------------------
+# One line of k8s/overlays/canary/kustomization.yaml names the canary's variant; the original
+# service's runbook called it "test". Rendered from a copy of the overlay with that line
+# changed, as an operator changes it.
+
+CANARY_LINE = "variant: canary  # the canary's variant name"
+
+
+def canary_overlay_named(name: str, directory: Path) -> list[Obj]:
+    """k8s/overlays/canary with its variant line set to ``name``, rendered from ``directory``
+    (its resource path made relative to there: kustomize refuses an absolute one)."""
+    overlay = K8S / "overlays" / "canary"
+    text = (overlay / "kustomization.yaml").read_text()
+    assert text.count(CANARY_LINE) == 1
+    assert yaml.safe_load(text)["labels"] == [{"pairs": {"variant": "canary"},
+                                                "includeSelectors": True}]
+    base = posixpath.relpath((K8S / "base" / "variant").as_posix(), directory.as_posix())
+    assert text.count("../../base/variant") == 1
+    text = text.replace(CANARY_LINE, f"variant: {name}  # renamed").replace(
+        "../../base/variant", base)
+    (directory / "kustomization.yaml").write_text(text)
+    return render(directory)
+
+
+def relabelled(objs: list[Obj], old: str, new: str) -> list[Obj]:
+    """``objs`` with every ``variant: old`` (labels and selectors) set to ``new``."""
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: new if k == "variant" and v == old else walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+    return [walk(o) for o in objs]
+
+
+@pytest.mark.parametrize("name", ["test", "v2"])
+def test_the_canary_variant_is_named_in_one_place(rendered, name, tmp_path):
+    """Only the `variant` label and the selectors change: names, images, replicas and the
+    environment stay the canary's, and the pod's DEPLOYMENT_VARIANT is the new name."""
+    objs = canary_overlay_named(name, tmp_path)
+
+    def key(o: Obj) -> tuple[str, str]:
+        return o["kind"], o["metadata"]["name"]
+
+    assert sorted(objs, key=key) == sorted(relabelled(rendered["canary"], "canary", name),
+                                           key=key)
+    assert sorted(render_fallback(tmp_path), key=key) == sorted(objs, key=key)
+    config, sources = load_config(env=pod_env(objs, SECRETS, tmp_path))
+    assert config.deployment_variant == name
+    assert sources["server.deployment_variant"] == "env:DEPLOYMENT_VARIANT"
+    assert deployment(objs)["metadata"]["name"] == "zaiproxy-canary"  # the alerts' and scripts'
+
+
+def test_a_canary_named_test_is_served_scraped_and_admitted(rendered, tmp_path):
+    """The split Service, the canary's own Service, its PDB, the ServiceMonitor and the limits'
+    Redis NetworkPolicy all take pods labelled variant=test as they took variant=canary."""
+    objs = canary_overlay_named("test", tmp_path)
+    pod = pod_labels(objs)
+    assert pod["variant"] == "test"
+    prod = rendered["production"]
+    services = by_kind(prod, "Service") | by_kind(objs, "Service")
+    assert selects(services["zaiproxy"]["spec"]["selector"], pod)  # the split one
+    assert selects(services["zaiproxy-canary"]["spec"]["selector"], pod)
+    assert not selects(services["zaiproxy-production"]["spec"]["selector"], pod)
+    assert not selects(services["zaiproxy-canary"]["spec"]["selector"], pod_labels(prod))
+    [pdb] = by_kind(objs, "PodDisruptionBudget").values()
+    assert selects(pdb["spec"]["selector"], pod)
+    monitor = by_kind(prod, "ServiceMonitor")["zaiproxy"]
+    assert selects(monitor["spec"]["selector"], services["zaiproxy-canary"]["metadata"]["labels"])
+    _, _, policy = redis_objects(prod)
+    [rule] = policy["spec"]["ingress"]
+    assert any(selects(peer["podSelector"], pod) for peer in rule["from"])
+
+
+def test_the_alert_rules_take_any_variant_but_production_as_the_canary(rendered):
+    """No expression of the shipped rules names a canary variant (promtool runs them with
+    `test` and two canaries: tests/alerts/canary_names.yaml)."""
+    [rule] = by_kind(rendered["production"], "PrometheusRule").values()
+    exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    matchers = {m for e in exprs for m in re.findall(r'variant\s*(=~|!~|!=|=)\s*"([^"]*)"', e)}
+    assert matchers == {("=", "production"), ("!=", "production")}
+    for g in rule["spec"]["groups"]:
+        for r in g["rules"]:
+            assert r.get("labels", {}).get("variant") is None, r.get("alert")
+
+
+def test_the_analysis_job_finds_the_canary_by_any_name(argo):
+    """No --canary: canary-check takes the one variant besides production (a canary
+    overlay renamed to `test` needs no change here)."""
+    command = canary_check_command(analysis_job_metric(argo))
+    assert "--canary" not in command and "--production" not in command
+    ns = build_parser().parse_args([a.replace("{{args.prometheus}}", "http://prom:9090")
+                                    for a in command[1:]])
+    assert (ns.production, ns.canary) == ("production", None)
+
+
 def test_each_overlay_has_a_pdb_for_its_own_pods_that_allows_a_drain(rendered):
     pods = {o: pod_labels(rendered[o]) for o in OVERLAYS}
     for overlay in OVERLAYS:

@@ -27,6 +27,7 @@ from textual.widgets import Footer
 from zaiproxy_tui.headline import headline_view
 from zaiproxy_tui.messages import FeedReported, HistoryFailed, HistoryLoaded, KeysFailed, KeysLoaded
 from zaiproxy_tui.model import RANGES
+from zaiproxy_tui.quota_view import zai_quota_view
 from zaiproxy_tui.source import (
     AuthRequired,
     FeedEvent,
@@ -221,7 +222,7 @@ class ZaiproxyTui(App[None]):
         self._headline.show(headline_view(d, now, self.tz))
         for view in panel_views(d, now):
             self._plots[view.key].show(view)
-        self._limiter.show(limiter_view(d, self.tz))
+        self._limiter.show(limiter_view(d, self.tz), zai_quota_view(d, now, self.tz))
         rows, note = error_rows(d, now)
         self._errors.show(rows, note)
         self._keys.show(key_lines(d, *self._sort), keys_message(d))

@@ -1,9 +1,11 @@
 """The headline: two compact rows under the status line, so the first screen of a small
 terminal (80×24) shows how much quota is left and what failed, before any plot.
 
-* quota: the proxy-wide limits and windows, least left first (``used %`` of the tightest
-  reads at once), the adaptive upstream rate when it limits, and how many client keys are
-  refused by their own limits now;
+* quota: Z.AI's own tightest window per upstream key when its sample is fresh ("Z.AI 5h 42%
+  used": the account's truth, ``zaiproxy_tui.quota_view``), then the proxy-wide limits and
+  windows the proxy counts itself, least left first (``used %`` of the tightest reads at
+  once), the adaptive upstream rate when it limits, and how many client keys are refused by
+  their own limits now;
 * failed: the shares of the range's requests that failed for their clients, by kind (the
   same kinds as ``/admin/status``'s ``failures``: 5xx, the proxy's own 429s, Z.AI's 429s,
   other 4xx), and the Z.AI 429s retried.
@@ -18,6 +20,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from zaiproxy_tui.model import RANGES, Point, timeline, total
+from zaiproxy_tui.quota_view import headline_segments
 from zaiproxy_tui.state import Dashboard
 from zaiproxy_tui.views import Segment, fmt_count, fmt_pct, fmt_si, limit_rows
 
@@ -33,7 +36,7 @@ def headline_view(d: Dashboard, now: float, tz: dt.tzinfo | None = None) -> Head
 
 
 def quota_segments(d: Dashboard, tz: dt.tzinfo | None = None) -> list[Segment]:
-    out: list[Segment] = [("quota ", "accent")]
+    out: list[Segment] = [("quota ", "accent"), *headline_segments(d)]
     if d.keys is None:
         out.append((d.keys_error or "waiting for /admin/keys…", "muted"))
         return out

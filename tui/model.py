@@ -13,6 +13,9 @@ but not quite the same shapes, so everything is parsed here into one vocabulary:
 - :class:`Snapshot`: one live ``metrics`` event: per variant its totals, the
   rates since the previous event, the breakdowns by class.
 - :class:`KeysReport`: ``/admin/keys``: per key and proxy-wide limit state.
+- :class:`ZaiQuota`: Z.AI's own quota of one upstream key (its 5-hour and weekly windows, as
+  the proxy's poller last read them, and the pacing decision), and :class:`UpstreamKey`: one
+  key of the pool (resting or not, its headroom); in ``/admin/keys`` and ``/admin/status``.
 
 Every parser tolerates missing fields (an older proxy, a family not yet
 observed) and raises :class:`AnswerError` only for an answer that is not the
@@ -299,6 +302,9 @@ class Snapshot:
     interval: float | None = None  # a collector says its scrape interval
     stale_targets: tuple[str, ...] = ()  # a collector's targets that stopped answering
     warnings: tuple[str, ...] = ()  # the proxy's security warnings, e.g. "admin_api_open"
+    # Z.AI's own quota per upstream key; () when not polled, None when the answer has no
+    # word on it (an older proxy or collector).
+    zai_quota: tuple[ZaiQuota, ...] | None = None
 
 
 def _breakdown(value: Any) -> dict[str, dict[str, float]]:
@@ -346,7 +352,7 @@ def parse_snapshot(doc: Any) -> Snapshot:
     warnings = tuple(w for w in _list(doc.get("warnings")) if isinstance(w, str))
     return Snapshot(time=t, source=str(doc.get("source") or "proxy"), variants=variants,
                     interval=_num(doc.get("interval_s")), stale_targets=stale,
-                    warnings=warnings)
+                    warnings=warnings, zai_quota=parse_zai_quota(doc.get("zai_quota")))
 
 
 # ---- keys and limits ----------------------------------------------------------------------
@@ -428,6 +434,10 @@ class KeysReport:
     # "host": one host's ledger; "fleet": every proxy's shared budget in Redis (fleet-wide
     # numbers); "mixed": a collector whose targets disagree (a rollout between backends).
     scope: str = "host"
+    # Z.AI's own quota per upstream key and the pool of upstream keys: () when not polled /
+    # no pool reported, None when the answer has no word on them (an older proxy).
+    zai_quota: tuple[ZaiQuota, ...] | None = None
+    upstreams: tuple[UpstreamKey, ...] | None = None
 
 
 def _limits(doc: Any) -> tuple[LimitState, ...]:
@@ -497,7 +507,187 @@ def parse_keys(doc: Any) -> KeysReport:
     return KeysReport(mode=str(doc.get("mode") or "open"), keys=tuple(rows),
                       limits=_limits(doc.get("global")), adaptive=adaptive,
                       targets=len(targets), targets_failed=failed,
-                      scope=str(doc.get("scope") or "host"))
+                      scope=str(doc.get("scope") or "host"),
+                      zai_quota=parse_zai_quota(doc.get("zai_quota")),
+                      upstreams=parse_upstreams(doc.get("upstreams")))
+
+
+# ---- Z.AI's own quota and the pool of upstream keys --------------------------------------
+
+# Z.AI's windows (limits/zai_quota.py WINDOWS) and the proxy's own rolling windows that count
+# the same span (the ``global`` limits of /admin/keys): "local counting" beside Z.AI's number.
+ZAI_WINDOWS: Final = ("five_hour", "weekly")
+LOCAL_WINDOWS: Final[dict[str, tuple[str, ...]]] = {
+    "five_hour": ("upstream_tokens_per_5h", "upstream_requests_per_5h"),
+    "weekly": ("upstream_tokens_per_week", "upstream_requests_per_week"),
+}
+# The proxy's default ``quota_stale_after``: what a sample's age is judged by when the
+# answer does not say (Prometheus, a collector's /admin/status: neither carries the setting).
+DEFAULT_STALE_AFTER_S: Final = 900.0
+FAILED_POLLS: Final = ("error", "malformed")
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaWindow:
+    """One of Z.AI's windows for one upstream key, as its last good sample said."""
+
+    window: str  # "five_hour" | "weekly"
+    used_share: float | None  # 0..1, Z.AI's own number; None: the answer had none
+    limit_type: str | None = None  # "TOKENS_LIMIT" | "CREDIT_LIMIT"
+    reset_at: float | None = None  # unix seconds
+    reset_in_s: float | None = None  # when the report was made
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaPacing:
+    """The pacing decision for one upstream key (``quota_pacing``)."""
+
+    enabled: bool
+    rate_rps: float | None = None  # the paced rate; None: the quota does not limit now
+    reserve_reached: bool = False  # every request is answered 429 until ``closed_until``
+    window: str | None = None  # the window that sets the rate or closed the gate
+    closed_until: float | None = None  # unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ZaiQuota:
+    """Z.AI's own quota of one upstream key (``zai_quota`` of /admin/keys and /admin/status).
+
+    ``stale``/``fresh``/``last_outcome`` are None when the source cannot say (Prometheus and
+    a collector's /admin/status read the ``zai_proxy_quota_*`` gauges, which carry no
+    staleness): :attr:`is_stale` then judges the sample's age.
+    """
+
+    upstream: str  # the key's alias ("default" without a pool file)
+    enabled: bool = True
+    fresh: bool | None = None
+    stale: bool | None = None
+    plan_tier: str | None = None
+    last_outcome: str | None = None  # "success" | "error" | "malformed"
+    last_success_at: float | None = None
+    sample_age_s: float | None = None  # None: no good sample yet
+    interval_s: float | None = None
+    stale_after_s: float | None = None
+    polls: Mapping[str, float] = field(default_factory=dict)
+    windows: tuple[QuotaWindow, ...] = ()
+    pacing: QuotaPacing | None = None
+
+    @property
+    def is_stale(self) -> bool:
+        """The sample is too old to trust (or there is none): what the proxy says, else its
+        age against ``stale_after_s`` (the proxy's default when not told)."""
+        if self.stale is not None:
+            return self.stale
+        if self.fresh is not None:
+            return not self.fresh
+        if self.sample_age_s is None:
+            return True
+        return self.sample_age_s > (self.stale_after_s or DEFAULT_STALE_AFTER_S)
+
+    @property
+    def failing(self) -> bool:
+        """The last poll of Z.AI's quota API failed (the sample shown is an older one)."""
+        return self.last_outcome in FAILED_POLLS
+
+    def window(self, name: str) -> QuotaWindow | None:
+        return next((w for w in self.windows if w.window == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamKey:
+    """One upstream key (Z.AI account) of the proxy's pool (``upstreams`` of /admin/keys)."""
+
+    alias: str
+    index: int | None = None  # its place in the pool file (0: the first)
+    resting: bool = False  # left out of the choice of key until ``resting_until``
+    resting_until: float | None = None  # unix seconds
+    rest_reason: str | None = None  # "throttled" | "quota"
+    rests: int | None = None
+    switched_away: int | None = None
+    pinned_clients: tuple[str, ...] = ()
+    headroom: float | None = None  # 1 - the highest used share known for the key
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _share(value: Any) -> float | None:
+    v = _num(value)
+    return None if v is None else min(1.0, max(0.0, v))
+
+
+def _quota_window(doc: Any) -> QuotaWindow | None:
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("window"), str):
+        return None
+    share = _share(doc.get("used_fraction"))
+    if share is None:
+        pct = _num(doc.get("used_pct"))
+        share = None if pct is None else _share(pct / 100)
+    return QuotaWindow(doc["window"], share, _str(doc.get("limit_type")),
+                       _num(doc.get("reset_at")), _num(doc.get("reset_in_s")))
+
+
+def _pacing(doc: Any) -> QuotaPacing | None:
+    if not isinstance(doc, Mapping):
+        return None
+    return QuotaPacing(enabled=doc.get("enabled") is True, rate_rps=_num(doc.get("rate_rps")),
+                       reserve_reached=doc.get("reserve_reached") is True,
+                       window=_str(doc.get("window")),
+                       closed_until=_num(doc.get("closed_until")))
+
+
+def _flag(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def parse_zai_quota(value: Any) -> tuple[ZaiQuota, ...] | None:
+    """``zai_quota`` (a list, one entry per upstream key); None when it is not one (absent:
+    an older proxy or collector). Entries that are not objects, or name no key, are left out;
+    a field of the wrong type is unknown."""
+    if not isinstance(value, list):
+        return None
+    out = []
+    for doc in value:
+        if not isinstance(doc, Mapping):
+            continue
+        alias = doc.get("upstream", "default")
+        if not isinstance(alias, str):
+            continue
+        polls = doc.get("polls")
+        windows = (_quota_window(w) for w in _list(doc.get("windows")))
+        out.append(ZaiQuota(
+            upstream=alias, enabled=doc.get("enabled", True) is not False,
+            fresh=_flag(doc.get("fresh")), stale=_flag(doc.get("stale")),
+            plan_tier=_str(doc.get("plan_tier")), last_outcome=_str(doc.get("last_outcome")),
+            last_success_at=_num(doc.get("last_success_at")),
+            sample_age_s=_num(doc.get("sample_age_s")), interval_s=_num(doc.get("interval_s")),
+            stale_after_s=_num(doc.get("stale_after_s")),
+            polls={str(k): n for k, n in ((k, _num(x)) for k, x in polls.items())
+                   if n is not None} if isinstance(polls, Mapping) else {},
+            windows=tuple(w for w in windows if w is not None),
+            pacing=_pacing(doc.get("pacing"))))
+    return tuple(out)
+
+
+def parse_upstreams(value: Any) -> tuple[UpstreamKey, ...] | None:
+    """``upstreams`` (the pool, one entry per key); None when it is not a list."""
+    if not isinstance(value, list):
+        return None
+    out = []
+    for doc in value:
+        if not isinstance(doc, Mapping) or not isinstance(doc.get("alias"), str):
+            continue
+        until = _num(doc.get("resting_until"))
+        out.append(UpstreamKey(
+            alias=doc["alias"], index=_count(doc.get("index")),
+            resting=doc.get("resting") is True, resting_until=until,
+            rest_reason=_str(doc.get("rest_reason")), rests=_count(doc.get("rests")),
+            switched_away=_count(doc.get("switched_away")),
+            pinned_clients=tuple(c for c in _list(doc.get("pinned_clients"))
+                                 if isinstance(c, str)),
+            headroom=_share(doc.get("headroom"))))
+    return tuple(out)
 
 
 # ---- time series arithmetic --------------------------------------------------------------

@@ -12,7 +12,8 @@ source, the targets' badges come from ``up``):
   ``interval`` (2 s, as the admin API's stream): per variant the counters' rates over the
   live window, their totals since each pod started (the "since start" tables), the gauges
   (in flight, the concurrency limit, the adaptive rate), the latency and TTFT quantiles
-  (``histogram_quantile``), the builds, and the targets with those that are down;
+  (``histogram_quantile``), the builds, and the targets with those that are down; and
+  Z.AI's own quota per upstream key (the ``zai_proxy_quota_*`` gauges: :func:`zai_quota`);
 - ``history(range)``: the same rates from ``query_range`` at the collector's steps
   (``zaiproxy/fleet/collector.py``'s ``STEPS``), never finer than a scrape;
 - ``keys()``: Prometheus has no per-key report (alias labels only with
@@ -46,12 +47,17 @@ import orjson
 
 from zaiproxy.fleet import promql
 from zaiproxy_tui.model import (
+    FAILED_POLLS,
     RANGES,
+    ZAI_WINDOWS,
     History,
     KeysReport,
     Point,
+    QuotaPacing,
+    QuotaWindow,
     Snapshot,
     VariantLive,
+    ZaiQuota,
 )
 from zaiproxy_tui.source import (
     BadAnswer,
@@ -74,6 +80,9 @@ STEPS: dict[str, float] = {"5m": 5, "15m": 15, "1h": 60, "6h": 300, "24h": 900, 
 MAX_QUERIES_IN_FLIGHT = 8  # ~30 small queries per refresh, a few at a time
 NEEDS_TOKEN = "Prometheus needs a bearer token: pass --token or press a"
 GAUGES = ("in_flight", "streams_in_flight", "concurrency_limit", "adaptive_rate")
+# What Z.AI's quota pollers did last is read from their polls over this window: five polls
+# at the proxy's default quota_interval (60 s).
+QUOTA_POLLS_WINDOW_S = 300.0
 
 
 class NotInPrometheus(SourceError):
@@ -202,10 +211,11 @@ class PrometheusSource:
         """Every variant now: the live rates stand for the ``seconds`` before ``at``."""
         window = max(LIVE_WINDOW_MIN_S, 4 * await self.scrape_interval())
         versions = promql.dashboard_state(self.names, TARGETS_LOOKBACK_S)["versions"]
-        rates, totals, builds, targets = await _all(
+        rates, totals, builds, targets, quota = await _all(
             self._vectors(promql.dashboard_rates(self.names, window)),
             self._vectors(promql.dashboard_totals(self.names)),
-            self._vector("versions", versions), self._targets())
+            self._vector("versions", versions), self._targets(),
+            self._vectors(promql.zai_quota(self.names, QUOTA_POLLS_WINDOW_S)))
         variants: dict[str, VariantLive] = {}
         names = self._found(*rates.values(), *totals.values(), targets)
         for name in names:
@@ -225,7 +235,8 @@ class PrometheusSource:
                 stale_targets=len(found.down) if found else 0)
         down = tuple(d for name in names if name in targets for d in targets[name].down)
         return Snapshot(time=at, source="prometheus", variants=variants,
-                        interval=self.interval, stale_targets=down)
+                        interval=self.interval, stale_targets=down,
+                        zai_quota=zai_quota(quota, at))
 
     async def history(self, range_: str, variant: str) -> History:
         seconds = RANGES.get(range_, 3600)
@@ -341,3 +352,69 @@ def _breakdown(values: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str,
     out = {k: dict(values.get(k, {})) for k in ("status", "upstream_errors", "rejections",
                                                 "retries", "adjustments")}
     return out | {"zai_errors": by_code, "zai_error_classes": by_class}
+
+
+# ---- Z.AI's quota -----------------------------------------------------------------------------
+
+# How the gauges of several pods (and variants) of one upstream key combine: the busiest
+# pod's used share and latest reset, the freshest sample, the polls of all, the lowest paced
+# rate, a gate closed anywhere.
+_COMBINE: dict[str, Callable[[float, float], float]] = {
+    "usage": max, "reset": max, "sample_age": min, "polls": lambda a, b: a + b,
+    "rate_cap": min, "gate_open": min}
+
+
+def zai_quota(answers: Mapping[str, Mapping[str, Mapping[str, float]]], at: float) \
+        -> tuple[ZaiQuota, ...]:
+    """Z.AI's quota per upstream key from :func:`promql.zai_quota`'s answers (signal ->
+    variant -> key -> value) evaluated at ``at``, every variant's pods together (they poll the same accounts).
+    Staleness is not in the gauges: a poller whose polls over the window were all failures
+    is ``failing``, one that counted a stale transition and no success is stale, and
+    otherwise :attr:`ZaiQuota.is_stale` judges the sample's age. () when Prometheus has no
+    quota series (no pod polls)."""
+    merged: dict[str, dict[str, float]] = {}
+    for name, by_variant in answers.items():
+        into = merged.setdefault(name, {})
+        for values in by_variant.values():
+            for key, value in values.items():
+                into[key] = _COMBINE[name](into[key], value) if key in into else value
+    by_alias: dict[str, dict[str, dict[str, float]]] = {}
+    for name, values in merged.items():
+        for key, value in values.items():
+            alias, _, rest = key.partition(":")
+            by_alias.setdefault(alias, {}).setdefault(name, {})[rest] = value
+    return tuple(_entry("default" if alias == "-" else alias, signals, at)
+                 for alias, signals in sorted(by_alias.items()))
+
+
+def _entry(alias: str, signals: Mapping[str, Mapping[str, float]], at: float) -> ZaiQuota:
+    resets = signals.get("reset", {})
+    order = {w: i for i, w in enumerate(ZAI_WINDOWS)}
+    windows = []
+    for key, used in signals.get("usage", {}).items():
+        window, _, limit_type = key.partition(":")
+        reset_at = resets.get(window)
+        windows.append(QuotaWindow(window, min(1.0, max(0.0, used)),
+                                   limit_type.upper() if limit_type not in ("", "-") else None,
+                                   reset_at, None if reset_at is None
+                                   else max(0.0, reset_at - at)))
+    windows.sort(key=lambda w: (order.get(w.window, len(order)), w.window))
+    polls = dict(signals.get("polls", {}))
+    ok = polls.get("success", 0.0)
+    failed = {k: polls.get(k, 0.0) for k in FAILED_POLLS}
+    worst = max(failed, key=lambda k: failed[k])
+    outcome = ("success" if ok > 0 and not any(failed.values())
+               else worst if ok == 0 and failed[worst] > 0 else None)  # both: order unknown
+    age = signals.get("sample_age", {}).get("")
+    gates = signals.get("gate_open", {})
+    closed = next((w for w in ZAI_WINDOWS if gates.get(w, 1.0) < 1.0), None)
+    pacing = None
+    if gates or "rate_cap" in signals:
+        pacing = QuotaPacing(enabled=True, rate_rps=signals.get("rate_cap", {}).get(""),
+                             reserve_reached=closed is not None, window=closed,
+                             closed_until=resets.get(closed) if closed else None)
+    return ZaiQuota(
+        upstream=alias, stale=True if polls.get("stale", 0.0) > 0 and ok == 0 else None,
+        last_outcome=outcome, sample_age_s=age,
+        last_success_at=None if age is None else at - age, polls=polls,
+        windows=tuple(windows), pacing=pacing)

@@ -150,7 +150,67 @@ def keys_doc() -> dict[str, Any]:
                    "requests_per_5h": window(400_000, 161_000, 7_980.0),
                    "upstream_tokens_per_week": window(900_000_000, 830_000_000, 259_200.0)},
         "adaptive": {"enabled": True, "rate_rps": None, "min_rps": 0.5, "max_rps": 1000.0},
+        # A current proxy that does not poll Z.AI's quota, without a pool file.
+        "zai_quota": [],
+        "upstreams": [upstream_doc("default", 0, headroom=0.078)],
     }
+
+
+def upstream_doc(alias: str, index: int, *, headroom: float, resting_until: float | None = None,
+                 reason: str | None = None, pinned: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One key of the pool as /admin/keys' ``upstreams`` has it (limits/upstream_pool.py)."""
+    return {"alias": alias, "index": index, "resting": resting_until is not None,
+            "resting_until": resting_until, "rest_reason": reason,
+            "rests": 1 if resting_until is not None else 0, "switched_away": 0,
+            "pinned_clients": list(pinned), "headroom": headroom}
+
+
+def zai_quota_doc(alias: str, five_hour: float, weekly: float, *, age: float,
+                  outcome: str = "success", stale_after: float = 900.0,
+                  pacing: dict[str, Any] | None = None, now: float = NOW) -> dict[str, Any]:
+    """One upstream key's entry of ``zai_quota`` (limits/zai_quota.py ``QuotaView.report``):
+    the 5-hour window resets in 2h 13m, the weekly one in 3d 4h."""
+    def window(name: str, used: float, reset_in: float) -> dict[str, Any]:
+        return {"window": name, "limit_type": "TOKENS_LIMIT", "used_fraction": used,
+                "used_pct": round(used * 100, 2), "reset_at": now + reset_in,
+                "reset_in_s": reset_in}
+
+    fresh = age <= stale_after
+    return {"upstream": alias, "enabled": True, "fresh": fresh, "stale": not fresh,
+            "plan_tier": "pro", "last_outcome": outcome, "last_success_at": now - age,
+            "sample_age_s": age, "interval_s": 60.0, "stale_after_s": stale_after,
+            "polls": {"success": 120, "error": 0 if outcome == "success" else 26,
+                      "malformed": 0, "stale": 0 if fresh else 1},
+            "windows": [window("five_hour", five_hour, 7_980.0),
+                        window("weekly", weekly, 3 * 86400 + 4 * 3600)],
+            "pacing": pacing}
+
+
+def pool_keys_doc(now: float = NOW) -> dict[str, Any]:
+    """A proxy with a pool of two upstream keys, polling Z.AI's quota and pacing: team-plan
+    fresh at 42 % of its 5 hours (the proxy's own count: 38 %), paced to 1.5 req/s; backup
+    at 97 %, its sample 25 min old (stale: its quota API fails), its reserve reached and
+    resting after Z.AI's 1308 until 04:05."""
+    doc = keys_doc()
+    doc["global"]["upstream_tokens_per_5h"] = {
+        "limit": 1_000_000_000, "used": 380_000_000, "remaining": 620_000_000,
+        "reset_s": 7_980.0, "releases": 1000}
+    doc["global"]["upstream_tokens_per_week"]["used"] = 150_000_000
+    doc["global"]["upstream_tokens_per_week"]["remaining"] = 750_000_000
+    doc["zai_quota"] = [
+        zai_quota_doc("team-plan", 0.42, 0.18, age=12.3, now=now, pacing={
+            "enabled": True, "rate_rps": 1.5, "reserve_reached": False, "window": "five_hour",
+            "closed_until": None, "cost_per_request": {"five_hour": 1e-5}}),
+        zai_quota_doc("backup", 0.97, 0.75, age=1520.0, outcome="error", now=now, pacing={
+            "enabled": True, "rate_rps": None, "reserve_reached": True, "window": "five_hour",
+            "closed_until": now + 3 * 3600, "cost_per_request": {}}),
+    ]
+    doc["upstreams"] = [
+        upstream_doc("team-plan", 0, headroom=0.58),
+        upstream_doc("backup", 1, headroom=0.03, resting_until=now + 2 * 3600 + 58 * 60 + 20,
+                     reason="quota", pinned=("ci-bot",)),
+    ]
+    return doc
 
 
 class FixtureSource:
@@ -205,4 +265,5 @@ class FixtureSource:
         return parse_keys(self.keys_doc)
 
 
-__all__ = ["NOW", "FixtureSource", "NotServed", "history_doc", "keys_doc", "metrics_doc"]
+__all__ = ["NOW", "FixtureSource", "NotServed", "history_doc", "keys_doc", "metrics_doc",
+           "pool_keys_doc", "upstream_doc", "zai_quota_doc"]

@@ -16,7 +16,15 @@ from textual.pilot import Pilot
 from textual.widget import Widget
 from textual.widgets import DataTable, Input, Static
 
-from tests.tui.fixtures import NOW, FixtureSource, history_doc, keys_doc, metrics_doc
+from tests.tui.fixtures import (
+    NOW,
+    FixtureSource,
+    history_doc,
+    keys_doc,
+    metrics_doc,
+    pool_keys_doc,
+    zai_quota_doc,
+)
 from zaiproxy_tui.app import ZaiproxyTui
 from zaiproxy_tui.source import NotServed, Unreachable
 from zaiproxy_tui.widgets.panels import ErrorsPanel, KeysPanel, LimiterPanel, PlotPanel
@@ -425,3 +433,51 @@ def test_a_dead_canary_shows_down_not_idle() -> None:
         assert "prod 25.3/s" in summary(app, "rate")
 
     run(make_app(FixtureSource(events=[doc])), body)
+
+
+def test_zai_quota_of_a_pool_in_the_panel_and_the_headline() -> None:
+    """Z.AI's own quota per upstream key in the limits panel (a tall screen), and on the
+    first 80×24 screen the headline's "Z.AI team-plan 5h 42% used"; a new /admin/keys
+    answer (backup's poller recovered) shows at the next refresh."""
+    source = FixtureSource(keys=pool_keys_doc())
+
+    async def tall(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await settle(pilot)
+        lines = [" ".join(x.split()) for x in text(app.query_one(LimiterPanel)).splitlines()]
+        panel = "\n".join(lines)
+        assert "Z.AI quota · 2 upstream keys" in panel
+        assert "team-plan headroom 58% pro sampled 13s ago" in panel
+        five = next(x for x in lines if "Z.AI 42%" in x)
+        assert "5h" in five and "· local 38%" in five and "resets in 2h 13m" in five
+        assert "paced 1.50 req/s (5h)" in panel
+        assert "backup resting until 04:05 (quota)" in panel
+        assert "STALE: sampled" in panel and "last poll: error" in panel
+        assert "reserve reached — 429 until 04:06 (5h)" in panel
+        # backup's quota API answers again: a fresh sample, no longer failing.
+        doc = pool_keys_doc()
+        doc["zai_quota"][1] = zai_quota_doc("backup", 0.2, 0.3, age=2.0)
+        source.keys_doc = doc
+        app._load_keys()
+        await settle(pilot)
+        panel = " ".join(text(app.query_one(LimiterPanel)).split())
+        assert "STALE" not in panel and "last poll" not in panel and "Z.AI 20%" in panel
+
+    run(make_app(source), tall)
+
+    async def small(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        quota = text(app.query_one(Headline)).splitlines()[0]
+        assert quota.split()[:7] == ["quota", "Z.AI", "team-plan", "5h", "42%", "used",
+                                     "2h"]
+
+    run(make_app(FixtureSource(keys=pool_keys_doc())), small, size=(80, 24))
+
+
+def test_zai_quota_not_polled_is_one_muted_line() -> None:
+    async def body(pilot: Pilot[None], app: ZaiproxyTui) -> None:
+        await settle(pilot)
+        panel = text(app.query_one(LimiterPanel))
+        assert "Z.AI quota: not polled (ZAIPROXY_QUOTA_POLL)" in panel
+        quota = text(app.query_one(Headline)).splitlines()[0]
+        assert quota.split()[:4] == ["quota", "upstream", "tok/week", "7.8%"]  # as before
+
+    run(make_app(), body, size=(80, 24))

@@ -4,7 +4,10 @@ The ``data/proxy_*.json`` documents were captured from a real ``zaiproxy serve -
 --workers 1`` (open mode for the metrics events, a keys file plus global limits for
 ``/admin/keys`` and the history with 429s). The proxy's history answer was fetched at
 ``PROXY_FETCHED_AT`` (its ``series.range.end``); its three 5 s buckets hold 8, 4 and 1
-requests.
+requests. ``proxy_keys_pool.json`` is a real proxy's ``/admin/keys`` with a pool file of two
+upstream keys against the mock's quota endpoint (``team-plan`` at 43 % of its 5 hours, then
+answered Z.AI's 1308 and rests; ``backup`` at 97 %, its quota API malformed and the sample
+stale after 3 s, its reserve reached).
 """
 
 from __future__ import annotations
@@ -25,9 +28,15 @@ from zaiproxy_tui.model import (
     History,
     LimitState,
     Point,
+    QuotaPacing,
+    QuotaWindow,
+    UpstreamKey,
+    ZaiQuota,
     parse_history,
     parse_keys,
     parse_snapshot,
+    parse_upstreams,
+    parse_zai_quota,
     timeline,
     total,
     variant_mode,
@@ -405,6 +414,96 @@ def test_keys_that_are_not_the_admin_apis_are_an_answer_error(doc: Any) -> None:
 def test_keys_wrong_types_are_blanks_not_crashes() -> None:
     report = parse_keys({"keys": 5, "global": [1], "adaptive": "on"})
     assert (report.keys, report.limits, report.adaptive) == ((), (), None)
+
+
+# ---- Z.AI's quota and the pool of upstream keys ------------------------------------------------
+
+
+def test_a_pool_of_two_keys_from_a_real_proxy() -> None:
+    report = parse_keys(load("proxy_keys_pool.json"))
+    assert report.zai_quota is not None and report.upstreams is not None
+    team, backup = report.zai_quota
+    assert (team.upstream, team.enabled, team.fresh, team.stale, team.plan_tier,
+            team.last_outcome) == ("team-plan", True, True, False, "pro", "success")
+    assert not team.is_stale and not team.failing
+    assert team.window("five_hour") == QuotaWindow("five_hour", 0.43, "TOKENS_LIMIT",
+                                                   1796633384.08, 17968.725)
+    weekly = team.window("weekly")
+    assert weekly is not None and weekly.used_share == 0.18
+    assert team.pacing == QuotaPacing(True, 0.017, False, "five_hour", None)
+    assert team.polls["success"] > 0 and team.interval_s == 1.0 and team.stale_after_s == 3.0
+    assert (backup.stale, backup.is_stale, backup.last_outcome, backup.failing) == (
+        True, True, "malformed", True)
+    assert backup.polls["stale"] == 1.0
+    assert backup.pacing is not None and backup.pacing.reserve_reached
+    assert backup.pacing.closed_until == 1796633384.061
+    first, second = report.upstreams
+    assert first == UpstreamKey("team-plan", 0, True, 1796619014.342, "quota", 1, 1, (), 0.57)
+    assert (second.alias, second.resting, second.resting_until, second.pinned_clients,
+            second.headroom) == ("backup", False, None, ("ci-runner",), 0.03)
+    # The proxy's own count of the first key's 5-hour window, beside Z.AI's.
+    assert {s.name for s in report.limits} == {"upstream_tokens_per_5h"}
+
+
+def test_zai_quota_absent_is_unknown_and_empty_is_not_polled() -> None:
+    """An older proxy says nothing (None: "not available"); a proxy that does not poll says
+    [] (and has one upstream key, ``default``)."""
+    older = parse_keys(load("proxy_keys.json"))
+    assert (older.zai_quota, older.upstreams) == (None, None)
+    current = parse_keys(keys_doc())
+    assert current.zai_quota == ()
+    assert current.upstreams == (UpstreamKey("default", 0, headroom=0.078, rests=0,
+                                             switched_away=0),)
+    assert parse_snapshot(metrics_doc(NOW)).zai_quota is None
+    assert parse_snapshot(metrics_doc(NOW) | {"zai_quota": []}).zai_quota == ()
+
+
+def test_the_status_carries_zai_quota_too() -> None:
+    """``/admin/status`` (and each ``metrics`` event) has the same entries."""
+    entries = load("proxy_keys_pool.json")["zai_quota"]
+    snap = parse_snapshot(metrics_doc(NOW) | {"zai_quota": entries})
+    assert snap.zai_quota == parse_keys(load("proxy_keys_pool.json")).zai_quota
+
+
+def test_zai_quota_wrong_types_are_not_shown_never_a_crash() -> None:
+    assert parse_zai_quota("on") is None and parse_zai_quota({"upstream": "a"}) is None
+    entries = parse_zai_quota([
+        "not an entry", {"upstream": 7}, {},  # no alias: the one key, "default"
+        {"upstream": "a", "enabled": "yes", "fresh": "no", "stale": 1, "plan_tier": 3,
+         "last_outcome": None, "sample_age_s": "old", "polls": [1, 2],
+         "windows": [{"window": "five_hour", "used_fraction": "42%"},
+                     {"window": "weekly", "used_pct": 250.0, "reset_in_s": math.inf},
+                     {"used_fraction": 0.5}, "five_hour"],
+         "pacing": {"enabled": 1, "rate_rps": "fast", "reserve_reached": "yes"}},
+        {"upstream": "b", "windows": "five_hour", "pacing": [], "enabled": False},
+    ])
+    assert entries is not None
+    default, a, b = entries
+    assert default == ZaiQuota("default")
+    assert (a.enabled, a.fresh, a.stale, a.plan_tier, a.sample_age_s, a.polls) == (
+        True, None, None, None, None, {})
+    assert a.windows == (QuotaWindow("five_hour", None), QuotaWindow("weekly", 1.0))
+    assert a.pacing == QuotaPacing(False)  # only JSON true counts
+    assert a.is_stale  # no sample, and nothing said: not trusted
+    assert (b.enabled, b.windows, b.pacing) == (False, (), None)
+    assert parse_upstreams(None) is None
+    assert parse_upstreams([{"alias": "x", "index": "0", "resting": "true",
+                             "pinned_clients": "ci", "headroom": 7}, {"alias": None}]) == (
+        UpstreamKey("x", headroom=1.0),)
+
+
+@pytest.mark.parametrize(("entry", "stale"), [
+    (ZaiQuota("a", sample_age_s=899.0), False),  # the proxy's default stale_after: 900 s
+    (ZaiQuota("a", sample_age_s=901.0), True),
+    (ZaiQuota("a", sample_age_s=61.0, stale_after_s=60.0), True),
+    (ZaiQuota("a", sample_age_s=5000.0, stale=False), False),  # the proxy's word wins
+    (ZaiQuota("a", sample_age_s=1.0, fresh=False), True),
+    (ZaiQuota("a"), True),  # never sampled
+])
+def test_a_sample_is_stale_by_the_proxys_word_else_by_its_age(entry: ZaiQuota,
+                                                              stale: bool) -> None:
+    """Prometheus and a collector's status carry no staleness: the sample's age decides."""
+    assert entry.is_stale is stale
 
 
 # ---- timeline, total, weighted ----------------------------------------------------------------

@@ -7,8 +7,10 @@ count from a series' first sample) before the counted traffic, so the snapshot's
 are exact and its shares are the sent ratios (Prometheus extrapolates every series of a
 target by the same factor: they are scraped at the same instants). Production has a keys
 file with a key allowed one request per 5 h (its other requests are the proxy's own 429s),
-a proxy-wide 5 h quota (a ``zai_proxy_quota_used_ratio`` series) and a concurrency limit;
-the mock answers 500, Z.AI's 429 (1308, never retried) and 404 when asked by model name.
+a proxy-wide 5 h quota (a ``zai_proxy_quota_used_ratio`` series) and a concurrency limit,
+and polls Z.AI's own quota (the mock's quota endpoint, every second: the
+``zai_proxy_quota_*`` gauges); the mock answers 500, Z.AI's 429 (1308, never retried) and
+404 when asked by model name.
 
 The canary dies in the last tests (the source test and the app test each kill it if it
 is alive): Prometheus marks its target down, and the snapshot and the status line say
@@ -36,7 +38,7 @@ from textual.geometry import Region
 from textual.widget import Widget
 from textual.widgets import Static
 
-from tests.harness import REPO, ProcessServer, start_process, upstream_env
+from tests.harness import REPO, UPSTREAM_KEY, ProcessServer, start_process, upstream_env
 from tests.test_canary_procs import PROMETHEUS, free_port, poll
 from zaiproxy.fleet import promql
 from zaiproxy_tui.__main__ import parse_args
@@ -44,7 +46,7 @@ from zaiproxy_tui.app import ZaiproxyTui
 from zaiproxy_tui.model import CANARY, PRODUCTION, History, Snapshot, total
 from zaiproxy_tui.prometheus_source import NotInPrometheus, PrometheusSource
 from zaiproxy_tui.source import Connected, NotServed, Unreachable
-from zaiproxy_tui.widgets.panels import KeysPanel
+from zaiproxy_tui.widgets.panels import KeysPanel, LimiterPanel
 from zaiproxy_tui.widgets.status import StatusLine
 
 pytestmark = pytest.mark.slow
@@ -141,7 +143,9 @@ def fleet(mock: ProcessServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
     envs = {PRODUCTION: upstream_env(mock, DEPLOYMENT_VARIANT=PRODUCTION,
                                      ZAIPROXY_KEYS_FILE=str(tmp / "keys.toml"),
                                      ZAIPROXY_REQUESTS_PER_5H="1000",
-                                     ZAIPROXY_CONCURRENCY="16"),
+                                     ZAIPROXY_CONCURRENCY="16",
+                                     ZAIPROXY_QUOTA_POLL="true",
+                                     ZAIPROXY_QUOTA_INTERVAL="1"),
             CANARY: upstream_env(mock, DEPLOYMENT_VARIANT=CANARY)}
     proxies: dict[str, ProcessServer] = {}
     prometheus: subprocess.Popen[bytes] | None = None
@@ -292,6 +296,54 @@ def test_keys_are_not_in_prometheus_but_the_quota_windows_are(fleet: Fleet) -> N
     # The 5 h window counts the admitted requests of 1000: a few percent.
     assert re.search(r"production requests_per_5h [1-9]\d?%", message), message
     assert "canary" not in message  # no quota configured there
+
+
+def test_zai_quota_is_the_mocks_own_number_through_prometheus(fleet: Fleet,
+                                                              mock: ProcessServer) -> None:
+    """Production polls the mock's quota API; Prometheus scrapes the gauges; the source's
+    snapshot has Z.AI's 5-hour share as the mock counts it (42 % once the account's window
+    is set to 1.68M of its 4M tokens), a fresh sample, and the app's limits panel shows it."""
+    answer = httpx.post(f"{mock.url}/mock/quota", headers={"authorization": UPSTREAM_KEY},
+                        json={"used": {"five_hour": 1_680_000}}, timeout=5)
+    assert answer.status_code == 200, answer.text
+    expected = answer.json()["five_hour"]["percentage"] / 100
+
+    async def five_hour(source: PrometheusSource) -> Snapshot:
+        deadline = time.monotonic() + 30
+        while True:
+            _, snap = await first_snapshot(source)
+            (entry,) = snap.zai_quota or (None,)
+            window = entry.window("five_hour") if entry else None
+            if (window and window.used_share == expected) or time.monotonic() > deadline:
+                return snap
+            await asyncio.sleep(0.5)
+
+    snap = run(with_source(fleet.prometheus, five_hour))
+    assert snap.zai_quota is not None
+    (entry,) = snap.zai_quota  # production's one key; the canary does not poll
+    assert entry.upstream == "default" and not entry.is_stale
+    assert [(w.window, w.used_share, w.limit_type) for w in entry.windows] == [
+        ("five_hour", expected, "TOKENS_LIMIT"), ("weekly", 0.0, "TOKENS_LIMIT")]
+    five = entry.windows[0]
+    assert five.reset_in_s is not None and 0 < five.reset_in_s <= 5 * 3600
+    assert entry.sample_age_s is not None and entry.sample_age_s < 10
+    assert entry.last_outcome == "success" and entry.polls["success"] > 0
+    assert entry.pacing is None  # quota_pacing is off
+
+    async def panel() -> str:
+        source = PrometheusSource(fleet.prometheus)
+        app = ZaiproxyTui(source, url=source.url)
+        async with app.run_test(size=(160, 48)) as pilot:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and f"Z.AI {expected:.0%}" not in text(
+                    app.query_one(LimiterPanel)):
+                await pilot.pause(0.2)
+            shown = text(app.query_one(LimiterPanel))
+        await source.aclose()
+        return " ".join(shown.split())
+
+    shown = run(panel())
+    assert "Z.AI quota sampled" in shown and f"Z.AI {expected:.0%}" in shown, shown
 
 
 def test_the_scrape_interval_comes_from_the_targets_api(fleet: Fleet) -> None:

@@ -8,13 +8,24 @@ the last ending at NOW.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.tui.fixtures import NOW, history_doc, keys_doc, metrics_doc
+from tests.tui.fixtures import (
+    NOW,
+    history_doc,
+    keys_doc,
+    metrics_doc,
+    pool_keys_doc,
+    upstream_doc,
+    zai_quota_doc,
+)
+from zaiproxy_tui.headline import quota_segments
 from zaiproxy_tui.model import LimitState, parse_history, parse_keys, parse_snapshot
+from zaiproxy_tui.quota_view import NOT_POLLED, NOT_REPORTED, QuotaRow, zai_quota_view
 from zaiproxy_tui.source import AuthRequired, Connected, Connecting, Reconnecting
 from zaiproxy_tui.state import Dashboard
 from zaiproxy_tui.views import (
@@ -612,3 +623,114 @@ def test_a_refusal_by_the_adaptive_rate_is_labelled_as_such() -> None:
     assert "  limit adaptive upstream rate" in labels
     assert "  limit key req/min" in labels
     assert not any("global requests" in label for label in labels)
+
+
+# ---- Z.AI's own quota ------------------------------------------------------------------------
+
+
+def with_keys(doc: dict[str, object]) -> Dashboard:
+    d = dashboard()
+    d.set_keys(parse_keys(doc))
+    return d
+
+
+def line(segments: tuple[Segment, ...] | list[Segment]) -> str:
+    return "".join(texts(segments))
+
+
+def test_a_pool_shows_one_group_per_upstream_key() -> None:
+    """team-plan: fresh, 42 % of its 5 hours (the proxy counted 38 % itself), paced; backup:
+    a stale sample in dim bars, its failing poller, its rest and its closed reserve gate."""
+    view = zai_quota_view(with_keys(pool_keys_doc()), NOW, dt.UTC)
+    assert line(view.head) == "Z.AI quota · 2 upstream keys"
+    team, backup = view.groups
+    assert line(team.head) == "team-plan  headroom 58%  pro  sampled 13s ago"
+    assert team.rows == (
+        QuotaRow("5h", 0.42, "Z.AI 42%", "· local 38%", "resets in 2h 13m", "ok"),
+        QuotaRow("week", 0.18, "Z.AI 18%", "· local 17%", "resets in 3d 4h", "ok"))
+    assert [line(n) for n in team.notes] == ["  paced 1.50 req/s (5h)"]
+    assert line(backup.head) == ("backup  resting until 04:05 (quota)  headroom 3.0%  pro"
+                                 "  STALE: sampled 25m 20s ago  last poll: error")
+    assert ("  STALE: sampled 25m 20s ago", "warn") in backup.head
+    assert ("  last poll: error", "error") in backup.head
+    assert ("3.0%", "error") in backup.head  # headroom nearly gone
+    # A stale sample's windows are muted; the local count is only the first key's.
+    assert [(r.zai, r.local, r.role) for r in backup.rows] == [
+        ("Z.AI 97%", "", "muted"), ("Z.AI 75%", "", "muted")]
+    assert [line(n) for n in backup.notes] == ["  reserve reached — 429 until 04:06 (5h)"]
+    assert backup.notes[0][1] == ("until 04:06", "error")
+
+
+def test_one_key_without_a_pool_says_its_sample_on_the_title_line() -> None:
+    doc = keys_doc()
+    doc["global"]["upstream_tokens_per_5h"] = {"limit": 1000, "used": 380, "remaining": 620,
+                                               "reset_s": 7980.0, "since": NOW - 600}
+    doc["zai_quota"] = [zai_quota_doc("default", 0.85, 0.3, age=40.0)]
+    view = zai_quota_view(with_keys(doc), NOW, dt.UTC)
+    assert line(view.head) == "Z.AI quota  pro  sampled 40s ago"  # no headroom: no pool
+    (group,) = view.groups
+    assert group.head == () and group.notes == ()  # not pacing
+    five, week = group.rows
+    # The local window is younger than its length (the host restarted): at least 38 %.
+    assert (five.zai, five.local, five.role) == ("Z.AI 85%", "· local ≥38%", "warn")
+    assert (week.local, week.role) == ("· local 92%", "ok")  # upstream tok/week: 830M/900M
+
+
+def test_a_key_that_rests_without_a_pool_says_so() -> None:
+    doc = keys_doc()
+    doc["zai_quota"] = [zai_quota_doc("default", 0.99, 0.5, age=3.0)]
+    doc["upstreams"] = [upstream_doc("default", 0, headroom=0.01, resting_until=NOW + 2 * 86400,
+                                     reason="throttled")]
+    view = zai_quota_view(with_keys(doc), NOW, dt.UTC)
+    assert line(view.head) == "Z.AI quota  resting until Mon 01:06 (throttled)  pro  sampled 3s ago"
+    assert view.groups[0].rows[0].role == "error"  # 99 %: past the default reserve
+
+
+def test_not_polled_not_reported_and_nothing_yet() -> None:
+    assert zai_quota_view(with_keys(keys_doc()), NOW).head == ((NOT_POLLED, "muted"),)
+    older = keys_doc()
+    del older["zai_quota"], older["upstreams"]
+    assert zai_quota_view(with_keys(older), NOW).head == ((NOT_REPORTED, "muted"),)
+    off = keys_doc()
+    off["zai_quota"] = [zai_quota_doc("default", 0.1, 0.1, age=1.0) | {"enabled": False}]
+    assert zai_quota_view(with_keys(off), NOW).head == ((NOT_POLLED, "muted"),)
+    nothing = Dashboard("http://proxy:8080")
+    assert zai_quota_view(nothing, NOW).head == ()
+
+
+def test_without_keys_the_live_snapshot_has_the_quota() -> None:
+    """Prometheus answers no /admin/keys (its panels say why), and a collector's targets may
+    all refuse its token: the snapshot's entries (read from the gauges: no staleness said,
+    no pool state) are shown."""
+    d = dashboard(snapshot=False)
+    entries = [{"upstream": "default", "sample_age_s": 1000.0,
+                "windows": [{"window": "five_hour", "used_fraction": 0.5,
+                             "reset_in_s": 600.0}]}]
+    d.apply(parse_snapshot(metrics_doc(NOW) | {"zai_quota": entries}), NOW)
+    d.set_keys_error("per-key usage and limits are not in Prometheus")
+    view = zai_quota_view(d, NOW, dt.UTC)
+    assert line(view.head) == "Z.AI quota  STALE: sampled 16m 40s ago"  # > 900 s: stale
+    assert view.groups[0].rows == (QuotaRow("5h", 0.5, "Z.AI 50%", "", "resets in 10m",
+                                            "muted"),)
+    # /admin/keys, once it says, wins (every field, and the pool).
+    d.set_keys(parse_keys(pool_keys_doc()))
+    assert len(zai_quota_view(d, NOW).groups) == 2
+
+
+def test_the_headline_prefers_zais_tightest_window_when_fresh() -> None:
+    doc = keys_doc()
+    doc["zai_quota"] = [zai_quota_doc("default", 0.42, 0.6, age=12.0)]
+    seg = quota_segments(with_keys(doc), dt.UTC)
+    assert texts(seg)[:5] == ["quota ", "Z.AI week ", "60% used", " 3d 4h", "  "]
+    assert "upstream tok/week " in texts(seg)  # then the local limits, as before
+    # A pool: each fresh key's tightest window, fullest first, by alias; stale ones left out.
+    seg = quota_segments(with_keys(pool_keys_doc()), dt.UTC)
+    assert texts(seg)[1:4] == ["Z.AI team-plan 5h ", "42% used", " 2h 13m"]
+    assert not any("backup" in t for t in texts(seg))
+    # Every sample stale: said, then today's local limits.
+    doc["zai_quota"] = [zai_quota_doc("default", 0.42, 0.6, age=5000.0)]
+    seg = quota_segments(with_keys(doc), dt.UTC)
+    assert seg[1] == ("Z.AI sample stale", "warn")
+    assert after(seg, "upstream tok/week ") == ("7.8% left", "warn")
+    # Not polled: the headline is what it was.
+    assert texts(quota_segments(with_keys(keys_doc()), dt.UTC))[1] == "upstream tok/week "

@@ -13,6 +13,7 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
+from zaiproxy_tui.quota_view import ZaiQuotaView
 from zaiproxy_tui.views import (
     KEY_COLUMNS,
     ErrorRow,
@@ -90,13 +91,14 @@ class TablePanel(Static):
 
 
 class LimiterPanel(TablePanel):
-    """The adaptive upstream rate and every proxy-wide limit: used %, left %, resets in."""
+    """The adaptive upstream rate, every proxy-wide limit (used %, left %, resets in), and
+    Z.AI's own quota per upstream key (``zaiproxy_tui.quota_view``)."""
 
     TITLE = "Rate limiter & quotas"
 
-    def show(self, view: LimiterView) -> None:
+    def show(self, view: LimiterView, quota: ZaiQuotaView | None = None) -> None:
         dark = self.app.current_theme.dark
-        if not self.changed(dark, view):
+        if not self.changed(dark, view, quota):
             return
         table = Table.grid(padding=(0, 1), expand=True)
         table.add_column("limit", no_wrap=True, overflow="ellipsis")
@@ -116,7 +118,49 @@ class LimiterPanel(TablePanel):
         parts.append(table)
         if view.message:
             parts.append(Text(view.message, style="dim"))
+        if quota is not None:
+            parts += _quota_parts(quota, dark)
         self.update(Group(*parts))
+
+
+def _quota_parts(view: ZaiQuotaView, dark: bool) -> list[RenderableType]:
+    """Z.AI's quota: a title line, then per upstream key its line (wrapped when long: a
+    resting key with a stale sample says a lot), a bar per window (Z.AI's used share; a stale
+    sample's bars dim) and its pacing lines. The keys' tables share their column widths, so
+    their bars line up."""
+    parts: list[RenderableType] = []
+    if view.head:
+        head = segments(view.head, dark)
+        head.no_wrap, head.overflow = False, "fold"
+        parts.append(head)
+    rows = [row for group in view.groups for row in group.rows]
+    widths = {name: max((len(getattr(row, name)) for row in rows), default=0)
+              for name in ("label", "zai", "local", "resets")}
+    for group in view.groups:
+        if group.head:
+            head = segments(group.head, dark)
+            head.no_wrap, head.overflow = False, "fold"
+            parts.append(head)
+        if group.rows:
+            table = Table.grid(padding=(0, 1), expand=True)
+            table.add_column("window", no_wrap=True, min_width=widths["label"] + 2)
+            table.add_column("bar", ratio=1, no_wrap=True)
+            table.add_column("zai", justify="right", no_wrap=True, min_width=widths["zai"])
+            if widths["local"]:
+                table.add_column("local", no_wrap=True, min_width=widths["local"])
+            table.add_column("resets", justify="right", no_wrap=True,
+                             min_width=widths["resets"])
+            for row in group.rows:
+                colour = "grey50" if row.role == "muted" else color(row.role, dark) or "green"
+                cells: list[RenderableType] = [
+                    f"  {row.label}", _Bar(row.used_share, colour),
+                    Text(row.zai, style=style(row.role, dark))]
+                if widths["local"]:
+                    cells.append(Text(row.local, style="dim"))
+                table.add_row(*cells, row.resets)
+            parts.append(table)
+        parts += [segments(note, dark) for note in group.notes]
+    return parts
 
 
 class _Bar:

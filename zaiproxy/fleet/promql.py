@@ -43,6 +43,14 @@ STREAMS: Final = "zai_proxy_streams_in_flight"
 CONCURRENCY_LIMIT: Final = "zai_proxy_concurrency_limit"
 ADAPTIVE_RATE: Final = "zai_proxy_rate_limit_requests_per_second"
 QUOTA_USED: Final = "zai_proxy_quota_used_ratio"
+# Z.AI's own quota, as the proxy's poller read it (observe/quota_metrics.py); ``upstream``
+# (the key's alias) only with a pool file.
+ZAI_QUOTA_USAGE: Final = "zai_proxy_quota_usage_ratio"
+ZAI_QUOTA_RESET: Final = "zai_proxy_quota_reset_time_seconds"
+ZAI_QUOTA_SAMPLE_AGE: Final = "zai_proxy_quota_sample_age_seconds"
+ZAI_QUOTA_POLLS: Final = "zai_proxy_quota_poll_total"
+ZAI_QUOTA_RATE_CAP: Final = "zai_proxy_quota_rate_cap"
+ZAI_QUOTA_GATE_OPEN: Final = "zai_proxy_quota_gate_open"
 BUILD_INFO: Final = "zai_proxy_build_info"
 
 # Not API traffic (as snapshot.CONTROL_PATHS / CONTROL_PREFIX): scrapes, probes, admin. A
@@ -253,6 +261,30 @@ def quota_used(names: Sequence[str]) -> Signal:
     backend every pod reports the fleet's one budget)."""
     labels = ("scope", "limit")
     return Signal(gauge_max(QUOTA_USED, variants(names), labels), labels)
+
+
+def zai_quota(names: Sequence[str], polls_window_s: float) -> dict[str, Signal]:
+    """Z.AI's own quota per upstream key (``upstream`` is "-" without a pool file): each
+    window's used share and reset of the busiest pod (every pod polls, or copies, the same
+    account), the freshest sample's age now (the gauge's value plus the time since it was
+    scraped), the polls by result over ``polls_window_s`` (what the pollers did last), the
+    lowest paced rate, and each window's reserve gate (0: closed on some pod)."""
+    v = variants(names)
+    age = f"{ZAI_QUOTA_SAMPLE_AGE}{{{v}}}"
+    return {
+        "usage": Signal(gauge_max(ZAI_QUOTA_USAGE, v, ("upstream", "window", "limit_type")),
+                        ("upstream", "window", "limit_type")),
+        "reset": Signal(gauge_max(ZAI_QUOTA_RESET, v, ("upstream", "window")),
+                        ("upstream", "window")),
+        "sample_age": Signal(f"min by (variant, upstream) ({age} + time() - timestamp({age}))",
+                             ("upstream",)),
+        "polls": Signal(increase(ZAI_QUOTA_POLLS, v, polls_window_s, ("upstream", "result")),
+                        ("upstream", "result")),
+        "rate_cap": Signal(f"min by (variant, upstream) ({ZAI_QUOTA_RATE_CAP}{{{v}}})",
+                           ("upstream",)),
+        "gate_open": Signal(f"min by (variant, upstream, window) ({ZAI_QUOTA_GATE_OPEN}{{{v}}})",
+                            ("upstream", "window")),
+    }
 
 
 # ---- HTTP API: requests ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,13 @@ from tests.harness import REPO, UPSTREAM_KEY, ProcessServer, RawClient, start_pr
 from zaiproxy.core.durations import parse_duration
 from zaiproxy.fleet.collector import Collector, CollectorOptions, EventHub, Target
 from zaiproxy.fleet.collector_store import Store, row_of
+from zaiproxy.fleet.fleet_keys import (
+    merge_quota,
+    merge_upstreams,
+    quota_at,
+    quota_entries,
+    quota_gauges,
+)
 from zaiproxy.observe import snapshot
 from zaiproxy.observe.snapshot import Counts, Histogram, Rates
 
@@ -186,10 +194,12 @@ def exposition(variant: str, requests: int, errors: int = 0, fast: int | None = 
 
 
 class ScriptedTarget:
-    """A /metrics endpoint answering whatever the test sets (or hanging, or failing)."""
+    """A /metrics endpoint answering whatever the test sets (or hanging, or failing); other
+    paths set in ``routes`` answer their body (a proxy's /admin/keys)."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, routes: dict[str, bytes] | None = None) -> None:
         self.text = text
+        self.routes = routes or {}
         self.status = 200
         self.hang = False
         self.url = ""
@@ -203,12 +213,15 @@ class ScriptedTarget:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
+        path = ""
         while type(event := conn.next_event()) is not h11.EndOfMessage:
             if event is h11.NEED_DATA:
                 conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Request):
+                path = event.target.decode()
         if self.hang:
             await trio.sleep_forever()
-        body = self.text.encode()
+        body = self.routes.get(path, self.text.encode())
         await stream.send_all(conn.send(h11.Response(status_code=self.status, headers=[
             ("content-length", str(len(body)))])) + conn.send(h11.Data(data=body))
             + conn.send(h11.EndOfMessage()))
@@ -741,3 +754,243 @@ async def test_fleet_keys_merge_targets_and_list_the_failing_one(nursery: trio.N
     assert [t["ok"] for t in fleet["targets"]] == [False, False, False]
     assert fleet["targets"][1]["error"].startswith("stale: ")
     assert (fleet["keys"], fleet["global"]) == ([], {})
+
+
+# ---- Z.AI's own quota and the pool of upstream keys ----------------------------------------
+#
+# A real proxy's answers (captured from `zaiproxy serve` with a pool file of two upstream keys
+# polling the mock's quota endpoint, tests/tui/data/proxy_keys_pool.json): team-plan fresh at
+# 43 % of its 5 hours and resting after Z.AI's 1308; backup at 97 %, its quota API answering
+# malformed, its sample stale and its reserve reached. The /metrics lines are that proxy's.
+
+POOL_KEYS = Path(__file__).parent / "tui" / "data" / "proxy_keys_pool.json"
+RESET_5H, RESET_WEEK = 1796633384.08, 1797220184.08
+
+
+def pool_keys(**changes: Any) -> dict[str, Any]:
+    """The captured /admin/keys; ``changes``: per upstream alias, fields of its zai_quota
+    entry (``quota``) and of its upstreams entry (``pool``) to replace."""
+    doc: dict[str, Any] = orjson.loads(POOL_KEYS.read_bytes())
+    for entry in doc["zai_quota"]:
+        entry.update(changes.get(entry["upstream"], {}).get("quota", {}))
+    for entry in doc["upstreams"]:
+        entry.update(changes.get(entry["alias"], {}).get("pool", {}))
+    return doc
+
+
+def quota_exposition(variant: str = "production", *, team_age: float = 0.101,
+                     backup_age: float | None = 14.165, team_polls: int = 18,
+                     backup_polls: tuple[int, int, int] = (4, 14, 1),
+                     backup_gate: float = 0.0, upstream: bool = True) -> str:
+    """The zai_proxy_quota_* lines of that proxy's /metrics (``upstream=False``: one key
+    without a pool file, the original's label sets); ``backup_polls``: success, malformed,
+    stale."""
+    def labels(alias: str, **more: str) -> str:
+        pairs = {**more, **({"upstream": alias} if upstream else {}), "variant": variant}
+        return ",".join(f'{k}="{v}"' for k, v in pairs.items())
+
+    keys = [("team-plan", 0.43, 0.18, RESET_5H, RESET_WEEK)]
+    if upstream:
+        keys.append(("backup", 0.97, 0.75, 1796633384.061, 1797220184.061))
+    lines = ["# HELP zai_proxy_quota_used_ratio Share of each configured rolling-window limit "
+             "used now.", "# TYPE zai_proxy_quota_used_ratio gauge",
+             f'zai_proxy_quota_used_ratio{{limit="upstream_tokens_per_5h",scope="upstream",'
+             f'variant="{variant}"}} 0.00168',
+             "# HELP zai_proxy_quota_usage_ratio Share of Z.AI's quota window used (Z.AI's own "
+             "number).", "# TYPE zai_proxy_quota_usage_ratio gauge"]
+    for alias, five, week, _, _ in keys:
+        for window, used in (("five_hour", five), ("weekly", week)):
+            lines.append(f"zai_proxy_quota_usage_ratio"
+                         f"{{{labels(alias, limit_type='tokens_limit', window=window)}}} {used}")
+    lines += ["# HELP zai_proxy_quota_reset_time_seconds When Z.AI's quota window resets (unix "
+              "seconds).", "# TYPE zai_proxy_quota_reset_time_seconds gauge"]
+    for alias, _, _, reset5, resetw in keys:
+        for window, reset in (("five_hour", reset5), ("weekly", resetw)):
+            lines.append(f"zai_proxy_quota_reset_time_seconds"
+                         f"{{{labels(alias, limit_type='tokens_limit', window=window)}}} {reset}")
+    lines += ["# HELP zai_proxy_quota_sample_age_seconds Seconds since Z.AI's quota was last "
+              "read successfully.", "# TYPE zai_proxy_quota_sample_age_seconds gauge",
+              f"zai_proxy_quota_sample_age_seconds{{{labels('team-plan')}}} {team_age}"]
+    if upstream and backup_age is not None:
+        lines.append(f"zai_proxy_quota_sample_age_seconds{{{labels('backup')}}} {backup_age}")
+    lines += ["# HELP zai_proxy_quota_poll_total Polls of Z.AI's quota API by result.",
+              "# TYPE zai_proxy_quota_poll_total counter"]
+    polls = {"team-plan": (team_polls, 0, 0)} | ({"backup": backup_polls} if upstream else {})
+    for alias, (ok, malformed, stale) in polls.items():
+        for result, n in (("success", ok), ("error", 0), ("malformed", malformed),
+                          ("stale", stale)):
+            lines.append(f"zai_proxy_quota_poll_total{{{labels(alias, result=result)}}} {n}.0")
+    lines += ["# HELP zai_proxy_quota_rate_cap The request rate quota pacing allows now "
+              "(requests/s).", "# TYPE zai_proxy_quota_rate_cap gauge",
+              f"zai_proxy_quota_rate_cap{{{labels('team-plan')}}} 0.017",
+              "# HELP zai_proxy_quota_gate_open 0 while the window's quota reserve is reached "
+              "(requests get 429).", "# TYPE zai_proxy_quota_gate_open gauge"]
+    gates = {"team-plan": 1.0} | ({"backup": backup_gate} if upstream else {})
+    for alias, five in gates.items():
+        for window, open_ in (("five_hour", five), ("weekly", 1.0)):
+            lines.append(f"zai_proxy_quota_gate_open{{{labels(alias, window=window)}}} {open_}")
+    return exposition(variant, 10) + "\n".join(lines) + "\n"
+
+
+def test_merge_quota_takes_the_freshest_sample_per_upstream_key() -> None:
+    a = pool_keys()
+    # b polls the same accounts: an older team-plan sample, a newer backup one (its quota
+    # API answered again there), a lower paced rate, backup's reserve open.
+    b = pool_keys(**{
+        "team-plan": {"quota": {"last_success_at": 1796615354.995, "sample_age_s": 60.36,
+                                "pacing": {**a["zai_quota"][0]["pacing"], "rate_rps": 0.01}}},
+        "backup": {"quota": {"last_success_at": 1796615414.0, "sample_age_s": 1.0,
+                             "fresh": True, "stale": False, "last_outcome": "success",
+                             "pacing": {**a["zai_quota"][1]["pacing"], "reserve_reached": False,
+                                        "closed_until": None}}}})
+    team, backup = merge_quota([a["zai_quota"], b["zai_quota"], None])
+    assert {k: v for k, v in team.items() if k != "pacing"} == {
+        k: v for k, v in a["zai_quota"][0].items() if k != "pacing"}
+    assert team["pacing"]["rate_rps"] == 0.01  # the lowest paced rate
+    assert (backup["sample_age_s"], backup["stale"], backup["last_outcome"]) == (
+        1.0, False, "success")
+    # Reserve reached on a (its own admission refuses): the fleet shows it closed.
+    assert backup["pacing"]["reserve_reached"] is True
+    assert backup["pacing"]["closed_until"] == 1796633384.061
+    assert merge_quota([None, "x"]) is None and merge_quota([[], None]) == []
+
+
+def test_merge_upstreams_rests_a_key_any_target_rests() -> None:
+    a = pool_keys()["upstreams"]
+    b = pool_keys(**{"team-plan": {"pool": {"resting_until": 1796617000.0,
+                                            "rest_reason": "throttled", "headroom": 0.6}},
+                     "backup": {"pool": {"resting": True, "resting_until": 1796616000.0,
+                                         "rest_reason": "throttled", "rests": 2,
+                                         "pinned_clients": ["nightly"], "headroom": 0.02}}}
+                  )["upstreams"]
+    team, backup = merge_upstreams([a, b])
+    assert team == {"alias": "team-plan", "index": 0, "resting": True,
+                    "resting_until": 1796619014.342, "rest_reason": "quota",  # a's, later
+                    "rests": 2, "switched_away": 2, "pinned_clients": [], "headroom": 0.57}
+    assert (backup["resting"], backup["resting_until"], backup["rest_reason"]) == (
+        True, 1796616000.0, "throttled")  # b's: a does not rest it
+    assert (backup["rests"], backup["pinned_clients"], backup["headroom"]) == (
+        2, ["ci-runner", "nightly"], 0.02)
+    assert merge_upstreams([None]) is None
+
+
+def test_quota_entries_read_the_outcome_and_staleness_from_the_poll_counters() -> None:
+    first = quota_entries(quota_gauges(quota_exposition()), 1796615415.0, None)
+    team, backup = sorted(first, key=lambda e: e["upstream"] != "team-plan")
+    assert team["windows"] == [
+        {"window": "five_hour", "limit_type": "TOKENS_LIMIT", "used_fraction": 0.43,
+         "used_pct": 43.0, "reset_at": RESET_5H, "reset_in_s": round(RESET_5H - 1796615415.0, 3)},
+        {"window": "weekly", "limit_type": "TOKENS_LIMIT", "used_fraction": 0.18,
+         "used_pct": 18.0, "reset_at": RESET_WEEK,
+         "reset_in_s": round(RESET_WEEK - 1796615415.0, 3)}]
+    assert (team["sample_age_s"], team["last_success_at"]) == (0.101, 1796615414.899)
+    assert team["pacing"] == {"enabled": True, "rate_rps": 0.017, "reserve_reached": False,
+                              "window": None, "closed_until": None}
+    assert backup["pacing"]["reserve_reached"] is True
+    assert backup["pacing"]["closed_until"] == 1796633384.061
+    # One scrape: nothing moved yet, so no word on the last poll or on staleness.
+    assert (team["last_outcome"], team["stale"], backup["last_outcome"], backup["stale"]) == (
+        None, None, None, None)
+    # The next scrape: team-plan polled fine, backup failed again and went stale.
+    second = quota_entries(quota_gauges(quota_exposition(team_polls=19, backup_polls=(4, 15, 2))),
+                           1796615416.0, first)
+    team, backup = sorted(second, key=lambda e: e["upstream"] != "team-plan")
+    assert (team["last_outcome"], team["stale"], team["fresh"]) == ("success", False, True)
+    assert (backup["last_outcome"], backup["stale"], backup["fresh"]) == (
+        "malformed", True, False)
+    # Nothing moves: what was read is kept; the proxy restarted (counters down): unknown.
+    third = quota_entries(quota_gauges(quota_exposition(team_polls=19, backup_polls=(4, 15, 2))),
+                          1796615417.0, second)
+    assert [e["last_outcome"] for e in third] == ["success", "malformed"]
+    restarted = quota_entries(quota_gauges(quota_exposition(team_polls=1, backup_polls=(0, 1, 0),
+                                                            backup_age=None)),
+                              1796615418.0, third)
+    assert [(e["last_outcome"], e["stale"]) for e in restarted] == [(None, None), (None, True)]
+    assert restarted[1]["sample_age_s"] is None  # never read since the restart: stale
+    # Without a pool file the one key is "default"; a proxy that does not poll has none.
+    (one,) = quota_entries(quota_gauges(quota_exposition(upstream=False)), 1796615415.0, None)
+    assert one["upstream"] == "default" and len(one["windows"]) == 2
+    assert quota_gauges(exposition("production", 3)) == {}
+    aged = quota_at(second, 1796615426.0)
+    assert aged[0]["sample_age_s"] == round(1796615426.0 - team["last_success_at"], 3)
+
+
+async def test_fleet_keys_carry_zai_quota_and_the_pool(nursery: trio.Nursery,
+                                                       tmp_path: Path) -> None:
+    """Targets answering a real proxy's /admin/keys: per upstream alias the freshest sample
+    and the pool merged; a target of an older proxy (no zai_quota, no upstreams) adds
+    nothing, and a fleet of older proxies answers without the fields (not "not polled")."""
+    b_doc = pool_keys(**{"backup": {
+        "quota": {"last_success_at": 1796615414.0, "sample_age_s": 1.0, "fresh": True,
+                  "stale": False, "last_outcome": "success"},
+        "pool": {"resting": True, "resting_until": 1796616000.0, "rest_reason": "throttled"}}})
+    older = pool_keys()
+    del older["zai_quota"], older["upstreams"]
+    targets = [ScriptedTarget(quota_exposition(), {"/admin/keys": orjson.dumps(doc)})
+               for doc in (pool_keys(), b_doc, older)]
+    for target in targets:
+        await nursery.start(target.run)
+    collector = Collector(options(tmp_path, *(t.url for t in targets)))
+    _, port = await nursery.start(collector.run)
+    await wait_until(lambda: all(s.scrapes for s in collector.states))
+    fleet = (await get(port, "/admin/keys")).json()
+    assert [t["ok"] for t in fleet["targets"]] == [True, True, True]
+    team, backup = fleet["zai_quota"]
+    assert (team["upstream"], team["last_success_at"], team["stale"]) == (
+        "team-plan", 1796615414.995, False)
+    assert (backup["upstream"], backup["last_success_at"], backup["last_outcome"]) == (
+        "backup", 1796615414.0, "success")
+    assert backup["pacing"]["reserve_reached"] is True  # the first target's admission
+    pool = {u["alias"]: u for u in fleet["upstreams"]}
+    assert pool["team-plan"]["resting"] and pool["team-plan"]["rest_reason"] == "quota"
+    assert (pool["backup"]["resting"], pool["backup"]["resting_until"]) == (True, 1796616000.0)
+    assert pool["backup"]["pinned_clients"] == ["ci-runner"]
+    # What the TUI reads of it.
+    from zaiproxy_tui.model import parse_keys
+    report = parse_keys(fleet)
+    assert report.zai_quota is not None and [q.upstream for q in report.zai_quota] == [
+        "team-plan", "backup"]
+    assert report.upstreams is not None and report.upstreams[1].resting
+
+    for target in targets[:2]:
+        target.routes = {"/admin/keys": orjson.dumps(older)}
+    fleet = (await get(port, "/admin/keys")).json()
+    assert "zai_quota" not in fleet and "upstreams" not in fleet
+
+
+async def test_status_carries_zai_quota_from_the_scraped_series(nursery: trio.Nursery,
+                                                                tmp_path: Path) -> None:
+    """No token needed: the collector reads Z.AI's quota from the /metrics it scrapes. Two
+    pods polling the same accounts: the freshest sample per key, the poll outcome and the
+    staleness from the counters between scrapes, ages as of the status."""
+    a = ScriptedTarget(quota_exposition(team_age=30.0, backup_age=14.165))
+    b = ScriptedTarget(quota_exposition(team_age=5.0, backup_age=20.0, backup_gate=1.0))
+    plain = ScriptedTarget(exposition("canary", 3))  # does not poll
+    for target in (a, b, plain):
+        await nursery.start(target.run)
+    collector = Collector(options(tmp_path, a.url, b.url, plain.url))
+    _, port = await nursery.start(collector.run)
+    await wait_until(lambda: all(s.scrapes for s in collector.states))
+    a.text = quota_exposition(team_age=31.0, team_polls=19, backup_polls=(4, 15, 2))
+    b.text = quota_exposition(team_age=6.0, team_polls=19, backup_age=21.0,
+                              backup_polls=(4, 15, 2), backup_gate=1.0)
+    await collector.scrape_all()
+    before = time.time()
+    status = (await get(port, "/admin/status")).json()
+    team, backup = status["zai_quota"]
+    assert team["upstream"] == "team-plan" and 6.0 <= team["sample_age_s"] < 6.0 + 5
+    assert team["last_success_at"] == pytest.approx(before - 6.0, abs=5)  # b's: fresher
+    assert (team["last_outcome"], team["stale"]) == ("success", False)
+    assert backup["sample_age_s"] >= 14.165  # a's sample
+    assert (backup["last_outcome"], backup["stale"]) == ("malformed", True)
+    assert [w["used_fraction"] for w in backup["windows"]] == [0.97, 0.75]
+    # a's sample carries a's gate: its reserve is reached (b's is open).
+    assert backup["pacing"]["reserve_reached"] is True
+    # The TUI reads it as it reads a proxy's.
+    from zaiproxy_tui.model import parse_snapshot
+    snap = parse_snapshot(status)
+    assert snap.zai_quota is not None and snap.zai_quota[1].failing
+    # A fleet whose pods do not poll: [] ("not polled"), not absent.
+    a.text = b.text = exposition("production", 20)
+    await collector.scrape_all()
+    assert (await get(port, "/admin/status")).json()["zai_quota"] == []

@@ -29,7 +29,9 @@ token is set, errors as ``{"error": {"message", "type", "code"}}``; HTTP by
 success, latest rates per variant; per variant: the fresh targets' summed
 totals, gauges and ``breakdown`` (``snapshot.merge``) + ``rates`` (``snapshot.combine``:
 per-second rates incl. ``breakdown_per_s``) + ``targets``/``stale_targets``/``stale``:
-the shape of a proxy's ``metrics`` event, so one client reads both);
+the shape of a proxy's ``metrics`` event, so one client reads both; ``zai_quota``: Z.AI's
+own quota per upstream key, read from the ``zai_proxy_quota_*`` series of the fresh
+targets' scrapes, the freshest sample per key, ``fleet_keys.quota_entries``);
 ``GET /admin/history?range=5m|15m|1h|6h|24h|7d&variant=NAME|all`` (``series``:
 per variant, one point per ``step_s`` bucket, rates summed over targets);
 ``GET /admin/events`` (``connected``, then ``metrics`` = the status, every
@@ -37,8 +39,11 @@ interval; ``: heartbeat`` comments); ``GET /admin/keys`` (the fleet's keys: ever
 target's ``/admin/keys`` asked at once, bounded by the scrape timeout, with
 ``Authorization: Bearer`` = ``--target-token`` / ``ZAIPROXY_TARGET_ADMIN_TOKEN``, never
 logged or echoed; ``mode: "fleet"``, ``targets`` [{target, ok, error}], per alias the
-summed usage and per limit the tightest state across targets (``merge_keys``); a failing
-or stale target is listed with its error and left out of the merge).
+summed usage and per limit the tightest state across targets (``merge_keys``); per
+upstream key the freshest ``zai_quota`` sample (``merge_quota``) and the pool's
+``upstreams``, resting if any target rests the key (``merge_upstreams``), both absent when
+no target reports them; a failing or stale target is listed with its error and left out of
+the merge).
 
 Table ``snapshots``: one row per (scrape, target, variant) with the interval's
 ``seconds``, the counters' *increases* (rates = increase / seconds; increases
@@ -70,7 +75,16 @@ from zaiproxy.core.durations import parse_duration
 from zaiproxy.core.errors import MethodNotAllowed, NotFound, ServiceUnavailable
 from zaiproxy.core.logs import get_logger
 from zaiproxy.fleet.collector_store import Store, row_of
-from zaiproxy.fleet.fleet_keys import keys_error, merge_keys, merge_scope
+from zaiproxy.fleet.fleet_keys import (
+    keys_error,
+    merge_keys,
+    merge_quota,
+    merge_scope,
+    merge_upstreams,
+    quota_at,
+    quota_entries,
+    quota_gauges,
+)
 from zaiproxy.http import client
 from zaiproxy.http.responder import Answer, Request, Responder, Streamed
 from zaiproxy.observe import snapshot
@@ -169,6 +183,9 @@ class TargetState:
     consecutive_failures: int = 0
     scrapes: int = 0
     failures: int = 0
+    # Z.AI's quota per upstream key from the last successful scrape's zai_proxy_quota_*
+    # series ([]: the target does not poll), in /admin/keys' zai_quota shape.
+    quota: list[dict[str, Any]] | None = None
 
     @property
     def stale(self) -> bool:
@@ -180,6 +197,17 @@ class TargetState:
                 "consecutive_failures": self.consecutive_failures, "scrapes": self.scrapes,
                 "failures": self.failures,
                 "variants": {v: r.to_json() for v, r in sorted(self.rates.items())}}
+
+
+def _parse(text: str) -> tuple[dict[str, VariantSnapshot], dict[str, dict[str, Any]]]:
+    """A scrape's snapshots per variant and its Z.AI quota series (``ParseError`` for what
+    is not an exposition)."""
+    snaps = snapshot.parse(text)
+    try:
+        gauges = quota_gauges(text)
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise snapshot.ParseError(f"zai_proxy_quota_* series: {exc}") from exc
+    return snaps, gauges
 
 
 # ---- server-sent events ------------------------------------------------------------
@@ -370,7 +398,7 @@ class Collector:
             with trio.fail_after(timeout):
                 text = await scrape(state.target)
             # Pure Python over ~10^4 lines per big proxy: off the loop that serves the API.
-            snaps = await trio.to_thread.run_sync(snapshot.parse, text)
+            snaps, gauges = await trio.to_thread.run_sync(_parse, text)
         except trio.TooSlowError:
             error = f"timed out after {timeout:g}s"
         except (client.ClientError, ScrapeError, snapshot.ParseError) as exc:
@@ -397,6 +425,7 @@ class Collector:
                     rates[variant] = snapshot.delta(prev, cur, seconds)
         state.snapshots, state.rates, state.scraped_at = snaps, rates, started
         state.last_success = time.time()
+        state.quota = quota_entries(gauges, state.last_success, state.quota)
         state.consecutive_failures = 0
         state.scrapes += 1
 
@@ -414,9 +443,13 @@ class Collector:
             entry.update(targets=len(having), stale_targets=len(having) - len(fresh),
                          stale=not fresh)
             variants[name] = entry
-        return {"time": time.time(), "source": "collector", "version": __version__,
+        now = time.time()
+        # Z.AI's quota per upstream key: the freshest sample among the fresh targets' scrapes.
+        quota = merge_quota([s.quota for s in self.states if not s.stale]) or []
+        return {"time": now, "source": "collector", "version": __version__,
                 "interval_s": self.options.interval,
                 "targets": [s.to_json() for s in self.states], "variants": variants,
+                "zai_quota": quota_at(quota, now),
                 "storage": asdict(self.storage),
                 "events": {"subscribers": self.hub.subscribers, "dropped": self.hub.dropped}}
 
@@ -439,11 +472,19 @@ class Collector:
                     nursery.start_soon(self._target_keys, state.target, results, i)
         reports = [r for r in results if isinstance(r, dict)]
         keys, global_ = merge_keys(reports)
-        return {"mode": "fleet", "source": "collector", "scope": merge_scope(reports),
-                "targets": [{"target": s.target.url, "ok": isinstance(r, dict),
-                             "error": None if isinstance(r, dict) else r}
-                            for s, r in zip(self.states, results, strict=True)],
-                "keys": keys, "global": global_, "adaptive": None}
+        answer = {"mode": "fleet", "source": "collector", "scope": merge_scope(reports),
+                  "targets": [{"target": s.target.url, "ok": isinstance(r, dict),
+                               "error": None if isinstance(r, dict) else r}
+                              for s, r in zip(self.states, results, strict=True)],
+                  "keys": keys, "global": global_, "adaptive": None}
+        # Absent (not []) when no answering target says anything: older proxies.
+        quota = merge_quota([r.get("zai_quota") for r in reports])
+        if quota is not None:
+            answer["zai_quota"] = quota
+        upstreams = merge_upstreams([r.get("upstreams") for r in reports])
+        if upstreams is not None:
+            answer["upstreams"] = upstreams
+        return answer
 
     async def _target_keys(self, target: Target, results: list[dict[str, Any] | str],
                            i: int) -> None:

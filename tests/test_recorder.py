@@ -107,12 +107,13 @@ def test_wire_row_round_trip() -> None:
 
 async def test_a_datagram_of_the_previous_wire_version_is_refused_and_counted(
         tmp_path: Path) -> None:
-    """Version 3 rows had no ``requested_model`` (version 2 not even ``api``), and workers
-    and recorder are one build, so such a datagram is a stray writer's: refused whole."""
+    """Version 4 rows had no ``upstream`` (version 3 not even ``requested_model``), and
+    workers and recorder are one build, so such a datagram is a stray writer's: refused
+    whole."""
     row = list(wire.row_of(record(0), T0))
-    del row[wire.ROW_FIELDS.index("requested_model")]
-    old = orjson.dumps([3, 0, 1, 0, "production", 0, 0, [row]])
-    with pytest.raises(wire.WireError, match="wire version 4"):
+    del row[wire.ROW_FIELDS.index("upstream")]
+    old = orjson.dumps([4, 0, 1, 0, "production", 0, 0, [row]])
+    with pytest.raises(wire.WireError, match="wire version 5"):
         wire.decode_batch(old)
     rec = Recorder(str(tmp_path / "h.duckdb"), variant="production")
     assert rec.ingest(old) == 0
@@ -154,6 +155,7 @@ def test_db_row_maps_every_column() -> None:
         # counts the cached tokens inside the input.
         "cost_usd": pytest.approx((700 * 0.60 + 2000 * 2.20 + 300 * 0.11) / 1e6),
         "retries": 1, "stale_retry": True, "api": "openai", "requested_model": None,
+        "upstream": None,
     }
     # After a 1312 fallback: the model that answered is priced, the client's is kept beside.
     fell_back = db_row("canary", 2, list(wire.row_of(
@@ -453,11 +455,11 @@ def test_rollup_state_survives_a_reopen(tmp_path: Path) -> None:
 def test_a_new_file_gets_the_current_schema(tmp_path: Path) -> None:
     con = duckdb.connect(str(tmp_path / "h.duckdb"))
     assert current_version(con) == 0
-    assert migrate(con, now=lambda: T0) == [1, 2, 3, 4]
+    assert migrate(con, now=lambda: T0) == [1, 2, 3, 4, 5]
     assert migrate(con) == []  # once only
-    assert current_version(con) == SCHEMA_VERSION == 4
+    assert current_version(con) == SCHEMA_VERSION == 5
     assert con.execute("SELECT version, epoch(applied_at) FROM schema_version").fetchall() == [
-        (1, T0), (2, T0), (3, T0), (4, T0)]
+        (1, T0), (2, T0), (3, T0), (4, T0), (5, T0)]
     columns = [r[0] for r in con.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'requests' "
         "ORDER BY ordinal_position").fetchall()]
@@ -551,8 +553,8 @@ def test_v3_takes_control_routes_out_of_an_older_file(tmp_path: Path) -> None:
     control = [(*row[:5], route, *row[6:]) for row, route in zip(
         control, ("/admin/events", "/metrics", "/health", "/ready"), strict=True)]
     control[0] = (*control[0][:15], 694_907.0, *control[0][16:])  # latency_ms
-    with con.appender("requests") as app:  # v2's columns: no api, no requested_model yet
-        app.append_rows([row[:-2] for row in api_rows + control])
+    with con.appender("requests") as app:  # v2's columns: no api, requested_model, upstream
+        app.append_rows([row[:-3] for row in api_rows + control])
     con.close()
     v2 = HistoryStore(duckdb.connect(path), version=2)  # what the store does for an old file
     v2.rollup(T0 + 120)
@@ -588,7 +590,7 @@ def test_v4_adds_requested_model_to_a_v3_file(tmp_path: Path) -> None:
     con = duckdb.connect(path)
     assert migrate(con, MIGRATIONS[:3]) == [1, 2, 3]
     with con.appender("requests") as app:  # v3's columns: no requested_model yet
-        app.append_rows([row[:-1] for row in rows_at([T0 + 1, T0 + 2])])
+        app.append_rows([row[:-2] for row in rows_at([T0 + 1, T0 + 2])])
     con.close()
     old = HistoryStore.open(path, read_only=True)  # read as it is, not migrated
     assert old.version == 3
@@ -596,11 +598,28 @@ def test_v4_adds_requested_model_to_a_v3_file(tmp_path: Path) -> None:
     old.close()
 
     store = HistoryStore.open(path)
-    assert store.version == SCHEMA_VERSION == 4
+    assert store.version == SCHEMA_VERSION == 5
     store.write(rows_at([T0 + 3], model="glm-4.5", requested_model="glm-4.6"))
     assert store.con.execute(
         "SELECT model, requested_model, api FROM requests ORDER BY ts").fetchall() == [
         ("glm-4.6", None, "openai"), ("glm-4.6", None, "openai"), ("glm-4.5", "glm-4.6", "openai")]
+    store.close()
+
+
+def test_v5_adds_upstream_to_a_v4_file(tmp_path: Path) -> None:
+    """A v4 file's rows read NULL as upstream (no pool of keys before v5); rows written
+    after the migration carry the alias."""
+    path = str(tmp_path / "h.duckdb")
+    con = duckdb.connect(path)
+    assert migrate(con, MIGRATIONS[:4]) == [1, 2, 3, 4]
+    with con.appender("requests") as app:  # v4's columns: no upstream yet
+        app.append_rows([row[:-1] for row in rows_at([T0 + 1])])
+    con.close()
+    store = HistoryStore.open(path)
+    assert store.version == SCHEMA_VERSION == 5
+    store.write(rows_at([T0 + 2], upstream="backup"))
+    assert store.con.execute("SELECT upstream FROM requests ORDER BY ts").fetchall() == [
+        (None,), ("backup",)]
     store.close()
 
 
@@ -917,8 +936,18 @@ async def test_the_channel_is_read_until_the_stop_marker(tmp_path: Path) -> None
             await nursery.start(rec.run)
             for i in range(1000):
                 sink.submit(record(i))
+                if i % 200 == 199:  # the channel holds ~10 datagrams: let the recorder read
+                    await trio.sleep(0.01)
             sink.flush()
-            send.send(wire.STOP)
+            # Never a blocking send on the loop the recorder runs on: with the channel full
+            # (10 datagrams here) it would wait for a reader that cannot run.
+            send.setblocking(False)
+            while True:
+                try:
+                    send.send(wire.STOP)
+                    break
+                except BlockingIOError:
+                    await trio.sleep(0.01)
         assert rec.stop_seen.is_set()
     store = HistoryStore.open(str(tmp_path / "h.duckdb"))
     assert count(store, "requests") == 1000

@@ -53,10 +53,10 @@ def test_wire_header_byte_for_byte() -> None:
     row = wire.row_of(record(1), T0)
     data = wire.encode_batch(3, 4242, "canary", 2, [row], nonce=77, first=5)
     assert data.startswith(
-        b'[4,3,4242,77,"canary",2,5,[[1800000000.0,"req00000001","POST",'
+        b'[5,3,4242,77,"canary",2,5,[[1800000000.0,"req00000001","POST",'
         b'"/v1/chat/completions","openai",')
     heartbeat = wire.encode_batch(3, 4242, "canary", 2, [], nonce=77, first=6)
-    assert heartbeat == b'[4,3,4242,77,"canary",2,6,[]]'
+    assert heartbeat == b'[5,3,4242,77,"canary",2,6,[]]'
     batch = wire.decode_batch(data)
     assert (batch.source, batch.variant, batch.dropped_total, batch.first, len(batch.rows)) == (
         (3, 4242, 77), "canary", 2, 5, 1)

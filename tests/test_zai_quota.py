@@ -94,7 +94,7 @@ def test_health_is_the_originals_shape(segment) -> None:  # type: ignore[no-unty
 
 def test_stale_is_counted_once_per_transition(segment) -> None:  # type: ignore[no-untyped-def]
     now = [T0]
-    poller = QuotaPoller(segment, CONFIG, wall=lambda: now[0])
+    poller = QuotaPoller(segment, CONFIG, wall=lambda: now[0]).first
     # Never succeeded: the first failure is also the first stale.
     poller.polls = 1
     poller._failed("error", "refused", now[0])

@@ -20,7 +20,7 @@ import orjson
 import pytest
 import trio
 
-from tests.harness import UPSTREAM_KEY, ProcessServer, request, start_process, wait_until
+from tests.harness import UPSTREAM_KEY, ProcessServer, request, start_process
 from tests.redis_server import RedisServer
 from zaiproxy.core.config import Config
 from zaiproxy.core.limitspec import Limits
@@ -201,7 +201,7 @@ async def start(env: dict[str, str], log: Path) -> ProcessServer:
 async def eventually(check: Any, limit: float = 10.0) -> Any:
     """Await ``check()`` until it returns something truthy (bounded)."""
     with trio.fail_after(limit):
-        while not (value := await check()):
+        while not (value := await check()):  # noqa: ASYNC110 (another process: no event)
             await trio.sleep(0.05)
     return value
 

@@ -167,6 +167,11 @@ class Config:
     model_fallback: values.ModelFallback = _setting(  # noqa: RUF009 - a frozen value
         values.ModelFallback(), "upstream", ("ZAIPROXY_MODEL_FALLBACK",), values.model_fallback
     )
+    # Several upstream keys (accounts), each with its own limits, quota and adaptive rate, and
+    # which key a request goes out with (limits/upstream_keys.py). Unset: ZAI_API_KEY alone.
+    upstream_keys_file: str | None = _setting(
+        None, "upstream", ("ZAIPROXY_UPSTREAM_KEYS_FILE",), values.file_path(must_exist=True)
+    )
     # [limits]  Global limits (all traffic of this host), then per upstream key. Unset = no limit.
     requests_per_minute: int | None = _setting(None, "limits", ("ZAIPROXY_REQUESTS_PER_MINUTE",), _LIMIT)
     tokens_per_minute: int | None = _setting(None, "limits", ("ZAIPROXY_TOKENS_PER_MINUTE",), _LIMIT)
@@ -573,6 +578,7 @@ def load_config(
     if (
         require_api_key
         and merged["api_key"] is None
+        and merged["upstream_keys_file"] is None
         and not merged["demo"]
         and not {"api_key", "demo"} & layers.failed
     ):
@@ -588,6 +594,12 @@ def load_config(
         layers.problems.append(
             "history.history_rollup_days: must not be less than history.history_raw_days "
             "(the rollups are made from the raw rows)"
+        )
+    if merged["upstream_keys_file"] is not None and merged["limits_backend"] == "redis":
+        layers.problems.append(
+            "upstream.upstream_keys_file: a pool of upstream keys works with "
+            "limits_backend = \"shm\" only for now (each key's fleet-wide limits and adaptive "
+            "rate in Redis are not built yet); use one key per deployment with Redis"
         )
     if merged["adaptive_min_rps"] > merged["adaptive_max_rps"]:
         layers.problems.append(

@@ -85,6 +85,8 @@ class RequestRecord:
     token_count_s: float | None = None  # spent estimating the prompt's tokens (tiktoken)
     # The model the client asked for, when a fallback sent the request to ``model`` instead.
     requested_model: str | None = None
+    # The upstream key (its alias) the answer came with, when a pool of keys is configured.
+    upstream: str | None = None
 
     def log_fields(self) -> dict[str, object]:
         """The access-log line's fields (absent values left out)."""
@@ -101,6 +103,8 @@ class RequestRecord:
             fields["model"] = self.model
         if self.requested_model is not None:
             fields["requested_model"] = self.requested_model
+        if self.upstream is not None:
+            fields["upstream"] = self.upstream
         if self.stream is not None:
             fields["stream"] = self.stream
         if self.result is not None:

@@ -30,17 +30,19 @@ import trio
 from zaiproxy.core.limitspec import FIVE_HOURS_NS, MINUTE_NS, WEEK_NS, Limits
 from zaiproxy.core.record import Usage
 from zaiproxy.limits.cells import (
-    ADAPTIVE_LIMIT_KEY,
     SC_ADAPTIVE_EPOCH,
     SC_ADAPTIVE_MRPS,
     THROTTLE_WORDS,
+    W_KEY_MRPS,
     W_THROTTLED_REQUESTS,
     W_THROTTLED_UNKNOWN,
     W_UPSTREAM_REQUESTS,
     W_UPSTREAM_THROTTLED,
     activity_key,
+    adaptive_limit_key,
     limit_key,
     started_s,
+    upstream_state_key,
 )
 from zaiproxy.limits.key_usage import KeyUsage
 from zaiproxy.limits.segment import LedgerImpl, Segment
@@ -82,6 +84,7 @@ class Plan:
     has_concurrency: bool
     adaptive: int | None  # position of the adaptive-rate op
     alias: str | None = None
+    upstream: int = 0  # the upstream key (pool index) whose scope and adaptive rate it holds
     # The per-minute GCRA ops reported in x-ratelimit-* headers: (index, limit, period, weighted).
     reported: tuple[tuple[int, int, int, bool], ...] = ()
     backend: Any = None  # what a backend other than the ledger keeps per plan (limits/fleet.py)
@@ -174,38 +177,50 @@ class Admitter:
 
     def __init__(self, ledger: Segment, impl: LedgerImpl, *, worker: int, global_limits: Limits,
                  upstream_limits: Limits, upstream_id: bytes, adaptive: bool,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns,
+                 more_upstreams: Sequence[tuple[bytes, Limits]] = ()) -> None:
+        """``upstream_limits``/``upstream_id``: upstream key 0's scope; ``more_upstreams``:
+        (scope id, limits) of the pool's other keys, 1.. (limits/upstream_keys.py)."""
         self.ledger = ledger
         self.impl = impl  # the ledger module (constants)
         self.worker = worker
         self.clock = clock
         self._global = global_limits
-        self._upstream = upstream_limits
-        self._upstream_id = upstream_id
+        self._upstreams: list[tuple[bytes, Limits]] = [(upstream_id, upstream_limits),
+                                                        *more_upstreams]
         self._adaptive = adaptive
-        self._plans: dict[str | None, Plan] = {}
+        self._plans: dict[object, Plan] = {}
+        self._upstream_windows: dict[int, tuple[LimitOp, ...]] = {}
         self._adaptive_mrps = -1
-        self.activity_row = ledger.row(activity_key(worker))
+        self.activity_rows = [ledger.row(activity_key(worker, i))
+                              for i in range(len(self._upstreams))]
+        self.activity_row = self.activity_rows[0]
+        # Keys 1..: the effective rate the supervisor publishes per key (key 0: the scalar).
+        self._mrps_rows = [0] + [ledger.row(upstream_state_key(i))
+                                 for i in range(1, len(self._upstreams))]
         self.key_usage = KeyUsage(ledger)
 
     # --- plans ---------------------------------------------------------------
 
-    def plan(self, alias: str | None, key_limits: Limits | None) -> Plan:
-        """The plan of a caller (``alias`` None = open mode, no client key); cached."""
-        plan = self._plans.get(alias)
+    def plan(self, alias: str | None, key_limits: Limits | None, upstream: int = 0) -> Plan:
+        """The plan of a caller (``alias`` None = open mode, no client key) going out with
+        upstream key ``upstream``; cached."""
+        cache_key: object = alias if upstream == 0 else (alias, upstream)
+        plan = self._plans.get(cache_key)
         if plan is None:
-            plan = self._build(alias, key_limits)
-            self._plans[alias] = plan
+            plan = self._build(alias, key_limits, upstream)
+            self._plans[cache_key] = plan
         return plan
 
     def forget_plans(self) -> None:
         """Drop cached plans (the keys file was reloaded: limits may have changed)."""
         self._plans.clear()
 
-    def _build(self, alias: str | None, key_limits: Limits | None) -> Plan:
+    def _build(self, alias: str | None, key_limits: Limits | None, upstream: int = 0) -> Plan:
         ops: list[LimitOp] = []
+        upstream_id, upstream_limits = self._upstreams[upstream]
         scopes: list[tuple[str, bytes, Limits]] = [("global", b"global", self._global),
-                                                    ("upstream", self._upstream_id, self._upstream)]
+                                                    ("upstream", upstream_id, upstream_limits)]
         if alias is not None and key_limits is not None:
             scopes.insert(0, ("key", b"key\0" + alias.encode(), key_limits))
         impl = self.impl
@@ -227,8 +242,9 @@ class Admitter:
         adaptive: int | None = None
         if self._adaptive:
             adaptive = len(ops)
-            ops.append(LimitOp(impl.KIND_GCRA, self.ledger.row(ADAPTIVE_LIMIT_KEY), 1, SECOND_NS,
-                               False, LimitKind.REQUESTS, "global", "adaptive_rate", adaptive=True))
+            ops.append(LimitOp(impl.KIND_GCRA, self.ledger.row(adaptive_limit_key(upstream)), 1,
+                               SECOND_NS, False, LimitKind.REQUESTS, "global", "adaptive_rate",
+                               adaptive=True))
         words = impl.OP_WORDS
         buf = array("q", bytes(8 * words * max(1, len(ops))))
         for i, op in enumerate(ops):
@@ -242,7 +258,7 @@ class Admitter:
             ops=tuple(ops), buf=buf,
             weighted=tuple(i for i, op in enumerate(ops) if op.weighted),
             has_concurrency=any(op.kind == impl.KIND_CONCURRENCY for op in ops),
-            adaptive=adaptive, alias=alias,
+            adaptive=adaptive, alias=alias, upstream=upstream,
             reported=tuple((op.index, op.limit, op.period_ns, op.weighted) for op in ops
                            if op.kind == impl.KIND_GCRA and not op.adaptive),
         )
@@ -264,7 +280,8 @@ class Admitter:
         for i in plan.weighted:
             buf[i * words + 2] = tokens
         if plan.adaptive is not None:
-            mrps = self.ledger.scalar_get(SC_ADAPTIVE_MRPS)
+            mrps = (self.ledger.scalar_get(SC_ADAPTIVE_MRPS) if plan.upstream == 0
+                    else self.ledger.counter_get(self._mrps_rows[plan.upstream], W_KEY_MRPS))
             base = plan.adaptive * words
             if mrps <= 0:
                 # No learned rate: the op must not limit anything. A huge limit admits all.
@@ -359,6 +376,20 @@ class Admitter:
                 uses.append(QuotaUse(op.scope, report_name(op), state["used"], state["limit"]))
         return uses
 
+    def upstream_used(self, upstream: int) -> float:
+        """The highest used share of upstream key ``upstream``'s own rolling windows (0 when
+        it has none): its local headroom, for the pool's choice of key."""
+        windows = self._upstream_windows.get(upstream)
+        if windows is None:
+            windows = self._upstream_windows[upstream] = tuple(
+                op for op in self.plan(None, None, upstream).ops
+                if op.kind == self.impl.KIND_WINDOW and op.scope == "upstream")
+        if not windows:
+            return 0.0
+        now = self.clock()
+        used_of = self.ledger.window_used
+        return float(max(used_of(op.index, op.period_ns, now) / op.limit for op in windows))
+
     # --- reporting -----------------------------------------------------------
 
     def rate_states(self, plan: Plan) -> tuple[RateState | None, RateState | None]:
@@ -378,7 +409,8 @@ class Admitter:
                 requests = RateState(limit, remaining, reset_ns)
         return requests, tokens
 
-    def note_upstream(self, throttle: str | None = None, counted_epoch: int = -1) -> int:
+    def note_upstream(self, throttle: str | None = None, counted_epoch: int = -1,
+                      upstream: int = 0) -> int:
         """Count one upstream answer for the adaptive rate.
 
         ``throttle`` is the class of an account-throttle 429 (``concurrency``,
@@ -390,7 +422,7 @@ class Admitter:
         Returns the epoch the request is now counted in.
         """
         ledger = self.ledger
-        row = self.activity_row
+        row = self.activity_rows[upstream]
         ledger.counter_add(row, W_UPSTREAM_REQUESTS, 1)
         if throttle is None:
             return counted_epoch

@@ -42,8 +42,9 @@ class Limiter(Protocol):
     def fleet(self) -> bool:
         """True when the limits are the fleet's (shared through Redis), False for this host."""
 
-    def plan(self, alias: str | None, key_limits: Limits | None) -> Plan:
-        """The limits of one caller (client key alias, or None in open mode), built once."""
+    def plan(self, alias: str | None, key_limits: Limits | None, upstream: int = 0) -> Plan:
+        """The limits of one caller (client key alias, or None in open mode) going out with
+        upstream key ``upstream`` (its index in the pool), built once."""
 
     async def admit(self, plan: Plan, tokens: int) -> Admission | Refusal:
         """Take every limit of ``plan`` for a request reserving ``tokens``, or none.
@@ -57,8 +58,10 @@ class Limiter(Protocol):
     def rate_states(self, plan: Plan) -> tuple[RateState | None, RateState | None]:
         """The tightest per-minute request and token limits, for ``x-ratelimit-*``."""
 
-    def note_upstream(self, throttle: str | None = None, counted_epoch: int = -1) -> int:
-        """Count one upstream answer for the adaptive rate (``throttle``: its class)."""
+    def note_upstream(self, throttle: str | None = None, counted_epoch: int = -1,
+                      upstream: int = 0) -> int:
+        """Count one upstream answer of upstream key ``upstream`` for its adaptive rate
+        (``throttle``: its class)."""
 
     def forget_plans(self) -> None:
         """The client keys changed: plans are built again on first use."""

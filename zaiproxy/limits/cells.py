@@ -51,13 +51,48 @@ THROTTLE_WORDS: Final = {"concurrency": W_THROTTLED_CONCURRENCY,
                          "frequency": W_THROTTLED_FREQUENCY, "unknown": W_THROTTLED_UNKNOWN}
 
 
-def activity_key(worker: int) -> bytes:
-    """The row of one worker's upstream activity (the rate controller sums them)."""
-    return b"activity\0worker\0%d" % worker
+def activity_key(worker: int, upstream: int = 0) -> bytes:
+    """The row of one worker's upstream activity with one upstream key (the rate controller
+    sums them per key); key 0's row keeps its name from before key pools."""
+    if upstream == 0:
+        return b"activity\0worker\0%d" % worker
+    return b"activity\0worker\0%d\0upstream\0%d" % (worker, upstream)
 
 
 # ---- limit rows and windows ---------------------------------------------------------------
-ADAPTIVE_LIMIT_KEY: Final = b"limit\0adaptive"  # the GCRA row of the adaptive rate
+ADAPTIVE_LIMIT_KEY: Final = b"limit\0adaptive"  # the GCRA row of the adaptive rate (key 0)
+
+
+def adaptive_limit_key(upstream: int) -> bytes:
+    """The GCRA row of one upstream key's adaptive rate."""
+    return ADAPTIVE_LIMIT_KEY if upstream == 0 else ADAPTIVE_LIMIT_KEY + b"\0%d" % upstream
+
+
+# ---- per upstream key (a pool of Z.AI keys: limits/upstream_pool.py) ----------------------
+# The adaptive state the supervisor publishes per key (key 0's is also in the SC_ADAPTIVE_*
+# scalars, where the reports written before key pools read it).
+W_KEY_MRPS: Final = 1  # the effective rate (adaptive and quota pacing), 0 = no limit
+W_KEY_CEILING_MRPS: Final = 2
+W_KEY_ADJUST_UP: Final = 3
+W_KEY_ADJUST_DOWN: Final = 4
+W_KEY_THROTTLED_AT_MS: Final = 5
+W_KEY_REASON: Final = 6
+# A key at rest: Z.AI throttled it or its quota is spent (the request path sets it).
+W_REST_UNTIL_MS: Final = 1  # unix ms the key may be used again, 0 = not resting
+W_REST_REASON: Final = 2  # REST_REASONS index
+W_RESTS: Final = 3  # times it was put to rest
+W_SWITCHED_AWAY: Final = 4  # requests moved from it to another key
+REST_REASONS: Final = (None, "throttled", "quota")
+
+
+def upstream_state_key(upstream: int) -> bytes:
+    """The row of one upstream key's published adaptive state."""
+    return b"upstream\0adaptive\0%d" % upstream
+
+
+def upstream_rest_key(upstream: int) -> bytes:
+    """The row saying whether one upstream key rests, and why."""
+    return b"upstream\0rest\0%d" % upstream
 
 
 def limit_key(scope_id: bytes, name: str) -> bytes:

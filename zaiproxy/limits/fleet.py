@@ -263,7 +263,9 @@ class FleetLimiter:
 
     # ---- plans --------------------------------------------------------------------------
 
-    def plan(self, alias: str | None, key_limits: Limits | None) -> Plan:
+    def plan(self, alias: str | None, key_limits: Limits | None, upstream: int = 0) -> Plan:
+        # One upstream key per fleet for now: config refuses a pool with the Redis backend.
+        assert upstream == 0, "a pool of upstream keys needs limits_backend = shm"
         plan = self._plans.get(alias)
         if plan is None:
             plan = self._plans[alias] = self._build(alias, key_limits)
@@ -481,9 +483,10 @@ class FleetLimiter:
         fp: FleetPlan = plan.backend
         return fp.states
 
-    def note_upstream(self, throttle: str | None = None, counted_epoch: int = -1) -> int:
+    def note_upstream(self, throttle: str | None = None, counted_epoch: int = -1,
+                      upstream: int = 0) -> int:
         # Counted on this host; the supervisor adds the host's counts to the fleet's.
-        return self.local.note_upstream(throttle, counted_epoch)
+        return self.local.note_upstream(throttle, counted_epoch, upstream)
 
     def quota_use(self) -> list[QuotaUse]:
         """The fleet's windows as of the last refresh (every renew interval)."""

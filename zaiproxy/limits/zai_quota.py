@@ -268,6 +268,13 @@ class QuotaBoard:
     def sequence(self) -> int:
         return self.segment.counter_get(self.meta, _W_SEQ)
 
+    def used_max(self) -> float:
+        """The highest used share among the key's windows (0 before a first sample): a
+        request's choice of key reads this, two words per window."""
+        get = self.segment.counter_get
+        return max((get(row, _W_USED_PPM) for row in self.windows.values()
+                    if get(row, _W_TYPE) > 0), default=0) / PPM
+
     def view(self, config: Config) -> QuotaView:
         get = self.segment.counter_get
         sample_ms = get(self.state, _W_SAMPLE_MS)
@@ -332,9 +339,10 @@ class PaceBoard:
     reports show. Written by whoever paces (the supervisor, or a fleet pod copying the
     leader's decision)."""
 
-    def __init__(self, segment: Segment) -> None:
+    def __init__(self, segment: Segment, alias: str = DEFAULT_ALIAS) -> None:
         self.segment = segment
-        self.row = segment.row(PACE_KEY)
+        self.row = segment.row(PACE_KEY if alias == DEFAULT_ALIAS
+                               else PACE_KEY + b"\0" + alias.encode())
 
     def write(self, decision: Decision, cost: dict[str, float]) -> None:
         seg, row = self.segment, self.row
@@ -514,46 +522,31 @@ class _Latest:
     sequence: int
 
 
-class QuotaPoller:
-    """The supervisor's poller thread (module docstring, "Who polls").
+class KeyPoller:
+    """One upstream key's polls: the request, the outcome in its rows, its staleness."""
 
-    ``leader``: for the fleet, a callable saying whether this pod holds the leader lease (the
-    adaptive rate's); None on a single host (always poll)."""
-
-    def __init__(self, segment: Segment, config: Config, *,
-                 leader: Callable[[], bool] | None = None, redis: Any = None,
-                 wall: Callable[[], float] = time.time) -> None:
-        self.segment = segment
+    def __init__(self, segment: Segment, config: Config, alias: str, api_key: str, url: str,
+                 ssl_context: ssl.SSLContext | None, wall: Callable[[], float]) -> None:
         self.config = config
+        self.alias = alias
+        self._api_key = api_key
+        self.url = url
+        self.ssl_context = ssl_context
         self.wall = wall
         self.log = logs.get_logger()
-        self.board = QuotaBoard(segment)
-        self.pace = PaceBoard(segment)
-        self.leader = leader
-        self.redis = redis
-        base = config.quota_base_url or _origin(config.native_base_url)
-        self.url = base.rstrip("/") + zai.QUOTA_PATH
-        self.ssl_context = (ssl.create_default_context(cafile=config.ca_file)
-                            if config.ca_file else None)
+        self.board = QuotaBoard(segment, alias)
+        self.pace = PaceBoard(segment, alias)
         self.stale = True  # nothing succeeded yet: the first failure counts as stale
         self.last_success: float | None = None
         self.latest: _Latest | None = None
         self.polls = 0
-        self._thread: threading.Thread | None = None
-        self._stop: trio.Event | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
         self._last_error: str | None = None
-        prefix = "{" + config.redis_key_prefix + "}"
-        self.redis_key = f"{prefix}:quota:{upstream_key_id(config.api_key)}"
-        self.pod = f"{socket.gethostname()[:32]}:{os.getpid()}"
-
-    # ---- one poll ----------------------------------------------------------------------
 
     async def poll_once(self) -> str:
         """Ask Z.AI once; record the outcome in the rows. Returns the outcome."""
         cfg = self.config
         wall = self.wall()
-        headers = [(k.decode(), v.decode()) for k, v in zai.request_headers(cfg.api_key or "")]
+        headers = [(k.decode(), v.decode()) for k, v in zai.request_headers(self._api_key)]
         self.polls += 1
         try:
             with trio.fail_after(cfg.quota_timeout):
@@ -571,7 +564,7 @@ class QuotaPoller:
         self.board.record("success", wall, sample)
         self._got(sample, wall)
         if self.stale or self._last_error is not None:
-            self.log.info("zai_quota_polled", windows=[
+            self.log.info("zai_quota_polled", upstream=self.alias, windows=[
                 f"{w.window}:{w.limit_type}:{round(w.used_fraction * 100, 1)}%"
                 for w in sample.windows], plan_tier=sample.plan_tier)
         self.stale = False
@@ -586,8 +579,8 @@ class QuotaPoller:
     def _failed(self, outcome: str, why: str, wall: float) -> str:
         self.board.record(outcome, wall)
         if why != self._last_error:  # once per distinct failure, not every minute
-            self.log.warning("zai_quota_poll_failed", outcome=outcome, error=why[:200],
-                             url=self.url)
+            self.log.warning("zai_quota_poll_failed", upstream=self.alias, outcome=outcome,
+                             error=why[:200], url=self.url)
             self._last_error = why
         self.check_stale(wall)
         return outcome
@@ -598,9 +591,72 @@ class QuotaPoller:
         if old and not self.stale:
             self.stale = True
             self.board.record("stale", wall)
-            self.log.warning("zai_quota_stale", stale_after_s=self.config.quota_stale_after)
+            self.log.warning("zai_quota_stale", upstream=self.alias,
+                             stale_after_s=self.config.quota_stale_after)
         elif old and self.last_success is None and self.polls == 1:
             self.board.record("stale", wall)  # never succeeded: stale at the first failure
+
+
+class QuotaPoller:
+    """The supervisor's poller thread (module docstring, "Who polls"): every upstream key of
+    the pool (``keys``: (alias, key) pairs; default: ``api_key`` as ``default``), polled in
+    turn every interval.
+
+    ``leader``: for the fleet, a callable saying whether this pod holds the leader lease (the
+    adaptive rate's); None on a single host (always poll). The fleet has one key."""
+
+    def __init__(self, segment: Segment, config: Config, *,
+                 leader: Callable[[], bool] | None = None, redis: Any = None,
+                 wall: Callable[[], float] = time.time,
+                 keys: Sequence[tuple[str, str]] | None = None) -> None:
+        self.segment = segment
+        self.config = config
+        self.wall = wall
+        self.log = logs.get_logger()
+        self.leader = leader
+        self.redis = redis
+        base = config.quota_base_url or _origin(config.native_base_url)
+        url = base.rstrip("/") + zai.QUOTA_PATH
+        context = (ssl.create_default_context(cafile=config.ca_file)
+                   if config.ca_file else None)
+        pairs = keys if keys is not None else [(DEFAULT_ALIAS, config.api_key or "")]
+        self.keys = [KeyPoller(segment, config, alias, key, url, context, wall)
+                     for alias, key in pairs]
+        self.by_alias = {k.alias: k for k in self.keys}
+        self._thread: threading.Thread | None = None
+        self._stop: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        prefix = "{" + config.redis_key_prefix + "}"
+        self.redis_key = f"{prefix}:quota:{upstream_key_id(pairs[0][1])}"
+        self.pod = f"{socket.gethostname()[:32]}:{os.getpid()}"
+
+    # The first key (the only one with the fleet backend), for the fleet's loop and tests.
+    @property
+    def first(self) -> KeyPoller:
+        return self.keys[0]
+
+    @property
+    def board(self) -> QuotaBoard:
+        return self.first.board
+
+    @property
+    def pace(self) -> PaceBoard:
+        return self.first.pace
+
+    @property
+    def latest(self) -> _Latest | None:
+        return self.first.latest
+
+    def latest_of(self, alias: str) -> _Latest | None:
+        """The newest sample of one key (read by the rate controller's thread: one
+        reference read of an attribute the poller's thread replaces)."""
+        key = self.by_alias.get(alias)
+        return key.latest if key is not None else None
+
+    async def poll_once(self) -> str:
+        """Poll every key once; the first key's outcome."""
+        outcomes = [await key.poll_once() for key in self.keys]
+        return outcomes[0]
 
     # ---- the thread --------------------------------------------------------------------
 
@@ -656,7 +712,7 @@ class QuotaPoller:
 
     async def _publish(self, outcome: str) -> None:
         """The leader: the sample (and its own pacing decision) for the fleet."""
-        latest = self.latest
+        latest = self.first.latest
         doc = {"outcome": outcome, "at": self.wall(), "pod": self.pod,
                "pace": list(self.pace.raw())}
         if latest is not None:
@@ -672,8 +728,9 @@ class QuotaPoller:
         raw = None
         with contextlib.suppress(Exception), trio.move_on_after(1.0):
             raw = await self.redis.get(self.redis_key)
+        first = self.first
         if raw is None:
-            self.check_stale(self.wall())
+            first.check_stale(self.wall())
             return
         try:
             doc = orjson.loads(raw)
@@ -682,16 +739,16 @@ class QuotaPoller:
             pace = [int(v) for v in doc.get("pace", ())]
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return
-        if sample is not None and (self.latest is None or sampled_at > self.latest.sampled_at):
-            self.board.record("success", sampled_at, sample, count=False)
-            self._got(sample, sampled_at)
-            self.stale = False
+        if sample is not None and (first.latest is None or sampled_at > first.latest.sampled_at):
+            first.board.record("success", sampled_at, sample, count=False)
+            first._got(sample, sampled_at)
+            first.stale = False
         outcome = doc.get("outcome")
         if outcome in OUTCOMES and outcome != "success":
-            self.board.record(outcome, float(doc.get("at", 0.0)), count=False)
+            first.board.record(outcome, float(doc.get("at", 0.0)), count=False)
         if len(pace) == 5:
-            self.pace.copy(pace)
-        self.check_stale(self.wall())
+            first.pace.copy(pace)
+        first.check_stale(self.wall())
 
 
 def _origin(url: str) -> str:

@@ -75,7 +75,7 @@ written = dropped + lost; the two never count the same record.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -190,9 +190,16 @@ FALLBACKS = Family("mf", "zai_proxy_model_fallbacks", COUNTER,
                    "Requests sent on to another model after Z.AI answered 1312 (model "
                    "congestion), by the congested model and the next one.",
                    ("from_model", "to_model"))
+# A pool of upstream keys (limits/upstream_pool.py): requests moved to another key when one
+# answered with its account's limit; labels are the pool's aliases (bounded by the file).
+SWITCHES = Family("us", "zai_proxy_upstream_switches", COUNTER,
+                  "Requests moved to another upstream key of the pool (1302/1303 throttle or "
+                  "1308/1310 quota on the first), by key alias and the Z.AI class.",
+                  ("from_upstream", "to_upstream", "reason"))
 FAMILIES: Final = (REQUESTS, DURATION, REQUEST_SIZE, RESPONSE_SIZE, UPSTREAM_ERRORS, WAIT,
                    REJECTIONS, RETRIES, TOKENS, COST, TOKEN_COUNT, TTFT, OVERHEAD, ZAI_ERRORS,
-                   KEY_REQUESTS, USAGE_MISSING, CONTROL_REQUESTS, CONTROL_DURATION, FALLBACKS)
+                   KEY_REQUESTS, USAGE_MISSING, CONTROL_REQUESTS, CONTROL_DURATION, FALLBACKS,
+                   SWITCHES)
 
 # Words of a worker's gauge row (shm_metrics.claim_gauge_row; only that worker writes them).
 W_IN_FLIGHT = 1
@@ -266,8 +273,8 @@ class WorkerMetrics:
                  upstream_concurrency_limit: int | None = None,
                  quota: Callable[[], Iterable[QuotaUse]] | None = None,
                  limits_backend: str = "shm", relay: str = "python",
-                 zai_quota: Callable[[], tuple[QuotaView, PaceView | None]] | None = None,
-                 ) -> None:
+                 zai_quota: Callable[[], Sequence[tuple[QuotaView, PaceView | None]]]
+                 | None = None, upstream_label: bool = False) -> None:
         """``ledger``: the implementation's name; ``segment``: the attached Ledger;
         ``shared``: False for a private segment (no other process reads it; its file is
         already unlinked), whose names table is then an anonymous mapping;
@@ -279,6 +286,7 @@ class WorkerMetrics:
         decision (None: not polled), exposed by ``observe/quota_metrics.py``."""
         self.variant = variant
         self.zai_quota = zai_quota
+        self.upstream_label = upstream_label  # a pool of upstream keys: series by its alias
         self.segment = segment
         self.workers = workers
         self._impl = ledger
@@ -398,6 +406,10 @@ class WorkerMetrics:
 
     def retry(self, reason: str) -> None:
         self._cell(RETRIES, (reason,)).inc()
+
+    def upstream_switch(self, from_upstream: str, to_upstream: str, reason: str) -> None:
+        """A request moved from one upstream key of the pool to another (aliases)."""
+        self._cell(SWITCHES, (from_upstream, to_upstream, reason)).inc()
 
     def model_fallback(self, from_model: str, to_model: str) -> None:
         """A request sent on to ``to_model`` after a 1312 (both configured names)."""
@@ -556,7 +568,8 @@ class _Collector:
                 quota.add_metric([use.scope, use.name, variant], use.ratio)
             yield quota
         if m.zai_quota is not None:  # Z.AI's own quota, polled (observe/quota_metrics.py)
-            yield from quota_metrics.families(*m.zai_quota(), variant, time.time())
+            yield from quota_metrics.families(m.zai_quota(), variant, time.time(),
+                                              upstream_label=m.upstream_label)
         if m.limits_backend == "redis":
             yield from _fleet_families(seg, variant, m.workers)
         dropped = CounterMetricFamily("zai_proxy_metrics_series_dropped",

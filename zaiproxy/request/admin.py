@@ -113,6 +113,9 @@ async def keys_report(ctx: WorkerContext) -> dict[str, Any]:
             "limits": configured, "now": key_states, "usage": usage,
         })
     report["zai_quota"] = zai_quota(ctx)
+    # The pool of upstream keys: per key whether it rests and why, its headroom, its pins
+    # (limits/upstream_pool.py); one entry ("default") without a pool file.
+    report["upstreams"] = ctx.upstream_pool.report() if ctx.upstream_pool is not None else []
     return report
 
 
@@ -123,8 +126,8 @@ def zai_quota(ctx: WorkerContext) -> list[dict[str, Any]]:
     reader = ctx.metrics.zai_quota
     if reader is None:
         return []
-    view, pace = reader()
-    return [view.report(time.time(), pace)]
+    now = time.time()
+    return [view.report(now, pace) for view, pace in reader()]
 
 
 def zai_quota_health(ctx: WorkerContext) -> dict[str, Any]:
@@ -132,7 +135,7 @@ def zai_quota_health(ctx: WorkerContext) -> dict[str, Any]:
     reader = ctx.metrics.zai_quota
     if reader is None:
         return {"enabled": False, "fresh": False}
-    return reader()[0].health(time.time())
+    return reader()[0][0].health(time.time())  # the first upstream key, as the original
 
 
 def warnings(ctx: WorkerContext) -> list[str]:

@@ -31,6 +31,7 @@ from zaiproxy.upstream.zai import RetryPolicy
 
 if TYPE_CHECKING:
     from zaiproxy.http.pumphub import PumpHub
+    from zaiproxy.limits.upstream_pool import KeyPool
     from zaiproxy.limits.zai_quota import PaceBoard
     from zaiproxy.observe.metrics import WorkerMetrics
     from zaiproxy.observe.recorder.sink import RecordSink
@@ -91,8 +92,12 @@ class WorkerContext:
     # The native stream pump's hub (zaiproxy/http/pumphub.py), run by Worker.run; None with
     # ZAIPROXY_RELAY=python (no pump) or before it runs: pumped streams then wait alone.
     pump_hub: PumpHub | None = None
-    # The pacing decision every request checks (quota_pacing): None = not paced.
-    quota_gate: PaceBoard | None = None
+    # The pool of upstream keys: which key a request goes out with (limits/upstream_pool.py);
+    # None only in tests that build a context by hand (then key 0 = ``api_key``).
+    upstream_pool: KeyPool | None = None
+    # Per upstream key, the pacing decision every request checks (quota_pacing): None = not
+    # paced.
+    quota_gates: tuple[PaceBoard, ...] | None = None
     # Seams for tests (a virtual clock): the Z.AI retry wait, wall time, the jitter factor.
     retry_sleep: Callable[[float], Awaitable[None]] = trio.sleep
     wall: Callable[[], float] = time.time

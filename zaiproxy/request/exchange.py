@@ -9,6 +9,13 @@ cancel scope, so a client that leaves ends the wait) and are admitted again thro
 ``readmit`` the caller passes, then sent again. What comes back is the response head the
 client will get, with whatever body bytes were already read.
 
+With a pool of upstream keys (``limits/upstream_keys.py``), an account's own limit answered
+(1302/1303 throttles, 1308/1310 quota) puts that key to rest and sends the request at once
+with the next key the pool offered, admitted again against that key's limits: no wait, no
+client-visible error, and not a retry of ``MAX_RETRIES`` (the budget is for waiting on one
+account). The last key's answer is handled as with one key. The answer says which key
+answered (``x-zaiproxy-upstream``, when the pool comes from a file).
+
 With a :class:`~zaiproxy.request.fallback.Fallback` (``upstream.model_fallback``), a 1312
 (model congestion) sends the request to the next model of the list at once instead of
 waiting, as one retry of the budget (``request/fallback.py`` has the rules); the answer then
@@ -20,7 +27,7 @@ arrives: the record reads them, also when the exchange ends in an error.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +47,10 @@ if TYPE_CHECKING:
     from zaiproxy.request.context import WorkerContext
 
 Headers = list[tuple[bytes, bytes]]
+# A pool moves a request to another key on these: the account's own limits.
+_ACCOUNT_LIMITS = frozenset((zai.ErrorClass.CONCURRENCY, zai.ErrorClass.FREQUENCY,
+                             zai.ErrorClass.QUOTA))
+QUOTA_REST_S = 3600.0  # a quota hit without a reset time rests the key this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +61,7 @@ class Attempt:
     zai_class: str | None = None
     zai_code: str | None = None
     retried: bool = False  # the proxy waited and sent the request again
+    switched: bool = False  # ... with another upstream key of the pool, at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,17 +80,19 @@ class Exchanged:
 
 
 def upstream_request(ctx: WorkerContext, route: Route, request: h11.Request, body: bytes,
-                     client_ip: str,
-                     headers: list[tuple[bytes, bytes]] | None = None) -> tuple[Origin, h11.Request]:
-    """The request as it goes upstream (headers rewritten, the key injected); ``headers``:
-    ``request.headers`` as a list, when the caller has it already."""
+                     client_ip: str, headers: list[tuple[bytes, bytes]] | None = None,
+                     upstream: int = 0) -> tuple[Origin, h11.Request]:
+    """The request as it goes upstream (headers rewritten, upstream key ``upstream`` of the
+    pool injected); ``headers``: ``request.headers`` as a list, when the caller has it
+    already."""
     assert route.upstream is not None
     origin = ctx.origins[route.upstream]
     out = upstream_request_headers(
         request.headers if headers is None else headers,
         host=origin.host_header,
         client_ip=client_ip,
-        api_key=ctx.api_key,
+        api_key=ctx.api_key if upstream == 0 or ctx.upstream_pool is None
+        else ctx.upstream_pool.api_keys[upstream],
         anthropic_style=route.api is Api.ANTHROPIC,
         body_length=len(body) if body or request.method == b"POST" else None,
     )
@@ -91,8 +105,13 @@ class Exchange:
     """Send one request upstream until a response head the client should get arrives."""
 
     def __init__(self, ctx: WorkerContext, origin: Origin, request: h11.Request, body: bytes,
-                 readmit: Callable[[], Awaitable[None]], client: ClientSink,
-                 fallback: Fallback | None = None) -> None:
+                 readmit: Callable[[int | None], Awaitable[None]], client: ClientSink,
+                 fallback: Fallback | None = None, *, upstream: int = 0,
+                 candidates: Sequence[int] = (0,),
+                 rebuild: Callable[[int, bytes], h11.Request] | None = None) -> None:
+        """``readmit(upstream)``: admit the next attempt again (None: with the same key);
+        ``upstream``/``candidates``: the key it was admitted for and the pool's other
+        choices; ``rebuild(upstream, body)``: the request with another key injected."""
         self.ctx = ctx
         self.origin = origin
         self.request = request
@@ -101,6 +120,10 @@ class Exchange:
         self._client = client  # read only: has it gone (then a 429 is relayed, not retried)
         self._fallback = fallback
         self._fallbacks_used = 0  # models of the fallback list already tried
+        self.upstream = upstream
+        self._candidates = candidates
+        self._tried = {upstream}
+        self._rebuild = rebuild
         self.attempts: list[Attempt] = []
         self.stale_retried = False  # a stale pooled connection was replaced once
         self.started = 0.0
@@ -111,6 +134,12 @@ class Exchange:
     @property
     def zai_retries(self) -> int:
         return sum(a.retried for a in self.attempts)
+
+    @property
+    def waited_retries(self) -> int:
+        """Retries of one account (the budget and the backoff's exponent): not the moves to
+        another key."""
+        return sum(a.retried and not a.switched for a in self.attempts)
 
     @property
     def last_zai(self) -> tuple[str | None, str | None]:
@@ -131,7 +160,7 @@ class Exchange:
         while True:
             conn, response = await self._send()
             if response.status_code != 429:
-                ctx.admitter.note_upstream()
+                ctx.admitter.note_upstream(upstream=self.upstream)
                 attempts.append(Attempt(response.status_code))
                 return Exchanged(conn, response, b"", False, self._model_header(), start,
                                  trio.current_time() - start)
@@ -150,10 +179,27 @@ class Exchange:
             # Only account throttles (1302, 1303, a 429 without a Z.AI code) are evidence for
             # the adaptive rate; 1305/1312 (Z.AI's capacity) and quotas only shape this request.
             throttle_epoch = ctx.admitter.note_upstream(
-                err.cls.value if zai.feeds_adaptive(err.cls) else None, throttle_epoch)
+                err.cls.value if zai.feeds_adaptive(err.cls) else None, throttle_epoch,
+                self.upstream)
+            header_wait = zai.parse_retry_after(header_value(response.headers, b"retry-after"),
+                                                now=wall)
+            other = (self._next_key() if err.cls in _ACCOUNT_LIMITS and not self._client.gone
+                     else None)
+            if other is not None:
+                # This account said no: it rests, the request goes out with the next one.
+                self._rest(err, header_wait, wall)
+                attempts.append(Attempt(429, err.cls.value, err.code, retried=True,
+                                        switched=True))
+                if ended:
+                    await pool.release(conn)
+                else:
+                    await pool.discard(conn)
+                await self._readmit(other)  # that key's limits (may raise the proxy's 429)
+                self._use_key(other, err)
+                continue
             step = (self._next_model() if err.cls is zai.ErrorClass.CONGESTION
                     and self._fallback is not None and not self._client.gone
-                    and self.zai_retries < ctx.retry_policy.max_retries else None)
+                    and self.waited_retries < ctx.retry_policy.max_retries else None)
             if step is not None:
                 # Sent to the next model at once: the backoff is for the congested one.
                 attempts.append(Attempt(429, err.cls.value, err.code, retried=True))
@@ -162,12 +208,10 @@ class Exchange:
                 else:
                     await pool.discard(conn)
                 ctx.metrics.retry(err.cls.value)
-                await self._readmit()  # admitted again like any retry (may raise the 429)
+                await self._readmit(None)  # admitted again like any retry (may raise the 429)
                 self._switch(*step, err)
                 continue
-            header_wait = zai.parse_retry_after(header_value(response.headers, b"retry-after"),
-                                                now=wall)
-            wait = ctx.retry_policy.next_wait(err, self.zai_retries, header_wait, now=wall,
+            wait = ctx.retry_policy.next_wait(err, self.waited_retries, header_wait, now=wall,
                                               rand=ctx.jitter())
             if wait is None or self._client.gone:
                 attempts.append(Attempt(429, err.cls.value, err.code))
@@ -183,7 +227,7 @@ class Exchange:
             ctx.metrics.retry(err.cls.value)
             # Inside the caller's cancel scope: a client that leaves ends the wait.
             await ctx.retry_sleep(wait)
-            await self._readmit()  # each retry is admitted again (may raise the proxy's 429)
+            await self._readmit(None)  # each retry is admitted again (may raise the 429)
 
     def _next_model(self) -> tuple[str, h11.Request, bytes] | None:
         """The next model of the fallback list and the request for it; None when the list is
@@ -206,16 +250,53 @@ class Exchange:
         assert self._fallback is not None
         from_model = self.fallback_model or self._fallback.requested
         self.request, self.body = request, body
+        if self.upstream != 0 and self._rebuild is not None:
+            self.request = self._rebuild(self.upstream, body)  # the key it goes out with now
         self.fallback_model = to_model
         self.ctx.metrics.model_fallback(from_model, to_model)
         get_logger().info("model_fallback", request_id=self._client.request_id.decode(),
                           from_model=from_model, to_model=to_model, zai_code=err.code,
                           attempt=len(self.attempts))
 
+    def _next_key(self) -> int | None:
+        """The pool's next choice not tried yet (None: none left, or one key)."""
+        return next((i for i in self._candidates if i not in self._tried), None)
+
+    def _rest(self, err: zai.ZaiError, header_wait: float | None, wall: float) -> None:
+        """Put the key that answered to rest: until the quota's reset, or for Z.AI's wait
+        (else the pool's cooldown) after a throttle."""
+        pool = self.ctx.upstream_pool
+        assert pool is not None
+        if err.cls is zai.ErrorClass.QUOTA:
+            until = err.reset_at if err.reset_at is not None and err.reset_at > wall \
+                else wall + QUOTA_REST_S
+            pool.rest(self.upstream, until, "quota")
+        else:
+            wait = max(header_wait or 0.0, err.retry_after or 0.0) or pool.spec.cooldown_s
+            pool.rest(self.upstream, wall + wait, "throttled")
+        pool.switched_away(self.upstream)
+
+    def _use_key(self, upstream: int, err: zai.ZaiError) -> None:
+        """The next attempt goes out with upstream key ``upstream``: counted and logged."""
+        pool = self.ctx.upstream_pool
+        assert pool is not None and self._rebuild is not None
+        before = pool.aliases[self.upstream]
+        self.upstream = upstream
+        self._tried.add(upstream)
+        self.request = self._rebuild(upstream, self.body)
+        self.ctx.metrics.upstream_switch(before, pool.aliases[upstream], err.cls.value)
+        get_logger().info("upstream_key_switched", request_id=self._client.request_id.decode(),
+                          from_upstream=before, to_upstream=pool.aliases[upstream],
+                          zai_class=err.cls.value, zai_code=err.code)
+
     def _model_header(self) -> Headers:
-        if self.fallback_model is None:
-            return []
-        return [(b"x-zaiproxy-model", self.fallback_model.encode())]
+        out: Headers = []
+        pool = self.ctx.upstream_pool
+        if pool is not None and pool.shown:
+            out.append((b"x-zaiproxy-upstream", pool.aliases[self.upstream].encode()))
+        if self.fallback_model is not None:
+            out.append((b"x-zaiproxy-model", self.fallback_model.encode()))
+        return out
 
     async def _send(self) -> tuple[UpstreamConnection, h11.Response]:
         """Send the request and wait for the response head (one retry on a stale connection)."""

@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from zaiproxy.core.errors import Forbidden, RateLimited, RequestTooLargeForLimit, Unauthorized
+from zaiproxy.core.limitspec import Limits
 from zaiproxy.core.record import Usage, billed_tokens
 from zaiproxy.limits.admission import (
     Admission,
@@ -37,8 +38,9 @@ from zaiproxy.limits.admission import (
     ratelimit_headers,
 )
 from zaiproxy.limits.api import Limiter
-from zaiproxy.limits.cells import SC_ADAPTIVE_MRPS
+from zaiproxy.limits.cells import SC_ADAPTIVE_MRPS, W_KEY_MRPS, upstream_state_key
 from zaiproxy.limits.keys import ClientKey, KeyTable, client_credential
+from zaiproxy.limits.upstream_pool import ONLY_KEY
 from zaiproxy.request import tokens
 from zaiproxy.request.routing import Route
 from zaiproxy.request.usage import StreamUsage
@@ -64,6 +66,8 @@ class Admitted:
     counted: bool  # token counting applied to this request
     token_count_s: float | None  # time spent estimating the prompt
     queue_wait_s: float  # time waited in the admission queue
+    upstream: int = 0  # the upstream key it is admitted for (pool index)
+    candidates: Sequence[int] = ONLY_KEY  # the keys it may go out with, best first
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +137,6 @@ def _counts(ctx: WorkerContext, route: Route,
 async def admit(ctx: WorkerContext, route: Route, key: ClientKey | None,
                 payload: dict[str, object] | None, body_len: int, model_label: str) -> Admitted:
     """Estimate and admit one request; raises RateLimited (429) when a limit refuses."""
-    gate = ctx.quota_gate
-    if gate is not None:
-        until_ms = gate.closed_until_ms()  # one word of the ledger: open is 0
-        if until_ms > 0 and until_ms > ctx.wall() * 1000:
-            raise _reserve_reached(ctx, gate, until_ms)
     began = time.perf_counter()
     counts = estimate_now(ctx, route, payload, body_len)
     if counts is None:
@@ -146,17 +145,38 @@ async def admit(ctx: WorkerContext, route: Route, key: ClientKey | None,
     counted_s = time.perf_counter() - began if counted else None
     admitter: Limiter = ctx.admitter
     alias = key.alias if key is not None else None
-    plan = admitter.plan(alias, key.limits if key is not None else None)
-    result = await admitter.admit(plan, reserved)
-    waited = 0.0
-    if isinstance(result, Refusal):
-        waiting = trio.current_time()
-        result = await _wait(ctx, plan, reserved, result)
-        waited = trio.current_time() - waiting
-    return Admitted(result, alias, prompt, reserved, model_label, counted, counted_s, waited)
+    limits = key.limits if key is not None else None
+    pool = ctx.upstream_pool
+    candidates = pool.candidates(alias) if pool is not None else ONLY_KEY
+    gates = ctx.quota_gates
+    first: tuple[int, Plan, Refusal] | None = None
+    closed: tuple[int, int] | None = None  # the first candidate whose quota reserve is reached
+    for upstream in candidates:
+        if gates is not None:
+            until_ms = gates[upstream].closed_until_ms()  # one ledger word: open is 0
+            if until_ms > 0 and until_ms > ctx.wall() * 1000:
+                if closed is None:
+                    closed = (upstream, until_ms)
+                continue
+        plan = admitter.plan(alias, limits, upstream)
+        result = await admitter.admit(plan, reserved)
+        if not isinstance(result, Refusal):
+            return Admitted(result, alias, prompt, reserved, model_label, counted, counted_s,
+                            0.0, upstream, candidates)
+        if first is None:
+            first = (upstream, plan, result)
+    if first is None:  # every candidate's quota is at its reserve
+        assert closed is not None and gates is not None
+        raise _reserve_reached(ctx, gates[closed[0]], closed[1])
+    upstream, plan, refusal = first
+    waiting = trio.current_time()
+    admission = await _wait(ctx, plan, reserved, refusal)
+    return Admitted(admission, alias, prompt, reserved, model_label, counted, counted_s,
+                    trio.current_time() - waiting, upstream, candidates)
 
 
-async def readmit(ctx: WorkerContext, admitted: Admitted) -> Admitted:
+async def readmit(ctx: WorkerContext, admitted: Admitted,
+                  upstream: int | None = None) -> Admitted:
     """Admit a Z.AI retry again.
 
     The refused attempt is settled like a finished request, not cancelled: it did reach
@@ -168,10 +188,22 @@ async def readmit(ctx: WorkerContext, admitted: Admitted) -> Admitted:
     """
     old = admitted.admission
     ctx.admitter.settle(old, 0 if admitted.counted else None)
-    result = await ctx.admitter.admit(old.plan, old.tokens)
+    plan = old.plan
+    if upstream is not None and upstream != admitted.upstream:
+        # Another upstream key (the pool moved the request): its own limits and rate.
+        plan = ctx.admitter.plan(plan.alias, _client_limits(ctx, plan.alias), upstream)
+    else:
+        upstream = admitted.upstream
+    result = await ctx.admitter.admit(plan, old.tokens)
     if isinstance(result, Refusal):
-        result = await _wait(ctx, old.plan, old.tokens, result)
-    return dataclasses.replace(admitted, admission=result)
+        result = await _wait(ctx, plan, old.tokens, result)
+    return dataclasses.replace(admitted, admission=result, upstream=upstream)
+
+
+def _client_limits(ctx: WorkerContext, alias: str | None) -> Limits | None:
+    if alias is None or ctx.keys is None:
+        return None
+    return next((k.limits for k in ctx.keys if k.alias == alias), None)
 
 
 async def _wait(ctx: WorkerContext, plan: Plan, reserved: int, refusal: Refusal) -> Admission:
@@ -222,6 +254,12 @@ def _reserve_reached(ctx: WorkerContext, gate: PaceBoard, until_ms: int) -> Rate
                  (b"x-zai-rate-limit-reset", reset.encode())))
 
 
+def _effective_mrps(ctx: WorkerContext, plan: Plan) -> int:
+    if plan.upstream == 0:
+        return ctx.ledger.scalar_get(SC_ADAPTIVE_MRPS)
+    return ctx.ledger.counter_get(ctx.ledger.row(upstream_state_key(plan.upstream)), W_KEY_MRPS)
+
+
 def _refused(ctx: WorkerContext, refusal: Refusal, plan: Plan) -> RateLimited:
     op = refusal.op
     # The limit that refused, by its name (``requests_per_minute`` … ``adaptive_rate``) and
@@ -231,9 +269,9 @@ def _refused(ctx: WorkerContext, refusal: Refusal, plan: Plan) -> RateLimited:
     retry_s = refusal.retry_after_s if op.what is not LimitKind.CONCURRENCY else 1
     reset = (format_reset(refusal.retry_ns) if op.what is not LimitKind.CONCURRENCY
              else "when a request in flight finishes")
-    paced = ctx.quota_gate.view(True).rate_rps if ctx.quota_gate is not None else None
-    if op.adaptive and paced is not None and round(paced * 1000) >= ctx.ledger.scalar_get(
-            SC_ADAPTIVE_MRPS):
+    gates = ctx.quota_gates
+    paced = gates[plan.upstream].view(True).rate_rps if gates is not None else None
+    if op.adaptive and paced is not None and round(paced * 1000) >= _effective_mrps(ctx, plan):
         what = ("the upstream rate paced so Z.AI's quota lasts until it resets "
                 f"({paced:.3g} requests/s)")
     elif op.adaptive:

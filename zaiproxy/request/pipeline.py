@@ -21,6 +21,7 @@ Nothing below this module imports it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import orjson
@@ -155,10 +156,10 @@ class Pipeline:
                                                 ctx.model_label(model))
                     extra = gate.response_headers(ctx, admitted)
 
-                    async def readmit() -> None:
+                    async def readmit(upstream: int | None = None) -> None:
                         nonlocal admitted
                         assert admitted is not None
-                        admitted = await gate.readmit(ctx, admitted)
+                        admitted = await gate.readmit(ctx, admitted, upstream)
 
                     # 7. Exchange.
                     # With openai_include_usage, streams ask upstream for usage; the extra
@@ -168,7 +169,8 @@ class Pipeline:
                     strip_usage = rewritten is not None
                     body_up = rewritten if rewritten is not None else body
                     origin, up_request = upstream_request(ctx, route, request, body_up,
-                                                          conn.client_ip, headers)
+                                                          conn.client_ip, headers,
+                                                          admitted.upstream)
                     fallback = None
                     if ctx.config.model_fallback.routes and payload is not None:
                         requested, models = fallback_models(ctx.config.model_fallback, route,
@@ -176,8 +178,12 @@ class Pipeline:
                         if requested is not None:
                             fallback = self._fallback(conn, route, request, headers, payload,
                                                       body, strip_usage, requested, models)
-                    exchange = Exchange(ctx, origin, up_request, body_up, readmit, conn,
-                                        fallback)
+                    exchange = Exchange(
+                        ctx, origin, up_request, body_up, readmit, conn, fallback,
+                        upstream=admitted.upstream, candidates=admitted.candidates,
+                        rebuild=self._rebuild(conn, route, request, headers)
+                        if ctx.upstream_pool is not None and len(ctx.upstream_pool) > 1
+                        else None)
                     exchanged = await exchange.run()
                     # 8. Relay.
                     relay = Relay(ctx, conn, route, exchanged, extra, strip_usage=strip_usage,
@@ -244,7 +250,22 @@ class Pipeline:
                 token_count_s=admitted.token_count_s if admitted is not None else None,
                 requested_model=model[:128] if answered is not None and model is not None
                 else None,
+                upstream=(ctx.upstream_pool.aliases[exchange.upstream]
+                          if exchange is not None and ctx.upstream_pool is not None
+                          and ctx.upstream_pool.shown else None),
             ))
+
+    def _rebuild(self, conn: ClientConnection, route: Route, request: h11.Request,
+                 headers: list[tuple[bytes, bytes]]) -> Callable[[int, bytes], h11.Request]:
+        """The exchange's way to another upstream key of the pool: the same request (or the
+        body a model fallback made) with that key injected."""
+        ctx = self.ctx
+
+        def rebuild(upstream: int, body: bytes) -> h11.Request:
+            return upstream_request(ctx, route, request, body, conn.client_ip, headers,
+                                    upstream)[1]
+
+        return rebuild
 
     def _fallback(self, conn: ClientConnection, route: Route, request: h11.Request,
                   headers: list[tuple[bytes, bytes]], payload: dict[str, object], body: bytes,

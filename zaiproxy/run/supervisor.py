@@ -58,6 +58,7 @@ from zaiproxy.limits.ledger import LedgerUnavailable
 from zaiproxy.limits.ledger import load as load_ledger
 from zaiproxy.limits.ratecontrol import RateController
 from zaiproxy.limits.segment import Segment
+from zaiproxy.limits.upstream_keys import PoolSpec, UpstreamKeysError, pool_of
 from zaiproxy.limits.zai_quota import QuotaPoller
 from zaiproxy.observe.recorder.supervise import RecorderHandle
 from zaiproxy.request.admin_access import ADMIN_API_OPEN, open_api_message, security_warnings
@@ -94,6 +95,7 @@ class Supervisor:
         self.rates: RateController | None = None
         self.fleet_rate: FleetRate | None = None
         self.quota: QuotaPoller | None = None
+        self.pool: PoolSpec | None = None
         self.exit_code = 0  # 1 when start-up failed; the drain keeps it
         self.recorder: RecorderHandle | None = None  # the history recorder (None: history off)
         self.log = logs.get_logger()
@@ -181,8 +183,17 @@ class Supervisor:
                 sys.stderr.write(f"zaiproxy: invalid keys file:\n{exc}\n")
                 return 1
             self._warn_token_limits(self.keys)
+        try:
+            # The pool of upstream keys, checked once here (workers read it again).
+            self.pool = pool_of(cfg)
+        except UpstreamKeysError as exc:
+            self.log.error("upstream_keys_file_invalid", path=cfg.upstream_keys_file,
+                           problems=exc.problems)
+            sys.stderr.write(f"zaiproxy: invalid upstream keys file:\n{exc}\n")
+            return 1
         if cfg.demo:
             self.config = cfg = self._start_demo_upstream()
+            self.pool = pool_of(cfg)
         try:
             self.socks = bind_reuseport(cfg.host, cfg.port, cfg.workers)
         except OSError as exc:
@@ -213,7 +224,7 @@ class Supervisor:
         if polling:
             # One poller for the host; with Redis, only the pod leading the fleet's rate polls.
             self.quota = QuotaPoller(
-                self.segment, cfg,
+                self.segment, cfg, keys=[(k.alias, k.key) for k in self.pool.keys],
                 leader=(lambda: self.fleet_rate is not None and self.fleet_rate.leader)
                 if fleet else None,
                 redis=make_client(cfg) if fleet else None)
@@ -225,7 +236,8 @@ class Supervisor:
         elif cfg.adaptive_rate or cfg.quota_pacing:
             state_file = cfg.state_file or os.path.join(
                 tempfile.gettempdir(), f"zaiproxy-adaptive-{port}.json")
-            self.rates = RateController(self.segment, cfg, state_file, quota=self.quota)
+            self.rates = RateController(self.segment, cfg, state_file, quota=self.quota,
+                                        pool=self.pool)
         if self.quota is not None:
             self.quota.start()
 

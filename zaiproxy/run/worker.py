@@ -36,6 +36,8 @@ from zaiproxy.limits.fleet import FleetKeys, FleetLimiter, make_client, scaled
 from zaiproxy.limits.keys import KeysFileError, KeyTable, load_keys
 from zaiproxy.limits.ledger import load as load_ledger
 from zaiproxy.limits.segment import LedgerImpl, Segment
+from zaiproxy.limits.upstream_keys import PoolSpec, pool_of
+from zaiproxy.limits.upstream_pool import KeyPool
 from zaiproxy.limits.zai_quota import PaceBoard, PaceView, QuotaBoard, QuotaView
 from zaiproxy.observe.metrics import WorkerMetrics
 from zaiproxy.observe.recorder.client import HistoryClient
@@ -71,19 +73,27 @@ def open_ledger(impl: LedgerImpl, config: Config, path: str | None) -> Segment:
 
 
 def build_limiter(config: Config, segment: Segment, ledger: LedgerImpl, worker_index: int,
-                  api_key: bytes | None) -> Limiter:
+                  api_key: bytes | None, spec: PoolSpec | None = None) -> Limiter:
     """The limits backend: this host's ledger, or the fleet's in Redis (with the ledger as
-    its ``limits_fail = "local"`` fallback, every limit scaled by ``limits_local_share``)."""
+    its ``limits_fail = "local"`` fallback, every limit scaled by ``limits_local_share``).
+    ``spec``: the pool of upstream keys (None: ``api_key`` alone, ``limits.upstream_*``)."""
     fleet = config.limits_backend == "redis"
     share = config.limits_local_share if fleet else 1.0
+
+    def scope_id(key: bytes | None) -> bytes:
+        # An upstream key's scope is named by a hash of the key, never the key itself.
+        return b"upstream\0%x" % ledger.stable_hash(key or b"")
+
+    first_limits = spec.keys[0].limits if spec is not None else config.upstream_limits()
     host = Admitter(
         segment, ledger, worker=worker_index,
         global_limits=scaled(config.global_limits(), share),
-        upstream_limits=scaled(config.upstream_limits(), share),
-        # The upstream key's scope is named by a hash of the key, never the key itself.
-        upstream_id=b"upstream\0%x" % ledger.stable_hash(api_key or b""),
+        upstream_limits=scaled(first_limits, share),
+        upstream_id=scope_id(api_key),
         # Quota pacing caps the same rate op (limits/zai_quota.py).
         adaptive=config.adaptive_rate or config.quota_pacing,
+        more_upstreams=[(scope_id(k.key.encode()), k.limits)
+                        for k in (spec.keys[1:] if spec is not None else ())],
     )
     if not fleet:
         return host
@@ -99,15 +109,16 @@ def build_limiter(config: Config, segment: Segment, ledger: LedgerImpl, worker_i
     )
 
 
-def zai_quota_reader(config: Config, segment: Segment,
-                     ) -> Callable[[], tuple[QuotaView, PaceView | None]] | None:
-    """What ``/metrics``, ``/health`` and ``/admin/keys`` read of Z.AI's quota (None: not
-    polled): the rows the supervisor's poller writes (limits/zai_quota.py)."""
+def zai_quota_reader(config: Config, segment: Segment, aliases: tuple[str, ...],
+                     ) -> Callable[[], list[tuple[QuotaView, PaceView | None]]] | None:
+    """What ``/metrics``, ``/health`` and ``/admin/keys`` read of Z.AI's quota, per upstream
+    key (None: not polled): the rows the supervisor's poller writes (limits/zai_quota.py)."""
     if not (config.quota_poll or config.quota_pacing):
         return None
-    board = QuotaBoard(segment)
-    pace = PaceBoard(segment) if config.quota_pacing else None
-    return lambda: (board.view(config), pace.view(True) if pace is not None else None)
+    boards = [(QuotaBoard(segment, alias),
+               PaceBoard(segment, alias) if config.quota_pacing else None) for alias in aliases]
+    return lambda: [(board.view(config), pace.view(True) if pace is not None else None)
+                    for board, pace in boards]
 
 
 def load_key_table(path: str | None) -> KeyTable | None:
@@ -136,8 +147,12 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         ssl_context=make_ssl_context(config.ca_file) if needs_tls else None,
     )
     segment = open_ledger(ledger, config, ledger_path)
-    api_key = config.api_key.encode() if config.api_key else None
-    admitter = build_limiter(config, segment, ledger, worker_index, api_key)
+    spec = pool_of(config)  # checked by the supervisor at start: a problem here is a race
+    api_key = spec.api_key_bytes(0)
+    admitter = build_limiter(config, segment, ledger, worker_index, api_key, spec)
+    polled = config.quota_poll or config.quota_pacing
+    key_pool = KeyPool(spec, segment, polled=polled,
+                       local_used=getattr(admitter, "upstream_used", None))
     metrics = WorkerMetrics(
         variant=config.deployment_variant, ledger=ledger.IMPLEMENTATION, workers=config.workers,
         segment=segment, worker_index=worker_index,
@@ -150,7 +165,8 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         concurrency_limit=config.concurrency,
         upstream_concurrency_limit=config.upstream_concurrency,
         quota=admitter.quota_use, limits_backend=config.limits_backend,
-        zai_quota=zai_quota_reader(config, segment),
+        zai_quota=zai_quota_reader(config, segment, spec.aliases),
+        upstream_label=spec.from_file,
         relay=scanner.IMPLEMENTATION,
     )
     pump_hub = None
@@ -160,7 +176,9 @@ def build_context(config: Config, *, worker_index: int = 0, state_cell: Any = No
         pump_hub = PumpHub()
     return WorkerContext(
         pump_hub=pump_hub,
-        quota_gate=PaceBoard(segment) if config.quota_pacing else None,
+        upstream_pool=key_pool,
+        quota_gates=(tuple(PaceBoard(segment, alias) for alias in spec.aliases)
+                     if config.quota_pacing else None),
         config=config, pool=pool, origins=origins, metrics=metrics,
         ledger=segment, ledger_impl=ledger.IMPLEMENTATION, admitter=admitter,
         keys=keys if keys is not None else load_key_table(config.keys_file),

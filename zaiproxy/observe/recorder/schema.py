@@ -99,6 +99,7 @@ REQUESTS_COLUMNS: Final = (
     # v4: the model the client asked for when a 1312 fallback (upstream.model_fallback) sent
     # the request to ``model`` instead; NULL otherwise.
     ("requested_model", "VARCHAR"),
+    ("upstream", "VARCHAR"),  # the pool's upstream key alias (v5)
 )
 
 SNAPSHOT_COLUMNS: Final = (
@@ -184,7 +185,8 @@ def _table(name: str, columns: Sequence[tuple[str, str]], extra: str = "") -> st
 
 
 def _v1(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(_table("requests", REQUESTS_COLUMNS[:-2]))  # v1's; v3 adds api, v4 requested_model
+    # v1's columns; v3 adds api, v4 requested_model, v5 upstream
+    con.execute(_table("requests", REQUESTS_COLUMNS[:-3]))
     con.execute(_table("snapshots", SNAPSHOT_COLUMNS[:-1]))  # v1's columns; v2 adds lost_total
     con.execute(_table("requests_1m", ROLLUP_COLUMNS,
                        f",\n  PRIMARY KEY ({', '.join(ROLLUP_KEY)})"))
@@ -233,6 +235,11 @@ def _v4(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("ALTER TABLE requests ADD COLUMN requested_model VARCHAR")
 
 
+def _v5(con: duckdb.DuckDBPyConnection) -> None:
+    # NULL in the rows before: no pool of upstream keys before v5.
+    con.execute("ALTER TABLE requests ADD COLUMN upstream VARCHAR")
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "requests, snapshots, requests_1m, recorder_state", _v1),
     Migration(2, "sequence accounting: recorder_progress, recorder_totals, snapshots.lost_total",
@@ -240,6 +247,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(3, "requests.api; API traffic only: rows of /health, /ready, /metrics, /admin/* "
                  "deleted", _v3),
     Migration(4, "requests.requested_model (model fallback on 1312)", _v4),
+    Migration(5, "requests.upstream (a pool of upstream keys)", _v5),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 

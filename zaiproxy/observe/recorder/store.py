@@ -97,7 +97,8 @@ def _bool(v: object) -> bool | None:
 (W_TS, W_ID, W_METHOD, W_ROUTE, W_API, W_STATUS, W_DURATION, W_BYTES_IN, W_BYTES_OUT, W_MODEL,
  W_STREAM, W_UP_STATUS, W_UP_TTFB, W_RESULT, W_RETRIED, W_IN, W_OUT, W_CACHE_READ,
  W_CACHE_WRITE, W_ESTIMATED, W_PROMPT, W_KEY, W_RETRIES, W_ZAI_CLASS, W_ZAI_CODE, W_ERROR,
- W_TTFT, W_UPSTREAM, W_QUEUE, W_TOKEN_COUNT, W_REQUESTED_MODEL) = range(len(ROW_FIELDS))
+ W_TTFT, W_UPSTREAM, W_QUEUE, W_TOKEN_COUNT, W_REQUESTED_MODEL,
+ W_UPSTREAM_KEY) = range(len(ROW_FIELDS))
 
 
 def db_row(variant: str, worker: int, w: Sequence[Any],
@@ -130,7 +131,7 @@ def db_row(variant: str, worker: int, w: Sequence[Any],
         _ms(w[W_QUEUE]), _ms(w[W_TOKEN_COUNT]),
         *tokens, _bool(w[W_ESTIMATED]), _int(w[W_PROMPT]),
         _int(w[W_BYTES_IN]), _int(w[W_BYTES_OUT]), cost, _int(w[W_RETRIES]),
-        _bool(w[W_RETRIED]), api, _str(w[W_REQUESTED_MODEL]),
+        _bool(w[W_RETRIED]), api, _str(w[W_REQUESTED_MODEL]), _str(w[W_UPSTREAM_KEY], 64),
     )
 
 
@@ -220,7 +221,7 @@ class HistoryStore:
                 # An older file is read as it is (nothing may migrate it read-only): v2 only
                 # added the recorder's own bookkeeping, v3 a column no query needs and the
                 # deletion of control routes' rows, which queries.py leaves out by route there,
-                # v4 another column no query needs (requested_model).
+                # v4 and v5 columns no query needs (requested_model, upstream).
                 version = current_version(con)
                 if not 1 <= version <= SCHEMA_VERSION:
                     raise SchemaError(f"{path}: schema version {version}, this zaiproxy reads "

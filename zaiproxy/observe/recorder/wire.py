@@ -24,7 +24,8 @@ last batch is seen too.
 
 Versions: 3 added ``api`` to the row (the record's API: which usage counts cached tokens
 inside the input, for the cost); 4 added ``requested_model`` (the client's model when a
-1312 fallback sent the request to another one). A datagram of another version is refused whole (a
+1312 fallback sent the request to another one); 5 added ``upstream`` (the alias of the pool's
+upstream key the answer came with). A datagram of another version is refused whole (a
 :class:`WireError`, counted as a bad datagram): workers and recorder are always one
 build, started by one supervisor, so another version is a stray writer, and a row whose
 fields cannot be trusted is not written.
@@ -46,7 +47,7 @@ import orjson
 
 from zaiproxy.core.record import RequestRecord
 
-WIRE_VERSION: Final = 4
+WIRE_VERSION: Final = 5
 STOP: Final = b"STOP"
 # Limit of one error message stored per request: our own messages are short, but some quote
 # client input (a JSON parse error), and the history is not a place for request bodies.
@@ -58,6 +59,7 @@ ROW_FIELDS: Final = (
     "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
     "tokens_estimated", "prompt_estimate", "key_alias", "zai_retries", "zai_class", "zai_code",
     "error", "ttft_s", "upstream_s", "queue_wait_s", "token_count_s", "requested_model",
+    "upstream",
 )  # fmt: skip
 ROW_LEN: Final = len(ROW_FIELDS)
 
@@ -84,7 +86,7 @@ def row_of(record: RequestRecord, ts: float) -> WireRow:
         u.cache_write_tokens if u is not None else None,
         record.tokens_estimated, record.prompt_estimate, record.key_alias, record.zai_retries,
         record.zai_class, record.zai_code, error, record.ttft_s, record.upstream_s,
-        record.queue_wait_s, record.token_count_s, record.requested_model,
+        record.queue_wait_s, record.token_count_s, record.requested_model, record.upstream,
     )
 
 

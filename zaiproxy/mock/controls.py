@@ -96,6 +96,8 @@ class Controls:
     write_split: WriteSplit | None = None
     usage: Usage | None = None  # None = final
     quota_shape: QuotaShape | None = None  # the quota endpoint's answer; None = the account's
+    # x-mock-quota-enforce: 1: a spent account's request gets Z.AI's 1308 (the server checks)
+    quota_enforce: bool | None = None
     seed: int | None = None
     echo: bool = False
     # Fail the first fail_times requests carrying fail_key, then answer normally.
@@ -199,6 +201,10 @@ def parse_headers(headers: Mapping[bytes, bytes]) -> Controls:
             fields["seed"] = _int(key, raw, 0, 2**63 - 1)
         elif name == b"x-mock-echo":
             fields["echo"] = raw.strip().lower() in (b"1", b"true", b"yes")
+        elif name == b"x-mock-quota-enforce":
+            if raw.strip() != b"1":
+                raise ControlError("x-mock-quota-enforce takes 1")
+            fields["quota_enforce"] = True
         elif name == b"x-mock-congested-models":
             fields["congested_models"] = congested_models(raw)
         else:

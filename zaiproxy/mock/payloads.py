@@ -32,6 +32,7 @@ import base64
 import functools
 import hashlib
 import struct
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -392,6 +393,15 @@ ZAI_MESSAGES = {
     1310: "Weekly/Monthly Limit Exhausted. Your limit will reset at 2026-12-01 00:00:00",
     1312: "The model is currently experiencing high traffic, please try again later",
 }
+
+
+def quota_spent(reset_at: float) -> bytes:
+    """Z.AI's 1308: the account's quota window is spent until ``reset_at`` (unix seconds),
+    said as Z.AI says it (its message with a UTC+8 time) and as a ``reset_time`` in ms."""
+    beijing = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(reset_at + 8 * 3600))
+    return _dumps({"error": {"code": "1308", "reset_time": int(reset_at * 1000),
+                             "message": f"Usage limit reached for 5 hour. Your limit will "
+                                        f"reset at {beijing}"}})
 
 
 def zai_error(code: int, shape: str = "openai", retry_after: float | None = None) -> bytes:

@@ -407,6 +407,18 @@ class QuotaBook:
             polls = _HEADER.unpack_from(self._map, 0)[3]
         return {"polls": polls, "accounts": accounts}
 
+    def spent(self, key: bytes | None) -> float | None:
+        """When ``key``'s account has used a window's whole allowance: the latest reset time
+        of the spent windows (unix seconds); None while it has quota left."""
+        now = self.clock()
+        with self._locked():
+            index, slot = self._slot(_digest(key))
+            slot.settle(now)
+            self._write(index, slot)
+        resets = [slot.reset[i] or now for i in (0, 1)
+                  if slot.used[i] >= (slot.allowance[i] or self.defaults[i])]
+        return max(resets) if resets else None
+
     # --- the block -------------------------------------------------------------------------
 
     def _locked(self) -> _Lock:

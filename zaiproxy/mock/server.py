@@ -34,6 +34,7 @@ import struct
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Final
 
 import h11
 import orjson
@@ -270,11 +271,21 @@ def _schedule(request: MockRequest, cache: ScheduleCache, state: MockState) -> S
         return build_schedule(_stats_reply(request, path.rstrip(b"/"), state))
     if is_quota_route(path):
         return build_schedule(quota_reply(request, state.quota, cache.options))
+    if _QUOTA_ENFORCE in request.headers:  # a spent account gets Z.AI's 1308 (opt-in)
+        reset = state.quota.spent(account_key(request.headers))
+        if reset is not None:
+            return build_schedule(json_plan(request, 429, payloads.quota_spent(reset)))
     key = _fail_key(request.headers)
     schedule, tokens = cache.planned(request, None if key is None else state.failures.hit(key))
     if tokens:
         state.quota.charge(account_key(request.headers), tokens)
     return schedule
+
+
+# ``x-mock-quota-enforce: 1``: the request is refused like Z.AI does once its account's
+# quota is spent (1308 with the reset time). Opt-in: benchmarks spend far more than an
+# account's allowance and must not be refused.
+_QUOTA_ENFORCE: Final = (b"x-mock-quota-enforce", b"1")
 
 
 def _stats_reply(request: MockRequest, path: bytes, state: MockState) -> ResponsePlan:

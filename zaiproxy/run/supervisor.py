@@ -105,7 +105,9 @@ class Supervisor:
     def _start_demo_upstream(self) -> Config:
         cmd = [sys.executable, "-m", "zaiproxy", "mock-upstream", "--host", "127.0.0.1",
                "--port", "0", "--api-key", DEMO_UPSTREAM_KEY, "--chunks", "24",
-               "--chunk-delay", "0.03"]
+               "--chunk-delay", "0.03",
+               # Small windows and a short poll, so a newcomer sees Z.AI's quota fill.
+               "--quota-five-hour", "20000", "--quota-weekly", "200000"]
         # Its own session: the terminal's Ctrl-C must not stop it before the
         # proxy has drained the streams that depend on it.
         self.mock = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -134,6 +136,7 @@ class Supervisor:
             # The mock serves Z.AI's quota API and fills it with the traffic it answers.
             quota_poll=True,
             quota_base_url=None,
+            quota_interval=min(self.config.quota_interval, 10.0),
         )
 
     def _segment(self) -> Segment:

@@ -122,7 +122,7 @@ class Exchange:
         self._fallbacks_used = 0  # models of the fallback list already tried
         self.upstream = upstream
         self._candidates = candidates
-        self._tried = {upstream}
+        self._tried: set[int] | None = None  # keys left behind, made on the first move
         self._rebuild = rebuild
         self.attempts: list[Attempt] = []
         self.stale_retried = False  # a stale pooled connection was replaced once
@@ -260,7 +260,10 @@ class Exchange:
 
     def _next_key(self) -> int | None:
         """The pool's next choice not tried yet (None: none left, or one key)."""
-        return next((i for i in self._candidates if i not in self._tried), None)
+        if len(self._candidates) < 2:
+            return None
+        tried = self._tried or {self.upstream}
+        return next((i for i in self._candidates if i not in tried and i != self.upstream), None)
 
     def _rest(self, err: zai.ZaiError, header_wait: float | None, wall: float) -> None:
         """Put the key that answered to rest: until the quota's reset, or for Z.AI's wait
@@ -281,8 +284,10 @@ class Exchange:
         pool = self.ctx.upstream_pool
         assert pool is not None and self._rebuild is not None
         before = pool.aliases[self.upstream]
-        self.upstream = upstream
+        if self._tried is None:
+            self._tried = {self.upstream}
         self._tried.add(upstream)
+        self.upstream = upstream
         self.request = self._rebuild(upstream, self.body)
         self.ctx.metrics.upstream_switch(before, pool.aliases[upstream], err.cls.value)
         get_logger().info("upstream_key_switched", request_id=self._client.request_id.decode(),

@@ -302,8 +302,14 @@ def breakdown_exposition(variant: str, ok: int, limited: int, retries: int,
         f'zai_proxy_requests_total{{method="GET",path="/metrics",status="200",{v}}} 1000\n'
         f'zai_proxy_zai_errors_total{{class="frequency",code="1302",{v}}} {limited}\n'
         f'zai_proxy_retry_attempts_total{{reason="frequency",{v}}} {retries}\n'
-        f'zai_proxy_max_workers{{{v}}} 2\n')
+        # The proxy's own 429s by the original's client buckets: summed per scope:limit.
+        f'zai_proxy_rate_limit_rejections_total{{limit="requests_per_minute",scope="key",'
+        f'client="source-30",{v}}} {limited}\n'
+        f'zai_proxy_rate_limit_rejections_total{{limit="requests_per_minute",scope="key",'
+        f'client="source-07",{v}}} {retries}\n'
+        f'zai_proxy_worker_processes{{{v}}} 2\n')
     if limit is not None:
+        text += f'zai_proxy_max_workers{{{v}}} {limit}\n'  # the cap: never the workers
         text += f'zai_proxy_concurrency_limit{{scope="proxy",{v}}} {limit}\n'
     return text
 
@@ -327,13 +333,16 @@ async def test_status_carries_breakdowns_workers_and_limits(nursery: trio.Nurser
     assert p["breakdown"]["zai_errors"] == {"1302": 6}
     assert p["breakdown"]["zai_error_classes"] == {"frequency": 6}
     assert p["breakdown"]["retries"] == {"frequency": 5}
-    assert p["breakdown"]["rejections"] == {} and p["breakdown"]["adjustments"] == {}
+    assert p["breakdown"]["rejections"] == {"key:requests_per_minute": 6 + 5}
+    assert p["rejections"] == 11 and p["breakdown"]["adjustments"] == {}
     assert p["workers"] == 4
     assert p["concurrency_limit"] == 0  # b has no limit any more: neither has the fleet
     ra, rb = (t["variants"]["production"] for t in status["targets"])
     assert ra["breakdown_per_s"]["status"] == pytest.approx(
         {"200": 20 / ra["seconds"], "429": 4 / ra["seconds"]})
     assert ra["breakdown_per_s"]["retries"] == pytest.approx({"frequency": 4 / ra["seconds"]})
+    assert ra["breakdown_per_s"]["rejections"] == pytest.approx(
+        {"key:requests_per_minute": (4 + 4) / ra["seconds"]})
     assert rb["breakdown_per_s"]["status"] == {"200": 0, "429": 0}
     assert (ra["concurrency_limit"], rb["concurrency_limit"]) == (8, 0)
     assert (ra["workers"], rb["workers"]) == (2, 2)

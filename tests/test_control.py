@@ -1,14 +1,17 @@
-"""/health, /ready and /metrics."""
+"""/health, /ready and /metrics (the original's concurrency cap and client buckets at the end)."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
 
+import orjson
 import pytest
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import make_config, request, start_mock, start_proxy
+from tests.harness import make_config, request, start_mock, start_proxy, wait_until
+from tests.test_labels import expected_bucket
 from zaiproxy import __version__
 from zaiproxy.request.context import STATE_DRAINING, STATE_RUNNING, STATE_STARTING, SharedState
 
@@ -112,3 +115,93 @@ def series(got: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> set[obj
     """Distinct series: a histogram's _bucket/_sum/_count samples are one series."""
     return {(name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count"),
              tuple(kv for kv in labels if kv[0] != "le")) for name, labels in got}
+
+
+# ---- the original's concurrency cap and client buckets, on a real proxy ---------------------
+
+CHAT = orjson.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
+# The original's client bucket of this test's peer, 127.0.0.1 ("source-30"; test_labels.py).
+LOCALHOST = expected_bucket("127.0.0.1")
+
+
+async def chat(port: int, *headers: tuple[str, str]) -> int:
+    resp = await request(port, "POST", "/v1/chat/completions",
+                         [("content-type", "application/json"), *headers], CHAT)
+    return resp.status
+
+
+def metric(got: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+           **labels: str) -> dict[str, float]:
+    """The samples of ``name`` with these labels, by their ``client`` label."""
+    return {dict(ls).get("client", ""): v for (n, ls), v in got.items()
+            if n == name and set(labels.items()) <= set(ls)}
+
+
+async def test_max_workers_and_utilization_on_a_real_proxy(nursery):
+    """ZAIPROXY_CONCURRENCY=4 with 5 requests in flight: 4 admitted, 1 waiting in the queue,
+    all of them in flight, as the original counted the requests waiting in its limiter."""
+    upstream = await start_mock(nursery)
+    proxy = await start_proxy(nursery, make_config(upstream, concurrency=4, queue_timeout=30.0))
+    ctx = proxy.worker.ctx
+    row = ctx.admitter.plan(None, None).ops[0].index  # the concurrency lease
+    async with trio.open_nursery() as held:
+        for _ in range(5):  # upstream answers after 30 s: they stay until cancelled
+            held.start_soon(chat, proxy.port, ("x-mock-first-byte-delay", "30"))
+        await wait_until(lambda: ctx.ledger.in_use(row) == 4 and ctx.wait_queue.waiting == 1)
+        got = samples((await request(proxy.port, "GET", "/metrics")).body)
+        prod = (("variant", "production"),)
+        assert got[("zai_proxy_concurrent_requests", prod)] == 5
+        assert got[("zai_proxy_max_workers", prod)] == 4
+        assert got[("zai_proxy_worker_utilization_ratio", prod)] == 5 / 4
+        assert got[("zai_proxy_worker_processes", prod)] == 1
+        assert got[("zai_proxy_worker_processes_busy_ratio", prod)] == 1
+        held.cancel_scope.cancel()  # the clients leave: the proxy lets go of upstream
+    await wait_until(lambda: ctx.ledger.in_use(row) == 0)
+    got = samples((await request(proxy.port, "GET", "/metrics")).body)
+    assert got[("zai_proxy_worker_utilization_ratio", (("variant", "production"),))] == 0
+
+
+async def test_no_cap_no_max_workers_on_a_real_proxy(proxy):
+    assert await chat(proxy.port) == 200
+    got = samples((await request(proxy.port, "GET", "/metrics")).body)
+    names = {name for name, _ in got}
+    assert "zai_proxy_max_workers" not in names
+    assert "zai_proxy_worker_utilization_ratio" not in names
+    assert got[("zai_proxy_worker_processes", (("variant", "canary"),))] == 1
+
+
+async def test_a_real_refusal_is_counted_in_the_peer_s_bucket(nursery):
+    upstream = await start_mock(nursery)
+    proxy = await start_proxy(nursery, make_config(upstream, requests_per_minute=1))
+    assert await chat(proxy.port) == 200
+    # Forwarded headers are not trusted (as the original): the direct peer decides.
+    assert await chat(proxy.port, ("x-forwarded-for", "203.0.113.7"),
+                      ("x-real-ip", "203.0.113.7"), ("forwarded", "for=203.0.113.7")) == 429
+    got = samples((await request(proxy.port, "GET", "/metrics")).body)
+    assert metric(got, "zai_proxy_rate_limit_rejections_total", limit="requests_per_minute",
+                  scope="global") == {LOCALHOST: 1}
+    # The first was admitted at once (a 0-second wait); the refused one waited for nothing.
+    assert metric(got, "zai_proxy_rate_limit_wait_seconds_count") == {LOCALHOST: 1}
+
+
+async def test_a_real_wait_is_observed_in_the_peer_s_bucket(nursery):
+    upstream = await start_mock(nursery)
+    proxy = await start_proxy(nursery, make_config(upstream, concurrency=1, queue_timeout=10.0))
+    ctx = proxy.worker.ctx
+    row = ctx.admitter.plan(None, None).ops[0].index
+    statuses: list[int] = []
+
+    async def first() -> None:
+        statuses.append(await chat(proxy.port, ("x-mock-first-byte-delay", "0.3")))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(first)
+        await wait_until(lambda: ctx.ledger.in_use(row) == 1)
+        statuses.append(await chat(proxy.port))  # waits for the first one's slot
+    assert statuses == [200, 200]
+    got = samples((await request(proxy.port, "GET", "/metrics")).body)
+    wait = "zai_proxy_rate_limit_wait_seconds"
+    assert metric(got, wait + "_count") == {LOCALHOST: 2}
+    assert metric(got, wait + "_bucket", le="0.001") == {LOCALHOST: 1}  # the first: at once
+    assert metric(got, wait + "_bucket", le="0.1") == {LOCALHOST: 1}  # the second waited
+    assert metric(got, wait + "_sum")[LOCALHOST] >= 0.2

@@ -276,10 +276,11 @@ async def test_adaptive_rate_limits_admission(nursery, upstream):
     proxy.worker.ctx.ledger.scalar_set(SC_ADAPTIVE_MRPS, 2000)  # 2 requests/s, burst 2
     statuses = [(await chat(proxy)).status for _ in range(3)]
     assert statuses == [200, 200, 429]
-    # Counted as what it is (no global requests limit is configured here).
+    # Counted as what it is (no global requests limit is configured here), in the client
+    # bucket of 127.0.0.1 (the original's source-NN: tests/test_labels.py).
     metrics = (await request(proxy.port, "GET", "/metrics")).body.decode()
-    assert ('zai_proxy_rate_limit_rejections_total{limit="adaptive_rate",scope="global",'
-            'variant="production"} 1.0') in metrics
+    assert ('zai_proxy_rate_limit_rejections_total{client="source-30",limit="adaptive_rate",'
+            'scope="global",variant="production"} 1.0') in metrics
     refused = await chat(proxy)
     assert "adaptive upstream rate" in refused.json()["error"]["message"]
     assert refused.header(b"x-zaiproxy-limit") == b"global:adaptive_rate"

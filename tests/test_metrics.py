@@ -24,6 +24,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import UPSTREAM_KEY, ProcessServer, RawClient, request, start_process
+from tests.test_labels import expected_bucket
 from zaiproxy.core.pricing import (
     DEFAULT_PRICES,
     PriceFileError,
@@ -32,7 +33,15 @@ from zaiproxy.core.pricing import (
 )
 from zaiproxy.core.record import RequestRecord, Usage
 from zaiproxy.limits.ledger import load
-from zaiproxy.observe.metrics import DURATION, REQUEST_SIZE, REQUESTS, RecorderCells, WorkerMetrics
+from zaiproxy.observe.metrics import (
+    DURATION,
+    REJECTIONS,
+    REQUEST_SIZE,
+    REQUESTS,
+    WAIT,
+    RecorderCells,
+    WorkerMetrics,
+)
 from zaiproxy.observe.shm_metrics import KEY_MAX, SLOT_BYTES, NamesFile, names_offset
 
 # `make test` runs the suite twice (h11, then h11-mypyc); the shared-memory metrics are
@@ -41,6 +50,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("ZAIPROXY_HTTP_IMPL") == "h11-myp
                                 reason="independent of the HTTP implementation")
 
 IMPLEMENTATIONS = ["native", "python"]
+# The original's client bucket of 127.0.0.1 ("source-30"): FNV-1a 32 of the address, mod
+# 64, computed by the test's own FNV-1a (tests/test_labels.py).
+LOCALHOST = expected_bucket("127.0.0.1")
 # 2026-11-27 04:00 UTC = 12:00 in Beijing: outside the default 14:00-18:00 peak window.
 NOON_BEIJING = 1_795_752_000.0
 PEAK_BEIJING = NOON_BEIJING + 3 * 3600  # 15:00 in Beijing
@@ -143,8 +155,8 @@ def test_any_worker_scrapes_the_exact_totals_of_all_workers(host: Host) -> None:
                    usage=Usage(10, 20)))
     w0.observe(rec(method="GET", route="/v1/models", bytes_in=0))
     w1.upstream_error("upstream_timeout")
-    w0.rejection("requests", "global")
-    w1.rejection("requests", "global")
+    w0.rejection("requests", "global", "127.0.0.1")
+    w1.rejection("requests", "global", "10.0.0.1:50123")  # a port never changes the bucket
     w0.zai_error("frequency", "1302")
     w1.zai_error("unknown", "<script>")  # an upstream-chosen code is not a label
     w1.retry("frequency")
@@ -184,6 +196,7 @@ def test_any_worker_scrapes_the_exact_totals_of_all_workers(host: Host) -> None:
     assert value(got, wait + "_bucket", le="0.001") == 1
     assert value(got, wait + "_bucket", le="2.5") == 2
     assert value(got, wait + "_sum") == 2.0
+    assert value(got, wait + "_count", client=LOCALHOST) == 2  # rec()'s peer is 127.0.0.1
     assert value(got, "zai_proxy_token_count_duration_seconds_bucket", le="0.0005") == 1
     # Tokens: OpenAI-style usage counts cached tokens inside input; the directions are disjoint.
     tok = "zai_proxy_tokens_total"
@@ -202,12 +215,18 @@ def test_any_worker_scrapes_the_exact_totals_of_all_workers(host: Host) -> None:
     assert value(got, "zai_proxy_upstream_errors_total", error_type="upstream_timeout") == 1
     assert value(got, "zai_proxy_rate_limit_rejections_total", limit="requests",
                  scope="global") == 2
+    assert value(got, "zai_proxy_rate_limit_rejections_total", client=LOCALHOST) == 1
+    assert value(got, "zai_proxy_rate_limit_rejections_total",
+                 client=expected_bucket("10.0.0.1")) == 1
     assert value(got, "zai_proxy_zai_errors_total", **{"class": "frequency", "code": "1302"}) == 1
     assert value(got, "zai_proxy_zai_errors_total", **{"class": "unknown", "code": "other"}) == 1
     assert value(got, "zai_proxy_retry_attempts_total", reason="frequency") == 1
     assert value(got, "zai_proxy_metrics_series_dropped_total") == 0
     assert value(got, "zai_proxy_ledger_info", implementation=host.mod.IMPLEMENTATION) == 1
-    assert value(got, "zai_proxy_max_workers") == 2
+    assert value(got, "zai_proxy_worker_processes") == 2
+    # No concurrency cap configured: the original's cap and utilization have no series.
+    assert not {"zai_proxy_max_workers", "zai_proxy_worker_utilization_ratio"} & {
+        name for name, _ in got}
     for name, labels_ in got:
         assert dict(labels_).get("variant") == "canary", name
 
@@ -222,13 +241,13 @@ def test_a_restarted_worker_keeps_every_counter_and_zeroes_its_gauges(host: Host
     before = scrape(w0)
     assert value(before, "zai_proxy_concurrent_requests") == 3
     assert value(before, "zai_proxy_streams_in_flight") == 1
-    assert value(before, "zai_proxy_worker_utilization_ratio") == 1.0
+    assert value(before, "zai_proxy_worker_processes_busy_ratio") == 1.0
     # Worker 1 dies with two requests in flight; its replacement starts with the same index.
     w1 = host.worker(1)
     after = scrape(w0)
     assert value(after, "zai_proxy_concurrent_requests") == 1
     assert value(after, "zai_proxy_streams_in_flight") == 0
-    assert value(after, "zai_proxy_worker_utilization_ratio") == 0.5
+    assert value(after, "zai_proxy_worker_processes_busy_ratio") == 0.5
     counted = {k: v for k, v in before.items() if k[0].endswith(COUNTED)}
     assert counted and all(after[k] == v for k, v in counted.items())
     w1.observe(rec(usage=Usage(5, 5), model="glm-4.5"))
@@ -290,6 +309,48 @@ def test_concurrency_limit_gauge_only_for_configured_limits(
     assert (b"zai_proxy_concurrency_limit" in body) == bool(expected)
 
 
+@pytest.mark.parametrize(("proxy", "upstream", "cap"), [
+    (8, None, 8),
+    (None, 4, 4),  # MAX_WORKERS sets upstream_concurrency (core/original_env.py)
+    (8, 4, 8),  # the proxy's own cap is what the in-flight count runs into first
+])
+def test_max_workers_is_the_cap_and_utilization_the_requests_in_flight_over_it(
+        host: Host, proxy: int | None, upstream: int | None, cap: int) -> None:
+    """The original's meaning: MAX_WORKERS and concurrent requests / MAX_WORKERS."""
+    w0 = host.worker(0, concurrency_limit=proxy, upstream_concurrency_limit=upstream)
+    w1 = host.worker(1, concurrency_limit=proxy, upstream_concurrency_limit=upstream)
+    got = scrape(w0)
+    assert value(got, "zai_proxy_max_workers") == cap
+    assert value(got, "zai_proxy_worker_utilization_ratio") == 0
+    for _ in range(2):
+        w0.request_started()
+    w1.request_started()  # 3 in flight, on two workers
+    got = scrape(w1)
+    assert value(got, "zai_proxy_concurrent_requests") == 3
+    assert value(got, "zai_proxy_worker_utilization_ratio") == 3 / cap
+    assert value(got, "zai_proxy_worker_processes") == 2
+    assert value(got, "zai_proxy_worker_processes_busy_ratio") == 1.0
+    for _ in range(cap):  # queued or refused requests are in flight too: past 1
+        w1.request_started()
+    assert value(scrape(w0), "zai_proxy_worker_utilization_ratio") == (3 + cap) / cap
+    w0.request_ended()
+    w0.request_ended()
+    got = scrape(w0)
+    assert value(got, "zai_proxy_worker_utilization_ratio") == (1 + cap) / cap
+    assert value(got, "zai_proxy_worker_processes_busy_ratio") == 0.5
+
+
+def test_no_cap_no_max_workers_and_no_utilization(host: Host) -> None:
+    w = host.worker(0)
+    w.request_started()
+    body, _ = w.render()
+    got = parse(body)
+    assert value(got, "zai_proxy_concurrent_requests") == 1
+    assert b"zai_proxy_max_workers" not in body
+    assert b"zai_proxy_worker_utilization_ratio" not in body
+    assert value(got, "zai_proxy_worker_processes_busy_ratio") == 0.5
+
+
 def test_the_original_services_label_sets(host: Host) -> None:
     # Its dashboards and the canary runbook query status_code on these families; requests
     # keep our status beside it (the same value: no extra series).
@@ -314,6 +375,29 @@ def test_the_original_services_label_sets(host: Host) -> None:
                and dict(ls)["status_code"].startswith("5"))
     assert five / value(got, "zai_proxy_requests_total") == pytest.approx(0.2)
     assert value(got, "zai_proxy_request_duration_seconds_count", status_code="502") == 2
+
+
+def test_the_rate_limit_families_carry_the_original_client_label(host: Host) -> None:
+    # Its dashboards split waits and rejections by client (source-00..63); ours keep limit
+    # and scope beside it, and anything summing over client gets the old totals.
+    w = host.worker(0)
+    w.observe(rec(queue_wait_s=0.02, client="127.0.0.1"))
+    w.observe(rec(queue_wait_s=0.0, client="::1"))
+    w.rejection("concurrency", "global", "127.0.0.1")
+    w.rejection("concurrency", "global", "")
+    got = scrape(w)
+    label_sets = {n: {k for k, _ in ls} for n, ls in got}
+    assert label_sets["zai_proxy_rate_limit_wait_seconds_bucket"] == {"client", "variant", "le"}
+    assert label_sets["zai_proxy_rate_limit_rejections_total"] == {"limit", "scope", "client",
+                                                                   "variant"}
+    wait = "zai_proxy_rate_limit_wait_seconds"
+    assert {dict(ls)["client"]: v for (n, ls), v in got.items() if n == wait + "_count"} == {
+        LOCALHOST: 1, expected_bucket("::1"): 1}
+    assert value(got, wait + "_count") == 2
+    assert value(got, wait + "_bucket", le="0.05") == 2
+    refused = {dict(ls)["client"]: v for (n, ls), v in got.items()
+               if n == "zai_proxy_rate_limit_rejections_total"}
+    assert refused == {LOCALHOST: 1, expected_bucket("unknown"): 1}  # what "" is hashed as
 
 
 def test_histogram_edges(host: Host) -> None:
@@ -424,6 +508,35 @@ def test_series_over_the_budget_are_dropped_and_counted(host: Host) -> None:
     assert not any(name.startswith("zai_proxy_request_size_bytes_") for name, _ in got)
     assert value(got, "zai_proxy_metrics_series_dropped_total") == 2  # once per worker
     assert w0.store.reserved() == 4
+
+
+def test_every_client_bucket_fits_the_default_series_budget(host: Host, shm_dir: Path) -> None:
+    """64 client buckets of the wait histogram (3 rows each) and of the rejections of two
+    limits (1 row each) take 320 of the 2048 rows a default ledger (4096 rows) lets series
+    reserve."""
+    big = Host(host.mod.IMPLEMENTATION, shm_dir / "default", rows=4096)
+    try:
+        w = big.worker(0)
+        assert w.store.budget == 2048
+        assert (len(WAIT.buckets), WAIT.rows, REJECTIONS.rows) == (13, 3, 1)  # 15 cells: 3 rows
+        peers: dict[str, str] = {}
+        for i in range(4096):
+            ip = f"10.2.{i // 256}.{i % 256}"
+            peers.setdefault(expected_bucket(ip), ip)
+        assert len(peers) == 64
+        for ip in peers.values():
+            w.observe(rec(client=ip, queue_wait_s=0.5, route="other", status=429))
+            for limit in ("requests_per_minute", "concurrency"):
+                w.rejection(limit, "global", ip)
+        got = scrape(w)
+        assert value(got, "zai_proxy_metrics_series_dropped_total") == 0
+        assert len({dict(ls)["client"] for (n, ls) in got
+                    if n == "zai_proxy_rate_limit_wait_seconds_count"}) == 64
+        assert value(got, "zai_proxy_rate_limit_rejections_total") == 128
+        # The request families of the one (method, route, status) add 1 + 3 + 2 rows.
+        assert w.store.reserved() == 64 * 3 + 2 * 64 + 1 + 3 + 2
+    finally:
+        big.close()
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -793,7 +906,7 @@ async def test_one_scrape_of_any_worker_shows_all_and_survives_a_sigkill(
         assert value(got, "zai_proxy_estimated_cost_usd_total", model="glm-4.6") == \
             pytest.approx((usage["in"] * 0.6 + usage["out"] * 2.2) / 1e6, rel=1e-9)
         assert value(got, "zai_proxy_concurrent_requests") == 0
-        assert value(got, "zai_proxy_max_workers") == 2
+        assert value(got, "zai_proxy_worker_processes") == 2
         for name, labels in got:
             assert dict(labels).get("variant") == "canary", name
 
@@ -815,7 +928,7 @@ async def test_one_scrape_of_any_worker_shows_all_and_survives_a_sigkill(
     during = await scrape_via(b)
     assert value(during, "zai_proxy_concurrent_requests") == 1
     assert value(during, "zai_proxy_streams_in_flight") == 1
-    assert value(during, "zai_proxy_worker_utilization_ratio") == 0.5
+    assert value(during, "zai_proxy_worker_processes_busy_ratio") == 0.5
 
     # SIGKILL worker A mid-stream: its replacement zeroes A's gauges; no counter goes back.
     os.kill(pid_a, signal.SIGKILL)

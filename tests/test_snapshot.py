@@ -196,12 +196,15 @@ zai_proxy_zai_errors_total{class="frequency",code="1303",variant="p"} 1
 zai_proxy_zai_errors_total{class="quota",code="other",variant="p"} 4
 zai_proxy_upstream_errors_total{error_type="upstream_timeout",variant="p"} 3
 zai_proxy_upstream_errors_total{error_type="connect",variant="p"} 1
-zai_proxy_rate_limit_rejections_total{limit="requests_per_minute",scope="key",variant="p"} 5
-zai_proxy_rate_limit_rejections_total{limit="concurrency",scope="global",variant="p"} 2
+zai_proxy_rate_limit_rejections_total{limit="requests_per_minute",scope="key",client="source-30",variant="p"} 3
+zai_proxy_rate_limit_rejections_total{limit="requests_per_minute",scope="key",client="source-07",variant="p"} 2
+zai_proxy_rate_limit_rejections_total{limit="concurrency",scope="global",client="source-30",variant="p"} 2
 zai_proxy_retry_attempts_total{reason="frequency",variant="p"} 6
 zai_proxy_rate_limit_adjustments_total{direction="up",variant="p"} 8
 zai_proxy_rate_limit_adjustments_total{direction="down",variant="p"} 0
-zai_proxy_max_workers{variant="p"} 4
+zai_proxy_worker_processes{variant="p"} 4
+zai_proxy_max_workers{variant="p"} 64
+zai_proxy_worker_utilization_ratio{variant="p"} 0.5
 zai_proxy_concurrency_limit{scope="proxy",variant="p"} 64
 zai_proxy_concurrency_limit{scope="upstream",variant="p"} 16
 """
@@ -218,16 +221,31 @@ def test_breakdown_of_every_category() -> None:
         "retries": {"frequency": 6},
         "adjustments": {"down": 0, "up": 8},
     }
+    # Rejections by client (the original's source-NN) are summed per scope:limit.
     assert p.breakdown == expected
     assert list(p.breakdown) == list(snapshot.BREAKDOWNS)
     assert (p.counts.zai_errors, p.counts.upstream_errors, p.counts.rejections) == (7, 4, 7)
-    assert (p.workers, p.concurrency_limit) == (4, 64)
+    assert (p.workers, p.concurrency_limit) == (4, 64)  # max_workers is the cap, not workers
     body = orjson.loads(orjson.dumps(p.to_json()))
     assert body["breakdown"] == expected
     assert (body["workers"], body["concurrency_limit"]) == (4, 64)
     with pytest.raises(TypeError):
         p.breakdown["status"]["200"] = 0  # type: ignore[index]
     hash(p)  # still usable as a value
+
+
+@pytest.mark.parametrize(("lines", "workers"), [
+    # A current build: worker processes by their own name; max_workers is the cap.
+    (['zai_proxy_worker_processes{variant="p"} 2', 'zai_proxy_max_workers{variant="p"} 8',
+      'zai_proxy_ledger_info{implementation="native",variant="p"} 1'], 2),
+    # An older zaiproxy (ledger_info, no worker_processes) counted its workers as max_workers.
+    (['zai_proxy_max_workers{variant="p"} 3',
+      'zai_proxy_ledger_info{implementation="native",variant="p"} 1'], 3),
+    # The original service (no ledger_info): max_workers is its MAX_WORKERS, never workers.
+    (['zai_proxy_max_workers{variant="p"} 10'], 0),
+])
+def test_workers_are_the_worker_processes(lines: list[str], workers: float) -> None:
+    assert snapshot.parse("\n".join(lines) + "\n")["p"].workers == workers
 
 
 @pytest.mark.parametrize(("lines", "limit"), [
@@ -446,7 +464,9 @@ async def test_parse_a_real_proxy_exposition(nursery) -> None:
     assert (canary.counts.responses_2xx, canary.counts.responses_4xx) == (3, 1)
     assert canary.breakdown["status"] == {"200": 3, "404": 1}
     assert canary.breakdown["adjustments"].keys() == {"up", "down"}
+    # One worker process; upstream_concurrency is the cap (zai_proxy_max_workers), not workers.
     assert (canary.workers, canary.concurrency_limit) == (1, 9)
+    assert "zai_proxy_max_workers{variant=\"canary\"} 9.0" in text
     assert canary.versions
     assert canary.latency.count == 4  # every answered API request is timed, merged over paths
     assert 0 < canary.latency.quantile(0.99) < 1  # type: ignore[operator]

@@ -121,7 +121,7 @@ def extras(m: Any) -> None:
         m.upstream_error(e)
     for limit in ("requests", "tokens", "concurrency", "quota"):
         for scope in ("global", "key"):
-            m.rejection(limit, scope)
+            m.rejection(limit, scope, "10.0.0.1")
     for cls, code in (("frequency", "1302"), ("quota", "1308"), ("balance", "1113"),
                       ("unknown", None), ("overload", "1305"), ("frequency", "1303")):
         m.zai_error(cls, code)
@@ -136,6 +136,8 @@ class PromMetrics:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         from zaiproxy.observe import metrics as zm
+
+        self.bucket = zm._client_label  # the client label, computed as WorkerMetrics does
 
         self.registry = CollectorRegistry()
         r = self.registry
@@ -183,7 +185,7 @@ class PromMetrics:
         if r.upstream_s is not None:
             ch(self.overhead, r.route).observe(r.duration_s - r.upstream_s)
         if r.queue_wait_s is not None:
-            ch(self.wait).observe(r.queue_wait_s)
+            ch(self.wait, self.bucket(r.client)).observe(r.queue_wait_s)
         if r.token_count_s is not None:
             ch(self.token_count).observe(r.token_count_s)
         if r.usage is not None:
@@ -196,8 +198,8 @@ class PromMetrics:
     def upstream_error(self, e: str) -> None:
         self.child(self.errors, e).inc()
 
-    def rejection(self, limit: str, scope: str) -> None:
-        self.child(self.rejections, limit, scope).inc()
+    def rejection(self, limit: str, scope: str, peer: str) -> None:
+        self.child(self.rejections, limit, scope, self.bucket(peer)).inc()
 
     def zai_error(self, cls: str, code: str | None) -> None:
         self.child(self.zai, cls, code or "other").inc()

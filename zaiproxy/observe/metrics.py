@@ -6,8 +6,11 @@ scrape shows the whole host and a restarted worker never makes a counter go back
 Family and label names are the original system's (``zai_proxy_*``); every series has
 ``variant``. Label values are bounded: route templates (never raw paths), a fixed set of
 methods, HTTP statuses, the configured ``known_models`` (anything else is ``other``, no
-model ``-``), the proxy's own error codes, and key aliases only when
-``auth.alias_metrics`` opts in.
+model ``-``), the proxy's own error codes, key aliases only when ``auth.alias_metrics``
+opts in, and the original's ``client`` on the rate-limit wait and rejection families:
+``source-00`` … ``source-63``, the direct peer's address hashed
+(``core.labels.client_bucket``; 64 buckets, so a wait histogram by client takes at most
+64 x 3 rows of the series budget).
 
 The hot path is :meth:`WorkerMetrics.observe`: one :class:`RequestRecord` per finished
 request (vLLM's pattern), a dict lookup per series (cells are bound once per process),
@@ -29,10 +32,21 @@ Gauges, computed at scrape time:
 - ``zai_proxy_concurrent_requests``: proxied requests in flight in all workers (control
   routes such as ``/metrics`` itself are not counted);
 - ``zai_proxy_streams_in_flight``: those of them that asked for ``"stream": true``;
-- ``zai_proxy_worker_utilization_ratio``: the fraction of the ``zai_proxy_max_workers``
-  workers with at least one request in flight at the scrape (an instantaneous sample:
-  ``avg_over_time`` gives the busy fraction over a range). Not CPU: an async worker with
-  one slow stream in flight counts as busy;
+- ``zai_proxy_max_workers`` and ``zai_proxy_worker_utilization_ratio``: the original
+  service's, in its meaning: the concurrency cap (its ``MAX_WORKERS``; here
+  ``limits.concurrency`` when set, else ``limits.upstream_concurrency``, which
+  ``MAX_WORKERS`` sets: core/original_env.py) and ``zai_proxy_concurrent_requests`` divided
+  by it. Neither series without a cap (nothing to divide by). The ratio can pass 1: a
+  request counts from its head's arrival (the original counted its own from arrival too),
+  so those still being read, waiting in the admission queue (``queue_timeout``) or being
+  refused count beside the admitted ones. With a pool file ``upstream_concurrency`` is a
+  cap per key, and with ``limits_backend = "redis"`` a cap is the fleet's while the
+  numerator is this host's;
+- ``zai_proxy_worker_processes`` and ``zai_proxy_worker_processes_busy_ratio``: this
+  host's worker processes, and the fraction of them with at least one request in flight at
+  the scrape (an instantaneous sample: ``avg_over_time`` gives the busy fraction over a
+  range). Not CPU: an async worker with one slow stream in flight counts as busy. (zaiproxy
+  published these two under the original's names above before those took its meaning.);
 - ``zai_proxy_upstream_pool_connections{state=active|idle}``: summed over workers, each
   as of its last finished request or its last scrape;
 - ``zai_proxy_rate_limit_requests_per_second``: the adaptive upstream rate the supervisor
@@ -74,6 +88,7 @@ written = dropped + lost; the two never count the same record.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final
@@ -89,7 +104,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from zaiproxy import __version__
-from zaiproxy.core.labels import model_label
+from zaiproxy.core.labels import client_bucket, model_label
 from zaiproxy.core.pricing import DEFAULT_PRICES, DIRECTIONS, PriceTable, cost_nano, split_tokens
 from zaiproxy.core.record import RequestRecord, input_includes_cache
 from zaiproxy.limits.admission import QuotaUse
@@ -145,11 +160,14 @@ RESPONSE_SIZE = Family("ps", "zai_proxy_response_size_bytes", HISTOGRAM,
 UPSTREAM_ERRORS = Family("ue", "zai_proxy_upstream_errors", COUNTER,
                          "Upstream failures (connect, timeout, protocol, stream cut).",
                          ("error_type",))
-WAIT = Family("qw", "zai_proxy_rate_limit_wait_seconds", HISTOGRAM,
-              "Time admitted requests spent in the admission queue (0 = admitted at once).",
-              (), _WAIT, NS)
-REJECTIONS = Family("rj", "zai_proxy_rate_limit_rejections", COUNTER,
-                    "Requests refused by the proxy's own limits.", ("limit", "scope"))
+# The rate-limit families by the original's ``client`` (source-00..63: core/labels.py). Their
+# codes before that label, "qw" (wait, no labels) and "rj" (limit, scope), are retired.
+WAIT = Family("wc", "zai_proxy_rate_limit_wait_seconds", HISTOGRAM,
+              "Time admitted requests spent in the admission queue (0 = admitted at once), "
+              "by client bucket (the peer address hashed).", ("client",), _WAIT, NS)
+REJECTIONS = Family("jc", "zai_proxy_rate_limit_rejections", COUNTER,
+                    "Requests refused by the proxy's own limits, by client bucket (the peer "
+                    "address hashed).", ("limit", "scope", "client"))
 RETRIES = Family("rt", "zai_proxy_retry_attempts", COUNTER,
                  "Upstream retries by reason (the Z.AI 429 class).", ("reason",))
 TOKENS = Family("tk", "zai_proxy_tokens", COUNTER,
@@ -216,6 +234,9 @@ REC_QUEUE = 2
 REC_LOST = 3
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "-"})
+# A peer's bucket is hashed once per address while it is among the most recent ones (the
+# FNV-1a loop costs ~1 µs in Python; the cache is bounded, unlike the peers).
+_client_label: Final = functools.lru_cache(maxsize=1024)(client_bucket)
 
 
 
@@ -301,6 +322,10 @@ class WorkerMetrics:
             scope: limit for scope, limit in (("proxy", concurrency_limit),
                                               ("upstream", upstream_concurrency_limit))
             if limit is not None}
+        # The original's concurrency cap (MAX_WORKERS): what the in-flight count runs into
+        # first, the proxy's own limit, else the upstream key's; None = neither is set.
+        self.max_workers = self.concurrency_limits.get(
+            "proxy", self.concurrency_limits.get("upstream"))
         self._quota = quota
         self.limits_backend = limits_backend
         module = load_ledger(segment.implementation)
@@ -368,7 +393,7 @@ class WorkerMetrics:
                 cells.overhead = cell(OVERHEAD, (route,))
             cells.overhead.observe(r.duration_s - r.upstream_s)
         if r.queue_wait_s is not None:
-            cell(WAIT, ()).observe(r.queue_wait_s)
+            cell(WAIT, (_client_label(r.client),)).observe(r.queue_wait_s)
         if r.token_count_s is not None:
             cell(TOKEN_COUNT, ()).observe(r.token_count_s)
         if r.usage is not None:
@@ -395,8 +420,10 @@ class WorkerMetrics:
     def upstream_error(self, error_type: str) -> None:
         self._cell(UPSTREAM_ERRORS, (error_type,)).inc()
 
-    def rejection(self, limit: str, scope: str) -> None:
-        self._cell(REJECTIONS, (limit, scope)).inc()
+    def rejection(self, limit: str, scope: str, peer: str) -> None:
+        """A request refused by the limit ``limit`` of ``scope``; ``peer``: the direct peer's
+        address (the ``client`` label is its bucket, never the address)."""
+        self._cell(REJECTIONS, (limit, scope, _client_label(peer))).inc()
 
     def zai_error(self, cls: str, code: str | None) -> None:
         # Codes come from upstream bodies: only Z.AI's 13xx business codes become labels.
@@ -527,10 +554,19 @@ class _Collector:
         yield _gauge("zai_proxy_streams_in_flight",
                      "Requests in flight that asked for a stream.", variant,
                      sum(max(0, r[W_STREAMS - 1]) for r in rows))
-        yield _gauge("zai_proxy_max_workers", "Configured worker processes.", variant, m.workers)
-        yield _gauge("zai_proxy_worker_utilization_ratio",
-                     "Fraction of workers with a request in flight (sampled at the scrape).",
-                     variant, sum(1 for n in in_flight if n > 0) / max(1, m.workers))
+        cap = m.max_workers
+        if cap is not None:  # the original's pair (module docstring); no cap, no ratio
+            yield _gauge("zai_proxy_max_workers",
+                         "The concurrency cap (the original's MAX_WORKERS: limits.concurrency, "
+                         "else limits.upstream_concurrency).", variant, cap)
+            yield _gauge("zai_proxy_worker_utilization_ratio",
+                         "Proxied requests in flight in all workers divided by "
+                         "zai_proxy_max_workers.", variant, sum(in_flight) / cap)
+        yield _gauge("zai_proxy_worker_processes", "Configured worker processes.", variant,
+                     m.workers)
+        yield _gauge("zai_proxy_worker_processes_busy_ratio",
+                     "Fraction of worker processes with a request in flight (sampled at the "
+                     "scrape).", variant, sum(1 for n in in_flight if n > 0) / max(1, m.workers))
         pool = GaugeMetricFamily("zai_proxy_upstream_pool_connections",
                                  "Upstream connections of all workers by state.",
                                  labels=["state", "variant"])

@@ -366,7 +366,15 @@ _COUNTERS = {
 }
 _GAUGES_SUMMED = {"zai_proxy_concurrent_requests": "in_flight",
                   "zai_proxy_streams_in_flight": "streams_in_flight",
-                  "zai_proxy_max_workers": "workers"}
+                  "zai_proxy_worker_processes": "workers"}
+# zaiproxy builds before WORKERS_FAMILY published their worker processes as
+# zai_proxy_max_workers, the name a current build gives the original's concurrency cap (the
+# original service too). Such a build is told apart by LEDGER_FAMILY, which every zaiproxy
+# build has and the original never had: a collector scraping one mid-rollout still counts
+# its workers, and never takes a cap for them.
+WORKERS_FAMILY = "zai_proxy_worker_processes"
+LEDGER_FAMILY = "zai_proxy_ledger_info"
+LEGACY_WORKERS = "zai_proxy_max_workers"
 # family sample -> (category, the labels its key is made of, joined by ":")
 _BREAKDOWN_SOURCES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "zai_proxy_zai_errors_total": (("zai_errors", ("code",)), ("zai_error_classes", ("class",))),
@@ -400,9 +408,11 @@ class _Acc:
         self.versions: set[str] = set()
         self.commits: set[str] = set()
 
-    def add(self, name: str, labels: dict[str, str], value: float, legacy: bool) -> None:
+    def add(self, name: str, labels: dict[str, str], value: float, legacy: bool,
+            legacy_workers: bool = False) -> None:
         """One sample; ``legacy``: the exposition mixes control routes into the request
-        families (module docstring)."""
+        families (module docstring); ``legacy_workers``: its ``zai_proxy_max_workers`` counts
+        worker processes (:data:`WORKERS_FAMILY`)."""
         if math.isnan(value):
             return
         c = self.counts
@@ -428,6 +438,8 @@ class _Acc:
                 c[target] += value
         elif name in _GAUGES_SUMMED:
             self.gauges[_GAUGES_SUMMED[name]] += value
+        elif name == LEGACY_WORKERS and legacy_workers:
+            self.gauges["workers"] += value
         elif name == "zai_proxy_rate_limit_requests_per_second":
             # One rate shared by all workers: several series repeat it, never add up.
             self.gauges["adaptive_rate"] = max(self.gauges["adaptive_rate"], value)
@@ -516,7 +528,9 @@ def parse_families(families: Iterable[Any]) -> dict[str, VariantSnapshot]:
     loop, the families ~1 ms.
     """
     families = list(families)
-    legacy = not any(family.name == CONTROL_FAMILY for family in families)
+    names = {family.name for family in families}
+    legacy = CONTROL_FAMILY not in names
+    legacy_workers = LEDGER_FAMILY in names and WORKERS_FAMILY not in names
     by_variant: dict[str, _Acc] = {}
     unlabelled = _Acc()
     seen_unlabelled = False
@@ -531,7 +545,7 @@ def parse_families(families: Iterable[Any]) -> dict[str, VariantSnapshot]:
                     acc = by_variant[variant] = _Acc()
             else:
                 acc, seen_unlabelled = unlabelled, True
-            acc.add(sample.name, sample.labels, float(sample.value), legacy)
+            acc.add(sample.name, sample.labels, float(sample.value), legacy, legacy_workers)
     if seen_unlabelled:
         if len(by_variant) == 1:
             next(iter(by_variant.values())).merge_from(unlabelled)

@@ -135,8 +135,10 @@ def _counts(ctx: WorkerContext, route: Route,
 
 
 async def admit(ctx: WorkerContext, route: Route, key: ClientKey | None,
-                payload: dict[str, object] | None, body_len: int, model_label: str) -> Admitted:
-    """Estimate and admit one request; raises RateLimited (429) when a limit refuses."""
+                payload: dict[str, object] | None, body_len: int, model_label: str,
+                peer: str) -> Admitted:
+    """Estimate and admit one request; raises RateLimited (429) when a limit refuses.
+    ``peer``: the direct peer's address (a refusal's metric is labelled with its bucket)."""
     began = time.perf_counter()
     counts = estimate_now(ctx, route, payload, body_len)
     if counts is None:
@@ -167,15 +169,15 @@ async def admit(ctx: WorkerContext, route: Route, key: ClientKey | None,
             first = (upstream, plan, result)
     if first is None:  # every candidate's quota is at its reserve
         assert closed is not None and gates is not None
-        raise _reserve_reached(ctx, gates[closed[0]], closed[1])
+        raise _reserve_reached(ctx, gates[closed[0]], closed[1], peer)
     upstream, plan, refusal = first
     waiting = trio.current_time()
-    admission = await _wait(ctx, plan, reserved, refusal)
+    admission = await _wait(ctx, plan, reserved, refusal, peer)
     return Admitted(admission, alias, prompt, reserved, model_label, counted, counted_s,
                     trio.current_time() - waiting, upstream, candidates)
 
 
-async def readmit(ctx: WorkerContext, admitted: Admitted,
+async def readmit(ctx: WorkerContext, admitted: Admitted, peer: str,
                   upstream: int | None = None) -> Admitted:
     """Admit a Z.AI retry again.
 
@@ -196,7 +198,7 @@ async def readmit(ctx: WorkerContext, admitted: Admitted,
         upstream = admitted.upstream
     result = await ctx.admitter.admit(plan, old.tokens)
     if isinstance(result, Refusal):
-        result = await _wait(ctx, plan, old.tokens, result)
+        result = await _wait(ctx, plan, old.tokens, result, peer)
     return dataclasses.replace(admitted, admission=result, upstream=upstream)
 
 
@@ -206,7 +208,8 @@ def _client_limits(ctx: WorkerContext, alias: str | None) -> Limits | None:
     return next((k.limits for k in ctx.keys if k.alias == alias), None)
 
 
-async def _wait(ctx: WorkerContext, plan: Plan, reserved: int, refusal: Refusal) -> Admission:
+async def _wait(ctx: WorkerContext, plan: Plan, reserved: int, refusal: Refusal,
+                peer: str) -> Admission:
     """Wait for a slot within ``queue_timeout`` (bounded queue), or raise the 429."""
     if refusal.retry_ns < 0:
         raise RequestTooLargeForLimit(
@@ -216,7 +219,7 @@ async def _wait(ctx: WorkerContext, plan: Plan, reserved: int, refusal: Refusal)
     timeout = ctx.config.queue_timeout
     queue = ctx.wait_queue
     if timeout <= 0 or not queue.try_enter():
-        raise _refused(ctx, refusal, plan)
+        raise _refused(ctx, refusal, plan, peer)
     admitter: Limiter = ctx.admitter
     deadline = trio.current_time() + timeout
     try:
@@ -224,7 +227,7 @@ async def _wait(ctx: WorkerContext, plan: Plan, reserved: int, refusal: Refusal)
             wait_s = (_CONCURRENCY_POLL_S if refusal.op.what is LimitKind.CONCURRENCY
                       else refusal.retry_ns / 1e9)
             if trio.current_time() + wait_s > deadline:
-                raise _refused(ctx, refusal, plan)
+                raise _refused(ctx, refusal, plan, peer)
             # A client that disconnects cancels the scope around us: it leaves the queue.
             with trio.move_on_after(wait_s):
                 await ctx.released.wait()
@@ -239,10 +242,11 @@ async def _wait(ctx: WorkerContext, plan: Plan, reserved: int, refusal: Refusal)
 _WINDOW_NAMES: Final = {"five_hour": "5-hour", "weekly": "weekly"}
 
 
-def _reserve_reached(ctx: WorkerContext, gate: PaceBoard, until_ms: int) -> RateLimited:
+def _reserve_reached(ctx: WorkerContext, gate: PaceBoard, until_ms: int,
+                     peer: str) -> RateLimited:
     """Quota pacing's reserve (limits/zai_quota.py): 429 at once until the window resets."""
     window = gate.gate_window() or "five_hour"
-    ctx.metrics.rejection(f"zai_quota_{window}", "upstream")
+    ctx.metrics.rejection(f"zai_quota_{window}", "upstream", peer)
     left_s = max(0.0, until_ms / 1000 - ctx.wall())
     reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until_ms / 1000))
     return RateLimited(
@@ -260,12 +264,13 @@ def _effective_mrps(ctx: WorkerContext, plan: Plan) -> int:
     return ctx.ledger.counter_get(ctx.ledger.row(upstream_state_key(plan.upstream)), W_KEY_MRPS)
 
 
-def _refused(ctx: WorkerContext, refusal: Refusal, plan: Plan) -> RateLimited:
+def _refused(ctx: WorkerContext, refusal: Refusal, plan: Plan, peer: str) -> RateLimited:
     op = refusal.op
     # The limit that refused, by its name (``requests_per_minute`` … ``adaptive_rate``) and
     # scope (``key``, ``upstream``, ``global``): bounded label values, and what an operator
-    # needs to read, not "requests" when the adaptive rate refused.
-    ctx.metrics.rejection(op.name, op.scope)
+    # needs to read, not "requests" when the adaptive rate refused. The peer becomes the
+    # original's ``client`` bucket (source-00..63), never a label of its own.
+    ctx.metrics.rejection(op.name, op.scope, peer)
     retry_s = refusal.retry_after_s if op.what is not LimitKind.CONCURRENCY else 1
     reset = (format_reset(refusal.retry_ns) if op.what is not LimitKind.CONCURRENCY
              else "when a request in flight finishes")

@@ -153,13 +153,13 @@ class Pipeline:
                 with scope:
                     # 6. Admit.
                     admitted = await gate.admit(ctx, route, key, payload, len(body),
-                                                ctx.model_label(model))
+                                                ctx.model_label(model), conn.client_ip)
                     extra = gate.response_headers(ctx, admitted)
 
                     async def readmit(upstream: int | None = None) -> None:
                         nonlocal admitted
                         assert admitted is not None
-                        admitted = await gate.readmit(ctx, admitted, upstream)
+                        admitted = await gate.readmit(ctx, admitted, conn.client_ip, upstream)
 
                     # 7. Exchange.
                     # With openai_include_usage, streams ask upstream for usage; the extra

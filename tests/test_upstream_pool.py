@@ -239,6 +239,11 @@ async def test_a_spent_account_moves_traffic_to_the_other_with_no_error(
         metrics = (await request(proxy.url, "GET", "/metrics")).body.decode()
         assert ('zai_proxy_upstream_switches_total{from_upstream="acct-a",reason="quota",'
                 'to_upstream="acct-b",variant="production"} 1.0') in metrics
+        served = [line for line in metrics.splitlines()
+                  if line.startswith("zai_proxy_upstream_requests_total{")]
+        assert any('upstream="acct-b"' in line and 'status_code="200"' in line
+                   and line.endswith(" 4.0") for line in served), served
+        assert not any('upstream="acct-a"' in line for line in served)
         assert KEY_A not in metrics and KEY_B not in orjson.dumps(keys).decode()
     finally:
         assert proxy.stop() == 0, proxy.logs()[-3000:]

@@ -214,10 +214,15 @@ SWITCHES = Family("us", "zai_proxy_upstream_switches", COUNTER,
                   "Requests moved to another upstream key of the pool (1302/1303 throttle or "
                   "1308/1310 quota on the first), by key alias and the Z.AI class.",
                   ("from_upstream", "to_upstream", "reason"))
+# With a pool of upstream keys from a file: every answer by the key it went out with last.
+UPSTREAM_REQUESTS = Family("ur", "zai_proxy_upstream_requests", COUNTER,
+                           "API requests answered, by the upstream key (pool alias) their last "
+                           "attempt went out with (only with a pool of upstream keys).",
+                           ("upstream", "status_code"))
 FAMILIES: Final = (REQUESTS, DURATION, REQUEST_SIZE, RESPONSE_SIZE, UPSTREAM_ERRORS, WAIT,
                    REJECTIONS, RETRIES, TOKENS, COST, TOKEN_COUNT, TTFT, OVERHEAD, ZAI_ERRORS,
                    KEY_REQUESTS, USAGE_MISSING, CONTROL_REQUESTS, CONTROL_DURATION, FALLBACKS,
-                   SWITCHES)
+                   SWITCHES, UPSTREAM_REQUESTS)
 
 # Words of a worker's gauge row (shm_metrics.claim_gauge_row; only that worker writes them).
 W_IN_FLIGHT = 1
@@ -396,6 +401,8 @@ class WorkerMetrics:
             cell(WAIT, (_client_label(r.client),)).observe(r.queue_wait_s)
         if r.token_count_s is not None:
             cell(TOKEN_COUNT, ()).observe(r.token_count_s)
+        if r.upstream is not None:
+            cell(UPSTREAM_REQUESTS, (r.upstream, r.status)).inc()
         if r.usage is not None:
             self._usage(r)
         if r.tokens_estimated and 200 <= r.status < 300:

@@ -176,10 +176,10 @@ class PromMetrics:
     def observe(self, r: Any) -> None:
         ch = self.child
         ch(self.requests, r.method, r.route, r.status).inc()
-        ch(self.duration, r.method, r.route).observe(r.duration_s)
-        ch(self.req_size, r.route).observe(r.bytes_in)
+        ch(self.duration, r.method, r.route, r.status).observe(r.duration_s)
+        ch(self.req_size, r.method, r.route).observe(r.bytes_in)
         if r.bytes_out is not None:
-            ch(self.resp_size, r.route).observe(r.bytes_out)
+            ch(self.resp_size, r.method, r.route, r.status).observe(r.bytes_out)
         if r.ttft_s is not None:
             ch(self.ttft, r.model).observe(r.ttft_s)
         if r.upstream_s is not None:
@@ -300,7 +300,7 @@ def measure_shm(impl: str, iterations: int, repeat: int, directory: str) -> dict
 
         w = worker(0)
         counter = w.store.bind(REQUESTS, ("POST", "/v1/chat/completions", "200"))
-        histogram = w.store.bind(DURATION, ("POST", "/v1/chat/completions"))
+        histogram = w.store.bind(DURATION, ("POST", "/v1/chat/completions", "200"))
 
         def inc(n: int) -> None:
             for _ in range(n):

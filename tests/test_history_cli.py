@@ -63,8 +63,11 @@ def readme_queries() -> list[str]:
 @pytest.mark.slow
 async def test_the_stock_duckdb_cli_runs_the_documented_queries_on_a_recorded_history(
         mock: ProcessServer, tmp_path: Path) -> None:
+    # Z.AI's quota polled (the mock answers it), and a 5-hour window of the proxy's own for
+    # the key: the README's quota query has a sample with both numbers to read.
     proxy = start_process(["serve", "--port", "0"],
-                          env=upstream_env(mock, ZAIPROXY_WORKERS="1"),
+                          env=upstream_env(mock, ZAIPROXY_WORKERS="1", ZAIPROXY_QUOTA_POLL="true",
+                                           ZAIPROXY_UPSTREAM_TOKENS_PER_5H="1000000"),
                           stderr_path=tmp_path / "proxy.log")
     history = tmp_path / "proxy.history.duckdb"
     try:
@@ -89,9 +92,9 @@ async def test_the_stock_duckdb_cli_runs_the_documented_queries_on_a_recorded_hi
     finally:
         assert proxy.stop() == 0
     queries = readme_queries()
-    assert len(queries) == 4
+    assert len(queries) == 5
     results = [cli(history, sql, tmp_path) for sql in queries]
-    per_model, per_key_day, per_variant, exported = results
+    per_model, per_key_day, per_variant, zai_quota, exported = results
     assert sum(row["requests"] for row in per_model) == 4
     assert {row["model"] for row in per_model} == {"glm-4.6"}
     # The 1-minute rollups hold finished minutes only: this minute's requests are not in
@@ -99,6 +102,9 @@ async def test_the_stock_duckdb_cli_runs_the_documented_queries_on_a_recorded_hi
     assert all({"day", "key_alias", "input", "output"} <= row.keys() for row in per_key_day)
     assert sum(row["requests"] for row in per_variant) == 4
     assert sum(row["count_star()"] for row in exported) == 4
+    # The poller's sample at start at least (the recorder writes the newest when it stops).
+    assert {(row["upstream"], row["window"]) for row in zai_quota} >= {("default", "five_hour")}
+    assert all(row["local_pct"] is not None for row in zai_quota if row["window"] == "five_hour")
     # The README's other doorway (an interactive session) opens the same file.
     version = cli(history, "SELECT max(version) AS v FROM schema_version", tmp_path)
     assert version[0]["v"] >= 1

@@ -412,16 +412,16 @@ def test_retention_on_a_fake_clock(store: HistoryStore) -> None:
     store.write(rows_at([T0 + 10, T0 + 20, T0 + 3600]))
     store.snapshot(T0 + 30)
     rolled, deleted = store.maintain(T0 + 2 * 3600)
-    assert deleted == (0, 0, 0) and rolled == 119  # the minute ending at +2h is in its grace
+    assert deleted == (0, 0, 0, 0) and rolled == 119  # the minute ending at +2h is in its grace
     assert count(store, "requests_1m") == 2
     # One day after the first rows: they go, the one an hour younger stays.
-    assert store.maintain(T0 + DAY + 25)[1] == (2, 0, 0)
-    assert store.maintain(T0 + DAY + 31)[1] == (0, 1, 0)  # the snapshot, at T0+30
+    assert store.maintain(T0 + DAY + 25)[1] == (2, 0, 0, 0)
+    assert store.maintain(T0 + DAY + 31)[1] == (0, 1, 0, 0)  # the snapshot, at T0+30
     assert count(store, "requests") == 1
     assert count(store, "requests_1m") == 2  # the rollups stay
-    assert store.maintain(T0 + 3 * DAY + 60)[1] == (1, 0, 1)
-    assert store.maintain(T0 + 3 * DAY + 3600)[1] == (0, 0, 0)  # minute +1h: not before
-    assert store.maintain(T0 + 3 * DAY + 3601)[1] == (0, 0, 1)
+    assert store.maintain(T0 + 3 * DAY + 60)[1] == (1, 0, 1, 0)
+    assert store.maintain(T0 + 3 * DAY + 3600)[1] == (0, 0, 0, 0)  # minute +1h: not before
+    assert store.maintain(T0 + 3 * DAY + 3601)[1] == (0, 0, 1, 0)
     assert count(store, "requests_1m") == 0
 
 
@@ -455,11 +455,11 @@ def test_rollup_state_survives_a_reopen(tmp_path: Path) -> None:
 def test_a_new_file_gets_the_current_schema(tmp_path: Path) -> None:
     con = duckdb.connect(str(tmp_path / "h.duckdb"))
     assert current_version(con) == 0
-    assert migrate(con, now=lambda: T0) == [1, 2, 3, 4, 5]
+    assert migrate(con, now=lambda: T0) == [1, 2, 3, 4, 5, 6]
     assert migrate(con) == []  # once only
-    assert current_version(con) == SCHEMA_VERSION == 5
+    assert current_version(con) == SCHEMA_VERSION == 6
     assert con.execute("SELECT version, epoch(applied_at) FROM schema_version").fetchall() == [
-        (1, T0), (2, T0), (3, T0), (4, T0), (5, T0)]
+        (1, T0), (2, T0), (3, T0), (4, T0), (5, T0), (6, T0)]
     columns = [r[0] for r in con.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'requests' "
         "ORDER BY ordinal_position").fetchall()]
@@ -467,7 +467,7 @@ def test_a_new_file_gets_the_current_schema(tmp_path: Path) -> None:
     tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables")
               .fetchall()}
     assert tables == {"schema_version", "requests", "snapshots", "requests_1m", "recorder_state",
-                      "recorder_progress", "recorder_totals"}
+                      "recorder_progress", "recorder_totals", "zai_quota"}
     con.close()
 
 
@@ -598,7 +598,7 @@ def test_v4_adds_requested_model_to_a_v3_file(tmp_path: Path) -> None:
     old.close()
 
     store = HistoryStore.open(path)
-    assert store.version == SCHEMA_VERSION == 5
+    assert store.version == SCHEMA_VERSION == 6
     store.write(rows_at([T0 + 3], model="glm-4.5", requested_model="glm-4.6"))
     assert store.con.execute(
         "SELECT model, requested_model, api FROM requests ORDER BY ts").fetchall() == [
@@ -616,10 +616,45 @@ def test_v5_adds_upstream_to_a_v4_file(tmp_path: Path) -> None:
         app.append_rows([row[:-1] for row in rows_at([T0 + 1])])
     con.close()
     store = HistoryStore.open(path)
-    assert store.version == SCHEMA_VERSION == 5
+    assert store.version == SCHEMA_VERSION == 6
     store.write(rows_at([T0 + 2], upstream="backup"))
     assert store.con.execute("SELECT upstream FROM requests ORDER BY ts").fetchall() == [
         (None,), ("backup",)]
+    store.close()
+
+
+def test_v6_adds_the_zai_quota_table_to_a_v5_file(tmp_path: Path) -> None:
+    """A v5 file keeps its rows as they were (requests, rollups, snapshots, totals) and gets
+    an empty ``zai_quota``; read as it is, its summaries say no quota was recorded."""
+    from zaiproxy.observe.recorder.quota import QuotaRow
+
+    path = str(tmp_path / "h.duckdb")
+    con = duckdb.connect(path)
+    assert migrate(con, MIGRATIONS[:5]) == [1, 2, 3, 4, 5]
+    con.close()
+    v5 = HistoryStore(duckdb.connect(path), version=5)
+    v5.write(rows_at([T0 + 1, T0 + 2], upstream="backup"))
+    v5.snapshot(T0 + 5)
+    v5.rollup(T0 + 120)
+    tables = ("requests", "requests_1m", "snapshots", "recorder_totals")
+    before = {t: v5.con.execute(f"FROM {t} ORDER BY ALL").fetchall() for t in tables}
+    v5.con.close()
+    old = HistoryStore.open(path, read_only=True)
+    assert old.version == 5
+    doc = history_summary(old, 300, now=T0 + 120)
+    assert doc["total"]["requests"] == 2 and doc["zai_quota"] == []
+    old.close()
+
+    store = HistoryStore.open(path)
+    assert store.version == SCHEMA_VERSION == 6
+    assert {t: store.con.execute(f"FROM {t} ORDER BY ALL").fetchall() for t in tables} == before
+    assert count(store, "zai_quota") == 0
+    assert store.write_zai_quota("production", [QuotaRow(
+        T0 + 60, "backup", "five_hour", "TOKENS_LIMIT", 0.42, T0 + 3600, "pro", None)]) == 1
+    assert store.con.execute(
+        'SELECT epoch(ts), variant, upstream, "window", used_fraction, epoch(reset_at) '
+        "FROM zai_quota").fetchall() == [
+        (T0 + 60, "production", "backup", "five_hour", 0.42, T0 + 3600)]
     store.close()
 
 

@@ -22,7 +22,7 @@ from zaiproxy.observe.recorder.store import HistoryStore
 
 README = Path(__file__).resolve().parent.parent / "zaiproxy" / "observe" / "recorder" / "README.md"
 # The tables documented column by column; the bookkeeping ones are only named.
-DOCUMENTED = ("requests", "requests_1m", "snapshots")
+DOCUMENTED = ("requests", "requests_1m", "snapshots", "zai_quota")
 HEADER = ["column", "type", "unit", "meaning"]
 
 # Spellings of one DuckDB type, as DESCRIBE names it (the README uses the short ones).

@@ -614,8 +614,55 @@ def _run(ns: argparse.Namespace, source: _Source, range_s: float, groups: list[s
     for doc in docs:
         out.write("\n")
         render_summary(doc, out)
+    # Each summary carries it (a recorder older than schema v6 answers none).
+    render_zai_quota(first.get("zai_quota") or [], time.time(), out)
     render_unrecorded(missing, ns.variant, out)
     return 0
+
+
+_WINDOW_LABELS = {"five_hour": "5h", "weekly": "weekly"}
+
+
+def _utc(t: float, now: float, spec: str) -> str:
+    """A UTC time of day (the range line above is in UTC), dated when not within a day."""
+    return time.strftime(spec if abs(t - now) < 86400 else f"%Y-%m-%d {spec}", time.gmtime(t))
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.0f} %"  # Z.AI reports token windows in whole percent
+
+
+def _ago(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    return f"{hours // 24} d {hours % 24} h"
+
+
+def render_zai_quota(entries: list[dict[str, Any]], now: float, out: TextIO) -> None:
+    """A line per upstream key: its latest Z.AI quota sample (a summary's ``zai_quota``),
+    each window's used share, the proxy's own count of it when it keeps one (``local``) and
+    when it resets; a sample older than the range or than 15 minutes says it is stale."""
+    if not entries:
+        return
+    out.write("\n")
+    for entry in entries:
+        windows = []
+        for w in entry["windows"]:
+            text = f"{_WINDOW_LABELS.get(w['window'], w['window'])} {_percent(w['used_fraction'])}"
+            if w.get("local_used_fraction") is not None:
+                text += f" (local {_percent(w['local_used_fraction'])})"
+            if w.get("reset_at") is not None:
+                text += f", resets {_utc(w['reset_at'], now, '%H:%M')}"
+            windows.append(text)
+        sampled = _utc(entry["sampled_at"], now, "%H:%M:%S") + " UTC"
+        if entry.get("stale"):
+            sampled += f", stale: {_ago(entry['age_s'])} old"
+        out.write(f"Z.AI quota (sampled {sampled}): {entry['upstream']} "
+                  f"{'; '.join(windows) or 'no windows'}\n")
 
 
 def render_unrecorded(missing: dict[str, dict[str, int]], variant: str | None,

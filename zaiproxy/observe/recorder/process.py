@@ -101,7 +101,8 @@ def recorder_main(channel: socket.socket, config: Config, ready: Connection | No
     segment, cells = _attach_metrics(config, ledger_path)
     recorder = Recorder(path, variant=config.deployment_variant, raw_days=config.history_raw_days,
                         rollup_days=config.history_rollup_days, channel=channel, cells=cells,
-                        prices=_prices(config), run=run, channel_bytes=channel_bytes)
+                        prices=_prices(config), run=run, channel_bytes=channel_bytes,
+                        quota=_zai_quota(config, segment))
 
     async def serve(rec: Recorder, *, task_status: trio.TaskStatus[str]) -> None:
         await serve_endpoint(rec, config.admin_token, task_status=task_status)
@@ -158,3 +159,13 @@ def _attach_metrics(config: Config, ledger_path: str | None) -> tuple[Any, Any]:
         if segment is not None:
             segment.close()
         return None, None
+
+
+def _zai_quota(config: Config, segment: Any) -> Any:
+    """Z.AI's quota samples from the supervisor's segment (recorder/quota.py), or None."""
+    if segment is None:
+        return None
+    from zaiproxy.limits.ledger import load
+    from zaiproxy.observe.recorder.quota import quota_feed
+
+    return quota_feed(config, segment, load(config.ledger))

@@ -17,6 +17,10 @@ else (schema.py, v3), so a proxy's history plots what its ``/metrics`` request c
 a canary's 5xx share (canary-check) is not diluted by probes and scrapes, and a long
 ``/admin/events`` stream moves no p95. Only a file older than v3, read as it is, still has
 rows of control routes; those are left out by route (:func:`_api_rows`).
+
+A summary also carries Z.AI's own quota (``zai_quota``, :func:`latest_zai_quota`): each
+upstream key's latest sample in the file, whenever it was taken, marked stale when it is
+older than the range or than :data:`ZAI_QUOTA_STALE_S`.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from zaiproxy.observe.recorder.schema import LEGACY_CONTROL_SQL
 from zaiproxy.observe.recorder.store import DAY, ERROR_SQL, HistoryStore
 
 __all__ = ["FIELDS_NULL_IN_ROLLUP", "GROUPS", "QueryError", "export_parquet",
-           "export_parquet_bytes", "history_series", "history_summary", "parse_duration",
-           "unrecorded"]
+           "export_parquet_bytes", "history_series", "history_summary", "latest_zai_quota",
+           "parse_duration", "unrecorded"]
 
 # group_by name -> (raw column, rollup column)
 GROUPS: Final = {
@@ -43,6 +47,9 @@ GROUPS: Final = {
     "route": ("route", "nullif(route, '')"),
 }
 MAX_POINTS: Final = 5000
+# A Z.AI quota sample older than this is stale in a summary (the poller's default
+# quota_stale_after, limits/zai_quota.py).
+ZAI_QUOTA_STALE_S: Final = 900.0
 EXPORT_PREFIX: Final = "zaiproxy-export-"  # an export's temporary directory
 
 
@@ -142,7 +149,41 @@ def history_summary(store: HistoryStore, range_s: float, *, variant: str | None 
         "p95": "exact" if raw else "approximate (request-weighted mean of 1-minute p95s)",
         "rows": [{group_by: row[0], **_agg(row[1:])} for row in rows],
         "total": _agg(total if total is not None else (0,) * len(_AGG_NAMES)),
+        "zai_quota": latest_zai_quota(store, variant=variant, start=start, now=now),
     }
+
+
+def latest_zai_quota(store: HistoryStore, *, variant: str | None, start: float,
+                     now: float) -> list[dict[str, Any]]:
+    """Per upstream key, its latest Z.AI quota sample in the file (of ``variant`` when
+    given), taken at any time: ``stale`` when older than ``start`` or than
+    :data:`ZAI_QUOTA_STALE_S` at ``now``. [] when none was recorded (quota not polled, or a
+    file older than schema v6, read as it is). Times in epoch seconds, as ``/admin/keys``'
+    ``zai_quota``."""
+    if store.version < 6:
+        return []
+    where = "WHERE variant = ?" if variant is not None else ""
+    found = store.con.execute(f"""
+        SELECT upstream, variant, epoch(ts), "window", limit_type, used_fraction,
+               epoch(reset_at), plan_tier, local_used_fraction
+        FROM zai_quota {where}
+        QUALIFY rank() OVER (PARTITION BY upstream ORDER BY ts DESC, variant) = 1
+        ORDER BY upstream, "window"
+    """, [variant] if variant is not None else []).fetchall()
+    keys: dict[str, dict[str, Any]] = {}
+    for upstream, var, ts, window, kind, used, reset, tier, local in found:
+        entry = keys.get(upstream)
+        if entry is None:
+            age = max(0.0, now - float(ts))
+            entry = keys[upstream] = {
+                "upstream": upstream, "variant": var, "sampled_at": float(ts),
+                "age_s": round(age, 3), "stale": float(ts) < start or age > ZAI_QUOTA_STALE_S,
+                "plan_tier": tier, "windows": []}
+        entry["windows"].append({
+            "window": window, "limit_type": kind, "used_fraction": float(used),
+            "reset_at": None if reset is None else float(reset),
+            "local_used_fraction": None if local is None else float(local)})
+    return list(keys.values())
 
 
 # ---- series ---------------------------------------------------------------------------

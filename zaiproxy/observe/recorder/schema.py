@@ -157,6 +157,23 @@ TOTALS_COLUMNS: Final = (
     ("lost_total", "BIGINT NOT NULL"),
 )
 
+# Schema v6: Z.AI's own quota (limits/zai_quota.py), one row per upstream key and window each
+# time the poller's sample for that key is new (recorder/quota.py), beside the proxy's own
+# count of the same window. ``window`` is a reserved word in SQL: quoted in every statement.
+ZAI_QUOTA_COLUMNS: Final = (
+    ("ts", "TIMESTAMPTZ NOT NULL"),  # the sample's time (when the poll succeeded)
+    ("variant", "VARCHAR NOT NULL"),
+    ("upstream", "VARCHAR NOT NULL"),  # the upstream key's alias ("default" without a pool)
+    ("window", "VARCHAR NOT NULL"),  # five_hour | weekly
+    ("limit_type", "VARCHAR NOT NULL"),  # TOKENS_LIMIT | CREDIT_LIMIT
+    ("used_fraction", "DOUBLE NOT NULL"),  # Z.AI's used share, 0..1
+    ("reset_at", "TIMESTAMPTZ"),
+    ("plan_tier", "VARCHAR"),
+    # The proxy's own rolling window of that key (upstream_*_per_5h / _per_week), the higher
+    # share of requests and tokens; NULL when no such limit is configured.
+    ("local_used_fraction", "DOUBLE"),
+)
+
 ROLLUP_KEY: Final = ("minute", "variant", "route", "model", "key_alias", "status")
 ROLLUP_COLUMNS: Final = (
     ("minute", "TIMESTAMPTZ NOT NULL"),
@@ -179,8 +196,11 @@ ROLLUP_COLUMNS: Final = (
 )
 
 
-def _table(name: str, columns: Sequence[tuple[str, str]], extra: str = "") -> str:
-    body = ",\n  ".join(f"{col} {kind}" for col, kind in columns)
+def _table(name: str, columns: Sequence[tuple[str, str]], extra: str = "",
+           *, quoted: bool = False) -> str:
+    """``quoted``: every column name in double quotes (a name that is a reserved word)."""
+    body = ",\n  ".join(f'"{col}" {kind}' if quoted else f"{col} {kind}"
+                        for col, kind in columns)
     return f"CREATE TABLE {name} (\n  {body}{extra}\n)"
 
 
@@ -240,6 +260,11 @@ def _v5(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("ALTER TABLE requests ADD COLUMN upstream VARCHAR")
 
 
+def _v6(con: duckdb.DuckDBPyConnection) -> None:
+    # A new table: the rows before v6 are untouched (Z.AI's quota was not recorded then).
+    con.execute(_table("zai_quota", ZAI_QUOTA_COLUMNS, quoted=True))
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "requests, snapshots, requests_1m, recorder_state", _v1),
     Migration(2, "sequence accounting: recorder_progress, recorder_totals, snapshots.lost_total",
@@ -248,6 +273,8 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                  "deleted", _v3),
     Migration(4, "requests.requested_model (model fallback on 1312)", _v4),
     Migration(5, "requests.upstream (a pool of upstream keys)", _v5),
+    Migration(6, "zai_quota: Z.AI's quota samples per upstream key and window, beside the "
+                 "proxy's own count", _v6),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 

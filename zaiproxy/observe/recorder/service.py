@@ -8,8 +8,9 @@ Tasks (one nursery):
 * ``write_loop``: every ``write_interval`` (or at ``write_batch`` rows) the pending
   rows go to DuckDB through one appender per transaction, in a worker thread,
   together with each worker's progress (sequence numbers, recorder/sequence.py).
-* ``snapshot_loop`` (every 5 s) and ``maintain_loop`` (rollups + retention, every
-  60 s), on trio's clock; the values they write use ``wall`` (injectable).
+* ``snapshot_loop`` (every 5 s; with it, Z.AI's quota samples that are new since the last,
+  recorder/quota.py) and ``maintain_loop`` (rollups + retention, every 60 s), on trio's
+  clock; the values they write use ``wall`` (injectable).
 * the query endpoint (:mod:`zaiproxy.observe.recorder.endpoint`).
 
 Users' own SQL (``POST /history/sql``, :meth:`Recorder.sql`) does not go through the DuckDB
@@ -51,7 +52,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import duckdb
 import orjson
@@ -67,6 +68,9 @@ from zaiproxy.observe.recorder.sql import Query, SqlError, lock_down
 from zaiproxy.observe.recorder.store import BadRow, DbRow, HistoryStore, db_row
 from zaiproxy.observe.recorder.wire import STOP, WireError, decode_batch
 
+if TYPE_CHECKING:
+    from zaiproxy.observe.recorder.quota import QuotaBatch
+
 T = TypeVar("T")
 
 
@@ -78,6 +82,14 @@ class Cells(Protocol):
     def lost(self, n: int = 1) -> None: ...
 
     def set_queue_depth(self, depth: int) -> None: ...
+
+
+class QuotaSamples(Protocol):
+    """Z.AI's quota samples not recorded yet (recorder/quota.py's ``QuotaFeed``)."""
+
+    def new(self) -> QuotaBatch: ...
+
+    def recorded(self, batch: QuotaBatch) -> None: ...
 
 
 WRITE_INTERVAL = 0.5
@@ -120,6 +132,7 @@ class RecorderStats:
     released: int = 0  # datagrams consumed from the channel after being held
     store_errors: int = 0
     opens: int = 0
+    zai_quota_rows: int = 0  # rows of Z.AI's quota samples written (recorder/quota.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,11 +191,13 @@ class Recorder:
                  max_pending: int = MAX_PENDING, cells: Cells | None = None,
                  prices: PriceTable | None = None, run: str | None = None,
                  channel_bytes: int | None = None, hold: bool = True,
-                 store: type[HistoryStore] = HistoryStore) -> None:
+                 store: type[HistoryStore] = HistoryStore,
+                 quota: QuotaSamples | None = None) -> None:
         """``run``: the channel's id (supervise.py makes one per `serve`; a random one
         here otherwise); ``channel_bytes``: its capacity as the senders' SO_SNDBUF reports
         it; ``hold``: keep datagrams in the channel until written (channel.py); ``store``:
-        the store class (a seam: tests give a store that fails the way DuckDB can)."""
+        the store class (a seam: tests give a store that fails the way DuckDB can);
+        ``quota``: Z.AI's quota samples to record (None: not polled)."""
         self.store_class = store
         self.path = path
         self.variant = variant
@@ -193,6 +208,7 @@ class Recorder:
         self.write_batch = write_batch
         self.max_pending = max_pending
         self.cells = cells
+        self.quota = quota
         self.prices = prices  # for requests.cost_usd (None: left NULL)
         self.run_id = run if run is not None else os.urandom(8).hex()
         self.reader = (ChannelReader(channel, hold=hold, capacity=channel_bytes)
@@ -582,6 +598,7 @@ class Recorder:
             await trio.sleep(SNAPSHOT_INTERVAL)
             await self.flush()  # the snapshot counts what is in the file
             await self.snapshot()
+            await self.record_quota()
 
     def publish(self) -> None:
         """Queue depth (rows not yet in the file) and rows lost here, to the metrics cells."""
@@ -611,15 +628,39 @@ class Recorder:
         now = self.wall()
         await self.with_store("snapshot", lambda s: s.snapshot(now), force=force)
 
+    async def record_quota(self, *, force: bool = False) -> int:
+        """Z.AI's quota samples that are new since the last ones recorded, into ``zai_quota``;
+        returns the rows written. Not written (DuckDB unavailable): tried again next time;
+        refused by DuckDB as data (never expected): logged and not tried again."""
+        feed = self.quota
+        if feed is None:
+            return 0
+        batch = feed.new()
+        if not batch.sequences:
+            return 0
+        rows, variant = batch.rows, self.variant
+        try:
+            ok, written = await self.with_store(
+                "zai_quota", lambda s: s.write_zai_quota(variant, rows), force=force)
+        except _DATA_ERRORS as exc:
+            self.log.error("history_zai_quota_discarded", rows=len(rows),
+                           error=f"{type(exc).__name__}: {exc}"[:300])
+            ok, written = True, 0
+        if not ok:
+            return 0
+        feed.recorded(batch)
+        self.stats.zai_quota_rows += written or 0
+        return written or 0
+
     async def maintain(self, *, force: bool = False) -> None:
         now = self.wall()
         ok, result = await self.with_store("maintain", lambda s: s.maintain(now), force=force)
         if ok and result is not None:
-            _rolled, (raw, snaps, rollups) = result
-            if raw or snaps or rollups:
+            _rolled, (raw, snaps, rollups, quota) = result
+            if raw or snaps or rollups or quota:
                 self.log.info("history_retention", deleted_requests=raw, deleted_snapshots=snaps,
-                              deleted_rollups=rollups, raw_days=self.raw_days,
-                              rollup_days=self.rollup_days)
+                              deleted_rollups=rollups, deleted_zai_quota=quota,
+                              raw_days=self.raw_days, rollup_days=self.rollup_days)
 
     async def query(self, fn: Callable[[HistoryStore], T]) -> tuple[bool, T | None]:
         """Run a read query (the endpoint); data errors propagate to the caller."""
@@ -705,6 +746,7 @@ class Recorder:
                 await trio.sleep(min(self._backoff, 1.0))
             if not self.pending and not self._shed:
                 await self.snapshot(force=True)
+                await self.record_quota(force=True)  # a sample newer than the last snapshot
                 await self.maintain(force=True)
         if self.pending or self._shed:
             self._abandon()
@@ -762,6 +804,7 @@ class Recorder:
             "lost": st.lost, "lost_at_exit": st.lost_at_exit,
             "bad_datagrams": st.bad_datagrams, "bad_rows": st.bad_rows,
             "discarded": st.discarded, "store_errors": st.store_errors,
+            "zai_quota_rows": st.zai_quota_rows,
             "channel": None if reader is None else {
                 "holding": reader.holding, "held": reader.held, "held_bytes": reader.held_bytes,
                 "capacity": reader.capacity, "replayed_bytes": reader.replayed_bytes},

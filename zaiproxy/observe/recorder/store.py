@@ -28,7 +28,7 @@ import datetime as dt
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import duckdb
 
@@ -40,6 +40,7 @@ from zaiproxy.observe.recorder.schema import (
     SCHEMA_VERSION,
     SNAPSHOT_COLUMNS,
     TOTALS_COLUMNS,
+    ZAI_QUOTA_COLUMNS,
     SchemaError,
     connect,
     current_version,
@@ -47,6 +48,9 @@ from zaiproxy.observe.recorder.schema import (
 )
 from zaiproxy.observe.recorder.sequence import Chunk, Progress, Settlement, SourceKey, settle
 from zaiproxy.observe.recorder.wire import MAX_ERROR_CHARS, ROW_FIELDS
+
+if TYPE_CHECKING:
+    from zaiproxy.observe.recorder.quota import QuotaRow
 
 DAY: Final = 86400.0
 ROLLUP_GRACE: Final = 5.0  # seconds after a minute ends before it is rolled
@@ -221,7 +225,8 @@ class HistoryStore:
                 # An older file is read as it is (nothing may migrate it read-only): v2 only
                 # added the recorder's own bookkeeping, v3 a column no query needs and the
                 # deletion of control routes' rows, which queries.py leaves out by route there,
-                # v4 and v5 columns no query needs (requested_model, upstream).
+                # v4 and v5 columns no query needs (requested_model, upstream), v6 a table
+                # (zai_quota) the summary reads only from a file that has it.
                 version = current_version(con)
                 if not 1 <= version <= SCHEMA_VERSION:
                     raise SchemaError(f"{path}: schema version {version}, this zaiproxy reads "
@@ -334,6 +339,40 @@ class HistoryStore:
         self.last_snapshot = now
         return len(rows)
 
+    def write_zai_quota(self, variant: str, rows: Sequence[QuotaRow]) -> int:
+        """Insert Z.AI quota rows (recorder/quota.py) in one transaction; returns how many.
+
+        A sample the file already has (same variant, upstream key and time) is skipped: a
+        recorder started again under the same poller reads that key's last sample again.
+        """
+        if not rows:
+            return 0
+        con = self.con
+        con.begin()
+        try:
+            known: dict[tuple[str, float], bool] = {}
+            fresh = []
+            for r in rows:
+                when = dt.datetime.fromtimestamp(r.ts, UTC)
+                if (r.upstream, r.ts) not in known:
+                    found = con.execute(
+                        "SELECT count(*) FROM zai_quota WHERE variant = ? AND upstream = ? "
+                        "AND ts = ?", [variant, r.upstream, when]).fetchone()
+                    known[(r.upstream, r.ts)] = bool(found and found[0])
+                if not known[(r.upstream, r.ts)]:
+                    fresh.append((when, variant, r.upstream, r.window, r.limit_type,
+                                  r.used_fraction,
+                                  None if r.reset_at is None
+                                  else dt.datetime.fromtimestamp(r.reset_at, UTC),
+                                  r.plan_tier, r.local_used_fraction))
+            if fresh:
+                _insert_many(con, "zai_quota", ZAI_QUOTA_COLUMNS, fresh)
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        return len(fresh)
+
     def rollup(self, now: float) -> int:
         """Roll every closed minute not rolled yet, and dirty ones; returns minutes rolled."""
         con = self.con
@@ -385,8 +424,9 @@ class HistoryStore:
             ORDER BY 1, 2, 3, 4, 5, 6
         """, [lo, hi])
 
-    def enforce_retention(self, now: float) -> tuple[int, int, int]:
-        """Delete raw rows and snapshots past ``raw_days``, rollups past ``rollup_days``."""
+    def enforce_retention(self, now: float) -> tuple[int, int, int, int]:
+        """Delete raw rows, snapshots and Z.AI quota samples past ``raw_days``, rollups past
+        ``rollup_days``; returns how many of each (requests, snapshots, rollups, zai_quota)."""
         con = self.con
         raw_cutoff = now - self.raw_days * DAY
         rollup_cutoff = now - self.rollup_days * DAY
@@ -395,12 +435,13 @@ class HistoryStore:
             ("DELETE FROM requests WHERE ts < to_timestamp(?)", raw_cutoff),
             ("DELETE FROM snapshots WHERE ts < to_timestamp(?)", raw_cutoff),
             ("DELETE FROM requests_1m WHERE minute < to_timestamp(?)", rollup_cutoff),
+            ("DELETE FROM zai_quota WHERE ts < to_timestamp(?)", raw_cutoff),
         ):
             row = con.execute(sql, [cutoff]).fetchone()
             counts.append(int(row[0]) if row else 0)
-        return counts[0], counts[1], counts[2]
+        return counts[0], counts[1], counts[2], counts[3]
 
-    def maintain(self, now: float) -> tuple[int, tuple[int, int, int]]:
+    def maintain(self, now: float) -> tuple[int, tuple[int, int, int, int]]:
         """Rollup, then retention (never the other way round); the logs compacted."""
         rolled = self.rollup(now)
         retention = self.enforce_retention(now)

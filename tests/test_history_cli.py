@@ -103,8 +103,8 @@ async def test_the_stock_duckdb_cli_runs_the_documented_queries_on_a_recorded_hi
     assert sum(row["requests"] for row in per_variant) == 4
     assert sum(row["count_star()"] for row in exported) == 4
     # The poller's sample at start at least (the recorder writes the newest when it stops).
-    assert {(row["upstream"], row["window"]) for row in zai_quota} >= {("default", "five_hour")}
-    assert all(row["local_pct"] is not None for row in zai_quota if row["window"] == "five_hour")
+    assert {(row["upstream"], row["quota_window"]) for row in zai_quota} >= {("default", "five_hour")}
+    assert all(row["local_pct"] is not None for row in zai_quota if row["quota_window"] == "five_hour")
     # The README's other doorway (an interactive session) opens the same file.
     version = cli(history, "SELECT max(version) AS v FROM schema_version", tmp_path)
     assert version[0]["v"] >= 1

@@ -652,7 +652,7 @@ def test_v6_adds_the_zai_quota_table_to_a_v5_file(tmp_path: Path) -> None:
     assert store.write_zai_quota("production", [QuotaRow(
         T0 + 60, "backup", "five_hour", "TOKENS_LIMIT", 0.42, T0 + 3600, "pro", None)]) == 1
     assert store.con.execute(
-        'SELECT epoch(ts), variant, upstream, "window", used_fraction, epoch(reset_at) '
+        'SELECT epoch(ts), variant, upstream, quota_window, used_fraction, epoch(reset_at) '
         "FROM zai_quota").fetchall() == [
         (T0 + 60, "production", "backup", "five_hour", 0.42, T0 + 3600)]
     store.close()

@@ -46,9 +46,9 @@ T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 H = 3600.0
 CONFIG = dataclasses.replace(Config(api_key="k", workers=1), quota_poll=True,
                              quota_interval=60.0, quota_stale_after=900.0)
-SELECT_ROWS = ('SELECT epoch(ts), variant, upstream, "window", limit_type, used_fraction, '
+SELECT_ROWS = ('SELECT epoch(ts), variant, upstream, quota_window, limit_type, used_fraction, '
                'epoch(reset_at), plan_tier, local_used_fraction FROM zai_quota '
-               'ORDER BY ts, upstream, "window"')
+               'ORDER BY ts, upstream, quota_window')
 
 
 def sample(five: float, weekly: float | None = None, *, at: float = T0,

@@ -27,8 +27,10 @@ The ledger (the host's shared memory), rows keyed ``quota\\0<alias>\\0…`` writ
 meta row (plan tier, sample sequence) and one row per window (limit type, used share in ppm,
 reset time in ms). ``/metrics`` (``zai_proxy_quota_*``, the original's names and labels),
 ``/health`` (the original's ``quota`` object), ``/admin/keys`` (``zai_quota``, what the TUI
-shows) and the history's snapshots read them through :meth:`QuotaBoard.view`. Rows are read
-at scrape/report time only, never per request, except the pacing gate (one word).
+shows) and the recorder (a ``zai_quota`` history row per key and window for each new sample:
+observe/recorder/quota.py) read them through :meth:`QuotaBoard.view`. Rows are read at
+scrape/report time only; per request only the pacing gate (one word) and, with a pool of
+keys, each key's used share (:meth:`QuotaBoard.used_max`).
 
 Pacing (``quota_pacing``)
 -------------------------

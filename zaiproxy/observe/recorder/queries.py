@@ -164,11 +164,11 @@ def latest_zai_quota(store: HistoryStore, *, variant: str | None, start: float,
         return []
     where = "WHERE variant = ?" if variant is not None else ""
     found = store.con.execute(f"""
-        SELECT upstream, variant, epoch(ts), "window", limit_type, used_fraction,
+        SELECT upstream, variant, epoch(ts), quota_window, limit_type, used_fraction,
                epoch(reset_at), plan_tier, local_used_fraction
         FROM zai_quota {where}
         QUALIFY rank() OVER (PARTITION BY upstream ORDER BY ts DESC, variant) = 1
-        ORDER BY upstream, "window"
+        ORDER BY upstream, quota_window
     """, [variant] if variant is not None else []).fetchall()
     keys: dict[str, dict[str, Any]] = {}
     for upstream, var, ts, window, kind, used, reset, tier, local in found:

@@ -159,12 +159,12 @@ TOTALS_COLUMNS: Final = (
 
 # Schema v6: Z.AI's own quota (limits/zai_quota.py), one row per upstream key and window each
 # time the poller's sample for that key is new (recorder/quota.py), beside the proxy's own
-# count of the same window. ``window`` is a reserved word in SQL: quoted in every statement.
+# count of the same window. The window is ``quota_window`` (``window`` is a reserved word in SQL).
 ZAI_QUOTA_COLUMNS: Final = (
     ("ts", "TIMESTAMPTZ NOT NULL"),  # the sample's time (when the poll succeeded)
     ("variant", "VARCHAR NOT NULL"),
     ("upstream", "VARCHAR NOT NULL"),  # the upstream key's alias ("default" without a pool)
-    ("window", "VARCHAR NOT NULL"),  # five_hour | weekly
+    ("quota_window", "VARCHAR NOT NULL"),  # five_hour | weekly
     ("limit_type", "VARCHAR NOT NULL"),  # TOKENS_LIMIT | CREDIT_LIMIT
     ("used_fraction", "DOUBLE NOT NULL"),  # Z.AI's used share, 0..1
     ("reset_at", "TIMESTAMPTZ"),

@@ -85,6 +85,8 @@ def every_variable(tmp_path: Path) -> dict[str, str]:
                       'cache_write = 0\n')
     config = tmp_path / "zaiproxy.toml"
     config.write_text("[server]\ndrain_timeout = 5\n")
+    pool = tmp_path / "upstream.toml"
+    pool.write_text('[[upstream]]\nalias = "main"\nkey = "upstream-key-0123456789"\n')
     values: dict[str, object] = {
         "host": "127.0.0.1", "port": 0, "workers": 1, "demo": True, "drain_timeout": 5,
         "deployment_variant": "canary", "api_key": "upstream-key-0123456789",
@@ -97,6 +99,8 @@ def every_variable(tmp_path: Path) -> dict[str, str]:
         "concurrency": 1000, "upstream_concurrency": 1000,
         "redis_url": "redis://127.0.0.1:6379/0", "redis_password": "redis-password-0123",
         "redis_password_file": str(keys),
+        "quota_base_url": "http://127.0.0.1:9", "upstream_keys_file": str(pool),
+        "model_fallback": "glm-4.6=glm-4.5",
     }
     env: dict[str, str] = {}
     for f in fields(Config):

@@ -50,6 +50,7 @@ from zaiproxy.limits.cells import (
     upstream_key_id,
 )
 from zaiproxy.limits.fleet import SCRIPT, FleetKeys, make_client
+from zaiproxy.limits.loop_thread import LoopThread
 from zaiproxy.limits.ratecontrol import TICK_S, RateController, settings_from
 
 if TYPE_CHECKING:
@@ -60,12 +61,15 @@ if TYPE_CHECKING:
 LEADER_TTL_S: Final = 5.0
 
 
-class FleetRate:
+class FleetRate(LoopThread):
     """The supervisor's side of the fleet's adaptive rate (see the module docstring)."""
+
+    thread_name = "fleet-rate"
 
     def __init__(self, segment: Segment, config: Config, *, client: Any = None,
                  wall: Callable[[], float] = time.time,
                  quota: QuotaPoller | None = None) -> None:
+        super().__init__()
         self.segment = segment
         self.config = config
         self.wall = wall
@@ -84,9 +88,6 @@ class FleetRate:
         self.baseline: tuple[int, ...] | None = None  # the fleet totals at the leader's last tick
         self.unsent = [0, 0, 0, 0, 0]  # counts of ticks Redis did not take, sent with the next
         self.down = False
-        self._thread: threading.Thread | None = None
-        self._stop: trio.Event | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
 
     @property
     def rate(self) -> AdaptiveRate:
@@ -94,29 +95,12 @@ class FleetRate:
 
     # ---- the thread ----------------------------------------------------------------------
 
-    def start(self) -> None:
-        started = threading.Event()
-        self._thread = threading.Thread(target=trio.run, args=(self._main, started),
-                                        name="fleet-rate", daemon=True)
-        self._thread.start()
-        started.wait(5)
-
-    def stop(self) -> None:
-        if self._thread is None or self._token is None or self._stop is None:
-            return
-        with contextlib.suppress(trio.RunFinishedError):
-            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-        self._thread.join(5)
-
-    async def _main(self, started: threading.Event) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._stop = trio.Event()
+    async def run_loop(self, started: threading.Event) -> None:
         script = self.client.register_script(SCRIPT)
         async with self.client:
             started.set()
-            while not self._stop.is_set():
-                with trio.move_on_after(TICK_S):
-                    await self._stop.wait()
+            while not self.stopping:
+                await self.pause(TICK_S)
                 await self.tick(script, time.monotonic())
 
     # ---- one tick ------------------------------------------------------------------------

@@ -82,6 +82,7 @@ import trio
 from zaiproxy.core import logs
 from zaiproxy.http import client as http_client
 from zaiproxy.limits.cells import upstream_key_id
+from zaiproxy.limits.loop_thread import LoopThread
 from zaiproxy.upstream import quota as zai
 
 if TYPE_CHECKING:
@@ -599,7 +600,7 @@ class KeyPoller:
             self.board.record("stale", wall)  # never succeeded: stale at the first failure
 
 
-class QuotaPoller:
+class QuotaPoller(LoopThread):
     """The supervisor's poller thread (module docstring, "Who polls"): every upstream key of
     the pool (``keys``: (alias, key) pairs; default: ``api_key`` as ``default``), polled in
     turn every interval.
@@ -607,10 +608,13 @@ class QuotaPoller:
     ``leader``: for the fleet, a callable saying whether this pod holds the leader lease (the
     adaptive rate's); None on a single host (always poll). The fleet has one key."""
 
+    thread_name = "zai-quota"
+
     def __init__(self, segment: Segment, config: Config, *,
                  leader: Callable[[], bool] | None = None, redis: Any = None,
                  wall: Callable[[], float] = time.time,
                  keys: Sequence[tuple[str, str]] | None = None) -> None:
+        super().__init__()
         self.segment = segment
         self.config = config
         self.wall = wall
@@ -625,9 +629,6 @@ class QuotaPoller:
         self.keys = [KeyPoller(segment, config, alias, key, url, context, wall)
                      for alias, key in pairs]
         self.by_alias = {k.alias: k for k in self.keys}
-        self._thread: threading.Thread | None = None
-        self._stop: trio.Event | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
         prefix = "{" + config.redis_key_prefix + "}"
         self.redis_key = f"{prefix}:quota:{upstream_key_id(pairs[0][1])}"
         self.pod = f"{socket.gethostname()[:32]}:{os.getpid()}"
@@ -662,44 +663,23 @@ class QuotaPoller:
 
     # ---- the thread --------------------------------------------------------------------
 
-    def start(self) -> None:
-        started = threading.Event()
-        self._thread = threading.Thread(target=trio.run, args=(self._main, started),
-                                        name="zai-quota", daemon=True)
-        self._thread.start()
-        started.wait(5)
-
-    def stop(self) -> None:
-        if self._thread is None or self._token is None or self._stop is None:
-            return
-        with contextlib.suppress(trio.RunFinishedError):
-            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-        self._thread.join(5)
-
-    async def _main(self, started: threading.Event) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._stop = trio.Event()
+    async def run_loop(self, started: threading.Event) -> None:
         started.set()
         if self.redis is None:
-            await self._host_loop()
+            while not self.stopping:  # the host: every key, every interval
+                await self.poll_once()
+                await self.pause(self.config.quota_interval)
         else:
             async with self.redis:
                 await self._fleet_loop()
 
-    async def _host_loop(self) -> None:
-        assert self._stop is not None
-        while not self._stop.is_set():
-            await self.poll_once()
-            with trio.move_on_after(self.config.quota_interval):
-                await self._stop.wait()
-
     async def _fleet_loop(self) -> None:
         """The leader polls every interval and publishes the sample and its pacing decision
         at every turn (the decision moves each second); the others copy them."""
-        assert self._stop is not None and self.leader is not None
+        assert self.leader is not None
         next_poll = 0.0
         outcome = "success"
-        while not self._stop.is_set():
+        while not self.stopping:
             now = trio.current_time()
             if self.leader():
                 if now >= next_poll:
@@ -709,8 +689,7 @@ class QuotaPoller:
             else:
                 next_poll = 0.0  # a pod that becomes the leader polls at once
                 await self._follow()
-            with trio.move_on_after(min(FLEET_READ_S, self.config.quota_interval)):
-                await self._stop.wait()
+            await self.pause(min(FLEET_READ_S, self.config.quota_interval))
 
     async def _publish(self, outcome: str) -> None:
         """The leader: the sample (and its own pacing decision) for the fleet."""

@@ -140,14 +140,9 @@ def merge_quota(lists: list[Any]) -> list[dict[str, Any]] | None:
     across targets (they poll the same account: the newest reading is the truest) with its
     poll state, polled if polled anywhere, and the tightest pacing decision. None when no
     target says anything (older proxies): the field stays absent, not "not polled"."""
-    given = [entries for entries in lists if isinstance(entries, list)]
-    if not given:
+    by_alias = _by_name(lists, "upstream")
+    if by_alias is None:
         return None
-    by_alias: dict[str, list[dict[str, Any]]] = {}
-    for entries in given:
-        for entry in entries:
-            if isinstance(entry, dict) and isinstance(entry.get("upstream"), str):
-                by_alias.setdefault(entry["upstream"], []).append(entry)
     out = []
     for seen in by_alias.values():
         merged = dict(_freshest(seen))
@@ -162,14 +157,9 @@ def merge_upstreams(lists: list[Any]) -> list[dict[str, Any]] | None:
     the key (the latest ``resting_until`` and its reason), the rests and switches summed
     (each host counts its own), the pins of all, the least headroom. None when no target
     says anything."""
-    given = [entries for entries in lists if isinstance(entries, list)]
-    if not given:
+    by_alias = _by_name(lists, "alias")
+    if by_alias is None:
         return None
-    by_alias: dict[str, list[dict[str, Any]]] = {}
-    for entries in given:
-        for entry in entries:
-            if isinstance(entry, dict) and isinstance(entry.get("alias"), str):
-                by_alias.setdefault(entry["alias"], []).append(entry)
     out = []
     for alias, seen in by_alias.items():
         resting = [e for e in seen if e.get("resting") is True]
@@ -290,3 +280,16 @@ def quota_at(entries: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
         out.append(e | {"windows": windows,
                         "sample_age_s": None if at is None else round(max(0.0, now - at), 3)})
     return out
+
+
+def _by_name(lists: list[Any], field: str) -> dict[str, list[dict[str, Any]]] | None:
+    """The targets' entries grouped by ``field`` (an alias); None when no target sent a list."""
+    given = [entries for entries in lists if isinstance(entries, list)]
+    if not given:
+        return None
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for entries in given:
+        for entry in entries:
+            if isinstance(entry, dict) and isinstance(entry.get(field), str):
+                by_name.setdefault(entry[field], []).append(entry)
+    return by_name

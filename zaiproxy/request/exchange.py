@@ -41,7 +41,7 @@ from zaiproxy.request.fallback import Fallback
 from zaiproxy.request.routing import Route
 from zaiproxy.upstream import zai
 from zaiproxy.upstream.forward import header_value, upstream_request_headers
-from zaiproxy.upstream.pool import Origin, UpstreamBroken, UpstreamConnection
+from zaiproxy.upstream.pool import Origin, UpstreamBroken, UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
     from zaiproxy.request.context import WorkerContext
@@ -190,10 +190,7 @@ class Exchange:
                 self._rest(err, header_wait, wall)
                 attempts.append(Attempt(429, err.cls.value, err.code, retried=True,
                                         switched=True))
-                if ended:
-                    await pool.release(conn)
-                else:
-                    await pool.discard(conn)
+                await _put_back(pool, conn, ended)
                 await self._readmit(other)  # that key's limits (may raise the proxy's 429)
                 self._use_key(other, err)
                 continue
@@ -203,10 +200,7 @@ class Exchange:
             if step is not None:
                 # Sent to the next model at once: the backoff is for the congested one.
                 attempts.append(Attempt(429, err.cls.value, err.code, retried=True))
-                if ended:
-                    await pool.release(conn)
-                else:
-                    await pool.discard(conn)
+                await _put_back(pool, conn, ended)
                 ctx.metrics.retry(err.cls.value)
                 await self._readmit(None)  # admitted again like any retry (may raise the 429)
                 self._switch(*step, err)
@@ -220,10 +214,7 @@ class Exchange:
                                   *self._model_header()],
                                  start, trio.current_time() - start)
             attempts.append(Attempt(429, err.cls.value, err.code, retried=True))
-            if ended:
-                await pool.release(conn)
-            else:
-                await pool.discard(conn)
+            await _put_back(pool, conn, ended)
             ctx.metrics.retry(err.cls.value)
             # Inside the caller's cancel scope: a client that leaves ends the wait.
             await ctx.retry_sleep(wait)
@@ -340,6 +331,14 @@ class Exchange:
                 raise UpstreamError("upstream closed the connection without a response")
             return conn, event
         raise AssertionError("unreachable")
+
+
+async def _put_back(pool: UpstreamPool, conn: UpstreamConnection, ended: bool) -> None:
+    """A 429 the proxy does not relay: its connection is reused if its body was read whole."""
+    if ended:
+        await pool.release(conn)
+    else:
+        await pool.discard(conn)
 
 
 async def _read_prefix(conn: UpstreamConnection, limit: int, idle: float) -> tuple[bytes, bool]:

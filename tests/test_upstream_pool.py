@@ -320,3 +320,36 @@ async def test_headroom_follows_zais_own_numbers(accounts_mock: ProcessServer,
                    and line.endswith(" 0.8") for line in usage), usage
     finally:
         assert proxy.stop() == 0, proxy.logs()[-3000:]
+
+
+async def test_a_key_at_its_quota_reserve_is_skipped_and_all_at_it_get_the_429(
+        accounts_mock: ProcessServer, tmp_path: Path) -> None:
+    reset_ms = int((time.time() + 3000) * 1000)
+    await account(accounts_mock, KEY_A, reset=True, used={"five_hour": 1960},
+                  reset_at_ms={"five_hour": reset_ms})  # 98 %: past the 5 % reserve
+    await account(accounts_mock, KEY_B, reset=True, used={"five_hour": 200},
+                  reset_at_ms={"five_hour": reset_ms})
+    proxy = await start_pool(accounts_mock, tmp_path, POOL, ZAIPROXY_QUOTA_PACING="true",
+                             ZAIPROXY_QUOTA_INTERVAL="0.2")
+
+    async def gates() -> dict[str, bool]:
+        q = (await request(proxy.url, "GET", "/admin/keys")).json()["zai_quota"]
+        return {e["upstream"]: bool(e["pacing"] and e["pacing"]["reserve_reached"]) for e in q}
+
+    try:
+        with trio.fail_after(10):
+            while await gates() != {"acct-a": True, "acct-b": False}:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        # acct-a is first in order, but its reserve is reached: acct-b serves, no error.
+        raw = await trio.to_thread.run_sync(chat, client(proxy))
+        assert raw.headers["x-zaiproxy-upstream"] == "acct-b"
+        await account(accounts_mock, KEY_B, used={"five_hour": 1990})
+        with trio.fail_after(10):
+            while await gates() != {"acct-a": True, "acct-b": True}:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await trio.to_thread.run_sync(chat, client(proxy))
+        assert "quota reserve reached" in refused.value.message
+        assert refused.value.response.headers["x-zaiproxy-limit"] == "upstream:zai_quota_five_hour"
+    finally:
+        assert proxy.stop() == 0, proxy.logs()[-3000:]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import posixpath
 import re
 import shlex
@@ -36,6 +37,10 @@ from zaiproxy.core.config import Config, ConfigError, load_config
 from zaiproxy.core.durations import parse_duration
 from zaiproxy.limits.keys import load_keys
 from zaiproxy.request.admin_access import is_loopback, security_warnings
+
+# Run once, with h11: `make test`'s second run (h11-mypyc) is for what parses HTTP.
+pytestmark = pytest.mark.skipif(os.environ.get("ZAIPROXY_HTTP_IMPL") == "h11-mypyc",
+                                reason="manifests do not depend on the HTTP parser")
 
 K8S = REPO / "k8s"
 OVERLAYS = ("production", "canary")

@@ -11,15 +11,12 @@ Prometheus scraping real proxies in tests/tui/test_prometheus_source.py.
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from tests.tui.scripted_prometheus import ScriptedPrometheus, serving
 from zaiproxy.fleet import promql
 from zaiproxy_tui.model import QuotaPacing, QuotaWindow
 from zaiproxy_tui.prometheus_source import QUOTA_POLLS_WINDOW_S, PrometheusSource, zai_quota
@@ -70,40 +67,19 @@ ANSWERS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-class QuotaPrometheus(BaseHTTPRequestHandler):
-    queries: list[str] = []
-
-    def do_GET(self) -> None:
-        url = urlsplit(self.path)
-        params = {k: v[0] for k, v in parse_qs(url.query).items()}
-        if url.path == promql.TARGETS_PATH:
-            doc: dict[str, Any] = {"status": "success", "data": {"activeTargets": []}}
-        else:
-            query = params["query"]
-            self.queries.append(query)
-            result = next((answer for family, answer in ANSWERS.items() if family in query), [])
-            doc = {"status": "success", "data": {"resultType": "vector", "result": result}}
-        body = json.dumps(doc).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+class QuotaPrometheus(ScriptedPrometheus):
+    def answer(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        if path == promql.TARGETS_PATH:
+            return {"status": "success", "data": {"activeTargets": []}}
+        query = params["query"]
+        result = next((answer for family, answer in ANSWERS.items() if family in query), [])
+        return {"status": "success", "data": {"resultType": "vector", "result": result}}
 
 
 @pytest.fixture
 def prometheus() -> Iterator[tuple[str, type[QuotaPrometheus]]]:
-    handler = type("Handler", (QuotaPrometheus,), {"queries": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serving(QuotaPrometheus) as served:
+        yield served
 
 
 def test_the_snapshot_carries_zai_quota_per_upstream_key(

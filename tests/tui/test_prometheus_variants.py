@@ -10,15 +10,12 @@ Prometheus case (production and ``canary`` proxies) is tests/tui/test_prometheus
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from tests.tui.scripted_prometheus import ScriptedPrometheus, serving
 from zaiproxy.fleet import promql
 from zaiproxy_tui.prometheus_source import PrometheusSource
 
@@ -26,47 +23,27 @@ NOW = 1795828000.0
 VARIANTS = ("production", "test")
 
 
-class FakePrometheus(BaseHTTPRequestHandler):
+class FakePrometheus(ScriptedPrometheus):
     held: tuple[str, ...] = VARIANTS
-    queries: list[str] = []
 
-    def do_GET(self) -> None:
-        url = urlsplit(self.path)
-        params = {k: v[0] for k, v in parse_qs(url.query).items()}
-        if url.path == promql.TARGETS_PATH:
-            doc: dict[str, Any] = {"status": "success", "data": {"activeTargets": [
+    def answer(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        if path == promql.TARGETS_PATH:
+            return {"status": "success", "data": {"activeTargets": [
                 {"labels": {"job": "zaiproxy", "instance": f"{v}:8080"}, "scrapeInterval": "15s"}
                 for v in self.held]}}
-        else:
-            self.queries.append(params["query"])
-            ranged = url.path == promql.RANGE_PATH
-            rows = [{"metric": {"variant": v, "job": "zaiproxy", "instance": f"{v}:8080"},
-                     **({"values": [[NOW - 60, "1"], [NOW, "1"]]} if ranged
-                        else {"value": [NOW, "1"]})}
-                    for v in self.held]
-            doc = {"status": "success",
-                   "data": {"resultType": "matrix" if ranged else "vector", "result": rows}}
-        body = json.dumps(doc).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        ranged = path == promql.RANGE_PATH
+        rows = [{"metric": {"variant": v, "job": "zaiproxy", "instance": f"{v}:8080"},
+                 **({"values": [[NOW - 60, "1"], [NOW, "1"]]} if ranged
+                    else {"value": [NOW, "1"]})}
+                for v in self.held]
+        return {"status": "success",
+                "data": {"resultType": "matrix" if ranged else "vector", "result": rows}}
 
 
 @pytest.fixture
 def prometheus() -> Iterator[tuple[str, type[FakePrometheus]]]:
-    handler = type("Handler", (FakePrometheus,), {"queries": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serving(FakePrometheus) as served:
+        yield served
 
 
 def test_every_variant_prometheus_has_is_reported(

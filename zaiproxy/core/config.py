@@ -598,8 +598,8 @@ def load_config(
     if merged["upstream_keys_file"] is not None and merged["limits_backend"] == "redis":
         layers.problems.append(
             "upstream.upstream_keys_file: a pool of upstream keys works with "
-            "limits_backend = \"shm\" only for now (each key's fleet-wide limits and adaptive "
-            "rate in Redis are not built yet); use one key per deployment with Redis"
+            "limits_backend = \"shm\": with Redis the fleet's limits, adaptive rate and quota "
+            "poll belong to one upstream key; use one key per deployment with Redis"
         )
     if merged["adaptive_min_rps"] > merged["adaptive_max_rps"]:
         layers.problems.append(
